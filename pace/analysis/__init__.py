@@ -1,0 +1,1 @@
+"""White-box analysis: memberships, per-layer coding rates, plots."""

@@ -1,0 +1,1 @@
+"""Webdataset shards: writer, streaming pipeline, transforms and the generated quickstart dataset."""

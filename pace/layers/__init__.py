@@ -1,0 +1,1 @@
+"""PACEAttention primitives, one per file."""

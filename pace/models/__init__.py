@@ -1,0 +1,1 @@
+"""PACE-ViT backbones, registered with timm when this package is imported."""

@@ -1,0 +1,1 @@
+"""Trainer, checkpoints, optimiser and scheduler builders, logging."""

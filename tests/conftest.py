@@ -1,0 +1,15 @@
+import os
+
+import pytest
+import torch
+
+
+def pytest_configure(config):
+    # Two-core CI machines: one intra-op thread per test process keeps timings and parallel subprocesses sane.
+    torch.set_num_threads(int(os.environ.get("PACE_TEST_THREADS", "1")))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield

@@ -1,1 +1,24 @@
 """PACEAttention primitives, one per file."""
+
+from pace.layers.basis import PROJECTORS, ridge_basis
+from pace.layers.compress import COMPRESS_FORMS, Compress, compress
+from pace.layers.expand import Expand, expand
+from pace.layers.pace_attention import PACEAttention
+from pace.layers.pace_block import PACEBlock
+from pace.layers.sketch import SKETCH_SCHEDULES, SketchedModule, derive_sketch_seed, gaussian_sketch
+
+__all__ = [
+    "COMPRESS_FORMS",
+    "PROJECTORS",
+    "SKETCH_SCHEDULES",
+    "Compress",
+    "Expand",
+    "PACEAttention",
+    "PACEBlock",
+    "SketchedModule",
+    "compress",
+    "derive_sketch_seed",
+    "expand",
+    "gaussian_sketch",
+    "ridge_basis",
+]

@@ -75,6 +75,22 @@ def test_exact_basis_is_orthonormal_and_spans_y():
     torch.testing.assert_close(Q @ (Q.mT @ Y), Y, rtol=0, atol=1e-4)
 
 
+def test_exact_basis_with_fewer_tokens_than_columns_still_contains_range_y():
+    # rank(Y) = 3 < c = 12 (three tokens): Q keeps 12 orthonormal columns and its span contains range(Y).
+    Y = torch.randn(2, 40, 3) @ torch.randn(2, 3, 12)
+    Q = ridge_basis(Y, eps=0.01, exact=True)
+    torch.testing.assert_close(Q.mT @ Q, torch.eye(12).expand(2, 12, 12), rtol=0, atol=1e-5)
+    torch.testing.assert_close(Q @ (Q.mT @ Y), Y, rtol=0, atol=1e-4)
+
+
+def test_ridge_block_trains_on_fewer_tokens_than_sketch_columns():
+    # 4 tokens (a 32 px image at patch 16) against an Expand sketch of width rank·K = 16.
+    block = PACEBlock(C, K, rank=RANK)
+    x = torch.randn(B, 4, C, requires_grad=True)
+    block(x).square().mean().backward()
+    assert torch.isfinite(x.grad).all() and all(torch.isfinite(p.grad).all() for p in block.parameters())
+
+
 def test_ridge_projector_eigenvalues():
     eps = 0.05
     Y = torch.randn(2, 30, 8, dtype=torch.float64) * torch.logspace(-2, 1, 8, dtype=torch.float64)

@@ -7,12 +7,14 @@ from pace.layers.mcr2 import coding_rate, compression_rate, rate_reduction
 from pace.layers.pace_attention import PACEAttention
 from pace.layers.pace_block import PACEBlock
 from pace.layers.sketch import SKETCH_SCHEDULES, SketchedModule, derive_sketch_seed, gaussian_sketch, sync_sketches
+from pace.layers.stem import ConvStem
 
 __all__ = [
     "COMPRESS_FORMS",
     "PROJECTORS",
     "SKETCH_SCHEDULES",
     "Compress",
+    "ConvStem",
     "Expand",
     "PACEAttention",
     "PACEBlock",

@@ -1,5 +1,7 @@
 """Orthonormal-ish basis of a sketched column space: the ridge-regularised Cholesky step of PACEAttention."""
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -44,8 +46,14 @@ def ridge_basis(Y: Tensor, *, eps: float, exact: bool = False) -> Tensor:
         ``Q`` of shape (B, m, c) in float32 (float64 if ``Y`` is float64); callers cast it back.
     """
     work_dtype = torch.promote_types(Y.dtype, torch.float32)
-    # Autocast would run the Gram product in bf16/fp16, and the Cholesky needs it in full precision.
-    with torch.autocast(device_type=Y.device.type, enabled=False):
+    # Autocast would run the Gram product in bf16/fp16, and the Cholesky needs it in full precision. The meta
+    # device (shape-only runs) has no autocast backend.
+    no_autocast = (
+        contextlib.nullcontext()
+        if Y.device.type == "meta"
+        else torch.autocast(device_type=Y.device.type, enabled=False)
+    )
+    with no_autocast:
         Y_hat = F.normalize(Y.to(work_dtype), dim=-2)  # (B, m, c), unit columns
         if exact:
             return torch.linalg.qr(Y_hat, mode="reduced").Q

@@ -23,6 +23,23 @@ def validate_projector(projector: str) -> bool:
     return projector == "exact"
 
 
+def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    # The meta device (shape-only runs) has no autocast backend.
+    return contextlib.nullcontext() if device_type == "meta" else torch.autocast(device_type=device_type, enabled=False)
+
+
+def _ridge_factors(Y: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(Ŷ, column norms clamped at 1e-12, L, Q)`` of the ridge step for sketches Y (B, m, c), in Y's dtype."""
+    scale = torch.linalg.vector_norm(Y, dim=-2, keepdim=True).clamp_min(1e-12)  # (B, 1, c), as F.normalize
+    Y_hat = Y / scale  # (B, m, c), unit columns
+    G = Y_hat.mT @ Y_hat  # (B, c, c)
+    G = G + eps * torch.eye(G.shape[-1], device=G.device, dtype=G.dtype)
+    L = torch.linalg.cholesky_ex(G).L
+    # Q Lᵀ = Ŷ  ->  Q = Ŷ L⁻ᵀ, solved on the right against the upper-triangular Lᵀ.
+    Q = torch.linalg.solve_triangular(L.mT, Y_hat, upper=True, left=False)
+    return Y_hat, scale, L, Q
+
+
 def ridge_basis(Y: Tensor, *, eps: float, exact: bool = False) -> Tensor:
     """Basis ``Q`` of the column space of each sketch ``Y``, batched, computed in (at least) float32.
 
@@ -46,20 +63,119 @@ def ridge_basis(Y: Tensor, *, eps: float, exact: bool = False) -> Tensor:
         ``Q`` of shape (B, m, c) in float32 (float64 if ``Y`` is float64); callers cast it back.
     """
     work_dtype = torch.promote_types(Y.dtype, torch.float32)
-    # Autocast would run the Gram product in bf16/fp16, and the Cholesky needs it in full precision. The meta
-    # device (shape-only runs) has no autocast backend.
-    no_autocast = (
-        contextlib.nullcontext()
-        if Y.device.type == "meta"
-        else torch.autocast(device_type=Y.device.type, enabled=False)
-    )
-    with no_autocast:
-        Y_hat = F.normalize(Y.to(work_dtype), dim=-2)  # (B, m, c), unit columns
+    # Autocast would run the Gram product in bf16/fp16, and the Cholesky needs it in full precision.
+    with _no_autocast(Y.device.type):
         if exact:
-            return torch.linalg.qr(Y_hat, mode="reduced").Q
-        c = Y_hat.shape[-1]
-        eye = torch.eye(c, device=Y_hat.device, dtype=work_dtype)
-        G = Y_hat.mT @ Y_hat + eps * eye  # (B, c, c)
-        L = torch.linalg.cholesky_ex(G).L
-        # Q Lᵀ = Ŷ  ->  Q = Ŷ L⁻ᵀ, solved on the right against the upper-triangular Lᵀ.
-        return torch.linalg.solve_triangular(L.mT, Y_hat, upper=True, left=False)
+            return torch.linalg.qr(F.normalize(Y.to(work_dtype), dim=-2), mode="reduced").Q
+        return _ridge_factors(Y.to(work_dtype), eps)[3]
+
+
+def _matmul_dtype(x: Tensor) -> torch.dtype:
+    # The dtype autocast would give a matrix product of x: its lower precision for float32 input, else x's own.
+    device_type = x.device.type
+    if device_type != "meta" and x.dtype == torch.float32 and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+class _RidgeProject(torch.autograd.Function):
+    """``s·xΠ`` or ``s·(x − xΠ)`` with the ridge projector ``Π = QQᵀ = Ŷ (ŶᵀŶ + εI)⁻¹ Ŷᵀ`` of ``Y = xᵀΩ``.
+
+    Autograd through the Cholesky factorisation, the triangular solve and the products costs several
+    factorisation-sized steps, full-size temporaries and gradient accumulations; this backward uses the closed
+    form instead. With ``A = ∂L/∂Π = xᵀg`` (negated for the complement) and the product rule on
+    ``Π = Ŷ G⁻¹ Ŷᵀ`` (``W = Ŷ G⁻¹ = Q L⁻¹``): ``∂L/∂Ŷ = (I − Π)(A + Aᵀ) W = (I − QQᵀ)(xᵀ(gQ) + gᵀ(xQ)) L⁻¹``, then
+    the backward of the column normalisation gives ``∂L/∂Y``, and ``∂L/∂x = gΠ + Ω(∂L/∂Y)ᵀ`` (``g − gΠ + …`` for
+    the complement), accumulated in place. The optional scalar ``s`` is folded into the small matrix ``Q`` and one
+    pass over ``x``; its gradient is a dot product.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, sketch: Tensor, scale: Tensor | None, eps: float, complement: bool) -> Tensor:
+        mm_dtype = _matmul_dtype(x)
+        with _no_autocast(x.device.type):
+            x_mm, sketch_mm = x.to(mm_dtype), sketch.to(mm_dtype)
+            Y = x_mm.mT @ sketch_mm  # (B, m, c)
+            Y_hat, norms, L, Q = _ridge_factors(Y.to(torch.promote_types(Y.dtype, torch.float32)), eps)
+            Q_mm = Q.to(mm_dtype)
+            P = x_mm @ Q_mm  # (B, N, c)
+            right = Q_mm if scale is None else Q_mm * scale.to(mm_dtype)  # (B, m, c)
+            if not complement:
+                out = (P @ right.mT).to(x.dtype)
+            elif scale is None and mm_dtype == x.dtype:
+                out = torch.baddbmm(x, P, right.mT, alpha=-1.0)
+            elif scale is None:
+                out = x - (P @ right.mT).to(x.dtype)
+            else:
+                out = x * scale.to(x.dtype)  # a fresh tensor: accumulate into it in place
+                if mm_dtype == x.dtype:
+                    out.baddbmm_(P, right.mT, alpha=-1.0)
+                else:
+                    out -= (P @ right.mT).to(x.dtype)
+        ctx.save_for_backward(x_mm, sketch_mm, P, Y_hat, norms, L, Q, scale)
+        ctx.complement = complement
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor | None, ...]:
+        x_mm, sketch_mm, P, Y_hat, norms, L, Q, scale = ctx.saved_tensors
+        mm_dtype = P.dtype
+        need_x, need_scale = ctx.needs_input_grad[0], scale is not None and ctx.needs_input_grad[2]
+        grad_x = grad_scale = None
+        with _no_autocast(g.device.type):
+            Q_mm = Q.to(mm_dtype)
+            gQ = g.to(mm_dtype) @ Q_mm  # (B, N, c)
+            if need_scale:
+                # <g, xΠ> = <gQ, xQ>; the complement adds <g, x>.
+                acc = torch.promote_types(g.dtype, torch.float32)
+                grad_scale = torch.dot(gQ.reshape(-1).to(acc), P.reshape(-1).to(acc))
+                if ctx.complement:
+                    grad_scale = torch.dot(g.reshape(-1).to(acc), x_mm.reshape(-1).to(acc)) - grad_scale
+                grad_scale = grad_scale.to(scale.dtype)
+            if not need_x:
+                return None, None, grad_scale, None, None
+            if scale is not None:
+                g, gQ = g * scale.to(g.dtype), gQ * scale.to(mm_dtype)
+            g_mm = g.to(mm_dtype)
+            # ∂L/∂Ŷ = (I − QQᵀ) M L⁻¹ with M = ±(xᵀ(gQ) + gᵀP)
+            M = torch.bmm(x_mm.mT, gQ).baddbmm_(g_mm.mT, P).to(Q.dtype)  # (B, m, c)
+            if ctx.complement:
+                M = M.neg_()
+            H = torch.baddbmm(M, Q, Q.mT @ M, alpha=-1.0)
+            H = torch.linalg.solve_triangular(L, H, upper=False, left=False)
+            # Backward of Ŷ = Y / max(‖y‖, 1e-12): the radial part is removed where the norm was not clamped.
+            radial = (Y_hat * H).sum(-2, keepdim=True) * (norms > 1e-12)
+            grad_y = H.sub_(Y_hat * radial).div_(norms)  # (B, m, c)
+            if not ctx.complement:
+                grad_x = gQ @ Q_mm.mT
+            elif g.dtype == mm_dtype and scale is not None:
+                grad_x = g.baddbmm_(gQ, Q_mm.mT, alpha=-1.0)  # g is our own scaled copy here
+            else:
+                grad_x = g - (gQ @ Q_mm.mT).to(g.dtype)
+            # Through Y = xᵀΩ: += Ω (∂L/∂Y)ᵀ, the sketch shared by every image.
+            B, N = grad_x.shape[0], sketch_mm.shape[0]
+            grad_x.baddbmm_(sketch_mm.to(grad_x.dtype).expand(B, N, -1), grad_y.to(grad_x.dtype).mT)
+        return grad_x, None, grad_scale, None, None
+
+
+def ridge_project(
+    x: Tensor, sketch: Tensor, *, eps: float, complement: bool = False, scale: Tensor | None = None
+) -> Tensor:
+    """Project the rows of ``x`` onto (or off) the sketched dominant space of ``xᵀ``, optionally scaled.
+
+    ``Y = xᵀΩ`` per batch element spans the dominant column space of ``xᵀ``; with ``Q = ridge_basis(Y)`` and the
+    soft projector ``Π = QQᵀ``, the result is ``scale·xΠ`` or, with ``complement``, ``scale·(x − xΠ)``. ``Π`` is
+    applied as ``(xQ)Qᵀ`` (no m × m matrix is formed) and the backward is in closed form. The basis is computed in
+    (at least) float32; the products run in the dtype autocast would choose. The sketch gets no gradient.
+
+    Args:
+        x: Rows, shape (B, N, m).
+        sketch: Ω, shape (N, c) with ``c <= m``, shared by the batch.
+        eps: Ridge ε of the basis.
+        complement: Return the part outside the sketched space, ``x − xΠ``, instead of ``xΠ``.
+        scale: Optional 0-dim tensor multiplying the result (differentiable).
+
+    Returns:
+        Tensor of the shape and dtype of ``x``.
+    """
+    return _RidgeProject.apply(x, sketch, scale, eps, complement)

@@ -5,7 +5,7 @@ from timm.layers import register_notrace_module
 from torch import Tensor, nn
 
 from pace.layers._validate import check_sizes
-from pace.layers.basis import ridge_basis, validate_projector
+from pace.layers.basis import ridge_basis, ridge_project, validate_projector
 from pace.layers.sketch import SketchedModule
 
 COMPRESS_FORMS = ("full", "diag")
@@ -23,6 +23,73 @@ def validate_compress_form(form: str) -> str:
     if form not in COMPRESS_FORMS:
         raise ValueError(f"compress form must be one of {COMPRESS_FORMS}, got {form!r}")
     return form
+
+
+def _membership_logits(sq_norms: Tensor, tau: Tensor) -> Tensor:
+    # ‖col‖ from its square, in at least float32; clamping at the smallest normal number keeps the gradient of
+    # the square root finite (zero) for a token with no component in the sketched space.
+    work = sq_norms.to(torch.promote_types(sq_norms.dtype, torch.float32))
+    return work.clamp_min(torch.finfo(work.dtype).tiny).sqrt() / tau
+
+
+def compress_weights(
+    x: Tensor,
+    subspaces: Tensor,
+    tau: Tensor,
+    sketch: Tensor,
+    *,
+    num_heads: int,
+    eps: float,
+    exact: bool = False,
+    form: str = "full",
+) -> tuple[Tensor, Tensor]:
+    """The per-head weighted null-space coordinates ``w_k = π_k ⊙ (a_k − col_k)`` and the memberships π.
+
+    The compression update is ``w Uᵀ`` (see :func:`compress`); returning ``w`` lets a caller fold that last
+    product into its own output (:func:`pace.layers.pace_attention.pace_attention` adds it to the expansion term
+    in one matrix product).
+
+    Args:
+        x: Tokens, shape (B, N, C).
+        subspaces: ``U = [U_1 … U_K]``, shape (C, K·p).
+        tau: Temperature τ, a 0-dim tensor.
+        sketch: Ω, shape (N, r) with ``r <= p``, shared by all heads.
+        num_heads: K.
+        eps: Ridge ε of the basis.
+        exact: Use the exact (orthogonal) projector instead of the ridge one.
+        form: ``"full"`` or ``"diag"``.
+
+    Returns:
+        ``(w, memberships)``: w of shape (B, N, K·p), heads side by side as in ``U``; memberships π of shape
+        (B, N, K) in at least float32, summing to 1 over K.
+    """
+    validate_compress_form(form)
+    B, N, C = x.shape
+    K = num_heads
+    p = subspaces.shape[1] // K
+    a = (x.reshape(B * N, C) @ subspaces.to(x.dtype)).view(B, N, K * p)  # a_k = U_kᵀx, heads side by side
+    if form == "diag":
+        # Token-major throughout: diag(Q_kQ_kᵀ) scales coordinates, so no head needs its own matrix product.
+        Y = (a.mT @ sketch.to(a.dtype)).view(B * K, p, -1)  # Y_k = A_k Ω: (B·K, p, r)
+        Q = ridge_basis(Y, eps=eps, exact=exact)  # (B·K, p, r), float32
+        keep = Q.square().sum(-1).view(B, K, p).to(a.dtype)  # diag(Q_kQ_kᵀ)
+        # ‖col_k‖² = Σ_p diag² a², for all heads in one product with a block-diagonal (K·p × K) matrix per image.
+        blocks = keep.square().unsqueeze(-1) * torch.eye(K, device=a.device, dtype=a.dtype).unsqueeze(1)
+        pi = torch.softmax(_membership_logits((a * a) @ blocks.view(B, K * p, K), tau), dim=-1)  # (B, N, K)
+        # null_k = (1 − diag) ⊙ a_k
+        w = a.view(B, N, K, p) * pi.unsqueeze(-1).to(a.dtype) * (1 - keep).unsqueeze(1)  # (B, N, K, p)
+        return w.view(B, N, K * p), pi
+    a_h = a.view(B, N, K, p).transpose(1, 2).reshape(B * K, N, p)  # (B·K, N, p): one matrix per image and head
+    if exact:
+        Q = ridge_basis(a_h.mT @ sketch.to(a.dtype), eps=eps, exact=True).to(a.dtype)  # (B·K, p, r)
+        col = (a_h @ Q) @ Q.mT
+    else:
+        col = ridge_project(a_h, sketch, eps=eps)  # (B·K, N, p) = Q_kQ_kᵀ a_k
+    sq_norms = col.square().sum(-1).view(B, K, N)
+    pi = torch.softmax(_membership_logits(sq_norms, tau), dim=1)  # (B, K, N)
+    null = (a_h - col).view(B, K, N, p)
+    w = (null * pi.unsqueeze(-1).to(null.dtype)).transpose(1, 2).reshape(B, N, K * p)  # (B, N, K·p)
+    return w, pi.transpose(1, 2)
 
 
 def compress(
@@ -58,23 +125,10 @@ def compress(
         ``(out, memberships)``: out of shape (B, N, C) in the dtype of ``x``; memberships π of shape (B, N, K),
         summing to 1 over K.
     """
-    validate_compress_form(form)
-    B, N, _ = x.shape
-    K = num_heads
-    p = subspaces.shape[1] // K
-    U = subspaces.to(x.dtype)
-    a = (x @ U).view(B, N, K, p).transpose(1, 2)  # (B, K, N, p)
-    Y = a.mT @ sketch.to(x.dtype)  # (B, K, p, r)
-    Q = ridge_basis(Y.flatten(0, 1), eps=eps, exact=exact).view(Y.shape).to(x.dtype)  # (B, K, p, r)
-    if form == "full":
-        col = (a @ Q) @ Q.mT  # (B, K, N, p)
-    else:
-        col = a * Q.square().sum(-1).unsqueeze(-2)  # (B, K, N, p) = diag(QQᵀ) (B, K, 1, p) ⊙ a
-    null = a - col
-    pi = torch.softmax(torch.linalg.vector_norm(col, dim=-1) / tau, dim=1)  # (B, K, N)
-    weighted = (null * pi.unsqueeze(-1).to(null.dtype)).transpose(1, 2).reshape(B, N, K * p)  # (B, N, K·p)
-    out = weighted @ U.mT  # (B, N, C)
-    return out.to(x.dtype), pi.transpose(1, 2).to(x.dtype)
+    w, pi = compress_weights(x, subspaces, tau, sketch, num_heads=num_heads, eps=eps, exact=exact, form=form)
+    B, N, C = x.shape
+    out = w.reshape(B * N, -1) @ subspaces.to(w.dtype).mT  # (B·N, C)
+    return out.view(B, N, C).to(x.dtype), pi.to(x.dtype)
 
 
 # A leaf for torch.fx / timm feature extraction: its forward manages the sketch in Python.

@@ -5,7 +5,7 @@ from timm.layers import register_notrace_module
 from torch import Tensor
 
 from pace.layers._validate import check_sizes
-from pace.layers.basis import ridge_basis, validate_projector
+from pace.layers.basis import ridge_basis, ridge_project, validate_projector
 from pace.layers.sketch import SketchedModule
 
 
@@ -24,8 +24,10 @@ def expand(x: Tensor, sketch: Tensor, *, eps: float, exact: bool = False) -> Ten
     Returns:
         Tensor of shape (B, N, C) in the dtype of ``x``.
     """
+    if not exact:
+        return ridge_project(x, sketch, eps=eps, complement=True)
     Y = x.mT @ sketch.to(x.dtype)  # (B, C, c)
-    Q = ridge_basis(Y, eps=eps, exact=exact).to(x.dtype)  # (B, C, c)
+    Q = ridge_basis(Y, eps=eps, exact=True).to(x.dtype)  # (B, C, c)
     return (x - (x @ Q) @ Q.mT).to(x.dtype)
 
 

@@ -4,11 +4,13 @@ import math
 
 import torch
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 from torch import Tensor, nn
 
 from pace.layers._validate import check_sizes
-from pace.layers.compress import Compress
-from pace.layers.expand import Expand
+from pace.layers.basis import ridge_project
+from pace.layers.compress import Compress, compress_weights
+from pace.layers.expand import Expand, expand
 
 
 def softplus_inverse(value: float) -> float:
@@ -25,6 +27,57 @@ def softplus_inverse(value: float) -> float:
     return value + math.log(-math.expm1(-value))  # log(e^v − 1) without overflow for large v
 
 
+def pace_attention(
+    x: Tensor,
+    subspaces: Tensor,
+    tau: Tensor,
+    alpha: Tensor,
+    beta: Tensor,
+    expand_sketch: Tensor,
+    compress_sketch: Tensor,
+    *,
+    num_heads: int,
+    eps: float,
+    exact: bool = False,
+    form: str = "full",
+) -> tuple[Tensor, Tensor]:
+    """``α·expand(x) − β·compress(x)`` and the memberships π, with the two terms sharing their last product.
+
+    The same function as the separate operators (:func:`pace.layers.expand`, :func:`pace.layers.compress`), but
+    α is folded into the expansion's small basis and −β into ``U``, and the compression's last product ``w Uᵀ``
+    accumulates onto the expansion term in one ``addmm``: no full-size scaling, subtraction or gradient pass for
+    the coefficients.
+
+    Args:
+        x: Tokens, shape (B, N, C) (already normalised).
+        subspaces: ``U``, shape (C, C).
+        tau: Temperature τ, a 0-dim tensor.
+        alpha: Effective α, a 0-dim tensor.
+        beta: Effective β, a 0-dim tensor.
+        expand_sketch: Ω_e, shape (N, r·K).
+        compress_sketch: Ω_c, shape (N, r).
+        num_heads: K.
+        eps: Ridge ε of both bases.
+        exact: Use exact (orthogonal) projectors instead of the ridge ones.
+        form: Compress form, ``"full"`` or ``"diag"``.
+
+    Returns:
+        ``(update, memberships)``: update of shape (B, N, C) in the dtype of ``x``; memberships π of shape
+        (B, N, K) in the dtype of ``x``.
+    """
+    B, N, C = x.shape
+    if exact:
+        expanded = alpha * expand(x, expand_sketch, eps=eps, exact=True)
+    else:
+        expanded = ridge_project(x, expand_sketch, eps=eps, complement=True, scale=alpha)  # α(x − xΠ)
+    w, pi = compress_weights(x, subspaces, tau, compress_sketch, num_heads=num_heads, eps=eps, exact=exact, form=form)
+    neg_beta_u = subspaces.to(w.dtype) * -beta.to(w.dtype)  # (C, K·p)
+    out = torch.addmm(expanded.reshape(B * N, C), w.reshape(B * N, -1), neg_beta_u.mT)  # (B·N, C)
+    return out.view(B, N, C).to(x.dtype), pi.to(x.dtype)
+
+
+# A leaf for torch.fx / timm feature extraction: its forward manages the operators' sketches in Python.
+@register_notrace_module
 class PACEAttention(nn.Module):
     """Expansion minus compression with learnable step sizes α and β (one scalar each).
 
@@ -142,5 +195,17 @@ class PACEAttention(nn.Module):
         Returns:
             The update, shape (B, N, C).
         """
-        out = self._effective(self.alpha) * self.expand(x) - self._effective(self.beta) * self.compress(x)
-        return out.to(x.dtype)
+        n = x.shape[1]
+        return pace_attention(
+            x,
+            self.compress.subspaces,
+            self.compress.tau,
+            self._effective(self.alpha),
+            self._effective(self.beta),
+            self.expand.current_sketch(n),
+            self.compress.current_sketch(n),
+            num_heads=self.compress.num_heads,
+            eps=self.compress.eps,
+            exact=self.compress.exact,
+            form=self.compress.form,
+        )[0]

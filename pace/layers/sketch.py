@@ -7,6 +7,7 @@ communication, and repeated evaluation calls are bit-identical.
 """
 
 import hashlib
+import operator
 
 import torch
 from torch import Tensor, nn
@@ -14,6 +15,7 @@ from torch import Tensor, nn
 SKETCH_SCHEDULES = ("epoch", "step", "fixed")
 
 
+@torch.compiler.assume_constant_result
 def derive_sketch_seed(base_seed: int, *, epoch: int, step: int, layer_idx: int, num_tokens: int, operator: str) -> int:
     """Seed of one sketch, mixed from everything that selects it.
 
@@ -65,6 +67,18 @@ def gaussian_sketch(
     return omega.to(device)
 
 
+# A draw inside a compiled forward (the first at a token count) is one opaque graph node, not a graph break: a
+# break there would split the compiled frames of every enclosing module for good, not only for that step.
+@torch.library.custom_op("pace::gaussian_sketch", mutates_args=())
+def _gaussian_sketch_op(num_tokens: int, width: int, seed: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    return gaussian_sketch(num_tokens, width, seed=seed, device=device, dtype=dtype)
+
+
+@_gaussian_sketch_op.register_fake
+def _(num_tokens: int, width: int, seed: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    return torch.empty(num_tokens, width, device=device, dtype=dtype)
+
+
 class SketchedModule(nn.Module):
     """Base of the operators that own a sketch: a persistent ``sketch`` buffer (n × c) and its schedule.
 
@@ -82,6 +96,13 @@ class SketchedModule(nn.Module):
     once per token count.
 
     A checkpoint's buffer of any row count loads (the buffer is resized to it) and is used when n matches.
+
+    Under ``torch.compile`` a forward with a stored sketch reads only the buffer: no graph break. :meth:`set_epoch`
+    draws the new epoch's sketch for the token count in use eagerly, so epoch changes neither break nor
+    recompile the graph. The first forward at a new token count draws inside the graph through one opaque custom
+    op (``pace::gaussian_sketch``), then recompiles once to the stored (or cached) path. The ``"step"`` schedule
+    draws outside the graph on every training step (a graph break per operator), because a step counter inside
+    the graph would recompile it every step.
 
     Args:
         width: Sketch columns c.
@@ -128,16 +149,24 @@ class SketchedModule(nn.Module):
         self._derived.clear()
 
     def set_epoch(self, epoch: int) -> None:
-        """Move to ``epoch``: the next forward uses the sketch derived for it (except under ``"fixed"``).
+        """Move to ``epoch``: forwards use the sketch derived for it (except under ``"fixed"``).
+
+        The new sketch for the token count in use is drawn here, outside any compiled forward, so a compiled
+        model sees the same graph and guards in every epoch.
 
         Args:
             epoch: The new epoch.
         """
         self.epoch = int(epoch)
         self.step = 0
-        if self.sketch_schedule != "fixed":
-            self._stored_current = False
-            self._derived.clear()
+        if self.sketch_schedule == "fixed":
+            return
+        self._stored_current = False
+        self._derived.clear()
+        rows = self.sketch.shape[0]
+        if rows and self.sketch.device.type != "meta":
+            self._buffers["sketch"] = self.derived_sketch(rows)
+            self._stored_current = True
 
     def _schedule_state(self) -> tuple[int, int]:
         if self.sketch_schedule == "fixed":
@@ -146,8 +175,6 @@ class SketchedModule(nn.Module):
             return self.epoch, 0
         return self.epoch, self.step
 
-    # Drawing is host-side work (hashing, a CPU generator) that runs once per epoch/size; torch.compile skips it.
-    @torch.compiler.disable
     def derived_sketch(self, num_tokens: int) -> Tensor:
         """The sketch derived for ``num_tokens`` rows at the present schedule state, on the buffer's device/dtype.
 
@@ -157,12 +184,17 @@ class SketchedModule(nn.Module):
         Returns:
             Ω of shape (num_tokens, width).
         """
+        # The sketch is a function of the token count: under torch.compile with dynamic shapes, operator.index
+        # specialises a symbolic count to its value (a guard) where int() would keep it symbolic.
+        num_tokens = operator.index(num_tokens)
         epoch, step = self._schedule_state()
-        device, dtype = self.sketch.device, self.sketch.dtype
-        key = (epoch, step, device, dtype)
+        key = (epoch, step, self.sketch.device, self.sketch.dtype)
         cached = self._derived.get(num_tokens)
         if cached is not None and cached[0] == key:
             return cached[1]
+        if self.sketch_schedule == "step" and torch.compiler.is_compiling():
+            # A step counter traced into the graph would recompile it every step; draw outside it instead.
+            return self._draw_eagerly(num_tokens)
         seed = derive_sketch_seed(
             self.sketch_seed,
             epoch=epoch,
@@ -171,9 +203,14 @@ class SketchedModule(nn.Module):
             num_tokens=num_tokens,
             operator=self.operator,
         )
-        omega = gaussian_sketch(num_tokens, self.sketch_width, seed=seed, device=device, dtype=dtype)
+        omega = _gaussian_sketch_op(num_tokens, self.sketch_width, seed, key[2], key[3])
         self._derived[num_tokens] = (key, omega)
         return omega
+
+    @torch.compiler.disable
+    def _draw_eagerly(self, num_tokens: int) -> Tensor:
+        self._derived.pop(num_tokens, None)
+        return self.derived_sketch(num_tokens)
 
     def current_sketch(self, num_tokens: int) -> Tensor:
         """The sketch a forward over ``num_tokens`` tokens uses now (see the class docstring).

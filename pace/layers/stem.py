@@ -83,6 +83,8 @@ class ConvStem(nn.Module):
         Returns:
             Tokens (B, H' * W', embed_dim) in row-major order and the token grid (H', W').
         """
-        x = self.proj(x)  # (B, C, H', W')
+        # Channels-last convolutions are faster on CPU (oneDNN) and on GPU tensor cores, and the tokens then come
+        # out contiguous: (B, C, H', W') in NHWC order flattens and transposes to (B, N, C) without a copy.
+        x = self.proj(x.contiguous(memory_format=torch.channels_last))  # (B, C, H', W'), NHWC strides
         grid = (x.shape[2], x.shape[3])
         return x.flatten(2).transpose(1, 2), grid  # (B, N, C)

@@ -1,0 +1,165 @@
+"""The fused fast path of the PACE layer: closed-form projector backward, shared output product, compile graph."""
+
+import pytest
+import torch
+import torch._dynamo
+from reference_pace import dense_compress, dense_expand
+
+from pace.layers import ConvStem, PACEBlock, ridge_basis
+from pace.layers.basis import ridge_project
+from pace.layers.pace_attention import pace_attention
+
+B, N, C, K, RANK = 2, 24, 16, 2, 3
+
+
+def _autograd_projection(x, sketch, eps, complement, scale=None):
+    # The same map written with plain differentiable ops (autograd through the Cholesky and the solve).
+    Q = ridge_basis(x.mT @ sketch, eps=eps)
+    out = (x @ Q) @ Q.mT
+    out = x - out if complement else out
+    return out if scale is None else scale * out
+
+
+@pytest.mark.parametrize("complement", [False, True])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_ridge_project_closed_form_backward_passes_gradcheck(complement, scaled):
+    x = torch.randn(2, 9, 7, dtype=torch.float64, requires_grad=True)
+    sketch = torch.randn(9, 3, dtype=torch.float64)
+    inputs = (x, torch.tensor(0.7, dtype=torch.float64, requires_grad=True)) if scaled else (x,)
+
+    def fn(x, scale=None):
+        return ridge_project(x, sketch, eps=0.05, complement=complement, scale=scale)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+    # And it is the function autograd differentiates through the basis.
+    g = torch.randn(2, 9, 7, dtype=torch.float64)
+    fast = torch.autograd.grad((fn(*inputs) * g).sum(), inputs)
+    plain = torch.autograd.grad((_autograd_projection(x, sketch, 0.05, complement, *inputs[1:]) * g).sum(), inputs)
+    for a, b in zip(fast, plain):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_ridge_project_gradient_with_a_degenerate_sketch_matches_autograd():
+    # A zero token column makes one column of Y = xᵀΩ vanish (norm clamped, as F.normalize does).
+    x = torch.randn(2, 6, 5, dtype=torch.float64, requires_grad=True)
+    sketch = torch.randn(6, 3, dtype=torch.float64)
+    sketch[:, 1] = 0.0
+    g = torch.randn(2, 6, 5, dtype=torch.float64)
+    fast = torch.autograd.grad((ridge_project(x, sketch, eps=0.05) * g).sum(), x)[0]
+    plain = torch.autograd.grad((_autograd_projection(x, sketch, 0.05, False, None) * g).sum(), x)[0]
+    assert torch.isfinite(fast).all()
+    torch.testing.assert_close(fast, plain, rtol=1e-10, atol=1e-10)
+
+
+def _inputs(dtype=torch.float64):
+    x = torch.randn(B, N, C, dtype=dtype, requires_grad=True)
+    U = torch.linalg.qr(torch.randn(C, C, dtype=dtype)).Q.requires_grad_()
+    tau = torch.tensor(0.8, dtype=dtype, requires_grad=True)
+    alpha = torch.tensor(0.3, dtype=dtype, requires_grad=True)
+    beta = torch.tensor(0.6, dtype=dtype, requires_grad=True)
+    e_sketch = torch.randn(N, RANK * K, dtype=dtype)
+    c_sketch = torch.randn(N, RANK, dtype=dtype)
+    return x, U, tau, alpha, beta, e_sketch, c_sketch
+
+
+@pytest.mark.parametrize("form", ["full", "diag"])
+@pytest.mark.parametrize("exact", [False, True], ids=["ridge", "exact"])
+def test_fused_attention_and_its_gradients_match_the_dense_oracle(form, exact):
+    x, U, tau, alpha, beta, e_sketch, c_sketch = _inputs()
+    kw = {"eps": 0.01, "exact": exact}
+    out, pi = pace_attention(x, U, tau, alpha, beta, e_sketch, c_sketch, num_heads=K, form=form, **kw)
+    ref_c, ref_pi = dense_compress(x, U, tau, c_sketch, num_heads=K, form=form, **kw)
+    ref = alpha * dense_expand(x, e_sketch, **kw) - beta * ref_c
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(pi, ref_pi, rtol=1e-9, atol=1e-9)
+    # Gradients of every input through the fused path (closed-form projector backward, folded α and β) against
+    # autograd through the oracle's explicit projectors.
+    g = torch.randn_like(out)
+    params = (x, U, tau, alpha, beta)
+    fast = torch.autograd.grad((out * g).sum() + pi.sum(), params)
+    slow = torch.autograd.grad((ref * g).sum() + ref_pi.sum(), params)
+    for name, a, b in zip(("x", "U", "tau", "alpha", "beta"), fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-8, msg=name)
+
+
+@pytest.mark.parametrize("form", ["full", "diag"])
+def test_fused_attention_under_bf16_autocast_stays_close_to_float32(form):
+    x, U, tau, alpha, beta, e_sketch, c_sketch = (t.detach().float() for t in _inputs())
+    args = (x, U, tau, alpha, beta, e_sketch, c_sketch)
+    reference, _ = pace_attention(*args, num_heads=K, eps=0.01, form=form)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low, pi = pace_attention(*args, num_heads=K, eps=0.01, form=form)
+    assert low.dtype == torch.float32 and torch.isfinite(pi).all()
+    assert (low - reference).abs().max() < 0.05 * reference.abs().max()
+
+
+def _explain(block, x):
+    explanation = torch._dynamo.explain(block)(x)
+    return explanation.graph_count, explanation.graph_break_count
+
+
+@pytest.mark.parametrize("form", ["full", "diag"])
+def test_block_compiles_without_graph_breaks(form):
+    torch._dynamo.reset()
+    block = PACEBlock(C, K, rank=RANK, compress_form=form)
+    x = torch.randn(B, N, C, requires_grad=True)
+    assert _explain(block, x) == (1, 0)  # first forward: the sketch is drawn inside the graph
+    block(x)
+    assert _explain(block, x) == (1, 0)  # stored sketch, training
+    block.set_epoch(1)
+    assert _explain(block, x) == (1, 0)  # the epoch's redraw happened in set_epoch
+    block.eval()
+    assert _explain(block, x) == (1, 0)  # evaluation with the stored sketch
+    assert _explain(block, torch.randn(B, N + 12, C)) == (1, 0)  # another token count: derived in the graph
+
+
+def test_compiled_training_runs_one_graph_per_step_across_epochs():
+    torch._dynamo.reset()
+    graphs, runs = [], []
+
+    def backend(gm, example_inputs):
+        index = len(graphs)
+        graphs.append(gm)
+
+        def run(*args):
+            runs.append(index)
+            return gm.forward(*args)
+
+        return run
+
+    block = PACEBlock(C, K, rank=RANK)
+    compiled = torch.compile(block, backend=backend)
+    x = torch.randn(B, N, C, requires_grad=True)
+    compiled(x).sum().backward()  # draws; the next call recompiles once to the stored-sketch graph
+    compiled(x).sum().backward()
+    settled = len(graphs)
+    for epoch in range(1, 4):
+        block.set_epoch(epoch)
+        for _ in range(2):
+            runs.clear()
+            compiled(x).sum().backward()
+            assert runs == [settled - 1]
+    assert len(graphs) == settled
+
+
+def test_set_epoch_draws_the_new_sketch_at_once():
+    block = PACEBlock(C, K, rank=RANK)
+    block(torch.randn(B, N, C))
+    block.set_epoch(3)
+    expand_op = block.attn.expand
+    assert expand_op._stored_current
+    assert torch.equal(expand_op.sketch, expand_op.derived_sketch(N))
+    other = PACEBlock(C, K, rank=RANK)
+    other.set_epoch(3)
+    other(torch.randn(B, N, C))
+    assert torch.equal(other.attn.expand.sketch, expand_op.sketch)
+
+
+def test_channels_last_stem_tokens_are_contiguous_and_match_nchw():
+    stem = ConvStem(img_size=64, patch_size=16, embed_dim=32).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        tokens, grid = stem(images)
+        reference = stem.proj(images).flatten(2).transpose(1, 2)  # plain NCHW convolutions
+    assert grid == (4, 4) and tokens.is_contiguous()
+    torch.testing.assert_close(tokens, reference, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,255 @@
+"""Model benchmark: training and inference throughput of PACE-ViT against DeiT at the same batch size.
+
+For each pair (``pace_vit_tiny_patch16_224`` / ``deit_tiny_patch16_224``, ``pace_vit_small_patch16_224`` /
+``deit_small_patch16_224``), each image size (224, 384 and 512 px: 196, 576 and 1,024 tokens) and each mode,
+both models run interleaved in this one process on synthetic data:
+
+* training: forward, cross-entropy on random labels, backward and an AdamW step;
+* inference: a forward in evaluation mode without gradients;
+
+eagerly and under ``torch.compile`` (on a CPU, where Inductor takes minutes per model, only a subset by
+default); float32 on a CPU, bf16 autocast on a GPU. Images per second come from the
+median step time; analytic matrix-product FLOPs per image (``FlopCounterMode``) stand beside them, and on a GPU
+the peak memory of a step. Writes ``results.csv``, ``summary.json`` and ``report.md`` under ``--out``.
+
+    python scripts/bench_model.py --out outputs/bench_model                     # CPU, about 8 minutes on 2 cores
+    python scripts/bench_model.py --threads 1 --compile eager --out outputs/bench_model_1t   # one thread, eager
+    python scripts/bench_model.py --device cuda --out outputs/bench_model_gpu  # GPU: bf16, every size compiled
+    python scripts/bench_model.py --quick --out /tmp/bench_model                # smoke run
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from _bench_utils import (
+    MIB,
+    autocast,
+    interleaved,
+    machine_info,
+    markdown_table,
+    median_ms,
+    peak_memory_bytes,
+    pick_device,
+    write_results,
+)
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import pace  # noqa: F401  (registers the pace_vit_* models with timm)
+
+PAIRS = "pace_vit_tiny_patch16_224:deit_tiny_patch16_224,pace_vit_small_patch16_224:deit_small_patch16_224"
+TRAIN_TARGET_GPU = 1.5  # PACE-ViT-S / DeiT-S training throughput at 224 px, bf16, compiled
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (bf16 autocast on cuda)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    parser.add_argument("--pairs", default=PAIRS, help="comma-separated ours:baseline timm model names")
+    parser.add_argument("--sizes", default="224,384,512", help="image sizes")
+    parser.add_argument("--batch", default=None, help="batch per size (default: CPU 4,2,1; GPU 128,64,32)")
+    parser.add_argument("--modes", default="train,infer", help="train and/or infer")
+    parser.add_argument("--compile", default=None, help="eager and/or compiled (default: both)")
+    # Inductor takes minutes per model on a 2-core CPU, so there the compiled runs default to a subset.
+    parser.add_argument("--compile-sizes", default=None, help="sizes that also run compiled (CPU default 224)")
+    parser.add_argument("--compile-modes", default=None, help="modes that also run compiled (CPU default infer)")
+    parser.add_argument("--compile-pairs", default=None, help="our models that also run compiled (CPU: first)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed steps per model (CPU 3, GPU 20)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (CPU 1, GPU 5; compiled 3+)")
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--quick", action="store_true", help="test-size models, one small image size")
+    parser.add_argument("--out", type=Path, default=Path("outputs/bench_model"), help="output directory")
+    args = parser.parse_args(argv)
+    gpu = args.device.startswith("cuda")
+    if args.quick:
+        args.pairs = "pace_vit_test:test_vit"
+        args.sizes, args.batch = "64", "2"
+        args.repeats, args.warmup, args.num_classes = 2, 1, 10
+        args.compile = args.compile or "eager"
+        args.threads = args.threads or 1
+    args.pairs = [tuple(p.split(":")) for p in args.pairs.split(",")]
+    for pair in args.pairs:
+        if len(pair) != 2:
+            parser.error(f"--pairs entries must be ours:baseline, got {':'.join(pair)!r}")
+    args.sizes = [int(s) for s in args.sizes.split(",")]
+    default_batch = {224: 128, 384: 64, 512: 32} if gpu else {224: 4, 384: 2, 512: 1}
+    batches = [int(b) for b in args.batch.split(",")] if args.batch else [default_batch.get(s, 1) for s in args.sizes]
+    if len(batches) != len(args.sizes):
+        parser.error(f"--batch has {len(batches)} entries for {len(args.sizes)} sizes")
+    args.batch = dict(zip(args.sizes, batches))
+    args.modes = args.modes.split(",")
+    args.compile = (args.compile or "eager,compiled").split(",")
+    compile_sizes = args.compile_sizes or (",".join(map(str, args.sizes)) if gpu else "224")
+    args.compile_sizes = {int(s) for s in compile_sizes.split(",")}
+    args.compile_modes = set((args.compile_modes or (",".join(args.modes) if gpu else "infer")).split(","))
+    compile_pairs = args.compile_pairs or ",".join(p[0] for p in (args.pairs if gpu else args.pairs[:1]))
+    args.compile_pairs = set(compile_pairs.split(","))
+    args.repeats = args.repeats or (20 if gpu else 3)
+    args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
+    return args
+
+
+def build(name: str, size: int, num_classes: int, device: torch.device) -> nn.Module:
+    """A timm model for ``size`` px (DeiT gets a position table for that grid; PACE-ViT needs none)."""
+    return timm.create_model(name, img_size=size, num_classes=num_classes).to(device)
+
+
+def train_step(model: nn.Module, images, labels, device: torch.device):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    model.train()
+
+    def step() -> None:
+        with autocast(device):
+            logits = model(images)
+        loss = F.cross_entropy(logits.float(), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def infer_step(model: nn.Module, images, device: torch.device):
+    model.eval()
+
+    @torch.no_grad()
+    def step() -> None:
+        with autocast(device):
+            model(images)
+
+    return step
+
+
+def gflops_per_image(model: nn.Module, size: int, mode: str, device: torch.device, num_classes: int) -> float:
+    """Matrix-product and convolution GFLOPs of one image's forward (inference) or forward+backward (training)."""
+    images = torch.randn(1, 3, size, size, device=device)
+    was_training = model.training
+    model.train(mode == "train")
+    with FlopCounterMode(display=False) as counter:
+        if mode == "train":
+            F.cross_entropy(model(images), torch.zeros(1, dtype=torch.long, device=device)).backward()
+        else:
+            with torch.no_grad():
+                model(images)
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    return counter.get_total_flops() / 1e9
+
+
+def run_case(args, device, pair, size: int, mode: str, compiled: bool) -> list[dict]:
+    """Both models of ``pair`` at one size, mode and compilation, interleaved."""
+    batch = args.batch[size]
+    torch.manual_seed(0)
+    images = torch.randn(batch, 3, size, size, device=device)
+    labels = torch.randint(0, args.num_classes, (batch,), device=device)
+    models = {name: build(name, size, args.num_classes, device) for name in pair}
+    flops = {name: gflops_per_image(m, size, mode, device, args.num_classes) for name, m in models.items()}
+    runnable = {name: torch.compile(m) if compiled else m for name, m in models.items()}
+    steps = {
+        name: train_step(m, images, labels, device) if mode == "train" else infer_step(m, images, device)
+        for name, m in runnable.items()
+    }
+    # A compiled PACE model compiles again once after its first call (the sketch is then stored).
+    warmup = max(args.warmup, 3) if compiled else args.warmup
+    times = interleaved(steps, repeats=args.repeats, warmup=warmup, device=device)
+    rows = []
+    for name in pair:
+        ms = median_ms(times[name]["wall"])
+        row = {
+            "model": name,
+            "baseline": pair[1],
+            "size": size,
+            "tokens": (size // 16) ** 2,
+            "mode": mode,
+            "compiled": compiled,
+            "batch": batch,
+            "threads": torch.get_num_threads(),
+            "repeats": args.repeats,
+            "step_ms": ms,
+            "images_per_s": batch / (ms / 1e3),
+            "gflop_per_image": flops[name],
+        }
+        if device.type == "cuda":
+            row["peak_mib"] = peak_memory_bytes(steps[name], device) / MIB
+        rows.append(row)
+    ours, base = rows
+    ours["throughput_vs_baseline"] = ours["images_per_s"] / base["images_per_s"]
+    base["throughput_vs_baseline"] = 1.0
+    print(
+        f"{mode} {'compiled' if compiled else 'eager'} {size}px batch {batch}: {pair[0]} "
+        f"{ours['images_per_s']:.1f} img/s, {pair[1]} {base['images_per_s']:.1f} img/s -> "
+        f"{ours['throughput_vs_baseline']:.2f}x",
+        flush=True,
+    )
+    return rows
+
+
+def summarise(rows: list[dict], device: torch.device) -> dict:
+    """The training-throughput target for the small pair at 224 px (GPU: bf16 compiled; CPU: ahead, eager)."""
+    checks = {}
+    for compiled in (False, True):
+        row = next(
+            (
+                r
+                for r in rows
+                if r["model"].startswith("pace_vit_small")
+                and r["size"] == 224
+                and r["mode"] == "train"
+                and r["compiled"] == compiled
+            ),
+            None,
+        )
+        if row is None:
+            continue
+        ratio = row["throughput_vs_baseline"]
+        gpu = device.type == "cuda"
+        checks[f"train_small_224_{'compiled' if compiled else 'eager'}"] = {
+            "value": ratio,
+            "target": f">= {TRAIN_TARGET_GPU}" if gpu else "> 1.0 (ahead)",
+            "holds": ratio >= TRAIN_TARGET_GPU if gpu else ratio > 1.0,
+        }
+    return checks
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    if device.type == "cpu" and args.threads:
+        torch.set_num_threads(args.threads)
+    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])
+    rows: list[dict] = []
+    for pair in args.pairs:
+        for size in args.sizes:
+            for mode in args.modes:
+                for kind in args.compile:
+                    compiled = kind == "compiled"
+                    subset = size in args.compile_sizes and mode in args.compile_modes and pair[0] in args.compile_pairs
+                    if compiled and not subset:
+                        continue
+                    rows += run_case(args, device, pair, size, mode, compiled)
+    checks = summarise(rows, device)
+    info = machine_info(device)
+    columns = ["model", "size", "mode", "compiled", "batch", "step_ms", "images_per_s", "throughput_vs_baseline"]
+    columns += ["gflop_per_image"] + (["peak_mib"] if device.type == "cuda" else [])
+    report = "\n\n".join(
+        [
+            "# Model throughput",
+            f"Command: `{command}`",
+            "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()),
+            markdown_table(rows, columns),
+            "\n".join(
+                f"- {name}: {c['value']:.2f} (target {c['target']}): {'holds' if c['holds'] else 'does not hold'}"
+                for name, c in checks.items()
+            ),
+        ]
+    )
+    write_results(args.out, rows, {"command": command, "machine": info, "targets": checks}, report + "\n")
+    print(report)
+
+
+if __name__ == "__main__":
+    main()

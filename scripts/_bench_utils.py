@@ -15,6 +15,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -181,6 +182,19 @@ def markdown_table(rows: list[dict[str, object]], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def command_line(argv: list[str] | None) -> str:
+    """The command that ran this script, for the report."""
+    return "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])
+
+
+def format_checks(checks: dict[str, dict]) -> str:
+    """One markdown bullet per target check: measured value, target and whether it holds."""
+    return "\n".join(
+        f"- {name}: {c['value']:.2f} (target {c['target']}): {'holds' if c['holds'] else 'does not hold'}"
+        for name, c in checks.items()
+    )
 
 
 def write_results(out: Path, rows: list[dict[str, object]], summary: dict[str, object], report: str) -> None:

@@ -24,7 +24,6 @@ References:
 import argparse
 import contextlib
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -32,6 +31,8 @@ import torch.nn.functional as F
 from _bench_utils import (
     MIB,
     autocast,
+    command_line,
+    format_checks,
     interleaved,
     machine_info,
     markdown_table,
@@ -369,10 +370,7 @@ def render(args, info, ref_rows, ref_lines, scale_rows, checks, command: str) ->
             ["tokens", "batch", "candidate", "wall_ms", "ms_per_image", "time_vs_pace_full", "peak_mib", "saved_mib"],
         ),
         "## Targets",
-        "\n".join(
-            f"- {name}: {c['value']:.2f} (target {c['target']}): {'holds' if c['holds'] else 'does not hold'}"
-            for name, c in checks.items()
-        ),
+        format_checks(checks),
     ]
     return "\n\n".join(parts) + "\n"
 
@@ -382,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
     device = pick_device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # float32 checks stay float32; timing runs in bf16 anyway
-    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])
+    command = command_line(argv)
     ref_rows, ref_lines = reference_part(args, device)
     scale_rows = scaling_part(args, device)
     checks = summarise(args, device, ref_rows, scale_rows)

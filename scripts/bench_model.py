@@ -19,7 +19,6 @@ the peak memory of a step. Writes ``results.csv``, ``summary.json`` and ``report
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 import timm
@@ -28,6 +27,8 @@ import torch.nn.functional as F
 from _bench_utils import (
     MIB,
     autocast,
+    command_line,
+    format_checks,
     interleaved,
     machine_info,
     markdown_table,
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     device = pick_device(args.device)
     if device.type == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
-    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])
+    command = command_line(argv)
     rows: list[dict] = []
     for pair in args.pairs:
         for size in args.sizes:
@@ -241,10 +242,7 @@ def main(argv: list[str] | None = None) -> None:
             f"Command: `{command}`",
             "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()),
             markdown_table(rows, columns),
-            "\n".join(
-                f"- {name}: {c['value']:.2f} (target {c['target']}): {'holds' if c['holds'] else 'does not hold'}"
-                for name, c in checks.items()
-            ),
+            format_checks(checks),
         ]
     )
     write_results(args.out, rows, {"command": command, "machine": info, "targets": checks}, report + "\n")

@@ -11,6 +11,7 @@ import csv
 import datetime
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils import flop_counter as torch_flops
 
 MIB = 2**20
 
@@ -129,6 +131,32 @@ def saved_tensor_bytes(forward: Callable[[], object]) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         forward()
     return sum(storages.values())
+
+
+def _baddbmm_flop(self_shape, a_shape, b_shape, *args, **kwargs) -> int:
+    return 2 * math.prod(a_shape) * b_shape[-1]
+
+
+def _solve_triangular_flop(a_shape, b_shape, *args, **kwargs) -> int:
+    # Every right-hand row or column of B costs c²/2 multiply-adds against the c × c triangle.
+    return math.prod(b_shape) * a_shape[-1]
+
+
+def _cholesky_flop(a_shape, *args, **kwargs) -> int:
+    return math.prod(a_shape[:-2]) * a_shape[-1] ** 3 // 3
+
+
+def flop_counter() -> torch_flops.FlopCounterMode:
+    """``FlopCounterMode`` for matrix products (also the in-place ``baddbmm_``), triangular solves and Cholesky.
+
+    Elementwise work is not counted; both sides of every comparison are counted the same way.
+    """
+    extra = {
+        torch.ops.aten.baddbmm_: _baddbmm_flop,
+        torch.ops.aten.linalg_solve_triangular: _solve_triangular_flop,
+        torch.ops.aten.linalg_cholesky_ex: _cholesky_flop,
+    }
+    return torch_flops.FlopCounterMode(display=False, custom_mapping=extra)
 
 
 def _cpu_model() -> str:

@@ -32,6 +32,7 @@ from _bench_utils import (
     MIB,
     autocast,
     command_line,
+    flop_counter,
     format_checks,
     interleaved,
     machine_info,
@@ -46,7 +47,6 @@ from _reference_block import ReferenceBlock
 from timm.layers import Attention
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from pace.layers import PACEBlock
 
@@ -160,8 +160,8 @@ def step_fn(module: nn.Module, x: Tensor, grad: Tensor, device: torch.device):
 
 
 def matmul_gflops(step) -> float:
-    """Matrix-product FLOPs of one forward+backward, counted by ``FlopCounterMode`` (elementwise work is not)."""
-    with FlopCounterMode(display=False) as counter:
+    """FLOPs of one forward+backward in matrix products, triangular solves and Cholesky factorisations."""
+    with flop_counter() as counter:
         step()
     return counter.get_total_flops() / 1e9
 

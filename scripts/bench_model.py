@@ -8,10 +8,11 @@ both models run interleaved in this one process on synthetic data:
 * inference: a forward in evaluation mode without gradients;
 
 eagerly and under ``torch.compile`` (on a CPU, where Inductor takes minutes per model, only a subset by
-default); float32 on a CPU, bf16 autocast on a GPU. Images per second come from the
-median step time (on a CPU also images per CPU-second, which a busy shared machine disturbs less at one
-thread); analytic matrix-product FLOPs per image (``FlopCounterMode``) stand beside them, and on a GPU
-the peak memory of a step. Writes ``results.csv``, ``summary.json`` and ``report.md`` under ``--out``.
+default); float32 on a CPU, bf16 autocast on a GPU. Images per second come from the median step time (on a CPU
+also images per CPU-second, which a busy shared machine disturbs less at one thread); analytic FLOPs per image
+(matrix products, convolutions, triangular solves and Cholesky, counted by ``FlopCounterMode``) stand beside
+them, and on a GPU the peak memory of a step. Writes ``results.csv``, ``summary.json`` and ``report.md`` under
+``--out``.
 
     python scripts/bench_model.py --out outputs/bench_model                     # CPU, about 8 minutes on 2 cores
     python scripts/bench_model.py --threads 1 --compile eager --out outputs/bench_model_1t   # one thread, eager
@@ -29,6 +30,7 @@ from _bench_utils import (
     MIB,
     autocast,
     command_line,
+    flop_counter,
     format_checks,
     interleaved,
     machine_info,
@@ -39,7 +41,6 @@ from _bench_utils import (
     write_results,
 )
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 import pace  # noqa: F401  (registers the pace_vit_* models with timm)
 
@@ -127,11 +128,11 @@ def infer_step(model: nn.Module, images, device: torch.device):
 
 
 def gflops_per_image(model: nn.Module, size: int, mode: str, device: torch.device, num_classes: int) -> float:
-    """Matrix-product and convolution GFLOPs of one image's forward (inference) or forward+backward (training)."""
+    """GFLOPs (matrix products, convolutions, solves) of one image's forward (inference) or forward+backward."""
     images = torch.randn(1, 3, size, size, device=device)
     was_training = model.training
     model.train(mode == "train")
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         if mode == "train":
             F.cross_entropy(model(images), torch.zeros(1, dtype=torch.long, device=device)).backward()
         else:

@@ -5,9 +5,7 @@ import torch
 import torch._dynamo
 from reference_pace import dense_compress, dense_expand
 
-from pace.layers import ConvStem, PACEBlock, ridge_basis
-from pace.layers.basis import ridge_project
-from pace.layers.pace_attention import pace_attention
+from pace.layers import ConvStem, PACEBlock, pace_attention, ridge_basis, ridge_project
 
 B, N, C, K, RANK = 2, 24, 16, 2, 3
 

@@ -1,10 +1,10 @@
 """PACEAttention primitives, one per file."""
 
-from pace.layers.basis import PROJECTORS, ridge_basis
+from pace.layers.basis import PROJECTORS, ridge_basis, ridge_project
 from pace.layers.compress import COMPRESS_FORMS, Compress, compress
 from pace.layers.expand import Expand, expand
 from pace.layers.mcr2 import coding_rate, compression_rate, rate_reduction
-from pace.layers.pace_attention import PACEAttention
+from pace.layers.pace_attention import PACEAttention, pace_attention
 from pace.layers.pace_block import PACEBlock
 from pace.layers.sketch import SKETCH_SCHEDULES, SketchedModule, derive_sketch_seed, gaussian_sketch, sync_sketches
 from pace.layers.stem import ConvStem
@@ -25,7 +25,9 @@ __all__ = [
     "derive_sketch_seed",
     "expand",
     "gaussian_sketch",
+    "pace_attention",
     "rate_reduction",
     "ridge_basis",
+    "ridge_project",
     "sync_sketches",
 ]

@@ -161,3 +161,20 @@ def test_channels_last_stem_tokens_are_contiguous_and_match_nchw():
         reference = stem.proj(images).flatten(2).transpose(1, 2)  # plain NCHW convolutions
     assert grid == (4, 4) and tokens.is_contiguous()
     torch.testing.assert_close(tokens, reference, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("complement", [False, True])
+def test_ridge_project_gradients_under_bf16_autocast_stay_close_to_float32(complement):
+    # float32 rows under autocast: the products run in bf16 and the results come back in float32.
+    x = torch.randn(2, 49, 64, requires_grad=True)
+    sketch, scale, g = torch.randn(49, 16), torch.tensor(0.5, requires_grad=True), torch.randn(2, 49, 64)
+    reference = torch.autograd.grad(
+        (ridge_project(x, sketch, eps=0.01, complement=complement, scale=scale) * g).sum(), (x, scale)
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ridge_project(x, sketch, eps=0.01, complement=complement, scale=scale)
+    assert y.dtype == torch.float32
+    low = torch.autograd.grad((y * g).sum(), (x, scale))
+    for a, b in zip(low, reference):
+        assert a.dtype == torch.float32
+        assert (a - b).abs().max() < 0.03 * b.abs().max()

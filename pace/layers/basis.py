@@ -147,14 +147,17 @@ class _RidgeProject(torch.autograd.Function):
             radial = (Y_hat * H).sum(-2, keepdim=True) * (norms > 1e-12)
             grad_y = H.sub_(Y_hat * radial).div_(norms)  # (B, m, c)
             if not ctx.complement:
-                grad_x = gQ @ Q_mm.mT
+                grad_x = (gQ @ Q_mm.mT).to(g.dtype)
             elif g.dtype == mm_dtype and scale is not None:
                 grad_x = g.baddbmm_(gQ, Q_mm.mT, alpha=-1.0)  # g is our own scaled copy here
             else:
                 grad_x = g - (gQ @ Q_mm.mT).to(g.dtype)
-            # Through Y = xᵀΩ: += Ω (∂L/∂Y)ᵀ, the sketch shared by every image.
-            B, N = grad_x.shape[0], sketch_mm.shape[0]
-            grad_x.baddbmm_(sketch_mm.to(grad_x.dtype).expand(B, N, -1), grad_y.to(grad_x.dtype).mT)
+            # Through Y = xᵀΩ: += Ω (∂L/∂Y)ᵀ, the sketch shared by every image, as a product in the matmul dtype.
+            sketch_b = sketch_mm.expand(grad_x.shape[0], -1, -1)  # (B, N, c), no copy
+            if grad_x.dtype == mm_dtype:
+                grad_x.baddbmm_(sketch_b, grad_y.to(mm_dtype).mT)
+            else:
+                grad_x += (sketch_b @ grad_y.to(mm_dtype).mT).to(grad_x.dtype)
         return grad_x, None, grad_scale, None, None
 
 

@@ -218,11 +218,14 @@ def command_line(argv: list[str] | None) -> str:
 
 
 def format_checks(checks: dict[str, dict]) -> str:
-    """One markdown bullet per target check: measured value, target and whether it holds."""
-    return "\n".join(
-        f"- {name}: {c['value']:.2f} (target {c['target']}): {'holds' if c['holds'] else 'does not hold'}"
-        for name, c in checks.items()
-    )
+    """One markdown bullet per target check: measured value, target, whether it holds, and any side numbers."""
+    lines = []
+    for name, check in checks.items():
+        side = [f"{k} {v:.2f}" for k, v in check.items() if k != "value" and isinstance(v, float)]
+        verdict = "holds" if check["holds"] else "does not hold"
+        line = f"- {name}: {check['value']:.2f} (target {check['target']}): {verdict}"
+        lines.append(line + ("; " + ", ".join(side) if side else ""))
+    return "\n".join(lines)
 
 
 def write_results(out: Path, rows: list[dict[str, object]], summary: dict[str, object], report: str) -> None:

@@ -12,7 +12,7 @@ Two parts, each measured in this one process with the candidates interleaved:
 
 Writes ``results.csv``, ``summary.json`` (targets and machine) and ``report.md`` under ``--out``.
 
-    python scripts/bench_layer.py --threads 1,2 --out outputs/bench_layer     # CPU, about 4 minutes on 2 cores
+    python scripts/bench_layer.py --threads 1,2 --scaling-threads 1 --out outputs/bench_layer   # CPU, ~5 minutes
     python scripts/bench_layer.py --device cuda --out outputs/bench_layer_gpu  # GPU, bf16 autocast
     python scripts/bench_layer.py --quick --out /tmp/bench_layer               # smoke run, seconds
 
@@ -95,6 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (bf16 autocast on cuda)")
     parser.add_argument("--threads", default=None, help="CPU thread counts for part 1, e.g. 1,2 (default: all)")
+    parser.add_argument("--scaling-threads", type=int, default=None, help="CPU threads of part 2 (default: all)")
     parser.add_argument("--dim", type=int, default=384, help="token width d")
     parser.add_argument("--heads", type=int, default=8, help="heads / subspaces K")
     parser.add_argument("--rank", type=int, default=20, help="PACE subspace rank r")
@@ -264,7 +265,7 @@ def scaling_candidates(args: argparse.Namespace, x: Tensor, device: torch.device
 def scaling_part(args: argparse.Namespace, device: torch.device) -> list[dict]:
     """Part 2: time and memory of every candidate from the smallest to the largest token count."""
     if device.type == "cpu":
-        torch.set_num_threads(max(args.threads))
+        torch.set_num_threads(args.scaling_threads or max(args.threads))
     rows = []
     for n, batch in zip(args.scaling_tokens, args.scaling_batch):
         torch.manual_seed(0)
@@ -315,22 +316,29 @@ def summarise(args: argparse.Namespace, device: torch.device, ref_rows: list[dic
     checks: dict[str, dict] = {}
     threads = max(args.threads)
     for form in args.forms:
-        row = next(
-            (r for r in ref_rows if r["form"] == form and r["threads"] == threads and r["candidate"] == "reference"),
-            None,
+        row, ours = (
+            next(
+                (r for r in ref_rows if r["form"] == form and r["threads"] == threads and r["candidate"] == name),
+                None,
+            )
+            for name in ("reference", "pace")
         )
-        if row:
+        if row and ours:
             need = TARGETS["reference_gpu" if gpu else "reference_cpu"]
             checks[f"reference_over_pace_{form}"] = {
                 "value": row["time_vs_pace"],
                 "target": f">= {need}",
                 "holds": row["time_vs_pace"] >= need,
+                "cpu_time_ratio": row["cpu_time_vs_pace"],
+                "min_time_ratio": row["wall_ms_min"] / ours["wall_ms_min"],
                 "outputs_agree": max(v for k, v in row.items() if k.startswith("max_rel_diff")) < 1e-4,
             }
 
-    def ms(candidate: str, n: int, per_image: bool = False) -> float | None:
+    def ms(candidate: str, n: int, per_image: bool = False, key: str = "wall_ms") -> float | None:
         row = next((r for r in scale_rows if r["candidate"] == candidate and r["tokens"] == n), None)
-        return None if row is None else row["ms_per_image" if per_image else "wall_ms"]
+        if row is None:
+            return None
+        return row[key] / row["batch"] if per_image else row[key]
 
     pace = f"pace_{args.forms[0]}"
     for n, key in ((196, "softmax_196"), (4096, "softmax_4096")):
@@ -341,6 +349,8 @@ def summarise(args: argparse.Namespace, device: torch.device, ref_rows: list[dic
                 "target": f">= {TARGETS[key]}",
                 "holds": ratio >= TARGETS[key],
                 "attention_only_ratio": ms("softmax_attn", n) / ms(pace, n),
+                "cpu_time_ratio": ms("softmax_block", n, key="cpu_ms") / ms(pace, n, key="cpu_ms"),
+                "min_time_ratio": ms("softmax_block", n, key="wall_ms_min") / ms(pace, n, key="wall_ms_min"),
             }
     for form in args.forms:
         big, small = ms(f"pace_{form}", 16384, True), ms(f"pace_{form}", 4096, True)

@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile-sizes", default=None, help="sizes that also run compiled (CPU default 224)")
     parser.add_argument("--compile-modes", default=None, help="modes that also run compiled (CPU default infer)")
     parser.add_argument("--compile-pairs", default=None, help="our models that also run compiled (CPU: first)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed steps per model (CPU 3, GPU 20)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed steps per model (CPU 5, GPU 20)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (CPU 1, GPU 5; compiled 3+)")
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--quick", action="store_true", help="test-size models, one small image size")
@@ -91,7 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.compile_modes = set((args.compile_modes or (",".join(args.modes) if gpu else "infer")).split(","))
     compile_pairs = args.compile_pairs or ",".join(p[0] for p in (args.pairs if gpu else args.pairs[:1]))
     args.compile_pairs = set(compile_pairs.split(","))
-    args.repeats = args.repeats or (20 if gpu else 3)
+    args.repeats = args.repeats or (20 if gpu else 5)
     args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
     return args
 

@@ -14,7 +14,7 @@ Writes ``results.csv``, ``summary.json`` (targets and machine) and ``report.md``
 
     python scripts/bench_layer.py --threads 1,2 --scaling-threads 1 --out outputs/bench_layer   # CPU, ~5 minutes
     python scripts/bench_layer.py --device cuda --out outputs/bench_layer_gpu  # GPU, bf16 autocast
-    python scripts/bench_layer.py --quick --out /tmp/bench_layer               # smoke run, seconds
+    python scripts/bench_layer.py --quick --out outputs/bench_quick             # smoke run, seconds
 
 References:
     https://github.com/SHIELD-SKY/PACEAttention (the reference formulation)
@@ -50,7 +50,7 @@ from torch import Tensor, nn
 
 from pace.layers import PACEBlock
 
-# The targets: the reference ratio (CPU, GPU), softmax ratios at 196 and 4,096 tokens, 16k/4k growth.
+# Performance targets: the reference ratio (CPU, GPU), softmax ratios at 196 and 4,096 tokens, 16k/4k growth.
 TARGETS = {"reference_cpu": 1.3, "reference_gpu": 2.0, "softmax_196": 1.0, "softmax_4096": 5.0, "growth": 4.5}
 
 

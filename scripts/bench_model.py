@@ -17,7 +17,7 @@ them, and on a GPU the peak memory of a step. Writes ``results.csv``, ``summary.
     python scripts/bench_model.py --out outputs/bench_model                     # CPU, about 8 minutes on 2 cores
     python scripts/bench_model.py --threads 1 --compile eager --out outputs/bench_model_1t   # one thread, eager
     python scripts/bench_model.py --device cuda --out outputs/bench_model_gpu  # GPU: bf16, every size compiled
-    python scripts/bench_model.py --quick --out /tmp/bench_model                # smoke run
+    python scripts/bench_model.py --quick --out outputs/bench_quick             # smoke run
 """
 
 import argparse

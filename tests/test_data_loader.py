@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import random
+
 import numpy as np
 import pytest
 import torch
-from torchvision import transforms
 from test_data_helpers import batches_equal, fixed_transform, make_image_folder, random_transform, write_shards
+from torchvision import transforms
 
 from pace.data import create_eval_loader, create_mixup, create_train_loader, read_info
 

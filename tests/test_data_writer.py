@@ -47,7 +47,8 @@ def test_round_trip_every_image_once_with_label_key_and_bytes(tmp_path):
         assert (meta["width"], meta["height"]) == Image.open(path).size
 
     # The reader yields each image exactly once, decoded as the source file decodes.
-    loader = create_eval_loader(tmp_path / "out", split="train", batch_size=5, transform=fixed_transform(), num_workers=0)
+    out = tmp_path / "out"
+    loader = create_eval_loader(out, split="train", batch_size=5, transform=fixed_transform(), num_workers=0)
     seen = {}
     for images, targets, keys in loader:
         for image, target, key in zip(images, targets, keys):
@@ -79,6 +80,7 @@ def test_train_split_is_shuffled_but_contents_do_not_depend_on_workers(tmp_path)
     make_image_folder(tmp_path / "src", classes=3, per_class=8)
     one = write_shards(tmp_path / "a", tmp_path / "src", max_count=5, workers=1, prefix="x")
     two = write_shards(tmp_path / "b", tmp_path / "src", max_count=5, workers=2, prefix="x")
+    assert one["splits"] == two["splits"]
     for name in one["splits"]["train"]["filenames"]:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     first = list(_members(tmp_path / "a" / "x-train-000000.tar"))

@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 import webdataset as wds
+from webdataset.gopen import Pipe
 from webdataset.tariterators import group_by_keys
 
 # Errors that mean the tar data itself is damaged; anything else from the stream is a source failure.
@@ -98,15 +99,24 @@ def read_shard(url: str, *, bad: list[BadData], expected: int | None = None, tim
         ShardOpenError: the source failed (not found, HTTP error, `pipe:` command exited non-zero).
     """
     stream = open_shard(url, timeout=timeout)
-    count, last_key, damage, finished = 0, None, None, False
+    count, last_key, damage, finished = 0, None, [], False
+
+    def members() -> Iterator[dict]:
+        # Damage ends the member stream here, so the sample completed just before it still comes out.
+        try:
+            for name, data in iter_tar(stream):
+                yield {"fname": name, "data": data, "__url__": url}
+        except _TAR_DATA_ERRORS as exn:
+            damage.append(exn)
+
     try:
-        files = ({"fname": name, "data": data, "__url__": url} for name, data in iter_tar(stream))
-        for sample in group_by_keys(files):
+        for sample in group_by_keys(members()):
             count, last_key = count + 1, sample["__key__"]
             yield sample
         finished = True
-    except _TAR_DATA_ERRORS as exn:
-        damage, finished = exn, True
+    except _TAR_DATA_ERRORS as exn:  # e.g. a member name repeated within a sample
+        damage.append(exn)
+        finished = True
     except ShardOpenError:
         raise
     except OSError as exn:
@@ -116,16 +126,15 @@ def read_shard(url: str, *, bad: list[BadData], expected: int | None = None, tim
             with contextlib.suppress(OSError):
                 stream.close()
     # A `pipe:` command that failed also leaves damaged or no tar data behind: its exit status decides.
-    status = getattr(stream, "status", None)
     try:
         stream.close()
     except OSError as exn:
         raise ShardOpenError(f"reading shard {url} failed after {count} samples: {exn}") from exn
-    status = getattr(stream, "status", status)
+    status = stream.status if isinstance(stream, Pipe) else None
     if status not in (None, 0, 141):
         raise ShardOpenError(f"reading shard {url} failed after {count} samples: command exited with {status}")
-    if damage is not None:
-        bad.append(BadData("bad_shard", url, last_key, f"damaged tar data after {count} samples ({damage!r})"))
+    if damage:
+        bad.append(BadData("bad_shard", url, last_key, f"damaged tar data after {count} samples ({damage[0]!r})"))
     elif expected is not None and count < expected:
         message = f"shard ended after {count} of {expected} samples (truncated)"
         bad.append(BadData("bad_shard", url, last_key, message))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_data_helpers import decode_file, fixed_transform
 
-from pace.data import EncodeOptions, create_eval_loader, create_train_loader, make_shards
+from pace.data import EncodeOptions, create_eval_loader, create_train_loader, shard_image_folders
 
 REPO = Path(__file__).resolve().parents[1]
 TARBALL = Path("data") / "cifar10" / "cifar10_jpg.tar.gz"
@@ -40,7 +40,7 @@ def _extract(target: Path, per_class: int | None) -> Path:
 
 
 def _convert_and_check(root: Path, out: Path, workers: int, max_count: int) -> None:
-    info = make_shards(
+    info = shard_image_folders(
         out,
         {"train": root / "train", "val": root / "test"},
         max_count=max_count,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import DataLoader
 
-from pace.data.info import check_local_shards, resolve_shards
+from pace.data.info import ShardSet, check_local_shards, resolve_shards
 from pace.data.pipeline import BatchReport, ShardDataset
 from pace.data.shards import BadData
 
@@ -252,12 +252,12 @@ def create_train_loader(
     if batch_transform is not None and batch_size % 2:
         raise ValueError(f"Mixup/CutMix pair samples within a batch: batch_size must be even, got {batch_size}")
     batches = math.ceil(epoch_samples / (world_size * batch_size))
-    dataset = ShardDataset(
+    loader = _make_loader(
         shards,
+        io=_LoaderIO(num_workers, pin_memory, prefetch_factor, max_error_fraction, batches * batch_size),
         train=True,
         transform=transform,
         batch_size=batch_size,
-        num_workers=num_workers,
         rank=rank,
         world_size=world_size,
         batches_per_epoch=batches,
@@ -270,14 +270,6 @@ def create_train_loader(
         label_key=label_key,
         num_classes=num_classes,
         open_timeout=open_timeout,
-    )
-    loader = ShardLoader(
-        dataset,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        prefetch_factor=prefetch_factor,
-        max_error_fraction=max_error_fraction,
-        expected_samples=batches * batch_size,
     )
     loader.set_epoch(epoch, start_batch=start_batch)
     return loader
@@ -326,12 +318,13 @@ def create_eval_loader(
     rank, world_size = _rank_and_world(rank, world_size)
     shards = resolve_shards(source, split=split, num_samples=num_samples)
     check_local_shards(shards.urls)
-    dataset = ShardDataset(
+    expected = math.ceil(shards.num_samples / world_size) if shards.num_samples else None
+    return _make_loader(
         shards,
+        io=_LoaderIO(num_workers, pin_memory, prefetch_factor, max_error_fraction, expected),
         train=False,
         transform=transform,
         batch_size=batch_size,
-        num_workers=num_workers,
         rank=rank,
         world_size=world_size,
         image_keys=image_keys,
@@ -339,14 +332,26 @@ def create_eval_loader(
         num_classes=num_classes,
         open_timeout=open_timeout,
     )
-    expected = math.ceil(shards.num_samples / world_size) if shards.num_samples else None
+
+
+@dataclass(frozen=True)
+class _LoaderIO:
+    num_workers: int
+    pin_memory: bool
+    prefetch_factor: int | None
+    max_error_fraction: float
+    expected_samples: int | None
+
+
+def _make_loader(shards: ShardSet, *, io: _LoaderIO, **dataset_options) -> ShardLoader:
+    dataset = ShardDataset(shards, num_workers=io.num_workers, **dataset_options)
     return ShardLoader(
         dataset,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        prefetch_factor=prefetch_factor,
-        max_error_fraction=max_error_fraction,
-        expected_samples=expected,
+        num_workers=io.num_workers,
+        pin_memory=io.pin_memory,
+        prefetch_factor=io.prefetch_factor,
+        max_error_fraction=io.max_error_fraction,
+        expected_samples=io.expected_samples,
     )
 
 

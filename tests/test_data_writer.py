@@ -77,6 +77,16 @@ def test_info_file_counts_shards_and_classes(tmp_path):
     assert split["image_size"]["min"] == [16, 12] and split["image_size"]["max"] == [20, 16]
 
 
+def test_timm_reads_our_shards_through_the_info_file(tmp_path):
+    from timm.data import create_dataset
+
+    files = make_image_folder(tmp_path / "src", classes=2, per_class=6)
+    write_shards(tmp_path / "out", tmp_path / "src", max_count=5)
+    dataset = create_dataset("wds/out", root=str(tmp_path / "out"), split="train", is_training=False)
+    labels = sorted(int(target) for _, target in dataset)
+    assert len(dataset) == 12 and labels == sorted(label for label, _ in files.values())
+
+
 def test_train_split_is_shuffled_but_contents_do_not_depend_on_workers(tmp_path):
     make_image_folder(tmp_path / "src", classes=3, per_class=8)
     one = write_shards(tmp_path / "a", tmp_path / "src", max_count=5, workers=1, prefix="x")

@@ -247,11 +247,11 @@ class ShardDataset(IterableDataset):
     def _decode(self, sample: dict) -> tuple[Image.Image, int, str] | BadData:
         key, url = sample["__key__"], sample["__url__"]
         data = next((sample[k] for k in self.image_keys if k in sample), None)
-        members = sorted(k for k in sample if not k.startswith("__"))
         if data is None:
-            return BadData("missing_image", url, key, f"no {'/'.join(self.image_keys)} member (members: {members})")
+            message = f"no {'/'.join(self.image_keys)} member (members: {_members(sample)})"
+            return BadData("missing_image", url, key, message)
         if self.label_key not in sample:
-            return BadData("missing_label", url, key, f"no {self.label_key} member (members: {members})")
+            return BadData("missing_label", url, key, f"no {self.label_key} member (members: {_members(sample)})")
         try:
             label = int(sample[self.label_key])
         except ValueError:
@@ -327,6 +327,10 @@ def _take_report(samples: int, bad: list[BadData], decoded: int | None = None) -
     report = BatchReport(samples=samples, decoded=samples if decoded is None else decoded, bad=bad[:])
     bad.clear()
     return report
+
+
+def _members(sample: dict) -> list[str]:
+    return sorted(k for k in sample if not k.startswith("__"))
 
 
 def _loaded(image: Image.Image) -> Image.Image:

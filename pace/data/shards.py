@@ -21,7 +21,6 @@ from urllib.request import url2pathname
 
 import webdataset as wds
 from webdataset.gopen import Pipe
-from webdataset.tariterators import group_by_keys
 
 # Errors that mean the tar data itself is damaged; anything else from the stream is a source failure.
 _TAR_DATA_ERRORS = (tarfile.TarError, EOFError, zlib.error, ValueError)
@@ -100,22 +99,10 @@ def read_shard(url: str, *, bad: list[BadData], expected: int | None = None, tim
     """
     stream = open_shard(url, timeout=timeout)
     count, last_key, damage, finished = 0, None, [], False
-
-    def members() -> Iterator[dict]:
-        # Damage ends the member stream here, so the sample completed just before it still comes out.
-        try:
-            for name, data in iter_tar(stream):
-                yield {"fname": name, "data": data, "__url__": url}
-        except _TAR_DATA_ERRORS as exn:
-            damage.append(exn)
-
     try:
-        for sample in group_by_keys(members()):
+        for sample in _group(iter_tar(stream), url, damage):
             count, last_key = count + 1, sample["__key__"]
             yield sample
-        finished = True
-    except _TAR_DATA_ERRORS as exn:  # e.g. a member name repeated within a sample
-        damage.append(exn)
         finished = True
     except ShardOpenError:
         raise
@@ -138,6 +125,32 @@ def read_shard(url: str, *, bad: list[BadData], expected: int | None = None, tim
     elif expected is not None and count < expected:
         message = f"shard ended after {count} of {expected} samples (truncated)"
         bad.append(BadData("bad_shard", url, last_key, message))
+
+
+def _group(members: Iterator[tuple[str, bytes]], url: str, damage: list) -> Iterator[dict]:
+    """Consecutive members with the same key (path up to the first dot of the file name) make a sample, as in
+    webdataset's group_by_keys; damage ends the member stream and is recorded, and the sample completed just
+    before it still comes out."""
+    sample: dict | None = None
+    try:
+        for name, data in members:
+            directory, _, base = name.rpartition("/")
+            stem, dot, suffix = base.partition(".")
+            if not dot:
+                continue
+            key = f"{directory}/{stem}" if directory else stem
+            if sample is None or sample["__key__"] != key:
+                if sample is not None:
+                    yield sample
+                sample = {"__key__": key, "__url__": url}
+            suffix = suffix.lower()
+            if suffix in sample:
+                raise ValueError(f"{name}: member repeated in sample {key}")
+            sample[suffix] = data
+    except _TAR_DATA_ERRORS as exn:
+        damage.append(exn)
+    if sample is not None:
+        yield sample
 
 
 def iter_tar(stream: IO[bytes]) -> Iterator[tuple[str, bytes]]:
@@ -189,7 +202,7 @@ def _read_exact(stream: IO[bytes], size: int) -> bytes:
 def _check_header(header: bytes) -> None:
     stored = _octal(header[148:156])
     # The checksum counts its own field as eight spaces.
-    if sum(header[:148]) + 8 * 32 + sum(header[156:]) != stored:
+    if sum(header) - sum(header[148:156]) + 8 * 32 != stored:
         raise tarfile.ReadError("bad tar header checksum (damaged data)")
 
 

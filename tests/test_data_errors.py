@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import logging
 import shutil
 
@@ -117,3 +118,37 @@ def test_a_shard_missing_at_read_time_is_a_clear_error(damaged):
     with pytest.raises(OSError, match="shard not found: .*d-2.tar"):
         list(loader)
     assert read_info(out)["splits"]["train"]["num_samples"] == 44
+
+
+def test_damage_that_tar_reads_as_the_end_is_found_without_sample_counts(tmp_path):
+    # Python's tarfile ends an archive quietly at a cut or garbled header; no info file gives counts here.
+    def shard(name, prefix, count, size=(20, 16)):
+        samples = [{"__key__": f"{prefix}_{i:03d}", "jpg": jpeg_bytes(i, size=size), "cls": b"1"} for i in range(count)]
+        return write_tar(tmp_path / name, samples).read_bytes()
+
+    whole = shard("whole.tar", "w", 6)
+    data = shard("cut.tar", "c", 6)
+    (tmp_path / "cut.tar").write_bytes(data[: data.index(b"c_004.jpg") + 200])  # inside a header
+    data = shard("boundary.tar", "b", 6)
+    (tmp_path / "boundary.tar").write_bytes(data[: data.index(b"b_003.jpg")])
+    data = bytearray(shard("garbled.tar", "g", 40, size=(64, 64)))  # larger than a pipe's buffer
+    data[data.index(b"g_005.jpg") + 3] ^= 0x20  # the header checksum no longer matches
+    (tmp_path / "garbled.tar").write_bytes(data)
+    (tmp_path / "whole.tar.gz").write_bytes(gzip.compress(whole))  # webdataset reads compressed tars too
+    sources = [tmp_path / "whole.tar", tmp_path / "cut.tar", tmp_path / "boundary.tar", tmp_path / "whole.tar.gz"]
+    sources = [str(path) for path in sources] + [f"pipe:cat {tmp_path / 'garbled.tar'}"]
+
+    loader = create_eval_loader(
+        sources, batch_size=4, transform=fixed_transform(), num_workers=0, num_samples=62, max_error_fraction=0.5
+    )
+    keys = sorted(key for _, _, batch in loader for key in batch)
+    expected = [f"w_{i:03d}" for i in range(6)] * 2 + [f"c_{i:03d}" for i in range(4)]
+    expected += [f"b_{i:03d}" for i in range(3)] + [f"g_{i:03d}" for i in range(5)]
+    assert keys == sorted(expected)
+    assert dict(loader.stats.bad_by_kind) == {"bad_shard": 3}
+    found = "\n".join(loader.stats.first_bad)
+    assert (
+        f"shard {tmp_path / 'cut.tar'} key c_003: damaged tar data after 4 samples (no end-of-archive marker" in found
+    )
+    assert f"shard {tmp_path / 'boundary.tar'} key b_002: damaged tar data after 3 samples (no end-of-archive" in found
+    assert f"shard pipe:cat {tmp_path / 'garbled.tar'} key g_004: damaged tar data after 5 samples (unreadable" in found

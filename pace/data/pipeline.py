@@ -9,8 +9,10 @@ Training epochs are a pure function of (seed, epoch, rank, world_size, num_worke
   replacement by (seed, epoch, g); a worker whose shards run out goes on with a reshuffle of its own shards;
 * its raw samples go through a shuffle buffer seeded by (seed, epoch, g); batch `j` of the worker is the window
   of raw samples `[j * B, (j + 1) * B)` of that shuffled stream;
-* the augmentation of the sample in window slot `i` runs under RNGs seeded by (seed, epoch, g, i), and a batch
-  transform such as Mixup under (seed, epoch, rank, b).
+* the augmentation of the `i`-th sample of window `j` runs under the Python, NumPy and torch RNGs seeded with
+  `s_j + i`, where `s_j` is derived from (seed, epoch, g, j); a batch transform such as Mixup runs under a seed
+  derived from (seed, epoch, rank, b). Each sample's augmentation therefore depends only on its own image and
+  place, not on how many random numbers the samples before it drew.
 
 Resuming at batch `k` therefore only has to drop the first raw samples of each worker's stream, before decoding
 them. A sample that cannot be used is replaced by the next usable sample of the same stream, so the windows,
@@ -156,12 +158,12 @@ class ShardDataset(IterableDataset):
         raw = islice(self._train_raw(g, G, bad), (first // W) * B, None)  # skipped samples are read but never decoded
         stream = _Lookahead(raw, self._decode, bad)
         for b in range(first, self.batches_per_epoch, W):
-            window = (b // W) * B
+            window_seed = derive_seed(self.seed, self.epoch, G, g, _SAMPLE, b // W)
             with _preserve_global_rng(in_main_process):
                 images, targets = [], []
-                for slot in range(window, window + B):
+                for slot in range(B):
                     image, label, _ = stream.take()
-                    _seed_everything(derive_seed(self.seed, self.epoch, G, g, _SAMPLE, slot))
+                    _seed_everything((window_seed + slot) & 0xFFFFFFFF)  # one hash per batch, not per sample
                     images.append(self.transform(image))
                     targets.append(label)
                 images, targets = default_collate(images), torch.tensor(targets, dtype=torch.long)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import gzip
 import logging
 import shutil
+from itertools import islice
 
 import pytest
 from test_data_helpers import batches_equal, fixed_transform, jpeg_bytes, random_transform, write_tar
 
 from pace.data import TooMuchBadDataError, create_eval_loader, create_train_loader, read_info
 from pace.data.info import write_info
+from pace.data.shards import read_shard
 
 GOOD_PER_SHARD = 10
 
@@ -152,3 +154,16 @@ def test_damage_that_tar_reads_as_the_end_is_found_without_sample_counts(tmp_pat
     )
     assert f"shard {tmp_path / 'boundary.tar'} key b_002: damaged tar data after 3 samples (no end-of-archive" in found
     assert f"shard pipe:cat {tmp_path / 'garbled.tar'} key g_004: damaged tar data after 5 samples (unreadable" in found
+
+
+@pytest.mark.parametrize("split", [3, 7])
+def test_readers_sharing_a_damaged_shard_record_the_damage_once(damaged, split):
+    # One-pass training splits shards between readers; the one whose part holds the damage records it.
+    out, good = damaged
+    for shard, readable, expected in [("d-2.tar", 5, None), ("d-3.tar", 7, 10)]:
+        bad, keys = [], []
+        url = str(out / shard)
+        keys += [s["__key__"] for s in islice(read_shard(url, bad=bad, expected=expected), split)]
+        keys += [s["__key__"] for s in read_shard(url, bad=bad, expected=expected, skip=split)]
+        assert keys == [key for key in good if key.startswith(f"s{shard[2]}_")][:readable]
+        assert len(bad) == 1 and bad[0].kind == "bad_shard" and bad[0].key == keys[-1]

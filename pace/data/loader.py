@@ -204,6 +204,26 @@ def create_train_loader(
 ) -> ShardLoader:
     """Training loader: shuffled, deterministic, resumable, the same number of full batches on every rank.
 
+    Every rank yields `ceil(samples_per_epoch / (world_size * batch_size))` full batches per epoch, read by
+    `world_size * max(1, num_workers)` readers. One-pass mode (the default) shuffles the shard order per epoch:
+
+    * with per-shard sample counts (`_info.json`, as `pace-make-shards` writes): the shuffled shards form one
+      sequence of samples, split into consecutive runs, one per reader, in proportion to the batches it makes
+      (a run may begin or end inside a shard). With `samples_per_epoch` left at the sample count, every sample
+      is read exactly once per epoch, plus fewer than `world_size * batch_size` top-up samples that fill the
+      last batches (a reader that runs out re-reads its own run in a new shuffle; a bad sample's place takes a
+      second copy of the next usable one). With `samples_per_epoch = k * num_samples` each reader goes k times
+      over its run (the last time a few samples short or over); with fewer, each reader stops at its quota and
+      the epoch is a random subset;
+    * without them (only a total count, e.g. `num_samples=` with a URL pattern): whole shards are dealt to the
+      readers in turn and each reader fills its quota from its own shards, so when the shards do not split
+      evenly, some samples are left out of the epoch and others are read twice (the shuffle changes which
+      each epoch).
+
+    Choose `resampled=True` when there are fewer shards than readers, when the epoch length is a budget rather
+    than a pass over the data, or for shards of unknown length whose epoch need not cover them: each reader
+    draws shards with replacement, so no sample is certain to be seen in a given epoch.
+
     Args:
         source: shard directory (with `_info.json`, or timm/imagenet-1k-wds shards), brace pattern(s), list
             file, or list of URLs; see `resolve_shards`.
@@ -221,7 +241,7 @@ def create_train_loader(
         samples_per_epoch: samples per epoch over all ranks; default: num_samples. Each rank yields
             ceil(samples_per_epoch / (world_size * batch_size)) batches.
         resampled: draw shards with replacement (any shard count) instead of one pass over a shuffled order
-            (which needs at least world_size * max(1, num_workers) shards).
+            (which needs at least world_size * max(1, num_workers) shards); see above.
         shuffle_buffer: raw samples in each worker's shuffle buffer (<= 1: no sample shuffle).
         shuffle_initial: samples buffered before the first is released.
         batch_transform: `(images, targets) -> (images, targets)` run on each batch in the worker under a

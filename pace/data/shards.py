@@ -94,7 +94,9 @@ def open_shard(url: str, *, timeout: float = 60.0) -> IO[bytes]:
         raise ShardOpenError(f"cannot open shard {url}: {exn}") from exn
 
 
-def read_shard(url: str, *, bad: list[BadData], expected: int | None = None, timeout: float = 60.0) -> Iterator[dict]:
+def read_shard(
+    url: str, *, bad: list[BadData], expected: int | None = None, timeout: float = 60.0, skip: int = 0
+) -> Iterator[dict]:
     """Yield the raw samples of one shard: dicts of `__key__`, `__url__` and one bytes entry per member.
 
     Args:
@@ -102,6 +104,8 @@ def read_shard(url: str, *, bad: list[BadData], expected: int | None = None, tim
         bad: list that receives a `bad_shard` entry when the tar data is damaged (the shard then ends early).
         expected: the shard's sample count from the info file; a shard that ends short of it is recorded too.
         timeout: seconds to wait for an HTTP connection.
+        skip: samples read past without being yielded (another reader's part of the shard); damage found
+            among them is left for that reader to record.
 
     Raises:
         ShardOpenError: the source failed (not found, HTTP error, `pipe:` command exited non-zero).
@@ -122,7 +126,8 @@ def read_shard(url: str, *, bad: list[BadData], expected: int | None = None, tim
     try:
         for sample in group_by_keys(files, handler=record):
             count, last_key = count + 1, sample["__key__"]
-            yield sample
+            if count > skip:
+                yield sample
         ending = None if damage else stream.ending_problem()
     except (OSError, http.client.HTTPException) as exn:
         if isinstance(exn, ShardOpenError):
@@ -138,6 +143,8 @@ def read_shard(url: str, *, bad: list[BadData], expected: int | None = None, tim
     stopped_early = bool(damage or ending)
     if status not in (None, 0, *(_STOPPED if stopped_early else _STOPPED[1:])):
         raise ShardOpenError(f"reading shard {url} failed after {count} samples: command exited with {status}")
+    if count < skip:
+        return
     if damage:
         bad.append(
             BadData("bad_shard", url, last_key, f"damaged tar data after {count} samples ({_describe(damage[0])})")

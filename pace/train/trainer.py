@@ -468,7 +468,8 @@ class Trainer:
             raise FileNotFoundError(f"trainer.resume={self.options.resume!r}: no checkpoint at {path}")
         self.load_state_dict(load_checkpoint(path))
         self.metrics.truncate_after(self.state.step)
-        log.info("resumed from %s at epoch %d, batch %d, step %d", path, *asdict(self.state).values())
+        state = self.state
+        log.info("resumed from %s at epoch %d, batch %d, step %d", path, state.epoch, state.batch, state.step)
 
 
 def _format(metrics: dict[str, float]) -> str:

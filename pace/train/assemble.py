@@ -96,7 +96,11 @@ def _prepare_model(cfg: TrainConfig, env: DistEnv, device: torch.device) -> nn.M
     seed_everything(cfg.seed)
     model = build_model(cfg.model)
     if env.is_distributed and cfg.trainer.sync_batchnorm:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            # SyncBatchNorm has no CPU kernel; DDP still broadcasts rank 0's BatchNorm buffers every step.
+            log.info("trainer.sync_batchnorm: kept per-rank BatchNorm statistics on %s", device.type)
     model.to(device)
     if cfg.trainer.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -131,7 +131,7 @@ def build_trainer(cfg: TrainConfig, *, env: DistEnv, device: torch.device, resol
     # After DDP's broadcast, so every rank's EMA starts from rank 0's weights.
     ema = build_ema(model, cfg.trainer.ema_decay, cfg.trainer.ema_warmup) if cfg.trainer.ema else None
     train_data, eval_data = build_data(cfg.data, cfg.aug, env, cfg.seed)
-    scheduler = build_scheduler(optimizer, cfg.sched, updates_per_epoch(len(train_data), cfg.trainer))
+    scheduler = build_scheduler(optimizer, cfg.sched, updates_per_epoch(train_data.batches_per_epoch, cfg.trainer))
     mixup = build_mixup(cfg.aug, cfg.model.num_classes)
     peak = cfg.trainer.peak_tflops or device_peak_tflops(device)
     flops = training_flops_per_image(model, cfg.data.img_size, device) if peak else None

@@ -3,6 +3,7 @@ last checkpoint and reproduces the uninterrupted run exactly: the per-step losse
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import subprocess
@@ -11,44 +12,38 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import ROOT, run_train, train_command, train_env, train_losses
+from train_helpers import make_tiny_shards, run_train, start_train, train_losses
 
 from pace.train.checkpoint import load_checkpoint
 from pace.train.trainer import EXIT_REQUEUE
 
-# 3 epochs x 12 updates; checkpoints every 5 updates (mid-epoch) and at each epoch end. Mixup/CutMix draw from
-# numpy, drop-path from torch, so the RNG states must be restored too; the EMA and AdamW state must match.
+# The generated shapes shards read by one DataLoader worker with RandAugment, random erasing and Mixup/CutMix
+# (seeded per sample and per batch by the data pipeline), drop-path from torch's RNG, EMA and AdamW state:
+# 3 epochs x 10 updates, checkpoints every 4 updates (mid-epoch) and at each epoch end.
 RUN = (
     "sched.epochs=3",
-    "data.synthetic_train_samples=96",
-    "trainer.limit_train_batches=12",
-    "trainer.ckpt_every_steps=5",
+    "trainer.limit_train_batches=null",
+    "trainer.ckpt_every_steps=4",
     "trainer.log_every_steps=1",
     "trainer.ema=true",
     "trainer.ema_decay=0.9",
     "model.drop_path_rate=0.1",
     "aug=deit",
 )
-FINAL_STEP = 36
+FINAL_STEP = 30
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
+def shards(tmp_path_factory) -> tuple[str, ...]:
+    return make_tiny_shards(tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, shards) -> Path:
     run_dir = tmp_path_factory.mktemp("reference")
-    out = run_train(run_dir, *RUN)
+    out = run_train(run_dir, *RUN, *shards)
     assert out.returncode == 0, out.stderr[-3000:]
     return run_dir
-
-
-def _start(run_dir: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        train_command(run_dir, *RUN),
-        env=train_env(),
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 def _wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 120) -> None:
@@ -75,17 +70,17 @@ def _assert_same_final_state(a: Path, b: Path) -> None:
     assert ckpt_a["trainer"] == ckpt_b["trainer"]
 
 
-def test_sigkill_mid_epoch_then_same_command_reproduces_the_uninterrupted_run(reference: Path, tmp_path: Path):
-    kill_at = random.Random(4).randint(7, 14)  # past the first checkpoint (step 5), inside epoch 0 or 1
+def test_sigkill_mid_epoch_then_same_command_reproduces_the_uninterrupted_run(reference, shards, tmp_path: Path):
+    kill_at = random.Random(4).randint(6, 18)  # past the first checkpoint (step 4)
     run_dir = tmp_path / "killed"
-    proc = _start(run_dir)
+    proc = start_train(run_dir, *RUN, *shards)
     _wait_for_step(proc, run_dir, kill_at)
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     assert proc.wait(timeout=30) == -signal.SIGKILL
     saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*.pt"))
     assert saved and f"step_{FINAL_STEP:08d}.pt" not in saved, saved
 
-    out = run_train(run_dir, *RUN)  # the same command
+    out = run_train(run_dir, *RUN, *shards)  # the same command
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resumed from" in (run_dir / "train.log").read_text()
 
@@ -95,16 +90,17 @@ def test_sigkill_mid_epoch_then_same_command_reproduces_the_uninterrupted_run(re
     _assert_same_final_state(reference, run_dir)
 
 
-def test_sigterm_checkpoints_exits_for_requeue_and_resumes_exactly(reference: Path, tmp_path: Path):
+def test_sigterm_to_the_process_group_checkpoints_exits_for_requeue_and_resumes_exactly(reference, shards, tmp_path):
+    # torchrun and SLURM signal the whole process group, DataLoader workers included.
     run_dir = tmp_path / "preempted"
-    proc = _start(run_dir)
-    _wait_for_step(proc, run_dir, 8)
-    proc.send_signal(signal.SIGTERM)
+    proc = start_train(run_dir, *RUN, *shards)
+    _wait_for_step(proc, run_dir, 7)
+    os.killpg(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=60) == EXIT_REQUEUE, proc.stderr.read()[-3000:]
     stopped = load_checkpoint(sorted((run_dir / "checkpoints").glob("step_*.pt"))[-1])
-    assert 8 <= stopped["trainer"]["step"] < FINAL_STEP
+    assert 7 <= stopped["trainer"]["step"] < FINAL_STEP
 
-    out = run_train(run_dir, *RUN)
+    out = run_train(run_dir, *RUN, *shards)
     assert out.returncode == 0, out.stderr[-3000:]
     assert train_losses(run_dir) == train_losses(reference)
     _assert_same_final_state(reference, run_dir)

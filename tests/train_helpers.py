@@ -15,6 +15,24 @@ FAST = ("debug=cpu", "model=vit_test", "trainer.progress_bar=false", "logger=non
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
+def make_tiny_shards(root: Path) -> tuple[str, ...]:
+    """The generated shapes dataset at 32 px, 80 training images in 4 shards and 40 held-out images in 2;
+    returns the overrides that train on it."""
+    from pace.data import make_synthetic_dataset
+
+    make_synthetic_dataset(root, image_size=32, train_per_class=8, val_per_class=4, shard_size=20, workers=1)
+    return (
+        "data.source=webdataset",
+        f"data.root={root}",
+        "data.train_split=train",
+        "data.val_split=val",
+        "data.img_size=32",
+        "data.num_workers=1",
+        "data.eval_batch_size=20",
+        "trainer.limit_eval_batches=null",
+    )
+
+
 def train_env() -> dict[str, str]:
     """The test process's environment for a training subprocess: one thread, wandb offline, no launcher."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith("SLURM_")}
@@ -26,6 +44,19 @@ def train_env() -> dict[str, str]:
         HYDRA_FULL_ERROR="1",
     )
     return env
+
+
+def start_train(run_dir: Path, *overrides: str) -> subprocess.Popen:
+    """Start a training job in its own process group (signal it like a launcher: `os.killpg`)."""
+    return subprocess.Popen(
+        train_command(run_dir, *overrides),
+        env=train_env(),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def train_command(run_dir: Path, *overrides: str, nproc: int = 1) -> list[str]:

@@ -14,14 +14,15 @@ import numpy as np
 import timm
 import torch
 from omegaconf import OmegaConf
+from timm.data import resolve_data_config
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from pace.data import create_mixup
 from pace.distributed import DistEnv, all_gather_object
 from pace.train.builders import (
     build_ema,
     build_loss,
-    build_mixup,
     build_model,
     build_optimizer,
     build_scheduler,
@@ -130,9 +131,21 @@ def build_trainer(cfg: TrainConfig, *, env: DistEnv, device: torch.device, resol
         train_model = torch.compile(train_model)
     # After DDP's broadcast, so every rank's EMA starts from rank 0's weights.
     ema = build_ema(model, cfg.trainer.ema_decay, cfg.trainer.ema_warmup) if cfg.trainer.ema else None
-    train_data, eval_data = build_data(cfg.data, cfg.aug, env, cfg.seed)
+    aug = cfg.aug
+    mixup = create_mixup(
+        num_classes=cfg.model.num_classes,
+        mixup_alpha=aug.mixup,
+        cutmix_alpha=aug.cutmix,
+        prob=aug.mixup_prob,
+        switch_prob=aug.mixup_switch_prob,
+        mode=aug.mixup_mode,
+        label_smoothing=aug.label_smoothing,
+    )
+    norm = resolve_data_config(model=model)
+    train_data, eval_data, step_mixup = build_data(
+        cfg.data, aug, env, cfg.seed, mean=norm["mean"], std=norm["std"], mixup=mixup
+    )
     scheduler = build_scheduler(optimizer, cfg.sched, updates_per_epoch(train_data.batches_per_epoch, cfg.trainer))
-    mixup = build_mixup(cfg.aug, cfg.model.num_classes)
     peak = cfg.trainer.peak_tflops or device_peak_tflops(device)
     flops = training_flops_per_image(model, cfg.data.img_size, device) if peak else None
     # Each rank draws its own dropout / drop-path / Mixup randomness from here on.
@@ -142,7 +155,7 @@ def build_trainer(cfg: TrainConfig, *, env: DistEnv, device: torch.device, resol
         train_model=train_model,
         optimizer=optimizer,
         scheduler=scheduler,
-        loss_fn=build_loss(cfg.aug, mixup),
+        loss_fn=build_loss(cfg.aug, mixing=mixup is not None),
         train_data=train_data,
         eval_data=eval_data,
         checkpoints=CheckpointManager(run_dir / "checkpoints", cfg.trainer.keep_last, cfg.trainer.keep_best),
@@ -158,7 +171,7 @@ def build_trainer(cfg: TrainConfig, *, env: DistEnv, device: torch.device, resol
             "config": resolved,
             "git_sha": sha,
         },
-        mixup=mixup,
+        mixup=step_mixup,
         ema=ema,
         clip_grad=cfg.optim.clip_grad,
         clip_mode=cfg.optim.clip_mode,

@@ -9,7 +9,6 @@ from typing import Any
 
 import timm
 import torch
-from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models import load_state_dict
 from timm.optim import create_optimizer_v2
@@ -165,34 +164,15 @@ def build_ema(model: nn.Module, decay: float, warmup: bool) -> ModelEmaV3:
     return ModelEmaV3(model, decay=decay, use_warmup=warmup)
 
 
-def build_mixup(cfg: AugConfig, num_classes: int) -> Mixup | None:
-    """timm Mixup/CutMix (which also smooths the labels), or None when both alphas are 0.
+def build_loss(cfg: AugConfig, mixing: bool) -> nn.Module:
+    """Soft-target cross-entropy under Mixup/CutMix (which smooths the targets), else label-smoothing or plain
+    cross-entropy.
 
     Args:
         cfg: the augmentation section of the config.
-        num_classes: classes of the soft targets.
+        mixing: batches are mixed (targets arrive as soft distributions).
     """
-    if cfg.mixup <= 0 and cfg.cutmix <= 0:
-        return None
-    return Mixup(
-        mixup_alpha=cfg.mixup,
-        cutmix_alpha=cfg.cutmix,
-        prob=cfg.mixup_prob,
-        switch_prob=cfg.mixup_switch_prob,
-        mode=cfg.mixup_mode,
-        label_smoothing=cfg.label_smoothing,
-        num_classes=num_classes,
-    )
-
-
-def build_loss(cfg: AugConfig, mixup: Mixup | None) -> nn.Module:
-    """Soft-target cross-entropy under Mixup, else label-smoothing or plain cross-entropy.
-
-    Args:
-        cfg: the augmentation section of the config.
-        mixup: the batch mixer, if any.
-    """
-    if mixup is not None:
+    if mixing:
         return SoftTargetCrossEntropy()
     if cfg.label_smoothing > 0:
         return LabelSmoothingCrossEntropy(smoothing=cfg.label_smoothing)

@@ -7,13 +7,21 @@ batches in the same order every time (that is what makes a mid-epoch resume exac
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from timm.data import Mixup
 
-from pace.distributed import DistEnv
+from pace.data import (
+    create_eval_loader,
+    create_eval_transform,
+    create_train_loader,
+    create_train_transform,
+    make_synthetic_dataset,
+)
+from pace.distributed import DistEnv, barrier
 from pace.train.config import AugConfig, DataConfig
 
 
@@ -101,18 +109,77 @@ class SyntheticImages:
             yield self._batch(index)
 
 
-def build_data(cfg: DataConfig, aug: AugConfig, env: DistEnv, seed: int) -> tuple[TrainData, object]:
+def build_data(
+    cfg: DataConfig,
+    aug: AugConfig,
+    env: DistEnv,
+    seed: int,
+    *,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    mixup: Mixup | None,
+) -> tuple[TrainData, Iterable, Mixup | None]:
     """The training data and the held-out loader for this rank.
+
+    Shard loaders apply Mixup/CutMix in their workers under a per-batch seed, which makes it part of the
+    deterministic, resumable epoch; synthetic data leaves it to the Trainer.
 
     Args:
         cfg: the data section of the config.
         aug: the augmentation section of the config.
         env: this process's place in the job.
         seed: base seed shared by all ranks.
+        mean: normalisation mean (the model's pretrained config).
+        std: normalisation std.
+        mixup: the batch mixer, if any.
+
+    Returns:
+        The training data, the held-out loader, and the mixer the Trainer must still apply (or None).
     """
     if cfg.source == "synthetic":
         common = {"num_classes": cfg.num_classes, "img_size": cfg.img_size, "env": env, "seed": seed}
         train = SyntheticImages(num_samples=cfg.synthetic_train_samples, batch_size=cfg.batch_size, split=0, **common)
         val = SyntheticImages(num_samples=cfg.synthetic_val_samples, batch_size=cfg.eval_batch_size, split=1, **common)
-        return train, val
-    raise NotImplementedError(f"data.source={cfg.source!r} needs the webdataset pipeline of pace.data")
+        return train, val, mixup
+    if cfg.source == "quickstart":
+        if env.is_main:
+            # Idempotent: returns at once when the dataset is already there.
+            make_synthetic_dataset(cfg.root, image_size=cfg.img_size, seed=seed)
+        barrier(env)
+    rank_args = {"rank": env.rank, "world_size": env.world_size, "num_classes": cfg.num_classes}
+    train_transform = create_train_transform(
+        input_size=cfg.img_size,
+        scale=(aug.scale[0], aug.scale[1]),
+        hflip=aug.hflip,
+        color_jitter=aug.color_jitter or None,
+        auto_augment=aug.auto_augment,
+        interpolation=aug.interpolation,
+        re_prob=aug.reprob,
+        re_mode=aug.remode,
+        mean=mean,
+        std=std,
+    )
+    train = create_train_loader(
+        cfg.root,
+        batch_size=cfg.batch_size,
+        transform=train_transform,
+        split=cfg.train_split,
+        num_workers=cfg.num_workers,
+        seed=seed,
+        batch_transform=mixup,
+        pin_memory=torch.cuda.is_available(),
+        **rank_args,
+    )
+    eval_transform = create_eval_transform(
+        input_size=cfg.img_size, crop_pct=aug.crop_pct, interpolation=aug.interpolation, mean=mean, std=std
+    )
+    val = create_eval_loader(
+        cfg.root,
+        batch_size=cfg.eval_batch_size,
+        transform=eval_transform,
+        split=cfg.val_split,
+        num_workers=cfg.num_workers,
+        pin_memory=torch.cuda.is_available(),
+        **rank_args,
+    )
+    return train, val, None

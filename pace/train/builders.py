@@ -90,7 +90,11 @@ def build_model(cfg: ModelConfig) -> nn.Module:
             log.info("model.pretrained has %d classes; new %d-class head", overlay["num_classes"], cfg.num_classes)
         kwargs.update(pretrained=True, pretrained_cfg_overlay=overlay)
         log.info("loading pretrained weights from %s", source)
-    return timm.create_model(cfg.name, **kwargs)
+    model = timm.create_model(cfg.name, **kwargs)
+    # timm keeps the pretrained config on the model; do not keep a second copy of the weights alive with it.
+    for attr in ("pretrained_cfg", "default_cfg"):
+        getattr(model, attr, {}).pop("state_dict", None)
+    return model
 
 
 def peak_lr(cfg: OptimConfig, global_batch: int) -> float:

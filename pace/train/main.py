@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
@@ -42,9 +43,16 @@ def run(cfg: DictConfig) -> int:
     if not env.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     init_distributed(env, device)
+    if device.type == "cuda":
+        # TF32 matmuls and cuDNN autotuning: the usual speed settings for vision training on Ampere and later.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved["run_dir"] = config.run_dir
     trainer = None
     try:
-        trainer = build_trainer(config, env=env, device=device, resolved=OmegaConf.to_container(cfg, resolve=True))
+        trainer = build_trainer(config, env=env, device=device, resolved=resolved)
         results = trainer.fit()
     except PreemptedError as stop:
         log.warning("%s; exit %d, rerun the same command to resume", stop, EXIT_REQUEUE)

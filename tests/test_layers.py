@@ -42,6 +42,12 @@ def test_compress_matches_dense_oracle(form, exact):
     torch.testing.assert_close(pi, ref_pi, rtol=1e-9, atol=1e-9)
 
 
+def test_repeated_einsum_index_takes_the_diagonal():
+    # The fact behind the "diag" form: an einsum operand with a repeated index reads its diagonal.
+    P, A = torch.randn(5, 5, dtype=torch.float64), torch.randn(5, 7, dtype=torch.float64)
+    torch.testing.assert_close(torch.einsum("pp,pn->pn", P, A), torch.diag(P)[:, None] * A, rtol=0, atol=0)
+
+
 def test_compress_forms_differ():
     # The diagonal form is not a projection: on generic input the two forms must disagree.
     x, U, sketch = _tokens(), _subspaces(), torch.randn(N, RANK, dtype=torch.float64)
@@ -67,6 +73,22 @@ def test_exact_basis_is_orthonormal_and_spans_y():
     assert Q.dtype == torch.float32 and Q.shape == Y.shape
     torch.testing.assert_close(Q.mT @ Q, torch.eye(12).expand(3, 12, 12), rtol=0, atol=1e-5)
     torch.testing.assert_close(Q @ (Q.mT @ Y), Y, rtol=0, atol=1e-4)
+
+
+def test_exact_basis_with_fewer_tokens_than_columns_still_contains_range_y():
+    # rank(Y) = 3 < c = 12 (three tokens): Q keeps 12 orthonormal columns and its span contains range(Y).
+    Y = torch.randn(2, 40, 3) @ torch.randn(2, 3, 12)
+    Q = ridge_basis(Y, eps=0.01, exact=True)
+    torch.testing.assert_close(Q.mT @ Q, torch.eye(12).expand(2, 12, 12), rtol=0, atol=1e-5)
+    torch.testing.assert_close(Q @ (Q.mT @ Y), Y, rtol=0, atol=1e-4)
+
+
+def test_ridge_block_trains_on_fewer_tokens_than_sketch_columns():
+    # 4 tokens (a 32 px image at patch 16) against an Expand sketch of width rank·K = 16.
+    block = PACEBlock(C, K, rank=RANK)
+    x = torch.randn(B, 4, C, requires_grad=True)
+    block(x).square().mean().backward()
+    assert torch.isfinite(x.grad).all() and all(torch.isfinite(p.grad).all() for p in block.parameters())
 
 
 def test_ridge_projector_eigenvalues():
@@ -311,3 +333,15 @@ def test_forward_and_backward_do_no_host_sync(form, projector):
         block(x)
         block.memberships(x)
     assert recorder.seen == []
+
+
+def test_fx_feature_extraction_treats_the_operators_as_leaves():
+    from timm.layers import create_feature_extractor
+
+    blocks = torch.nn.Sequential(PACEBlock(C, K, rank=RANK), PACEBlock(C, K, rank=RANK, layer_idx=1)).eval()
+    extractor = create_feature_extractor(blocks, return_nodes={"0": "first", "1": "second"})
+    x = torch.randn(B, N, C)
+    with torch.no_grad():
+        features = extractor(x)
+        torch.testing.assert_close(features["first"], blocks[0](x), rtol=0, atol=0)
+        torch.testing.assert_close(features["second"], blocks(x), rtol=0, atol=0)

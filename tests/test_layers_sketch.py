@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from pace.layers import PACEBlock, derive_sketch_seed, expand, gaussian_sketch
+from pace.layers import PACEBlock, derive_sketch_seed, expand, gaussian_sketch, sync_sketches
 
 C, K, RANK = 32, 4, 4
 
@@ -188,3 +188,38 @@ def test_fixed_schedule_ignores_epochs():
     assert all(torch.equal(a, b) for a, b in zip(before, _sketches(block)))
     _train_step(block, 81)
     assert _sketches(block)[0].shape[0] == 81
+
+
+def test_compiled_block_follows_the_schedule_like_eager():
+    eager, compiled_block = _block(), _block()
+    compiled_block.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_block, backend="eager")
+    x = torch.randn(2, 64, C)
+    for epoch in range(2):
+        eager.set_epoch(epoch)
+        compiled_block.set_epoch(epoch)
+        eager.train()
+        compiled_block.train()
+        torch.testing.assert_close(compiled(x), eager(x), rtol=0, atol=0)
+        assert all(torch.equal(a, b) for a, b in zip(_sketches(eager), _sketches(compiled_block)))
+        eager.eval()
+        compiled_block.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x[:, :49]), eager(x[:, :49]), rtol=0, atol=0)
+
+
+def test_sync_sketches_lets_timm_model_ema_average_a_model_whose_sketch_changed_size():
+    from timm.utils import ModelEmaV3
+
+    model = torch.nn.Sequential(_block(), _block(layer_idx=1))
+    ema = ModelEmaV3(model, decay=0.9)
+    for n in (49, 64):
+        model.train()
+        model(torch.randn(2, n, C)).sum().backward()
+        sync_sketches(model, ema.module)
+        ema.update(model, step=10)
+    for src, dst in zip(model, ema.module):
+        assert all(torch.equal(a, b) for a, b in zip(_sketches(src), _sketches(dst)))
+    ema.module.eval()
+    # The averaged copy evaluates with the model's last sketch.
+    assert torch.equal(ema.module[1].attn.compress.current_sketch(64), model[1].attn.compress.sketch)

@@ -6,7 +6,7 @@ from pace.layers.expand import Expand, expand
 from pace.layers.mcr2 import coding_rate, compression_rate, rate_reduction
 from pace.layers.pace_attention import PACEAttention
 from pace.layers.pace_block import PACEBlock
-from pace.layers.sketch import SKETCH_SCHEDULES, SketchedModule, derive_sketch_seed, gaussian_sketch
+from pace.layers.sketch import SKETCH_SCHEDULES, SketchedModule, derive_sketch_seed, gaussian_sketch, sync_sketches
 from pace.layers.stem import ConvStem
 
 __all__ = [
@@ -27,4 +27,5 @@ __all__ = [
     "gaussian_sketch",
     "rate_reduction",
     "ridge_basis",
+    "sync_sketches",
 ]

@@ -1,6 +1,7 @@
 """Compress: pull each token into the dominant part of the learned subspaces, weighted by memberships π."""
 
 import torch
+from timm.layers import register_notrace_module
 from torch import Tensor, nn
 
 from pace.layers._validate import check_sizes
@@ -76,6 +77,8 @@ def compress(
     return out.to(x.dtype), pi.transpose(1, 2).to(x.dtype)
 
 
+# A leaf for torch.fx / timm feature extraction: its forward manages the sketch in Python.
+@register_notrace_module
 class Compress(SketchedModule):
     """The compression operator: learned subspaces ``U`` (C × C), temperature τ and a sketch Ω_c (n × rank).
 

@@ -1,6 +1,7 @@
 """Expand: push each token out of the dominant column space of its image, (I − QQᵀ)x."""
 
 import torch
+from timm.layers import register_notrace_module
 from torch import Tensor
 
 from pace.layers._validate import check_sizes
@@ -28,6 +29,8 @@ def expand(x: Tensor, sketch: Tensor, *, eps: float, exact: bool = False) -> Ten
     return (x - (x @ Q) @ Q.mT).to(x.dtype)
 
 
+# A leaf for torch.fx / timm feature extraction: its forward manages the sketch in Python.
+@register_notrace_module
 class Expand(SketchedModule):
     """The expansion operator with its own sketch Ω_e of width ``rank * num_heads``; no parameters.
 

@@ -146,6 +146,8 @@ class SketchedModule(nn.Module):
             return self.epoch, 0
         return self.epoch, self.step
 
+    # Drawing is host-side work (hashing, a CPU generator) that runs once per epoch/size; torch.compile skips it.
+    @torch.compiler.disable
     def derived_sketch(self, num_tokens: int) -> Tensor:
         """The sketch derived for ``num_tokens`` rows at the present schedule state, on the buffer's device/dtype.
 
@@ -218,3 +220,26 @@ class SketchedModule(nn.Module):
 
     def extra_repr(self) -> str:
         return f"sketch_width={self.sketch_width}, schedule={self.sketch_schedule!r}, layer_idx={self.layer_idx}"
+
+
+@torch.no_grad()
+def sync_sketches(source: nn.Module, target: nn.Module) -> None:
+    """Give every sketched operator of ``target`` the sketch and schedule state of its twin in ``source``.
+
+    For a model copy that is updated from the model's state dict position by position, such as timm's
+    ``ModelEmaV3``: its averaging needs equal shapes, and a sketch is a draw, not a quantity to average. Call it
+    before each such update; the averaged sketch then equals the model's exactly.
+
+    Args:
+        source: The model whose sketches are authoritative.
+        target: A structurally identical model (for example the EMA copy).
+    """
+    pairs = zip(
+        (m for m in source.modules() if isinstance(m, SketchedModule)),
+        (m for m in target.modules() if isinstance(m, SketchedModule)),
+        strict=True,
+    )
+    for src, dst in pairs:
+        dst._buffers["sketch"] = src.sketch.to(device=dst.sketch.device, dtype=dst.sketch.dtype, copy=True)
+        dst.epoch, dst.step, dst._stored_current = src.epoch, src.step, src._stored_current
+        dst._derived.clear()

@@ -17,10 +17,12 @@ from train_helpers import make_tiny_shards, run_train, start_train, train_losses
 from pace.train.checkpoint import load_checkpoint
 from pace.train.trainer import EXIT_REQUEUE
 
-# The generated shapes shards read by one DataLoader worker with RandAugment, random erasing and Mixup/CutMix
-# (seeded per sample and per batch by the data pipeline), drop-path from torch's RNG, EMA and AdamW state:
+# PACE-ViT (sketches redrawn each epoch, kept in sync with its EMA copy) on the generated shapes shards read by
+# one DataLoader worker with RandAugment, random erasing and Mixup/CutMix (seeded per sample and per batch by the
+# data pipeline), drop-path from torch's RNG, EMA and AdamW state:
 # 3 epochs x 10 updates, checkpoints every 4 updates (mid-epoch) and at each epoch end.
 RUN = (
+    "model=pace_vit_test",
     "sched.epochs=3",
     "trainer.limit_train_batches=null",
     "trainer.ckpt_every_steps=4",

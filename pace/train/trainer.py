@@ -20,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pace.distributed import DistEnv, all_gather_object, all_reduce_sum_values
+from pace.layers import sync_sketches
 from pace.train.checkpoint import CheckpointManager, export_release, load_checkpoint, rng_state, set_rng_state
 from pace.train.config import TrainerConfig
 from pace.train.data import TrainData
@@ -272,6 +273,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step_update(num_updates=step)
         if self.ema is not None:
+            # A sketch is a draw, not a quantity to average: the EMA copy takes the model's own.
+            sync_sketches(self.model, self.ema.module)
             self.ema.update(self.model, step=step)
         return StepOutput(loss_total / self.env.world_size, grad_norm, False, n_stop > 0, images)
 

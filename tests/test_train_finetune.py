@@ -12,6 +12,7 @@ import torch
 from train_helpers import read_metrics, run_train
 
 import pace  # noqa: F401  (registers the models)
+from pace.train import builders
 from pace.train.builders import build_model, build_optimizer
 from pace.train.checkpoint import export_release
 from pace.train.config import ModelConfig, OptimConfig
@@ -116,3 +117,20 @@ def test_finetune_experiment_runs_from_the_authors_checkpoint_at_a_new_resolutio
     assert "new 10-class head" in logs and "diag" in logs
     evals = [r for r in read_metrics(tmp_path) if "val/top1" in r]
     assert evals and evals[-1]["val/count"] == 32
+
+
+def test_hf_hub_source_loads_through_timm_hub_download(tmp_path: Path, monkeypatch):
+    # No network: the hub download is replaced by a local file, the rest of the path is timm's and ours.
+    torch.manual_seed(1)
+    source = timm.create_model("pace_vit_test", num_classes=10)
+    requested = []
+
+    def fake_hub(model_id, *args, **kwargs):
+        requested.append(model_id)
+        return source.state_dict()
+
+    monkeypatch.setattr(builders, "load_state_dict_from_hf", fake_hub)
+    model = build_model(ModelConfig(name="pace_vit_test", num_classes=10, pretrained="hf-hub:org/pace-vit-test"))
+    assert requested == ["org/pace-vit-test"]
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name

@@ -10,7 +10,7 @@ from typing import Any
 import timm
 import torch
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.models import load_state_dict
+from timm.models import load_state_dict, load_state_dict_from_hf
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.scheduler.scheduler import Scheduler
@@ -58,13 +58,14 @@ def resolve_pretrained(source: str) -> str:
 
 def _pretrained_overlay(source: str, classifier: str) -> dict[str, Any]:
     if source.startswith("hf-hub:"):
-        return {"hf_hub_id": source.removeprefix("hf-hub:"), "source": "hf-hub"}
-    # The authors' DeiT-style checkpoints pickle their argparse Namespace next to the tensors; allow that one
-    # class and nothing else. timm picks the EMA weights of a training checkpoint when it holds them.
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        state_dict = load_state_dict(source, use_ema=True, weights_only=True)
+        state_dict = load_state_dict_from_hf(source.removeprefix("hf-hub:"))
+    else:
+        # The authors' DeiT-style checkpoints pickle their argparse Namespace next to the tensors; allow that
+        # one class and nothing else. timm picks the EMA weights of a training checkpoint when it holds them.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state_dict = load_state_dict(source, use_ema=True, weights_only=True)
     # timm resets the head when num_classes differs from the pretrained config's count, so declare the count
-    # the file really has.
+    # the weights really have.
     overlay: dict[str, Any] = {"state_dict": state_dict}
     head = state_dict.get(f"{classifier}.weight")
     if head is not None:

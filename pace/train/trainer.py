@@ -318,9 +318,8 @@ class Trainer:
             start = time.perf_counter()
             micro_batches = self._next_update(batches)
             fetched = time.perf_counter()
+            # train_step ends in a host sync (the loss and flags it all-reduces), so this timing is the step's.
             out = self.train_step(micro_batches)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
             self.meter.add(fetched - start, time.perf_counter() - fetched, out.images)
             self.state.batch += accum
             self._after_update(out, bar)

@@ -107,3 +107,33 @@ def test_stop_signals_are_recorded_not_fatal(signum):
         os.kill(os.getpid(), signum)
         assert stop.received == signum
     assert signal.getsignal(signum) == previous
+
+
+def test_channels_last_step(tmp_path: Path):
+    trainer = make_trainer(tmp_path, channels_last=True)
+    trainer.model.to(memory_format=torch.channels_last)
+    assert not trainer.train_step([_batch(6)]).skipped
+
+
+def test_resume_choices(tmp_path: Path):
+    first = make_trainer(tmp_path / "a")
+    first.train_step([_batch(7)])
+    first.save_checkpoint()
+    saved = first.checkpoints.latest()
+
+    again = make_trainer(tmp_path / "a")  # same run dir, resume=auto
+    again.resume()
+    assert again.state.step == 1
+    assert all(torch.equal(a, b) for a, b in zip(_params(first), _params(again)))
+
+    fresh = make_trainer(tmp_path / "a", resume="never")
+    fresh.resume()
+    assert fresh.state.step == 0
+
+    explicit = make_trainer(tmp_path / "b", resume=str(saved))
+    explicit.resume()
+    assert explicit.state.step == 1
+
+    missing = make_trainer(tmp_path / "c", resume=str(tmp_path / "nope.pt"))
+    with pytest.raises(FileNotFoundError, match="trainer.resume"):
+        missing.resume()

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from pace.data import EncodeOptions, make_shards
+from pace.data import EncodeOptions, shard_image_folders
 
 
 def jpeg_bytes(seed: int, size: tuple[int, int] = (20, 16), quality: int = 90) -> bytes:
@@ -38,7 +38,7 @@ def make_image_folder(root: Path, *, classes: int = 3, per_class: int = 10, seed
 
 def write_shards(out: Path, folder: Path, *, max_count: int = 7, split: str = "train", **kwargs) -> dict:
     """Shards of one ImageFolder split, stored as is."""
-    return make_shards(out, {split: folder}, max_count=max_count, options=EncodeOptions(), **kwargs)
+    return shard_image_folders(out, {split: folder}, max_count=max_count, options=EncodeOptions(), **kwargs)
 
 
 def write_tar(path: Path, samples: list[dict]) -> Path:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
-from torchvision import transforms
 from test_data_helpers import batches_equal, fixed_transform, make_image_folder, random_transform, write_shards
+from torchvision import transforms
 
 from pace.data import create_eval_loader, create_mixup, create_train_loader, read_info
+from pace.data.pipeline import train_assignment
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +82,52 @@ def test_every_rank_yields_the_same_number_of_batches_with_uneven_shards(shards,
         counts.append(len(batches))
         assert len(batches) == len(loader)
     assert counts == [10, 10]  # ceil(60 / (2 * 3))
+
+
+@pytest.mark.parametrize(
+    "batch_size,samples_per_epoch,copies",
+    [(3, None, {1: 60}), (4, None, {1: 56, 2: 4}), (3, 120, {2: 60})],
+)
+def test_one_pass_reads_every_sample_once_over_uneven_shards_and_several_readers(
+    shards, batch_size, samples_per_epoch, copies
+):
+    # 2 ranks x 2 workers over shards of 11, 11, 11, 11, 11 and 5 samples. Batch 3: 2 x 10 batches = 60 samples,
+    # each once. Batch 4: 2 x 8 batches = 64, each once plus 4 top-ups. 120 samples per epoch: each twice.
+    reference = _fingerprints(image for batch, _, _ in _eval(shards, num_workers=0) for image in batch)
+    seen = []
+    for rank in range(2):
+        loader = _train(
+            shards,
+            num_workers=2,
+            rank=rank,
+            world_size=2,
+            batch_size=batch_size,
+            samples_per_epoch=samples_per_epoch,
+            transform=fixed_transform(),
+        )
+        seen += _fingerprints(image for batch, _ in loader for image in batch)
+    counts = Counter(seen)
+    assert set(counts) == set(reference) and len(reference) == 60
+    assert Counter(counts.values()) == copies
+
+
+def test_train_assignment_splits_samples_in_proportion_to_quotas():
+    lengths, order = [11, 11, 11, 11, 11, 5], [5, 0, 3, 1, 4, 2]
+    for quotas in ([15, 15, 15, 15], [18, 15, 18, 15], [30, 30, 30, 30], [6, 3, 6, 3], [12, 0, 12, 0]):
+        plan = train_assignment(lengths, order, quotas)
+        owned = [
+            (index, sample)
+            for pieces in plan
+            for index, start, stop in pieces
+            for sample in range(start, lengths[index] if stop is None else stop)
+        ]
+        # Readers take consecutive runs of the samples in shard order: together, each sample once.
+        assert owned == [(index, n) for index in order for n in range(lengths[index])]
+        sizes = [sum((lengths[i] if stop is None else stop) - start for i, start, stop in p) for p in plan]
+        for size, quota in zip(sizes, quotas):
+            assert abs(size - 60 * quota / sum(quotas)) < 1  # in proportion to the quota
+        # A piece that runs to its shard's end says so (its reader then checks how the shard ends).
+        assert all(stop is None or stop < lengths[index] for pieces in plan for index, _, stop in pieces)
 
 
 def test_ranks_draw_different_samples(shards):

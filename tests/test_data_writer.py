@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 from test_data_helpers import decode_file, fixed_transform, jpeg_bytes, make_image_folder, write_shards
 
-from pace.data import EncodeOptions, create_eval_loader, make_shards, read_info
+from pace.data import EncodeOptions, create_eval_loader, read_info, shard_image_folders
+from pace.data.make_shards import main
 from pace.data.writer import _write_shard, scan_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +48,8 @@ def test_round_trip_every_image_once_with_label_key_and_bytes(tmp_path):
         assert (meta["width"], meta["height"]) == Image.open(path).size
 
     # The reader yields each image exactly once, decoded as the source file decodes.
-    loader = create_eval_loader(tmp_path / "out", split="train", batch_size=5, transform=fixed_transform(), num_workers=0)
+    out = tmp_path / "out"
+    loader = create_eval_loader(out, split="train", batch_size=5, transform=fixed_transform(), num_workers=0)
     seen = {}
     for images, targets, keys in loader:
         for image, target, key in zip(images, targets, keys):
@@ -75,10 +77,21 @@ def test_info_file_counts_shards_and_classes(tmp_path):
     assert split["image_size"]["min"] == [16, 12] and split["image_size"]["max"] == [20, 16]
 
 
+def test_timm_reads_our_shards_through_the_info_file(tmp_path):
+    from timm.data import create_dataset
+
+    files = make_image_folder(tmp_path / "src", classes=2, per_class=6)
+    write_shards(tmp_path / "out", tmp_path / "src", max_count=5)
+    dataset = create_dataset("wds/out", root=str(tmp_path / "out"), split="train", is_training=False)
+    labels = sorted(int(target) for _, target in dataset)
+    assert len(dataset) == 12 and labels == sorted(label for label, _ in files.values())
+
+
 def test_train_split_is_shuffled_but_contents_do_not_depend_on_workers(tmp_path):
     make_image_folder(tmp_path / "src", classes=3, per_class=8)
     one = write_shards(tmp_path / "a", tmp_path / "src", max_count=5, workers=1, prefix="x")
     two = write_shards(tmp_path / "b", tmp_path / "src", max_count=5, workers=2, prefix="x")
+    assert one["splits"] == two["splits"]
     for name in one["splits"]["train"]["filenames"]:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     first = list(_members(tmp_path / "a" / "x-train-000000.tar"))
@@ -121,7 +134,7 @@ def test_failed_shard_leaves_no_final_named_file(tmp_path, monkeypatch):
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_killed_writer_leaves_only_complete_shards(tmp_path):
+def test_killed_writer_leaves_only_complete_shards(tmp_path, capsys):
     # A real interruption: SIGKILL while a shard is being written, then check every final-named shard.
     src = tmp_path / "src"
     make_image_folder(src, classes=2, per_class=400)
@@ -140,10 +153,9 @@ def test_killed_writer_leaves_only_complete_shards(tmp_path):
     assert len(finals) == 2
     for path in finals:
         assert len(_members(path)) == 300  # complete: 100 samples x 3 members
-    # Re-running (through the script wrapper) with overwrite finishes the job and clears the temporary file.
-    script = [sys.executable, str(ROOT / "scripts" / "make_shards.py"), *cmd[3:], "--overwrite"]
-    done = subprocess.run(script, env=env, check=True, capture_output=True, text=True)
-    assert "train: 800 samples in 8 shards" in done.stdout
+    # Re-running with overwrite finishes the job and clears the temporary file.
+    main([*cmd[3:], "--overwrite", "--workers", "2"])
+    assert "train: 800 samples in 8 shards" in capsys.readouterr().out
     assert not list(out.glob("*.tmp"))
     assert read_info(out)["splits"]["train"]["shard_lengths"] == [100] * 8
 
@@ -159,7 +171,7 @@ def test_flat_validation_layout_with_label_file(tmp_path):
         lines.append(f"{stem},{classes[i % 3]} 1 2 3 4")
     (tmp_path / "LOC_val_solution.csv").write_text("\n".join(lines) + "\n")
     (tmp_path / "classes.txt").write_text("\n".join(classes) + "\n")
-    info = make_shards(
+    info = shard_image_folders(
         tmp_path / "out",
         {"val": val},
         labels={"val": tmp_path / "LOC_val_solution.csv"},
@@ -179,7 +191,7 @@ def test_flat_folder_with_unlabelled_image_names_it(tmp_path):
     (val / "b.JPEG").write_bytes(jpeg_bytes(1))
     (tmp_path / "labels.txt").write_text("a.JPEG n1\n")
     with pytest.raises(ValueError, match="b.JPEG"):
-        make_shards(tmp_path / "out", {"val": val}, labels={"val": tmp_path / "labels.txt"})
+        shard_image_folders(tmp_path / "out", {"val": val}, labels={"val": tmp_path / "labels.txt"})
 
 
 def test_repeated_stems_get_path_keys(tmp_path):
@@ -198,7 +210,7 @@ def test_resize_on_write_bounds_the_longer_side(tmp_path):
     (tmp_path / "src" / "a" / "big.png").write_bytes(_png(300, 120))
     (tmp_path / "src" / "a" / "small.png").write_bytes(_png(40, 30))
     options = EncodeOptions(max_side=100, quality=85)
-    info = make_shards(tmp_path / "out", {"train": tmp_path / "src"}, options=options)
+    info = shard_image_folders(tmp_path / "out", {"train": tmp_path / "src"}, options=options)
     members = _members(tmp_path / "out" / info["splits"]["train"]["filenames"][0])
     assert Image.open(io.BytesIO(members["big.jpg"])).size == (100, 40)
     assert json.loads(members["big.json"])["orig_width"] == 300

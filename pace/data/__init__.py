@@ -9,7 +9,7 @@ from pace.data.loader import EpochStats, ShardLoader, TooMuchBadDataError, creat
 from pace.data.shards import BadData, ShardOpenError
 from pace.data.synthetic import SYNTHETIC_CLASSES, make_synthetic_dataset
 from pace.data.transforms import create_eval_transform, create_mixup, create_train_transform
-from pace.data.writer import EncodeOptions, SourceImage, make_shards, write_dataset
+from pace.data.writer import EncodeOptions, SourceImage, shard_image_folders, write_dataset
 
 __all__ = [
     "IMAGENET1K_WDS",
@@ -28,7 +28,7 @@ __all__ = [
     "create_train_loader",
     "create_train_transform",
     "imagenet_classes",
-    "make_shards",
+    "shard_image_folders",
     "make_synthetic_dataset",
     "read_info",
     "read_label_file",

@@ -151,7 +151,10 @@ def _match_info(urls: list[str], split: str | None) -> ShardSet | None:
     if len(directories) != 1 or any(_scheme(url) not in ("", "file", "http", "https") for url in urls):
         return None
     directory = directories.pop()
-    info = read_info(directory)
+    try:
+        info = read_info(directory)
+    except OSError:
+        return None  # an unreachable host fails again, naming the shard, when the shard is opened
     if info is None:
         return None
     splits = [info["splits"][split]] if split in info["splits"] else list(info["splits"].values())

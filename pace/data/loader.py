@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import DataLoader
 
-from pace.data.info import check_local_shards, resolve_shards
+from pace.data.info import ShardSet, check_local_shards, resolve_shards
 from pace.data.pipeline import BatchReport, ShardDataset
 from pace.data.shards import BadData
 
@@ -205,6 +205,26 @@ def create_train_loader(
 ) -> ShardLoader:
     """Training loader: shuffled, deterministic, resumable, the same number of full batches on every rank.
 
+    Every rank yields `ceil(samples_per_epoch / (world_size * batch_size))` full batches per epoch, read by
+    `world_size * max(1, num_workers)` readers. One-pass mode (the default) shuffles the shard order per epoch:
+
+    * with per-shard sample counts (`_info.json`, as `pace-make-shards` writes): the shuffled shards form one
+      sequence of samples, split into consecutive runs, one per reader, in proportion to the batches it makes
+      (a run may begin or end inside a shard). With `samples_per_epoch` left at the sample count, every sample
+      is read exactly once per epoch, plus fewer than `world_size * batch_size` top-up samples that fill the
+      last batches (a reader that runs out re-reads its own run in a new shuffle; a bad sample's place takes a
+      second copy of the next usable one). With `samples_per_epoch = k * num_samples` each reader goes k times
+      over its run (the last time a few samples short or over); with fewer, each reader stops at its quota and
+      the epoch is a random subset;
+    * without them (only a total count, e.g. `num_samples=` with a URL pattern): whole shards are dealt to the
+      readers in turn and each reader fills its quota from its own shards, so when the shards do not split
+      evenly, some samples are left out of the epoch and others are read twice (the shuffle changes which
+      each epoch).
+
+    Choose `resampled=True` when there are fewer shards than readers, when the epoch length is a budget rather
+    than a pass over the data, or for shards of unknown length whose epoch need not cover them: each reader
+    draws shards with replacement, so no sample is certain to be seen in a given epoch.
+
     Args:
         source: shard directory (with `_info.json`, or timm/imagenet-1k-wds shards), brace pattern(s), list
             file, or list of URLs; see `resolve_shards`.
@@ -222,7 +242,7 @@ def create_train_loader(
         samples_per_epoch: samples per epoch over all ranks; default: num_samples. Each rank yields
             ceil(samples_per_epoch / (world_size * batch_size)) batches.
         resampled: draw shards with replacement (any shard count) instead of one pass over a shuffled order
-            (which needs at least world_size * max(1, num_workers) shards).
+            (which needs at least world_size * max(1, num_workers) shards); see above.
         shuffle_buffer: raw samples in each worker's shuffle buffer (<= 1: no sample shuffle).
         shuffle_initial: samples buffered before the first is released.
         batch_transform: `(images, targets) -> (images, targets)` run on each batch in the worker under a
@@ -253,12 +273,12 @@ def create_train_loader(
     if batch_transform is not None and batch_size % 2:
         raise ValueError(f"Mixup/CutMix pair samples within a batch: batch_size must be even, got {batch_size}")
     batches = math.ceil(epoch_samples / (world_size * batch_size))
-    dataset = ShardDataset(
+    loader = _make_loader(
         shards,
+        io=_LoaderIO(num_workers, pin_memory, prefetch_factor, max_error_fraction, batches * batch_size),
         train=True,
         transform=transform,
         batch_size=batch_size,
-        num_workers=num_workers,
         rank=rank,
         world_size=world_size,
         batches_per_epoch=batches,
@@ -271,14 +291,6 @@ def create_train_loader(
         label_key=label_key,
         num_classes=num_classes,
         open_timeout=open_timeout,
-    )
-    loader = ShardLoader(
-        dataset,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        prefetch_factor=prefetch_factor,
-        max_error_fraction=max_error_fraction,
-        expected_samples=batches * batch_size,
     )
     loader.set_epoch(epoch, start_batch=start_batch)
     return loader
@@ -327,12 +339,13 @@ def create_eval_loader(
     rank, world_size = _rank_and_world(rank, world_size)
     shards = resolve_shards(source, split=split, num_samples=num_samples)
     check_local_shards(shards.urls)
-    dataset = ShardDataset(
+    expected = math.ceil(shards.num_samples / world_size) if shards.num_samples else None
+    return _make_loader(
         shards,
+        io=_LoaderIO(num_workers, pin_memory, prefetch_factor, max_error_fraction, expected),
         train=False,
         transform=transform,
         batch_size=batch_size,
-        num_workers=num_workers,
         rank=rank,
         world_size=world_size,
         image_keys=image_keys,
@@ -340,14 +353,26 @@ def create_eval_loader(
         num_classes=num_classes,
         open_timeout=open_timeout,
     )
-    expected = math.ceil(shards.num_samples / world_size) if shards.num_samples else None
+
+
+@dataclass(frozen=True)
+class _LoaderIO:
+    num_workers: int
+    pin_memory: bool
+    prefetch_factor: int | None
+    max_error_fraction: float
+    expected_samples: int | None
+
+
+def _make_loader(shards: ShardSet, *, io: _LoaderIO, **dataset_options) -> ShardLoader:
+    dataset = ShardDataset(shards, num_workers=io.num_workers, **dataset_options)
     return ShardLoader(
         dataset,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        prefetch_factor=prefetch_factor,
-        max_error_fraction=max_error_fraction,
-        expected_samples=expected,
+        num_workers=io.num_workers,
+        pin_memory=io.pin_memory,
+        prefetch_factor=io.prefetch_factor,
+        max_error_fraction=io.max_error_fraction,
+        expected_samples=io.expected_samples,
     )
 
 

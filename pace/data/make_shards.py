@@ -13,7 +13,7 @@ import os
 import sys
 
 from pace.data.synthetic import DEFAULT_DIR, make_synthetic_dataset
-from pace.data.writer import EncodeOptions, make_shards
+from pace.data.writer import EncodeOptions, shard_image_folders
 
 
 def _pairs(values: list[str], flag: str) -> dict[str, str]:
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         if args.out is None:
             raise SystemExit("pace-make-shards: the output directory is required")
-        info = make_shards(
+        info = shard_image_folders(
             args.out,
             _pairs(args.split, "--split"),
             labels=_pairs(args.labels, "--labels"),

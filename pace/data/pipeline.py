@@ -5,12 +5,15 @@ Training epochs are a pure function of (seed, epoch, rank, world_size, num_worke
 * batch `b` of a rank's epoch belongs to logical worker `b % num_workers` and is that worker's `b // num_workers`-th
   batch (the DataLoader takes batches from its workers round-robin, so this is also the order they come out);
 * logical worker `l` of rank `r` is global worker `g = r * num_workers + l` of `G = world_size * num_workers`; it
-  reads the shards `order[g::G]` of a shard order shuffled by (seed, epoch), or, resampled, shards drawn with
-  replacement by (seed, epoch, g); a worker whose shards run out goes on with a reshuffle of its own shards;
+  reads its run of the samples of a shard order shuffled by (seed, epoch) (`train_assignment`; the whole shards
+  `order[g::G]` when the shard lengths are unknown), or, resampled, shards drawn with replacement by
+  (seed, epoch, g); a worker whose share runs out goes on with a reshuffle of its own share;
 * its raw samples go through a shuffle buffer seeded by (seed, epoch, g); batch `j` of the worker is the window
   of raw samples `[j * B, (j + 1) * B)` of that shuffled stream;
-* the augmentation of the sample in window slot `i` runs under RNGs seeded by (seed, epoch, g, i), and a batch
-  transform such as Mixup under (seed, epoch, rank, b).
+* the augmentation of the `i`-th sample of window `j` runs under the Python, NumPy and torch RNGs seeded with
+  `s_j + i`, where `s_j` is derived from (seed, epoch, g, j); a batch transform such as Mixup runs under a seed
+  derived from (seed, epoch, rank, b). Each sample's augmentation therefore depends only on its own image and
+  place, not on how many random numbers the samples before it drew.
 
 Resuming at batch `k` therefore only has to drop the first raw samples of each worker's stream, before decoding
 them. A sample that cannot be used is replaced by the next usable sample of the same stream, so the windows,
@@ -153,15 +156,17 @@ class ShardDataset(IterableDataset):
         logical = first % W
         g, G = self.rank * W + logical, self.world_size * W
         bad: list[BadData] = []
-        raw = islice(self._train_raw(g, G, bad), (first // W) * B, None)  # skipped samples are read but never decoded
+        raw = self._train_raw(g, G, bad)
+        deque(islice(raw, (first // W) * B), maxlen=0)  # the samples of earlier batches are read but never decoded
+        bad.clear()  # damage met among them was reported with those batches
         stream = _Lookahead(raw, self._decode, bad)
         for b in range(first, self.batches_per_epoch, W):
-            window = (b // W) * B
+            window_seed = derive_seed(self.seed, self.epoch, G, g, _SAMPLE, b // W)
             with _preserve_global_rng(in_main_process):
                 images, targets = [], []
-                for slot in range(window, window + B):
+                for slot in range(B):
                     image, label, _ = stream.take()
-                    _seed_everything(derive_seed(self.seed, self.epoch, G, g, _SAMPLE, slot))
+                    _seed_everything((window_seed + slot) & 0xFFFFFFFF)  # one hash per batch, not per sample
                     images.append(self.transform(image))
                     targets.append(label)
                 images, targets = default_collate(images), torch.tensor(targets, dtype=torch.long)
@@ -171,30 +176,48 @@ class ShardDataset(IterableDataset):
             yield images, targets, _take_report(B, bad, decoded=stream.pop_decoded())
 
     def _train_raw(self, g: int, G: int, bad: list[BadData]) -> Iterator[dict]:
-        """Endless shuffled raw samples of global worker g: its share of the epoch's shards, then reshuffles of
+        """Endless shuffled raw samples of global worker g: its share of the epoch's samples, then reshuffles of
         that share (each pass shuffled on its own, so the first pass is complete before the next begins);
         resampled, one endless pass over shards drawn with replacement."""
-        urls = list(self.shards.urls)
+        count_of_shards = len(self.shards.urls)
         if self.resampled:
             draw = random.Random(derive_seed(self.seed, self.epoch, G, g, _RESAMPLE))
-            passes: Iterator = iter([(draw.choice(urls) for _ in count())])
+            passes: Iterator = iter([((draw.randrange(count_of_shards), 0, None) for _ in count())])
         else:
-            random.Random(derive_seed(self.seed, self.epoch, _ORDER)).shuffle(urls)
-            passes = _reshuffled(urls[g::G], derive_seed(self.seed, self.epoch, G, g, _ORDER))
+            order = list(range(count_of_shards))
+            random.Random(derive_seed(self.seed, self.epoch, _ORDER)).shuffle(order)
+            if self.shards.shard_lengths is None:  # whole shards, strided: shares match quotas only roughly
+                share = [(index, 0, None) for index in order[g::G]]
+            else:
+                share = train_assignment(self.shards.shard_lengths, order, self._quotas())[g]
+                share = share or [(index, 0, None) for index in order]  # an empty run: top up from all
+            passes = _reshuffled(share, derive_seed(self.seed, self.epoch, G, g, _ORDER))
         rng = random.Random(derive_seed(self.seed, self.epoch, G, g, _SHUFFLE))
         for shard_pass in passes:
-            samples = self._read_shards(shard_pass, bad, f"training worker {g} of {G}")
+            samples = self._read_pieces(shard_pass, bad, f"training worker {g} of {G}")
             if self.shuffle_buffer > 1:
                 samples = wds.shuffle(self.shuffle_buffer, self.shuffle_initial, rng=rng)(samples)
             yield from samples
 
-    def _read_shards(self, urls: Iterable[str], bad: list[BadData], reader: str) -> Iterator[dict]:
+    def _quotas(self) -> list[int]:
+        """Raw samples each global worker turns into batches in an epoch without bad data (worker l of a rank
+        makes batches l, l + W, ...)."""
+        per_worker = [len(range(worker, self.batches_per_epoch, self.workers)) for worker in range(self.workers)]
+        return [batches * self.batch_size for batches in per_worker] * self.world_size
+
+    def _read_pieces(
+        self, pieces: Iterable[tuple[int, int, int | None]], bad: list[BadData], reader: str
+    ) -> Iterator[dict]:
         read = empty = 0
-        for url in urls:
-            before = read
-            for sample in read_shard(url, bad=bad, expected=self._expected.get(url), timeout=self.open_timeout):
-                read += 1
-                yield sample
+        for index, start, stop in pieces:
+            url, before = self.shards.urls[index], read
+            samples = read_shard(url, bad=bad, expected=self._expected.get(url), timeout=self.open_timeout, skip=start)
+            try:
+                for sample in islice(samples, None if stop is None else stop - start):
+                    read += 1
+                    yield sample
+            finally:
+                samples.close()
             empty = empty + 1 if read == before else 0
             if empty >= 100:
                 raise RuntimeError(f"{reader} read no samples from 100 shards in a row, the last {url}")
@@ -247,11 +270,11 @@ class ShardDataset(IterableDataset):
     def _decode(self, sample: dict) -> tuple[Image.Image, int, str] | BadData:
         key, url = sample["__key__"], sample["__url__"]
         data = next((sample[k] for k in self.image_keys if k in sample), None)
-        members = sorted(k for k in sample if not k.startswith("__"))
         if data is None:
-            return BadData("missing_image", url, key, f"no {'/'.join(self.image_keys)} member (members: {members})")
+            message = f"no {'/'.join(self.image_keys)} member (members: {_members(sample)})"
+            return BadData("missing_image", url, key, message)
         if self.label_key not in sample:
-            return BadData("missing_label", url, key, f"no {self.label_key} member (members: {members})")
+            return BadData("missing_label", url, key, f"no {self.label_key} member (members: {_members(sample)})")
         try:
             label = int(sample[self.label_key])
         except ValueError:
@@ -277,6 +300,47 @@ def eval_assignment(num_shards: int, g: int, G: int) -> list[tuple[int, int, int
         return [(index, 0, 1) for index in range(g, num_shards, G)]
     index = g % num_shards
     return [(index, g // num_shards, len(range(index, G, num_shards)))]
+
+
+def train_assignment(
+    lengths: Sequence[int], order: Sequence[int], quotas: Sequence[int]
+) -> list[list[tuple[int, int, int | None]]]:
+    """Which samples each training reader reads in the first pass of a one-pass epoch.
+
+    The shards, taken in `order`, make one sequence of `N` samples; reader `g` gets the run
+    `[N * Q[g - 1] // T, N * Q[g] // T)` of it, where `Q[g]` is the sum of the first `g + 1` quotas and `T` their
+    total. So every sample goes to exactly one reader, and each reader gets its quota within one sample when the
+    quotas add up to `N`, no more than its quota when they exceed `N` (it tops up the rest), and no less when
+    they fall short (it stops at its quota).
+
+    Args:
+        lengths: samples per shard.
+        order: the epoch's shard order (shard indices).
+        quotas: raw samples each reader turns into batches in the epoch.
+
+    Returns:
+        Per reader, `(shard index, start, stop)` pieces: samples `start, start + 1, ..., stop - 1` of the shard;
+        `stop` is None where the piece runs to the shard's end (so its reader checks how the shard ends).
+    """
+    plan: list[list[tuple[int, int, int | None]]] = [[] for _ in quotas]
+    total, total_quota = sum(lengths), sum(quotas)
+    if not total_quota:
+        return plan
+    bounds, running = [], 0  # bounds[g]: end of reader g's run
+    for quota in quotas:
+        running += quota
+        bounds.append(total * running // total_quota)
+    reader, first = 0, 0  # first: position of the shard's first sample in the sequence
+    for index in order:
+        start, end = first, first + lengths[index]
+        while start < end:
+            while bounds[reader] <= start:
+                reader += 1
+            stop = min(end, bounds[reader])
+            plan[reader].append((index, start - first, None if stop == end else stop - first))
+            start = stop
+        first = end
+    return plan
 
 
 class _Lookahead:
@@ -327,6 +391,10 @@ def _take_report(samples: int, bad: list[BadData], decoded: int | None = None) -
     report = BatchReport(samples=samples, decoded=samples if decoded is None else decoded, bad=bad[:])
     bad.clear()
     return report
+
+
+def _members(sample: dict) -> list[str]:
+    return sorted(k for k in sample if not k.startswith("__"))
 
 
 def _loaded(image: Image.Image) -> Image.Image:

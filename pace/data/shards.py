@@ -1,14 +1,22 @@
-"""Opening shards and reading their raw samples, with bad data recorded instead of raised.
+"""Opening shards and reading their raw samples with webdataset, with bad data recorded instead of raised.
 
 A shard that cannot be opened (missing file, HTTP error, unreachable host, failing `pipe:` command) is a
 `ShardOpenError`: the run stops and the message names the shard. Damaged data inside a shard that opened
 (a truncated or garbled tar) ends that shard early and is recorded as a `BadData` entry; the reader goes on
 with the next shard.
+
+The tar stream is read and grouped into samples by webdataset (`tar_file_expander`, `group_by_keys`); its
+exception handler hook records damage here. Python's tarfile, under webdataset, takes a stream that stops in the
+middle of a header, or a header that does not check out, for the end of the archive, so a plain tar is also
+checked to end the way a complete one does: with tar's end-of-archive marker and nothing but zeros after the
+point where reading stopped.
 """
 
 from __future__ import annotations
 
 import contextlib
+import http.client
+import signal
 import tarfile
 import urllib.error
 import urllib.request
@@ -20,13 +28,15 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 import webdataset as wds
-from webdataset.tariterators import group_by_keys
+from webdataset.gopen import Pipe
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 # Errors that mean the tar data itself is damaged; anything else from the stream is a source failure.
 _TAR_DATA_ERRORS = (tarfile.TarError, EOFError, zlib.error, ValueError)
-_BLOCK = 512
-_ZERO_BLOCK = bytes(_BLOCK)
+_END_MARKER = bytes(1024)  # two zero blocks end every complete tar
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"(\xb5/\xfd")
+# Exit statuses of a `pipe:` command that was stopped by closing its output early (SIGPIPE, raw or via a shell).
+_STOPPED = (-signal.SIGPIPE, 128 + signal.SIGPIPE)
 
 
 class ShardOpenError(OSError):
@@ -84,131 +94,104 @@ def open_shard(url: str, *, timeout: float = 60.0) -> IO[bytes]:
         raise ShardOpenError(f"cannot open shard {url}: {exn}") from exn
 
 
-def read_shard(url: str, *, bad: list[BadData], expected: int | None = None, timeout: float = 60.0) -> Iterator[dict]:
+def read_shard(
+    url: str, *, bad: list[BadData], expected: int | None = None, timeout: float = 60.0, skip: int = 0
+) -> Iterator[dict]:
     """Yield the raw samples of one shard: dicts of `__key__`, `__url__` and one bytes entry per member.
 
     Args:
         url: the shard path or URL.
         bad: list that receives a `bad_shard` entry when the tar data is damaged (the shard then ends early).
-        expected: the shard's sample count from the info file; a shard that ends cleanly but short of it
-            was truncated at a member boundary, which tar itself cannot tell, and is recorded too.
+        expected: the shard's sample count from the info file; a shard that ends short of it is recorded too.
         timeout: seconds to wait for an HTTP connection.
+        skip: samples read past without being yielded (another reader's part of the shard); damage found
+            among them is left for that reader to record.
 
     Raises:
         ShardOpenError: the source failed (not found, HTTP error, `pipe:` command exited non-zero).
     """
-    stream = open_shard(url, timeout=timeout)
-    count, last_key, damage, finished = 0, None, None, False
+    raw = open_shard(url, timeout=timeout)
+    stream = _TarStream(raw, url)
+    damage: list[Exception] = []
+
+    def record(exn: Exception) -> bool:
+        """webdataset's handler hook: damaged tar data ends the shard and is recorded; a source failure raises."""
+        if isinstance(exn, _TAR_DATA_ERRORS):
+            damage.append(exn)
+            return False
+        raise exn
+
+    files = tar_file_expander([{"url": url, "stream": stream}], handler=record)
+    count, last_key, ending = 0, None, None
     try:
-        files = ({"fname": name, "data": data, "__url__": url} for name, data in iter_tar(stream))
-        for sample in group_by_keys(files):
+        for sample in group_by_keys(files, handler=record):
             count, last_key = count + 1, sample["__key__"]
-            yield sample
-        finished = True
-    except _TAR_DATA_ERRORS as exn:
-        damage, finished = exn, True
-    except ShardOpenError:
-        raise
-    except OSError as exn:
-        raise ShardOpenError(f"reading shard {url} failed after {count} samples: {exn}") from exn
+            if count > skip:
+                yield sample
+        ending = None if damage else stream.ending_problem()
+    except (OSError, http.client.HTTPException) as exn:
+        if isinstance(exn, ShardOpenError):
+            raise
+        why = f"command exited with {raw.status}" if isinstance(raw, Pipe) and raw.status else _describe(exn)
+        raise ShardOpenError(f"reading shard {url} failed after {count} samples: {why}") from exn
     finally:
-        if not finished:  # left early (end of epoch) or failing: a pipe: command may be stopped mid-write
-            with contextlib.suppress(OSError):
-                stream.close()
-    # A `pipe:` command that failed also leaves damaged or no tar data behind: its exit status decides.
-    status = getattr(stream, "status", None)
-    try:
-        stream.close()
-    except OSError as exn:
-        raise ShardOpenError(f"reading shard {url} failed after {count} samples: {exn}") from exn
-    status = getattr(stream, "status", status)
-    if status not in (None, 0, 141):
+        # Closing a `pipe:` command before its end (end of epoch, damage) stops it with SIGPIPE; webdataset's Pipe
+        # raises for that, so its exit status is judged below instead.
+        with contextlib.suppress(OSError):
+            raw.close()
+    status = raw.status if isinstance(raw, Pipe) else None
+    stopped_early = bool(damage or ending)
+    if status not in (None, 0, *(_STOPPED if stopped_early else _STOPPED[1:])):
         raise ShardOpenError(f"reading shard {url} failed after {count} samples: command exited with {status}")
-    if damage is not None:
-        bad.append(BadData("bad_shard", url, last_key, f"damaged tar data after {count} samples ({damage!r})"))
+    if count < skip:
+        return
+    if damage:
+        bad.append(
+            BadData("bad_shard", url, last_key, f"damaged tar data after {count} samples ({_describe(damage[0])})")
+        )
     elif expected is not None and count < expected:
         message = f"shard ended after {count} of {expected} samples (truncated)"
         bad.append(BadData("bad_shard", url, last_key, message))
+    elif ending:
+        bad.append(BadData("bad_shard", url, last_key, f"damaged tar data after {count} samples ({ending})"))
 
 
-def iter_tar(stream: IO[bytes]) -> Iterator[tuple[str, bytes]]:
-    """Yield (member name, data) for the regular files of an uncompressed tar stream.
+class _TarStream:
+    """The shard's bytes on their way to tarfile, with what it takes to tell afterwards whether the tar was whole."""
 
-    Python's tarfile spends more time parsing headers than libjpeg spends decoding a small image, so this
-    reads the 512-byte headers directly: ustar and GNU names, pax `path` records, checksums verified.
+    def __init__(self, raw: IO[bytes], url: str):
+        self._raw = raw
+        self._url = url
+        self._head: bytes | None = None
+        self._tail = b""
 
-    Raises:
-        tarfile.ReadError: damaged or truncated data, or a compressed archive.
-    """
-    long_name = None
-    while True:
-        header = _read_exact(stream, _BLOCK)
-        if not header or header == _ZERO_BLOCK:
-            return  # end of archive (a missing end marker is not an error, as for tarfile)
-        if len(header) < _BLOCK:
-            raise tarfile.ReadError("unexpected end of data in a tar header")
-        if header.startswith(_COMPRESSED_MAGIC):
-            raise tarfile.ReadError("compressed tar shards are not supported; write plain .tar shards")
-        _check_header(header)
-        size = _octal(header[124:136])
-        data = _read_exact(stream, size)
-        if len(data) < size or len(_read_exact(stream, -size % _BLOCK)) < -size % _BLOCK:
-            raise tarfile.ReadError("unexpected end of data in a tar member")
-        kind = header[156:157]
-        if kind == b"L":  # GNU long name of the next member
-            long_name = data.rstrip(b"\0").decode()
-        elif kind == b"x":  # pax extended header of the next member
-            long_name = _pax_path(data) or long_name
-        elif kind in (b"0", b"\0", b"7"):
-            name = long_name or _name(header)
-            long_name = None
-            yield name, data
-        else:  # directories, links, pax globals
-            long_name = None
+    def read(self, size: int = -1) -> bytes:
+        data = self._raw.read(size)
+        if self._head is None:
+            self._head = data[:8]
+        self._tail = (self._tail + data)[-len(_END_MARKER) :]
+        return data
+
+    def __str__(self) -> str:  # webdataset writes the stream into its error messages
+        return self._url
+
+    def ending_problem(self) -> str | None:
+        """Once tarfile has stopped reading a plain tar: what is wrong with how the stream ends, or None.
+
+        A compressed tar is left to its decompressor; its sample count is the only check.
+        """
+        if self._head is None or self._head.startswith(_COMPRESSED_MAGIC):
+            return None
+        while chunk := self.read(1 << 16):
+            if chunk.count(0) != len(chunk):
+                return "unreadable tar header followed by more data"
+        if self._tail != _END_MARKER:
+            return "no end-of-archive marker: the tar was cut short"
+        return None
 
 
-def _read_exact(stream: IO[bytes], size: int) -> bytes:
-    data = stream.read(size)
-    while len(data) < size:
-        more = stream.read(size - len(data))
-        if not more:
-            break
-        data += more
-    return data
-
-
-def _check_header(header: bytes) -> None:
-    stored = _octal(header[148:156])
-    # The checksum counts its own field as eight spaces.
-    if sum(header[:148]) + 8 * 32 + sum(header[156:]) != stored:
-        raise tarfile.ReadError("bad tar header checksum (damaged data)")
-
-
-def _octal(field: bytes) -> int:
-    if field[:1] == b"\x80":  # GNU base-256 for large sizes
-        return int.from_bytes(field[1:], "big")
-    text = field.rstrip(b"\0 ").lstrip(b" ")
-    try:
-        return int(text, 8) if text else 0
-    except ValueError as exn:
-        raise tarfile.ReadError(f"bad number {field!r} in a tar header") from exn
-
-
-def _name(header: bytes) -> str:
-    name = header[:100].split(b"\0", 1)[0].decode()
-    if header[257:262] == b"ustar":
-        prefix = header[345:500].split(b"\0", 1)[0].decode()
-        if prefix:
-            name = prefix + "/" + name
-    return name
-
-
-def _pax_path(data: bytes) -> str | None:
-    path = None
-    while data:
-        length, _, rest = data.partition(b" ")
-        record, data = rest[: int(length) - len(length) - 1], data[int(length) :]
-        key, _, value = record.rstrip(b"\n").partition(b"=")
-        if key == b"path":
-            path = value.decode()
-    return path
+def _describe(exn: BaseException) -> str:
+    """The exception's own message: webdataset appends the stream and URL to `args`."""
+    if isinstance(exn, OSError) and exn.strerror:
+        return f"{type(exn).__name__}: {exn.strerror}"
+    return f"{type(exn).__name__}: {exn.args[0]}" if exn.args else type(exn).__name__

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from PIL import Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
+from timm.data.auto_augment import RandAugment
 
 
 def create_train_transform(
@@ -42,7 +44,7 @@ def create_train_transform(
         std: normalisation std.
         normalize: False returns uint8 tensors (normalise on the GPU instead).
     """
-    return create_transform(
+    transform = create_transform(
         input_size,
         is_training=True,
         scale=scale,
@@ -58,6 +60,8 @@ def create_train_transform(
         std=std,
         normalize=normalize,
     )
+    _allow_zero_bit_posterize(transform)
+    return transform
 
 
 def create_eval_transform(
@@ -125,3 +129,22 @@ def create_mixup(
         label_smoothing=label_smoothing,
         num_classes=num_classes,
     )
+
+
+def _posterize(image: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's posterize, also for 0 bits (a black image), which Pillow >= 12 refuses."""
+    if bits_to_keep >= 8:
+        return image
+    if bits_to_keep <= 0:
+        return image.point([0] * 256 * len(image.getbands()))
+    return ImageOps.posterize(image, bits_to_keep)
+
+
+def _allow_zero_bit_posterize(transform: Callable) -> None:
+    """RandAugment's `inc1` posterize keeps 0 bits at magnitude 10, which `mstd` noise reaches for about 2% of
+    its draws; with Pillow >= 12 that raises mid-epoch. Swap in a posterize that keeps timm's meaning."""
+    for step in getattr(transform, "transforms", []):
+        if isinstance(step, RandAugment):
+            for op in step.ops:
+                if op.name.startswith("Posterize"):
+                    op.aug_fn = _posterize

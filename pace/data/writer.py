@@ -126,7 +126,7 @@ def scan_flat_folder(root: str | Path, *, labels: Mapping[str, str], classes: Se
     return images
 
 
-def make_shards(
+def shard_image_folders(
     out_dir: str | Path,
     splits: Mapping[str, str | Path],
     *,

@@ -16,6 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from pace.distributed import destroy_distributed, init_distributed, resolve_dist_env, select_device
+from pace.train.assemble import build_trainer
 from pace.train.config import register_configs, validate
 from pace.train.trainer import EXIT_REQUEUE, PreemptedError
 
@@ -33,8 +34,6 @@ def run(cfg: DictConfig) -> int:
     Returns:
         0 when training finished, `EXIT_REQUEUE` (75) after a SIGTERM/SIGUSR1 checkpoint.
     """
-    from pace.train.assemble import build_trainer
-
     config = validate(cfg)
     if config.run_dir is None:
         config.run_dir = HydraConfig.get().runtime.output_dir

@@ -175,3 +175,10 @@ def test_submitit_launcher_config_composes():
     params = {k: v for k, v in OmegaConf.to_container(launcher).items() if k not in ("submitit_folder", "name")}
     built = instantiate(params)
     assert type(built).__name__ == "SlurmLauncher" and built.params["tasks_per_node"] == 8
+
+
+def test_model_kwargs_stay_open_for_timm_arguments():
+    cfg = validate(compose_train("debug=cpu", "+model.kwargs.compress_form=diag"))
+    assert cfg.model.kwargs == {"compress_form": "diag"}
+    with torch.device("meta"):
+        assert build_model(cfg.model).compress_form == "diag"

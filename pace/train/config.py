@@ -8,8 +8,8 @@ values out of range, both before any work, with the full key in the message.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field, is_dataclass
+from typing import Any, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -348,15 +348,14 @@ def register_configs() -> None:
 
 def _check_known_keys(node: DictConfig, schema: type, path: str) -> None:
     # A `+key=value` override opens the typed node; the schema still decides what exists.
-    known = {f.name: f for f in fields(schema)}
+    types = get_type_hints(schema)
     for key in node:
-        if key not in known:
-            where = f"{path}.{key}" if path else str(key)
-            raise ValueError(f"unknown config key {where!r}: {schema.__name__} has {sorted(known)}")
-        field_type = known[key].type
+        where = f"{path}.{key}" if path else str(key)
+        if key not in types:
+            raise ValueError(f"unknown config key {where!r}: {schema.__name__} has {sorted(types)}")
         sub = node._get_node(key)
-        if isinstance(sub, DictConfig) and isinstance(field_type, str) and field_type.endswith("Config"):
-            _check_known_keys(sub, globals()[field_type], f"{path}.{key}" if path else str(key))
+        if is_dataclass(types[key]) and isinstance(sub, DictConfig):
+            _check_known_keys(sub, types[key], where)
 
 
 def validate(cfg: DictConfig) -> TrainConfig:

@@ -232,6 +232,8 @@ class TrainerConfig:
         max_nonfinite_skips: stop after this many skipped updates.
         export_release: write `release/model.safetensors` + `config.json` at the end of training.
         peak_tflops: the device's peak dense TFLOP/s for MFU (None: looked up from the GPU name).
+        cpu_threads: torch intra-op threads (None: torch's default, one per core). On a small shared CPU one
+            thread beside the data worker avoids oversubscribing the cores.
         debug_nan_step: make the loss of this optimizer update non-finite (fault-injection test).
         debug_nan_rank: the rank whose loss `debug_nan_step` poisons.
     """
@@ -260,6 +262,7 @@ class TrainerConfig:
     max_nonfinite_skips: int = 20
     export_release: bool = True
     peak_tflops: float | None = None
+    cpu_threads: int | None = None
     debug_nan_step: int | None = None
     debug_nan_rank: int = 0
 
@@ -273,6 +276,7 @@ class TrainerConfig:
         _require(self.log_every_steps >= 1, "trainer.log_every_steps", self.log_every_steps, ">= 1")
         _require(self.ckpt_every_steps >= 0, "trainer.ckpt_every_steps", self.ckpt_every_steps, ">= 0")
         _require(self.keep_last >= 1, "trainer.keep_last", self.keep_last, ">= 1")
+        _require(self.cpu_threads is None or self.cpu_threads >= 1, "trainer.cpu_threads", self.cpu_threads, ">= 1")
         for key in ("limit_train_batches", "limit_eval_batches"):
             value = getattr(self, key)
             _require(value is None or value >= 1, f"trainer.{key}", value, "a positive count or null")

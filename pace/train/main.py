@@ -37,6 +37,8 @@ def run(cfg: DictConfig) -> int:
     config = validate(cfg)
     if config.run_dir is None:
         config.run_dir = HydraConfig.get().runtime.output_dir
+    if config.trainer.cpu_threads is not None:
+        torch.set_num_threads(config.trainer.cpu_threads)
     env = resolve_dist_env()
     device = select_device(env, config.trainer.device)
     if not env.is_main:

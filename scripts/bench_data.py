@@ -9,6 +9,12 @@ depend on what else the machine runs).
     python scripts/bench_data.py --cifar ../shared/data/cifar10/cifar10_jpg.tar.gz --num-images 5000
     python scripts/bench_data.py --cifar ... --image-size 500x375   # ImageNet-sized decodes
     python scripts/bench_data.py --quick                             # smoke test on generated images
+    python scripts/bench_data.py --cifar ... --breakdown             # also: where each pipeline's time goes
+
+`--breakdown` times the steps of one sample in this process (CPU microseconds per sample, best of the repeats):
+both loaders with a no-op transform (everything but the augmentation), reading the shards (webdataset's tar
+iteration under `pace.data.shards.read_shard`), opening and reading the image files, decoding the JPEGs from
+memory, and the transform itself.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
 from pace.data import SYNTHETIC_CLASSES, create_train_loader, create_train_transform, shard_image_folders
+from pace.data.shards import read_shard
 from pace.data.synthetic import render_jpeg
 
 
@@ -73,6 +80,65 @@ def time_pass(batches, total: int) -> tuple[float, float]:
     return seen / wall, seen / cpu
 
 
+def _no_op(image) -> torch.Tensor:
+    return torch.zeros(1)
+
+
+def breakdown(folder: Path, shards: Path, transform, *, batch_size: int, repeats: int) -> dict[str, float]:
+    """CPU microseconds per sample of each step of the two pipelines, in this process (best of `repeats`)."""
+    files = sorted(str(path) for path in folder.glob("*/*.jpg"))
+    blobs = [Path(path).read_bytes() for path in files]
+    images = [Image.open(io.BytesIO(blob)).convert("RGB") for blob in blobs[:256]]
+    urls = sorted(str(path) for path in shards.glob("*.tar"))
+    baseline = ImageFolder(str(folder), transform=_no_op)
+    total = len(files) // batch_size * batch_size
+
+    def pace_loader():
+        loader = create_train_loader(
+            shards, batch_size=batch_size, transform=_no_op, num_workers=0, samples_per_epoch=total
+        )
+        return sum(len(targets) for _, targets in loader)
+
+    def imagefolder_loader():
+        loader = DataLoader(baseline, batch_size=batch_size, shuffle=True, num_workers=0, drop_last=True)
+        return sum(len(targets) for _, targets in loader)
+
+    def read_shards():
+        return sum(1 for url in urls for _ in read_shard(url, bad=[]))
+
+    def read_files():
+        for path in files:
+            with open(path, "rb") as stream:
+                stream.read()
+        return len(files)
+
+    def decode():
+        for blob in blobs:
+            Image.open(io.BytesIO(blob)).load()
+        return len(blobs)
+
+    def augment():
+        for image in images:
+            transform(image)
+        return len(images)
+
+    steps = {
+        "pace loader, no-op transform": pace_loader,
+        "ImageFolder loader, no-op transform": imagefolder_loader,
+        "read shards (webdataset tar iteration)": read_shards,
+        "open + read image files": read_files,
+        "decode JPEG from memory": decode,
+        "transform": augment,
+    }
+    best = dict.fromkeys(steps, float("inf"))
+    for _ in range(repeats):
+        for name, step in steps.items():  # alternating, so machine noise hits all steps alike
+            cpu = time.process_time()
+            count = step()
+            best[name] = min(best[name], (time.process_time() - cpu) / count * 1e6)
+    return best
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cifar", help="CIFAR-10 JPEG tarball to take images from (default: generated images)")
@@ -83,6 +149,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="DataLoader worker counts")
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs per pipeline; the median counts")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run")
+    parser.add_argument("--breakdown", action="store_true", help="also time each step of one sample (no workers)")
     args = parser.parse_args(argv)
     if args.quick:
         args.num_images, args.input_size, args.batch_size, args.workers, args.repeats = 64, 32, 16, [0], 1
@@ -129,6 +196,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 f"ImageFolder {row['imagefolder']:.1f} samples/s/worker, ratio {row['ratio']:.2f} | per CPU-second: "
                 f"pace {row['ours_cpu']:.1f}, ImageFolder {row['imagefolder_cpu']:.1f}, ratio {row['cpu_ratio']:.2f}"
             )
+        if args.breakdown:
+            steps = breakdown(folder, shards, transform, batch_size=args.batch_size, repeats=max(3, args.repeats))
+            print("CPU microseconds per sample (best of the repeats):")
+            for name, micros in steps.items():
+                print(f"  {name}: {micros:.1f}")
     return results
 
 

@@ -103,6 +103,7 @@ class ShardLoader:
             persistent_workers=False,  # each epoch's workers must see the epoch and start batch set here
             # The DataLoader draws a base seed per iteration (unused here) from this generator, not the global one.
             generator=torch.Generator().manual_seed(0),
+            worker_init_fn=_own_process_group,
         )
 
     @property
@@ -373,6 +374,13 @@ def _make_loader(shards: ShardSet, *, io: _LoaderIO, **dataset_options) -> Shard
         max_error_fraction=io.max_error_fraction,
         expected_samples=io.expected_samples,
     )
+
+
+def _own_process_group(worker_id: int) -> None:
+    # torchrun signals each training process's whole group on pre-emption. In a group of their own the workers
+    # outlive that signal while the training process finishes its step and checkpoints; it still stops them
+    # itself, and they exit on their own when it dies.
+    os.setpgrp()
 
 
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:

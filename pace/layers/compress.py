@@ -1,0 +1,178 @@
+"""Compress: pull each token into the dominant part of the learned subspaces, weighted by memberships π."""
+
+import torch
+from torch import Tensor, nn
+
+from pace.layers._validate import check_sizes
+from pace.layers.basis import ridge_basis, validate_projector
+from pace.layers.sketch import SketchedModule
+
+COMPRESS_FORMS = ("full", "diag")
+
+
+def validate_compress_form(form: str) -> str:
+    """Check a Compress form name.
+
+    Args:
+        form: ``"full"`` (the paper's projector) or ``"diag"`` (the reference code's diagonal scaling).
+
+    Returns:
+        ``form`` unchanged.
+    """
+    if form not in COMPRESS_FORMS:
+        raise ValueError(f"compress form must be one of {COMPRESS_FORMS}, got {form!r}")
+    return form
+
+
+def compress(
+    x: Tensor,
+    subspaces: Tensor,
+    tau: Tensor,
+    sketch: Tensor,
+    *,
+    num_heads: int,
+    eps: float,
+    exact: bool = False,
+    form: str = "full",
+) -> tuple[Tensor, Tensor]:
+    """Compression update Σ_k U_k (π_k ⊙ (a_k − col_k)) for all heads at once, and the memberships π.
+
+    Per head k: ``a_k = U_kᵀx`` (p), ``Y_k = A_k Ω`` (p × r), ``Q_k = ridge_basis(Y_k)`` (one batched Cholesky over
+    images and heads). ``form="full"``: ``col_k = Q_k(Q_kᵀa_k)``, the paper's projection. ``form="diag"``:
+    ``col_k = diag(Q_kQ_kᵀ) ⊙ a_k``, what the reference code computes (its einsum repeats an index, which takes a
+    diagonal); the diagonal is the row-wise sum of squares of ``Q_k``. ``null_k = a_k − col_k``,
+    ``π = softmax_k(‖col_k‖ / τ)``. No p × p projector is formed and no Python loop runs over heads.
+
+    Args:
+        x: Tokens, shape (B, N, C).
+        subspaces: ``U = [U_1 … U_K]``, shape (C, K·p).
+        tau: Temperature τ, a 0-dim tensor.
+        sketch: Ω, shape (N, r) with ``r <= p``, shared by all heads.
+        num_heads: K.
+        eps: Ridge ε of the basis.
+        exact: Use the exact (orthogonal) projector instead of the ridge one.
+        form: ``"full"`` or ``"diag"``.
+
+    Returns:
+        ``(out, memberships)``: out of shape (B, N, C) in the dtype of ``x``; memberships π of shape (B, N, K),
+        summing to 1 over K.
+    """
+    validate_compress_form(form)
+    B, N, _ = x.shape
+    K = num_heads
+    p = subspaces.shape[1] // K
+    U = subspaces.to(x.dtype)
+    a = (x @ U).view(B, N, K, p).transpose(1, 2)  # (B, K, N, p)
+    Y = a.mT @ sketch.to(x.dtype)  # (B, K, p, r)
+    Q = ridge_basis(Y.flatten(0, 1), eps=eps, exact=exact).view(Y.shape).to(x.dtype)  # (B, K, p, r)
+    if form == "full":
+        col = (a @ Q) @ Q.mT  # (B, K, N, p)
+    else:
+        col = a * Q.square().sum(-1).unsqueeze(-2)  # (B, K, N, p) = diag(QQᵀ) (B, K, 1, p) ⊙ a
+    null = a - col
+    pi = torch.softmax(torch.linalg.vector_norm(col, dim=-1) / tau, dim=1)  # (B, K, N)
+    weighted = (null * pi.unsqueeze(-1).to(null.dtype)).transpose(1, 2).reshape(B, N, K * p)  # (B, N, K·p)
+    out = weighted @ U.mT  # (B, N, C)
+    return out.to(x.dtype), pi.transpose(1, 2).to(x.dtype)
+
+
+class Compress(SketchedModule):
+    """The compression operator: learned subspaces ``U`` (C × C), temperature τ and a sketch Ω_c (n × rank).
+
+    Args:
+        dim: Token width C.
+        num_heads: Number of subspaces K; ``p = dim // num_heads``.
+        rank: Sketch width r (``rank * num_heads <= dim``).
+        eps: Ridge ε of the basis.
+        projector: ``"ridge"`` or ``"exact"``.
+        form: ``"full"`` (paper) or ``"diag"`` (reference code); settable later through ``form``.
+        layer_idx: Block index (enters the sketch seed).
+        sketch_seed: Model-wide sketch seed.
+        sketch_schedule: ``"epoch"``, ``"step"`` or ``"fixed"``.
+        device: Factory device.
+        dtype: Factory dtype.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        rank: int = 20,
+        eps: float = 0.01,
+        projector: str = "ridge",
+        form: str = "full",
+        layer_idx: int = 0,
+        sketch_seed: int = 0,
+        sketch_schedule: str = "epoch",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        check_sizes(dim, num_heads, rank, eps)
+        super().__init__(
+            rank,
+            operator="compress",
+            layer_idx=layer_idx,
+            sketch_seed=sketch_seed,
+            sketch_schedule=sketch_schedule,
+            device=device,
+            dtype=dtype,
+        )
+        self.dim = dim
+        self.num_heads = num_heads
+        self.eps = eps
+        self.exact = validate_projector(projector)
+        self._form = validate_compress_form(form)
+        dd = {"device": device, "dtype": dtype}
+        self.subspaces = nn.Parameter(torch.empty(dim, dim, **dd))
+        self.tau = nn.Parameter(torch.empty((), **dd))
+        self.reset_parameters()
+
+    @property
+    def form(self) -> str:
+        """The Compress form, ``"full"`` or ``"diag"``."""
+        return self._form
+
+    @form.setter
+    def form(self, form: str) -> None:
+        self._form = validate_compress_form(form)
+
+    def reset_parameters(self) -> None:
+        """Orthogonal ``U`` over the whole C × C matrix, τ = 1, and no stored sketch."""
+        nn.init.orthogonal_(self.subspaces)
+        nn.init.constant_(self.tau, 1.0)
+        self.reset_sketch()
+
+    def forward_with_memberships(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Apply the operator and return the memberships too.
+
+        Args:
+            x: Tokens (B, N, C).
+
+        Returns:
+            ``(out (B, N, C), memberships (B, N, K))``.
+        """
+        return compress(
+            x,
+            self.subspaces,
+            self.tau,
+            self.current_sketch(x.shape[1]),
+            num_heads=self.num_heads,
+            eps=self.eps,
+            exact=self.exact,
+            form=self._form,
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Apply the operator.
+
+        Args:
+            x: Tokens (B, N, C).
+
+        Returns:
+            The compression update, shape (B, N, C).
+        """
+        return self.forward_with_memberships(x)[0]
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_heads={self.num_heads}, form={self._form!r}, " + super().extra_repr()

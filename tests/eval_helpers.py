@@ -74,3 +74,15 @@ def write_val_jpegs(folder: Path, count: int, *, size: tuple[int, int] = (40, 48
         Image.fromarray(pixels).save(folder / f"{stem}.JPEG", quality=90)
         labels[stem] = int(rng.integers(0, 1000))
     return labels
+
+
+def compose_eval(overrides: list[str]):
+    """`configs/eval.yaml` composed with `overrides`, as `pace-eval` would (set `output_dir=` among them)."""
+    from hydra import compose, initialize_config_dir
+
+    from pace.eval.config import register_configs
+    from pace.eval.main import CONFIG_DIR
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("eval", overrides=overrides)

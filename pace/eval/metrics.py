@@ -95,6 +95,8 @@ def score_label_sets(preds: Predictions, label_sets: LabelSets, topk: Sequence[i
             label sets name classes the model does not have.
         KeyError: a key has no entry in the label sets.
     """
+    # Keys first: a key that does not belong to these label sets is the more basic mistake.
+    accepted_sets = [label_sets.lookup(key) for key in preds.keys]
     if label_sets.max_class >= preds.num_classes:
         raise ValueError(
             f"class-count mismatch: the {label_sets.name!r} label sets name class {label_sets.max_class} but the "
@@ -103,8 +105,7 @@ def score_label_sets(preds: Predictions, label_sets: LabelSets, topk: Sequence[i
     ks = _usable_k(topk, preds)
     correct = dict.fromkeys(ks, 0)
     excluded = 0
-    for key, row in zip(preds.keys, preds.topk.tolist()):
-        accepted = label_sets.lookup(key)
+    for accepted, row in zip(accepted_sets, preds.topk.tolist()):
         if not accepted:
             excluded += 1
             continue

@@ -299,3 +299,12 @@ def test_forward_memberships():
         tokens = model.blocks[0](tokens)
         torch.testing.assert_close(maps[1], model.blocks[1].memberships(tokens).transpose(1, 2).reshape(2, 2, 8, 12))
     torch.testing.assert_close(maps[0], expected.transpose(1, 2).reshape(2, 2, 8, 12))
+
+
+def test_cifar_variant_at_32_px():
+    model = timm.create_model("pace_vit_tiny_patch4_32").train()
+    x = torch.randn(4, 3, 32, 32)
+    out = model(x)
+    assert out.shape == (4, 10)
+    out.mean().backward()
+    assert model.blocks[0].attn.expand.sketch.shape == (64, 20 * 4)  # 8 x 8 tokens, rank 20 x 4 subspaces

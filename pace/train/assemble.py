@@ -96,7 +96,11 @@ def _prepare_model(cfg: TrainConfig, env: DistEnv, device: torch.device) -> nn.M
     seed_everything(cfg.seed)
     model = build_model(cfg.model)
     if env.is_distributed and cfg.trainer.sync_batchnorm:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            # SyncBatchNorm has no CPU kernel; DDP still broadcasts rank 0's BatchNorm buffers every step.
+            log.info("trainer.sync_batchnorm: kept per-rank BatchNorm statistics on %s", device.type)
     model.to(device)
     if cfg.trainer.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -127,7 +131,7 @@ def build_trainer(cfg: TrainConfig, *, env: DistEnv, device: torch.device, resol
     # After DDP's broadcast, so every rank's EMA starts from rank 0's weights.
     ema = build_ema(model, cfg.trainer.ema_decay, cfg.trainer.ema_warmup) if cfg.trainer.ema else None
     train_data, eval_data = build_data(cfg.data, cfg.aug, env, cfg.seed)
-    scheduler = build_scheduler(optimizer, cfg.sched, updates_per_epoch(len(train_data), cfg.trainer))
+    scheduler = build_scheduler(optimizer, cfg.sched, updates_per_epoch(train_data.batches_per_epoch, cfg.trainer))
     mixup = build_mixup(cfg.aug, cfg.model.num_classes)
     peak = cfg.trainer.peak_tflops or device_peak_tflops(device)
     flops = training_flops_per_image(model, cfg.data.img_size, device) if peak else None

@@ -8,7 +8,7 @@ values out of range, both before any work, with the full key in the message.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -307,7 +307,7 @@ class TrainConfig:
     Args:
         name: run name (the default run dir is `runs/<name>`, so the same command resumes the same run).
         seed: base random seed (each rank adds its rank).
-        run_dir: output folder shared by all ranks (default: Hydra's run dir).
+        run_dir: output folder shared by all ranks (None: Hydra's output dir, `runs/<name>` by default).
         model: see `ModelConfig`.
         data: see `DataConfig`.
         aug: see `AugConfig`.
@@ -319,7 +319,7 @@ class TrainConfig:
 
     name: str = "default"
     seed: int = 0
-    run_dir: str = "${hydra:runtime.output_dir}"
+    run_dir: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     aug: AugConfig = field(default_factory=AugConfig)
@@ -329,6 +329,9 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
     def __post_init__(self) -> None:
+        mixing = self.aug.mixup > 0 or self.aug.cutmix > 0
+        ok = not mixing or self.data.batch_size % 2 == 0
+        _require(ok, "data.batch_size", self.data.batch_size, "an even batch size (Mixup/CutMix pairs images)")
         _require(
             self.model.num_classes == self.data.num_classes,
             "model.num_classes",
@@ -343,6 +346,19 @@ def register_configs() -> None:
     cs.store(name="pace_train_schema", node=TrainConfig)
 
 
+def _check_known_keys(node: DictConfig, schema: type, path: str) -> None:
+    # A `+key=value` override opens the typed node; the schema still decides what exists.
+    known = {f.name: f for f in fields(schema)}
+    for key in node:
+        if key not in known:
+            where = f"{path}.{key}" if path else str(key)
+            raise ValueError(f"unknown config key {where!r}: {schema.__name__} has {sorted(known)}")
+        field_type = known[key].type
+        sub = node._get_node(key)
+        if isinstance(sub, DictConfig) and isinstance(field_type, str) and field_type.endswith("Config"):
+            _check_known_keys(sub, globals()[field_type], f"{path}.{key}" if path else str(key))
+
+
 def validate(cfg: DictConfig) -> TrainConfig:
     """Resolve the composed config and build the typed dataclasses, running every `__post_init__` check.
 
@@ -350,6 +366,7 @@ def validate(cfg: DictConfig) -> TrainConfig:
         cfg: the composed config (from `@hydra.main` or `hydra.compose`).
 
     Raises:
-        ValueError: naming the first key whose value is out of range.
+        ValueError: naming the first unknown key, or the first key whose value is out of range.
     """
+    _check_known_keys(cfg, TrainConfig, "")
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]

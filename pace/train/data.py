@@ -1,8 +1,8 @@
 """Training and held-out data for the Trainer, from the data section of the config.
 
-The Trainer needs two things of its training data: `len(data)` (micro-batches per epoch on this rank) and
-`data.epoch(epoch, start_batch)`, an iterator over that epoch's batches starting at `start_batch`, the same
-batches in the same order every time it is asked (that is what makes mid-epoch resume exact).
+The Trainer needs of its training data what `pace.data`'s loaders offer: `batches_per_epoch` (micro-batches per
+epoch on this rank), `set_epoch(epoch, start_batch=...)` and iteration over that epoch from `start_batch`, the same
+batches in the same order every time (that is what makes a mid-epoch resume exact).
 """
 
 from __future__ import annotations
@@ -18,11 +18,14 @@ from pace.train.config import AugConfig, DataConfig
 
 
 class TrainData(Protocol):
-    """What the Trainer iterates over."""
+    """What the Trainer iterates over (the interface of `pace.data`'s loaders)."""
 
-    def __len__(self) -> int: ...
+    @property
+    def batches_per_epoch(self) -> int: ...
 
-    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+    def set_epoch(self, epoch: int, *, start_batch: int = 0) -> None: ...
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]: ...
 
 
 class SyntheticImages:
@@ -62,6 +65,7 @@ class SyntheticImages:
         self.seed = seed
         self.split = split
         self.noise = noise
+        self.epoch, self.start_batch = 0, 0
         self.num_batches = num_samples // env.world_size // batch_size
         if self.num_batches == 0:
             raise ValueError(f"synthetic split of {num_samples} samples gives rank {env.rank} no batch of {batch_size}")
@@ -69,28 +73,32 @@ class SyntheticImages:
         coarse = torch.randn(num_classes, 3, 4, 4, generator=generator)
         self.patterns = F.interpolate(coarse, size=(img_size, img_size), mode="bilinear", align_corners=False)
 
-    def __len__(self) -> int:
+    @property
+    def batches_per_epoch(self) -> int:
         return self.num_batches
 
-    def _batch(self, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        key = ((self.seed * 1_000_003 + self.split) * 1_000_003 + epoch) * 1_000_003 + self.rank
-        generator = torch.Generator().manual_seed(key * 1_000_003 + index)
-        targets = torch.randint(self.num_classes, (self.batch_size,), generator=generator)
-        noise = torch.randn(self.batch_size, 3, self.img_size, self.img_size, generator=generator)
-        return self.patterns[targets] + self.noise * noise, targets  # (B, 3, H, W), (B,)
-
-    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's batches of `epoch`, from `start_batch` on.
+    def set_epoch(self, epoch: int, *, start_batch: int = 0) -> None:
+        """Choose the epoch the next iteration yields and the batch it starts at.
 
         Args:
             epoch: epoch index (changes the draw).
             start_batch: first batch to yield.
         """
-        for index in range(start_batch, self.num_batches):
-            yield self._batch(epoch, index)
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self) -> int:
+        return self.num_batches - self.start_batch
+
+    def _batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = ((self.seed * 1_000_003 + self.split) * 1_000_003 + self.epoch) * 1_000_003 + self.rank
+        generator = torch.Generator().manual_seed(key * 1_000_003 + index)
+        targets = torch.randint(self.num_classes, (self.batch_size,), generator=generator)
+        noise = torch.randn(self.batch_size, 3, self.img_size, self.img_size, generator=generator)
+        return self.patterns[targets] + self.noise * noise, targets  # (B, 3, H, W), (B,)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return self.epoch(0)
+        for index in range(self.start_batch, self.num_batches):
+            yield self._batch(index)
 
 
 def build_data(cfg: DataConfig, aug: AugConfig, env: DistEnv, seed: int) -> tuple[TrainData, object]:

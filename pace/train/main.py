@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from pace.distributed import destroy_distributed, init_distributed, resolve_dist_env, select_device
@@ -34,6 +35,8 @@ def run(cfg: DictConfig) -> int:
     from pace.train.assemble import build_trainer
 
     config = validate(cfg)
+    if config.run_dir is None:
+        config.run_dir = HydraConfig.get().runtime.output_dir
     env = resolve_dist_env()
     device = select_device(env, config.trainer.device)
     if not env.is_main:

@@ -193,7 +193,7 @@ class Trainer:
         self.state = TrainState()
         self.stop = StopSignals()
         self.scaler = torch.amp.GradScaler(device.type, enabled=options.precision == "fp16")
-        self.updates_per_epoch = updates_per_epoch(len(train_data), options)
+        self.updates_per_epoch = updates_per_epoch(train_data.batches_per_epoch, options)
         self._loss_window: list[float] = []
 
     # -- one update ---------------------------------------------------------------------------------------
@@ -302,7 +302,8 @@ class Trainer:
         if self.state.batch == 0 and hasattr(self.model, "set_epoch"):
             # A mid-epoch resume keeps the sketches restored from the checkpoint.
             self.model.set_epoch(epoch)
-        batches = iter(self.train_data.epoch(epoch, start_batch=self.state.batch))
+        self.train_data.set_epoch(epoch, start_batch=self.state.batch)
+        batches = iter(self.train_data)
         bar = tqdm(
             total=self.updates_per_epoch,
             initial=self.state.batch // accum,
@@ -468,7 +469,8 @@ class Trainer:
             raise FileNotFoundError(f"trainer.resume={self.options.resume!r}: no checkpoint at {path}")
         self.load_state_dict(load_checkpoint(path))
         self.metrics.truncate_after(self.state.step)
-        log.info("resumed from %s at epoch %d, batch %d, step %d", path, *asdict(self.state).values())
+        state = self.state
+        log.info("resumed from %s at epoch %d, batch %d, step %d", path, state.epoch, state.batch, state.step)
 
 
 def _format(metrics: dict[str, float]) -> str:

@@ -109,50 +109,93 @@ def val_folder(tmp_path_factory):
     return root
 
 
-def eval_args(root: Path, out: Path) -> list[str]:
+@pytest.fixture(scope="module")
+def val_shards(val_folder):
+    """The same 13 images as webdataset shards of at most 4 samples (4 shards), written by pace.data."""
+    from pace.data import imagenet_classes, make_shards
+
+    (val_folder / "classes.txt").write_text("\n".join(imagenet_classes()) + "\n")
+    make_shards(
+        val_folder / "shards",
+        {"val": val_folder / "val"},
+        labels={"val": val_folder / "labels.txt"},
+        classes_file=val_folder / "classes.txt",
+        max_count=4,
+    )
+    return val_folder / "shards"
+
+
+def eval_args(root: Path, source: str, workers: int = 0) -> list[str]:
+    data = [f"data.root={root / 'val'}", f"eval.imagenet.label_file={root / 'labels.txt'}"]
+    if source == "shards":
+        data = [f"data.root={root / 'shards'}"]
     return [
         f"model.checkpoint={root / 'ckpt.pt'}",
-        f"data.root={root / 'val'}",
-        f"eval.imagenet.label_file={root / 'labels.txt'}",
+        *data,
         "data.batch_size=4",
-        "data.num_workers=0",
+        f"data.num_workers={workers}",
         "device=cpu",
         "predictions=true",
         "predictions_logits=true",
-        f"hydra.run.dir={out}",  # last: the in-process run replaces it with output_dir
     ]
+
+
+def read_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in gzip.decompress(path.read_bytes()).splitlines()]
+
+
+def assert_same_results(run_dir: Path, reference: Path) -> dict:
+    single = json.loads((reference / "results.json").read_text())["evaluators"]["imagenet"]
+    other = json.loads((run_dir / "results.json").read_text())["evaluators"]["imagenet"]
+    assert other["metrics"] == single["metrics"]
+    assert other["counts"] == single["counts"]
+    # Per-sample predictions: same keys and top-5 for every sample; logits equal up to kernel rounding.
+    rows = [read_lines(d / "predictions_imagenet.jsonl.gz") for d in (reference, run_dir)]
+    assert [(r["key"], r["topk"], r["target"]) for r in rows[0]] == [
+        (r["key"], r["topk"], r["target"]) for r in rows[1]
+    ]
+    logits = [torch.tensor([r["logits"] for r in lines]) for lines in rows]
+    torch.testing.assert_close(logits[1], logits[0])
+    return other
 
 
 @pytest.fixture(scope="module")
 def one_process(val_folder, tmp_path_factory):
+    """The reference: one process, in this interpreter, on the JPEG folder."""
     from pace.eval.main import run
 
     out = tmp_path_factory.mktemp("one")
-    run(compose_eval([*eval_args(val_folder, out)[:-1], f"output_dir={out}"]))
+    record = run(compose_eval([*eval_args(val_folder, "folder"), f"output_dir={out}"]))
+    counts = record["evaluators"]["imagenet"]["counts"]
+    assert counts["samples"] == 13 and counts["real/excluded"] == 1  # ILSVRC2012_val_00000001 has no ReaL label
+    # The biased head makes some predictions right and some wrong, so agreement is not trivially 0 == 0.
+    assert 0 < counts["val/top1_correct"] < 13 and 0 < counts["real/top5_correct"] < 12
     return out
 
 
-@pytest.mark.parametrize("nproc", [2, pytest.param(3, marks=pytest.mark.slow)])
-def test_pace_eval_is_identical_for_1_2_3_processes(val_folder, one_process, tmp_path, nproc):
-    torchrun(nproc, ["scripts/eval.py", *eval_args(val_folder, tmp_path)])
-    single = json.loads((one_process / "results.json").read_text())
-    multi = json.loads((tmp_path / "results.json").read_text())
-    for section in ("metrics", "counts"):
-        assert multi["evaluators"]["imagenet"][section] == single["evaluators"]["imagenet"][section]
-    counts = multi["evaluators"]["imagenet"]["counts"]
-    assert counts["samples"] == 13 and counts["real/excluded"] == 1  # ILSVRC2012_val_00000001 has no ReaL label
-    # The biased head makes some predictions right and some wrong, so equality is not trivially 0 == 0.
-    assert 0 < counts["val/top1_correct"] < 13 and 0 < counts["real/top5_correct"] < 12
-    assert multi["environment"]["world_size"] == nproc
-    # Per-sample predictions: same keys and top-5 for every sample; logits equal up to kernel rounding.
-    lines = [
-        [json.loads(line) for line in gzip.decompress((d / "predictions_imagenet.jsonl.gz").read_bytes()).splitlines()]
-        for d in (one_process, tmp_path)
-    ]
-    assert [(r["key"], r["topk"]) for r in lines[0]] == [(r["key"], r["topk"]) for r in lines[1]]
-    torch.testing.assert_close(
-        torch.tensor([r["logits"] for r in lines[1]]), torch.tensor([r["logits"] for r in lines[0]])
-    )
+def test_shards_and_folder_agree_in_one_process(val_folder, val_shards, one_process, tmp_path):
+    from pace.eval.main import run
+
+    record = run(compose_eval([*eval_args(val_folder, "shards", workers=2), f"output_dir={tmp_path}"]))
+    assert record["evaluators"]["imagenet"]["data"]["description"].startswith("webdataset")
+    assert_same_results(tmp_path, one_process)
+
+
+@pytest.mark.parametrize(
+    ("source", "nproc"),
+    [
+        ("shards", 2),
+        ("folder", 2),
+        pytest.param("shards", 3, marks=pytest.mark.slow),
+        pytest.param("folder", 3, marks=pytest.mark.slow),
+    ],
+)
+def test_pace_eval_is_identical_for_1_2_3_processes(val_folder, val_shards, one_process, tmp_path, source, nproc):
+    # Shards: 4 shards over 2 x 2 or 3 x 2 loader workers; the folder: strided shares of 7/6 or 5/4/4 images.
+    workers = 2 if source == "shards" else 0
+    torchrun(nproc, ["scripts/eval.py", *eval_args(val_folder, source, workers), f"hydra.run.dir={tmp_path}"])
+    assert_same_results(tmp_path, one_process)
+    assert json.loads((tmp_path / "results.json").read_text())["environment"]["world_size"] == nproc
 
 
 if __name__ == "__main__":

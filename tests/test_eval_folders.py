@@ -1,46 +1,35 @@
 """Folder datasets for evaluation: label files, flat ImageNet val folders, ImageFolder trees, format detection and
 the per-rank split (every sample on exactly one rank)."""
 
+from pathlib import Path
+
 import pytest
 from eval_helpers import write_val_jpegs
 from PIL import Image
 from torchvision.transforms import PILToTensor
 
 from pace.eval.evaluators import detect_format
-from pace.eval.folders import folder_loader, image_folder, imagenet_val_folder, read_val_labels
+from pace.eval.folders import folder_loader, image_folder, imagenet_val_folder
 
 
-def test_label_file_formats(tmp_path):
+def test_label_files_map_synsets_to_timm_class_order(tmp_path):
+    write_val_jpegs(tmp_path / "val", 3)
     kaggle = tmp_path / "LOC_val_solution.csv"
     kaggle.write_text(
         "ImageId,PredictionString\n"
         "ILSVRC2012_val_00000002,n01443537 1 2 3 4 n01443537 5 6 7 8\n"
         "ILSVRC2012_val_00000001,n15075141 1 2 3 4\n"
+        "ILSVRC2012_val_00000003,n01440764 1 2 3 4\n"
     )
-    assert read_val_labels(kaggle) == {"ILSVRC2012_val_00000001": 999, "ILSVRC2012_val_00000002": 1}
     text = tmp_path / "val.txt"
-    text.write_text("ILSVRC2012_val_00000001.JPEG 65\nILSVRC2012_val_00000002,n01440764\n\nILSVRC2012_val_00000003 7\n")
-    assert read_val_labels(text) == {
-        "ILSVRC2012_val_00000001": 65,
-        "ILSVRC2012_val_00000002": 0,
-        "ILSVRC2012_val_00000003": 7,
-    }
-
-
-@pytest.mark.parametrize(
-    ("content", "message"),
-    [
-        ("490\n361\n", "devkit"),
-        ("a.JPEG 1\na.JPEG 2\n", "a is listed twice"),
-        ("a.JPEG n99999999\n", ":1: label 'n99999999'"),
-        ("a.JPEG 1 2\n", "expected 'file label'"),
-    ],
-)
-def test_bad_label_files_name_the_line(tmp_path, content, message):
-    path = tmp_path / "labels.txt"
-    path.write_text(content)
-    with pytest.raises(ValueError, match=message):
-        read_val_labels(path)
+    text.write_text("ILSVRC2012_val_00000001.JPEG 999\nILSVRC2012_val_00000002 1\nILSVRC2012_val_00000003,n01440764\n")
+    for label_file in (kaggle, text):
+        data = imagenet_val_folder(tmp_path / "val", label_file)
+        assert [(Path(p).name, t, k) for p, t, k in data.samples] == [
+            ("ILSVRC2012_val_00000001.JPEG", 999, "ILSVRC2012_val_00000001"),
+            ("ILSVRC2012_val_00000002.JPEG", 1, "ILSVRC2012_val_00000002"),
+            ("ILSVRC2012_val_00000003.JPEG", 0, "ILSVRC2012_val_00000003"),
+        ]
 
 
 def test_flat_val_folder_with_and_without_labels(tmp_path):
@@ -50,17 +39,19 @@ def test_flat_val_folder_with_and_without_labels(tmp_path):
     extra = "ILSVRC2012_val_00000009 3\n"  # listed but absent: the folder is smaller than its label file says
     label_file.write_text("".join(f"{k}.JPEG {v}\n" for k, v in labels.items()) + extra)
     data = imagenet_val_folder(tmp_path / "val", label_file)
-    assert [(p.stem, t) for p, t in data.samples] == list(labels.items())
+    assert [(k, t) for _, t, k in data.samples] == list(labels.items())
     assert (data.num_classes, data.expected_samples) == (1000, 6)
 
     unlabelled = imagenet_val_folder(tmp_path / "val")
-    assert {t for _, t in unlabelled.samples} == {-1}
+    assert {t for _, t, _ in unlabelled.samples} == {-1}
+    assert [k for _, _, k in unlabelled.samples] == list(labels)
 
     label_file.write_text("ILSVRC2012_val_00000001 3\n")
-    with pytest.raises(ValueError, match="no label for 4 images.*ILSVRC2012_val_00000002"):
+    with pytest.raises(ValueError, match="4 images in .* have no label, e.g. ILSVRC2012_val_00000002"):
         imagenet_val_folder(tmp_path / "val", label_file)
-    with pytest.raises(FileNotFoundError, match="no ILSVRC2012_val"):
-        imagenet_val_folder(tmp_path)
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no images"):
+        imagenet_val_folder(tmp_path / "nothing")
 
 
 def test_image_folder_and_format_detection(tmp_path):
@@ -70,7 +61,7 @@ def test_image_folder_and_format_detection(tmp_path):
             Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / "tree" / cls / f"{cls}{i}.jpg")
     data = image_folder(tmp_path / "tree")
     assert data.num_classes == 2
-    assert [(p.stem, t) for p, t in data.samples] == [("cat0", 0), ("cat1", 0), ("cat2", 0), ("dog0", 1), ("dog1", 1)]
+    assert [(k, t) for _, t, k in data.samples] == [("cat0", 0), ("cat1", 0), ("cat2", 0), ("dog0", 1), ("dog1", 1)]
 
     write_val_jpegs(tmp_path / "flat", 2)
     (tmp_path / "shards").mkdir()

@@ -144,7 +144,7 @@ def test_real_on_keys_that_are_not_val_files_names_the_key(tmp_path):
         (tmp_path / "tree" / "n01440764").mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (16, 16), (i, 9, 9)).save(tmp_path / "tree" / "n01440764" / f"photo_{i}.jpg")
     args = ["model.name=pace_vit_test", f"data.root={tmp_path / 'tree'}", "data.num_workers=0", "device=cpu"]
-    with pytest.raises(ValueError, match="'photo_0' is not an ImageNet val file stem"):
+    with pytest.raises(ValueError, match="not an ImageNet validation key: 'photo_0'"):
         run(compose_eval([*args, "+model.kwargs.num_classes=1", f"output_dir={tmp_path}"]))
     # The same tree without ReaL is a one-class ImageFolder; a 1000-class model does not fit it.
     with pytest.raises(ValueError, match="class-count mismatch: the model produces 1000 logits but the data has 1"):
@@ -155,7 +155,7 @@ def test_real_on_keys_that_are_not_val_files_names_the_key(tmp_path):
 
 def test_wandb_offline_run_is_written_locally(val_data, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
-    args = ["model.name=pace_vit_test", *base_args(val_data, tmp_path), "logger.wandb=true", "logger.mode=offline"]
+    args = ["model.name=pace_vit_test", *base_args(val_data, tmp_path), "logger=wandb"]
     run(compose_eval(args))
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))

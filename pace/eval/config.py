@@ -11,6 +11,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from pace.train.config import LoggerConfig
+
 FORMATS = ("auto", "webdataset", "imagenet_val_folder", "image_folder")
 TARGETS = "targets"  # label source: the labels the samples carry
 IMAGENET_REAL = "imagenet_real"  # label source: the ImageNet-ReaL sets timm ships
@@ -124,28 +126,6 @@ class LoaderConfig:
 
 
 @dataclass
-class EvalLoggerConfig:
-    """Where results go besides `results.json` and the printed table.
-
-    Args:
-        wandb: log to Weights & Biases.
-        mode: `offline` (sync later with `wandb sync`), `online` or `disabled`.
-        project: wandb project.
-        entity: wandb entity (None: the user's default).
-        tags: wandb tags.
-    """
-
-    wandb: bool = False
-    mode: str = "offline"
-    project: str = "pace"
-    entity: str | None = None
-    tags: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        _require(self.mode in ("offline", "online", "disabled"), "logger.mode", self.mode, "offline/online/disabled")
-
-
-@dataclass
 class EvalConfig:
     """The pace-eval job.
 
@@ -163,7 +143,7 @@ class EvalConfig:
         predictions_logits: include the logits in those files.
         rescore: a predictions file to score again instead of running a model.
         output_dir: where `results.json` and predictions go.
-        logger: see `EvalLoggerConfig`.
+        logger: wandb settings, the `logger` group shared with training (`logger=wandb` turns it on).
     """
 
     name: str = "default"
@@ -179,7 +159,7 @@ class EvalConfig:
     predictions_logits: bool = False
     rescore: str | None = None
     output_dir: str = MISSING
-    logger: EvalLoggerConfig = field(default_factory=EvalLoggerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
 
     def __post_init__(self) -> None:
         _require(self.device in ("auto", "cpu", "cuda"), "device", self.device, "auto, cpu or cuda")

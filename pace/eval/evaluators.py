@@ -11,6 +11,7 @@ from pathlib import Path
 
 from torch import nn
 
+from pace.data import create_eval_loader, resolve_shards
 from pace.eval.config import IMAGENET_REAL, TARGETS, EvaluatorConfig
 from pace.eval.evaluator import EvalResult, evaluate
 from pace.eval.folders import FolderData, folder_loader, image_folder, imagenet_val_folder
@@ -101,7 +102,23 @@ def _declared(cfg: EvaluatorConfig, folder: FolderData) -> int | None:
 
 
 def _open_shards(cfg, transform, rank, world_size, batch_size, num_workers, pin_memory) -> EvalData:
-    raise NotImplementedError("webdataset evaluation data")
+    shards = resolve_shards(cfg.path, split=cfg.split, num_samples=cfg.num_samples)
+    # Labels are not range-checked by the loader (that would skip them as bad data): the evaluator refuses a
+    # label the model cannot predict, naming the sample.
+    loader = create_eval_loader(
+        cfg.path,
+        batch_size=batch_size,
+        transform=transform,
+        split=cfg.split,
+        num_workers=num_workers,
+        rank=rank,
+        world_size=world_size,
+        num_samples=cfg.num_samples,
+        pin_memory=pin_memory,
+    )
+    num_classes = len(shards.classes) if shards.classes else None
+    where = shards.info_path or f"{len(shards.urls)} shards"
+    return EvalData(loader, num_classes, shards.num_samples, f"webdataset {cfg.path} split {cfg.split} ({where})")
 
 
 def resolve_labels(labels: Mapping[str, str]) -> tuple[str | None, dict[str, LabelSets]]:

@@ -7,13 +7,13 @@ order in which samples arrive (shuffled shards, several ranks, several workers) 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
 
+from pace.data import val_key_index
+
 IMAGENET_VAL_SIZE = 50_000
-_VAL_KEY = re.compile(r"ILSVRC2012_val_(\d{8})")
 
 
 def imagenet_val_key(index: int) -> str:
@@ -23,23 +23,11 @@ def imagenet_val_key(index: int) -> str:
     return f"ILSVRC2012_val_{index + 1:08d}"
 
 
-def imagenet_val_index(key: str) -> int:
-    """The 0-based validation-file index of an ImageNet val key such as `ILSVRC2012_val_00000001`.
-
-    Args:
-        key: a sample key; it must be the bare file stem (no directory, no extension).
-
-    Raises:
-        ValueError: naming the key when it is not an ImageNet val file stem.
-    """
-    match = _VAL_KEY.fullmatch(key) if isinstance(key, str) else None
-    number = int(match.group(1)) if match else 0
-    if not 1 <= number <= IMAGENET_VAL_SIZE:
-        raise ValueError(
-            f"sample key {key!r} is not an ImageNet val file stem (ILSVRC2012_val_00000001 .. "
-            f"ILSVRC2012_val_{IMAGENET_VAL_SIZE:08d}); ImageNet-ReaL labels are matched by that stem"
-        )
-    return number - 1
+def _imagenet_val_index(key: str) -> int:
+    index = val_key_index(key)
+    if not 0 <= index < IMAGENET_VAL_SIZE:
+        raise ValueError(f"{key!r} is outside the {IMAGENET_VAL_SIZE} ImageNet val images")
+    return index
 
 
 class LabelSets:
@@ -53,7 +41,7 @@ class LabelSets:
         name: a short name for messages and reports, such as "real".
         source: where the sets came from (a path or a package resource), for reports.
         key_check: optional function that validates a key and raises ValueError naming it (ReaL uses
-            `imagenet_val_index`, so a key that is not an ImageNet val stem fails loudly instead of "missing").
+            the val file index, so a key that is not an ImageNet val stem fails loudly, not as "missing").
     """
 
     def __init__(
@@ -84,7 +72,10 @@ class LabelSets:
             KeyError: the key is valid but has no entry in these label sets.
         """
         if self.key_check is not None:
-            self.key_check(key)
+            try:
+                self.key_check(key)
+            except ValueError as e:
+                raise ValueError(f"the {self.name!r} label sets are keyed by ImageNet val file stems: {e}") from None
         try:
             return self.sets[key]
         except KeyError:
@@ -106,7 +97,7 @@ class LabelSets:
         if not isinstance(entries, list) or len(entries) != IMAGENET_VAL_SIZE:
             raise ValueError(f"{source}: expected a list of {IMAGENET_VAL_SIZE} label lists in ImageNet val order")
         sets = {imagenet_val_key(i): labels for i, labels in enumerate(entries)}
-        return cls(sets, name="real", source=source, key_check=imagenet_val_index)
+        return cls(sets, name="real", source=source, key_check=_imagenet_val_index)
 
     @classmethod
     def from_json(cls, path: str | Path, *, name: str) -> LabelSets:
@@ -124,7 +115,7 @@ class LabelSets:
                     f"({IMAGENET_VAL_SIZE}), found {len(entries)}; use a {{key: [classes]}} object otherwise"
                 )
             sets = {imagenet_val_key(i): labels for i, labels in enumerate(entries)}
-            return cls(sets, name=name, source=str(path), key_check=imagenet_val_index)
+            return cls(sets, name=name, source=str(path), key_check=_imagenet_val_index)
         if isinstance(entries, dict):
             return cls(entries, name=name, source=str(path))
         raise ValueError(f"{path}: expected a JSON list or object of label lists, found {type(entries).__name__}")

@@ -63,6 +63,14 @@ def test_image_folder_and_format_detection(tmp_path):
     assert data.num_classes == 2
     assert [(k, t) for _, t, k in data.samples] == [("cat0", 0), ("cat1", 0), ("cat2", 0), ("dog0", 1), ("dog1", 1)]
 
+    # ImageNetV2's layout names class folders by index: folder "10" is class 10, not the 2nd in string order.
+    for name in ("0", "10", "2"):
+        (tmp_path / "v2" / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "v2" / name / f"img{name}.jpeg")
+    v2 = image_folder(tmp_path / "v2")
+    assert sorted((k, t) for _, t, k in v2.samples) == [("img0", 0), ("img10", 10), ("img2", 2)]
+    assert v2.num_classes == 11
+
     write_val_jpegs(tmp_path / "flat", 2)
     (tmp_path / "shards").mkdir()
     (tmp_path / "shards" / "val-000000.tar").write_bytes(b"")

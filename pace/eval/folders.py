@@ -88,8 +88,13 @@ def imagenet_val_folder(root: str | Path, label_file: str | Path | None = None) 
 
 def image_folder(root: str | Path) -> FolderData:
     """An ImageFolder tree (`root/<class>/<image>`): classes are the sorted sub-folder names, keys the file stems
-    (relative paths where stems repeat across classes)."""
+    (relative paths where stems repeat across classes). Folders named by class index, as ImageNetV2 ships
+    (`0` ... `999`), keep that index rather than their place in string order (where `10` sorts before `2`)."""
     classes, images = scan_image_folder(root)
+    if all(name.isdigit() for name in classes):
+        index = [int(name) for name in classes]
+        samples = [(image.path, index[image.label], image.key) for image in images]
+        return FolderData(samples, max(index) + 1, None, f"ImageFolder {root} (classes by folder index)")
     samples = [(image.path, image.label, image.key) for image in images]
     return FolderData(samples, len(classes), None, f"ImageFolder {root} ({len(classes)} classes)")
 

@@ -16,9 +16,10 @@ from eval_helpers import compose_eval, real_json, write_val_jpegs
 from omegaconf import OmegaConf
 from PIL import Image
 from timm.models import save_for_hf
+from torchvision.transforms import Compose, PILToTensor, Resize
 
 import pace  # noqa: F401  (registers the models)
-from pace.eval import evaluators_from_config
+from pace.eval import build_evaluators, evaluators_from_config
 from pace.eval.config import validate
 from pace.eval.main import CONFIG_DIR, run
 
@@ -159,3 +160,34 @@ def test_wandb_offline_run_is_written_locally(val_data, tmp_path, monkeypatch):
     run(compose_eval(args))
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+
+
+def test_configured_evaluators_open_their_data_and_know_their_cadence(val_data):
+    entries = evaluators_from_config(
+        {
+            "imagenet": {
+                "path": str(val_data / "val"),
+                "label_file": str(val_data / "val.txt"),
+                "labels": {"val": "targets", "real": "imagenet_real"},
+            },
+            "v2": {"path": None, "labels": {"v2": "targets"}, "every_n_epochs": 10},
+            "sparse": {"path": str(val_data / "val"), "labels": {"real": "imagenet_real"}, "every_n_epochs": 3},
+        }
+    )
+    evaluators = build_evaluators(
+        entries, Compose([Resize((32, 32)), PILToTensor(), float_image]), batch_size=4, num_workers=0
+    )
+    assert [e.name for e in evaluators] == ["imagenet", "sparse"]  # v2 has no data: skipped
+    sparse = evaluators[1]
+    assert [sparse.due(n) for n in (1, 2, 3, 6)] == [False, False, True, True] and sparse.due(4, last=True)
+    assert (sparse.targets_name, list(sparse.label_sets)) == (None, ["real"])
+    model = timm.create_model("resnet10t")
+    result = evaluators[0].run(model, device="cpu")
+    assert result.counts["samples"] == 9 and result.counts["real/top1"] == 8
+    assert sparse.run(model, device="cpu").metrics.keys() == {"real/top1", "real/top5"}  # no val group asked for
+    with pytest.raises(ValueError, match="eval.bad: .*every_n_epochs=0"):
+        evaluators_from_config({"bad": {"path": "x", "labels": {"val": "targets"}, "every_n_epochs": 0}})
+
+
+def float_image(image: torch.Tensor) -> torch.Tensor:
+    return image.float() / 255

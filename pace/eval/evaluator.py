@@ -81,17 +81,17 @@ def _batch_predictions(
     logits: torch.Tensor, targets: torch.Tensor, keys: list[str], *, maxk: int, keep_logits: bool
 ) -> Predictions:
     logits = logits.float()
-    targets = targets.to(logits.device, torch.long)
+    # Checked on the loader's (CPU) targets, so a GPU pass does not wait for the device every batch.
     bad = (targets >= logits.shape[1]).nonzero().flatten().tolist()
     if bad:
         raise ValueError(
             f"class-count mismatch: sample {keys[bad[0]]!r} has label {int(targets[bad[0]])} but the model produces "
             f"{logits.shape[1]} logits"
         )
+    targets = targets.to(logits.device, torch.long, non_blocking=True)
     labelled = targets >= 0
-    loss = torch.full(targets.shape, float("nan"), device=logits.device)
-    if labelled.any():
-        loss[labelled] = F.cross_entropy(logits[labelled], targets[labelled], reduction="none")
+    loss = F.cross_entropy(logits, targets.clamp(min=0), reduction="none")
+    loss = torch.where(labelled, loss, torch.full_like(loss, float("nan")))  # no loss without a label
     return Predictions(
         keys=keys,
         topk=logits.topk(min(maxk, logits.shape[1]), dim=1).indices,

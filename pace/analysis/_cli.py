@@ -14,7 +14,7 @@ from pace.analysis.loading import WEIGHTS, load_model
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``source``, ``--model``, ``--weights``, ``--device``."""
+    """``source``, ``--model``, ``--weights``, ``--device``, ``--seed``."""
     parser.add_argument(
         "source",
         help="training checkpoint (.pt), release folder or .safetensors in one, the authors' checkpoint (with "
@@ -23,6 +23,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="timm architecture for a checkpoint that does not name it")
     parser.add_argument("--weights", choices=WEIGHTS, default="auto", help="EMA or raw weights of a checkpoint")
     parser.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1'")
+    parser.add_argument("--seed", type=int, default=0, help="seed of random weights (timm name) and synthetic images")
 
 
 def add_image_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +46,7 @@ def resolve_device(name: str) -> torch.device:
 
 def build_model(args: argparse.Namespace) -> tuple[nn.Module, str]:
     """The model the arguments name, in evaluation mode on the chosen device, and its description."""
+    torch.manual_seed(args.seed)  # random weights of a model given by name are reproducible
     model, description = load_model(args.source, model_name=args.model, weights=args.weights)
     return model.to(resolve_device(args.device)), description
 

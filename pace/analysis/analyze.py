@@ -48,7 +48,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="blocks whose spectra to plot (default: first, middle, last)",
     )
     parser.add_argument("--img-size", type=int, default=None, help="square input size (default: the model's)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic images")
     args = parser.parse_args(argv)
     for key in ("num_images", "batch_size"):
         if getattr(args, key) < 1:

@@ -14,11 +14,13 @@ import torch
 from PIL import Image
 from test_analysis import _assert_png
 from test_checkpoint_filter import reference_state_dict
+from timm.models import save_for_hf
 
 import pace  # noqa: F401  (registers the models)
 from pace.analysis import layer_rates
 from pace.analysis.analyze import main as analyze_main
 from pace.analysis.images import model_transform
+from pace.analysis.loading import load_model
 from pace.analysis.visualize import main as visualize_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,6 +131,18 @@ def test_analyze_the_authors_checkpoint_through_the_models_filter(tmp_path):
         assert c["alpha"] == pytest.approx(sd[f"blocks.{i}.gamma1"].item())
         assert c["beta"] == pytest.approx(sd[f"blocks.{i}.gamma2"].item())
         assert c["tau"] == pytest.approx(sd[f"blocks.{i}.attn.compressoperator.temperature"].item())
+
+
+def test_a_release_folder_or_its_safetensors_file_loads_with_its_weights(tmp_path):
+    model = timm.create_model(MODEL, num_classes=10)
+    with torch.no_grad():
+        model.blocks[2].attn.alpha.fill_(0.77)
+    save_for_hf(model, str(tmp_path), model_args={"num_classes": 10}, safe_serialization=True)  # as training exports
+    for source in (tmp_path, tmp_path / "model.safetensors"):
+        loaded, description = load_model(source)
+        assert description.startswith(MODEL) and not loaded.training
+        for (name, p), q in zip(loaded.state_dict().items(), model.state_dict().values()):
+            assert torch.equal(p, q), name
 
 
 def test_bad_inputs_end_with_a_message_that_names_them(tmp_path, capsys):

@@ -17,6 +17,7 @@ from pace.analysis import (
     block_outputs,
     covariance_spectrum,
     effective_rank,
+    is_pace_model,
     layer_rates,
     layer_telemetry,
     membership_maps,
@@ -123,6 +124,15 @@ def test_bad_arguments_are_named():
         layer_rates(nn.Sequential(nn.Linear(2, 2)), torch.randn(1, 3, 8, 8))
     with pytest.raises(ValueError, match="eps must be positive"):
         layer_rates(model, torch.randn(1, 3, 64, 64), eps=0.0)
+
+
+def test_is_pace_model_tells_pace_vit_from_baselines_and_wrappers():
+    model = _model()
+    wrapper = nn.Module()
+    wrapper.module = model  # as DistributedDataParallel holds it
+    assert is_pace_model(model)
+    assert not is_pace_model(wrapper)
+    assert not is_pace_model(timm.create_model("test_vit", img_size=64, patch_size=8))
 
 
 # ----------------------------------------------------------------------------------------------------------------

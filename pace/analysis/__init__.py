@@ -4,7 +4,7 @@ Plotting lives in :mod:`pace.analysis.plots` (imported on demand, it loads matpl
 scripts in :mod:`pace.analysis.loading`; image handling in :mod:`pace.analysis.images`.
 """
 
-from pace.analysis.inference import analysis_mode
+from pace.analysis.inference import analysis_mode, is_pace_model
 from pace.analysis.memberships import membership_maps, segmentation
 from pace.analysis.rates import (
     DEFAULT_CODING_EPS,
@@ -24,6 +24,7 @@ __all__ = [
     "block_outputs",
     "covariance_spectrum",
     "effective_rank",
+    "is_pace_model",
     "layer_rates",
     "layer_telemetry",
     "membership_maps",

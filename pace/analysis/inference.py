@@ -7,6 +7,21 @@ import torch
 from torch import Tensor, nn
 
 
+def is_pace_model(model: nn.Module) -> bool:
+    """Whether ``model`` has PACE blocks to analyse (``model.blocks[i].attn.compress``, as PACE-ViT).
+
+    Args:
+        model: Any module.
+
+    Returns:
+        True for a PACE-ViT, False for other models (such as a softmax-attention baseline) and for wrappers.
+    """
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+        return False
+    return all(hasattr(getattr(b, "attn", None), "compress") for b in blocks)
+
+
 def pace_blocks(model: nn.Module) -> nn.ModuleList:
     """The PACE blocks of a PACE-ViT (anything with ``blocks`` whose members carry ``attn.compress``).
 
@@ -16,13 +31,12 @@ def pace_blocks(model: nn.Module) -> nn.ModuleList:
     Returns:
         ``model.blocks``.
     """
-    blocks = getattr(model, "blocks", None)
-    if blocks is None or not all(hasattr(getattr(b, "attn", None), "compress") for b in blocks):
+    if not is_pace_model(model):
         raise TypeError(
             f"{type(model).__name__} has no PACE blocks (expected model.blocks[i].attn.compress, as in PACE-ViT); "
             "pass the unwrapped model, not a DistributedDataParallel or torch.compile wrapper"
         )
-    return blocks
+    return model.blocks
 
 
 def select_blocks(model: nn.Module, blocks: list[int] | None) -> list[int]:

@@ -8,6 +8,7 @@ from pace.analysis.inference import analysis_mode, is_pace_model
 from pace.analysis.memberships import membership_maps, segmentation
 from pace.analysis.rates import (
     DEFAULT_CODING_EPS,
+    TELEMETRY_KEYS,
     block_coefficients,
     block_outputs,
     covariance_spectrum,
@@ -19,6 +20,7 @@ from pace.analysis.rates import (
 
 __all__ = [
     "DEFAULT_CODING_EPS",
+    "TELEMETRY_KEYS",
     "analysis_mode",
     "block_coefficients",
     "block_outputs",

@@ -13,6 +13,8 @@ from pace.layers.mcr2 import coding_rate, compression_rate
 
 # Coding precision ε of R and R_c used when none is given (the value of the toy verification, scripts/toy_mcr2.py).
 DEFAULT_CODING_EPS = 0.5
+# What layer_telemetry reports per block, as `{prefix}/block{i}/{key}`.
+TELEMETRY_KEYS = ("alpha", "beta", "tau", "R", "Rc", "dR")
 
 
 def block_coefficients(model: nn.Module) -> list[dict[str, float]]:
@@ -149,7 +151,8 @@ def layer_telemetry(
     rates = layer_rates(model, images, eps=eps, blocks=chosen)
     names, values = [], []
     for i in chosen:
-        for name, value in [*pace[i].coefficients().items(), *((k, rates[i][k].mean()) for k in ("R", "Rc", "dR"))]:
+        per_block = {**pace[i].coefficients(), **{k: v.mean() for k, v in rates[i].items()}}
+        for name in TELEMETRY_KEYS:
             names.append(f"{prefix}/block{i}/{name}")
-            values.append(value.detach().to(torch.float64))
+            values.append(per_block[name].detach().to(torch.float64))
     return dict(zip(names, torch.stack(values).tolist()))  # one device-to-host copy for all the numbers

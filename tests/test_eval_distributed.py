@@ -115,10 +115,10 @@ def val_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def val_shards(val_folder):
     """The same 13 images as webdataset shards of at most 4 samples (4 shards), written by pace.data."""
-    from pace.data import imagenet_classes, make_shards
+    from pace.data import imagenet_classes, shard_image_folders
 
     (val_folder / "classes.txt").write_text("\n".join(imagenet_classes()) + "\n")
-    make_shards(
+    shard_image_folders(
         val_folder / "shards",
         {"val": val_folder / "val"},
         labels={"val": val_folder / "labels.txt"},

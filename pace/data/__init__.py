@@ -1,1 +1,38 @@
-"""Webdataset shards: writer, streaming pipeline, transforms and the generated quickstart dataset."""
+"""Webdataset shards: writer, streaming pipeline, transforms and the generated quickstart dataset.
+
+Training loaders yield `(images, targets)`, evaluation loaders `(images, targets, keys)`; see docs/data.md.
+"""
+
+from pace.data.imagenet import IMAGENET1K_WDS, imagenet_classes, read_label_file, val_key_index
+from pace.data.info import ShardSet, read_info, resolve_shards
+from pace.data.loader import EpochStats, ShardLoader, TooMuchBadDataError, create_eval_loader, create_train_loader
+from pace.data.shards import BadData, ShardOpenError
+from pace.data.synthetic import SYNTHETIC_CLASSES, make_synthetic_dataset
+from pace.data.transforms import create_eval_transform, create_mixup, create_train_transform
+from pace.data.writer import EncodeOptions, SourceImage, shard_image_folders, write_dataset
+
+__all__ = [
+    "IMAGENET1K_WDS",
+    "SYNTHETIC_CLASSES",
+    "BadData",
+    "TooMuchBadDataError",
+    "EncodeOptions",
+    "EpochStats",
+    "ShardLoader",
+    "ShardOpenError",
+    "ShardSet",
+    "SourceImage",
+    "create_eval_loader",
+    "create_eval_transform",
+    "create_mixup",
+    "create_train_loader",
+    "create_train_transform",
+    "imagenet_classes",
+    "shard_image_folders",
+    "make_synthetic_dataset",
+    "read_info",
+    "read_label_file",
+    "resolve_shards",
+    "val_key_index",
+    "write_dataset",
+]

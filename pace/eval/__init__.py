@@ -1,1 +1,34 @@
-"""Evaluation on ImageNet val and ImageNet-ReaL, shared by pace-eval and the Trainer."""
+"""Evaluation on ImageNet val and ImageNet-ReaL, shared by pace-eval and the Trainer.
+
+`evaluate(model, loader, ...)` runs a model over keyed samples on every rank, gathers the predictions and scores
+them by sample key against the samples' labels and any label sets (ImageNet-ReaL); `build_evaluators` opens the
+evaluators declared in the `eval` config group; `load_model` builds a model from any supported source.
+"""
+
+from pace.eval.config import EvaluatorConfig, evaluators_from_config
+from pace.eval.evaluator import EvalResult, evaluate, predict
+from pace.eval.evaluators import Evaluator, build_evaluators
+from pace.eval.labels import LabelSets
+from pace.eval.loading import LoadedModel, load_model
+from pace.eval.predictions import Predictions, read_predictions, write_predictions
+from pace.eval.rescore import rescore
+from pace.eval.transform import build_eval_transform, eval_data_config
+
+__all__ = [
+    "EvalResult",
+    "Evaluator",
+    "EvaluatorConfig",
+    "LabelSets",
+    "LoadedModel",
+    "Predictions",
+    "build_eval_transform",
+    "build_evaluators",
+    "eval_data_config",
+    "evaluate",
+    "evaluators_from_config",
+    "load_model",
+    "predict",
+    "read_predictions",
+    "rescore",
+    "write_predictions",
+]

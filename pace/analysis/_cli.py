@@ -1,0 +1,78 @@
+"""Command-line pieces shared by the analysis scripts: which model, which images, which device."""
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+
+from pace.analysis.images import DEMO_IMAGES, demo_images, image_files, load_image
+from pace.analysis.loading import WEIGHTS, load_model
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``source``, ``--model``, ``--weights``, ``--device``, ``--seed``."""
+    parser.add_argument(
+        "source",
+        help="training checkpoint (.pt), release folder or .safetensors in one, the authors' checkpoint (with "
+        "--model), or a timm model name such as pace_vit_tiny_patch16_224 (random weights, for demonstrations)",
+    )
+    parser.add_argument("--model", default=None, help="timm architecture for a checkpoint that does not name it")
+    parser.add_argument("--weights", choices=WEIGHTS, default="auto", help="EMA or raw weights of a checkpoint")
+    parser.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1'")
+    parser.add_argument("--seed", type=int, default=0, help="seed of random weights (timm name) and synthetic images")
+
+
+def add_image_arguments(parser: argparse.ArgumentParser) -> None:
+    """``images`` (positional, after ``source``) and ``--demo``."""
+    parser.add_argument("images", nargs="*", type=Path, help="image files (JPEG, PNG, ...) and/or folders of images")
+    parser.add_argument(
+        "--demo", action="store_true", help=f"add scikit-image's sample photographs ({', '.join(DEMO_IMAGES)})"
+    )
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` → CUDA when available, else CPU; anything else as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def build_model(args: argparse.Namespace) -> tuple[nn.Module, str]:
+    """The model the arguments name, in evaluation mode on the chosen device, and its description."""
+    torch.manual_seed(args.seed)  # random weights of a model given by name are reproducible
+    model, description = load_model(args.source, model_name=args.model, weights=args.weights)
+    return model.to(resolve_device(args.device)), description
+
+
+def collect_images(args: argparse.Namespace, *, limit: int | None = None) -> list[tuple[str, Image.Image]]:
+    """``(name, image)`` pairs from ``images`` (in order) then ``--demo``; at least one is required."""
+    named = [(p.stem, load_image(p)) for p in image_files(args.images, limit=limit)] if args.images else []
+    if args.demo:
+        named.extend(demo_images().items())
+    if not named:
+        raise ValueError("no images: name image files or folders after the model source, and/or pass --demo")
+    named = named[:limit] if limit is not None else named
+    # Files of the same name in different folders (class folders of a validation set) get distinct names.
+    seen: dict[str, int] = {}
+    unique = []
+    for name, image in named:
+        seen[name] = seen.get(name, 0) + 1
+        unique.append((name if seen[name] == 1 else f"{name}_{seen[name]}", image))
+    return unique
+
+
+def run(body: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a script's body; a bad input (missing file, unreadable checkpoint or image) ends it with the message and
+    exit status 2 instead of a traceback."""
+    try:
+        return body(args)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,391 @@
+"""Train and eval loaders over webdataset shards: builders, the loader wrapper, and bad-data accounting."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader
+
+from pace.data.info import ShardSet, check_local_shards, resolve_shards
+from pace.data.pipeline import BatchReport, ShardDataset
+from pace.data.shards import BadData
+
+logger = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+_LOGGED_PER_EPOCH = 20  # bad samples logged one by one per epoch; the rest are summarised at its end
+
+
+class TooMuchBadDataError(RuntimeError):
+    """More bad samples than the allowed fraction; the message names the counts and the first bad samples."""
+
+
+@dataclass
+class EpochStats:
+    """What one rank read in one pass over its loader.
+
+    Args:
+        epoch: the epoch number.
+        rank: the rank.
+        batches: batches yielded.
+        samples: raw samples consumed.
+        decoded: images decoded.
+        bad: samples and shards skipped.
+        bad_by_kind: the same, counted by kind (`corrupt_image`, `missing_label`, `bad_shard` ...).
+        first_bad: descriptions of the first bad items, naming shard and key.
+    """
+
+    epoch: int = 0
+    rank: int = 0
+    batches: int = 0
+    samples: int = 0
+    decoded: int = 0
+    bad: int = 0
+    bad_by_kind: Counter = field(default_factory=Counter)
+    first_bad: list[str] = field(default_factory=list)
+
+    def add(self, report: BatchReport) -> list[BadData]:
+        """Count a batch's report; returns the bad items still to be logged one by one."""
+        self.samples += report.samples
+        self.decoded += report.decoded
+        to_log = report.bad[: max(0, _LOGGED_PER_EPOCH - self.bad)]
+        for item in report.bad:
+            self.bad_by_kind[item.kind] += 1
+            if len(self.first_bad) < _LOGGED_PER_EPOCH:
+                self.first_bad.append(str(item))
+        self.bad += len(report.bad)
+        return to_log
+
+
+class ShardLoader:
+    """A DataLoader over a `ShardDataset` that yields `(images, targets)` in training and
+    `(images, targets, keys)` in evaluation, counts bad data, and stops the run when there is too much.
+
+    Create it with `create_train_loader` or `create_eval_loader`.
+
+    Args:
+        dataset: the per-worker pipeline.
+        num_workers: DataLoader worker processes.
+        pin_memory: pin batches for faster host-to-GPU copies.
+        prefetch_factor: batches each worker prepares ahead (None: DataLoader default).
+        max_error_fraction: stop when more than this fraction of the samples are bad.
+        expected_samples: raw samples this rank reads per epoch when known; lets the limit stop a run early.
+    """
+
+    def __init__(
+        self,
+        dataset: ShardDataset,
+        *,
+        num_workers: int,
+        pin_memory: bool = False,
+        prefetch_factor: int | None = None,
+        max_error_fraction: float = 0.01,
+        expected_samples: int | None = None,
+    ):
+        if not 0.0 <= max_error_fraction <= 1.0:
+            raise ValueError(f"max_error_fraction must be in [0, 1], got {max_error_fraction}")
+        self.dataset = dataset
+        self.max_error_fraction = max_error_fraction
+        self.expected_samples = expected_samples
+        self.stats = EpochStats(rank=dataset.rank)
+        self._loader = DataLoader(
+            dataset,
+            batch_size=None,  # workers yield whole batches
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            prefetch_factor=prefetch_factor if num_workers > 0 else None,
+            persistent_workers=False,  # each epoch's workers must see the epoch and start batch set here
+            # The DataLoader draws a base seed per iteration (unused here) from this generator, not the global one.
+            generator=torch.Generator().manual_seed(0),
+            worker_init_fn=_own_process_group,
+        )
+
+    @property
+    def epoch(self) -> int:
+        return self.dataset.epoch
+
+    @property
+    def start_batch(self) -> int:
+        return self.dataset.start_batch
+
+    @property
+    def batches_per_epoch(self) -> int | None:
+        """Training: batches per rank in a full epoch (the same on every rank). Evaluation: this rank's batches
+        when the shard lengths are known, else None."""
+        if self.dataset.train:
+            return self.dataset.batches_per_epoch
+        return self.dataset.eval_batches_for_rank()
+
+    def set_epoch(self, epoch: int, *, start_batch: int = 0) -> None:
+        """Choose the epoch the next iteration yields, and the batch it starts at (to resume mid-epoch).
+
+        Args:
+            epoch: epoch number; with the seed it fixes shard order, shuffle and augmentation.
+            start_batch: first batch to yield; the batches before it are skipped without decoding.
+        """
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        if start_batch < 0 or (self.dataset.train and start_batch > self.dataset.batches_per_epoch):
+            raise ValueError(f"start_batch {start_batch} outside [0, {self.dataset.batches_per_epoch}]")
+        if start_batch and not self.dataset.train:
+            raise ValueError("start_batch is for training loaders; evaluation always reads everything")
+        self.dataset.epoch = epoch
+        self.dataset.start_batch = start_batch
+
+    def __len__(self) -> int:
+        """Batches the next iteration yields (training: batches_per_epoch - start_batch)."""
+        total = self.batches_per_epoch
+        if total is None:
+            raise TypeError("this eval loader's length is unknown: its shards have no sample counts (no _info.json)")
+        return total - self.start_batch
+
+    def __iter__(self) -> Iterator[tuple]:
+        stats = self.stats = EpochStats(epoch=self.epoch, rank=self.dataset.rank)
+        for *batch, report in self._loader:
+            for item in stats.add(report):
+                logger.warning("skipped %s", item)
+            self._check(stats, final=False)
+            if batch[0] is None:  # an evaluation worker's closing report, no data
+                continue
+            stats.batches += 1
+            yield tuple(batch)
+        self._check(stats, final=True)
+        if stats.bad:
+            kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(stats.bad_by_kind.items()))
+            logger.warning(
+                "epoch %d rank %d: skipped %d of %d samples (%s)",
+                *(stats.epoch, stats.rank, stats.bad, stats.samples, kinds),
+            )
+        else:
+            logger.info("epoch %d rank %d: %d samples, no bad data", stats.epoch, stats.rank, stats.samples)
+
+    def _check(self, stats: EpochStats, *, final: bool) -> None:
+        total = stats.samples if final else self.expected_samples
+        if not stats.bad or total is None or stats.bad <= self.max_error_fraction * max(total, 1):
+            return
+        shown = "\n  ".join(stats.first_bad[:5])
+        raise TooMuchBadDataError(
+            f"too much bad data in epoch {stats.epoch} on rank {stats.rank}: {stats.bad} bad of "
+            f"{stats.samples} samples read{'' if final else f' (of {total} planned)'}, above "
+            f"max_error_fraction={self.max_error_fraction}; counts {dict(stats.bad_by_kind)}; first:\n  {shown}"
+        )
+
+
+def create_train_loader(
+    source: str | Sequence[str],
+    *,
+    batch_size: int,
+    transform: Callable,
+    split: str = "train",
+    num_workers: int = 4,
+    rank: int | None = None,
+    world_size: int | None = None,
+    seed: int = 0,
+    epoch: int = 0,
+    start_batch: int = 0,
+    num_samples: int | None = None,
+    samples_per_epoch: int | None = None,
+    resampled: bool = False,
+    shuffle_buffer: int = 5000,
+    shuffle_initial: int = 1000,
+    batch_transform: Callable | None = None,
+    max_error_fraction: float = 0.01,
+    num_classes: int | None = None,
+    image_keys: Sequence[str] = IMAGE_KEYS,
+    label_key: str = "cls",
+    pin_memory: bool = False,
+    prefetch_factor: int | None = None,
+    open_timeout: float = 60.0,
+) -> ShardLoader:
+    """Training loader: shuffled, deterministic, resumable, the same number of full batches on every rank.
+
+    Every rank yields `ceil(samples_per_epoch / (world_size * batch_size))` full batches per epoch, read by
+    `world_size * max(1, num_workers)` readers. One-pass mode (the default) shuffles the shard order per epoch:
+
+    * with per-shard sample counts (`_info.json`, as `pace-make-shards` writes): the shuffled shards form one
+      sequence of samples, split into consecutive runs, one per reader, in proportion to the batches it makes
+      (a run may begin or end inside a shard). With `samples_per_epoch` left at the sample count, every sample
+      is read exactly once per epoch, plus fewer than `world_size * batch_size` top-up samples that fill the
+      last batches (a reader that runs out re-reads its own run in a new shuffle; a bad sample's place takes a
+      second copy of the next usable one). With `samples_per_epoch = k * num_samples` each reader goes k times
+      over its run (the last time a few samples short or over); with fewer, each reader stops at its quota and
+      the epoch is a random subset;
+    * without them (only a total count, e.g. `num_samples=` with a URL pattern): whole shards are dealt to the
+      readers in turn and each reader fills its quota from its own shards, so when the shards do not split
+      evenly, some samples are left out of the epoch and others are read twice (the shuffle changes which
+      each epoch).
+
+    Choose `resampled=True` when there are fewer shards than readers, when the epoch length is a budget rather
+    than a pass over the data, or for shards of unknown length whose epoch need not cover them: each reader
+    draws shards with replacement, so no sample is certain to be seen in a given epoch.
+
+    Args:
+        source: shard directory (with `_info.json`, or timm/imagenet-1k-wds shards), brace pattern(s), list
+            file, or list of URLs; see `resolve_shards`.
+        batch_size: samples per batch on this rank (every batch is full).
+        transform: per-image transform, PIL image -> tensor (`create_train_transform`).
+        split: split name in the info file.
+        num_workers: DataLoader worker processes (0: read in the main process). Part of the epoch's definition:
+            resume with the same value.
+        rank: this process's rank; default: the RANK environment variable, else 0.
+        world_size: number of ranks; default: WORLD_SIZE, else 1.
+        seed: seed shared by all ranks.
+        epoch: first epoch to yield (change it with `set_epoch`).
+        start_batch: batch of `epoch` to start at, to resume mid-epoch.
+        num_samples: samples in the split; default: from the info file or the published ImageNet counts.
+        samples_per_epoch: samples per epoch over all ranks; default: num_samples. Each rank yields
+            ceil(samples_per_epoch / (world_size * batch_size)) batches.
+        resampled: draw shards with replacement (any shard count) instead of one pass over a shuffled order
+            (which needs at least world_size * max(1, num_workers) shards); see above.
+        shuffle_buffer: raw samples in each worker's shuffle buffer (<= 1: no sample shuffle).
+        shuffle_initial: samples buffered before the first is released.
+        batch_transform: `(images, targets) -> (images, targets)` run on each batch in the worker under a
+            per-batch seed, e.g. `create_mixup(...)`; part of the deterministic epoch.
+        max_error_fraction: stop with `TooMuchBadDataError` when more of the epoch's samples are bad.
+        num_classes: labels outside [0, num_classes) count as bad data; None: not checked.
+        image_keys: tar member extensions holding the image, first present wins.
+        label_key: tar member extension holding the class index.
+        pin_memory: pin batches in page-locked memory.
+        prefetch_factor: batches prepared ahead per worker.
+        open_timeout: seconds to wait for an HTTP connection.
+    """
+    rank, world_size = _rank_and_world(rank, world_size)
+    shards = resolve_shards(source, split=split, num_samples=num_samples)
+    check_local_shards(shards.urls)
+    if shards.num_samples is None and samples_per_epoch is None:
+        raise ValueError(
+            f"the number of samples in {source!r} is unknown: pass num_samples= (or samples_per_epoch=), or write the "
+            "shards with pace-make-shards, which records it in _info.json"
+        )
+    epoch_samples = samples_per_epoch if samples_per_epoch is not None else shards.num_samples
+    workers, global_workers = max(1, num_workers), world_size * max(1, num_workers)
+    if not resampled and len(shards.urls) < global_workers:
+        raise ValueError(
+            f"{len(shards.urls)} shards cannot be split over {world_size} ranks x {workers} workers = {global_workers}"
+            " readers in one-pass mode: use resampled=True, fewer workers, or write smaller shards"
+        )
+    if batch_transform is not None and batch_size % 2:
+        raise ValueError(f"Mixup/CutMix pair samples within a batch: batch_size must be even, got {batch_size}")
+    batches = math.ceil(epoch_samples / (world_size * batch_size))
+    loader = _make_loader(
+        shards,
+        io=_LoaderIO(num_workers, pin_memory, prefetch_factor, max_error_fraction, batches * batch_size),
+        train=True,
+        transform=transform,
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        batches_per_epoch=batches,
+        seed=seed,
+        resampled=resampled,
+        shuffle_buffer=shuffle_buffer,
+        shuffle_initial=shuffle_initial,
+        batch_transform=batch_transform,
+        image_keys=image_keys,
+        label_key=label_key,
+        num_classes=num_classes,
+        open_timeout=open_timeout,
+    )
+    loader.set_epoch(epoch, start_batch=start_batch)
+    return loader
+
+
+def create_eval_loader(
+    source: str | Sequence[str],
+    *,
+    batch_size: int,
+    transform: Callable,
+    split: str = "val",
+    num_workers: int = 4,
+    rank: int | None = None,
+    world_size: int | None = None,
+    num_samples: int | None = None,
+    max_error_fraction: float = 0.01,
+    num_classes: int | None = None,
+    image_keys: Sequence[str] = IMAGE_KEYS,
+    label_key: str = "cls",
+    pin_memory: bool = False,
+    prefetch_factor: int | None = None,
+    open_timeout: float = 60.0,
+) -> ShardLoader:
+    """Evaluation loader: every sample exactly once over all ranks and workers, with its key.
+
+    Yields `(images, targets, keys)`; ranks may yield different numbers of batches (gather the results, do
+    not pad), and the last batch of each worker may be partial. Bad samples are skipped and counted.
+
+    Args:
+        source: as for `create_train_loader`.
+        batch_size: samples per batch (at most).
+        transform: per-image transform (`create_eval_transform`).
+        split: split name in the info file.
+        num_workers: DataLoader worker processes.
+        rank: this process's rank; default: RANK, else 0.
+        world_size: number of ranks; default: WORLD_SIZE, else 1.
+        num_samples: samples in the split, when no info file says (used for the error limit only).
+        max_error_fraction: stop with `TooMuchBadDataError` when more of the samples are bad.
+        num_classes: labels outside [0, num_classes) count as bad data; None: not checked.
+        image_keys: tar member extensions holding the image.
+        label_key: tar member extension holding the class index.
+        pin_memory: pin batches in page-locked memory.
+        prefetch_factor: batches prepared ahead per worker.
+        open_timeout: seconds to wait for an HTTP connection.
+    """
+    rank, world_size = _rank_and_world(rank, world_size)
+    shards = resolve_shards(source, split=split, num_samples=num_samples)
+    check_local_shards(shards.urls)
+    expected = math.ceil(shards.num_samples / world_size) if shards.num_samples else None
+    return _make_loader(
+        shards,
+        io=_LoaderIO(num_workers, pin_memory, prefetch_factor, max_error_fraction, expected),
+        train=False,
+        transform=transform,
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        image_keys=image_keys,
+        label_key=label_key,
+        num_classes=num_classes,
+        open_timeout=open_timeout,
+    )
+
+
+@dataclass(frozen=True)
+class _LoaderIO:
+    num_workers: int
+    pin_memory: bool
+    prefetch_factor: int | None
+    max_error_fraction: float
+    expected_samples: int | None
+
+
+def _make_loader(shards: ShardSet, *, io: _LoaderIO, **dataset_options) -> ShardLoader:
+    dataset = ShardDataset(shards, num_workers=io.num_workers, **dataset_options)
+    return ShardLoader(
+        dataset,
+        num_workers=io.num_workers,
+        pin_memory=io.pin_memory,
+        prefetch_factor=io.prefetch_factor,
+        max_error_fraction=io.max_error_fraction,
+        expected_samples=io.expected_samples,
+    )
+
+
+def _own_process_group(worker_id: int) -> None:
+    # torchrun signals each training process's whole group on pre-emption. In a group of their own the workers
+    # outlive that signal while the training process finishes its step and checkpoints; it still stops them
+    # itself, and they exit on their own when it dies.
+    os.setpgrp()
+
+
+def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in a world of size {world_size}")
+    return rank, world_size

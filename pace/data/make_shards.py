@@ -1,0 +1,98 @@
+"""`pace-make-shards`: write webdataset shards from image folders, or the generated quickstart dataset.
+
+    pace-make-shards OUT --split train=/data/imagenet/train --split val=/data/imagenet/val_flat \\
+        --labels val=/data/imagenet/LOC_val_solution.csv --workers 16
+    pace-make-shards data/generated/shapes --synthetic
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from pace.data.synthetic import DEFAULT_DIR, make_synthetic_dataset
+from pace.data.writer import EncodeOptions, shard_image_folders
+
+
+def _pairs(values: list[str], flag: str) -> dict[str, str]:
+    pairs = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"{flag} expects NAME=PATH, got {value!r}")
+        pairs[name] = path
+    return pairs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pace-make-shards",
+        description="Write webdataset tar shards (<prefix>-<split>-NNNNNN.tar) and _info.json from ImageFolder "
+        "trees or flat labelled folders, or generate the quickstart dataset.",
+    )
+    parser.add_argument("out", nargs="?", default=None, help=f"output directory (--synthetic: default {DEFAULT_DIR})")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--split",
+        action="append",
+        metavar="NAME=DIR",
+        help="a split and its directory: an ImageFolder tree (DIR/<class>/<image>) or, with --labels, a flat folder",
+    )
+    source.add_argument("--synthetic", action="store_true", help="write the generated 10-class quickstart dataset")
+    parser.add_argument(
+        "--labels",
+        action="append",
+        default=[],
+        metavar="NAME=FILE",
+        help="labels of a flat split: LOC_val_solution.csv or '<file> <wnid|index>' lines",
+    )
+    parser.add_argument("--classes", help="class names in index order, one per line (default: sorted wnids)")
+    parser.add_argument("--prefix", help="shard name prefix (default: the output directory's name)")
+    parser.add_argument("--key-style", choices=("auto", "stem", "path"), default="auto", help="sample keys")
+    parser.add_argument("--max-count", type=int, default=1000, help="samples per shard at most (default 1000)")
+    parser.add_argument("--max-size-mb", type=float, default=None, help="shard size limit in MB (estimated)")
+    parser.add_argument("--max-side", type=int, default=None, help="resize images whose longer side exceeds this")
+    parser.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images (default 90)")
+    parser.add_argument("--reencode", action="store_true", help="re-encode every image as JPEG at --quality")
+    parser.add_argument("--no-verify", action="store_true", help="do not fully decode each image while writing")
+    parser.add_argument("--no-shuffle", action="store_true", help="keep the train split in file order")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the train-order shuffle / generated images")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="writer processes")
+    parser.add_argument("--overwrite", action="store_true", help="replace the given splits in a non-empty directory")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    if args.synthetic:
+        info = make_synthetic_dataset(args.out or DEFAULT_DIR, seed=args.seed, workers=args.workers)
+    else:
+        if args.out is None:
+            raise SystemExit("pace-make-shards: the output directory is required")
+        info = shard_image_folders(
+            args.out,
+            _pairs(args.split, "--split"),
+            labels=_pairs(args.labels, "--labels"),
+            classes_file=args.classes,
+            prefix=args.prefix,
+            key_style=args.key_style,
+            max_count=args.max_count,
+            max_size=int(args.max_size_mb * 1e6) if args.max_size_mb else None,
+            options=EncodeOptions(
+                max_side=args.max_side, quality=args.quality, reencode=args.reencode, verify=not args.no_verify
+            ),
+            workers=args.workers,
+            shuffle_splits=() if args.no_shuffle else ("train",),
+            seed=args.seed,
+            overwrite=args.overwrite,
+        )
+    for name, entry in info["splits"].items():
+        print(f"{name}: {entry['num_samples']} samples in {len(entry['filenames'])} shards ({entry['pattern']})")
+
+
+if __name__ == "__main__":
+    main()

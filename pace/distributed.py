@@ -1,0 +1,207 @@
+"""The distributed environment, resolved in one place and passed down as a `DistEnv` (no module globals).
+
+Launchers, in order of precedence:
+1. torchrun (also torchrun started by srun, one per node): RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT.
+2. srun starting one task per device: SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID, SLURM_STEP_NODELIST.
+3. A single process.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job.
+
+    Args:
+        rank: global rank.
+        world_size: number of processes in the job.
+        local_rank: rank on this node (selects the GPU).
+        local_world_size: processes on this node.
+        master_addr: host of rank 0 (rendezvous).
+        master_port: rendezvous port.
+        launcher: "torchrun", "slurm" or "single".
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    launcher: str = "single"
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host name of a compressed SLURM node list (`gpu[003-008,010],cpu1` -> `gpu003`).
+
+    Args:
+        nodelist: the value of SLURM_JOB_NODELIST or SLURM_STEP_NODELIST.
+    """
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?([^,]*)", nodelist.strip())
+    if match is None:
+        raise ValueError(f"cannot parse SLURM node list {nodelist!r}")
+    prefix, ranges, suffix = match.groups()
+    if ranges is None:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return f"{prefix}{first}{suffix}"
+
+
+def _slurm_tasks_on_node(tasks_per_node: str, node_id: int) -> int:
+    # SLURM_STEP_TASKS_PER_NODE looks like "4(x2),3": expand to one count per node.
+    counts: list[int] = []
+    for part in tasks_per_node.split(","):
+        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if match is None:
+            raise ValueError(f"cannot parse SLURM tasks-per-node {tasks_per_node!r}")
+        counts += [int(match.group(1))] * int(match.group(2) or 1)
+    return counts[node_id]
+
+
+def resolve_dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
+    """Read the launcher's variables into a `DistEnv`.
+
+    Args:
+        environ: the process environment (default `os.environ`); tests pass a dict.
+    """
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(
+            rank=int(env["RANK"]),
+            world_size=int(env["WORLD_SIZE"]),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            local_world_size=int(env.get("LOCAL_WORLD_SIZE", 1)),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", 29500)),
+            launcher="torchrun",
+        )
+    # SLURM_STEP_NUM_TASKS exists inside an srun step only, not in the batch script itself, so a plain
+    # `python ...` in an sbatch file is not mistaken for rank 0 of many.
+    if "SLURM_PROCID" in env and int(env.get("SLURM_STEP_NUM_TASKS", 1)) > 1:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]
+        job_id = int(env.get("SLURM_JOB_ID", 0))
+        return DistEnv(
+            rank=int(env["SLURM_PROCID"]),
+            world_size=int(env["SLURM_STEP_NUM_TASKS"]),
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            local_world_size=_slurm_tasks_on_node(
+                env.get("SLURM_STEP_TASKS_PER_NODE", "1"), int(env.get("SLURM_NODEID", 0))
+            ),
+            master_addr=env.get("MASTER_ADDR") or first_slurm_host(nodelist),
+            # A port derived from the job id keeps two jobs sharing a node from colliding.
+            master_port=int(env.get("MASTER_PORT") or 20000 + job_id % 20000),
+            launcher="slurm",
+        )
+    return DistEnv()
+
+
+def select_device(env: DistEnv, requested: str = "auto") -> torch.device:
+    """The device this rank computes on.
+
+    Args:
+        env: this process's place in the job.
+        requested: "auto" (the local GPU if there is one, else CPU), "cpu" or "cuda".
+    """
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"trainer.device={requested!r} but CUDA is not available")
+    return torch.device("cuda", env.local_rank % torch.cuda.device_count())
+
+
+def init_distributed(env: DistEnv, device: torch.device, timeout_s: float = 1800.0) -> None:
+    """Join the process group (NCCL on GPU, gloo on CPU); a no-op for one process.
+
+    Args:
+        env: this process's place in the job.
+        device: this rank's device (from `select_device`).
+        timeout_s: collective timeout.
+    """
+    if not env.is_distributed or dist.is_initialized():
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        backend="nccl" if device.type == "cuda" else "gloo",
+        init_method=f"tcp://{env.master_addr}:{env.master_port}",
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=timedelta(seconds=timeout_s),
+        device_id=device if device.type == "cuda" else None,
+    )
+
+
+def destroy_distributed() -> None:
+    """Leave the process group if this process joined one."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum_values(values: list[float], env: DistEnv, device: torch.device) -> list[float]:
+    """Sums over ranks of a few scalars or 0/1 flags, in one collective.
+
+    Args:
+        values: this rank's values.
+        env: this process's place in the job.
+        device: the device collectives run on (CUDA for NCCL).
+    """
+    if not env.is_distributed:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Sum of a tensor over ranks (in place; returned for chaining).
+
+    Args:
+        tensor: this rank's values, on the collective device.
+        env: this process's place in the job.
+    """
+    if env.is_distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_gather_object(obj: Any, env: DistEnv) -> list[Any]:
+    """Every rank's `obj`, indexed by rank.
+
+    Args:
+        obj: a picklable object.
+        env: this process's place in the job.
+    """
+    if not env.is_distributed:
+        return [obj]
+    gathered: list[Any] = [None] * env.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def barrier(env: DistEnv) -> None:
+    """Wait for every rank.
+
+    Args:
+        env: this process's place in the job.
+    """
+    if env.is_distributed:
+        dist.barrier()

@@ -1,0 +1,275 @@
+"""The evaluator shared by `pace-eval` and the Trainer: run a model over an eval loader, gather, score by key."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from pace.eval.gather import gather_predictions
+from pace.eval.labels import LabelSets
+from pace.eval.metrics import score_predictions
+from pace.eval.predictions import Predictions, canonicalise, write_predictions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalResult:
+    """Metrics of one evaluation pass, identical on every rank.
+
+    Args:
+        metrics: `<group>/<metric>` -> value; accuracies in percent (`val/top1`, `real/top1`, ...), `val/loss`.
+        counts: the number of samples behind each metric (same keys), plus `samples` (unique samples evaluated),
+            `<group>/excluded`, `<group>/top{k}_correct` and `repeats_dropped`.
+        seconds: wall-clock time of the pass, gathering included.
+        data_seconds: time this rank spent waiting for the loader.
+        predictions: the canonical (key-sorted, unique) per-sample predictions.
+    """
+
+    metrics: dict[str, float]
+    counts: dict[str, int]
+    seconds: float
+    data_seconds: float
+    predictions: Predictions = field(repr=False)
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.counts["samples"] / self.seconds if self.seconds > 0 else float("nan")
+
+    def timing(self) -> dict[str, float]:
+        """Wall time, throughput and the data-loading share of this rank (the first sign of a starved loader)."""
+        share = 100.0 * self.data_seconds / self.seconds if self.seconds > 0 else float("nan")
+        return {"seconds": self.seconds, "samples_per_second": self.samples_per_second, "data_loading_pct": share}
+
+    def log_dict(self, prefix: str = "") -> dict[str, float]:
+        """Flat metrics and their counts for a logger, e.g. `{"val/top1": 81.2, "val/top1_count": 50000}`."""
+        out = {prefix + k: v for k, v in self.metrics.items()}
+        out.update({f"{prefix}{k}_count": self.counts[k] for k in self.metrics})
+        return out
+
+
+def _rank(group) -> int:
+    return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
+
+
+def _unpack(batch, index: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    if not isinstance(batch, (tuple, list)) or len(batch) != 3:
+        got = type(batch).__name__
+        raise TypeError(f"eval batch {index}: the loader must yield (images, targets, keys), got {got}")
+    images, targets, keys = batch
+    keys = list(keys)
+    for key in keys:
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"eval batch {index}: missing or invalid sample key {key!r}; every sample needs its key")
+    if not (len(keys) == len(images) == len(targets)):
+        raise ValueError(
+            f"eval batch {index}: {len(images)} images, {len(targets)} targets and {len(keys)} keys do not match"
+        )
+    return images, torch.as_tensor(targets), keys
+
+
+def _batch_predictions(
+    logits: torch.Tensor, targets: torch.Tensor, keys: list[str], *, maxk: int, keep_logits: bool
+) -> Predictions:
+    logits = logits.float()
+    # Checked on the loader's (CPU) targets, so a GPU pass does not wait for the device every batch.
+    bad = (targets >= logits.shape[1]).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(
+            f"class-count mismatch: sample {keys[bad[0]]!r} has label {int(targets[bad[0]])} but the model produces "
+            f"{logits.shape[1]} logits"
+        )
+    targets = targets.to(logits.device, torch.long, non_blocking=True)
+    labelled = targets >= 0
+    loss = F.cross_entropy(logits, targets.clamp(min=0), reduction="none")
+    loss = torch.where(labelled, loss, torch.full_like(loss, float("nan")))  # no loss without a label
+    return Predictions(
+        keys=keys,
+        topk=logits.topk(min(maxk, logits.shape[1]), dim=1).indices,
+        targets=targets,
+        loss=loss,
+        num_classes=logits.shape[1],
+        logits=logits if keep_logits else None,
+    )
+
+
+@torch.inference_mode()
+def predict(
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    device: torch.device | str,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    maxk: int = 5,
+    keep_logits: bool = False,
+    num_classes: int | None = None,
+    group=None,
+    log_every: int = 0,
+    limit_batches: int | None = None,
+) -> tuple[Predictions, float]:
+    """Run `model` over this rank's share of the data and gather every rank's predictions.
+
+    Args:
+        model: any classifier returning (B, num_classes) logits; DDP wrappers are looked through. It is put in eval
+            mode for the pass and returned to its previous mode afterwards.
+        loader: yields `(images, targets, keys)`; targets of -1 mark unlabelled samples.
+        device: where the forward pass runs.
+        amp_dtype: autocast dtype (torch.bfloat16 / torch.float16), None for full precision.
+        channels_last: feed images in channels-last memory format (convert the model likewise, for speed).
+        maxk: how many top classes to keep per sample.
+        keep_logits: also keep the full logits (for a predictions file).
+        num_classes: the number of classes the data has; a model with another number of logits is an error.
+        group: the process group to gather over (None: the default group, if initialised).
+        log_every: log progress every this many batches on rank 0 (0: never).
+        limit_batches: stop after this many batches on each rank.
+
+    Returns:
+        The predictions of all ranks, concatenated in rank order (not yet sorted or checked for repeats), and the
+        seconds this rank waited for data.
+    """
+    device = torch.device(device)
+    net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    was_training = net.training
+    net.eval()
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    parts: list[Predictions] = []
+    data_seconds, index, batches = 0.0, 0, iter(loader)
+    try:
+        while limit_batches is None or index < limit_batches:
+            start = time.perf_counter()
+            batch = next(batches, None)
+            data_seconds += time.perf_counter() - start
+            if batch is None:
+                break
+            images, targets, keys = _unpack(batch, index)
+            images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+            with autocast:
+                logits = net(images)
+            if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+                got = getattr(logits, "shape", type(logits).__name__)
+                raise TypeError(f"the model must return (B, num_classes) logits, got {got}")
+            if num_classes is not None and logits.shape[1] != num_classes:
+                raise ValueError(
+                    f"class-count mismatch: the model produces {logits.shape[1]} logits but the data has "
+                    f"{num_classes} classes"
+                )
+            parts.append(_batch_predictions(logits, targets, keys, maxk=maxk, keep_logits=keep_logits))
+            index += 1
+            if log_every and index % log_every == 0 and _rank(group) == 0:
+                log.info("eval: %d batches, %d samples on rank 0", index, sum(len(p) for p in parts))
+    finally:
+        net.train(was_training)
+    if parts:
+        local = Predictions.concat(parts).cpu()
+    else:  # this rank got no samples; its width and class count come from the other ranks when gathered
+        empty = torch.empty(0)
+        local = Predictions([], empty.long().reshape(0, maxk), empty.long(), empty, num_classes or 0)
+    return gather_predictions(local, group), data_seconds
+
+
+def check_sample_count(found: int, expected: int | None, *, allow_partial: bool, source: str = "the data") -> None:
+    """Compare the number of unique samples evaluated with what the data declares.
+
+    Raises:
+        ValueError: the counts differ and partial evaluation was not asked for (otherwise a warning is logged).
+    """
+    if expected is None or found == expected:
+        return
+    word = "fewer" if found < expected else "more"
+    message = f"evaluated {found} unique samples, {word} than the {expected} that {source} declares"
+    if not allow_partial:
+        raise ValueError(message + " (set partial evaluation to accept this)")
+    log.warning("%s; partial evaluation, metrics cover the %d samples seen", message, found)
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"unknown AMP dtype {dtype!r}; use one of {sorted(names)} or None")
+    return names[dtype]
+
+
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    device: torch.device | str,
+    amp_dtype: torch.dtype | str | None = None,
+    channels_last: bool = False,
+    topk: Sequence[int] = (1, 5),
+    name: str | None = "val",
+    label_sets: Mapping[str, LabelSets] | None = None,
+    num_classes: int | None = None,
+    expected_samples: int | None = None,
+    allow_partial: bool = False,
+    predictions_path: str | Path | None = None,
+    keep_logits: bool = False,
+    group=None,
+    log_every: int = 0,
+    limit_batches: int | None = None,
+) -> EvalResult:
+    """Evaluate a classifier on keyed data: top-k against the samples' labels and against any label sets.
+
+    Call it on every rank with that rank's loader; every sample must reach exactly one rank. The result is the
+    same on every rank and does not depend on how samples were split over ranks and workers.
+
+    Args:
+        model: any classifier returning (B, num_classes) logits (a timm model, DDP-wrapped or not).
+        loader: yields `(images, targets, keys)`.
+        device: where the forward pass runs.
+        amp_dtype: autocast dtype (`torch.bfloat16`, `"bfloat16"`, `"float16"`), None for full precision.
+        channels_last: feed images in channels-last memory format.
+        topk: the top-k accuracies to report.
+        name: metric group of the samples' own labels (`val` -> `val/top1`); None does not score them.
+        label_sets: metric group -> label sets scored by key, e.g. `{"real": LabelSets.imagenet_real()}`.
+        num_classes: the number of classes the data has (a model with another number of logits is an error).
+        expected_samples: how many samples the data declares (info file); a different count is an error.
+        allow_partial: accept a count that differs from `expected_samples`, and drop repeated keys, with warnings.
+        predictions_path: write per-sample predictions here (rank 0 writes; `.jsonl` or `.jsonl.gz`).
+        keep_logits: include the logits in the predictions file.
+        group: process group to gather over; None is the default group when initialised.
+        log_every: progress log interval in batches (0: none).
+        limit_batches: evaluate only this many batches per rank; implies partial evaluation.
+    """
+    allow_partial = allow_partial or limit_batches is not None
+    start = time.perf_counter()
+    maxk = max(max(topk), 5)
+    gathered, data_seconds = predict(
+        model,
+        loader,
+        device=device,
+        amp_dtype=_as_dtype(amp_dtype),
+        channels_last=channels_last,
+        maxk=maxk,
+        keep_logits=keep_logits and predictions_path is not None,
+        num_classes=num_classes,
+        group=group,
+        log_every=log_every,
+        limit_batches=limit_batches,
+    )
+    preds, dropped = canonicalise(gathered, allow_partial=allow_partial)
+    check_sample_count(len(preds), expected_samples, allow_partial=allow_partial)
+    metrics, counts = score_predictions(preds, topk=topk, name=name, label_sets=label_sets)
+    counts["repeats_dropped"] = dropped
+    if predictions_path is not None and _rank(group) == 0:
+        write_predictions(predictions_path, preds)
+    return EvalResult(
+        metrics=metrics,
+        counts=counts,
+        seconds=time.perf_counter() - start,
+        data_seconds=data_seconds,
+        predictions=preds,
+    )

@@ -1,0 +1,204 @@
+"""Build a model for evaluation from a timm name, one of our training checkpoints, a release folder, an authors'-
+format checkpoint or `hf-hub:`, recording what was loaded so results can name it (and its sha256).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.models import clean_state_dict, parse_model_name
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+_EMA_KEYS = ("model_ema", "state_dict_ema")
+_RAW_KEYS = ("model", "state_dict")
+_WEIGHTS = ("auto", "ema", "raw")
+_RELEASE_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for evaluation and a record of where its weights came from.
+
+    Args:
+        model: the model, in eval mode, on the CPU.
+        name: its timm architecture name.
+        source: `timm`, `hf-hub`, `release`, `checkpoint` (ours) or `state_dict` (any other file).
+        weights: which weights were loaded: `pretrained`, `random`, `model_ema`, `model`, ...
+        files: the local files the weights were read from (for hashing).
+        info: extra provenance (hub id, checkpoint epoch, ...).
+    """
+
+    model: nn.Module
+    name: str
+    source: str
+    weights: str
+    files: list[Path] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _torch_load(path: Path) -> Any:
+    # DeiT-style checkpoints carry their argparse.Namespace; allow that one class and nothing else unpickled.
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot be read as a weights-only torch checkpoint ({e})") from e
+
+
+def _pick_state_dict(checkpoint: Any, weights: str, path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"{path}: expected a dict checkpoint or state dict, found {type(checkpoint).__name__}")
+    ema = next((k for k in _EMA_KEYS if checkpoint.get(k) is not None), None)
+    raw = next((k for k in _RAW_KEYS if checkpoint.get(k) is not None), None)
+    if ema is None and raw is None:
+        if not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+            raise ValueError(f"{path}: no weights found; expected one of {_EMA_KEYS + _RAW_KEYS} or a plain state dict")
+        if weights == "ema":
+            raise ValueError(f"{path}: EMA weights asked for, but the file is a plain state dict")
+        return dict(checkpoint), "state_dict"
+    if weights == "ema" and ema is None:
+        raise ValueError(f"{path}: EMA weights asked for, but the checkpoint has none (keys: {sorted(checkpoint)})")
+    key = raw if weights == "raw" or ema is None else ema
+    if key is None:
+        raise ValueError(f"{path}: raw weights asked for, but the checkpoint has only {ema}")
+    return clean_state_dict(checkpoint[key]), key
+
+
+def _drop_state_dict_from_cfg(model: nn.Module) -> None:
+    # timm keeps the pretrained_cfg on the model; the passed-through state dict must not stay alive in it.
+    for attr in ("pretrained_cfg", "default_cfg"):
+        cfg = getattr(model, attr, None)
+        if isinstance(cfg, dict):
+            cfg.pop("state_dict", None)
+
+
+def _through_filter_fn(
+    path: Path, state_dict: dict[str, torch.Tensor], key: str, name: str | None, kwargs: dict[str, Any]
+) -> LoadedModel:
+    # Any checkpoint that does not name its architecture (e.g. the authors' format) goes through the model's own
+    # checkpoint_filter_fn, which timm applies to a passed-through state dict. The class count is pinned so timm
+    # cannot silently drop a classifier whose size differs.
+    if name is None:
+        raise ValueError(f"{path} does not name its architecture; set the model name (e.g. pace_vit_tiny_patch16_224)")
+    head = kwargs.get("num_classes", timm.models.get_pretrained_cfg_value(name, "num_classes") or 1000)
+    overlay = {"state_dict": state_dict, "num_classes": head}
+    model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    _drop_state_dict_from_cfg(model)
+    return LoadedModel(model, name, "state_dict", key, [path], {})
+
+
+def _from_torch_file(path: Path, name: str | None, weights: str, kwargs: dict[str, Any]) -> LoadedModel:
+    checkpoint = _torch_load(path)
+    state_dict, key = _pick_state_dict(checkpoint, weights, path)
+    ours = isinstance(checkpoint, Mapping) and "model_name" in checkpoint
+    if ours:
+        # A training checkpoint of this project: it names its architecture and arguments; load strictly.
+        arch = checkpoint["model_name"]
+        if name is not None and parse_model_name(name)[1] != arch:
+            raise ValueError(f"{path} holds a {arch!r} model, but model name {name!r} was given")
+        args = {**dict(checkpoint.get("model_args") or {}), **kwargs}
+        model = timm.create_model(arch, pretrained=False, **args)
+        model.load_state_dict(state_dict, strict=True)
+        info = {"epoch": checkpoint.get("epoch"), "model_args": args}
+        return LoadedModel(model, arch, "checkpoint", key, [path], info)
+    return _through_filter_fn(path, state_dict, key, name, kwargs)
+
+
+def _release_dir(path: Path) -> Path | None:
+    folder = path if path.is_dir() else path.parent
+    return folder if (folder / "config.json").is_file() else None
+
+
+def _hub_files(hub_id: str) -> list[Path]:
+    # The hub caches what it downloaded; hash that copy so results name the exact weights.
+    from huggingface_hub import try_to_load_from_cache
+
+    repo, _, revision = hub_id.partition("@")
+    found = (try_to_load_from_cache(repo, f, revision=revision or None) for f in _RELEASE_WEIGHTS)
+    return [Path(p) for p in found if isinstance(p, str)][:1]
+
+
+def load_model(
+    name: str | None = None,
+    *,
+    checkpoint: str | Path | None = None,
+    pretrained: bool = False,
+    weights: str = "auto",
+    model_kwargs: Mapping[str, Any] | None = None,
+) -> LoadedModel:
+    """Create a model for evaluation.
+
+    Sources, by `checkpoint`:
+      - None: `timm.create_model(name, pretrained=pretrained)`; `name` may be `hf-hub:org/repo` or `local-dir:...`.
+      - `hf-hub:org/repo[@revision]`: a timm model on the Hugging Face hub (config.json + weights).
+      - a release folder (config.json + model.safetensors, as `timm.models.save_for_hf` writes), or a file in one.
+      - a `.pth` / `.pt` / `.bin` / `.safetensors` file: one of our training checkpoints (it names its architecture:
+        `model_name`, `model_args`, with `model` and `model_ema` weights), or any other checkpoint or state dict for
+        architecture `name`, converted by that model's `checkpoint_filter_fn` (the authors' format for PACE-ViT).
+
+    Args:
+        name: timm architecture (required unless the checkpoint names it).
+        checkpoint: see above.
+        pretrained: with no checkpoint, load timm's pretrained weights for `name`.
+        weights: `auto` (EMA when the checkpoint has EMA weights, else raw), `ema`, or `raw`.
+        model_kwargs: extra `timm.create_model` arguments (e.g. `num_classes`, `img_size`).
+
+    Raises:
+        ValueError: an unknown `weights`, a missing architecture name, a file without usable weights, EMA asked
+            for and absent, or a checkpoint whose architecture differs from `name`.
+        FileNotFoundError: the checkpoint path does not exist.
+    """
+    if weights not in _WEIGHTS:
+        raise ValueError(f"weights must be one of {_WEIGHTS}, got {weights!r}")
+    kwargs = dict(model_kwargs or {})
+    spec = str(checkpoint) if checkpoint is not None else None
+    if spec is None or spec.startswith(("hf-hub:", "local-dir:")):
+        target = spec or name
+        if target is None:
+            raise ValueError("give a model name or a checkpoint")
+        source, ident = parse_model_name(target)
+        model = timm.create_model(target, pretrained=pretrained or source is not None, **kwargs)
+        arch = model.pretrained_cfg.get("architecture", ident)
+        if source == "hf-hub":
+            loaded = LoadedModel(model, arch, "hf-hub", "pretrained", _hub_files(ident), {"hub_id": ident})
+        elif source == "local-dir":
+            return load_model(name, checkpoint=Path(ident), weights=weights, model_kwargs=kwargs)
+        else:
+            loaded = LoadedModel(model, arch, "timm", "pretrained" if pretrained else "random")
+    else:
+        path = Path(spec)
+        if not path.exists():
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        release = _release_dir(path)
+        if release is not None and (path.is_dir() or path.suffix == ".safetensors"):
+            model = timm.create_model(f"local-dir:{release}", pretrained=True, **kwargs)
+            files = [release / f for f in _RELEASE_WEIGHTS if (release / f).is_file()][:1]
+            arch = model.pretrained_cfg.get("architecture", "")
+            loaded = LoadedModel(model, arch, "release", "release", files, {"release": str(release)})
+        elif path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            loaded = _through_filter_fn(path, load_file(path), "state_dict", name, kwargs)
+        else:
+            loaded = _from_torch_file(path, name, weights, kwargs)
+    loaded.model.eval()
+    return loaded

@@ -1,0 +1,188 @@
+"""`pace-eval`: the Hydra entry point. Everything it does is in `run`; the config is `configs/eval.yaml`.
+
+The config tree ships inside the package as `pace/configs` (a link to the top-level `configs/` in a source
+checkout, a copied folder in an installed wheel), so the same absolute path works in both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import timm
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import pace
+from pace.distributed import DistEnv, destroy_distributed, init_distributed, resolve_dist_env, select_device
+from pace.eval.config import EvalConfig, register_configs, validate
+from pace.eval.evaluators import build_evaluators
+from pace.eval.loading import LoadedModel, load_model, sha256_file
+from pace.eval.report import format_table, log_wandb, write_results
+from pace.eval.rescore import rescore
+from pace.eval.transform import build_eval_transform, eval_data_config
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+log = logging.getLogger(__name__)
+
+
+def _model_record(loaded: LoadedModel, config: EvalConfig) -> dict[str, Any]:
+    return {
+        "name": loaded.name,
+        "source": loaded.source,
+        "weights": loaded.weights,
+        "checkpoint": config.model.checkpoint,
+        "files": [str(p) for p in loaded.files],
+        "sha256": {str(p): sha256_file(p) for p in loaded.files},
+        "params": sum(p.numel() for p in loaded.model.parameters()),
+        "kwargs": dict(config.model.kwargs),
+        **loaded.info,
+    }
+
+
+def _environment(env: DistEnv, device: torch.device, config: EvalConfig) -> dict[str, Any]:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return {
+        "world_size": env.world_size,
+        "launcher": env.launcher,
+        "device": f"{device} ({name})",
+        "amp": config.amp,
+        "channels_last": config.channels_last,
+        "batch_size_per_process": config.data.batch_size,
+        "versions": {"pace": pace.__version__, "torch": torch.__version__, "timm": timm.__version__},
+    }
+
+
+def _evaluate_model(config: EvalConfig, env: DistEnv, device: torch.device) -> dict[str, Any]:
+    start = time.perf_counter()
+    torch.manual_seed(config.seed)  # weights that no checkpoint sets are drawn alike on every rank
+    loaded = load_model(
+        config.model.name,
+        checkpoint=config.model.checkpoint,
+        pretrained=config.model.pretrained,
+        weights=config.model.weights,
+        model_kwargs=config.model.kwargs,
+    )
+    model = loaded.model.to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    data_config = eval_data_config(model, dataclasses.asdict(config.transform))
+    evaluators = build_evaluators(
+        config.eval,
+        build_eval_transform(data_config),
+        rank=env.rank,
+        world_size=env.world_size,
+        batch_size=config.data.batch_size,
+        num_workers=config.data.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    sections = {}
+    for evaluator in evaluators:
+        log.info("evaluating %s on %s", loaded.name, evaluator.data.description)
+        suffix = ".jsonl.gz" if config.predictions_logits else ".jsonl"
+        predictions = Path(config.output_dir) / f"predictions_{evaluator.name}{suffix}" if config.predictions else None
+        result = evaluator.run(
+            model,
+            device=device,
+            amp_dtype=config.amp,
+            channels_last=config.channels_last,
+            predictions_path=predictions,
+            keep_logits=config.predictions_logits,
+        )
+        sections[evaluator.name] = {
+            "data": {
+                "description": evaluator.data.description,
+                **dataclasses.asdict(evaluator.cfg),
+            },
+            "metrics": result.metrics,
+            "counts": result.counts,
+            "timing": result.timing(),
+            "predictions": None if predictions is None else str(predictions),
+        }
+    record = {
+        "model": _model_record(loaded, config) if env.is_main else {"name": loaded.name},
+        "transform": data_config,
+        "evaluators": sections,
+        "environment": _environment(env, device, config),
+        "seconds": time.perf_counter() - start,
+    }
+    return record
+
+
+def _rescore(config: EvalConfig) -> dict[str, Any]:
+    name, entry = next(iter(config.eval.items()))
+    section = rescore(
+        config.rescore,
+        labels=entry.labels,
+        topk=entry.topk,
+        expected_samples=entry.num_samples,
+        allow_partial=entry.partial,
+    )
+    section["data"] = {"description": f"predictions file {config.rescore}", "labels": dict(entry.labels)}
+    return {
+        "model": {"name": None, "source": "predictions", "files": [config.rescore]},
+        "transform": None,
+        "evaluators": {name: section},
+        "environment": {"versions": {"pace": pace.__version__}},
+    }
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Validate the composed config, evaluate (or re-score), and write `results.json` in the output dir.
+
+    Args:
+        cfg: the composed Hydra config.
+
+    Returns:
+        The results record (the content of `results.json`), the same on every rank.
+    """
+    config = validate(cfg)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    env = resolve_dist_env()
+    if config.rescore:
+        record = _rescore(config)
+    else:
+        device = select_device(env, config.device)
+        if not env.is_main:
+            logging.getLogger().setLevel(logging.WARNING)
+        init_distributed(env, device)
+        try:
+            record = _evaluate_model(config, env, device)
+        finally:
+            destroy_distributed()
+    record["config"] = resolved
+    if env.is_main:
+        path = write_results(Path(config.output_dir) / "results.json", record)
+        print(format_table(record["evaluators"]))
+        log.info("results written to %s", path)
+        if config.logger.wandb:
+            log_wandb(
+                record,
+                mode=config.logger.mode,
+                project=config.logger.project,
+                entity=config.logger.entity,
+                tags=list(config.logger.tags),
+                directory=config.output_dir,
+            )
+    return record
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
+def _hydra_main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+def main() -> None:
+    """Console entry point: register the config schemas, then let Hydra parse the command line."""
+    register_configs()
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""The eval transform of a model: timm's resolution of its pretrained_cfg, with explicit overrides."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from timm.data import create_transform, resolve_data_config
+from torch import nn
+
+_OVERRIDABLE = ("input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std")
+
+
+def eval_data_config(model: nn.Module, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Resize, crop, interpolation and normalisation for evaluating `model`.
+
+    Values come from the model's pretrained_cfg (`timm.data.resolve_data_config`), except those given in
+    `overrides`. A model built for a fixed input size other than its pretrained_cfg's (e.g. `img_size=` passed at
+    creation) is evaluated at the size it was built for.
+
+    Args:
+        model: a timm model.
+        overrides: any of input_size (int or (C, H, W)), crop_pct, crop_mode, interpolation, mean, std; None values
+            are ignored.
+
+    Raises:
+        ValueError: naming an override key that is not one of the above.
+    """
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    unknown = sorted(set(overrides) - set(_OVERRIDABLE))
+    if unknown:
+        raise ValueError(f"unknown transform settings {unknown}; known: {list(_OVERRIDABLE)}")
+    if isinstance(overrides.get("input_size"), int):
+        overrides["input_size"] = (3, overrides["input_size"], overrides["input_size"])
+    config = resolve_data_config(args=dict(overrides), model=model)
+    built_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if "input_size" not in overrides and built_size is not None and model.pretrained_cfg.get("fixed_input_size"):
+        config["input_size"] = (config["input_size"][0], *built_size)
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+
+
+def build_eval_transform(data_config: Mapping[str, Any]) -> Callable:
+    """timm's eval transform (resize by crop_pct, centre crop, to tensor, normalise) for a resolved data config."""
+    return create_transform(**data_config, is_training=False)

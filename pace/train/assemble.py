@@ -1,0 +1,179 @@
+"""Assemble a Trainer from the validated config: the order matters for DDP and exact resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+from omegaconf import OmegaConf
+from timm.data import resolve_data_config
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from pace.data import create_mixup
+from pace.distributed import DistEnv, all_gather_object
+from pace.train.builders import (
+    build_ema,
+    build_loss,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    model_args,
+)
+from pace.train.checkpoint import CheckpointManager
+from pace.train.config import TrainConfig
+from pace.train.data import build_data
+from pace.train.metrics import (
+    MetricLogger,
+    ThroughputMeter,
+    device_peak_tflops,
+    git_sha,
+    training_flops_per_image,
+)
+from pace.train.trainer import Trainer, updates_per_epoch
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch.
+
+    Args:
+        seed: the seed.
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def agreed_run_dir(run_dir: str, env: DistEnv) -> Path:
+    """The run dir, checked to be the same on every rank.
+
+    Each torchrun rank composes its own Hydra config, so a run dir with `${now:...}` in it would differ.
+
+    Args:
+        run_dir: this rank's run dir.
+        env: this process's place in the job.
+    """
+    path = Path(run_dir).resolve()
+    dirs = sorted(set(all_gather_object(str(path), env)))
+    if len(dirs) > 1:
+        raise RuntimeError(f"ranks disagree on the run dir {dirs}: pass one hydra.run.dir=... to every rank")
+    return path
+
+
+def write_provenance(run_dir: Path, resolved: dict[str, Any], env: DistEnv, sha: str | None) -> None:
+    """Write the resolved config and how the run was started into the run dir.
+
+    Args:
+        run_dir: the run directory.
+        resolved: the resolved config.
+        env: this process's place in the job.
+        sha: git commit of the code.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(f"# git: {sha}\n" + OmegaConf.to_yaml(OmegaConf.create(resolved)))
+    provenance = {
+        "git_sha": sha,
+        "argv": sys.argv,
+        "host": platform.node(),
+        "world_size": env.world_size,
+        "launcher": env.launcher,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__},
+    }
+    (run_dir / "provenance.json").write_text(json.dumps(provenance, indent=1) + "\n")
+
+
+def _prepare_model(cfg: TrainConfig, env: DistEnv, device: torch.device) -> nn.Module:
+    # The same seed on every rank: identical initial weights even before DDP's broadcast.
+    seed_everything(cfg.seed)
+    model = build_model(cfg.model)
+    if env.is_distributed and cfg.trainer.sync_batchnorm:
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            # SyncBatchNorm has no CPU kernel; DDP still broadcasts rank 0's BatchNorm buffers every step.
+            log.info("trainer.sync_batchnorm: kept per-rank BatchNorm statistics on %s", device.type)
+    model.to(device)
+    if cfg.trainer.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def build_trainer(cfg: TrainConfig, *, env: DistEnv, device: torch.device, resolved: dict[str, Any]) -> Trainer:
+    """Build every component and hand them to a Trainer.
+
+    Args:
+        cfg: the validated config.
+        env: this process's place in the job.
+        device: this rank's device.
+        resolved: the resolved config as plain containers (recorded in the run dir and in checkpoints).
+    """
+    run_dir = agreed_run_dir(cfg.run_dir, env)
+    sha = git_sha()
+    if env.is_main:
+        write_provenance(run_dir, resolved, env, sha)
+    model = _prepare_model(cfg, env, device)
+    global_batch = cfg.data.batch_size * cfg.trainer.grad_accum_steps * env.world_size
+    optimizer = build_optimizer(model, cfg.optim, global_batch)
+    train_model: nn.Module = model
+    if env.is_distributed:
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.trainer.compile:
+        train_model = torch.compile(train_model)
+    # After DDP's broadcast, so every rank's EMA starts from rank 0's weights.
+    ema = build_ema(model, cfg.trainer.ema_decay, cfg.trainer.ema_warmup) if cfg.trainer.ema else None
+    aug = cfg.aug
+    mixup = create_mixup(
+        num_classes=cfg.model.num_classes,
+        mixup_alpha=aug.mixup,
+        cutmix_alpha=aug.cutmix,
+        prob=aug.mixup_prob,
+        switch_prob=aug.mixup_switch_prob,
+        mode=aug.mixup_mode,
+        label_smoothing=aug.label_smoothing,
+    )
+    norm = resolve_data_config(model=model)
+    train_data, eval_data, step_mixup = build_data(
+        cfg.data, aug, env, cfg.seed, mean=norm["mean"], std=norm["std"], mixup=mixup
+    )
+    scheduler = build_scheduler(optimizer, cfg.sched, updates_per_epoch(train_data.batches_per_epoch, cfg.trainer))
+    peak = cfg.trainer.peak_tflops or device_peak_tflops(device)
+    flops = training_flops_per_image(model, cfg.data.img_size, device) if peak else None
+    # Each rank draws its own dropout / drop-path / Mixup randomness from here on.
+    seed_everything(cfg.seed + env.rank)
+    return Trainer(
+        model=model,
+        train_model=train_model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        loss_fn=build_loss(cfg.aug, mixing=mixup is not None),
+        train_data=train_data,
+        eval_data=eval_data,
+        checkpoints=CheckpointManager(run_dir / "checkpoints", cfg.trainer.keep_last, cfg.trainer.keep_best),
+        metrics=MetricLogger(run_dir, env, cfg.logger, {**resolved, "git_sha": sha}, cfg.name),
+        env=env,
+        device=device,
+        options=cfg.trainer,
+        epochs=cfg.sched.epochs,
+        run_dir=run_dir,
+        checkpoint_meta={
+            "model_name": cfg.model.name,
+            "model_args": model_args(cfg.model),
+            "config": resolved,
+            "git_sha": sha,
+        },
+        mixup=step_mixup,
+        ema=ema,
+        clip_grad=cfg.optim.clip_grad,
+        clip_mode=cfg.optim.clip_mode,
+        meter=ThroughputMeter(device, flops, peak),
+    )

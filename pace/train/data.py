@@ -1,0 +1,185 @@
+"""Training and held-out data for the Trainer, from the data section of the config.
+
+The Trainer needs of its training data what `pace.data`'s loaders offer: `batches_per_epoch` (micro-batches per
+epoch on this rank), `set_epoch(epoch, start_batch=...)` and iteration over that epoch from `start_batch`, the same
+batches in the same order every time (that is what makes a mid-epoch resume exact).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from timm.data import Mixup
+
+from pace.data import (
+    create_eval_loader,
+    create_eval_transform,
+    create_train_loader,
+    create_train_transform,
+    make_synthetic_dataset,
+)
+from pace.distributed import DistEnv, barrier
+from pace.train.config import AugConfig, DataConfig
+
+
+class TrainData(Protocol):
+    """What the Trainer iterates over (the interface of `pace.data`'s loaders)."""
+
+    @property
+    def batches_per_epoch(self) -> int: ...
+
+    def set_epoch(self, epoch: int, *, start_batch: int = 0) -> None: ...
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]: ...
+
+
+class SyntheticImages:
+    """Class-conditional random images, reproducible from (seed, split, epoch, rank, batch index).
+
+    Each class is a smooth random colour pattern; samples add noise to it, so a model can learn the classes
+    (smoke tests see the loss fall) while no file is read (throughput runs measure compute alone).
+
+    Args:
+        num_samples: images in the split over all ranks (each rank takes `num_samples // world_size`).
+        num_classes: classes.
+        img_size: square image side.
+        batch_size: images per batch on this rank.
+        env: this process's place in the job.
+        seed: base seed (the class patterns depend on it alone, so every split shares them).
+        split: salt that separates the training and held-out draws.
+        noise: standard deviation of the per-sample noise.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_samples: int,
+        num_classes: int,
+        img_size: int,
+        batch_size: int,
+        env: DistEnv,
+        seed: int = 0,
+        split: int = 0,
+        noise: float = 1.0,
+    ) -> None:
+        self.num_classes = num_classes
+        self.img_size = img_size
+        self.batch_size = batch_size
+        self.rank = env.rank
+        self.world_size = env.world_size
+        self.seed = seed
+        self.split = split
+        self.noise = noise
+        self.epoch, self.start_batch = 0, 0
+        self.num_batches = num_samples // env.world_size // batch_size
+        if self.num_batches == 0:
+            raise ValueError(f"synthetic split of {num_samples} samples gives rank {env.rank} no batch of {batch_size}")
+        generator = torch.Generator().manual_seed(seed)
+        coarse = torch.randn(num_classes, 3, 4, 4, generator=generator)
+        self.patterns = F.interpolate(coarse, size=(img_size, img_size), mode="bilinear", align_corners=False)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.num_batches
+
+    def set_epoch(self, epoch: int, *, start_batch: int = 0) -> None:
+        """Choose the epoch the next iteration yields and the batch it starts at.
+
+        Args:
+            epoch: epoch index (changes the draw).
+            start_batch: first batch to yield.
+        """
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self) -> int:
+        return self.num_batches - self.start_batch
+
+    def _batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = ((self.seed * 1_000_003 + self.split) * 1_000_003 + self.epoch) * 1_000_003 + self.rank
+        generator = torch.Generator().manual_seed(key * 1_000_003 + index)
+        targets = torch.randint(self.num_classes, (self.batch_size,), generator=generator)
+        noise = torch.randn(self.batch_size, 3, self.img_size, self.img_size, generator=generator)
+        return self.patterns[targets] + self.noise * noise, targets  # (B, 3, H, W), (B,)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for index in range(self.start_batch, self.num_batches):
+            yield self._batch(index)
+
+
+def build_data(
+    cfg: DataConfig,
+    aug: AugConfig,
+    env: DistEnv,
+    seed: int,
+    *,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    mixup: Mixup | None,
+) -> tuple[TrainData, Iterable, Mixup | None]:
+    """The training data and the held-out loader for this rank.
+
+    Shard loaders apply Mixup/CutMix in their workers under a per-batch seed, which makes it part of the
+    deterministic, resumable epoch; synthetic data leaves it to the Trainer.
+
+    Args:
+        cfg: the data section of the config.
+        aug: the augmentation section of the config.
+        env: this process's place in the job.
+        seed: base seed shared by all ranks.
+        mean: normalisation mean (the model's pretrained config).
+        std: normalisation std.
+        mixup: the batch mixer, if any.
+
+    Returns:
+        The training data, the held-out loader, and the mixer the Trainer must still apply (or None).
+    """
+    if cfg.source == "synthetic":
+        common = {"num_classes": cfg.num_classes, "img_size": cfg.img_size, "env": env, "seed": seed}
+        train = SyntheticImages(num_samples=cfg.synthetic_train_samples, batch_size=cfg.batch_size, split=0, **common)
+        val = SyntheticImages(num_samples=cfg.synthetic_val_samples, batch_size=cfg.eval_batch_size, split=1, **common)
+        return train, val, mixup
+    if cfg.source == "quickstart":
+        if env.is_main:
+            # Idempotent: returns at once when the dataset is already there.
+            make_synthetic_dataset(cfg.root, image_size=cfg.img_size, seed=seed)
+        barrier(env)
+    rank_args = {"rank": env.rank, "world_size": env.world_size, "num_classes": cfg.num_classes}
+    train_transform = create_train_transform(
+        input_size=cfg.img_size,
+        scale=(aug.scale[0], aug.scale[1]),
+        hflip=aug.hflip,
+        color_jitter=aug.color_jitter or None,
+        auto_augment=aug.auto_augment,
+        interpolation=aug.interpolation,
+        re_prob=aug.reprob,
+        re_mode=aug.remode,
+        mean=mean,
+        std=std,
+    )
+    train = create_train_loader(
+        cfg.root,
+        batch_size=cfg.batch_size,
+        transform=train_transform,
+        split=cfg.train_split,
+        num_workers=cfg.num_workers,
+        seed=seed,
+        batch_transform=mixup,
+        pin_memory=torch.cuda.is_available(),
+        **rank_args,
+    )
+    eval_transform = create_eval_transform(
+        input_size=cfg.img_size, crop_pct=aug.crop_pct, interpolation=aug.interpolation, mean=mean, std=std
+    )
+    val = create_eval_loader(
+        cfg.root,
+        batch_size=cfg.eval_batch_size,
+        transform=eval_transform,
+        split=cfg.val_split,
+        num_workers=cfg.num_workers,
+        pin_memory=torch.cuda.is_available(),
+        **rank_args,
+    )
+    return train, val, None

@@ -22,7 +22,6 @@ References:
 """
 
 import argparse
-import contextlib
 import os
 from pathlib import Path
 
@@ -262,11 +261,11 @@ def scaling_candidates(args: argparse.Namespace, x: Tensor, device: torch.device
     return candidates
 
 
-def scaling_part(args: argparse.Namespace, device: torch.device) -> list[dict]:
-    """Part 2: time and memory of every candidate from the smallest to the largest token count."""
+def scaling_part(args: argparse.Namespace, device: torch.device, rows: list[dict], save) -> None:
+    """Part 2: time and memory of every candidate from the smallest to the largest token count, appended to
+    ``rows``; ``save()`` is called after each token count."""
     if device.type == "cpu":
         torch.set_num_threads(args.scaling_threads or max(args.threads))
-    rows = []
     for n, batch in zip(args.scaling_tokens, args.scaling_batch):
         torch.manual_seed(0)
         x = torch.randn(batch, n, args.dim, device=device)
@@ -307,7 +306,7 @@ def scaling_part(args: argparse.Namespace, device: torch.device) -> list[dict]:
         )
         if not softmax:
             print(f"tokens={n}: softmax attention skipped (--softmax-max-tokens {args.softmax_max_tokens})")
-    return rows
+        save()
 
 
 def summarise(args: argparse.Namespace, device: torch.device, ref_rows: list[dict], scale_rows: list[dict]) -> dict:
@@ -391,16 +390,25 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # float32 checks stay float32; timing runs in bf16 anyway
     command = command_line(argv)
-    ref_rows, ref_lines = reference_part(args, device)
-    scale_rows = scaling_part(args, device)
-    checks = summarise(args, device, ref_rows, scale_rows)
     info = machine_info(device)
-    report = render(args, info, ref_rows, ref_lines, scale_rows, checks, command)
-    summary = {"command": command, "machine": info, "targets": checks}
-    write_results(args.out, ref_rows + scale_rows, summary, report)
-    print(report)
-    with contextlib.suppress(OSError):
-        print(f"wrote {args.out / 'results.csv'}, {args.out / 'summary.json'}, {args.out / 'report.md'}")
+    ref_rows: list[dict] = []
+    ref_lines: list[str] = []
+    scale_rows: list[dict] = []
+
+    def save() -> str:
+        # Written after each part and token count: a run stopped by a time limit keeps what it measured.
+        checks = summarise(args, device, ref_rows, scale_rows)
+        report = render(args, info, ref_rows, ref_lines, scale_rows, checks, command)
+        write_results(args.out, ref_rows + scale_rows, {"command": command, "machine": info, "targets": checks}, report)
+        return report
+
+    rows, lines = reference_part(args, device)
+    ref_rows += rows
+    ref_lines += lines
+    save()
+    scaling_part(args, device, scale_rows, save)
+    print(save())
+    print(f"wrote {args.out / 'results.csv'}, {args.out / 'summary.json'}, {args.out / 'report.md'}")
 
 
 if __name__ == "__main__":

@@ -226,7 +226,27 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
     command = command_line(argv)
+    info = machine_info(device)
     rows: list[dict] = []
+
+    def save() -> str:
+        # Written after every case: a run stopped by a time limit keeps what it measured.
+        checks = summarise(rows, device)
+        columns = ["model", "size", "mode", "compiled", "batch", "step_ms", "images_per_s", "throughput_vs_baseline"]
+        columns += ["peak_mib"] if device.type == "cuda" else ["images_per_cpu_s", "cpu_throughput_vs_baseline"]
+        columns += ["gflop_per_image"]
+        report = "\n\n".join(
+            [
+                "# Model throughput",
+                f"Command: `{command}`",
+                "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()),
+                markdown_table(rows, columns),
+                format_checks(checks),
+            ]
+        )
+        write_results(args.out, rows, {"command": command, "machine": info, "targets": checks}, report + "\n")
+        return report
+
     for pair in args.pairs:
         for size in args.sizes:
             for mode in args.modes:
@@ -236,22 +256,8 @@ def main(argv: list[str] | None = None) -> None:
                     if compiled and not subset:
                         continue
                     rows += run_case(args, device, pair, size, mode, compiled)
-    checks = summarise(rows, device)
-    info = machine_info(device)
-    columns = ["model", "size", "mode", "compiled", "batch", "step_ms", "images_per_s", "throughput_vs_baseline"]
-    columns += ["peak_mib"] if device.type == "cuda" else ["images_per_cpu_s", "cpu_throughput_vs_baseline"]
-    columns += ["gflop_per_image"]
-    report = "\n\n".join(
-        [
-            "# Model throughput",
-            f"Command: `{command}`",
-            "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()),
-            markdown_table(rows, columns),
-            format_checks(checks),
-        ]
-    )
-    write_results(args.out, rows, {"command": command, "machine": info, "targets": checks}, report + "\n")
-    print(report)
+                    save()
+    print(save())
 
 
 if __name__ == "__main__":

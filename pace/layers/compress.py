@@ -25,8 +25,8 @@ def validate_compress_form(form: str) -> str:
     return form
 
 
-def _membership_logits(sq_norms: Tensor, tau: Tensor) -> Tensor:
-    # ‖col‖ from its square, in at least float32; clamping at the smallest normal number keeps the gradient of
+def _membership_logits_from_squares(sq_norms: Tensor, tau: Tensor) -> Tensor:
+    # ‖col‖ / τ from ‖col‖², in at least float32; clamping at the smallest normal number keeps the gradient of
     # the square root finite (zero) for a token with no component in the sketched space.
     work = sq_norms.to(torch.promote_types(sq_norms.dtype, torch.float32))
     return work.clamp_min(torch.finfo(work.dtype).tiny).sqrt() / tau
@@ -75,7 +75,7 @@ def compress_weights(
         keep = Q.square().sum(-1).view(B, K, p).to(a.dtype)  # diag(Q_kQ_kᵀ)
         # ‖col_k‖² = Σ_p diag² a², for all heads in one product with a block-diagonal (K·p × K) matrix per image.
         blocks = keep.square().unsqueeze(-1) * torch.eye(K, device=a.device, dtype=a.dtype).unsqueeze(1)
-        pi = torch.softmax(_membership_logits((a * a) @ blocks.view(B, K * p, K), tau), dim=-1)  # (B, N, K)
+        pi = torch.softmax(_membership_logits_from_squares((a * a) @ blocks.view(B, K * p, K), tau), dim=-1)
         # null_k = (1 − diag) ⊙ a_k
         w = a.view(B, N, K, p) * pi.unsqueeze(-1).to(a.dtype) * (1 - keep).unsqueeze(1)  # (B, N, K, p)
         return w.view(B, N, K * p), pi
@@ -85,8 +85,8 @@ def compress_weights(
         col = (a_h @ Q) @ Q.mT
     else:
         col = ridge_project(a_h, sketch, eps=eps)  # (B·K, N, p) = Q_kQ_kᵀ a_k
-    sq_norms = col.square().sum(-1).view(B, K, N)
-    pi = torch.softmax(_membership_logits(sq_norms, tau), dim=1)  # (B, K, N)
+    norms = torch.linalg.vector_norm(col, dim=-1, dtype=torch.promote_types(col.dtype, torch.float32))
+    pi = torch.softmax(norms.view(B, K, N) / tau, dim=1)  # (B, K, N)
     null = (a_h - col).view(B, K, N, p)
     w = (null * pi.unsqueeze(-1).to(null.dtype)).transpose(1, 2).reshape(B, N, K * p)  # (B, N, K·p)
     return w, pi.transpose(1, 2)

@@ -222,6 +222,10 @@ class TrainerConfig:
         limit_train_batches: cap on micro-batches per epoch (short runs and tests).
         limit_eval_batches: cap on evaluation batches.
         log_every_steps: optimizer updates between metric records.
+        telemetry_every_steps: optimizer updates between white-box telemetry records (rank 0): each PACE block's
+            alpha, beta, tau and the coding rates R, R_c, dR of the tokens of a few fixed held-out images
+            (0: off).
+        telemetry_images: held-out images the telemetry measures.
         progress_bar: rank-0 tqdm bar.
         ckpt_every_steps: optimizer updates between mid-epoch checkpoints (0: end of epoch only).
         keep_last: how many recent checkpoints to keep.
@@ -252,6 +256,8 @@ class TrainerConfig:
     limit_train_batches: int | None = None
     limit_eval_batches: int | None = None
     log_every_steps: int = 50
+    telemetry_every_steps: int = 0
+    telemetry_images: int = 8
     progress_bar: bool = True
     ckpt_every_steps: int = 0
     keep_last: int = 3
@@ -274,6 +280,8 @@ class TrainerConfig:
         _require(0.0 < self.ema_decay < 1.0, "trainer.ema_decay", self.ema_decay, "a decay in (0, 1)")
         _require(self.eval_every_epochs >= 1, "trainer.eval_every_epochs", self.eval_every_epochs, ">= 1")
         _require(self.log_every_steps >= 1, "trainer.log_every_steps", self.log_every_steps, ">= 1")
+        _require(self.telemetry_every_steps >= 0, "trainer.telemetry_every_steps", self.telemetry_every_steps, ">= 0")
+        _require(self.telemetry_images >= 1, "trainer.telemetry_images", self.telemetry_images, ">= 1")
         _require(self.ckpt_every_steps >= 0, "trainer.ckpt_every_steps", self.ckpt_every_steps, ">= 0")
         _require(self.keep_last >= 1, "trainer.keep_last", self.keep_last, ">= 1")
         _require(self.cpu_threads is None or self.cpu_threads >= 1, "trainer.cpu_threads", self.cpu_threads, ">= 1")

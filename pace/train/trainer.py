@@ -25,7 +25,7 @@ from pace.train.checkpoint import CheckpointManager, export_release, load_checkp
 from pace.train.config import TrainerConfig
 from pace.train.data import TrainData
 from pace.train.evaluation import evaluate as evaluate_model
-from pace.train.metrics import MetricLogger, ThroughputMeter, pace_coefficients
+from pace.train.metrics import MetricLogger, ThroughputMeter, pace_telemetry
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +196,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=options.precision == "fp16")
         self.updates_per_epoch = updates_per_epoch(train_data.batches_per_epoch, options)
         self._loss_window: list[float] = []
+        self._telemetry_images: torch.Tensor | None = None
 
     # -- one update ---------------------------------------------------------------------------------------
 
@@ -323,6 +324,7 @@ class Trainer:
             self.meter.add(fetched - start, time.perf_counter() - fetched, out.images)
             self.state.batch += accum
             self._after_update(out, bar)
+            self._telemetry()
             if out.stop_requested:
                 self.save_checkpoint()
                 raise PreemptedError(f"stop signal: checkpoint at step {self.state.step} written")
@@ -347,10 +349,24 @@ class Trainer:
             "train/grad_norm": out.grad_norm,
             "train/nonfinite_skips": self.state.nonfinite_skips,
             **self.meter.summary(self.env.world_size),
-            **pace_coefficients(self.model),
         }
         self._loss_window.clear()
         self.metrics.log(record, step=self.state.step)
+
+    def _telemetry(self) -> None:
+        every = self.options.telemetry_every_steps
+        if not every or self.state.step % every or not self.env.is_main:
+            return
+        if self._telemetry_images is None:
+            # The first held-out images, fixed for the run. A loader may draw seeds from the global generators,
+            # so their states are restored: training stays bit-identical with or without telemetry.
+            state = rng_state()
+            images = next(iter(self.eval_data))[0][: self.options.telemetry_images]
+            set_rng_state(state)
+            self._telemetry_images = images.to(self.device)
+        record = pace_telemetry(self.model, self._telemetry_images)
+        if record:
+            self.metrics.log(record, step=self.state.step)
 
     def evaluate(self) -> dict[str, float]:
         """Held-out metrics of the raw weights (`val/...`) and, if kept, the EMA weights (`val_ema/...`)."""

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 _EMA_KEYS = ("model_ema", "state_dict_ema")
 _RAW_KEYS = ("model", "state_dict")
-_WEIGHTS = ("auto", "ema", "raw")
+WEIGHTS = ("auto", "ema", "raw")
 _RELEASE_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
@@ -167,8 +167,8 @@ def load_model(
             for and absent, or a checkpoint whose architecture differs from `name`.
         FileNotFoundError: the checkpoint path does not exist.
     """
-    if weights not in _WEIGHTS:
-        raise ValueError(f"weights must be one of {_WEIGHTS}, got {weights!r}")
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     kwargs = dict(model_kwargs or {})
     spec = str(checkpoint) if checkpoint is not None else None
     if spec is None or spec.startswith(("hf-hub:", "local-dir:")):

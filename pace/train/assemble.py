@@ -142,8 +142,8 @@ def build_trainer(cfg: TrainConfig, *, env: DistEnv, device: torch.device, resol
         label_smoothing=aug.label_smoothing,
     )
     norm = resolve_data_config(model=model)
-    train_data, eval_data, step_mixup = build_data(
-        cfg.data, aug, env, cfg.seed, mean=norm["mean"], std=norm["std"], mixup=mixup
+    train_data, evaluators, step_mixup = build_data(
+        cfg.data, aug, cfg.eval, env, cfg.seed, mean=norm["mean"], std=norm["std"], mixup=mixup
     )
     scheduler = build_scheduler(optimizer, cfg.sched, updates_per_epoch(train_data.batches_per_epoch, cfg.trainer))
     peak = cfg.trainer.peak_tflops or device_peak_tflops(device)
@@ -157,7 +157,7 @@ def build_trainer(cfg: TrainConfig, *, env: DistEnv, device: torch.device, resol
         scheduler=scheduler,
         loss_fn=build_loss(cfg.aug, mixing=mixup is not None),
         train_data=train_data,
-        eval_data=eval_data,
+        evaluators=evaluators,
         checkpoints=CheckpointManager(run_dir / "checkpoints", cfg.trainer.keep_last, cfg.trainer.keep_best),
         metrics=MetricLogger(run_dir, env, cfg.logger, {**resolved, "git_sha": sha}, cfg.name),
         env=env,

@@ -180,7 +180,7 @@ def test_a_built_wheel_ships_the_config_tree(tmp_path: Path):
 def test_submitit_launcher_config_composes():
     register_configs()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
-        cfg = compose("train", overrides=["hydra/launcher=submitit_slurm"], return_hydra_config=True)
+        cfg = compose("train", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert (launcher.tasks_per_node, launcher.gpus_per_node, launcher.nodes) == (8, 8, 1)
     assert launcher.signal_delay_s > 0 and launcher.max_num_timeout > 0

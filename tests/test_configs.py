@@ -112,6 +112,8 @@ def test_wrong_type_fails_naming_the_key():
         ("sched.warmup_epochs=9", "sched.warmup_epochs"),
         ("model.num_classes=7", "model.num_classes"),
         ("data.batch_size=3", "data.batch_size"),
+        ("eval.val.every_n_epochs=0", "eval.val"),
+        ("trainer.telemetry_images=0", "trainer.telemetry_images"),
     ],
 )
 def test_bad_value_fails_naming_the_key(override, key):

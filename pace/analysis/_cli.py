@@ -12,6 +12,7 @@ from PIL import Image
 from torch import nn
 
 from pace.analysis.images import DEMO_IMAGES, demo_images, image_files, load_image
+from pace.distributed import DistEnv, select_device
 from pace.eval.loading import WEIGHTS, load_model
 
 log = logging.getLogger(__name__)
@@ -36,16 +37,6 @@ def add_image_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--demo", action="store_true", help=f"add scikit-image's sample photographs ({', '.join(DEMO_IMAGES)})"
     )
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` → CUDA when available, else CPU; anything else as given."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return device
 
 
 def model_from_source(
@@ -78,7 +69,7 @@ def build_model(args: argparse.Namespace) -> tuple[nn.Module, str]:
     """The model the arguments name, in evaluation mode on the chosen device, and its description."""
     torch.manual_seed(args.seed)  # random weights of a model given by name are reproducible
     model, description = model_from_source(args.source, model_name=args.model, weights=args.weights)
-    return model.to(resolve_device(args.device)), description
+    return model.to(select_device(DistEnv(), args.device)), description
 
 
 def collect_images(args: argparse.Namespace, *, limit: int | None = None) -> list[tuple[str, Image.Image]]:

@@ -14,7 +14,7 @@ from typing import Any, get_type_hints
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from pace.eval.config import EvaluatorConfig
+from pace.eval.config import EvaluatorConfig, evaluators_from_config
 from pace.schema import LoggerConfig
 from pace.schema import require as _require
 
@@ -357,4 +357,5 @@ def validate(cfg: DictConfig) -> TrainConfig:
         ValueError: naming the first unknown key, or the first key whose value is out of range.
     """
     _check_known_keys(cfg, TrainConfig, "")
+    evaluators_from_config(OmegaConf.to_container(cfg.eval, resolve=True))  # errors name the entry: eval.<name>
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]

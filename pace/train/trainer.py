@@ -121,8 +121,10 @@ class StepOutput:
     images: int
 
 
+# Keyword-only fields, compared by identity: a Trainer holds modules, not values.
+@dataclass(kw_only=True, eq=False, repr=False)
 class Trainer:
-    """Trains a model with DDP-ready objects built elsewhere (see `pace.train.setup.build_trainer`).
+    """Trains a model with DDP-ready objects built elsewhere (see `pace.train.assemble.build_trainer`).
 
     Args:
         model: the unwrapped model (what checkpoints, EMA and evaluation see).
@@ -147,54 +149,34 @@ class Trainer:
         meter: throughput meter.
     """
 
-    def __init__(
-        self,
-        *,
-        model: nn.Module,
-        train_model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        scheduler: Scheduler,
-        loss_fn: nn.Module,
-        train_data: TrainData,
-        evaluators: list[Evaluator],
-        checkpoints: CheckpointManager,
-        metrics: MetricLogger,
-        env: DistEnv,
-        device: torch.device,
-        options: TrainerConfig,
-        epochs: int,
-        run_dir: str | Path,
-        checkpoint_meta: dict[str, Any],
-        mixup: Mixup | None = None,
-        ema: ModelEmaV3 | None = None,
-        clip_grad: float | None = None,
-        clip_mode: str = "norm",
-        meter: ThroughputMeter | None = None,
-    ) -> None:
-        self.model = model
-        self.train_model = train_model
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.loss_fn = loss_fn
-        self.train_data = train_data
-        self.evaluators = evaluators
-        self.checkpoints = checkpoints
-        self.metrics = metrics
-        self.env = env
-        self.device = device
-        self.options = options
-        self.epochs = epochs
-        self.run_dir = Path(run_dir)
-        self.checkpoint_meta = checkpoint_meta
-        self.mixup = mixup
-        self.ema = ema
-        self.clip_grad = clip_grad
-        self.clip_mode = clip_mode
-        self.meter = meter or ThroughputMeter(device)
+    model: nn.Module
+    train_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Scheduler
+    loss_fn: nn.Module
+    train_data: TrainData
+    evaluators: list[Evaluator]
+    checkpoints: CheckpointManager
+    metrics: MetricLogger
+    env: DistEnv
+    device: torch.device
+    options: TrainerConfig
+    epochs: int
+    run_dir: Path
+    checkpoint_meta: dict[str, Any]
+    mixup: Mixup | None = None
+    ema: ModelEmaV3 | None = None
+    clip_grad: float | None = None
+    clip_mode: str = "norm"
+    meter: ThroughputMeter | None = None
+
+    def __post_init__(self) -> None:
+        self.run_dir = Path(self.run_dir)
+        self.meter = self.meter or ThroughputMeter(self.device)
         self.state = TrainState()
         self.stop = StopSignals()
-        self.scaler = torch.amp.GradScaler(device.type, enabled=options.precision == "fp16")
-        self.updates_per_epoch = updates_per_epoch(train_data.batches_per_epoch, options)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.options.precision == "fp16")
+        self.updates_per_epoch = updates_per_epoch(self.train_data.batches_per_epoch, self.options)
         self._loss_window: list[float] = []
         self._telemetry_images: torch.Tensor | None = None
 

@@ -119,12 +119,17 @@ def select_device(env: DistEnv, requested: str = "auto") -> torch.device:
 
     Args:
         env: this process's place in the job.
-        requested: "auto" (the local GPU if there is one, else CPU), "cpu" or "cuda".
+        requested: "auto" (the local GPU if there is one, else CPU), "cpu", "cuda" (the local GPU) or "cuda:N".
+
+    Raises:
+        ValueError: a GPU was asked for and CUDA is not available.
     """
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError(f"trainer.device={requested!r} but CUDA is not available")
+        raise ValueError(f"device {requested!r} was asked for, but CUDA is not available on this machine")
+    if requested.startswith("cuda:"):
+        return torch.device(requested)
     return torch.device("cuda", env.local_rank % torch.cuda.device_count())
 
 

@@ -18,9 +18,9 @@ from timm.models import save_for_hf
 
 import pace  # noqa: F401  (registers the models)
 from pace.analysis import layer_rates
+from pace.analysis._cli import model_from_source
 from pace.analysis.analyze import main as analyze_main
 from pace.analysis.images import model_transform
-from pace.analysis.loading import load_model
 from pace.analysis.visualize import main as visualize_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,7 +139,7 @@ def test_a_release_folder_or_its_safetensors_file_loads_with_its_weights(tmp_pat
         model.blocks[2].attn.alpha.fill_(0.77)
     save_for_hf(model, str(tmp_path), model_args={"num_classes": 10}, safe_serialization=True)  # as training exports
     for source in (tmp_path, tmp_path / "model.safetensors"):
-        loaded, description = load_model(source)
+        loaded, description = model_from_source(source)
         assert description.startswith(MODEL) and not loaded.training
         for (name, p), q in zip(loaded.state_dict().items(), model.state_dict().values()):
             assert torch.equal(p, q), name

@@ -1,4 +1,4 @@
-"""Metric sinks and meters: metrics.jsonl, wandb offline (never online in tests), throughput, PACE coefficients."""
+"""Metric sinks and meters: metrics.jsonl, wandb offline (never online in tests), throughput, PACE telemetry."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 import pace  # noqa: F401  (registers the models)
 from pace.distributed import DistEnv
 from pace.train.config import LoggerConfig
-from pace.train.metrics import MetricLogger, ThroughputMeter, pace_coefficients
+from pace.train.metrics import MetricLogger, ThroughputMeter, pace_telemetry
 
 
 def test_jsonl_records_and_truncation_for_a_resumed_run(tmp_path: Path):
@@ -55,11 +55,12 @@ def test_throughput_meter_summarises_its_window():
     assert meter.summary(world_size=4)["perf/images_per_s"] == 0.0  # the window was reset
 
 
-def test_pace_coefficients_name_every_block():
+def test_pace_telemetry_names_every_block():
     model = timm.create_model("pace_vit_test", num_classes=10)
-    coeffs = pace_coefficients(model)
-    assert len(coeffs) == 3 * len(model.blocks)
+    images = torch.randn(2, 3, 64, 64)
+    coeffs = pace_telemetry(model, images)
+    assert len(coeffs) == 6 * len(model.blocks)  # alpha, beta, tau, R, Rc, dR
     for i, block in enumerate(model.blocks):
         for name, value in block.coefficients().items():
-            assert coeffs[f"pace/{name}/{i}"] == pytest.approx(float(value))
-    assert pace_coefficients(timm.create_model("test_vit")) == {}
+            assert coeffs[f"pace/block{i}/{name}"] == pytest.approx(float(value))
+    assert pace_telemetry(timm.create_model("test_vit"), images) == {}

@@ -32,7 +32,7 @@ def make_trainer(tmp_path: Path, **options) -> Trainer:
         scheduler=build_scheduler(optimizer, SchedConfig(epochs=2, warmup_epochs=0), updates_per_epoch=8),
         loss_fn=nn.CrossEntropyLoss(),
         train_data=data,
-        eval_data=data,
+        evaluators=[],
         checkpoints=CheckpointManager(tmp_path / "ckpt"),
         metrics=MetricLogger(tmp_path, DistEnv(), None, {}, "test"),
         env=DistEnv(),

@@ -1,7 +1,7 @@
 """White-box analysis of PACE-ViT: memberships, per-layer coefficients and coding rates, spectra, plots.
 
-Plotting lives in :mod:`pace.analysis.plots` (imported on demand, it loads matplotlib); model loading for the
-scripts in :mod:`pace.analysis.loading`; image handling in :mod:`pace.analysis.images`.
+Plotting lives in :mod:`pace.analysis.plots` (imported on demand, it loads matplotlib); the scripts load models
+with :func:`pace.eval.load_model`; image handling is in :mod:`pace.analysis.images`.
 """
 
 from pace.analysis.inference import analysis_mode, is_pace_model

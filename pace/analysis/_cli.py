@@ -1,16 +1,21 @@
 """Command-line pieces shared by the analysis scripts: which model, which images, which device."""
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import timm
 import torch
 from PIL import Image
 from torch import nn
 
 from pace.analysis.images import DEMO_IMAGES, demo_images, image_files, load_image
-from pace.analysis.loading import WEIGHTS, load_model
+from pace.distributed import DistEnv, select_device
+from pace.eval.loading import WEIGHTS, load_model
+
+log = logging.getLogger(__name__)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,21 +39,37 @@ def add_image_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` → CUDA when available, else CPU; anything else as given."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return device
+def model_from_source(
+    source: str | Path, *, model_name: str | None = None, weights: str = "auto"
+) -> tuple[nn.Module, str]:
+    """The model to analyse, in evaluation mode on the CPU, through `pace.eval.load_model`, and its description.
+
+    Args:
+        source: a checkpoint (ours, a release folder or a file in one, the authors' format with `model_name`), or a
+            timm model name (random weights, for demonstrations).
+        model_name: timm architecture for a checkpoint that does not name its own.
+        weights: `auto` (EMA weights when present), `ema` or `raw`.
+
+    Returns:
+        `(model, description)`; the description names the architecture, the file and the weights for plot titles.
+    """
+    if Path(source).exists():
+        loaded = load_model(model_name, checkpoint=source, weights=weights)
+        where = loaded.info.get("release") or (loaded.files[0].name if loaded.files else str(source))
+    elif str(source) in timm.list_models():
+        loaded = load_model(str(source))
+        where = "timm"
+        log.warning("%s: random weights; pass a checkpoint to analyse a trained model", source)
+    else:
+        raise ValueError(f"{str(source)!r} is neither an existing checkpoint/release path nor a timm model name")
+    return loaded.model, f"{loaded.name} ({where}, {loaded.weights} weights)"
 
 
 def build_model(args: argparse.Namespace) -> tuple[nn.Module, str]:
     """The model the arguments name, in evaluation mode on the chosen device, and its description."""
     torch.manual_seed(args.seed)  # random weights of a model given by name are reproducible
-    model, description = load_model(args.source, model_name=args.model, weights=args.weights)
-    return model.to(resolve_device(args.device)), description
+    model, description = model_from_source(args.source, model_name=args.model, weights=args.weights)
+    return model.to(select_device(DistEnv(), args.device)), description
 
 
 def collect_images(args: argparse.Namespace, *, limit: int | None = None) -> list[tuple[str, Image.Image]]:

@@ -7,7 +7,7 @@ evaluators declared in the `eval` config group; `load_model` builds a model from
 
 from pace.eval.config import EvaluatorConfig, evaluators_from_config
 from pace.eval.evaluator import EvalResult, evaluate, predict
-from pace.eval.evaluators import Evaluator, build_evaluators
+from pace.eval.evaluators import EvalData, Evaluator, build_evaluators
 from pace.eval.labels import LabelSets
 from pace.eval.loading import LoadedModel, load_model
 from pace.eval.predictions import Predictions, read_predictions, write_predictions
@@ -15,6 +15,7 @@ from pace.eval.rescore import rescore
 from pace.eval.transform import build_eval_transform, eval_data_config
 
 __all__ = [
+    "EvalData",
     "EvalResult",
     "Evaluator",
     "EvaluatorConfig",

@@ -11,16 +11,12 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from pace.train.config import LoggerConfig
+from pace.schema import LoggerConfig
+from pace.schema import require as _require
 
 FORMATS = ("auto", "webdataset", "imagenet_val_folder", "image_folder")
 TARGETS = "targets"  # label source: the labels the samples carry
 IMAGENET_REAL = "imagenet_real"  # label source: the ImageNet-ReaL sets timm ships
-
-
-def _require(ok: bool, key: str, value: Any, expected: str) -> None:
-    if not ok:
-        raise ValueError(f"config key {key}={value!r} is invalid: expected {expected}")
 
 
 @dataclass

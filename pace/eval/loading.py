@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 _EMA_KEYS = ("model_ema", "state_dict_ema")
 _RAW_KEYS = ("model", "state_dict")
-_WEIGHTS = ("auto", "ema", "raw")
+WEIGHTS = ("auto", "ema", "raw")
 _RELEASE_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
@@ -83,8 +83,32 @@ def _pick_state_dict(checkpoint: Any, weights: str, path: Path) -> tuple[dict[st
     return clean_state_dict(checkpoint[key]), key
 
 
-def _drop_state_dict_from_cfg(model: nn.Module) -> None:
-    # timm keeps the pretrained_cfg on the model; the passed-through state dict must not stay alive in it.
+def read_weights(path: str | Path, weights: str = "auto") -> tuple[dict[str, torch.Tensor], str]:
+    """The state dict a weights file holds, and the entry it came from.
+
+    Args:
+        path: a `.safetensors` file (one state dict), or a torch file: one of our training checkpoints, a DeiT-style
+            checkpoint (the authors' format), or a plain state dict.
+        weights: `auto` (EMA weights when the checkpoint has them, else raw), `ema`, or `raw`.
+
+    Raises:
+        ValueError: the file cannot be read weights-only, holds no weights, or lacks the weights asked for.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path), "state_dict"
+    return _pick_state_dict(_torch_load(path), weights, path)
+
+
+def drop_pretrained_state_dict(model: nn.Module) -> None:
+    """Forget the state dict passed to timm through `pretrained_cfg_overlay`: timm keeps the pretrained config on
+    the model, which would keep a second copy of the weights alive.
+
+    Args:
+        model: a model timm created with a `state_dict` overlay.
+    """
     for attr in ("pretrained_cfg", "default_cfg"):
         cfg = getattr(model, attr, None)
         if isinstance(cfg, dict):
@@ -102,7 +126,7 @@ def _through_filter_fn(
     head = kwargs.get("num_classes", timm.models.get_pretrained_cfg_value(name, "num_classes") or 1000)
     overlay = {"state_dict": state_dict, "num_classes": head}
     model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
-    _drop_state_dict_from_cfg(model)
+    drop_pretrained_state_dict(model)
     return LoadedModel(model, name, "state_dict", key, [path], {})
 
 
@@ -167,8 +191,8 @@ def load_model(
             for and absent, or a checkpoint whose architecture differs from `name`.
         FileNotFoundError: the checkpoint path does not exist.
     """
-    if weights not in _WEIGHTS:
-        raise ValueError(f"weights must be one of {_WEIGHTS}, got {weights!r}")
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     kwargs = dict(model_kwargs or {})
     spec = str(checkpoint) if checkpoint is not None else None
     if spec is None or spec.startswith(("hf-hub:", "local-dir:")):
@@ -195,9 +219,7 @@ def load_model(
             arch = model.pretrained_cfg.get("architecture", "")
             loaded = LoadedModel(model, arch, "release", "release", files, {"release": str(release)})
         elif path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            loaded = _through_filter_fn(path, load_file(path), "state_dict", name, kwargs)
+            loaded = _through_filter_fn(path, *read_weights(path), name, kwargs)
         else:
             loaded = _from_torch_file(path, name, weights, kwargs)
     loaded.model.eval()

@@ -5,16 +5,15 @@ from __future__ import annotations
 import json
 import logging
 import platform
-import random
 import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import timm
 import torch
 from omegaconf import OmegaConf
 from timm.data import resolve_data_config
+from timm.utils import random_seed
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -41,17 +40,6 @@ from pace.train.metrics import (
 from pace.train.trainer import Trainer, updates_per_epoch
 
 log = logging.getLogger(__name__)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch.
-
-    Args:
-        seed: the seed.
-    """
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def agreed_run_dir(run_dir: str, env: DistEnv) -> Path:
@@ -94,7 +82,7 @@ def write_provenance(run_dir: Path, resolved: dict[str, Any], env: DistEnv, sha:
 
 def _prepare_model(cfg: TrainConfig, env: DistEnv, device: torch.device) -> nn.Module:
     # The same seed on every rank: identical initial weights even before DDP's broadcast.
-    seed_everything(cfg.seed)
+    random_seed(cfg.seed)
     model = build_model(cfg.model)
     if env.is_distributed and cfg.trainer.sync_batchnorm:
         if device.type == "cuda":
@@ -142,14 +130,14 @@ def build_trainer(cfg: TrainConfig, *, env: DistEnv, device: torch.device, resol
         label_smoothing=aug.label_smoothing,
     )
     norm = resolve_data_config(model=model)
-    train_data, eval_data, step_mixup = build_data(
-        cfg.data, aug, env, cfg.seed, mean=norm["mean"], std=norm["std"], mixup=mixup
+    train_data, evaluators, step_mixup = build_data(
+        cfg.data, aug, cfg.eval, env, cfg.seed, mean=norm["mean"], std=norm["std"], mixup=mixup
     )
     scheduler = build_scheduler(optimizer, cfg.sched, updates_per_epoch(train_data.batches_per_epoch, cfg.trainer))
     peak = cfg.trainer.peak_tflops or device_peak_tflops(device)
     flops = training_flops_per_image(model, cfg.data.img_size, device) if peak else None
     # Each rank draws its own dropout / drop-path / Mixup randomness from here on.
-    seed_everything(cfg.seed + env.rank)
+    random_seed(cfg.seed, env.rank)
     return Trainer(
         model=model,
         train_model=train_model,
@@ -157,7 +145,7 @@ def build_trainer(cfg: TrainConfig, *, env: DistEnv, device: torch.device, resol
         scheduler=scheduler,
         loss_fn=build_loss(cfg.aug, mixing=mixup is not None),
         train_data=train_data,
-        eval_data=eval_data,
+        evaluators=evaluators,
         checkpoints=CheckpointManager(run_dir / "checkpoints", cfg.trainer.keep_last, cfg.trainer.keep_best),
         metrics=MetricLogger(run_dir, env, cfg.logger, {**resolved, "git_sha": sha}, cfg.name),
         env=env,

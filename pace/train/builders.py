@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 from typing import Any
@@ -10,13 +9,14 @@ from typing import Any
 import timm
 import torch
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.models import load_state_dict, load_state_dict_from_hf
+from timm.models import load_state_dict_from_hf
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.scheduler.scheduler import Scheduler
 from timm.utils import ModelEmaV3
 from torch import nn
 
+from pace.eval.loading import drop_pretrained_state_dict, read_weights
 from pace.train.config import AugConfig, ModelConfig, OptimConfig, SchedConfig
 
 log = logging.getLogger(__name__)
@@ -60,10 +60,8 @@ def _pretrained_overlay(source: str, classifier: str) -> dict[str, Any]:
     if source.startswith("hf-hub:"):
         state_dict = load_state_dict_from_hf(source.removeprefix("hf-hub:"))
     else:
-        # The authors' DeiT-style checkpoints pickle their argparse Namespace next to the tensors; allow that
-        # one class and nothing else. timm picks the EMA weights of a training checkpoint when it holds them.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            state_dict = load_state_dict(source, use_ema=True, weights_only=True)
+        # The EMA weights of a training checkpoint when it holds them (the same reader as pace-eval).
+        state_dict, _ = read_weights(source)
     # timm resets the head when num_classes differs from the pretrained config's count, so declare the count
     # the weights really have.
     overlay: dict[str, Any] = {"state_dict": state_dict}
@@ -92,9 +90,7 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         kwargs.update(pretrained=True, pretrained_cfg_overlay=overlay)
         log.info("loading pretrained weights from %s", source)
     model = timm.create_model(cfg.name, **kwargs)
-    # timm keeps the pretrained config on the model; do not keep a second copy of the weights alive with it.
-    for attr in ("pretrained_cfg", "default_cfg"):
-        getattr(model, attr, {}).pop("state_dict", None)
+    drop_pretrained_state_dict(model)
     return model
 
 

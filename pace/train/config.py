@@ -14,10 +14,9 @@ from typing import Any, get_type_hints
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-
-def _require(ok: bool, key: str, value: Any, expected: str) -> None:
-    if not ok:
-        raise ValueError(f"config key {key}={value!r} is invalid: expected {expected}")
+from pace.eval.config import EvaluatorConfig, evaluators_from_config
+from pace.schema import LoggerConfig
+from pace.schema import require as _require
 
 
 def _one_of(key: str, value: Any, choices: tuple[Any, ...]) -> None:
@@ -217,11 +216,14 @@ class TrainerConfig:
         ema: keep a timm ModelEmaV3 of the weights.
         ema_decay: EMA decay per update.
         ema_warmup: timm's EMA decay warm-up.
-        eval_every_epochs: evaluate the held-out split every this many epochs (and after the last).
-        eval_ema: evaluate the EMA weights as well.
+        eval_ema: evaluate the EMA weights as well (metrics under `ema/`).
         limit_train_batches: cap on micro-batches per epoch (short runs and tests).
         limit_eval_batches: cap on evaluation batches.
         log_every_steps: optimizer updates between metric records.
+        telemetry_every_steps: optimizer updates between white-box telemetry records (rank 0): each PACE block's
+            alpha, beta, tau and the coding rates R, R_c, dR of the tokens of a few fixed held-out images
+            (0: off).
+        telemetry_images: held-out images the telemetry measures.
         progress_bar: rank-0 tqdm bar.
         ckpt_every_steps: optimizer updates between mid-epoch checkpoints (0: end of epoch only).
         keep_last: how many recent checkpoints to keep.
@@ -247,11 +249,12 @@ class TrainerConfig:
     ema: bool = True
     ema_decay: float = 0.99996
     ema_warmup: bool = False
-    eval_every_epochs: int = 1
     eval_ema: bool = True
     limit_train_batches: int | None = None
     limit_eval_batches: int | None = None
     log_every_steps: int = 50
+    telemetry_every_steps: int = 0
+    telemetry_images: int = 8
     progress_bar: bool = True
     ckpt_every_steps: int = 0
     keep_last: int = 3
@@ -272,36 +275,15 @@ class TrainerConfig:
         _one_of("trainer.on_nonfinite", self.on_nonfinite, ("skip", "stop"))
         _require(self.grad_accum_steps >= 1, "trainer.grad_accum_steps", self.grad_accum_steps, "an integer >= 1")
         _require(0.0 < self.ema_decay < 1.0, "trainer.ema_decay", self.ema_decay, "a decay in (0, 1)")
-        _require(self.eval_every_epochs >= 1, "trainer.eval_every_epochs", self.eval_every_epochs, ">= 1")
         _require(self.log_every_steps >= 1, "trainer.log_every_steps", self.log_every_steps, ">= 1")
+        _require(self.telemetry_every_steps >= 0, "trainer.telemetry_every_steps", self.telemetry_every_steps, ">= 0")
+        _require(self.telemetry_images >= 1, "trainer.telemetry_images", self.telemetry_images, ">= 1")
         _require(self.ckpt_every_steps >= 0, "trainer.ckpt_every_steps", self.ckpt_every_steps, ">= 0")
         _require(self.keep_last >= 1, "trainer.keep_last", self.keep_last, ">= 1")
         _require(self.cpu_threads is None or self.cpu_threads >= 1, "trainer.cpu_threads", self.cpu_threads, ">= 1")
         for key in ("limit_train_batches", "limit_eval_batches"):
             value = getattr(self, key)
             _require(value is None or value >= 1, f"trainer.{key}", value, "a positive count or null")
-
-
-@dataclass
-class LoggerConfig:
-    """Where metrics go besides `metrics.jsonl` in the run dir (always written by rank 0).
-
-    Args:
-        wandb: log to Weights & Biases.
-        mode: wandb mode: "offline" (default; sync later with `wandb sync`), "online" or "disabled".
-        project: wandb project.
-        entity: wandb entity (None: the user's default).
-        tags: wandb tags.
-    """
-
-    wandb: bool = True
-    mode: str = "offline"
-    project: str = "pace"
-    entity: str | None = None
-    tags: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        _one_of("logger.mode", self.mode, ("offline", "online", "disabled"))
 
 
 @dataclass
@@ -319,6 +301,8 @@ class TrainConfig:
         sched: see `SchedConfig`.
         trainer: see `TrainerConfig`.
         logger: see `LoggerConfig`.
+        eval: evaluator name -> `EvaluatorConfig` (the `eval` group): what the periodic evaluation scores, each
+            entry at its own `every_n_epochs`, the raw weights and (with `trainer.eval_ema`) the EMA weights.
     """
 
     name: str = "default"
@@ -331,6 +315,7 @@ class TrainConfig:
     sched: SchedConfig = field(default_factory=SchedConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: dict[str, EvaluatorConfig] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         mixing = self.aug.mixup > 0 or self.aug.cutmix > 0
@@ -372,4 +357,5 @@ def validate(cfg: DictConfig) -> TrainConfig:
         ValueError: naming the first unknown key, or the first key whose value is out of range.
     """
     _check_known_keys(cfg, TrainConfig, "")
+    evaluators_from_config(OmegaConf.to_container(cfg.eval, resolve=True))  # errors name the entry: eval.<name>
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]

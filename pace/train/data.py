@@ -1,4 +1,4 @@
-"""Training and held-out data for the Trainer, from the data section of the config.
+"""Training data and evaluators for the Trainer, from the data and eval sections of the config.
 
 The Trainer needs of its training data what `pace.data`'s loaders offer: `batches_per_epoch` (micro-batches per
 epoch on this rank), `set_epoch(epoch, start_batch=...)` and iteration over that epoch from `start_batch`, the same
@@ -7,7 +7,7 @@ batches in the same order every time (that is what makes a mid-epoch resume exac
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Protocol
 
 import torch
@@ -15,13 +15,14 @@ import torch.nn.functional as F
 from timm.data import Mixup
 
 from pace.data import (
-    create_eval_loader,
     create_eval_transform,
     create_train_loader,
     create_train_transform,
     make_synthetic_dataset,
 )
 from pace.distributed import DistEnv, barrier
+from pace.eval import Evaluator, EvaluatorConfig, build_evaluators
+from pace.eval.evaluators import EvalData
 from pace.train.config import AugConfig, DataConfig
 
 
@@ -51,6 +52,7 @@ class SyntheticImages:
         seed: base seed (the class patterns depend on it alone, so every split shares them).
         split: salt that separates the training and held-out draws.
         noise: standard deviation of the per-sample noise.
+        keys: also yield each sample's key (`synthetic/<split>/<epoch>/<rank>/<batch>/<i>`), as evaluation needs.
     """
 
     def __init__(
@@ -64,6 +66,7 @@ class SyntheticImages:
         seed: int = 0,
         split: int = 0,
         noise: float = 1.0,
+        keys: bool = False,
     ) -> None:
         self.num_classes = num_classes
         self.img_size = img_size
@@ -73,6 +76,7 @@ class SyntheticImages:
         self.seed = seed
         self.split = split
         self.noise = noise
+        self.keys = keys
         self.epoch, self.start_batch = 0, 0
         self.num_batches = num_samples // env.world_size // batch_size
         if self.num_batches == 0:
@@ -104,22 +108,33 @@ class SyntheticImages:
         noise = torch.randn(self.batch_size, 3, self.img_size, self.img_size, generator=generator)
         return self.patterns[targets] + self.noise * noise, targets  # (B, 3, H, W), (B,)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    @property
+    def num_samples(self) -> int:
+        """Samples of one epoch over all ranks."""
+        return self.num_batches * self.batch_size * self.world_size
+
+    def __iter__(self) -> Iterator[tuple]:
         for index in range(self.start_batch, self.num_batches):
-            yield self._batch(index)
+            images, targets = self._batch(index)
+            if not self.keys:
+                yield images, targets
+                continue
+            prefix = f"synthetic/{self.split}/{self.epoch}/{self.rank}/{index}"
+            yield images, targets, [f"{prefix}/{i}" for i in range(len(targets))]
 
 
 def build_data(
     cfg: DataConfig,
     aug: AugConfig,
+    evaluators: Mapping[str, EvaluatorConfig],
     env: DistEnv,
     seed: int,
     *,
     mean: tuple[float, ...],
     std: tuple[float, ...],
     mixup: Mixup | None,
-) -> tuple[TrainData, Iterable, Mixup | None]:
-    """The training data and the held-out loader for this rank.
+) -> tuple[TrainData, list[Evaluator], Mixup | None]:
+    """The training data and the evaluators (the `eval` group) for this rank.
 
     Shard loaders apply Mixup/CutMix in their workers under a per-batch seed, which makes it part of the
     deterministic, resumable epoch; synthetic data leaves it to the Trainer.
@@ -127,6 +142,7 @@ def build_data(
     Args:
         cfg: the data section of the config.
         aug: the augmentation section of the config.
+        evaluators: evaluator name -> entry (the `eval` section of the config).
         env: this process's place in the job.
         seed: base seed shared by all ranks.
         mean: normalisation mean (the model's pretrained config).
@@ -134,19 +150,23 @@ def build_data(
         mixup: the batch mixer, if any.
 
     Returns:
-        The training data, the held-out loader, and the mixer the Trainer must still apply (or None).
+        The training data, the evaluators, and the mixer the Trainer must still apply (or None).
     """
+    eval_transform = create_eval_transform(
+        input_size=cfg.img_size, crop_pct=aug.crop_pct, interpolation=aug.interpolation, mean=mean, std=std
+    )
     if cfg.source == "synthetic":
         common = {"num_classes": cfg.num_classes, "img_size": cfg.img_size, "env": env, "seed": seed}
         train = SyntheticImages(num_samples=cfg.synthetic_train_samples, batch_size=cfg.batch_size, split=0, **common)
-        val = SyntheticImages(num_samples=cfg.synthetic_val_samples, batch_size=cfg.eval_batch_size, split=1, **common)
-        return train, val, mixup
+        held_out = SyntheticImages(
+            num_samples=cfg.synthetic_val_samples, batch_size=cfg.eval_batch_size, split=1, keys=True, **common
+        )
+        return train, open_evaluators(cfg, evaluators, env, eval_transform, synthetic=held_out), mixup
     if cfg.source == "quickstart":
         if env.is_main:
             # Idempotent: returns at once when the dataset is already there.
             make_synthetic_dataset(cfg.root, image_size=cfg.img_size, seed=seed)
         barrier(env)
-    rank_args = {"rank": env.rank, "world_size": env.world_size, "num_classes": cfg.num_classes}
     train_transform = create_train_transform(
         input_size=cfg.img_size,
         scale=(aug.scale[0], aug.scale[1]),
@@ -168,18 +188,44 @@ def build_data(
         seed=seed,
         batch_transform=mixup,
         pin_memory=torch.cuda.is_available(),
-        **rank_args,
+        rank=env.rank,
+        world_size=env.world_size,
+        num_classes=cfg.num_classes,
     )
-    eval_transform = create_eval_transform(
-        input_size=cfg.img_size, crop_pct=aug.crop_pct, interpolation=aug.interpolation, mean=mean, std=std
-    )
-    val = create_eval_loader(
-        cfg.root,
+    return train, open_evaluators(cfg, evaluators, env, eval_transform), None
+
+
+def open_evaluators(
+    cfg: DataConfig,
+    entries: Mapping[str, EvaluatorConfig],
+    env: DistEnv,
+    transform: Callable,
+    *,
+    synthetic: SyntheticImages | None = None,
+) -> list[Evaluator]:
+    """Open the evaluators of the `eval` group for this rank (`pace.eval.build_evaluators`).
+
+    Synthetic data has no files: there, the entries that point at the training data (`path` equal to `data.root`)
+    score its synthetic held-out split.
+
+    Args:
+        cfg: the data section of the config (batch size, workers, root).
+        entries: evaluator name -> entry.
+        env: this process's place in the job.
+        transform: the eval transform.
+        synthetic: the synthetic held-out split, when training on synthetic data.
+    """
+    opened = []
+    if synthetic is not None:
+        data = EvalData(synthetic, cfg.num_classes, synthetic.num_samples, "synthetic held-out split")
+        opened = [Evaluator(name, entry, data) for name, entry in entries.items() if entry.path == cfg.root]
+        entries = {name: entry for name, entry in entries.items() if entry.path != cfg.root}
+    return opened + build_evaluators(
+        entries,
+        transform,
+        rank=env.rank,
+        world_size=env.world_size,
         batch_size=cfg.eval_batch_size,
-        transform=eval_transform,
-        split=cfg.val_split,
         num_workers=cfg.num_workers,
         pin_memory=torch.cuda.is_available(),
-        **rank_args,
     )
-    return train, val, None

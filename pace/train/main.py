@@ -63,16 +63,10 @@ def run(cfg: DictConfig) -> int:
             trainer.metrics.close()
         destroy_distributed()
     chance = 100.0 / config.model.num_classes
-    for prefix in ("val", "val_ema"):
-        if f"{prefix}/top1" in results:
-            log.info(
-                "%s: top-1 %.2f%%, top-5 %.2f%% on %d images (chance %.2f%%)",
-                prefix,
-                results[f"{prefix}/top1"],
-                results[f"{prefix}/top5"],
-                results[f"{prefix}/count"],
-                chance,
-            )
+    for key, value in results.items():
+        if key.endswith("/top1"):
+            count = results[f"{key}_count"]
+            log.info("%s: top-1 %.2f%% on %d images (chance %.2f%%)", key.removesuffix("/top1"), value, count, chance)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Metrics: rank-0 JSONL + wandb sink, throughput / data-wait / memory / MFU meters, PACE coefficients."""
+"""Metrics: rank-0 JSONL + wandb sink, throughput / data-wait / memory / MFU meters, PACE telemetry."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from pace.analysis import is_pace_model, layer_telemetry
 from pace.distributed import DistEnv
 from pace.train.config import LoggerConfig
 
@@ -210,15 +211,12 @@ def training_flops_per_image(model: nn.Module, img_size: int, device: torch.devi
     return 3.0 * counter.get_total_flops()
 
 
-def pace_coefficients(model: nn.Module) -> dict[str, float]:
-    """Each PACE block's alpha, beta and tau as `pace/<name>/<block>` (empty for other models).
+def pace_telemetry(model: nn.Module, images: torch.Tensor) -> dict[str, float]:
+    """Each PACE block's alpha, beta, tau and the coding rates R, R_c, dR of `images`' tokens, as
+    `pace/block<i>/<name>` (`pace.analysis.layer_telemetry`, a read-only forward); empty for other models.
 
     Args:
         model: the unwrapped model.
+        images: a few normalised held-out images (B, 3, H, W).
     """
-    out: dict[str, float] = {}
-    for i, block in enumerate(getattr(model, "blocks", [])):
-        if hasattr(block, "coefficients"):
-            for name, value in block.coefficients().items():
-                out[f"pace/{name}/{i}"] = float(value)
-    return out
+    return layer_telemetry(model, images) if is_pace_model(model) else {}

@@ -20,12 +20,12 @@ from torch import nn
 from tqdm import tqdm
 
 from pace.distributed import DistEnv, all_gather_object, all_reduce_sum_values
+from pace.eval import Evaluator
 from pace.layers import sync_sketches
 from pace.train.checkpoint import CheckpointManager, export_release, load_checkpoint, rng_state, set_rng_state
 from pace.train.config import TrainerConfig
 from pace.train.data import TrainData
-from pace.train.evaluation import evaluate as evaluate_model
-from pace.train.metrics import MetricLogger, ThroughputMeter, pace_coefficients
+from pace.train.metrics import MetricLogger, ThroughputMeter, pace_telemetry
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +121,10 @@ class StepOutput:
     images: int
 
 
+# Keyword-only fields, compared by identity: a Trainer holds modules, not values.
+@dataclass(kw_only=True, eq=False, repr=False)
 class Trainer:
-    """Trains a model with DDP-ready objects built elsewhere (see `pace.train.setup.build_trainer`).
+    """Trains a model with DDP-ready objects built elsewhere (see `pace.train.assemble.build_trainer`).
 
     Args:
         model: the unwrapped model (what checkpoints, EMA and evaluation see).
@@ -131,7 +133,7 @@ class Trainer:
         scheduler: timm scheduler, stepped once per update.
         loss_fn: criterion on (logits, targets).
         train_data: training batches per epoch, resumable at a batch index.
-        eval_data: held-out loader yielding `(images, targets, ...)`.
+        evaluators: the evaluators of the `eval` group, each run at its own cadence.
         checkpoints: where checkpoints go.
         metrics: metric sink.
         env: this process's place in the job.
@@ -147,55 +149,36 @@ class Trainer:
         meter: throughput meter.
     """
 
-    def __init__(
-        self,
-        *,
-        model: nn.Module,
-        train_model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        scheduler: Scheduler,
-        loss_fn: nn.Module,
-        train_data: TrainData,
-        eval_data: Any,
-        checkpoints: CheckpointManager,
-        metrics: MetricLogger,
-        env: DistEnv,
-        device: torch.device,
-        options: TrainerConfig,
-        epochs: int,
-        run_dir: str | Path,
-        checkpoint_meta: dict[str, Any],
-        mixup: Mixup | None = None,
-        ema: ModelEmaV3 | None = None,
-        clip_grad: float | None = None,
-        clip_mode: str = "norm",
-        meter: ThroughputMeter | None = None,
-    ) -> None:
-        self.model = model
-        self.train_model = train_model
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.loss_fn = loss_fn
-        self.train_data = train_data
-        self.eval_data = eval_data
-        self.checkpoints = checkpoints
-        self.metrics = metrics
-        self.env = env
-        self.device = device
-        self.options = options
-        self.epochs = epochs
-        self.run_dir = Path(run_dir)
-        self.checkpoint_meta = checkpoint_meta
-        self.mixup = mixup
-        self.ema = ema
-        self.clip_grad = clip_grad
-        self.clip_mode = clip_mode
-        self.meter = meter or ThroughputMeter(device)
+    model: nn.Module
+    train_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Scheduler
+    loss_fn: nn.Module
+    train_data: TrainData
+    evaluators: list[Evaluator]
+    checkpoints: CheckpointManager
+    metrics: MetricLogger
+    env: DistEnv
+    device: torch.device
+    options: TrainerConfig
+    epochs: int
+    run_dir: Path
+    checkpoint_meta: dict[str, Any]
+    mixup: Mixup | None = None
+    ema: ModelEmaV3 | None = None
+    clip_grad: float | None = None
+    clip_mode: str = "norm"
+    meter: ThroughputMeter | None = None
+
+    def __post_init__(self) -> None:
+        self.run_dir = Path(self.run_dir)
+        self.meter = self.meter or ThroughputMeter(self.device)
         self.state = TrainState()
         self.stop = StopSignals()
-        self.scaler = torch.amp.GradScaler(device.type, enabled=options.precision == "fp16")
-        self.updates_per_epoch = updates_per_epoch(train_data.batches_per_epoch, options)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.options.precision == "fp16")
+        self.updates_per_epoch = updates_per_epoch(self.train_data.batches_per_epoch, self.options)
         self._loss_window: list[float] = []
+        self._telemetry_images: torch.Tensor | None = None
 
     # -- one update ---------------------------------------------------------------------------------------
 
@@ -323,6 +306,7 @@ class Trainer:
             self.meter.add(fetched - start, time.perf_counter() - fetched, out.images)
             self.state.batch += accum
             self._after_update(out, bar)
+            self._telemetry()
             if out.stop_requested:
                 self.save_checkpoint()
                 raise PreemptedError(f"stop signal: checkpoint at step {self.state.step} written")
@@ -347,27 +331,48 @@ class Trainer:
             "train/grad_norm": out.grad_norm,
             "train/nonfinite_skips": self.state.nonfinite_skips,
             **self.meter.summary(self.env.world_size),
-            **pace_coefficients(self.model),
         }
         self._loss_window.clear()
         self.metrics.log(record, step=self.state.step)
 
-    def evaluate(self) -> dict[str, float]:
-        """Held-out metrics of the raw weights (`val/...`) and, if kept, the EMA weights (`val_ema/...`)."""
-        models = {"val": self.model}
+    def _telemetry(self) -> None:
+        every = self.options.telemetry_every_steps
+        if not every or self.state.step % every or not self.env.is_main or not self.evaluators:
+            return
+        if self._telemetry_images is None:
+            # The first held-out images, fixed for the run. A loader may draw seeds from the global generators,
+            # so their states are restored: training stays bit-identical with or without telemetry.
+            state = rng_state()
+            images = next(iter(self.evaluators[0].data.loader))[0][: self.options.telemetry_images]
+            set_rng_state(state)
+            self._telemetry_images = images.to(self.device)
+        record = pace_telemetry(self.model, self._telemetry_images)
+        if record:
+            self.metrics.log(record, step=self.state.step)
+
+    def evaluate(self, evaluators: list[Evaluator] | None = None) -> dict[str, float]:
+        """Run `evaluators` (default: all) on the raw weights and, if kept, the EMA weights (under `ema/`).
+
+        Returns:
+            Each evaluator's metrics (`val/top1`, `real/top1`, ...) with the samples behind each (`val/top1_count`)
+            and the number of images it evaluated (`<evaluator>/count`), the same on every rank.
+        """
+        models = {"": self.model}
         if self.ema is not None and self.options.eval_ema:
-            models["val_ema"] = self.ema.module
+            models["ema/"] = self.ema.module
+        amp = None if self.options.precision == "fp32" else self.options.precision
         out: dict[str, float] = {}
-        for prefix, model in models.items():
-            result = evaluate_model(
-                model,
-                self.eval_data,
-                device=self.device,
-                env=self.env,
-                autocast=self.autocast(),
-                limit_batches=self.options.limit_eval_batches,
-            )
-            out.update({f"{prefix}/{name}": value for name, value in result.items()})
+        for evaluator in self.evaluators if evaluators is None else evaluators:
+            for prefix, model in models.items():
+                result = evaluator.run(
+                    model,
+                    device=self.device,
+                    amp_dtype=amp,
+                    channels_last=self.options.channels_last,
+                    limit_batches=self.options.limit_eval_batches,
+                )
+                out.update(result.log_dict(prefix))
+                out[f"{prefix}{evaluator.name}/count"] = result.counts["samples"]
         return out
 
     def fit(self) -> dict[str, float]:
@@ -385,13 +390,12 @@ class Trainer:
         with self.stop:
             while self.state.epoch < self.epochs:
                 self.train_epoch()
-                epoch = self.state.epoch
-                due = (epoch + 1) % self.options.eval_every_epochs == 0 or epoch + 1 == self.epochs
-                results = self.evaluate() if due else {}
+                done = self.state.epoch + 1
+                results = self.evaluate([e for e in self.evaluators if e.due(done, last=done == self.epochs)])
                 if results:
-                    self.metrics.log({"epoch": epoch, **results}, step=self.state.step)
-                    log.info("epoch %d: %s", epoch, _format(results))
-                self.state.epoch, self.state.batch = epoch + 1, 0
+                    self.metrics.log({"epoch": done - 1, **results}, step=self.state.step)
+                    log.info("epoch %d: %s", done - 1, _format(results))
+                self.state.epoch, self.state.batch = done, 0
                 self.save_checkpoint(results.get(self.options.best_metric))
         if not results:
             # Restarted after the final checkpoint: there was nothing left to train, evaluate it again.
@@ -476,4 +480,4 @@ class Trainer:
 
 
 def _format(metrics: dict[str, float]) -> str:
-    return ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+    return ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not k.endswith("_count"))

@@ -150,7 +150,15 @@ def read_lines(path: Path) -> list[dict]:
 def assert_same_results(run_dir: Path, reference: Path) -> dict:
     single = json.loads((reference / "results.json").read_text())["evaluators"]["imagenet"]
     other = json.loads((run_dir / "results.json").read_text())["evaluators"]["imagenet"]
-    assert other["metrics"] == single["metrics"]
+    # Accuracies and counts are exact. The mean loss is computed from logits, and a sample's logits depend on the
+    # matrix-kernel path its batch shape selects (ranks see other batch compositions), so it agrees to rounding.
+    losses = {k for k in single["metrics"] if k.endswith("/loss")}
+    assert {k: v for k, v in other["metrics"].items() if k not in losses} == {
+        k: v for k, v in single["metrics"].items() if k not in losses
+    }
+    assert {k: other["metrics"][k] for k in losses} == pytest.approx(
+        {k: single["metrics"][k] for k in losses}, rel=1e-6
+    )
     assert other["counts"] == single["counts"]
     # Per-sample predictions: same keys and top-5 for every sample; logits equal up to kernel rounding.
     rows = [read_lines(d / "predictions_imagenet.jsonl.gz") for d in (reference, run_dir)]

@@ -8,6 +8,7 @@ import shutil
 from itertools import islice
 
 import pytest
+import torch
 from test_data_helpers import batches_equal, fixed_transform, jpeg_bytes, random_transform, write_tar
 
 from pace.data import TooMuchBadDataError, create_eval_loader, create_train_loader, read_info
@@ -95,6 +96,35 @@ def test_train_keeps_batch_count_and_resumes_exactly_over_bad_data(damaged):
     assert all(len(targets) == 4 for _, targets in full)
     for k in (2, 5, 9):
         assert batches_equal(list(create_train_loader(out, num_workers=2, start_batch=k, **kwargs)), full[k:])
+
+
+def test_repeated_augmentation_repeats_the_plain_stream_over_bad_data_and_counts_the_same_damage(damaged):
+    out, _ = damaged
+    kwargs = {"batch_size": 4, "seed": 3, "max_error_fraction": 0.5, "transform": fixed_transform(), "num_workers": 0}
+    repeats = {"repeated_aug": 3, "samples_per_epoch": 3 * 44}
+    # One reader takes the same 44 raw samples either way: 11 batches plain, 33 with each sample in 3 slots.
+    plain = create_train_loader(out, **kwargs)
+    repeated = create_train_loader(out, **repeats, **kwargs)
+    plain_images, plain_targets = map(torch.cat, zip(*plain))
+    images, targets = map(torch.cat, zip(*repeated))
+    # A bad sample's slots hold copies of the next usable sample, as without repeats.
+    assert torch.equal(images, plain_images.repeat_interleave(3, dim=0))
+    assert torch.equal(targets, plain_targets.repeat_interleave(3))
+    assert repeated.stats.bad_by_kind == plain.stats.bad_by_kind
+    assert {"corrupt_image", "missing_label", "missing_image", "bad_shard"} <= set(repeated.stats.bad_by_kind)
+    assert repeated.stats.samples == plain.stats.samples == 44
+    # Resuming at every batch gives the same batches, also where the cut group is a bad sample's replacement
+    # (raw sample g fills slots 3g..3g+2; a replaced one holds the same image as the next).
+    replaced = [g for g in range(43) if torch.equal(plain_images[g], plain_images[g + 1])]
+    assert any((3 * g) // 4 != (3 * g + 2) // 4 for g in replaced)
+    batches = list(zip(images.split(4), targets.split(4)))
+    for k in range(1, 33):
+        assert batches_equal(list(create_train_loader(out, start_batch=k, **repeats, **kwargs)), batches[k:]), k
+    kwargs.update(repeats, transform=random_transform(), num_workers=2)
+    full = list(create_train_loader(out, **kwargs))
+    assert len(full) == 33 and all(len(t) == 4 for _, t in full)
+    for k in (1, 2, 5):
+        assert batches_equal(list(create_train_loader(out, start_batch=k, **kwargs)), full[k:]), k
 
 
 def test_too_much_bad_data_stops_with_a_clear_message(damaged):

@@ -41,6 +41,13 @@ def write_shards(out: Path, folder: Path, *, max_count: int = 7, split: str = "t
     return shard_image_folders(out, {split: folder}, max_count=max_count, options=EncodeOptions(), **kwargs)
 
 
+def make_uneven_shards(root: Path) -> Path:
+    """6 uneven shards (sizes 11, 11, 11, 11, 11, 5) of 60 images in 4 classes under `root/out`."""
+    make_image_folder(root / "src", classes=4, per_class=15)
+    write_shards(root / "out", root / "src", max_count=11)
+    return root / "out"
+
+
 def write_tar(path: Path, samples: list[dict]) -> Path:
     """A tar of samples `{"__key__": key, ext: bytes, ...}` written with the standard library."""
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:

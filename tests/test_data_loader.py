@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from test_data_helpers import batches_equal, fixed_transform, make_image_folder, random_transform, write_shards
+from test_data_helpers import batches_equal, fixed_transform, make_uneven_shards, random_transform
 from torchvision import transforms
 
 from pace.data import create_eval_loader, create_mixup, create_train_loader, read_info
@@ -18,10 +18,7 @@ from pace.data.pipeline import train_assignment
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """6 uneven shards (sizes 11, 11, 11, 11, 11, 5) of 60 images in 4 classes."""
-    root = tmp_path_factory.mktemp("loader")
-    make_image_folder(root / "src", classes=4, per_class=15)
-    write_shards(root / "out", root / "src", max_count=11)
-    return root / "out"
+    return make_uneven_shards(tmp_path_factory.mktemp("loader"))
 
 
 def _eval(shards, **kwargs):

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pace.data.info import ShardSet, check_local_shards, resolve_shards
-from pace.data.pipeline import BatchReport, ShardDataset
+from pace.data.pipeline import BatchReport, ShardDataset, train_quotas
 from pace.data.shards import BadData
 
 logger = logging.getLogger(__name__)
@@ -194,6 +194,7 @@ def create_train_loader(
     resampled: bool = False,
     shuffle_buffer: int = 5000,
     shuffle_initial: int = 1000,
+    repeated_aug: int = 1,
     batch_transform: Callable | None = None,
     max_error_fraction: float = 0.01,
     num_classes: int | None = None,
@@ -225,6 +226,13 @@ def create_train_loader(
     than a pass over the data, or for shards of unknown length whose epoch need not cover them: each reader
     draws shards with replacement, so no sample is certain to be seen in a given epoch.
 
+    Repeated augmentation (`repeated_aug=k`, DeiT's RASampler with k repeats): each sample a reader takes fills
+    k consecutive places of its batches, each with its own augmentation, so the copies share a batch (a group
+    cut by a batch's end finishes in the reader's next batch). The epoch length stays `samples_per_epoch`, as in
+    DeiT, so an epoch uses about `samples_per_epoch / k` distinct samples, each k times: every reader takes the
+    first 1/k of its run (in one-pass mode; see `docs/data.md` for how this differs from RASampler), and
+    `samples_per_epoch = k * num_samples` uses every sample once, k times.
+
     Args:
         source: shard directory (with `_info.json`, or timm/imagenet-1k-wds shards), brace pattern(s), list
             file, or list of URLs; see `resolve_shards`.
@@ -245,6 +253,8 @@ def create_train_loader(
             (which needs at least world_size * max(1, num_workers) shards); see above.
         shuffle_buffer: raw samples in each worker's shuffle buffer (<= 1: no sample shuffle).
         shuffle_initial: samples buffered before the first is released.
+        repeated_aug: places in the batches each sample takes, each with its own augmentation (1: off); the
+            epoch length does not change, so an epoch uses 1/repeated_aug as many distinct samples.
         batch_transform: `(images, targets) -> (images, targets)` run on each batch in the worker under a
             per-batch seed, e.g. `create_mixup(...)`; part of the deterministic epoch.
         max_error_fraction: stop with `TooMuchBadDataError` when more of the epoch's samples are bad.
@@ -255,6 +265,8 @@ def create_train_loader(
         prefetch_factor: batches prepared ahead per worker.
         open_timeout: seconds to wait for an HTTP connection.
     """
+    if isinstance(repeated_aug, bool) or not isinstance(repeated_aug, int) or repeated_aug < 1:
+        raise ValueError(f"repeated_aug must be an integer >= 1 (1: off), got {repeated_aug!r}")
     rank, world_size = _rank_and_world(rank, world_size)
     shards = resolve_shards(source, split=split, num_samples=num_samples)
     check_local_shards(shards.urls)
@@ -273,9 +285,10 @@ def create_train_loader(
     if batch_transform is not None and batch_size % 2:
         raise ValueError(f"Mixup/CutMix pair samples within a batch: batch_size must be even, got {batch_size}")
     batches = math.ceil(epoch_samples / (world_size * batch_size))
+    raw_samples = sum(train_quotas(batches, workers, batch_size, repeated_aug))  # this rank's reads, bad data aside
     loader = _make_loader(
         shards,
-        io=_LoaderIO(num_workers, pin_memory, prefetch_factor, max_error_fraction, batches * batch_size),
+        io=_LoaderIO(num_workers, pin_memory, prefetch_factor, max_error_fraction, raw_samples),
         train=True,
         transform=transform,
         batch_size=batch_size,
@@ -286,6 +299,7 @@ def create_train_loader(
         resampled=resampled,
         shuffle_buffer=shuffle_buffer,
         shuffle_initial=shuffle_initial,
+        repeated_aug=repeated_aug,
         batch_transform=batch_transform,
         image_keys=image_keys,
         label_key=label_key,

@@ -8,16 +8,18 @@ Training epochs are a pure function of (seed, epoch, rank, world_size, num_worke
   reads its run of the samples of a shard order shuffled by (seed, epoch) (`train_assignment`; the whole shards
   `order[g::G]` when the shard lengths are unknown), or, resampled, shards drawn with replacement by
   (seed, epoch, g); a worker whose share runs out goes on with a reshuffle of its own share;
-* its raw samples go through a shuffle buffer seeded by (seed, epoch, g); batch `j` of the worker is the window
-  of raw samples `[j * B, (j + 1) * B)` of that shuffled stream;
-* the augmentation of the `i`-th sample of window `j` runs under the Python, NumPy and torch RNGs seeded with
-  `s_j + i`, where `s_j` is derived from (seed, epoch, g, j); a batch transform such as Mixup runs under a seed
-  derived from (seed, epoch, rank, b). Each sample's augmentation therefore depends only on its own image and
-  place, not on how many random numbers the samples before it drew.
+* its raw samples go through a shuffle buffer seeded by (seed, epoch, g); each sample of that shuffled stream
+  fills `repeats` consecutive slots of the worker's slot stream (repeated augmentation; 1 slot when off), and
+  batch `j` of the worker is the window of slots `[j * B, (j + 1) * B)`: the copies of a sample share a batch,
+  except a group cut by a window's end, which finishes in the worker's next batch;
+* the augmentation of slot `i` of window `j` runs under the Python, NumPy and torch RNGs seeded with `s_j + i`,
+  where `s_j` is derived from (seed, epoch, g, j); a batch transform such as Mixup runs under a seed derived from
+  (seed, epoch, rank, b). Each sample's augmentation therefore depends only on its own image and place, not on
+  how many random numbers the samples before it drew, and each copy of a repeated sample gets its own.
 
-Resuming at batch `k` therefore only has to drop the first raw samples of each worker's stream, before decoding
-them. A sample that cannot be used is replaced by the next usable sample of the same stream, so the windows,
-and every later batch, stay where they were.
+Resuming at batch `k` therefore only has to drop the first raw samples of each worker's stream (those whose
+slots all lie in earlier batches), before decoding them. A sample that cannot be used is replaced by the next
+usable sample of the same stream, so the windows, and every later batch, stay where they were.
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ class ShardDataset(IterableDataset):
         resampled: training shards drawn with replacement instead of one pass over a shuffled order.
         shuffle_buffer: raw samples held in the training shuffle buffer (<= 1: no sample shuffle).
         shuffle_initial: samples buffered before the first one is released.
+        repeated_aug: training slots each raw sample fills, each with its own augmentation (1: off).
         batch_transform: applied to each training batch, `(images, targets) -> (images, targets)` (timm Mixup).
         image_keys: tar member extensions that hold the image, first present wins.
         label_key: tar member extension that holds the class index as ASCII digits.
@@ -108,6 +111,7 @@ class ShardDataset(IterableDataset):
         resampled: bool = False,
         shuffle_buffer: int = 5000,
         shuffle_initial: int = 1000,
+        repeated_aug: int = 1,
         batch_transform: Callable | None = None,
         image_keys: Sequence[str] = ("jpg", "jpeg", "png", "webp"),
         label_key: str = "cls",
@@ -127,6 +131,7 @@ class ShardDataset(IterableDataset):
         self.resampled = resampled
         self.shuffle_buffer = shuffle_buffer
         self.shuffle_initial = min(shuffle_initial, shuffle_buffer)
+        self.repeated_aug = repeated_aug
         self.batch_transform = batch_transform
         self.image_keys = tuple(image_keys)
         self.label_key = label_key
@@ -149,7 +154,7 @@ class ShardDataset(IterableDataset):
     # -- training --------------------------------------------------------------------------------------------
 
     def _train_batches(self, worker: int, in_main_process: bool) -> Iterator[tuple]:
-        W, B, k = self.workers, self.batch_size, self.start_batch
+        W, B, R, k = self.workers, self.batch_size, self.repeated_aug, self.start_batch
         first = k + worker  # this physical worker yields batches first, first + W, ... of the epoch
         if first >= self.batches_per_epoch:
             return
@@ -157,15 +162,17 @@ class ShardDataset(IterableDataset):
         g, G = self.rank * W + logical, self.world_size * W
         bad: list[BadData] = []
         raw = self._train_raw(g, G, bad)
-        deque(islice(raw, (first // W) * B), maxlen=0)  # the samples of earlier batches are read but never decoded
+        filled = (first // W) * B  # slots of this worker's earlier batches
+        deque(islice(raw, filled // R), maxlen=0)  # samples used up by earlier batches: read, never decoded
         bad.clear()  # damage met among them was reported with those batches
         stream = _Lookahead(raw, self._decode, bad)
+        slots = _Repeated(stream, R, used=filled % R)
         for b in range(first, self.batches_per_epoch, W):
             window_seed = derive_seed(self.seed, self.epoch, G, g, _SAMPLE, b // W)
             with _preserve_global_rng(in_main_process):
                 images, targets = [], []
                 for slot in range(B):
-                    image, label, _ = stream.take()
+                    image, label, _ = slots.take()
                     _seed_everything((window_seed + slot) & 0xFFFFFFFF)  # one hash per batch, not per sample
                     images.append(self.transform(image))
                     targets.append(label)
@@ -173,7 +180,7 @@ class ShardDataset(IterableDataset):
                 if self.batch_transform is not None:
                     _seed_everything(derive_seed(self.seed, self.epoch, G, self.rank, _BATCH, b))
                     images, targets = self.batch_transform(images, targets)
-            yield images, targets, _take_report(B, bad, decoded=stream.pop_decoded())
+            yield images, targets, _take_report(slots.pop_taken(), bad, decoded=stream.pop_decoded())
 
     def _train_raw(self, g: int, G: int, bad: list[BadData]) -> Iterator[dict]:
         """Endless shuffled raw samples of global worker g: its share of the epoch's samples, then reshuffles of
@@ -200,10 +207,8 @@ class ShardDataset(IterableDataset):
             yield from samples
 
     def _quotas(self) -> list[int]:
-        """Raw samples each global worker turns into batches in an epoch without bad data (worker l of a rank
-        makes batches l, l + W, ...)."""
-        per_worker = [len(range(worker, self.batches_per_epoch, self.workers)) for worker in range(self.workers)]
-        return [batches * self.batch_size for batches in per_worker] * self.world_size
+        """Raw samples each global worker turns into batches in an epoch without bad data."""
+        return train_quotas(self.batches_per_epoch, self.workers, self.batch_size, self.repeated_aug) * self.world_size
 
     def _read_pieces(
         self, pieces: Iterable[tuple[int, int, int | None]], bad: list[BadData], reader: str
@@ -302,6 +307,22 @@ def eval_assignment(num_shards: int, g: int, G: int) -> list[tuple[int, int, int
     return [(index, g // num_shards, len(range(index, G, num_shards)))]
 
 
+def train_quotas(batches_per_epoch: int, num_workers: int, batch_size: int, repeated_aug: int = 1) -> list[int]:
+    """Raw samples each worker of a rank turns into batches in a training epoch without bad data.
+
+    Worker `l` makes batches `l, l + W, ...`; each raw sample fills `repeated_aug` of their slots, the last one
+    possibly fewer.
+
+    Args:
+        batches_per_epoch: training batches per rank and epoch.
+        num_workers: readers per rank (`max(1, DataLoader workers)`).
+        batch_size: samples per batch.
+        repeated_aug: slots each raw sample fills.
+    """
+    slots = [len(range(worker, batches_per_epoch, num_workers)) * batch_size for worker in range(num_workers)]
+    return [-(-filled // repeated_aug) for filled in slots]
+
+
 def train_assignment(
     lengths: Sequence[int], order: Sequence[int], quotas: Sequence[int]
 ) -> list[list[tuple[int, int, int | None]]]:
@@ -377,6 +398,37 @@ class _Lookahead:
             entry[1] = self._decode(entry[0])
             self._decoded += 1
         return entry[1]
+
+
+class _Repeated:
+    """Each sample of a `_Lookahead` handed out `repeats` times in a row (repeated augmentation).
+
+    Args:
+        stream: the usable decoded samples.
+        repeats: slots each sample fills.
+        used: copies of the first sample that earlier batches took (resuming inside a group).
+    """
+
+    def __init__(self, stream: _Lookahead, repeats: int, used: int = 0):
+        self._stream = stream
+        self._repeats = repeats
+        self._left = 0
+        self._used = used
+        self._current: tuple[Image.Image, int, str] | None = None
+        self._taken = 0
+
+    def take(self) -> tuple[Image.Image, int, str]:
+        if not self._left:
+            self._current = self._stream.take()
+            self._left, self._used = self._repeats - self._used, 0
+            self._taken += 1
+        self._left -= 1
+        return self._current
+
+    def pop_taken(self) -> int:
+        """Raw samples taken from the stream since the last call."""
+        taken, self._taken = self._taken, 0
+        return taken
 
 
 def _reshuffled(shards: list[str], seed: int) -> Iterator[list[str]]:

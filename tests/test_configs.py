@@ -79,6 +79,8 @@ def test_in1k_experiments_hold_the_reference_recipe():
     assert (cfg.aug.auto_augment, cfg.aug.mixup, cfg.aug.cutmix) == ("rand-m9-mstd0.5-inc1", 0.8, 1.0)
     assert (cfg.aug.label_smoothing, cfg.aug.reprob, cfg.aug.color_jitter) == (0.1, 0.25, 0.4)
     assert cfg.optim.clip_grad is None and cfg.aug.interpolation == "bicubic"
+    for size in ("tiny", "small", "medium"):  # DeiT's repeat count; the other recipe keys are shared
+        assert validate(compose_train(f"experiment=pace_vit_{size}_in1k")).aug.repeated_aug == 3
 
 
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g, options in GROUPS.items() for o in options])
@@ -114,6 +116,8 @@ def test_wrong_type_fails_naming_the_key():
         ("data.batch_size=3", "data.batch_size"),
         ("eval.val.every_n_epochs=0", "eval.val"),
         ("trainer.telemetry_images=0", "trainer.telemetry_images"),
+        ("aug.repeated_aug=0", "aug.repeated_aug"),
+        ("aug.repeated_aug=3", "aug.repeated_aug"),  # debug=cpu reads synthetic tensors: nothing to repeat
     ],
 )
 def test_bad_value_fails_naming_the_key(override, key):

@@ -109,6 +109,9 @@ class AugConfig:
         mixup_switch_prob: probability of CutMix instead of Mixup when both are on.
         mixup_mode: "batch", "pair" or "elem".
         label_smoothing: label smoothing of the targets.
+        repeated_aug: places in the training batches each sample fills, each with its own augmentation
+            (repeated augmentation, DeiT's RASampler; 1: off). The epoch length stays the same, so an epoch uses
+            1/repeated_aug as many distinct samples. Shard data only (`data.source` webdataset or quickstart).
     """
 
     auto_augment: str | None = "rand-m9-mstd0.5-inc1"
@@ -125,6 +128,7 @@ class AugConfig:
     mixup_switch_prob: float = 0.5
     mixup_mode: str = "batch"
     label_smoothing: float = 0.1
+    repeated_aug: int = 1
 
     def __post_init__(self) -> None:
         for key in ("reprob", "hflip", "mixup_prob", "mixup_switch_prob"):
@@ -134,6 +138,7 @@ class AugConfig:
         _require(self.mixup >= 0 and self.cutmix >= 0, "aug.mixup/cutmix", (self.mixup, self.cutmix), "alphas >= 0")
         _one_of("aug.mixup_mode", self.mixup_mode, ("batch", "pair", "elem"))
         _require(len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1], "aug.scale", self.scale, "[lo, hi]")
+        _require(self.repeated_aug >= 1, "aug.repeated_aug", self.repeated_aug, "a count >= 1 (1: off)")
 
 
 @dataclass
@@ -326,6 +331,12 @@ class TrainConfig:
             "model.num_classes",
             self.model.num_classes,
             f"the data's class count data.num_classes={self.data.num_classes}",
+        )
+        _require(
+            self.data.source != "synthetic" or self.aug.repeated_aug == 1,
+            "aug.repeated_aug",
+            self.aug.repeated_aug,
+            "1 with data.source=synthetic (random tensors, no samples to repeat)",
         )
 
 

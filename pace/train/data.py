@@ -186,6 +186,7 @@ def build_data(
         split=cfg.train_split,
         num_workers=cfg.num_workers,
         seed=seed,
+        repeated_aug=aug.repeated_aug,
         batch_transform=mixup,
         pin_memory=torch.cuda.is_available(),
         rank=env.rank,

@@ -22,10 +22,10 @@ from _reference_block import ReferenceBlock  # noqa: E402
 from pace.layers import PACEBlock  # noqa: E402
 
 
-def _run(script: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
+def _run(script: str, out: Path, *extra: str, quick: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
-        [sys.executable, str(SCRIPTS / script), "--quick", "--out", str(out), *extra],
+        [sys.executable, str(SCRIPTS / script), *(["--quick"] if quick else []), "--out", str(out), *extra],
         capture_output=True,
         text=True,
         env=env,
@@ -132,3 +132,25 @@ def test_benchmarks_run_on_cuda_with_bf16_and_report_gpu_memory(script, tmp_path
     rows = _rows(tmp_path)
     key = "peak_mib" if script == "bench_model.py" else "saved_mib"
     assert rows and all(float(r[key]) > 0 for r in rows if r.get(key))
+
+
+def test_profile_step_writes_the_operator_table_and_the_step_time(tmp_path):
+    model = ["--model", "pace_vit_test", "--img-size", "32", "--num-classes", "10", "--threads", "1"]
+    _run(
+        "profile_step.py",
+        tmp_path,
+        *model,
+        "--batch",
+        "2",
+        "--warmup",
+        "1",
+        "--steps",
+        "2",
+        "--row-limit",
+        "1000",
+        quick=False,
+    )
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["model"] == "pace_vit_test" and summary["wall_ms_per_step"] > 0
+    # The PACE layer's own operators show up in the profile of a PACE-ViT step.
+    assert "aten::linalg_cholesky_ex" in (tmp_path / "profile.txt").read_text()

@@ -1,10 +1,12 @@
 """The analysis scripts end to end on the tiny model: images and checkpoints in, PNG figures and JSON out."""
 
 import argparse
+import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ import torch
 from PIL import Image
 from test_analysis import _assert_png
 from test_checkpoint_filter import reference_state_dict
+from timm.data import create_transform
 from timm.models import save_for_hf
 
 import pace  # noqa: F401  (registers the models)
@@ -22,6 +25,7 @@ from pace.analysis._cli import model_from_source
 from pace.analysis.analyze import main as analyze_main
 from pace.analysis.images import model_transform
 from pace.analysis.visualize import main as visualize_main
+from pace.data import make_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "pace_vit_test"
@@ -139,10 +143,105 @@ def test_a_release_folder_or_its_safetensors_file_loads_with_its_weights(tmp_pat
         model.blocks[2].attn.alpha.fill_(0.77)
     save_for_hf(model, str(tmp_path), model_args={"num_classes": 10}, safe_serialization=True)  # as training exports
     for source in (tmp_path, tmp_path / "model.safetensors"):
-        loaded, description = model_from_source(source)
-        assert description.startswith(MODEL) and not loaded.training
+        loaded, description, train_config = model_from_source(source)
+        assert description.startswith(MODEL) and not loaded.training and train_config is None
         for (name, p), q in zip(loaded.state_dict().items(), model.state_dict().values()):
             assert torch.equal(p, q), name
+
+
+@pytest.fixture(scope="module")
+def val_shards(tmp_path_factory) -> Path:
+    """The generated shapes dataset at 32 px: 40 held-out images in two shards of 20."""
+    root = tmp_path_factory.mktemp("shapes")
+    make_synthetic_dataset(root, image_size=32, train_per_class=1, val_per_class=4, shard_size=20, workers=1)
+    return root
+
+
+def _first_val_samples(root: Path, n: int) -> list[tuple[str, int, Image.Image]]:
+    """``(key, label, image)`` of the first n held-out samples, read with Python's tarfile (independently of the
+    project's reader), shard by shard in the order _info.json lists them."""
+    samples: dict[str, dict] = {}
+    for name in json.loads((root / "_info.json").read_text())["splits"]["val"]["filenames"]:
+        with tarfile.open(root / name) as tar:
+            for member in tar.getmembers():
+                key, _, ext = member.name.partition(".")
+                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    out = []
+    for key, members in list(samples.items())[:n]:
+        image = Image.open(io.BytesIO(members["jpg"])).convert("RGB")
+        out.append((key, int(members["cls"]), image))
+    return out
+
+
+def _checkpoint_at_32px(path: Path) -> torch.nn.Module:
+    """A training checkpoint of a model built for 32 px, with the run's data and eval-transform settings."""
+    model = timm.create_model(MODEL, num_classes=10, img_size=32)
+    with torch.no_grad():
+        for i, block in enumerate(model.blocks):
+            block.attn.alpha.fill_(0.2 + 0.1 * i)
+    config = {"model": {"name": MODEL}, "data": {"img_size": 32}, "aug": {"crop_pct": 1.0, "interpolation": "bilinear"}}
+    model_args = {"num_classes": 10, "img_size": 32}
+    torch.save({"model": model.state_dict(), "model_name": MODEL, "model_args": model_args, "config": config}, path)
+    return model.eval()
+
+
+def test_analyze_reads_exactly_the_first_n_images_of_a_shard_split(tmp_path, val_shards):
+    ckpt = tmp_path / "best.pt"
+    model = _checkpoint_at_32px(ckpt)
+    out = tmp_path / "analysis"
+    argv = [str(ckpt), "--shards", str(val_shards), "--split", "val", "--max-images", "25", "--batch-size", "8"]
+    assert analyze_main([*argv, "--out", str(out)]) == 0
+    report = json.loads((out / "analysis.json").read_text())
+    expected = _first_val_samples(val_shards, 25)  # 20 from the first shard, 5 from the second
+    assert report["num_images"] == 25
+    assert report["inputs"]["shards"]["num_images"] == 25 and report["inputs"]["files"] == 0
+    assert report["inputs"]["shards"]["keys"] == [key for key, _, _ in expected]
+    # The run's own eval transform (its config's size, crop and interpolation), not the architecture's default.
+    assert report["input_size"] == [3, 32, 32]
+
+    # Same numbers as the library on the same 25 images decoded here, through the transform built here.
+    cfg = model.pretrained_cfg
+    transform = create_transform(32, crop_pct=1.0, interpolation="bilinear", mean=cfg["mean"], std=cfg["std"])
+    images = torch.stack([transform(image) for _, _, image in expected])
+    rates = layer_rates(model, images, eps=0.5)
+    for key in ("R", "Rc", "dR"):
+        assert report["rates"][key] == pytest.approx([rates[b][key].mean().item() for b in range(4)], rel=1e-5)
+
+    # --num-images caps the shard images too.
+    assert analyze_main([*argv, "--num-images", "7", "--out", str(tmp_path / "capped")]) == 0
+    capped = json.loads((tmp_path / "capped" / "analysis.json").read_text())
+    assert capped["num_images"] == 7 and capped["inputs"]["shards"]["keys"] == report["inputs"]["shards"]["keys"][:7]
+
+
+def test_visualize_draws_the_first_n_images_of_shards_given_by_brace_pattern(tmp_path, val_shards):
+    ckpt = tmp_path / "best.pt"
+    _checkpoint_at_32px(ckpt)
+    pattern = str(val_shards / "shapes-val-{000000..000001}.tar")
+    out = tmp_path / "vis"
+    assert visualize_main([str(ckpt), "--shards", pattern, "--max-images", "3", "--out", str(out)]) == 0
+    summary = json.loads((out / "memberships.json").read_text())
+    expected = _first_val_samples(val_shards, 3)
+    classes = json.loads((val_shards / "_info.json").read_text())["classes"]
+    assert summary["num_images"] == 3 and summary["inputs"]["shards"]["keys"] == [k for k, _, _ in expected]
+    assert list(summary["images"]) == [k for k, _, _ in expected]
+    assert summary["input_size"] == [3, 32, 32]
+    for key, label, _ in expected:
+        entry = summary["images"][key]
+        assert entry["label"] == label and entry["class"] == classes[label]
+        _assert_png(out / entry["figure"])
+    assert len(list(out.glob("*.png"))) == 3
+
+
+def test_bad_shard_sources_end_with_a_message_that_names_them(tmp_path, val_shards, capsys):
+    missing = tmp_path / "no_such_shards"
+    assert analyze_main([MODEL, "--shards", str(missing), "--out", str(tmp_path)]) == 2
+    assert str(missing) in capsys.readouterr().err
+    assert visualize_main([MODEL, "--shards", str(val_shards), "--split", "test", "--out", str(tmp_path)]) == 2
+    assert "split 'test' not in" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        visualize_main([MODEL, "--shards", str(val_shards), "--max-images", "0"])
+    assert "--max-images must be positive" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.json")) and not list(tmp_path.glob("*.png"))
 
 
 def test_bad_inputs_end_with_a_message_that_names_them(tmp_path, capsys):

@@ -4,14 +4,15 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
-from PIL import Image
-from torch import nn
+from torch import Tensor, nn
 
-from pace.analysis.images import DEMO_IMAGES, demo_images, image_files, load_image
+from pace.analysis.images import DEMO_IMAGES, demo_images, image_files, load_image, model_transform, shard_images
 from pace.distributed import DistEnv, select_device
 from pace.eval.loading import WEIGHTS, load_model
 
@@ -31,17 +32,31 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of random weights (timm name) and synthetic images")
 
 
-def add_image_arguments(parser: argparse.ArgumentParser) -> None:
-    """``images`` (positional, after ``source``) and ``--demo``."""
+def add_image_arguments(parser: argparse.ArgumentParser, *, max_images: int | None, max_images_help: str) -> None:
+    """``images`` (positional, after ``source``), ``--shards``, ``--split``, ``--max-images`` and ``--demo``."""
     parser.add_argument("images", nargs="*", type=Path, help="image files (JPEG, PNG, ...) and/or folders of images")
+    parser.add_argument(
+        "--shards",
+        default=None,
+        help="webdataset shards written by this project: a shard directory with _info.json, a brace pattern such "
+        "as 'val-{000000..000003}.tar', or a list file",
+    )
+    parser.add_argument("--split", default="val", help="split of --shards (looked up in its _info.json)")
+    parser.add_argument("--max-images", type=int, default=max_images, help=max_images_help)
     parser.add_argument(
         "--demo", action="store_true", help=f"add scikit-image's sample photographs ({', '.join(DEMO_IMAGES)})"
     )
 
 
+def check_image_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse a non-positive ``--max-images``."""
+    if args.max_images is not None and args.max_images < 1:
+        parser.error(f"--max-images must be positive, got {args.max_images}")
+
+
 def model_from_source(
     source: str | Path, *, model_name: str | None = None, weights: str = "auto"
-) -> tuple[nn.Module, str]:
+) -> tuple[nn.Module, str, dict[str, Any] | None]:
     """The model to analyse, in evaluation mode on the CPU, through `pace.eval.load_model`, and its description.
 
     Args:
@@ -51,7 +66,8 @@ def model_from_source(
         weights: `auto` (EMA weights when present), `ema` or `raw`.
 
     Returns:
-        `(model, description)`; the description names the architecture, the file and the weights for plot titles.
+        `(model, description, train_config)`: the description names the architecture, the file and the weights for
+        plot titles; `train_config` is the training config stored in one of our training checkpoints, else None.
     """
     if Path(source).exists():
         loaded = load_model(model_name, checkpoint=source, weights=weights)
@@ -62,31 +78,106 @@ def model_from_source(
         log.warning("%s: random weights; pass a checkpoint to analyse a trained model", source)
     else:
         raise ValueError(f"{str(source)!r} is neither an existing checkpoint/release path nor a timm model name")
-    return loaded.model, f"{loaded.name} ({where}, {loaded.weights} weights)"
+    return loaded.model, f"{loaded.name} ({where}, {loaded.weights} weights)", loaded.train_config
 
 
-def build_model(args: argparse.Namespace) -> tuple[nn.Module, str]:
-    """The model the arguments name, in evaluation mode on the chosen device, and its description."""
+def build_model(args: argparse.Namespace) -> tuple[nn.Module, str, dict[str, Any] | None]:
+    """The model the arguments name, in evaluation mode on the chosen device, its description and its training
+    config (see `model_from_source`)."""
     torch.manual_seed(args.seed)  # random weights of a model given by name are reproducible
-    model, description = model_from_source(args.source, model_name=args.model, weights=args.weights)
-    return model.to(select_device(DistEnv(), args.device)), description
+    model, description, train_config = model_from_source(args.source, model_name=args.model, weights=args.weights)
+    return model.to(select_device(DistEnv(), args.device)), description, train_config
 
 
-def collect_images(args: argparse.Namespace, *, limit: int | None = None) -> list[tuple[str, Image.Image]]:
-    """``(name, image)`` pairs from ``images`` (in order) then ``--demo``; at least one is required."""
-    named = [(p.stem, load_image(p)) for p in image_files(args.images, limit=limit)] if args.images else []
+def eval_transform(
+    model: nn.Module, train_config: dict[str, Any] | None, *, img_size: int | None, crop_pct: float | None = None
+) -> tuple[Callable, dict[str, Any]]:
+    """The evaluation transform of a model and its resolved data config.
+
+    A model from one of our training checkpoints gets the transform its run evaluated with (the config's
+    `data.img_size`, `aug.crop_pct`, `aug.interpolation`, the model's mean and std); any other model its
+    pretrained_cfg's. `img_size` and `crop_pct`, when given, take precedence.
+    """
+    data = (train_config or {}).get("data") or {}
+    aug = (train_config or {}).get("aug") or {}
+    return model_transform(
+        model,
+        img_size=img_size if img_size is not None else data.get("img_size"),
+        crop_pct=crop_pct if crop_pct is not None else aug.get("crop_pct"),
+        interpolation=aug.get("interpolation"),
+    )
+
+
+@dataclass
+class Inputs:
+    """The images an analysis runs on, in order: files, then shard samples, then the demo photographs.
+
+    Args:
+        names: Unique names (file stems, shard keys, photograph names).
+        images: Normalised (3, H, W) tensors.
+        details: Per image, what the JSON records beside its name (key, label and class of a shard sample).
+        record: The sources for the JSON: counts, and the shard keys read.
+    """
+
+    names: list[str] = field(default_factory=list)
+    images: list[Tensor] = field(default_factory=list)
+    details: list[dict[str, Any]] = field(default_factory=list)
+    record: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, name: str, image: Tensor, details: dict[str, Any] | None = None) -> None:
+        self.names.append(name)
+        self.images.append(image)
+        self.details.append(details or {})
+
+
+def collect_images(args: argparse.Namespace, transform: Callable, *, limit: int | None = None) -> Inputs:
+    """Images from ``images`` (in order), ``--shards`` (its first ``--max-images``), then ``--demo``, transformed.
+
+    Args:
+        args: The parsed arguments (see `add_image_arguments`).
+        transform: PIL image → normalised (3, H, W) tensor.
+        limit: Keep at most this many images in all.
+
+    Returns:
+        The images, possibly none.
+    """
+    inputs = Inputs()
+    files = image_files(args.images, limit=limit) if args.images else []
+    for path in files:
+        inputs.add(path.stem, transform(load_image(path)))
+    inputs.record["files"] = len(files)
+    if args.shards is not None and _room(inputs, limit) != 0:
+        caps = [n for n in (args.max_images, _room(inputs, limit)) if n is not None]
+        if not caps:
+            raise ValueError("--shards needs --max-images: how many of the split's images to read")
+        read = shard_images(args.shards, transform=transform, max_images=min(caps), split=args.split)
+        for image, key, label in zip(read.images, read.keys, read.labels):
+            details = {"key": key, "label": label}
+            if read.classes is not None and 0 <= label < len(read.classes):
+                details["class"] = read.classes[label]
+            inputs.add(key, image, details)
+        inputs.record["shards"] = {
+            "source": str(args.shards),
+            "split": args.split,
+            "num_images": len(read.keys),
+            "keys": read.keys,
+            "description": read.description,
+        }
     if args.demo:
-        named.extend(demo_images().items())
-    if not named:
-        raise ValueError("no images: name image files or folders after the model source, and/or pass --demo")
-    named = named[:limit] if limit is not None else named
+        photos = list(demo_images().items())[: _room(inputs, limit)]
+        for name, image in photos:
+            inputs.add(name, transform(image))
+        inputs.record["demo"] = [name for name, _ in photos]
     # Files of the same name in different folders (class folders of a validation set) get distinct names.
     seen: dict[str, int] = {}
-    unique = []
-    for name, image in named:
+    for i, name in enumerate(inputs.names):
         seen[name] = seen.get(name, 0) + 1
-        unique.append((name if seen[name] == 1 else f"{name}_{seen[name]}", image))
-    return unique
+        inputs.names[i] = name if seen[name] == 1 else f"{name}_{seen[name]}"
+    return inputs
+
+
+def _room(inputs: Inputs, limit: int | None) -> int | None:
+    return None if limit is None else limit - len(inputs.names)
 
 
 def run(body: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:

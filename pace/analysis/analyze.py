@@ -3,10 +3,12 @@ each block over a batch of images; the token covariance spectrum at chosen block
 ``coefficients.png``, ``rates.png``, ``spectra.png``.
 
     python scripts/analyze_checkpoint.py runs/quickstart/checkpoints/best.pt path/to/val_images --out outputs/analysis
+    python scripts/analyze_checkpoint.py runs/quickstart/checkpoints/best.pt --shards data/generated/shapes --split val
     python scripts/analyze_checkpoint.py pace_vit_tiny_patch16_224 --demo    # random weights, offline photos
 
-Images come from files and folders (any PIL-readable format), scikit-image's photographs (``--demo``) or random
-Gaussian images (``--synthetic N``, for smoke tests).
+Images come from files and folders (any PIL-readable format), webdataset shards (``--shards``, the first
+``--max-images`` of ``--split``), scikit-image's photographs (``--demo``) or random Gaussian images
+(``--synthetic N``, for smoke tests).
 """
 
 import argparse
@@ -17,8 +19,15 @@ from pathlib import Path
 
 import torch
 
-from pace.analysis._cli import add_image_arguments, add_model_arguments, build_model, collect_images, run
-from pace.analysis.images import model_transform
+from pace.analysis._cli import (
+    add_image_arguments,
+    add_model_arguments,
+    build_model,
+    check_image_arguments,
+    collect_images,
+    eval_transform,
+    run,
+)
 from pace.analysis.inference import pace_blocks, select_blocks
 from pace.analysis.rates import (
     DEFAULT_CODING_EPS,
@@ -34,7 +43,7 @@ from pace.analysis.visualize import default_blocks
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_arguments(parser)
-    add_image_arguments(parser)
+    add_image_arguments(parser, max_images=None, max_images_help="images read from --shards (default: --num-images)")
     parser.add_argument("--synthetic", type=int, default=0, help="add this many random Gaussian images")
     parser.add_argument("--out", type=Path, default=Path("outputs/analysis"), help="output folder")
     parser.add_argument("--num-images", type=int, default=64, help="use at most this many images")
@@ -54,28 +63,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
     if not args.eps > 0:
         parser.error(f"--eps must be positive, got {args.eps}")
+    check_image_arguments(parser, args)
     return args
 
 
-def image_batches(args: argparse.Namespace, model: torch.nn.Module):
-    """Normalised image batches (B, 3, H, W) from the arguments' sources, and a description of the sources."""
-    transform, config = model_transform(model, img_size=args.img_size)
-    tensors: list[torch.Tensor] = []
+def image_batches(args: argparse.Namespace, model: torch.nn.Module, train_config: dict | None):
+    """Normalised image batches (B, 3, H, W) from the arguments' sources, the data config, a description of the
+    sources and the record of the images read (`pace.analysis._cli.Inputs.record`)."""
+    transform, config = eval_transform(model, train_config, img_size=args.img_size)
+    inputs = collect_images(args, transform, limit=args.num_images)
+    tensors = list(inputs.images)
     sources = []
-    if args.images or args.demo:
-        named = collect_images(args, limit=args.num_images)
-        tensors += [transform(image) for _, image in named]
-        sources.append(f"{len(named)} images ({', '.join(str(p) for p in args.images) or 'demo'})")
+    if inputs.record["files"]:
+        sources.append(f"{inputs.record['files']} images ({', '.join(str(p) for p in args.images)})")
+    if "shards" in inputs.record:
+        sources.append(inputs.record["shards"]["description"])
+    if inputs.record.get("demo"):
+        sources.append(f"{len(inputs.record['demo'])} demo images ({', '.join(inputs.record['demo'])})")
     remaining = args.num_images - len(tensors)
     if args.synthetic and remaining > 0:
         gen = torch.Generator().manual_seed(args.seed)
         n = min(args.synthetic, remaining)
         tensors += list(torch.randn(n, *config["input_size"], generator=gen))
         sources.append(f"{n} synthetic Gaussian images (seed {args.seed})")
+        inputs.record["synthetic"] = n
     if not tensors:
-        raise ValueError("no images: name image files or folders after the model source, --demo or --synthetic N")
+        raise ValueError(
+            "no images: name image files or folders after the model source, --shards, --demo or --synthetic N"
+        )
     batch = torch.stack(tensors)  # (B, 3, H, W)
-    return batch.split(args.batch_size), config, "; ".join(sources)
+    return batch.split(args.batch_size), config, "; ".join(sources), inputs.record
 
 
 def measure(model: torch.nn.Module, batches, *, eps: float, spectrum_blocks: list[int]) -> dict:
@@ -116,14 +133,15 @@ def _main(args: argparse.Namespace) -> int:
     from pace.analysis.plots import plot_coefficients, plot_rates, plot_spectra
 
     start = time.perf_counter()
-    model, description = build_model(args)
+    model, description, train_config = build_model(args)
     depth = len(pace_blocks(model))
     spectrum_blocks = select_blocks(model, args.spectrum_blocks or default_blocks(depth))
-    batches, config, sources = image_batches(args, model)
+    batches, config, sources, record = image_batches(args, model, train_config)
     report = {
         "model": description,
         "source": str(args.source),
         "images": sources,
+        "inputs": record,
         "input_size": config["input_size"],
         "eps": args.eps,
         "compress_form": getattr(model, "compress_form", None),

@@ -1,13 +1,17 @@
-"""Images for the analysis scripts: files and folders, scikit-image's sample photographs, the model's transform."""
+"""Images for the analysis scripts: files and folders, webdataset shards, scikit-image's sample photographs, the
+model's transform."""
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from timm.data import create_transform, resolve_data_config
 from torch import Tensor, nn
+
+from pace.data import create_eval_loader, resolve_shards
+from pace.eval.transform import build_eval_transform, eval_data_config
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 # Photographs bundled with scikit-image (no download): a person, an object on a table, an animal.
@@ -77,24 +81,97 @@ def demo_images(names: Sequence[str] = DEMO_IMAGES) -> dict[str, Image.Image]:
     return out
 
 
-def model_transform(model: nn.Module, *, img_size: int | None = None, crop_pct: float | None = None):
-    """timm's evaluation transform for the model (its pretrained_cfg's mean, std and interpolation).
+def model_transform(
+    model: nn.Module,
+    *,
+    img_size: int | None = None,
+    crop_pct: float | None = None,
+    interpolation: str | None = None,
+):
+    """timm's evaluation transform for the model, as `pace-eval` builds it (`pace.eval.transform`): the model's
+    pretrained_cfg (mean, std, interpolation, crop) with the settings given here taking precedence.
 
     Args:
         model: A timm model.
         img_size: Square input size; None for the model's default.
         crop_pct: Centre-crop fraction; None for the model's default, 1.0 to keep the whole shorter side.
+        interpolation: Resize interpolation; None for the model's default.
 
     Returns:
-        ``(transform, data_config)``: a PIL → normalised (3, H, W) tensor callable and timm's resolved config.
+        ``(transform, data_config)``: a PIL → normalised (3, H, W) tensor callable and the resolved config.
     """
-    overrides = {}
-    if img_size is not None:
-        overrides["input_size"] = (3, img_size, img_size)
-    if crop_pct is not None:
-        overrides["crop_pct"] = crop_pct
-    config = resolve_data_config(args=overrides, model=model)
-    return create_transform(**config, is_training=False), config
+    overrides = {"input_size": img_size, "crop_pct": crop_pct, "interpolation": interpolation}
+    config = eval_data_config(model, overrides)
+    return build_eval_transform(config), config
+
+
+@dataclass(frozen=True)
+class ShardImages:
+    """The first images of a webdataset split, transformed for the model.
+
+    Args:
+        images: Normalised (B, 3, H, W).
+        keys: Each sample's key, in reading order.
+        labels: Each sample's class index.
+        classes: Class names by index, when the shards' info file lists them.
+        description: Where they came from, for reports.
+    """
+
+    images: Tensor
+    keys: list[str]
+    labels: list[int]
+    classes: tuple[str, ...] | None
+    description: str
+
+
+def shard_images(
+    source: str | Path, *, transform: Callable, max_images: int, split: str = "val", batch_size: int = 64
+) -> ShardImages:
+    """Read the first ``max_images`` samples of a split through the project's evaluation loader.
+
+    The loader reads in one process, shard by shard in their stored order, so the same images come back every
+    time; bad samples are skipped as in evaluation.
+
+    Args:
+        source: A shard directory with ``_info.json``, a brace pattern, a list file (see
+            `pace.data.resolve_shards`).
+        transform: PIL image → normalised (3, H, W) tensor.
+        max_images: Read at most this many images.
+        split: Split name in the info file.
+        batch_size: Images decoded per batch.
+
+    Returns:
+        The images, their keys and labels.
+    """
+    if max_images < 1:
+        raise ValueError(f"max_images must be positive, got {max_images}")
+    local = str(source)
+    shards = resolve_shards(local, split=split)
+    # Missing local shards fail here, each named (`FileNotFoundError`).
+    loader = create_eval_loader(
+        local,
+        batch_size=min(batch_size, max_images),
+        transform=transform,
+        split=split,
+        num_workers=0,
+        rank=0,
+        world_size=1,
+    )
+    images: list[Tensor] = []
+    keys: list[str] = []
+    labels: list[int] = []
+    for batch, targets, batch_keys in loader:
+        take = max_images - len(keys)
+        images.append(batch[:take])
+        keys += list(batch_keys[:take])
+        labels += targets[:take].tolist()
+        if len(keys) == max_images:
+            break
+    if not keys:
+        raise ValueError(f"{local} split {split!r}: no readable images")
+    where = shards.info_path or f"{len(shards.urls)} shards"
+    description = f"{len(keys)} images of webdataset {local} split {split} ({where})"
+    return ShardImages(torch.cat(images), keys, labels, shards.classes, description)
 
 
 def to_display(images: Tensor, *, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:

@@ -2,6 +2,7 @@
 segmentation and every head's π map), and ``memberships.json`` with each head's share of the pixels.
 
     python scripts/visualize_memberships.py runs/quickstart/checkpoints/best.pt photo.jpg --out outputs/memberships
+    python scripts/visualize_memberships.py runs/quickstart/checkpoints/best.pt --shards data/generated/shapes
     python scripts/visualize_memberships.py pace_vit_tiny_patch16_224 --demo    # random weights, offline photos
 """
 
@@ -14,8 +15,16 @@ from pathlib import Path
 
 import torch
 
-from pace.analysis._cli import add_image_arguments, add_model_arguments, build_model, collect_images, run
-from pace.analysis.images import model_transform, to_display
+from pace.analysis._cli import (
+    add_image_arguments,
+    add_model_arguments,
+    build_model,
+    check_image_arguments,
+    collect_images,
+    eval_transform,
+    run,
+)
+from pace.analysis.images import to_display
 from pace.analysis.inference import pace_blocks, select_blocks
 from pace.analysis.memberships import INTERPOLATIONS, membership_maps, segmentation
 
@@ -23,7 +32,7 @@ from pace.analysis.memberships import INTERPOLATIONS, membership_maps, segmentat
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_arguments(parser)
-    add_image_arguments(parser)
+    add_image_arguments(parser, max_images=4, max_images_help="images read from --shards (one figure each)")
     parser.add_argument("--out", type=Path, default=Path("outputs/memberships"), help="output folder")
     parser.add_argument(
         "--blocks",
@@ -35,7 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--img-size", type=int, default=None, help="square input size (default: the model's)")
     parser.add_argument("--interpolation", choices=INTERPOLATIONS, default="bilinear", help="upsampling of π maps")
     parser.add_argument("--dpi", type=int, default=100)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_image_arguments(parser, args)
+    return args
 
 
 def default_blocks(depth: int) -> list[int]:
@@ -61,29 +72,40 @@ def _main(args: argparse.Namespace) -> int:
     from pace.analysis.plots import plot_membership_grid
 
     start = time.perf_counter()
-    model, description = build_model(args)
+    model, description, train_config = build_model(args)
     blocks = select_blocks(model, args.blocks if args.blocks is not None else default_blocks(len(pace_blocks(model))))
     # The whole shorter side is kept (no centre crop), so the grid shows as much of the photograph as possible.
-    transform, config = model_transform(model, img_size=args.img_size, crop_pct=1.0)
-    named = collect_images(args)
+    transform, config = eval_transform(model, train_config, img_size=args.img_size, crop_pct=1.0)
+    inputs = collect_images(args, transform)
+    if not inputs.names:
+        raise ValueError("no images: name image files or folders after the model source, --shards and/or --demo")
     args.out.mkdir(parents=True, exist_ok=True)
-    summary = {"model": description, "source": str(args.source), "blocks": blocks, "input_size": config["input_size"]}
-    summary["images"] = {}
-    for name, image in named:
-        x = transform(image).unsqueeze(0)  # (1, 3, H, W)
+    summary = {
+        "model": description,
+        "source": str(args.source),
+        "blocks": blocks,
+        "input_size": config["input_size"],
+        "num_images": len(inputs.names),
+        "inputs": inputs.record,
+        "images": {},
+    }
+    for name, image, details in zip(inputs.names, inputs.images, inputs.details):
+        x = image.unsqueeze(0)  # (1, 3, H, W)
         maps = membership_maps(model, x, blocks=blocks, interpolation=args.interpolation)
         shown = to_display(x, mean=config["mean"], std=config["std"])[0]
         path = args.out / f"{safe_stem(name)}_memberships.png"
+        caption = f"{name} ({details['class']})" if "class" in details else name
         plot_membership_grid(
-            shown, {b: m[0] for b, m in maps.items()}, path, title=f"{description}: {name}", dpi=args.dpi
+            shown, {b: m[0] for b, m in maps.items()}, path, title=f"{description}: {caption}", dpi=args.dpi
         )
         summary["images"][name] = {
+            **details,
             "figure": path.name,
             "head_share": {b: head_shares(segmentation(m[0]), m.shape[1]) for b, m in maps.items()},
         }
         print(f"wrote {path}")
     (args.out / "memberships.json").write_text(json.dumps(summary, indent=1))
-    print(f"{len(named)} images, blocks {blocks}, {time.perf_counter() - start:.1f} s")
+    print(f"{len(inputs.names)} images, blocks {blocks}, {time.perf_counter() - start:.1f} s")
     return 0
 
 

@@ -36,6 +36,7 @@ class LoadedModel:
         weights: which weights were loaded: `pretrained`, `random`, `model_ema`, `model`, ...
         files: the local files the weights were read from (for hashing).
         info: extra provenance (hub id, checkpoint epoch, ...).
+        train_config: the resolved training config stored in one of our training checkpoints, else None.
     """
 
     model: nn.Module
@@ -44,6 +45,7 @@ class LoadedModel:
     weights: str
     files: list[Path] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    train_config: dict[str, Any] | None = None
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -143,7 +145,7 @@ def _from_torch_file(path: Path, name: str | None, weights: str, kwargs: dict[st
         model = timm.create_model(arch, pretrained=False, **args)
         model.load_state_dict(state_dict, strict=True)
         info = {"epoch": checkpoint.get("epoch"), "model_args": args}
-        return LoadedModel(model, arch, "checkpoint", key, [path], info)
+        return LoadedModel(model, arch, "checkpoint", key, [path], info, checkpoint.get("config"))
     return _through_filter_fn(path, state_dict, key, name, kwargs)
 
 

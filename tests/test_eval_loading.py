@@ -12,6 +12,7 @@ from timm.models import save_for_hf
 
 import pace  # noqa: F401  (registers the models)
 from pace.eval.loading import load_model, sha256_file
+from pace.eval.transform import eval_data_config
 from pace.models import checkpoint_filter_fn
 
 NAME = "pace_vit_test"
@@ -143,3 +144,20 @@ def test_bad_sources_name_the_problem(tmp_path):
         load_model(NAME, checkpoint=tmp_path / "garbage.pt")
     with pytest.raises(ValueError, match="weights must be one of"):
         load_model(NAME, weights="best")
+
+
+def test_our_checkpoint_restores_its_runs_eval_transform(tmp_path):
+    model = timm.create_model(NAME, num_classes=10)
+    run = {"data": {"img_size": 40}, "aug": {"crop_pct": 0.9, "interpolation": "bilinear"}}
+    path = tmp_path / "step_00000001.pt"
+    checkpoint = {"model": model.state_dict(), "model_name": NAME, "model_args": {"num_classes": 10}, "config": run}
+    torch.save(checkpoint, path)
+    config = eval_data_config(load_model(checkpoint=path).model)
+    assert (config["input_size"], config["crop_pct"], config["interpolation"]) == ((3, 40, 40), 0.9, "bilinear")
+    # A resolution asked for at load time wins over the run's; a checkpoint without the sections keeps timm's.
+    config = eval_data_config(load_model(checkpoint=path, model_kwargs={"img_size": 48}).model)
+    assert (config["input_size"], config["crop_pct"]) == ((3, 48, 48), 0.9)
+    torch.save({**checkpoint, "config": {"optim": {"lr": 0.1}}}, path)
+    default = timm.create_model(NAME).pretrained_cfg
+    config = eval_data_config(load_model(checkpoint=path).model)
+    assert (config["input_size"], config["crop_pct"]) == (tuple(default["input_size"]), default["crop_pct"])

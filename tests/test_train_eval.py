@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import torch
 from eval_helpers import write_val_jpegs
 from train_helpers import read_metrics, run_train
+
+from pace.eval import eval_data_config, load_model
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +61,19 @@ def test_real_runs_at_its_own_cadence_and_excludes_empty_label_sets(run):
         # One of the first nine ImageNet val images has an empty ReaL set (timm's JSON).
         assert last[f"{prefix}real/top1_count"] == 8
         assert 0.0 <= last[f"{prefix}real/top1"] <= 100.0
+
+
+def test_checkpoints_and_the_release_evaluate_with_the_runs_transform(run):
+    """pace-eval, the analysis scripts and timm's own resolve_data_config default to the run's 32 px transform,
+    not the architecture's 224 px one."""
+    checkpoint_path = sorted((run / "checkpoints").glob("step_*.pt"))[-1]
+    stored = torch.load(checkpoint_path, map_location="cpu", weights_only=True)["config"]
+    size = stored["data"]["img_size"]
+    expected = {"input_size": (3, size, size), "crop_pct": stored["aug"]["crop_pct"]}
+    expected["interpolation"] = stored["aug"]["interpolation"]
+    assert size != 224
+    release = json.loads((run / "release" / "config.json").read_text())["pretrained_cfg"]
+    assert (tuple(release["input_size"]), release["crop_pct"], release["interpolation"]) == tuple(expected.values())
+    for source in (checkpoint_path, run / "release"):
+        config = eval_data_config(load_model(checkpoint=source).model)
+        assert {k: config[k] for k in expected} == expected, source

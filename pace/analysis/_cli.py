@@ -12,7 +12,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from pace.analysis.images import DEMO_IMAGES, demo_images, image_files, load_image, model_transform, shard_images
+from pace.analysis.images import DEMO_IMAGES, demo_images, image_files, load_image, shard_images
 from pace.distributed import DistEnv, select_device
 from pace.eval.loading import WEIGHTS, load_model
 
@@ -56,7 +56,7 @@ def check_image_arguments(parser: argparse.ArgumentParser, args: argparse.Namesp
 
 def model_from_source(
     source: str | Path, *, model_name: str | None = None, weights: str = "auto"
-) -> tuple[nn.Module, str, dict[str, Any] | None]:
+) -> tuple[nn.Module, str]:
     """The model to analyse, in evaluation mode on the CPU, through `pace.eval.load_model`, and its description.
 
     Args:
@@ -66,8 +66,9 @@ def model_from_source(
         weights: `auto` (EMA weights when present), `ema` or `raw`.
 
     Returns:
-        `(model, description, train_config)`: the description names the architecture, the file and the weights for
-        plot titles; `train_config` is the training config stored in one of our training checkpoints, else None.
+        `(model, description)`; the description names the architecture, the file and the weights for plot titles.
+        A model from one of our training checkpoints carries its run's evaluation settings in its pretrained_cfg
+        (`pace.eval.set_eval_settings`), so `model_transform` gives the transform the run evaluated with.
     """
     if Path(source).exists():
         loaded = load_model(model_name, checkpoint=source, weights=weights)
@@ -78,34 +79,14 @@ def model_from_source(
         log.warning("%s: random weights; pass a checkpoint to analyse a trained model", source)
     else:
         raise ValueError(f"{str(source)!r} is neither an existing checkpoint/release path nor a timm model name")
-    return loaded.model, f"{loaded.name} ({where}, {loaded.weights} weights)", loaded.train_config
+    return loaded.model, f"{loaded.name} ({where}, {loaded.weights} weights)"
 
 
-def build_model(args: argparse.Namespace) -> tuple[nn.Module, str, dict[str, Any] | None]:
-    """The model the arguments name, in evaluation mode on the chosen device, its description and its training
-    config (see `model_from_source`)."""
+def build_model(args: argparse.Namespace) -> tuple[nn.Module, str]:
+    """The model the arguments name, in evaluation mode on the chosen device, and its description."""
     torch.manual_seed(args.seed)  # random weights of a model given by name are reproducible
-    model, description, train_config = model_from_source(args.source, model_name=args.model, weights=args.weights)
-    return model.to(select_device(DistEnv(), args.device)), description, train_config
-
-
-def eval_transform(
-    model: nn.Module, train_config: dict[str, Any] | None, *, img_size: int | None, crop_pct: float | None = None
-) -> tuple[Callable, dict[str, Any]]:
-    """The evaluation transform of a model and its resolved data config.
-
-    A model from one of our training checkpoints gets the transform its run evaluated with (the config's
-    `data.img_size`, `aug.crop_pct`, `aug.interpolation`, the model's mean and std); any other model its
-    pretrained_cfg's. `img_size` and `crop_pct`, when given, take precedence.
-    """
-    data = (train_config or {}).get("data") or {}
-    aug = (train_config or {}).get("aug") or {}
-    return model_transform(
-        model,
-        img_size=img_size if img_size is not None else data.get("img_size"),
-        crop_pct=crop_pct if crop_pct is not None else aug.get("crop_pct"),
-        interpolation=aug.get("interpolation"),
-    )
+    model, description = model_from_source(args.source, model_name=args.model, weights=args.weights)
+    return model.to(select_device(DistEnv(), args.device)), description
 
 
 @dataclass

@@ -25,9 +25,9 @@ from pace.analysis._cli import (
     build_model,
     check_image_arguments,
     collect_images,
-    eval_transform,
     run,
 )
+from pace.analysis.images import model_transform
 from pace.analysis.inference import pace_blocks, select_blocks
 from pace.analysis.rates import (
     DEFAULT_CODING_EPS,
@@ -67,10 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def image_batches(args: argparse.Namespace, model: torch.nn.Module, train_config: dict | None):
+def image_batches(args: argparse.Namespace, model: torch.nn.Module):
     """Normalised image batches (B, 3, H, W) from the arguments' sources, the data config, a description of the
     sources and the record of the images read (`pace.analysis._cli.Inputs.record`)."""
-    transform, config = eval_transform(model, train_config, img_size=args.img_size)
+    transform, config = model_transform(model, img_size=args.img_size)
     inputs = collect_images(args, transform, limit=args.num_images)
     tensors = list(inputs.images)
     sources = []
@@ -133,10 +133,10 @@ def _main(args: argparse.Namespace) -> int:
     from pace.analysis.plots import plot_coefficients, plot_rates, plot_spectra
 
     start = time.perf_counter()
-    model, description, train_config = build_model(args)
+    model, description = build_model(args)
     depth = len(pace_blocks(model))
     spectrum_blocks = select_blocks(model, args.spectrum_blocks or default_blocks(depth))
-    batches, config, sources, record = image_batches(args, model, train_config)
+    batches, config, sources, record = image_batches(args, model)
     report = {
         "model": description,
         "source": str(args.source),

@@ -21,10 +21,9 @@ from pace.analysis._cli import (
     build_model,
     check_image_arguments,
     collect_images,
-    eval_transform,
     run,
 )
-from pace.analysis.images import to_display
+from pace.analysis.images import model_transform, to_display
 from pace.analysis.inference import pace_blocks, select_blocks
 from pace.analysis.memberships import INTERPOLATIONS, membership_maps, segmentation
 
@@ -72,10 +71,10 @@ def _main(args: argparse.Namespace) -> int:
     from pace.analysis.plots import plot_membership_grid
 
     start = time.perf_counter()
-    model, description, train_config = build_model(args)
+    model, description = build_model(args)
     blocks = select_blocks(model, args.blocks if args.blocks is not None else default_blocks(len(pace_blocks(model))))
     # The whole shorter side is kept (no centre crop), so the grid shows as much of the photograph as possible.
-    transform, config = eval_transform(model, train_config, img_size=args.img_size, crop_pct=1.0)
+    transform, config = model_transform(model, img_size=args.img_size, crop_pct=1.0)
     inputs = collect_images(args, transform)
     if not inputs.names:
         raise ValueError("no images: name image files or folders after the model source, --shards and/or --demo")

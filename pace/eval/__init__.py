@@ -12,7 +12,7 @@ from pace.eval.labels import LabelSets
 from pace.eval.loading import LoadedModel, load_model
 from pace.eval.predictions import Predictions, read_predictions, write_predictions
 from pace.eval.rescore import rescore
-from pace.eval.transform import build_eval_transform, eval_data_config
+from pace.eval.transform import build_eval_transform, eval_data_config, run_eval_settings, set_eval_settings
 
 __all__ = [
     "EvalData",
@@ -31,5 +31,7 @@ __all__ = [
     "predict",
     "read_predictions",
     "rescore",
+    "run_eval_settings",
+    "set_eval_settings",
     "write_predictions",
 ]

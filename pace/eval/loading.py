@@ -17,6 +17,8 @@ import torch
 from timm.models import clean_state_dict, parse_model_name
 from torch import nn
 
+from pace.eval.transform import run_eval_settings, set_eval_settings
+
 log = logging.getLogger(__name__)
 
 _EMA_KEYS = ("model_ema", "state_dict_ema")
@@ -36,7 +38,6 @@ class LoadedModel:
         weights: which weights were loaded: `pretrained`, `random`, `model_ema`, `model`, ...
         files: the local files the weights were read from (for hashing).
         info: extra provenance (hub id, checkpoint epoch, ...).
-        train_config: the resolved training config stored in one of our training checkpoints, else None.
     """
 
     model: nn.Module
@@ -45,7 +46,6 @@ class LoadedModel:
     weights: str
     files: list[Path] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
-    train_config: dict[str, Any] | None = None
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -132,6 +132,20 @@ def _through_filter_fn(
     return LoadedModel(model, name, "state_dict", key, [path], {})
 
 
+def _restore_eval_settings(model: nn.Module, config: Any, load_kwargs: Mapping[str, Any]) -> None:
+    # The model rebuilt from its arguments has the architecture's default pretrained_cfg (224 px); the run's own
+    # evaluation settings live in the resolved config stored beside the weights.
+    try:
+        data, aug = config["data"], config["aug"]
+        settings = run_eval_settings(data["img_size"], aug["crop_pct"], aug["interpolation"])
+    except (KeyError, TypeError):
+        return  # a checkpoint written without a full config keeps the architecture's defaults
+    if load_kwargs.get("img_size") is not None:  # a resolution asked for at load time wins
+        size = int(load_kwargs["img_size"])
+        settings["input_size"] = (3, size, size)
+    set_eval_settings(model, settings)
+
+
 def _from_torch_file(path: Path, name: str | None, weights: str, kwargs: dict[str, Any]) -> LoadedModel:
     checkpoint = _torch_load(path)
     state_dict, key = _pick_state_dict(checkpoint, weights, path)
@@ -144,8 +158,9 @@ def _from_torch_file(path: Path, name: str | None, weights: str, kwargs: dict[st
         args = {**dict(checkpoint.get("model_args") or {}), **kwargs}
         model = timm.create_model(arch, pretrained=False, **args)
         model.load_state_dict(state_dict, strict=True)
+        _restore_eval_settings(model, checkpoint.get("config"), kwargs)
         info = {"epoch": checkpoint.get("epoch"), "model_args": args}
-        return LoadedModel(model, arch, "checkpoint", key, [path], info, checkpoint.get("config"))
+        return LoadedModel(model, arch, "checkpoint", key, [path], info)
     return _through_filter_fn(path, state_dict, key, name, kwargs)
 
 

@@ -42,3 +42,31 @@ def eval_data_config(model: nn.Module, overrides: Mapping[str, Any] | None = Non
 def build_eval_transform(data_config: Mapping[str, Any]) -> Callable:
     """timm's eval transform (resize by crop_pct, centre crop, to tensor, normalise) for a resolved data config."""
     return create_transform(**data_config, is_training=False)
+
+
+def run_eval_settings(img_size: int, crop_pct: float, interpolation: str) -> dict[str, Any]:
+    """The pretrained_cfg entries that describe how a training run evaluated: its resolution, crop and resize.
+
+    Args:
+        img_size: the run's square input size (`data.img_size`).
+        crop_pct: its evaluation centre-crop fraction (`aug.crop_pct`).
+        interpolation: its resize interpolation (`aug.interpolation`).
+    """
+    size = int(img_size)
+    return {"input_size": (3, size, size), "crop_pct": float(crop_pct), "interpolation": interpolation}
+
+
+def set_eval_settings(model: nn.Module, settings: Mapping[str, Any]) -> None:
+    """Record a run's evaluation settings in the model's pretrained_cfg.
+
+    `eval_data_config` (pace-eval, the analysis scripts) and timm's `resolve_data_config` then default to the
+    transform the model was trained and evaluated with, and a release exported from the model carries them in its
+    `config.json`.
+
+    Args:
+        model: a timm model.
+        settings: pretrained_cfg entries, as `run_eval_settings` returns them.
+    """
+    cfg = {**(getattr(model, "pretrained_cfg", None) or {}), **settings}
+    model.pretrained_cfg = cfg
+    model.default_cfg = cfg  # timm's older alias of the same dict

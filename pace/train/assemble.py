@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pace.data import create_mixup
 from pace.distributed import DistEnv, all_gather_object
+from pace.eval.transform import run_eval_settings, set_eval_settings
 from pace.train.builders import (
     build_ema,
     build_loss,
@@ -84,6 +85,7 @@ def _prepare_model(cfg: TrainConfig, env: DistEnv, device: torch.device) -> nn.M
     # The same seed on every rank: identical initial weights even before DDP's broadcast.
     random_seed(cfg.seed)
     model = build_model(cfg.model)
+    set_eval_settings(model, run_eval_settings(cfg.data.img_size, cfg.aug.crop_pct, cfg.aug.interpolation))
     if env.is_distributed and cfg.trainer.sync_batchnorm:
         if device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)

@@ -1,0 +1,25 @@
+"""Triton kernels of PACEAttention's small dense work, as torch custom ops with PyTorch fallbacks.
+
+Importing this package registers the ``pace::`` ops and imports nothing else (Triton is imported on first use).
+Backend per call: Triton on CUDA tensors when it imports, PyTorch otherwise; ``PACE_TRITON=off`` or
+``use_backend("off")`` forces PyTorch, ``PACE_TRITON=interpret`` (or ``TRITON_INTERPRET=1``) or
+``use_backend("interpret")`` runs the Triton kernels on CPU tensors through the interpreter.
+"""
+
+from pace.kernels._dispatch import BACKENDS, current_backend, use_backend
+from pace.kernels.ridge import (
+    inverse_cholesky_factor,
+    inverse_cholesky_factor_reference,
+    normalized_gram,
+    normalized_gram_reference,
+)
+
+__all__ = [
+    "BACKENDS",
+    "current_backend",
+    "inverse_cholesky_factor",
+    "inverse_cholesky_factor_reference",
+    "normalized_gram",
+    "normalized_gram_reference",
+    "use_backend",
+]

@@ -1,0 +1,242 @@
+"""Triton kernels of the ridge step: the inverse Cholesky factor ``F = L⁻ᵀ`` and the normalised Gram matrix.
+
+Imported lazily by ``pace.kernels._dispatch`` (importing it imports Triton). The launchers assume what the custom
+ops in ``pace.kernels.ridge`` check: 3-D inputs, float32 G, float32/bfloat16/float16 Y. ``out`` arguments exist
+so that tests can hand in poisoned buffers and check that every element is written.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# The interpreter multiplies half-precision tiles as raw bits; it gets them as fp32 (the same exact products).
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _chol_inv_tile(A, BS: tl.constexpr):
+    """``L⁻¹`` (lower triangular) of the Cholesky factor of one SPD tile ``A`` (BS, BS), in registers.
+
+    Right-looking Cholesky fused with forward substitution against I: step j takes column j of the updated
+    trailing matrix as column j of L, then finishes row j of ``X = L⁻¹`` and removes it from the rows below.
+    Padding rows/columns must hold the identity, so they decouple and stay the identity.
+    """
+    idx = tl.arange(0, BS)
+    rows = idx[:, None]
+    cols = idx[None, :]
+    X = (rows == cols).to(tl.float32)
+    for j in range(BS):
+        col = tl.sum(tl.where(cols == j, A, 0.0), axis=1)  # (BS,) A[:, j]
+        d = tl.sqrt(tl.sum(tl.where(idx == j, col, 0.0), axis=0))
+        lj = tl.where(idx >= j, col / d, 0.0)  # column j of L (zero above the diagonal)
+        A = A - lj[:, None] * lj[None, :]
+        xj = tl.sum(tl.where(rows == j, X, 0.0), axis=0) / d  # (BS,) finished row j of L⁻¹
+        X = tl.where(rows == j, xj[None, :], X - lj[:, None] * xj[None, :])
+    return X
+
+
+@triton.jit
+def inverse_cholesky_factor_kernel(
+    G_ptr,
+    F_ptr,
+    n,
+    stride_gb,
+    stride_gr,
+    stride_gc,
+    stride_fb,
+    stride_fr,
+    stride_fc,
+    BS: tl.constexpr,
+    NB: tl.constexpr,
+):
+    """One program per matrix. ``NB == 1``: the whole (padded) matrix is one register tile.
+
+    ``NB > 1``: blocked left-looking Cholesky over BS × BS tiles, then a blocked inversion. The output buffer is
+    the only scratch: the off-diagonal blocks L_ik (i > k) of L go to F's lower blocks, the blocks X_ik of
+    X = L⁻¹ to F's upper blocks (transposed, F = Xᵀ), and the lower blocks are zeroed at the end. Every write
+    that a later step reads is followed by a barrier (a block-wide __syncthreads orders global memory too).
+    """
+    b = tl.program_id(0)
+    G_ptr += b.to(tl.int64) * stride_gb
+    F_ptr += b.to(tl.int64) * stride_fb
+    idx = tl.arange(0, BS)
+    rows = idx[:, None]
+    cols = idx[None, :]
+    eye = rows == cols
+    zero = tl.zeros((BS, BS), dtype=tl.float32)
+
+    for k in range(NB):
+        # Diagonal tile: A_kk = G_kk − Σ_{j<k} L_kj L_kjᵀ; padding (beyond n) is the identity.
+        r = k * BS + rows
+        c = k * BS + cols
+        inside = (r < n) & (c < n)
+        A = tl.load(G_ptr + r * stride_gr + c * stride_gc, mask=inside, other=0.0).to(tl.float32)
+        A = tl.where(eye & (r >= n), 1.0, A)
+        for j in range(k):
+            cj = j * BS + cols
+            Lkj = tl.load(F_ptr + r * stride_fr + cj * stride_fc, mask=(r < n) & (cj < n), other=0.0)
+            A -= tl.dot(Lkj, tl.trans(Lkj), input_precision="ieee")
+        Xkk = _chol_inv_tile(A, BS)
+        # F_kk = X_kkᵀ: element X[r, c] goes to F[c, r].
+        tl.store(F_ptr + c * stride_fr + r * stride_fc, Xkk, mask=inside)
+        # Column of tiles below: L_ik = (G_ik − Σ_{j<k} L_ij L_kjᵀ) X_kkᵀ.
+        for i in range(k + 1, NB):
+            ri = i * BS + rows
+            Aik = tl.load(G_ptr + ri * stride_gr + c * stride_gc, mask=(ri < n) & (c < n), other=0.0).to(tl.float32)
+            for j in range(k):
+                cj = j * BS + cols
+                Lij = tl.load(F_ptr + ri * stride_fr + cj * stride_fc, mask=(ri < n) & (cj < n), other=0.0)
+                Lkj = tl.load(F_ptr + r * stride_fr + cj * stride_fc, mask=(r < n) & (cj < n), other=0.0)
+                Aik -= tl.dot(Lij, tl.trans(Lkj), input_precision="ieee")
+            Lik = tl.dot(Aik, tl.trans(Xkk), input_precision="ieee")
+            tl.store(F_ptr + ri * stride_fr + c * stride_fc, Lik, mask=(ri < n) & (c < n))
+        tl.debug_barrier()
+
+    # Blocked inversion, one column of tiles at a time: X_ik = −X_ii Σ_{j=k}^{i−1} L_ij X_jk for i > k.
+    for k in range(NB):
+        ck = k * BS + cols
+        for i in range(k + 1, NB):
+            ri = i * BS + rows
+            acc = zero
+            for j in range(k, i):
+                rj = j * BS + rows
+                cj = j * BS + cols
+                Lij = tl.load(F_ptr + ri * stride_fr + cj * stride_fc, mask=(ri < n) & (cj < n), other=0.0)
+                # X_jk (rows of block j, columns of block k) lives transposed in F's block (k, j).
+                Xjk = tl.load(F_ptr + ck * stride_fr + rj * stride_fc, mask=(ck < n) & (rj < n), other=0.0)
+                acc += tl.dot(Lij, Xjk, input_precision="ieee")
+            ci = i * BS + cols
+            Xii = tl.load(F_ptr + ci * stride_fr + ri * stride_fc, mask=(ci < n) & (ri < n), other=0.0)
+            Xik = -tl.dot(Xii, acc, input_precision="ieee")
+            tl.store(F_ptr + ck * stride_fr + ri * stride_fc, Xik, mask=(ck < n) & (ri < n))
+            tl.debug_barrier()
+
+    # F is upper triangular: clear the lower blocks that held L.
+    for k in range(NB):
+        ck = k * BS + cols
+        for i in range(k + 1, NB):
+            ri = i * BS + rows
+            tl.store(F_ptr + ri * stride_fr + ck * stride_fc, zero, mask=(ri < n) & (ck < n))
+
+
+def _factor_tiling(c: int) -> tuple[int, int, int]:
+    """``(BS, NB, num_warps)``: one register tile up to c = 32, else 32 × 32 tiles."""
+    if c <= 16:
+        return 16, 1, 1
+    if c <= 32:
+        return 32, 1, 2
+    return 32, triton.cdiv(c, 32), 4
+
+
+def inverse_cholesky_factor(G: Tensor, out: Tensor | None = None) -> Tensor:
+    """``F = chol(G)⁻ᵀ`` of float32 SPD matrices G (B, c, c) by the Triton kernel; see ``pace.kernels``."""
+    batch, c = G.shape[0], G.shape[-1]
+    F = torch.empty((batch, c, c), device=G.device, dtype=torch.float32) if out is None else out
+    if batch == 0 or c == 0:
+        return F
+    BS, NB, num_warps = _factor_tiling(c)
+    inverse_cholesky_factor_kernel[(batch,)](
+        G, F, c, *G.stride(), *F.stride(), BS=BS, NB=NB, num_warps=num_warps, num_stages=1
+    )
+    return F
+
+
+@triton.jit
+def _normalized_gram_kernel(
+    Y_ptr,
+    S_ptr,
+    G_ptr,
+    m,
+    n,
+    eps,
+    stride_yb,
+    stride_ym,
+    stride_yc,
+    stride_gb,
+    stride_gr,
+    stride_gc,
+    BT: tl.constexpr,
+    BM: tl.constexpr,
+    IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Tile (ti, tj) of ``G = ŶᵀŶ + εI`` with ``Ŷ = Y / max(‖columns‖, 1e-12)`` from one pass over two column strips.
+
+    The raw product YᵀY is accumulated in fp32 (bf16 operands on tensor cores are exact products) together with
+    the squared column norms of both strips; the scaling is applied to the fp32 tile at the end. Diagonal tiles
+    also write the column scales.
+    """
+    b = tl.program_id(0)
+    ti = tl.program_id(1)
+    tj = tl.program_id(2)
+    Y_ptr += b.to(tl.int64) * stride_yb
+    ci = ti * BT + tl.arange(0, BT)
+    cj = tj * BT + tl.arange(0, BT)
+    mm = tl.arange(0, BM)
+    acc = tl.zeros((BT, BT), dtype=tl.float32)
+    ssi = tl.zeros((BT,), dtype=tl.float32)
+    ssj = tl.zeros((BT,), dtype=tl.float32)
+    for m0 in range(0, m, BM):
+        rows = m0 + mm
+        # Strip i loaded transposed, (BT, BM); strip j as is, (BM, BT).
+        yi = tl.load(
+            Y_ptr + rows[None, :] * stride_ym + ci[:, None] * stride_yc,
+            mask=(rows[None, :] < m) & (ci[:, None] < n),
+            other=0.0,
+        )
+        yj = tl.load(
+            Y_ptr + rows[:, None] * stride_ym + cj[None, :] * stride_yc,
+            mask=(rows[:, None] < m) & (cj[None, :] < n),
+            other=0.0,
+        )
+        if UPCAST:
+            acc = tl.dot(yi.to(tl.float32), yj.to(tl.float32), acc, input_precision="ieee")
+        elif IEEE:
+            acc = tl.dot(yi, yj, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(yi, yj, acc)
+        yi32 = yi.to(tl.float32)
+        yj32 = yj.to(tl.float32)
+        ssi += tl.sum(yi32 * yi32, axis=1)
+        ssj += tl.sum(yj32 * yj32, axis=0)
+    si = tl.maximum(tl.sqrt(ssi), 1e-12)
+    sj = tl.maximum(tl.sqrt(ssj), 1e-12)
+    Gt = acc / si[:, None] / sj[None, :]
+    Gt = tl.where(ci[:, None] == cj[None, :], Gt + eps, Gt)
+    G_ptr += b.to(tl.int64) * stride_gb
+    tl.store(G_ptr + ci[:, None] * stride_gr + cj[None, :] * stride_gc, Gt, mask=(ci[:, None] < n) & (cj[None, :] < n))
+    tl.store(S_ptr + b.to(tl.int64) * n + ci, si, mask=(ci < n) & (ti == tj))
+
+
+def normalized_gram(Y: Tensor, eps: float, out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """``(scale (B, 1, c), G (B, c, c))``, both float32, by the Triton kernel; see ``pace.kernels``."""
+    batch, m, c = Y.shape
+    if out is None:
+        out = (
+            torch.empty((batch, 1, c), device=Y.device, dtype=torch.float32),
+            torch.empty((batch, c, c), device=Y.device, dtype=torch.float32),
+        )
+    scale, G = out  # scale must be contiguous: the kernel writes it at b * c + j
+    if batch == 0 or c == 0:
+        return scale, G
+    BT = 16 if c <= 16 else 32
+    nt = triton.cdiv(c, BT)
+    _normalized_gram_kernel[(batch, nt, nt)](
+        Y,
+        scale,
+        G,
+        m,
+        c,
+        float(eps),
+        *Y.stride(),
+        *G.stride(),
+        BT=BT,
+        BM=64,
+        IEEE=Y.dtype == torch.float32,
+        UPCAST=_INTERPRETED and Y.dtype != torch.float32,
+        num_warps=4,
+    )
+    return scale, G

@@ -1,0 +1,176 @@
+"""The ridge step's small dense work as torch custom ops, Triton where it can run and PyTorch elsewhere.
+
+``normalized_gram``: column scales and ``G = ŶᵀŶ + εI`` of sketches Y in one pass over Y.
+``inverse_cholesky_factor``: ``F = L⁻ᵀ`` with ``G = L Lᵀ``, so ``F Fᵀ = G⁻¹`` and ``Q = Ŷ F``.
+
+Both are registered as ``pace::`` custom ops with fake (shape) implementations and backward formulas written in
+PyTorch, so ``torch.compile(fullgraph=True)`` traces through them without graph breaks and autograd works on
+every backend. The backend is chosen per call (see ``pace.kernels._dispatch``).
+"""
+
+import torch
+from torch import Tensor
+
+from pace.kernels import _dispatch
+
+# Above this size the blocked kernel's sequential tile loop would be slower than cuSOLVER; use PyTorch.
+MAX_TRITON_FACTOR_SIZE = 512
+COLUMN_NORM_FLOOR = 1e-12  # as F.normalize and pace.layers.basis
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def inverse_cholesky_factor_reference(G: Tensor) -> Tensor:
+    """PyTorch ``F = chol(G)⁻ᵀ``: ``cholesky_ex`` and one triangular solve against I (no status check, no sync).
+
+    Args:
+        G: Symmetric positive definite matrices, shape (..., c, c); only the lower triangle is read.
+
+    Returns:
+        Upper-triangular F, same shape, in float32 (float64 for float64 input), with ``F Fᵀ = G⁻¹``.
+    """
+    G = G.to(_work_dtype(G.dtype))
+    L = torch.linalg.cholesky_ex(G).L
+    eye = torch.eye(G.shape[-1], device=G.device, dtype=G.dtype)
+    return torch.linalg.solve_triangular(L.mT, eye, upper=True)  # Lᵀ F = I
+
+
+def normalized_gram_reference(Y: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """PyTorch column scales and ridge Gram matrix of sketches Y, as ``pace.layers.basis`` computes them.
+
+    Args:
+        Y: Sketches, shape (B, m, c), any floating dtype.
+        eps: Ridge ε added to the diagonal.
+
+    Returns:
+        ``scale = max(‖Y[:, :, j]‖, 1e-12)`` of shape (B, 1, c) and ``G = ŶᵀŶ + εI`` with ``Ŷ = Y / scale``,
+        shape (B, c, c), both float32 (float64 for float64 input).
+    """
+    Y = Y.to(_work_dtype(Y.dtype))
+    scale = torch.linalg.vector_norm(Y, dim=-2, keepdim=True).clamp_min(COLUMN_NORM_FLOOR)  # (B, 1, c)
+    Y_hat = Y / scale
+    G = Y_hat.mT @ Y_hat  # (B, c, c)
+    return scale, G + eps * torch.eye(G.shape[-1], device=G.device, dtype=G.dtype)
+
+
+# ---- pace::inverse_cholesky_factor -------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("pace::inverse_cholesky_factor", mutates_args=())
+def _inverse_cholesky_factor_op(G: Tensor) -> Tensor:
+    c = G.shape[-1]
+    module = _dispatch.triton_module(G) if G.dtype != torch.float64 and c <= MAX_TRITON_FACTOR_SIZE else None
+    if module is None:
+        return inverse_cholesky_factor_reference(G).contiguous()
+    flat = G.reshape(-1, c, c).to(torch.float32)  # (B, c, c)
+    return module.inverse_cholesky_factor(flat).reshape(G.shape)
+
+
+@_inverse_cholesky_factor_op.register_fake
+def _(G: Tensor) -> Tensor:
+    return G.new_empty(G.shape, dtype=_work_dtype(G.dtype))
+
+
+def _inverse_cholesky_factor_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(output)
+
+
+def _inverse_cholesky_factor_backward(ctx, F_bar: Tensor) -> Tensor:
+    # dF = −F Φ(Fᵀ dG F)ᵀ with Φ = lower triangle, diagonal halved. Its adjoint, symmetrised (G is symmetric):
+    # Ḡ = −½ F Ψ Fᵀ, Ψ the symmetric matrix with the upper triangle (and diagonal) of M = Fᵀ F̄. When the loss
+    # depends on F only through F Fᵀ, M is symmetric and this is −½ F M Fᵀ.
+    (F,) = ctx.saved_tensors
+    M = F.mT @ F_bar.to(F.dtype)  # (..., c, c)
+    upper = M.triu(1)
+    Psi = upper + upper.mT + torch.diag_embed(M.diagonal(dim1=-2, dim2=-1))
+    return -0.5 * (F @ Psi @ F.mT)
+
+
+_inverse_cholesky_factor_op.register_autograd(
+    _inverse_cholesky_factor_backward, setup_context=_inverse_cholesky_factor_setup
+)
+
+
+def inverse_cholesky_factor(G: Tensor) -> Tensor:
+    """Explicit inverse Cholesky factor ``F = L⁻ᵀ`` of SPD matrices ``G = L Lᵀ`` (the custom op ``pace::…``).
+
+    ``F`` is upper triangular with ``F Fᵀ = G⁻¹``, so the ridge basis ``Q = Ŷ L⁻ᵀ`` is the product ``Ŷ F`` and
+    the backward's ``H L⁻¹`` is ``H Fᵀ``. Triton (CUDA, or the interpreter when forced) for float32 G with
+    ``c <= 512``: one program per matrix, a register tile up to c = 32 and 32 × 32 tiles merged with fp32
+    ``tl.dot`` above; elsewhere ``cholesky_ex`` + ``solve_triangular``. No status check: G must be SPD (the ridge
+    Gram ``ŶᵀŶ + εI`` is); a non-SPD input gives NaN or garbage, never an exception or a host sync.
+    Differentiable (backward in PyTorch).
+
+    Args:
+        G: Shape (..., c, c), float32 (float64 and lower precisions go through PyTorch; low precision is promoted).
+
+    Returns:
+        F, same shape, float32 (float64 for float64 input), contiguous, exact zeros below the diagonal.
+    """
+    return _inverse_cholesky_factor_op(G)
+
+
+# ---- pace::normalized_gram ---------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("pace::normalized_gram", mutates_args=())
+def _normalized_gram_op(Y: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    module = _dispatch.triton_module(Y) if Y.dtype in (torch.float32, torch.bfloat16, torch.float16) else None
+    if module is None:
+        scale, G = normalized_gram_reference(Y, eps)
+        return scale.contiguous(), G.contiguous()
+    return module.normalized_gram(Y, eps)
+
+
+@_normalized_gram_op.register_fake
+def _(Y: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    batch, _, c = Y.shape
+    dtype = _work_dtype(Y.dtype)
+    return Y.new_empty((batch, 1, c), dtype=dtype), Y.new_empty((batch, c, c), dtype=dtype)
+
+
+def _normalized_gram_setup(ctx, inputs, output) -> None:
+    Y, _ = inputs
+    scale, _ = output
+    ctx.save_for_backward(Y, scale)
+
+
+def _normalized_gram_backward(ctx, scale_bar: Tensor | None, G_bar: Tensor | None) -> tuple[Tensor, None]:
+    # G = ŶᵀŶ + εI: Ŷ̄ = Ŷ (Ḡ + Ḡᵀ). Ŷ = Y / s with s = max(‖y‖, 1e-12): Ȳ = Ŷ̄ / s + Ŷ (s̄ − ⟨Ŷ, Ŷ̄⟩ / s), the last
+    # (radial) term only where the norm was not clamped.
+    Y, scale = ctx.saved_tensors
+    Y_hat = Y.to(scale.dtype) / scale  # (B, m, c)
+    grad = torch.zeros_like(Y_hat)
+    radial = torch.zeros_like(scale)
+    if G_bar is not None:
+        H = Y_hat @ (G_bar + G_bar.mT).to(scale.dtype)
+        grad = H / scale
+        radial = -(Y_hat * H).sum(-2, keepdim=True) / scale
+    if scale_bar is not None:
+        radial = radial + scale_bar.to(scale.dtype)
+    grad = grad + Y_hat * (radial * (scale > COLUMN_NORM_FLOOR))
+    return grad.to(Y.dtype), None
+
+
+_normalized_gram_op.register_autograd(_normalized_gram_backward, setup_context=_normalized_gram_setup)
+
+
+def normalized_gram(Y: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Column scales and ridge Gram matrix ``G = ŶᵀŶ + εI`` of sketches Y in one pass (custom op ``pace::…``).
+
+    ``Ŷ = Y / scale`` is never written: ``Q = Ŷ F = Y (F / scaleᵀ)`` folds the scale into the small factor. The
+    Triton kernel (float32, bfloat16, float16 Y) accumulates ``YᵀY`` and the squared column norms in fp32 from
+    one read of Y and scales the fp32 tile at the end; it equals the PyTorch path (normalise in fp32, then the
+    product) up to fp32 rounding. Squared norms beyond fp32's range (column norms above ~1e19) overflow there.
+    Differentiable in Y (backward in PyTorch).
+
+    Args:
+        Y: Sketches, shape (B, m, c).
+        eps: Ridge ε added to the diagonal.
+
+    Returns:
+        ``scale`` (B, 1, c) and ``G`` (B, c, c), float32 (float64 for float64 Y), contiguous.
+    """
+    return _normalized_gram_op(Y, float(eps))

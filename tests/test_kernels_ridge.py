@@ -1,0 +1,258 @@
+"""pace.kernels: the Triton ridge kernels under the interpreter against float64, their PyTorch fallbacks, backward
+formulas, backend choice and torch.compile."""
+
+import math
+import random
+
+import pytest
+import torch
+from kernels_helpers import ridge_gram, run_interpreted, spd_with_condition
+
+from pace.kernels import (
+    _dispatch,
+    inverse_cholesky_factor,
+    inverse_cholesky_factor_reference,
+    normalized_gram,
+    normalized_gram_reference,
+    use_backend,
+)
+from pace.layers.basis import ridge_basis
+
+EPS = 0.01
+FACTOR_SIZES = (1, 5, 16, 20, 33, 80)  # one register tile up to 32, blocked 32 × 32 tiles above (33: a 1-row tail)
+KAPPAS = (1e2, 1e3, 1.3e4)
+GRAM_SHAPES = ((2, 50, 5), (2, 130, 20), (2, 40, 33))  # (B, m, c); m = 130 crosses the 64-row chunks
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-matrix relative Frobenius error (NaN propagates, so comparisons with it fail)."""
+    return (a.double() - b.double()).norm(dim=(-2, -1)) / b.double().norm(dim=(-2, -1))
+
+
+def _worst(err: torch.Tensor) -> float:
+    value = err.max().item()
+    assert math.isfinite(value), f"non-finite error {value}"
+    return value
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    """Inputs drawn with a fresh seed, and the interpreter's outputs for them (one subprocess for the module)."""
+    seed = random.SystemRandom().randrange(2**31)
+    gen = torch.Generator().manual_seed(seed)
+    cases, inputs = {}, {}
+    for c in FACTOR_SIZES:
+        G = ridge_gram(3, c + 8, c, EPS, gen)
+        inputs[f"ridge{c}"] = G
+        cases[f"ridge{c}"] = ("factor", (G.float(),), "poison")
+    for c in (20, 40):
+        for kappa in KAPPAS:
+            G = spd_with_condition(2, c, kappa, gen)
+            inputs[f"kappa{c}_{kappa:g}"] = G
+            cases[f"kappa{c}_{kappa:g}"] = ("factor", (G.float(),), "poison")
+        G = ridge_gram(2, c + 8, c, EPS, gen)
+        G[1, c // 2, c // 3] = float("nan")
+        cases[f"nan{c}"] = ("factor", (G.float(),), "poison")
+    G = ridge_gram(2, 30, 24, EPS, gen)
+    inputs["op_factor"] = G
+    cases["op_factor"] = ("factor", (G.float(),), "op")
+    for B, m, c in GRAM_SHAPES:
+        Y = torch.randn(B, m, c, generator=gen)
+        Y[0, :, c // 2] = 0  # a zero column: scale clamps at 1e-12, G gets ε on its diagonal
+        inputs[f"gram{c}"] = Y
+        cases[f"gram{c}_f32"] = ("gram", (Y, EPS), "poison")
+        cases[f"gram{c}_bf16"] = ("gram", (Y.bfloat16(), EPS), "poison")
+    Y_t = torch.randn(2, 24, 40, generator=gen).mT  # (B, m=40, c=24), column-major storage
+    inputs["gram_strided"] = Y_t
+    cases["gram_strided"] = ("gram", (Y_t, 0.1), "poison")
+    cases["op_gram"] = ("gram", (Y_t.bfloat16(), 0.1), "op")
+    return seed, inputs, run_interpreted(cases, tmp_path_factory.mktemp("interp"))
+
+
+@pytest.mark.parametrize("c", FACTOR_SIZES)
+def test_factor_matches_float64(interpreted, c):
+    seed, inputs, out = interpreted
+    G = inputs[f"ridge{c}"]
+    F = out[f"ridge{c}"]
+    assert F.dtype == torch.float32 and F.shape == G.shape
+    assert torch.isfinite(F).all(), f"seed {seed}: unwritten (NaN-poisoned) or non-finite elements"
+    assert (F.tril(-1) == 0).all(), f"seed {seed}: F is not upper triangular"
+    F64 = inverse_cholesky_factor_reference(G)
+    F32_ref = inverse_cholesky_factor_reference(G.float())
+    err, ref_err = _worst(_rel_err(F, F64)), _worst(_rel_err(F32_ref, F64))
+    # The fp32 LAPACK path is the yardstick for fp32 rounding at this conditioning.
+    assert err <= max(1e-5, 4 * ref_err), f"seed {seed}: c={c} error {err:.2e} (fp32 LAPACK {ref_err:.2e})"
+    residual = F.double() @ F.double().mT @ G - torch.eye(c, dtype=torch.float64)
+    kappa = torch.linalg.cond(G).max().item()
+    assert _worst(residual.abs().amax(dim=(-2, -1))) <= 1e-6 * kappa, f"seed {seed}: c={c} ‖FFᵀG − I‖ too large"
+
+
+@pytest.mark.parametrize("c", (20, 40))
+def test_factor_error_by_condition(interpreted, c, capsys):
+    seed, inputs, out = interpreted
+    lines = []
+    for kappa in KAPPAS:
+        G = inputs[f"kappa{c}_{kappa:g}"]
+        F = out[f"kappa{c}_{kappa:g}"]
+        assert torch.isfinite(F).all(), f"seed {seed}: unwritten or non-finite elements"
+        F64 = inverse_cholesky_factor_reference(G)
+        err = _worst(_rel_err(F, F64))
+        ref_err = _worst(_rel_err(inverse_cholesky_factor_reference(G.float()), F64))
+        lines.append(f"c={c} kappa={kappa:g}: triton {err:.2e}, fp32 LAPACK {ref_err:.2e}")
+        if kappa <= 1e2:
+            assert err <= 1e-5, f"seed {seed}: {lines[-1]}"
+        assert err <= max(1e-5, 4 * ref_err), f"seed {seed}: {lines[-1]}"
+    with capsys.disabled():
+        print("\n" + "\n".join(lines))
+
+
+@pytest.mark.parametrize("c", (20, 40))
+def test_factor_nan_input_gives_nan(interpreted, c):
+    _, _, out = interpreted
+    assert torch.isfinite(out[f"nan{c}"][0]).all(), "a clean matrix of the batch was affected"
+    assert torch.isnan(out[f"nan{c}"][1]).any(), "a NaN in G vanished from F"
+
+
+@pytest.mark.parametrize("c", [shape[2] for shape in GRAM_SHAPES])
+@pytest.mark.parametrize("dtype", ("f32", "bf16"))
+def test_gram_matches_float64(interpreted, c, dtype):
+    seed, inputs, out = interpreted
+    Y = inputs[f"gram{c}"]
+    Y_in = Y if dtype == "f32" else Y.bfloat16()
+    scale, G = out[f"gram{c}_{dtype}"]
+    assert scale.dtype == G.dtype == torch.float32
+    assert torch.isfinite(scale).all() and torch.isfinite(G).all(), f"seed {seed}: unwritten elements"
+    scale64, G64 = normalized_gram_reference(Y_in.double(), EPS)  # float64 from the same (rounded) input
+    assert _worst((scale.double() - scale64).abs() / scale64) <= 1e-6, f"seed {seed}"
+    assert _worst((G.double() - G64).abs().amax(dim=(-2, -1))) <= 2e-6, f"seed {seed}"
+    assert scale[0, 0, c // 2] == 1e-12 and G[0, c // 2, c // 2] == pytest.approx(EPS)
+    # Same as the fp32 PyTorch fallback (which the layers use today) up to fp32 rounding.
+    scale_ref, G_ref = normalized_gram_reference(Y_in, EPS)
+    assert torch.allclose(G, G_ref, atol=2e-6, rtol=0)
+    assert torch.allclose(scale, scale_ref, rtol=1e-6, atol=0)
+
+
+def test_gram_strided_input(interpreted):
+    seed, inputs, out = interpreted
+    scale64, G64 = normalized_gram_reference(inputs["gram_strided"].double(), 0.1)
+    scale, G = out["gram_strided"]
+    assert _worst((G.double() - G64).abs()) <= 2e-6, f"seed {seed}"
+    assert _worst((scale.double() - scale64).abs() / scale64) <= 1e-6, f"seed {seed}"
+
+
+def test_public_ops_dispatch_to_interpreter(interpreted):
+    seed, inputs, out = interpreted
+    F = out["op_factor"]
+    F64 = inverse_cholesky_factor_reference(inputs["op_factor"])
+    assert _worst(_rel_err(F, F64)) <= 1e-5, f"seed {seed}"
+    scale, G = out["op_gram"]
+    _, G64 = normalized_gram_reference(inputs["gram_strided"].bfloat16().double(), 0.1)
+    assert scale.shape == (2, 1, 24) and _worst((G.double() - G64).abs()) <= 2e-6
+
+
+def test_factor_reference_reproduces_the_layers_basis():
+    Y = torch.randn(3, 40, 12, dtype=torch.float64)
+    scale, G = normalized_gram(Y, EPS)
+    Q = (Y / scale) @ inverse_cholesky_factor(G)
+    assert torch.allclose(Q, ridge_basis(Y, eps=EPS), atol=1e-12, rtol=0)
+
+
+def test_factor_backward_gradcheck():
+    A = torch.randn(2, 9, 6, dtype=torch.float64)
+    G = (A.mT @ A + 0.1 * torch.eye(6, dtype=torch.float64)).requires_grad_()
+    # G is symmetric; the op reads one triangle, so check the gradient of the symmetrised input.
+    assert torch.autograd.gradcheck(lambda X: inverse_cholesky_factor((X + X.mT) / 2), (G,))
+
+
+def test_factor_backward_equals_autograd_through_linalg():
+    G = ridge_gram(3, 30, 20, EPS, torch.Generator().manual_seed(1)).requires_grad_()
+    F_bar = torch.randn(3, 20, 20, dtype=torch.float64)
+    (mine,) = torch.autograd.grad((inverse_cholesky_factor(G) * F_bar).sum(), G)
+    (ref,) = torch.autograd.grad((inverse_cholesky_factor_reference(G) * F_bar).sum(), G)
+    ref = (ref + ref.mT) / 2  # linalg's gradient for a symmetric input, up to which triangle it reads
+    assert torch.allclose(mine, ref, rtol=1e-9, atol=1e-9 * ref.abs().max().item())
+
+
+def test_gram_backward_gradcheck_and_zero_column():
+    Y = torch.randn(2, 7, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda Y: normalized_gram(Y, EPS), (Y,))
+    # A zero column is not differentiable by finite differences; compare with autograd through the fallback.
+    Y0 = torch.randn(2, 7, 5, dtype=torch.float64)
+    Y0[:, :, 1] = 0
+    Y0.requires_grad_()
+    W, w = torch.randn(2, 5, 5, dtype=torch.float64), torch.randn(2, 1, 5, dtype=torch.float64)
+
+    def loss(fn):
+        scale, G = fn(Y0, EPS)
+        return (G * W).sum() + (scale * w).sum()
+
+    (mine,) = torch.autograd.grad(loss(normalized_gram), Y0)
+    (ref,) = torch.autograd.grad(loss(normalized_gram_reference), Y0)
+    assert torch.allclose(mine, ref, rtol=1e-10, atol=1e-10 * ref.abs().max().item())
+
+
+def test_bf16_gram_gradient_dtype():
+    Y = torch.randn(2, 16, 4, dtype=torch.bfloat16, requires_grad=True)
+    scale, G = normalized_gram(Y, EPS)
+    assert scale.dtype == G.dtype == torch.float32
+    G.sum().backward()
+    assert Y.grad.dtype == torch.bfloat16 and torch.isfinite(Y.grad).all()
+
+
+def test_compile_fullgraph_no_graph_breaks():
+    def basis(Y):
+        scale, G = normalized_gram(Y, EPS)
+        return (Y / scale) @ inverse_cholesky_factor(G)
+
+    Y = torch.randn(2, 24, 6)
+    explanation = torch._dynamo.explain(basis)(Y)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    torch._dynamo.reset()
+    compiled = torch.compile(basis, fullgraph=True, backend="aot_eager")
+    Yg = Y.clone().requires_grad_()
+    out = compiled(Yg)
+    out.square().sum().backward()
+    Ye = Y.clone().requires_grad_()
+    expected = basis(Ye)
+    expected.square().sum().backward()
+    assert torch.allclose(out, expected, atol=1e-6) and torch.allclose(Yg.grad, Ye.grad, atol=1e-4)
+
+
+def test_backend_choice(monkeypatch):
+    cpu = torch.empty(0)
+    monkeypatch.delenv("PACE_TRITON", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert _dispatch.current_backend() == "auto" and _dispatch.triton_module(cpu) is None
+    with use_backend("off"):
+        assert _dispatch.current_backend() == "off"
+    monkeypatch.setenv("PACE_TRITON", "bogus")
+    with pytest.raises(ValueError, match="PACE_TRITON"):
+        _dispatch.current_backend()
+    monkeypatch.setenv("PACE_TRITON", "off")
+    assert _dispatch.current_backend() == "off"
+    with pytest.raises(ValueError, match="backend"), use_backend("gpu"):
+        pass
+
+
+def test_interpreter_request_without_env_fails_clearly(monkeypatch):
+    pytest.importorskip("triton")
+    import sys
+
+    if "triton" not in sys.modules:
+        import triton  # noqa: F401  (as torch does in a normal session)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with use_backend("interpret"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        inverse_cholesky_factor(torch.eye(3).expand(2, 3, 3))
+
+
+@pytest.mark.slow
+def test_factor_large_sizes_match_float64(tmp_path):
+    gen = torch.Generator().manual_seed(random.SystemRandom().randrange(2**31))
+    inputs = {c: ridge_gram(2, 2 * c, c, EPS, gen) for c in (160, 320)}
+    out = run_interpreted({str(c): ("factor", (G.float(),), "poison") for c, G in inputs.items()}, tmp_path)
+    for c, G in inputs.items():
+        F64 = inverse_cholesky_factor_reference(G)
+        err = _worst(_rel_err(out[str(c)], F64))
+        ref_err = _worst(_rel_err(inverse_cholesky_factor_reference(G.float()), F64))
+        assert err <= max(1e-5, 4 * ref_err), f"c={c}: {err:.2e} vs fp32 LAPACK {ref_err:.2e}"
+        assert (out[str(c)].tril(-1) == 0).all()

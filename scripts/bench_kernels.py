@@ -1,0 +1,146 @@
+"""Micro-benchmark of pace.kernels' Triton ridge kernels against the PyTorch (torch.linalg) path.
+
+    python scripts/bench_kernels.py [--out results.json]   # CUDA: times each case, prints speed-up ratios
+    python scripts/bench_kernels.py --dry-run              # CPU: tiny sizes through the Triton interpreter
+
+On CUDA every case runs both implementations on the same inputs in one process (``triton.testing.do_bench``,
+median of its repeats) and reports torch ÷ triton (> 1: Triton is faster) and the largest difference between
+the two relative to the largest torch entry. Cases: the inverse Cholesky factor (Compress: B·K = 1024 matrices of
+c = 20; Expand: 128 of c = 80 / 160 / 320), the normalised Gram (Compress: (1024, 48, 20) bf16; Expand:
+(128, 384, 160) bf16 and fp32) and the whole ridge basis Q = Ŷ F (Gram + factor + one product) against
+``pace.layers.basis.ridge_basis``. The dry run only checks that every case runs and agrees; its timings mean
+nothing. Exit code 1 when the two disagree.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+if __name__ == "__main__" and "--dry-run" in sys.argv:
+    # The interpreter must be chosen before triton is first imported (torch imports it).
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+
+from pace.kernels import _dispatch, inverse_cholesky_factor_reference, normalized_gram_reference  # noqa: E402
+from pace.layers.basis import ridge_basis  # noqa: E402
+
+EPS = 0.01
+FULL = {
+    "factor": [(1024, 20), (128, 80), (128, 160), (128, 320)],
+    "gram": [(1024, 48, 20, "bf16"), (128, 384, 160, "bf16"), (128, 384, 160, "fp32")],
+    "basis": [(1024, 48, 20, "bf16"), (128, 384, 160, "bf16")],
+}
+DRY = {
+    "factor": [(4, 20), (2, 40)],
+    "gram": [(4, 48, 20, "bf16"), (2, 70, 40, "fp32")],
+    "basis": [(2, 48, 20, "bf16")],
+}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def _time_ms(fn, device: torch.device) -> float:
+    if device.type != "cuda":
+        import time
+
+        start = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - start)
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def _sketches(batch: int, m: int, c: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # Low-rank-plus-noise columns, like sketches of token matrices: realistic conditioning of the Gram.
+    rank = max(1, c // 2)
+    Y = torch.randn(batch, m, rank, device=device) @ torch.randn(batch, rank, c, device=device)
+    return (Y + 0.05 * torch.randn(batch, m, c, device=device)).to(dtype)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dry-run", action="store_true", help="CPU smoke check through the Triton interpreter")
+    parser.add_argument("--out", help="also write the results as JSON to this file")
+    args = parser.parse_args()
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("CUDA is not available: use --dry-run on a CPU machine")
+    torch.manual_seed(0)
+    module = _dispatch.triton_module(torch.empty(0, device=device)) if not args.dry_run else None
+    if args.dry_run:
+        with _dispatch.use_backend("interpret"):
+            module = _dispatch.triton_module(torch.empty(0))
+    if module is None:
+        raise SystemExit("Triton is not available")
+    cases = DRY if args.dry_run else FULL
+    rows = []
+
+    for batch, c in cases["factor"]:
+        Y = _sketches(batch, 2 * c, c, torch.float32, device)
+        _, G = normalized_gram_reference(Y, EPS)
+        triton_fn, torch_fn = (
+            (lambda G=G: module.inverse_cholesky_factor(G)),
+            (lambda G=G: inverse_cholesky_factor_reference(G)),
+        )
+        rows.append(_compare(f"factor B={batch} c={c}", triton_fn, torch_fn, device))
+
+    for batch, m, c, dt in cases["gram"]:
+        Y = _sketches(batch, m, c, DTYPES[dt], device)
+        rows.append(
+            _compare(
+                f"gram B={batch} m={m} c={c} {dt}",
+                lambda Y=Y: module.normalized_gram(Y, EPS),
+                lambda Y=Y: normalized_gram_reference(Y, EPS),
+                device,
+            )
+        )
+
+    for batch, m, c, dt in cases["basis"]:
+        Y = _sketches(batch, m, c, DTYPES[dt], device)
+
+        def triton_basis(Y=Y):
+            scale, G = module.normalized_gram(Y, EPS)
+            F = module.inverse_cholesky_factor(G)
+            return Y.float() @ (F / scale.mT)  # Ŷ F with the column scales folded into F's rows
+
+        rows.append(
+            _compare(f"basis B={batch} m={m} c={c} {dt}", triton_basis, lambda Y=Y: ridge_basis(Y, eps=EPS), device)
+        )
+
+    print(f"{'case':34s} {'triton ms':>10s} {'torch ms':>10s} {'torch/triton':>12s} {'rel diff':>10s}")
+    for row in rows:
+        print(
+            f"{row['case']:34s} {row['triton_ms']:10.4f} {row['torch_ms']:10.4f} {row['ratio']:12.2f} "
+            f"{row['max_diff']:10.2e}"
+        )
+    if args.dry_run:
+        print("dry run (Triton interpreter on the CPU): timings are meaningless, the agreement is checked")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": str(device), "torch": torch.__version__, "rows": rows}, f, indent=2)
+    bad = [row["case"] for row in rows if not row["max_diff"] <= 1e-4]
+    if bad:
+        raise SystemExit(f"Triton and torch disagree (max |diff| / max |torch| > 1e-4, or NaN): {', '.join(bad)}")
+
+
+def _compare(name: str, triton_fn, torch_fn, device: torch.device) -> dict:
+    out_triton, out_torch = triton_fn(), torch_fn()
+    if isinstance(out_triton, torch.Tensor):
+        out_triton, out_torch = (out_triton,), (out_torch,)
+    diff = max(
+        ((a.double() - b.double()).abs().max() / b.double().abs().max()).item() for a, b in zip(out_triton, out_torch)
+    )
+    t_triton, t_torch = _time_ms(triton_fn, device), _time_ms(torch_fn, device)
+    return {
+        "case": name,
+        "triton_ms": t_triton,
+        "torch_ms": t_torch,
+        "ratio": t_torch / t_triton,
+        "max_diff": diff,
+    }
+
+
+if __name__ == "__main__":
+    main()

@@ -15,7 +15,7 @@ import torch
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # Each case: ("factor", G) -> F, or ("gram", Y, eps) -> (scale, G); "poison" fills the output buffers with NaN
-# first, "op" goes through the public custom op under use_backend("interpret") instead of the launcher.
+# first, "tile16" too with 16 × 16 tiles, "op" goes through the public custom op under use_backend("interpret").
 _RUNNER = r"""
 import sys
 import torch
@@ -33,7 +33,8 @@ with use_backend("interpret"):
                 results[name] = inverse_cholesky_factor(G)
             else:
                 out = torch.full(G.shape, float("nan"))
-                results[name] = module.inverse_cholesky_factor(G, out=out)
+                tile = int(how[4:]) if how.startswith("tile") else None
+                results[name] = module.inverse_cholesky_factor(G, out=out, tile=tile)
         else:
             Y, eps = args
             if how == "op":
@@ -51,7 +52,8 @@ def run_interpreted(cases: dict, tmp_path: pathlib.Path, timeout: float = 600) -
 
     Args:
         cases: name -> (kind, args, how) with kind "factor" (args (G,)) or "gram" (args (Y, eps)) and how
-            "poison" (launcher, NaN-filled output buffers) or "op" (public custom op).
+            "poison" (launcher, NaN-filled output buffers), "tileN" (the same with N × N tiles) or "op" (public
+            custom op).
         tmp_path: Folder for the exchange files.
         timeout: Seconds before the subprocess is killed.
 

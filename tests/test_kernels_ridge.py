@@ -20,6 +20,7 @@ from pace.layers.basis import ridge_basis
 
 EPS = 0.01
 FACTOR_SIZES = (1, 5, 16, 20, 33, 80)  # one register tile up to 32, blocked 32 × 32 tiles above (33: a 1-row tail)
+TILED_SIZES = (20, 33, 80)  # the same with 16 × 16 tiles: 2, 3 and 5 tiles a side
 KAPPAS = (1e2, 1e3, 1.3e4)
 GRAM_SHAPES = ((2, 50, 5), (2, 130, 20), (2, 40, 33))  # (B, m, c); m = 130 crosses the 64-row chunks
 
@@ -45,6 +46,8 @@ def interpreted(tmp_path_factory):
         G = ridge_gram(3, c + 8, c, EPS, gen)
         inputs[f"ridge{c}"] = G
         cases[f"ridge{c}"] = ("factor", (G.float(),), "poison")
+        if c in TILED_SIZES:
+            cases[f"ridge{c}_tile16"] = ("factor", (G.float(),), "tile16")
     for c in (20, 40):
         for kappa in KAPPAS:
             G = spd_with_condition(2, c, kappa, gen)
@@ -69,11 +72,11 @@ def interpreted(tmp_path_factory):
     return seed, inputs, run_interpreted(cases, tmp_path_factory.mktemp("interp"))
 
 
-@pytest.mark.parametrize("c", FACTOR_SIZES)
-def test_factor_matches_float64(interpreted, c):
+@pytest.mark.parametrize(("c", "tiles"), [(c, "") for c in FACTOR_SIZES] + [(c, "_tile16") for c in TILED_SIZES])
+def test_factor_matches_float64(interpreted, c, tiles):
     seed, inputs, out = interpreted
     G = inputs[f"ridge{c}"]
-    F = out[f"ridge{c}"]
+    F = out[f"ridge{c}{tiles}"]
     assert F.dtype == torch.float32 and F.shape == G.shape
     assert torch.isfinite(F).all(), f"seed {seed}: unwritten (NaN-poisoned) or non-finite elements"
     assert (F.tril(-1) == 0).all(), f"seed {seed}: F is not upper triangular"

@@ -17,18 +17,19 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
-def _chol_inv_tile(A, BS: tl.constexpr):
+def _chol_inv_tile(A, steps, BS: tl.constexpr):
     """``L⁻¹`` (lower triangular) of the Cholesky factor of one SPD tile ``A`` (BS, BS), in registers.
 
     Right-looking Cholesky fused with forward substitution against I: step j takes column j of the updated
     trailing matrix as column j of L, then finishes row j of ``X = L⁻¹`` and removes it from the rows below.
-    Padding rows/columns must hold the identity, so they decouple and stay the identity.
+    Padding rows/columns (from ``steps`` on) must hold the identity: they are decoupled (zero off-diagonal), so
+    the first ``steps`` steps never touch them and they are already the identity's factor.
     """
     idx = tl.arange(0, BS)
     rows = idx[:, None]
     cols = idx[None, :]
     X = (rows == cols).to(tl.float32)
-    for j in range(BS):
+    for j in range(steps):
         col = tl.sum(tl.where(cols == j, A, 0.0), axis=1)  # (BS,) A[:, j]
         d = tl.sqrt(tl.sum(tl.where(idx == j, col, 0.0), axis=0))
         lj = tl.where(idx >= j, col / d, 0.0)  # column j of L (zero above the diagonal)
@@ -79,7 +80,7 @@ def inverse_cholesky_factor_kernel(
             cj = j * BS + cols
             Lkj = tl.load(F_ptr + r * stride_fr + cj * stride_fc, mask=(r < n) & (cj < n), other=0.0)
             A -= tl.dot(Lkj, tl.trans(Lkj), input_precision="ieee")
-        Xkk = _chol_inv_tile(A, BS)
+        Xkk = _chol_inv_tile(A, tl.minimum(n - k * BS, BS), BS)
         # F_kk = X_kkᵀ: element X[r, c] goes to F[c, r].
         tl.store(F_ptr + c * stride_fr + r * stride_fc, Xkk, mask=inside)
         # Column of tiles below: L_ik = (G_ik − Σ_{j<k} L_ij L_kjᵀ) X_kkᵀ.
@@ -122,24 +123,42 @@ def inverse_cholesky_factor_kernel(
             tl.store(F_ptr + ri * stride_fr + ck * stride_fc, zero, mask=(ri < n) & (ck < n))
 
 
-def _factor_tiling(c: int) -> tuple[int, int, int]:
-    """``(BS, NB, num_warps)``: one register tile up to c = 32, else 32 × 32 tiles."""
+def factor_tiling(c: int) -> tuple[int, int]:
+    """Default ``(tile, num_warps)`` for size c: one register tile up to c = 32, else 32 × 32 tiles.
+
+    Unmeasured guesses (see docs/perf_notes.md); ``scripts/bench_kernels.py --sweep`` times the alternatives.
+    """
     if c <= 16:
-        return 16, 1, 1
+        return 16, 1
     if c <= 32:
-        return 32, 1, 2
-    return 32, triton.cdiv(c, 32), 4
+        return 32, 2
+    return 32, 4
 
 
-def inverse_cholesky_factor(G: Tensor, out: Tensor | None = None) -> Tensor:
-    """``F = chol(G)⁻ᵀ`` of float32 SPD matrices G (B, c, c) by the Triton kernel; see ``pace.kernels``."""
+def inverse_cholesky_factor(
+    G: Tensor, out: Tensor | None = None, tile: int | None = None, num_warps: int | None = None
+) -> Tensor:
+    """``F = chol(G)⁻ᵀ`` of float32 SPD matrices G (B, c, c) by the Triton kernel; see ``pace.kernels``.
+
+    ``tile`` (a power of two >= 16) and ``num_warps`` override :func:`factor_tiling`; a tile >= c means one
+    register tile per matrix.
+    """
     batch, c = G.shape[0], G.shape[-1]
     F = torch.empty((batch, c, c), device=G.device, dtype=torch.float32) if out is None else out
     if batch == 0 or c == 0:
         return F
-    BS, NB, num_warps = _factor_tiling(c)
+    default_tile, default_warps = factor_tiling(c)
+    BS = tile or default_tile
     inverse_cholesky_factor_kernel[(batch,)](
-        G, F, c, *G.stride(), *F.stride(), BS=BS, NB=NB, num_warps=num_warps, num_stages=1
+        G,
+        F,
+        c,
+        *G.stride(),
+        *F.stride(),
+        BS=BS,
+        NB=triton.cdiv(c, BS),
+        num_warps=num_warps or default_warps,
+        num_stages=1,
     )
     return F
 

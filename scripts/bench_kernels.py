@@ -38,7 +38,8 @@ DRY = {
     "gram": [(4, 48, 20, "bf16"), (2, 70, 40, "fp32")],
     "basis": [(2, 48, 20, "bf16")],
 }
-SWEEP = [(16, 1), (16, 2), (16, 4), (32, 1), (32, 2), (32, 4), (64, 4), (64, 8)]  # (tile, num_warps)
+# (tile, num_warps, num_stages)
+SWEEP = [(16, 1, 1), (16, 2, 1), (16, 4, 1), (32, 1, 1), (32, 2, 1), (32, 4, 1), (32, 4, 2), (64, 4, 1), (64, 8, 1)]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -90,11 +91,13 @@ def main() -> None:
             (lambda G=G: inverse_cholesky_factor_reference(G)),
         )
         rows.append(_compare(f"factor B={batch} c={c}", triton_fn, torch_fn, device))
-        for tile, warps in SWEEP if args.sweep else ():
+        for tile, warps, stages in SWEEP if args.sweep else ():
             rows.append(
                 _compare(
-                    f"  tile={tile} warps={warps}",
-                    lambda G=G, tile=tile, warps=warps: module.inverse_cholesky_factor(G, tile=tile, num_warps=warps),
+                    f"  tile={tile} warps={warps} stages={stages}",
+                    lambda G=G, tile=tile, warps=warps, stages=stages: module.inverse_cholesky_factor(
+                        G, tile=tile, num_warps=warps, num_stages=stages
+                    ),
                     torch_fn,
                     device,
                 )

@@ -136,12 +136,17 @@ def factor_tiling(c: int) -> tuple[int, int]:
 
 
 def inverse_cholesky_factor(
-    G: Tensor, out: Tensor | None = None, tile: int | None = None, num_warps: int | None = None
+    G: Tensor,
+    out: Tensor | None = None,
+    tile: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int = 1,
 ) -> Tensor:
     """``F = chol(G)⁻ᵀ`` of float32 SPD matrices G (B, c, c) by the Triton kernel; see ``pace.kernels``.
 
     ``tile`` (a power of two >= 16) and ``num_warps`` override :func:`factor_tiling`; a tile >= c means one
-    register tile per matrix.
+    register tile per matrix. ``num_stages`` > 1 lets Triton prefetch the tiles of the inner tile loops (they
+    only read tiles written before the last barrier).
     """
     batch, c = G.shape[0], G.shape[-1]
     F = torch.empty((batch, c, c), device=G.device, dtype=torch.float32) if out is None else out
@@ -158,7 +163,7 @@ def inverse_cholesky_factor(
         BS=BS,
         NB=triton.cdiv(c, BS),
         num_warps=num_warps or default_warps,
-        num_stages=1,
+        num_stages=num_stages,
     )
     return F
 

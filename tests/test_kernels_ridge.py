@@ -259,3 +259,38 @@ def test_factor_large_sizes_match_float64(tmp_path):
         ref_err = _worst(_rel_err(inverse_cholesky_factor_reference(G.float()), F64))
         assert err <= max(1e-5, 4 * ref_err), f"c={c}: {err:.2e} vs fp32 LAPACK {ref_err:.2e}"
         assert (out[str(c)].tril(-1) == 0).all()
+
+
+# (kernel, constexprs, pointer dtypes, num_warps): the Compress and Expand factor configurations and a bf16 Gram.
+_SM90_BUILDS = [
+    ("inverse_cholesky_factor_kernel", {"BS": 16, "NB": 1}, {}, 1),
+    ("inverse_cholesky_factor_kernel", {"BS": 32, "NB": 5}, {}, 4),
+    ("_normalized_gram_kernel", {"BT": 32, "BM": 64, "IEEE": False, "UPCAST": False}, {"Y_ptr": "*bf16"}, 4),
+]
+
+
+@pytest.mark.parametrize(("name", "constexprs", "pointers", "num_warps"), _SM90_BUILDS)
+def test_kernels_compile_for_hopper_without_a_gpu(name, constexprs, pointers, num_warps):
+    """The kernels go through Triton's whole pipeline down to an sm_90 cubin (ptxas ships with Triton)."""
+    import importlib
+    import inspect
+
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    kernel = getattr(importlib.import_module("pace.kernels._triton_ridge"), name)
+    if not isinstance(kernel, JITFunction):
+        pytest.skip("this process interprets Triton kernels (TRITON_INTERPRET=1)")
+    signature = {}
+    for arg in inspect.signature(kernel.fn).parameters:
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg.endswith("_ptr"):
+            signature[arg] = pointers.get(arg, "*fp32")
+        else:
+            signature[arg] = "fp32" if arg == "eps" else "i32"
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    assert len(compiled.asm["cubin"]) > 1000

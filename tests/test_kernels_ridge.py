@@ -194,6 +194,19 @@ def test_gram_backward_gradcheck_and_zero_column():
     assert torch.allclose(mine, ref, rtol=1e-10, atol=1e-10 * ref.abs().max().item())
 
 
+def test_bad_shapes_are_named():
+    with pytest.raises(ValueError, match=r"\(B, m, c\), got \(4, 5\)"):
+        normalized_gram(torch.ones(4, 5), EPS)
+    with pytest.raises(ValueError, match=r"\(\.\.\., c, c\), got \(2, 3, 4\)"):
+        inverse_cholesky_factor(torch.ones(2, 3, 4))
+
+
+def test_factor_keeps_leading_dims_and_zero_batch():
+    G = ridge_gram(6, 12, 5, EPS, torch.Generator().manual_seed(2)).float().view(2, 3, 5, 5)
+    assert torch.equal(inverse_cholesky_factor(G), inverse_cholesky_factor_reference(G))
+    assert inverse_cholesky_factor(torch.empty(0, 4, 4)).shape == (0, 4, 4)
+
+
 def test_bf16_gram_gradient_dtype():
     Y = torch.randn(2, 16, 4, dtype=torch.bfloat16, requires_grad=True)
     scale, G = normalized_gram(Y, EPS)

@@ -109,6 +109,8 @@ def inverse_cholesky_factor(G: Tensor) -> Tensor:
     Returns:
         F, same shape, float32 (float64 for float64 input), contiguous, exact zeros below the diagonal.
     """
+    if G.dim() < 2 or G.shape[-1] != G.shape[-2]:
+        raise ValueError(f"inverse_cholesky_factor: G must have shape (..., c, c), got {tuple(G.shape)}")
     return _inverse_cholesky_factor_op(G)
 
 
@@ -173,4 +175,6 @@ def normalized_gram(Y: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     Returns:
         ``scale`` (B, 1, c) and ``G`` (B, c, c), float32 (float64 for float64 Y), contiguous.
     """
+    if Y.dim() != 3:
+        raise ValueError(f"normalized_gram: Y must have shape (B, m, c), got {tuple(Y.shape)}")
     return _normalized_gram_op(Y, float(eps))

@@ -14,13 +14,14 @@ import torch
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-# Each case: ("factor", G) -> F, or ("gram", Y, eps) -> (scale, G); "poison" fills the output buffers with NaN
-# first, "tile16" too with 16 × 16 tiles, "op" goes through the public custom op under use_backend("interpret").
+# Each case: ("factor", G) -> F, ("gram", Y, eps) -> (scale, G) or ("memberships", a, col, tau) -> (w, π);
+# "poison" fills the output buffers with NaN first, "tile16" too with 16 × 16 tiles, "op" goes through the public
+# custom op under use_backend("interpret").
 _RUNNER = r"""
 import sys
 import torch
 torch.set_num_threads(1)
-from pace.kernels import _dispatch, use_backend, inverse_cholesky_factor, normalized_gram
+from pace.kernels import _dispatch, use_backend, inverse_cholesky_factor, normalized_gram, compress_memberships
 cases = torch.load(sys.argv[1])
 with use_backend("interpret"):
     module = _dispatch.triton_module(torch.empty(0))
@@ -35,6 +36,13 @@ with use_backend("interpret"):
                 out = torch.full(G.shape, float("nan"))
                 tile = int(how[4:]) if how.startswith("tile") else None
                 results[name] = module.inverse_cholesky_factor(G, out=out, tile=tile)
+        elif kind == "memberships":
+            a, col, tau = args
+            if how == "op":
+                results[name] = compress_memberships(a, col, tau)
+            else:
+                out = (torch.full(a.shape, float("nan"), dtype=a.dtype), torch.full(a.shape[:3], float("nan")))
+                results[name] = module.compress_memberships(a, col, tau, out=out)
         else:
             Y, eps = args
             if how == "op":
@@ -51,14 +59,15 @@ def run_interpreted(cases: dict, tmp_path: pathlib.Path, timeout: float = 600) -
     """Run kernel cases under the Triton interpreter in a subprocess and return their outputs by name.
 
     Args:
-        cases: name -> (kind, args, how) with kind "factor" (args (G,)) or "gram" (args (Y, eps)) and how
+        cases: name -> (kind, args, how) with kind "factor" (args (G,)), "gram" (args (Y, eps)) or "memberships"
+            (args (a, col, tau)) and how
             "poison" (launcher, NaN-filled output buffers), "tileN" (the same with N × N tiles) or "op" (public
             custom op).
         tmp_path: Folder for the exchange files.
         timeout: Seconds before the subprocess is killed.
 
     Returns:
-        name -> F, or (scale, G).
+        name -> F, (scale, G) or (w, π).
     """
     inputs, outputs = tmp_path / "kernel_inputs.pt", tmp_path / "kernel_outputs.pt"
     torch.save(cases, inputs)

@@ -6,6 +6,8 @@ from kernels_helpers import ridge_gram
 
 from pace.kernels import (
     _dispatch,
+    compress_memberships,
+    compress_memberships_reference,
     inverse_cholesky_factor,
     inverse_cholesky_factor_reference,
     normalized_gram,
@@ -61,3 +63,16 @@ def test_compiled_basis_on_cuda():
     (grad64,) = torch.autograd.grad(expected.square().sum(), Y64)
     assert (out.detach().cpu().double() - expected).abs().max().item() <= 1e-4
     assert ((grad.cpu().double() - grad64).abs().max() / grad64.abs().max()).item() <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_memberships_on_cuda_match_float64(dtype):
+    B, N, K, p = 16, 196, 8, 48
+    a = torch.randn(B * K, N, p).view(B, K, N, p).transpose(1, 2).to(dtype)  # head-major storage
+    col = (0.5 * torch.randn(B * K, N, p)).view(B, K, N, p).transpose(1, 2).to(dtype)
+    tau = torch.tensor(0.4)
+    w, pi = compress_memberships(a.cuda(), col.cuda(), tau.cuda())
+    w64, pi64 = compress_memberships_reference(a.double(), col.double(), tau.double())
+    assert (pi.cpu().double() - pi64).abs().max().item() <= 1e-6
+    tol = 1e-6 if dtype == torch.float32 else 2**-8 + 1e-6
+    assert ((w.cpu().double() - w64).abs() / w64.abs().clamp_min(1e-3)).max().item() <= tol

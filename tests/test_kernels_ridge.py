@@ -10,6 +10,8 @@ from kernels_helpers import ridge_gram, run_interpreted, spd_with_condition
 
 from pace.kernels import (
     _dispatch,
+    compress_memberships,
+    compress_memberships_reference,
     inverse_cholesky_factor,
     inverse_cholesky_factor_reference,
     normalized_gram,
@@ -23,6 +25,7 @@ FACTOR_SIZES = (1, 5, 16, 20, 33, 80)  # one register tile up to 32, blocked 32 
 TILED_SIZES = (20, 33, 80)  # the same with 16 × 16 tiles: 2, 3 and 5 tiles a side
 KAPPAS = (1e2, 1e3, 1.3e4)
 GRAM_SHAPES = ((2, 50, 5), (2, 130, 20), (2, 40, 33))  # (B, m, c); m = 130 crosses the 64-row chunks
+MEMBERSHIP_SHAPES = {"memb_small": (2, 11, 3, 6), "memb_s": (1, 20, 8, 48)}  # (B, N, K, p): ragged; the S model's
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -69,6 +72,17 @@ def interpreted(tmp_path_factory):
     inputs["gram_strided"] = Y_t
     cases["gram_strided"] = ("gram", (Y_t, 0.1), "poison")
     cases["op_gram"] = ("gram", (Y_t.bfloat16(), 0.1), "op")
+    for name, (B, N, K, p) in MEMBERSHIP_SHAPES.items():
+        # Head-major storage (B·K, N, p), as pace.layers.compress holds a and col, seen as (B, N, K, p).
+        a = torch.randn(B * K, N, p, generator=gen).view(B, K, N, p).transpose(1, 2)
+        col = 0.5 * torch.randn(B * K, N, p, generator=gen).view(B, K, N, p).transpose(1, 2)
+        col[0, 1, 0] = 0  # a token with no component in head 0's space
+        tau = torch.tensor(0.3 + torch.rand((), generator=gen).item())
+        inputs[name] = (a, col, tau)
+        cases[f"{name}_f32"] = ("memberships", (a, col, tau), "poison")
+        cases[f"{name}_bf16"] = ("memberships", (a.bfloat16(), col.bfloat16(), tau), "poison")
+    a, col, tau = inputs["memb_small"]
+    cases["op_memberships"] = ("memberships", (a.contiguous(), col.contiguous(), tau), "op")
     return seed, inputs, run_interpreted(cases, tmp_path_factory.mktemp("interp"))
 
 
@@ -153,6 +167,47 @@ def test_public_ops_dispatch_to_interpreter(interpreted):
     assert scale.shape == (2, 1, 24) and _worst((G.double() - G64).abs()) <= 2e-6
 
 
+@pytest.mark.parametrize("name", MEMBERSHIP_SHAPES)
+@pytest.mark.parametrize("dtype", ("f32", "bf16"))
+def test_memberships_match_float64(interpreted, name, dtype):
+    seed, inputs, out = interpreted
+    a, col, tau = inputs[name]
+    if dtype == "bf16":
+        a, col = a.bfloat16(), col.bfloat16()
+    w, pi = out[f"{name}_{dtype}"]
+    assert w.dtype == a.dtype and w.is_contiguous() and pi.dtype == torch.float32
+    assert torch.isfinite(w).all() and torch.isfinite(pi).all(), f"seed {seed}: unwritten elements"
+    w64, pi64 = compress_memberships_reference(a.double(), col.double(), tau.double())
+    assert _worst((pi.double() - pi64).abs()) <= 1e-6, f"seed {seed}"
+    assert torch.allclose(pi.sum(-1).double(), torch.ones_like(pi64[..., 0]), atol=1e-6)
+    # One rounding of w: within fp32 rounding of float64, or half a bf16 ulp (+ fp32 noise at a tie).
+    tol = 1e-6 if dtype == "f32" else 2**-8 + 1e-6
+    assert _worst((w.double() - w64).abs() / w64.abs().clamp_min(1e-3)) <= tol, f"seed {seed}"
+
+
+def test_memberships_op_dispatches_to_interpreter(interpreted):
+    seed, inputs, out = interpreted
+    w, pi = out["op_memberships"]
+    w64, pi64 = compress_memberships_reference(*(t.double() for t in inputs["memb_small"]))
+    assert _worst((w.double() - w64).abs()) <= 1e-6 and _worst((pi.double() - pi64).abs()) <= 1e-6, f"seed {seed}"
+
+
+def test_memberships_equal_the_layers_formula_and_gradcheck():
+    B, K, N, p = 2, 3, 7, 5
+    a_h = torch.randn(B * K, N, p, dtype=torch.float64)
+    col_h = 0.5 * torch.randn(B * K, N, p, dtype=torch.float64)
+    tau = torch.tensor(0.7, dtype=torch.float64)
+    # pace.layers.compress (full form) after ridge_project: π over heads, w token-major.
+    pi_ref = torch.softmax(torch.linalg.vector_norm(col_h, dim=-1).view(B, K, N) / tau, dim=1)
+    w_ref = ((a_h - col_h).view(B, K, N, p) * pi_ref.unsqueeze(-1)).transpose(1, 2).reshape(B, N, K * p)
+    a, col = (t.view(B, K, N, p).transpose(1, 2) for t in (a_h, col_h))
+    w, pi = compress_memberships(a, col, tau)
+    assert torch.allclose(w.view(B, N, K * p), w_ref, atol=1e-14) and torch.allclose(pi, pi_ref.mT, atol=1e-14)
+    args = (a.clone().requires_grad_(), col.clone().requires_grad_(), tau.clone().requires_grad_())
+    assert torch.autograd.gradcheck(compress_memberships, args)
+    assert torch.autograd.gradcheck(lambda *t: compress_memberships(*t)[0], args)
+
+
 def test_factor_reference_reproduces_the_layers_basis():
     Y = torch.randn(3, 40, 12, dtype=torch.float64)
     scale, G = normalized_gram(Y, EPS)
@@ -218,7 +273,10 @@ def test_bf16_gram_gradient_dtype():
 def test_compile_fullgraph_no_graph_breaks():
     def basis(Y):
         scale, G = normalized_gram(Y, EPS)
-        return (Y / scale) @ inverse_cholesky_factor(G)
+        Q = (Y / scale) @ inverse_cholesky_factor(G)  # (2, 24, 6)
+        a = Y.view(2, 4, 6, 6)  # (B, N, K, p)
+        w, pi = compress_memberships(a, Q.view(2, 4, 6, 6), Y.square().sum())
+        return Q + w.view(2, 24, 6) + pi.sum()
 
     Y = torch.randn(2, 24, 6)
     explanation = torch._dynamo.explain(basis)(Y)
@@ -274,11 +332,18 @@ def test_factor_large_sizes_match_float64(tmp_path):
         assert (out[str(c)].tril(-1) == 0).all()
 
 
-# (kernel, constexprs, pointer dtypes, num_warps): the Compress and Expand factor configurations and a bf16 Gram.
+# (kernel, constexprs, pointer dtypes, num_warps): the Compress and Expand factor configurations, a bf16 Gram and
+# the S model's memberships (K = 8, p = 48).
 _SM90_BUILDS = [
     ("inverse_cholesky_factor_kernel", {"BS": 16, "NB": 1}, {}, 1),
     ("inverse_cholesky_factor_kernel", {"BS": 32, "NB": 5}, {}, 4),
     ("_normalized_gram_kernel", {"BT": 32, "BM": 64, "IEEE": False, "UPCAST": False}, {"Y_ptr": "*bf16"}, 4),
+    (
+        "_memberships_kernel",
+        {"BN": 8, "BK": 8, "BP": 64, "ROUND_BF16": False},
+        {"A_ptr": "*bf16", "C_ptr": "*bf16", "W_ptr": "*bf16"},
+        4,
+    ),
 ]
 
 

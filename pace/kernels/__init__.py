@@ -7,6 +7,7 @@ Backend per call: Triton on CUDA tensors when it imports, PyTorch otherwise; ``P
 """
 
 from pace.kernels._dispatch import BACKENDS, current_backend, use_backend
+from pace.kernels.memberships import compress_memberships, compress_memberships_reference
 from pace.kernels.ridge import (
     inverse_cholesky_factor,
     inverse_cholesky_factor_reference,
@@ -16,6 +17,8 @@ from pace.kernels.ridge import (
 
 __all__ = [
     "BACKENDS",
+    "compress_memberships",
+    "compress_memberships_reference",
     "current_backend",
     "inverse_cholesky_factor",
     "inverse_cholesky_factor_reference",

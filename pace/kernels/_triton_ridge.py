@@ -1,4 +1,4 @@
-"""Triton kernels of the ridge step: the inverse Cholesky factor ``F = L⁻ᵀ`` and the normalised Gram matrix.
+"""Triton kernels of the ridge step (inverse Cholesky factor ``F = L⁻ᵀ``, normalised Gram) and Compress memberships.
 
 Imported lazily by ``pace.kernels._dispatch`` (importing it imports Triton). The launchers assume what the custom
 ops in ``pace.kernels.ridge`` check: 3-D inputs, float32 G, float32/bfloat16/float16 Y. ``out`` arguments exist
@@ -12,7 +12,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# The interpreter multiplies half-precision tiles as raw bits; it gets them as fp32 (the same exact products).
+# Interpreter quirks worked around under this flag: it multiplies half-precision tiles as raw bits (they are
+# upcast to fp32 first: the same exact products) and truncates fp32 -> bf16 (pre-rounded bits give RNE).
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -264,3 +265,87 @@ def normalized_gram(Y: Tensor, eps: float, out: tuple[Tensor, Tensor] | None = N
         num_warps=4,
     )
     return scale, G
+
+
+@triton.jit
+def _memberships_kernel(
+    A_ptr,
+    C_ptr,
+    tau_ptr,
+    W_ptr,
+    P_ptr,
+    N,
+    K,
+    p,
+    stride_ab,
+    stride_an,
+    stride_ak,
+    stride_ap,
+    stride_cb,
+    stride_cn,
+    stride_ck,
+    stride_cp,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    BP: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+):
+    """BN tokens of one image: π = softmax_k(‖col_k‖ / τ) and w_k = π_k (a_k − col_k), one read of a and col."""
+    b = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1) * BN + tl.arange(0, BN)[:, None, None]
+    k = tl.arange(0, BK)[None, :, None]
+    q = tl.arange(0, BP)[None, None, :]
+    mask = (n < N) & (k < K) & (q < p)
+    a = tl.load(A_ptr + b * stride_ab + n * stride_an + k * stride_ak + q * stride_ap, mask=mask, other=0.0)
+    c = tl.load(C_ptr + b * stride_cb + n * stride_cn + k * stride_ck + q * stride_cp, mask=mask, other=0.0)
+    a = a.to(tl.float32)
+    c = c.to(tl.float32)
+    tau = tl.load(tau_ptr).to(tl.float32)
+    logits = tl.sqrt(tl.sum(c * c, axis=2)) / tau  # (BN, BK)
+    k2 = tl.arange(0, BK)[None, :]
+    logits = tl.where(k2 < K, logits, float("-inf"))
+    e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+    pi = e / tl.sum(e, axis=1)[:, None]
+    w = pi[:, :, None] * (a - c)
+    if ROUND_BF16:
+        # The interpreter truncates fp32 -> bf16; the GPU rounds to nearest even. Pre-rounding the bits makes the
+        # interpreter's truncation give the GPU's result.
+        bits = w.to(tl.uint32, bitcast=True)
+        w = (bits + 0x7FFF + ((bits >> 16) & 1)).to(tl.float32, bitcast=True)
+    # w is (B, N, K, p) contiguous, π (B, N, K) contiguous.
+    tl.store(W_ptr + ((b * N + n) * K + k) * p + q, w.to(W_ptr.dtype.element_ty), mask=mask)  # RNE on a GPU
+    n2 = tl.program_id(1) * BN + tl.arange(0, BN)[:, None]
+    tl.store(P_ptr + (b * N + n2) * K + k2, pi, mask=(n2 < N) & (k2 < K))
+
+
+def compress_memberships(a: Tensor, col: Tensor, tau: Tensor, out: tuple[Tensor, Tensor] | None = None):
+    """``(w (B, N, K, p) in a's dtype, π (B, N, K) float32)`` by the Triton kernel; see ``pace.kernels``."""
+    B, N, K, p = a.shape
+    if out is None:
+        out = (
+            torch.empty((B, N, K, p), device=a.device, dtype=a.dtype),
+            torch.empty((B, N, K), device=a.device, dtype=torch.float32),
+        )
+    w, pi = out
+    if w.numel() == 0:
+        return w, pi
+    BK, BP = triton.next_power_of_2(K), triton.next_power_of_2(p)
+    BN = max(1, min(64, 4096 // (BK * BP)))
+    _memberships_kernel[(B, triton.cdiv(N, BN))](
+        a,
+        col,
+        tau,
+        w,
+        pi,
+        N,
+        K,
+        p,
+        *a.stride(),
+        *col.stride(),
+        BN=BN,
+        BK=BK,
+        BP=BP,
+        ROUND_BF16=_INTERPRETED and w.dtype == torch.bfloat16,
+        num_warps=4,
+    )
+    return w, pi

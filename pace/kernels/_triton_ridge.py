@@ -41,6 +41,12 @@ def _chol_inv_tile(A, steps, BS: tl.constexpr):
 
 
 @triton.jit
+def _tile(ptr, r, c, stride_r, stride_c, n):
+    """The tile at row indices r (BS, 1) and column indices c (1, BS) of an n × n matrix, zero outside it."""
+    return tl.load(ptr + r * stride_r + c * stride_c, mask=(r < n) & (c < n), other=0.0)
+
+
+@triton.jit
 def inverse_cholesky_factor_kernel(
     G_ptr,
     F_ptr,
@@ -74,24 +80,23 @@ def inverse_cholesky_factor_kernel(
         # Diagonal tile: A_kk = G_kk − Σ_{j<k} L_kj L_kjᵀ; padding (beyond n) is the identity.
         r = k * BS + rows
         c = k * BS + cols
-        inside = (r < n) & (c < n)
-        A = tl.load(G_ptr + r * stride_gr + c * stride_gc, mask=inside, other=0.0).to(tl.float32)
+        A = _tile(G_ptr, r, c, stride_gr, stride_gc, n).to(tl.float32)
         A = tl.where(eye & (r >= n), 1.0, A)
         for j in range(k):
             cj = j * BS + cols
-            Lkj = tl.load(F_ptr + r * stride_fr + cj * stride_fc, mask=(r < n) & (cj < n), other=0.0)
+            Lkj = _tile(F_ptr, r, cj, stride_fr, stride_fc, n)
             A -= tl.dot(Lkj, tl.trans(Lkj), input_precision="ieee")
         Xkk = _chol_inv_tile(A, tl.minimum(n - k * BS, BS), BS)
         # F_kk = X_kkᵀ: element X[r, c] goes to F[c, r].
-        tl.store(F_ptr + c * stride_fr + r * stride_fc, Xkk, mask=inside)
+        tl.store(F_ptr + c * stride_fr + r * stride_fc, Xkk, mask=(r < n) & (c < n))
         # Column of tiles below: L_ik = (G_ik − Σ_{j<k} L_ij L_kjᵀ) X_kkᵀ.
         for i in range(k + 1, NB):
             ri = i * BS + rows
-            Aik = tl.load(G_ptr + ri * stride_gr + c * stride_gc, mask=(ri < n) & (c < n), other=0.0).to(tl.float32)
+            Aik = _tile(G_ptr, ri, c, stride_gr, stride_gc, n).to(tl.float32)
             for j in range(k):
                 cj = j * BS + cols
-                Lij = tl.load(F_ptr + ri * stride_fr + cj * stride_fc, mask=(ri < n) & (cj < n), other=0.0)
-                Lkj = tl.load(F_ptr + r * stride_fr + cj * stride_fc, mask=(r < n) & (cj < n), other=0.0)
+                Lij = _tile(F_ptr, ri, cj, stride_fr, stride_fc, n)
+                Lkj = _tile(F_ptr, r, cj, stride_fr, stride_fc, n)
                 Aik -= tl.dot(Lij, tl.trans(Lkj), input_precision="ieee")
             Lik = tl.dot(Aik, tl.trans(Xkk), input_precision="ieee")
             tl.store(F_ptr + ri * stride_fr + c * stride_fc, Lik, mask=(ri < n) & (c < n))
@@ -106,12 +111,12 @@ def inverse_cholesky_factor_kernel(
             for j in range(k, i):
                 rj = j * BS + rows
                 cj = j * BS + cols
-                Lij = tl.load(F_ptr + ri * stride_fr + cj * stride_fc, mask=(ri < n) & (cj < n), other=0.0)
+                Lij = _tile(F_ptr, ri, cj, stride_fr, stride_fc, n)
                 # X_jk (rows of block j, columns of block k) lives transposed in F's block (k, j).
-                Xjk = tl.load(F_ptr + ck * stride_fr + rj * stride_fc, mask=(ck < n) & (rj < n), other=0.0)
+                Xjk = _tile(F_ptr, ck, rj, stride_fr, stride_fc, n)
                 acc += tl.dot(Lij, Xjk, input_precision="ieee")
             ci = i * BS + cols
-            Xii = tl.load(F_ptr + ci * stride_fr + ri * stride_fc, mask=(ci < n) & (ri < n), other=0.0)
+            Xii = _tile(F_ptr, ci, ri, stride_fr, stride_fc, n)
             Xik = -tl.dot(Xii, acc, input_precision="ieee")
             tl.store(F_ptr + ck * stride_fr + ri * stride_fc, Xik, mask=(ck < n) & (ri < n))
             tl.debug_barrier()

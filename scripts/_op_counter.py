@@ -18,8 +18,15 @@ from torch.utils._pytree import tree_flatten
 
 aten = torch.ops.aten
 
-# Ops that only relabel memory (no kernel reads or writes the data) besides those whose schema says "view".
-_METADATA_OPS = {aten._unsafe_view.default, aten.lift_fresh.default, aten.detach.default}
+# Ops that only relabel or allocate memory (no kernel reads or writes data), besides the views.
+_METADATA_OPS = {
+    aten._unsafe_view.default,
+    aten.lift_fresh.default,
+    aten.detach.default,
+    aten.empty.memory_format,
+    aten.empty_like.default,
+    aten.empty_strided.default,
+}
 
 
 def _storage_bytes(t: torch.Tensor) -> int:

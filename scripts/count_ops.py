@@ -3,7 +3,8 @@
 The CPU-side proxy of GPU cost (see ``scripts/_op_counter.py``): each case runs forward + backward (a random
 cotangent for a block, cross-entropy for a model) at two small batches, checks that the op count does not depend
 on the batch and that a third batch lies on the line through the first two, and extrapolates bytes and FLOPs to
-``--target-batch``. The optimizer step is not included. Writes ``count_ops.json`` under ``--out`` when given.
+``--target-batch``. The optimizer step is not included. Models count the path a GPU takes (the fused mixer).
+Writes ``count_ops.json`` under ``--out`` when given.
 
     python scripts/count_ops.py                                   # S block (both paths) + timm Block, B = 128
     python scripts/count_ops.py --model pace_vit_small_patch16_224 --model deit_small_patch16_224
@@ -24,7 +25,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 import pace  # noqa: F401  (registers the pace_vit_* models with timm)
-from pace.layers import PACEBlock
+from pace.layers import PACEAttention, PACEBlock
 
 GB = 1e9
 
@@ -135,6 +136,9 @@ def main(argv: list[str] | None = None) -> None:
     for label, factory, kind in cases:
         module = factory()
         module.train()
+        for attn in module.modules():
+            if isinstance(attn, PACEAttention) and attn.fused is None:
+                attn.fused = True  # count the path a GPU takes (fused=None picks the separate operators on a CPU)
         make = partial(block_step if kind == "block" else model_step, module, args=args)
         row, first = measure(label, make, batches, args.target_batch)
         rows.append(row)

@@ -108,6 +108,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (CPU 1, GPU 5)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd PACE blocks")
+    parser.add_argument(
+        "--other-path",
+        action="store_true",
+        help="also time the PACE path the default does not take here (fused mixer on CPU, separate ops on GPU)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few repeats (smoke test)")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_layer"), help="output directory")
     args = parser.parse_args(argv)
@@ -136,9 +141,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def pace_block(args: argparse.Namespace, form: str, device: torch.device, x: Tensor) -> PACEBlock:
+def pace_block(
+    args: argparse.Namespace, form: str, device: torch.device, x: Tensor, fused: bool | None = None
+) -> PACEBlock:
     """A PACE block whose sketches are drawn and stored for ``x``'s token count (one training forward)."""
-    block = PACEBlock(args.dim, args.heads, rank=args.rank, compress_form=form).to(device)
+    block = PACEBlock(args.dim, args.heads, rank=args.rank, compress_form=form, fused=fused).to(device)
     with torch.no_grad(), autocast(device):
         block(x)
     return block
@@ -206,6 +213,11 @@ def reference_part(args: argparse.Namespace, device: torch.device) -> tuple[list
             x.requires_grad_(True)
             grad = torch.randn_like(x)
             cases = {"pace": step_fn(ours, x, grad, device), "reference": step_fn(reference, x, grad, device)}
+            if args.other_path:
+                fused = device.type == "cpu"  # the path the default (fused=None) does not take here
+                other = pace_block(args, form, device, x.detach(), fused=fused)
+                other.load_state_dict(ours.state_dict())
+                cases[f"pace_{'fused' if fused else 'unfused'}"] = step_fn(other, x, grad, device)
             if args.compile:
                 cases["pace_compiled"] = step_fn(torch.compile(ours), x, grad, device)
             times = interleaved(cases, repeats=args.repeats, warmup=args.warmup, device=device)
@@ -251,6 +263,9 @@ def scaling_candidates(args: argparse.Namespace, x: Tensor, device: torch.device
     candidates: dict[str, nn.Module] = {}
     for form in args.forms:
         candidates[f"pace_{form}"] = pace_block(args, form, device, x)
+        if args.other_path:
+            fused = device.type == "cpu"  # the path the default (fused=None) does not take here
+            candidates[f"pace_{form}_{'fused' if fused else 'unfused'}"] = pace_block(args, form, device, x, fused)
     if softmax:
         candidates["softmax_block"] = Block(args.dim, args.heads, mlp_ratio=4.0, qkv_bias=True).to(device)
         candidates["softmax_attn"] = SoftmaxAttentionBlock(args.dim, args.heads).to(device)

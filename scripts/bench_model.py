@@ -61,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile-sizes", default=None, help="sizes that also run compiled (CPU default 224)")
     parser.add_argument("--compile-modes", default=None, help="modes that also run compiled (CPU default infer)")
     parser.add_argument("--compile-pairs", default=None, help="our models that also run compiled (CPU: first)")
+    parser.add_argument("--compile-mode", default="default", help="torch.compile mode (default, reduce-overhead, ...)")
+    parser.add_argument("--regional", action="store_true", help="compile each block in place, not the whole model")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per model (CPU 5, GPU 20)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (CPU 1, GPU 5; compiled 3+)")
     parser.add_argument("--num-classes", type=int, default=1000)
@@ -143,6 +145,19 @@ def gflops_per_image(model: nn.Module, size: int, mode: str, device: torch.devic
     return counter.get_total_flops() / 1e9
 
 
+def compile_model(model: nn.Module, args) -> nn.Module:
+    """``torch.compile`` in ``--compile-mode``: the whole model, or with ``--regional`` each block in place."""
+    mode = None if args.compile_mode == "default" else args.compile_mode
+    if not args.regional:
+        return torch.compile(model, mode=mode)
+    if hasattr(model, "compile_blocks"):
+        model.compile_blocks(mode=mode)  # PACE-ViT: its PACE and class-attention blocks
+    else:
+        for blk in model.blocks:  # timm ViTs (DeiT): the transformer blocks
+            blk.compile(mode=mode)
+    return model
+
+
 def run_case(args, device, pair, size: int, mode: str, compiled: bool) -> list[dict]:
     """Both models of ``pair`` at one size, mode and compilation, interleaved."""
     batch = args.batch[size]
@@ -151,7 +166,7 @@ def run_case(args, device, pair, size: int, mode: str, compiled: bool) -> list[d
     labels = torch.randint(0, args.num_classes, (batch,), device=device)
     models = {name: build(name, size, args.num_classes, device) for name in pair}
     flops = {name: gflops_per_image(m, size, mode, device, args.num_classes) for name, m in models.items()}
-    runnable = {name: torch.compile(m) if compiled else m for name, m in models.items()}
+    runnable = {name: compile_model(m, args) if compiled else m for name, m in models.items()}
     steps = {
         name: train_step(m, images, labels, device) if mode == "train" else infer_step(m, images, device)
         for name, m in runnable.items()
@@ -169,6 +184,7 @@ def run_case(args, device, pair, size: int, mode: str, compiled: bool) -> list[d
             "tokens": (size // 16) ** 2,
             "mode": mode,
             "compiled": compiled,
+            "compile_mode": (args.compile_mode + (" regional" if args.regional else "")) if compiled else None,
             "batch": batch,
             "threads": torch.get_num_threads(),
             "repeats": args.repeats,

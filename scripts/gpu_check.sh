@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# GPU check: the GPU-marked tests and both benchmarks on one CUDA machine, within 9 minutes (the step limits
-# add up to 540 s; on an H100 on 2026-11-27 the tests took about 150 s with a cold compile cache, bench_layer 20 s,
-# bench_model 129 s).
+# GPU check: numerics, the GPU-marked tests, the layer and model benchmarks and the profile on one CUDA machine,
+# within 8 minutes (the step limits add up to 480 s), ending with a short table of the speed targets
+# (scripts/bench_summary.py). Layer: PACE block vs timm softmax Block at 196 x 128, 4096 x 8, 16384 x 8, fused and
+# separate paths. Models: PACE-ViT-S/T vs DeiT-S/T, 224 px, batch 128, bf16, eager, blocks compiled, and blocks
+# compiled with CUDA graphs (reduce-overhead); inference too. Profile: GPU busy share and kernels per step.
 #
 #   bash scripts/gpu_check.sh [RESULTS_DIR]     # default: $OUT/gpu_check if OUT is set, else outputs/gpu_check
 #   bash scripts/gpu_check.sh --dry-run [DIR]   # CPU rehearsal: same steps, CPU device, --quick sizes
@@ -14,7 +16,8 @@
 #
 # Every step has its own time limit and its output is appended to gpu_check.log; a failing or timed-out step is
 # recorded in steps.tsv and the next step still runs; the exit code is non-zero if any step failed. Results:
-# gpu_check.log, steps.tsv, bench_layer/ and bench_model/ (results.csv, summary.json, report.md each): 8 files.
+# gpu_check.log, steps.tsv, summary.txt, bench_layer/, bench_model/, bench_model_graphs/ (results.csv, summary.json,
+# report.md each), profile_pace/ and profile_deit/ (profile.txt, summary.json each).
 set -euo pipefail
 
 DRY_RUN=0
@@ -49,7 +52,7 @@ export PYTHONUNBUFFERED=1
 
 # run_step NAME SECONDS COMMAND...: run with a time limit, log its output, record its exit code; never abort.
 run_step() {
-    local name="$1" limit="$2"
+    local name="$1" limit=$(($2 * LIMIT_SCALE))
     shift 2
     local start rc=0
     start=$(date +%s)
@@ -69,28 +72,61 @@ if [[ "$DRY_RUN" == 1 ]]; then
     DEVICE=cpu
     QUICK=(--quick)
     LAYER_ARGS=()
-    MODEL_ARGS=()
+    MODEL_ARGS=()  # --quick: pace_vit_test vs test_vit at 64 px
+    PROFILE_PACE=(--model pace_vit_test --img-size 32 --batch 2 --steps 1 --warmup 1)
+    PROFILE_DEIT=(--model test_vit --img-size 32 --batch 2 --steps 1 --warmup 1)
+    PYTEST_ARGS=(tests/test_layers_mixer.py)  # the CPU twin of the numerics (float64 equality of both paths)
+    # Inductor takes minutes per model on a small CPU: the rehearsal runs every step eagerly, with longer limits
+    # (regional compilation itself is tested in tests/test_models_compile_blocks.py).
+    COMPILED=(--compile eager)
+    GRAPHS=(--compile eager)
+    PROFILE_COMPILE=()
+    LIMIT_SCALE=4
 else
     DEVICE=cuda
     QUICK=()
-    LAYER_ARGS=()
-    # Compiling takes about a minute per model: the target case (small pair, training, 224 px) compiled, the
-    # rest eager.
-    MODEL_ARGS=(--compile-sizes 224 --compile-modes train --compile-pairs pace_vit_small_patch16_224)
+    # PACE block vs timm softmax Block at 196 x 128, 4096 x 8, 16384 x 8; fused and separate PACE paths.
+    LAYER_ARGS=(--scaling-tokens 196,4096,16384 --scaling-batch 128,8,8 --softmax-max-tokens 16384 --other-path
+        --repeats 10 --warmup 3 --no-memory)
+    # 224 px, batch 128, bf16, both pairs; blocks compiled regionally (one frame per block kind: seconds, not
+    # the minute a whole-model compile takes).
+    MODEL_ARGS=(--pairs pace_vit_small_patch16_224:deit_small_patch16_224,pace_vit_tiny_patch16_224:deit_tiny_patch16_224
+        --sizes 224 --batch 128 --repeats 10 --warmup 3)
+    PROFILE_PACE=(--model pace_vit_small_patch16_224 --batch 128 --steps 3 --warmup 3)
+    PROFILE_DEIT=(--model deit_small_patch16_224 --batch 128 --steps 3 --warmup 3)
+    PYTEST_ARGS=(-m gpu tests/test_layers_mixer_gpu.py tests/test_layers_gpu.py)
+    COMPILED=(--compile eager,compiled --regional)
+    GRAPHS=(--compile compiled --regional --compile-mode reduce-overhead)
+    PROFILE_COMPILE=(--compile default --regional)
+    LIMIT_SCALE=1
 fi
 
-run_step environment 30 bash -c "date -u; uname -a; nvidia-smi || true; \"$PYTHON\" -c 'import torch, timm; \
+# Step limits add up to 460 s (under 8 minutes), the budget of one GPU session's check.
+run_step environment 10 bash -c "date -u; uname -a; nvidia-smi || true; \"$PYTHON\" -c 'import torch, timm; \
 print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"available\", torch.cuda.is_available()); \
 print(\"gpu\", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None); print(\"timm\", timm.__version__)'"
-run_step pytest_gpu 220 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors \
-    --timeout 180 tests
+# Numerics first (fused and separate paths against float64, 3 seeds, fp32 and bf16): its lines go to the log (-s).
+run_step numerics 50 "$PYTHON" -m pytest -q -s -p no:cacheprovider --timeout 45 "${PYTEST_ARGS[@]}"
+if [[ "$DRY_RUN" == 0 ]]; then
+    run_step pytest_gpu 60 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors \
+        --timeout 55 --deselect tests/test_layers_mixer_gpu.py --deselect tests/test_layers_gpu.py tests
+fi
 # ${A[@]+"${A[@]}"}: an empty array expands to nothing under `set -u` in every bash version.
-run_step bench_layer 90 "$PYTHON" scripts/bench_layer.py --device "$DEVICE" ${QUICK[@]+"${QUICK[@]}"} \
+run_step bench_layer 40 "$PYTHON" scripts/bench_layer.py --device "$DEVICE" ${QUICK[@]+"${QUICK[@]}"} \
     ${LAYER_ARGS[@]+"${LAYER_ARGS[@]}"} --out "$RESULTS/bench_layer"
-run_step bench_model 200 "$PYTHON" scripts/bench_model.py --device "$DEVICE" ${QUICK[@]+"${QUICK[@]}"} \
-    ${MODEL_ARGS[@]+"${MODEL_ARGS[@]}"} --out "$RESULTS/bench_model"
+# Training eager and compiled; then training and inference compiled with CUDA graphs (reduce-overhead).
+run_step bench_model 120 "$PYTHON" scripts/bench_model.py --device "$DEVICE" ${QUICK[@]+"${QUICK[@]}"} \
+    ${MODEL_ARGS[@]+"${MODEL_ARGS[@]}"} --modes train "${COMPILED[@]}" --out "$RESULTS/bench_model"
+run_step bench_model_graphs 100 "$PYTHON" scripts/bench_model.py --device "$DEVICE" ${QUICK[@]+"${QUICK[@]}"} \
+    ${MODEL_ARGS[@]+"${MODEL_ARGS[@]}"} --modes train,infer "${GRAPHS[@]}" --out "$RESULTS/bench_model_graphs"
+run_step profile_pace 40 "$PYTHON" scripts/profile_step.py --device "$DEVICE" "${PROFILE_PACE[@]}" \
+    ${PROFILE_COMPILE[@]+"${PROFILE_COMPILE[@]}"} --out "$RESULTS/profile_pace"
+run_step profile_deit 40 "$PYTHON" scripts/profile_step.py --device "$DEVICE" "${PROFILE_DEIT[@]}" \
+    ${PROFILE_COMPILE[@]+"${PROFILE_COMPILE[@]}"} --out "$RESULTS/profile_deit"
 
 echo "results in $RESULTS"
 column -t "$STEPS" 2>/dev/null || cat "$STEPS"
+echo
+"$PYTHON" scripts/bench_summary.py "$RESULTS" 2>&1 | tee "$RESULTS/summary.txt" || true
 # Non-zero when any step failed or timed out (its results and log are kept all the same).
 awk -F'\t' 'NR > 1 && $2 != 0 { failed = 1 } END { exit failed }' "$STEPS"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from _bench_utils import command_line, machine_info, median_ms, pick_device, synchronize, time_once
-from bench_model import build, train_step
+from bench_model import build, compile_model, train_step
 from torch.profiler import ProfilerActivity, profile
 
 import pace  # noqa: F401  (registers the pace_vit_* models with timm)
@@ -34,6 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--steps", type=int, default=5, help="profiled steps")
     parser.add_argument("--compile", default=None, help="a torch.compile mode (default, reduce-overhead, ...)")
+    parser.add_argument("--regional", action="store_true", help="with --compile: compile each block in place")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
     parser.add_argument("--row-limit", type=int, default=30, help="operators in the table")
     parser.add_argument("--out", type=Path, default=Path("outputs/profile_step"), help="output directory")
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     model = build(args.model, args.img_size, args.num_classes, device)
     if args.compile:
-        model = torch.compile(model, mode=None if args.compile == "default" else args.compile)
+        model = compile_model(model, argparse.Namespace(compile_mode=args.compile, regional=args.regional))
     images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
     labels = torch.randint(args.num_classes, (args.batch,), device=device)
     step = train_step(model, images, labels, device)
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         "batch": args.batch,
         "img_size": args.img_size,
         "compile": args.compile,
+        "regional": args.regional,
         "wall_ms_per_step": wall_ms,
     }
     if gpu:

@@ -28,23 +28,67 @@ def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext() if device_type == "meta" else torch.autocast(device_type=device_type, enabled=False)
 
 
+def inverse_cholesky_factor(G: Tensor) -> Tensor:
+    """Upper-triangular ``F = L⁻ᵀ`` of SPD matrices ``G = L Lᵀ``, so that ``F Fᵀ = G⁻¹``; batched, pure PyTorch.
+
+    With the small explicit factor, ``Q = Ŷ F`` is one matrix product and the backward's ``H L⁻¹`` is ``H Fᵀ``: no
+    triangular solve against a tall (…, m, c) right-hand side anywhere. The only solve is against the c × c
+    identity. ``G`` is never checked for definiteness (no host sync): the ridge step adds ``εI`` first.
+
+    Args:
+        G: SPD matrices, shape (B, c, c), float32 or float64.
+
+    Returns:
+        ``F`` of shape (B, c, c), upper triangular, in the dtype of ``G``.
+    """
+    L = torch.linalg.cholesky_ex(G).L
+    eye = torch.eye(G.shape[-1], device=G.device, dtype=G.dtype)
+    return torch.linalg.solve_triangular(L, eye, upper=False).mT  # (L⁻¹)ᵀ
+
+
 def _ridge_factors(Y: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(Ŷ, column norms clamped at 1e-12, L, Q)`` of the ridge step for sketches Y (B, m, c), in Y's dtype."""
+    """``(Ŷ, column norms clamped at 1e-12, F, Q)`` of the ridge step for sketches Y (B, m, c), in Y's dtype."""
     scale = torch.linalg.vector_norm(Y, dim=-2, keepdim=True).clamp_min(1e-12)  # (B, 1, c), as F.normalize
     Y_hat = Y / scale  # (B, m, c), unit columns
-    G = Y_hat.mT @ Y_hat  # (B, c, c)
-    G = G + eps * torch.eye(G.shape[-1], device=G.device, dtype=G.dtype)
-    L = torch.linalg.cholesky_ex(G).L
-    # Q Lᵀ = Ŷ  ->  Q = Ŷ L⁻ᵀ, solved on the right against the upper-triangular Lᵀ.
-    Q = torch.linalg.solve_triangular(L.mT, Y_hat, upper=True, left=False)
-    return Y_hat, scale, L, Q
+    G = torch.baddbmm(torch.eye(Y.shape[-1], device=Y.device, dtype=Y.dtype), Y_hat.mT, Y_hat, alpha=1.0, beta=eps)
+    F_up = inverse_cholesky_factor(G)  # (B, c, c), F Fᵀ = G⁻¹
+    return Y_hat, scale, F_up, Y_hat @ F_up  # Q = Ŷ L⁻ᵀ
+
+
+def ridge_factors_backward(Y_hat: Tensor, norms: Tensor, F_up: Tensor, Q_bar: Tensor) -> Tensor:
+    """Gradient with respect to the sketches ``Y`` of the ridge basis ``Q = Ŷ F``, given ``∂L/∂Q``.
+
+    Valid whenever the loss depends on ``F`` only through ``F Fᵀ = G⁻¹`` (every use of the basis here goes through
+    ``Q Qᵀ``): then ``∂L/∂G = −½ F sym(Fᵀ F̄) Fᵀ`` with ``F̄ = Ŷᵀ Q̄`` and ``sym(A) = (A + Aᵀ)/2``, and ``G = ŶᵀŶ + εI``
+    adds ``2 Ŷ ∂L/∂G`` to ``∂L/∂Ŷ = Q̄ Fᵀ``; the column normalisation's backward follows.
+
+    Args:
+        Y_hat: Normalised sketches Ŷ, shape (B, m, c).
+        norms: Their column norms clamped at 1e-12, shape (B, 1, c).
+        F_up: ``F`` from :func:`inverse_cholesky_factor`, shape (B, c, c).
+        Q_bar: ``∂L/∂Q``, shape (B, m, c).
+
+    Returns:
+        ``∂L/∂Y``, shape (B, m, c).
+    """
+    A = F_up.mT @ (Y_hat.mT @ Q_bar)  # Fᵀ F̄, (B, c, c)
+    G_bar = F_up @ (A + A.mT) @ F_up.mT  # −4 ∂L/∂G
+    H = torch.baddbmm(Q_bar @ F_up.mT, Y_hat, G_bar, alpha=-0.5)  # ∂L/∂Ŷ = Q̄Fᵀ + 2Ŷ ∂L/∂G
+    return _normalisation_backward(Y_hat, norms, H)
+
+
+def _normalisation_backward(Y_hat: Tensor, norms: Tensor, H: Tensor) -> Tensor:
+    # Backward of Ŷ = Y / max(‖y‖, 1e-12): the radial part is removed where the norm was not clamped.
+    radial = (Y_hat * H).sum(-2, keepdim=True) * (norms > 1e-12)
+    return H.sub_(Y_hat * radial).div_(norms)
 
 
 def ridge_basis(Y: Tensor, *, eps: float, exact: bool = False) -> Tensor:
     """Basis ``Q`` of the column space of each sketch ``Y``, batched, computed in (at least) float32.
 
     Ridge mode (the reference's step): the columns of ``Y`` are scaled to unit norm (``Ŷ``), then
-    ``G = ŶᵀŶ + εI = L Lᵀ`` and ``Q = Ŷ L⁻ᵀ`` through a triangular solve. ``QQᵀ = Ŷ (ŶᵀŶ + εI)⁻¹ Ŷᵀ`` is a soft
+    ``G = ŶᵀŶ + εI = L Lᵀ`` and ``Q = Ŷ L⁻ᵀ``, a product with the explicit small factor ``L⁻ᵀ``
+    (:func:`inverse_cholesky_factor`). ``QQᵀ = Ŷ (ŶᵀŶ + εI)⁻¹ Ŷᵀ`` is a soft
     projector onto range(Y) whose eigenvalues are ``λ/(λ+ε)`` for the eigenvalues ``λ`` of ``ŶᵀŶ``. Because
     ``G ⪰ εI`` the Cholesky factorisation exists for every input, so its status is not checked (no host sync).
 
@@ -96,7 +140,7 @@ class _RidgeProject(torch.autograd.Function):
         with _no_autocast(x.device.type):
             x_mm, sketch_mm = x.to(mm_dtype), sketch.to(mm_dtype)
             Y = x_mm.mT @ sketch_mm  # (B, m, c)
-            Y_hat, norms, L, Q = _ridge_factors(Y.to(torch.promote_types(Y.dtype, torch.float32)), eps)
+            Y_hat, norms, F_up, Q = _ridge_factors(Y.to(torch.promote_types(Y.dtype, torch.float32)), eps)
             Q_mm = Q.to(mm_dtype)
             P = x_mm @ Q_mm  # (B, N, c)
             right = Q_mm if scale is None else Q_mm * scale.to(mm_dtype)  # (B, m, c)
@@ -112,13 +156,13 @@ class _RidgeProject(torch.autograd.Function):
                     out.baddbmm_(P, right.mT, alpha=-1.0)
                 else:
                     out -= (P @ right.mT).to(x.dtype)
-        ctx.save_for_backward(x_mm, sketch_mm, P, Y_hat, norms, L, Q, scale)
+        ctx.save_for_backward(x_mm, sketch_mm, P, Y_hat, norms, F_up, Q, scale)
         ctx.complement = complement
         return out
 
     @staticmethod
     def backward(ctx, g: Tensor) -> tuple[Tensor | None, ...]:
-        x_mm, sketch_mm, P, Y_hat, norms, L, Q, scale = ctx.saved_tensors
+        x_mm, sketch_mm, P, Y_hat, norms, F_up, Q, scale = ctx.saved_tensors
         mm_dtype = P.dtype
         need_x, need_scale = ctx.needs_input_grad[0], scale is not None and ctx.needs_input_grad[2]
         grad_x = grad_scale = None
@@ -141,11 +185,8 @@ class _RidgeProject(torch.autograd.Function):
             M = torch.bmm(x_mm.mT, gQ).baddbmm_(g_mm.mT, P).to(Q.dtype)  # (B, m, c)
             if ctx.complement:
                 M = M.neg_()
-            H = torch.baddbmm(M, Q, Q.mT @ M, alpha=-1.0)
-            H = torch.linalg.solve_triangular(L, H, upper=False, left=False)
-            # Backward of Ŷ = Y / max(‖y‖, 1e-12): the radial part is removed where the norm was not clamped.
-            radial = (Y_hat * H).sum(-2, keepdim=True) * (norms > 1e-12)
-            grad_y = H.sub_(Y_hat * radial).div_(norms)  # (B, m, c)
+            H = torch.baddbmm(M, Q, Q.mT @ M, alpha=-1.0) @ F_up.mT  # (I − QQᵀ) M L⁻¹, L⁻¹ = Fᵀ
+            grad_y = _normalisation_backward(Y_hat, norms, H)  # (B, m, c)
             if not ctx.complement:
                 grad_x = (gQ @ Q_mm.mT).to(g.dtype)
             elif g.dtype == mm_dtype and scale is not None:

@@ -26,6 +26,7 @@ class PACEBlock(nn.Module):
         layer_idx: Block index (enters the sketch seeds).
         sketch_seed: Model-wide sketch seed.
         sketch_schedule: ``"epoch"``, ``"step"`` or ``"fixed"``.
+        fused: PACEAttention's fused mixer for ridge projectors: True, False, or None (fused except on the CPU).
         device: Factory device.
         dtype: Factory dtype.
     """
@@ -46,6 +47,7 @@ class PACEBlock(nn.Module):
         layer_idx: int = 0,
         sketch_seed: int = 0,
         sketch_schedule: str = "epoch",
+        fused: bool | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -66,6 +68,7 @@ class PACEBlock(nn.Module):
             layer_idx=layer_idx,
             sketch_seed=sketch_seed,
             sketch_schedule=sketch_schedule,
+            fused=fused,
             **dd,
         )
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()

@@ -165,7 +165,10 @@ class SketchedModule(nn.Module):
         self._derived.clear()
         rows = self.sketch.shape[0]
         if rows and self.sketch.device.type != "meta":
-            self._buffers["sketch"] = self.derived_sketch(rows)
+            # In place: the buffer keeps its address, so CUDA graphs that read it stay valid. Every forward of the
+            # previous epoch has been backpropagated by now, so nothing saved for a backward changes under it.
+            with torch.no_grad():
+                self.sketch.copy_(self.derived_sketch(rows))
             self._stored_current = True
 
     def _schedule_state(self) -> tuple[int, int]:

@@ -239,6 +239,21 @@ class PACEViT(nn.Module):
     # ----------------------------------------------------------------------------------------------------------
     # PACE-specific controls
 
+    def compile_blocks(self, mode: str | None = None, **kwargs) -> None:
+        """Compile each PACE and class-attention block in place (regional compilation), leaving the rest eager.
+
+        All PACE blocks run the same code, so they share one compiled frame (their parameters and sketches are
+        graph inputs): the model compiles about as fast as one block. With ``mode="reduce-overhead"`` each block
+        runs as a CUDA graph; :meth:`set_epoch` redraws the sketches in place (same buffers, same addresses), so
+        the graphs stay valid across epochs. State-dict keys do not change (``nn.Module.compile``).
+
+        Args:
+            mode: A ``torch.compile`` mode (``None``, ``"reduce-overhead"``, ``"max-autotune"``, ...).
+            **kwargs: Further ``torch.compile`` arguments (``fullgraph``, ``dynamic``, ``backend``, ...).
+        """
+        for blk in [*self.blocks, *(self.cls_attn_blocks or [])]:
+            blk.compile(mode=mode, **kwargs)
+
     def set_epoch(self, epoch: int) -> None:
         """Redraw every block's sketches for ``epoch`` (same result on every rank)."""
         for blk in self.blocks:
@@ -275,10 +290,13 @@ class PACEViT(nn.Module):
         Returns:
             Tokens (B, 1 + N, C), class token first.
         """
-        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)  # (B, 1 + N, C)
+        x = self._prepend_cls(x)
         for blk in self.cls_attn_blocks:
             x = self._run_block(blk, x)
         return x
+
+    def _prepend_cls(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)  # (B, 1 + N, C)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens after the final norm.
@@ -312,9 +330,38 @@ class PACEViT(nn.Module):
             x = x[:, 0]
         return x if pre_logits else self.head(x)
 
+    def _class_token_of_last_block(self, x: torch.Tensor) -> torch.Tensor:
+        """The class token (B, 1, C) after the last class-attention block, computing nothing else.
+
+        timm's block norms every token after the attention (``tokens_norm``) and returns the patch tokens too;
+        only the class token depends on its attention, and norm, MLP and residual are per token, so computing them
+        for the class token alone gives the same numbers.
+        """
+        blk = self.cls_attn_blocks[-1]
+        cls = x[:, :1] + blk.drop_path1(blk.gamma1 * blk.attn(blk.norm1(x)))  # class attention: (B, 1, C)
+        cls = blk.norm2(cls)  # normed with or without tokens_norm
+        return cls + blk.drop_path2(blk.gamma2 * blk.mlp(cls))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (B, num_classes) for images (B, in_chans, H, W)."""
-        return self.forward_head(self.forward_features(x))
+        """Logits (B, num_classes) for images (B, in_chans, H, W).
+
+        With ``global_pool='token'`` only the class token reaches the head, so the last class-attention block's
+        token norm and MLP and the final norm run on the class token alone (same output as
+        ``forward_head(forward_features(x))``, without a norm over every patch token).
+        """
+        if self.global_pool != "token" or not self.cls_attn_blocks:
+            return self.forward_head(self.forward_features(x))
+        x, _ = self._embed(x)
+        for blk in self.blocks:
+            x = self._run_block(blk, x)
+        x = self._prepend_cls(x)
+        for blk in self.cls_attn_blocks[:-1]:
+            x = self._run_block(blk, x)
+        if self.grad_checkpointing:
+            cls = checkpoint(self._class_token_of_last_block, x)
+        else:
+            cls = self._class_token_of_last_block(x)
+        return self.head(self.norm(cls[:, 0]))
 
     def forward_intermediates(
         self,

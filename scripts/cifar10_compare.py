@@ -12,7 +12,7 @@ Each run's last evaluation (top-1, top-5 on the test split given by the shards) 
 Markdown table of mean ± sample std, min and max over seeds::
 
     python scripts/cifar10_compare.py --data data/cifar10 --out runs/cifar10_compare \\
-        --updates 25 --epochs 3 --seeds 0 1          # about 1 h on a shared 2-core CPU
+        --updates 20 --epochs 2 --seeds 0 1          # about 1.5 h on a shared 2-core CPU
     # longer (e.g. on a GPU): --updates 0 (whole epochs) --epochs 100 --extra trainer=default
 
 Runs already finished under ``--out`` are read back, not repeated, so an interrupted comparison resumes.
@@ -45,8 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="CIFAR-10 webdataset shards (train and test splits)")
     parser.add_argument("--out", type=Path, default=Path("runs/cifar10_compare"), help="one run dir per variant/seed")
-    parser.add_argument("--updates", type=int, default=25, help="updates per epoch (0: whole epochs)")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs (the first is warm-up)")
+    parser.add_argument("--updates", type=int, default=20, help="updates per epoch (0: whole epochs)")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs (the first is warm-up)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per run before it is stopped")

@@ -79,7 +79,10 @@ def _gradients(block: torch.nn.Module, x: torch.Tensor, g: torch.Tensor, names: 
     block.zero_grad(set_to_none=True)
     block(inputs).backward(g)
     params = dict(block.named_parameters())
-    return {"x": inputs.grad.double().cpu(), **{ours: params[theirs].grad.double().cpu() for ours, theirs in names.items()}}
+    return {
+        "x": inputs.grad.double().cpu(),
+        **{ours: params[theirs].grad.double().cpu() for ours, theirs in names.items()},
+    }
 
 
 @pytest.mark.parametrize("form", ["full", "diag"])
@@ -105,7 +108,12 @@ def test_cuda_gradients_of_ours_and_the_reference_formulation_match_float64(form
     ours = PACEBlock(384, 8, compress_form=form).cuda().eval()
     ours.load_state_dict(truth_block.state_dict())
     reference = ReferenceBlock(ours).cuda()
-    ours_names = {"alpha": "attn.alpha", "beta": "attn.beta", "tau": "attn.compress.tau", "U": "attn.compress.subspaces"}
+    ours_names = {
+        "alpha": "attn.alpha",
+        "beta": "attn.beta",
+        "tau": "attn.compress.tau",
+        "U": "attn.compress.subspaces",
+    }
     ref_names = {"alpha": "alpha", "beta": "beta", "tau": "tau", "U": "subspaces"}
     expected = _gradients(truth_block, x, g, ours_names)
     sigma = _scalar_scales(truth_block, x)

@@ -112,9 +112,7 @@ def test_rate_reduction_closed_form_for_orthogonal_token_factors():
     g = torch.Generator().manual_seed(3)
     U, V = _orthonormal(C, C, g), _orthonormal(n, C, g)  # V: one orthonormal token factor per subspace column
     spectra = [torch.linspace(0.2, 1.0 + k, p, dtype=torch.float64) for k in range(K)]
-    Z = sum(
-        V[:, k * p : (k + 1) * p] @ torch.diag(s) @ U[:, k * p : (k + 1) * p].T for k, s in enumerate(spectra)
-    )
+    Z = sum(V[:, k * p : (k + 1) * p] @ torch.diag(s) @ U[:, k * p : (k + 1) * p].T for k, s in enumerate(spectra))
     singular = torch.cat(spectra)
     expected = 0.5 * (torch.log1p(C / (n * eps**2) * singular**2) - torch.log1p(p / (n * eps**2) * singular**2)).sum()
     torch.testing.assert_close(rate_reduction(Z[None], U, K, eps)[0], expected, rtol=1e-10, atol=1e-10)

@@ -9,6 +9,9 @@ from torch import Tensor, nn
 
 from pace.layers.pace_attention import PACEAttention
 
+# The reference's LayerNorm eps (1e-6), the default of PACEViT too: one default everywhere.
+_REFERENCE_LAYER_NORM = partial(nn.LayerNorm, eps=1e-6)
+
 
 class PACEBlock(nn.Module):
     """One PACE layer with its pre-norm and stochastic depth.
@@ -44,7 +47,7 @@ class PACEBlock(nn.Module):
         positive_coeffs: bool = False,
         coeff_init: float = 0.1,
         drop_path: float = 0.0,
-        norm_layer: Callable[..., nn.Module] = partial(nn.LayerNorm, eps=1e-6),
+        norm_layer: Callable[..., nn.Module] = _REFERENCE_LAYER_NORM,
         layer_idx: int = 0,
         sketch_seed: int = 0,
         sketch_schedule: str = "epoch",

@@ -176,3 +176,21 @@ def test_our_checkpoint_restores_its_runs_eval_transform(tmp_path):
     default = timm.create_model(NAME).pretrained_cfg
     config = eval_data_config(load_model(checkpoint=path).model)
     assert (config["input_size"], config["crop_pct"]) == (tuple(default["input_size"]), default["crop_pct"])
+
+
+def test_sketch_seed_evaluates_with_the_sketches_derived_from_it(tmp_path, image):
+    from pace.layers import derive_sketch_seed, gaussian_sketch
+
+    raw, _ = two_models()
+    raw.train()(image)  # stores the training sketches in the checkpoint
+    path = tmp_path / "step_00000001.pt"
+    torch.save({"model": raw.state_dict(), "model_name": NAME, "model_args": {"num_classes": 10}}, path)
+    own = load_model(checkpoint=path)
+    assert torch.equal(logits_of(own.model, image), logits_of(raw, image))
+    seeded = load_model(checkpoint=path, sketch_seed=4)
+    assert seeded.info["sketch_seed"] == 4
+    op = seeded.model.blocks[1].attn.compress
+    n = raw.blocks[1].attn.compress.sketch.shape[0]
+    key = derive_sketch_seed(4, epoch=0, step=0, layer_idx=1, num_tokens=n, operator="compress")
+    assert torch.equal(op.current_sketch(n), gaussian_sketch(n, op.sketch_width, seed=key))
+    assert not torch.equal(logits_of(seeded.model, image), logits_of(raw, image))

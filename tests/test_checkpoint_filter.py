@@ -1,8 +1,10 @@
 """Loading checkpoints: the authors' DeiT-style format (spec §6) and this project's own state dicts.
 
 The authors' checkpoints are built here from the spec's key names and shapes with random values; the expected
-logits come from an independent float64 forward of that state dict written from the spec (explicit BatchNorm,
-Fourier encoding, dense projectors with a loop over heads, the diagonal Compress, class attention).
+logits come from an independent float64 forward of that state dict written here from the spec (explicit BatchNorm,
+Fourier encoding, per-image ridge bases and explicit projector matrices, the Compress diagonal taken by an einsum
+with a repeated index as the authors' code does, XCiT class attention with its doubled patch tokens). It shares no
+code with the layer tests' oracle (tests/reference_pace.py) nor with the package.
 """
 
 import argparse
@@ -13,7 +15,6 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from reference_pace import dense_compress, dense_expand
 from timm.models import load_checkpoint
 
 import pace  # noqa: F401  (registers the models)
@@ -110,8 +111,42 @@ def _fourier(H: int, W: int, sd: dict) -> torch.Tensor:
     return pos.reshape(H * W, 64) @ weight.T + sd["pos_embeder.token_projection.bias"]  # (N, d)
 
 
-def reference_logits(state_dict: dict, images: torch.Tensor) -> torch.Tensor:
-    """The authors' network (spec §3-4), in float64, straight from a spec §6 state dict."""
+def _ridge_basis(Y: torch.Tensor) -> torch.Tensor:
+    """Spec §2: unit-norm columns Ŷ, G = ŶᵀŶ + 0.01 I = LLᵀ, Q = Ŷ L⁻ᵀ (per matrix of a batch)."""
+    Y_hat = Y / Y.norm(dim=-2, keepdim=True)
+    L = torch.linalg.cholesky(Y_hat.mT @ Y_hat + 0.01 * torch.eye(Y.shape[-1], dtype=Y.dtype))
+    return torch.linalg.solve_triangular(L, Y_hat.mT, upper=False).mT  # Ŷ L⁻ᵀ
+
+
+def _expand(h: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
+    """Spec §3 Expand: per image, Y = hᵀΩ (d × rK), P = QQᵀ (d × d), output (I − P) applied to every token."""
+    out = []
+    for tokens in h:  # (n, d)
+        Q = _ridge_basis(tokens.T @ omega)
+        P = Q @ Q.T
+        out.append(tokens - tokens @ P.T)
+    return torch.stack(out)
+
+
+def _compress_diag(h: torch.Tensor, Us: torch.Tensor, tau: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
+    """Spec §3 Compress as the authors' code computes it: col_k = diag(Q_kQ_kᵀ) ⊙ a_k via a repeated einsum index."""
+    p = DIM // HEADS
+    out = []
+    for tokens in h:  # (n, d)
+        A = torch.stack([tokens @ Us[:, k * p : (k + 1) * p] for k in range(HEADS)])  # (K, n, p): a_k per token
+        P = torch.stack([_ridge_basis(A[k].T @ omega) @ _ridge_basis(A[k].T @ omega).T for k in range(HEADS)])
+        col = torch.einsum("kii,kni->kni", P, A)  # the repeated index i reads P's diagonal
+        null = A - col
+        pi = torch.softmax(col.norm(dim=-1) / tau, dim=0)  # (K, n), softmax over heads
+        out.append(sum((pi[k, :, None] * null[k]) @ Us[:, k * p : (k + 1) * p].T for k in range(HEADS)))
+    return torch.stack(out)
+
+
+def reference_logits(state_dict: dict, images: torch.Tensor, global_pool: str = "token") -> torch.Tensor:
+    """The authors' network (spec §3-4), in float64, straight from a spec §6 state dict.
+
+    ``global_pool='avg'`` averages the final patch tokens instead of taking the class token (timm's option).
+    """
     sd = {k: v.double() for k, v in state_dict.items()}
     x = images.double()
     stage = 0
@@ -133,16 +168,12 @@ def reference_logits(state_dict: dict, images: torch.Tensor) -> torch.Tensor:
         else:
             alpha, beta = F.softplus(sd[p + "._gamma1_raw"]), F.softplus(sd[p + "._gamma2_raw"])
         h = _layer_norm(x, sd, p + ".norm1")
-        e = dense_expand(h, sd[p + ".attn.expandoperator.Omega"], eps=0.01, exact=False)
-        c, _ = dense_compress(
+        e = _expand(h, sd[p + ".attn.expandoperator.Omega"])
+        c = _compress_diag(
             h,
             sd[p + ".attn.compressoperator.Us"],
-            sd[p + ".attn.compressoperator.temperature"].item(),
+            sd[p + ".attn.compressoperator.temperature"],
             sd[p + ".attn.compressoperator.Omega"],
-            num_heads=HEADS,
-            eps=0.01,
-            exact=False,
-            form="diag",
         )
         x = x + alpha * e - beta * c
 
@@ -155,13 +186,16 @@ def reference_logits(state_dict: dict, images: torch.Tensor) -> torch.Tensor:
         q, k, v = qkv[:, 0, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, K, dh), (B, 1 + N, K, dh) x 2
         attn = torch.softmax((q[:, None] * k).sum(-1) * head_dim**-0.5, dim=1)  # (B, 1 + N, K), over tokens
         cls = (attn[..., None] * v).sum(1).reshape(B, DIM) @ sd[p + ".attn.proj.weight"].T + sd[p + ".attn.proj.bias"]
+        # XCiT's block: the attention branch returns the normed patch tokens beside the class token.
         x = x + sd[p + ".gamma1"] * torch.cat([cls[:, None], h[:, 1:]], dim=1)
         x = _layer_norm(x, sd, p + ".norm2")  # tokens_norm: every token
         hidden = F.gelu(x[:, 0] @ sd[p + ".mlp.fc1.weight"].T + sd[p + ".mlp.fc1.bias"])
         mlp = hidden @ sd[p + ".mlp.fc2.weight"].T + sd[p + ".mlp.fc2.bias"]
-        x = torch.cat([x[:, :1] + sd[p + ".gamma2"] * mlp[:, None], x[:, 1:]], dim=1)
-    cls = _layer_norm(x, sd, "norm")[:, 0]
-    return cls @ sd["head.weight"].T + sd["head.bias"]
+        # ... and its second residual adds the branch [γ2·mlp(cls), patch tokens] to x: the patch tokens double.
+        x = x + torch.cat([sd[p + ".gamma2"] * mlp[:, None], x[:, 1:]], dim=1)
+    x = _layer_norm(x, sd, "norm")
+    pooled = x[:, 1:].mean(1) if global_pool == "avg" else x[:, 0]
+    return pooled @ sd["head.weight"].T + sd["head.bias"]
 
 
 def _save_deit_style(path, model_sd, ema_sd=None):
@@ -198,7 +232,8 @@ def test_reference_checkpoint_loads_cleanly_and_reproduces_reference_logits(tmp_
     assert model.compress_form == "diag"
     assert all(blk.compress_form == "diag" for blk in model.blocks)
     assert any("authors" in r.getMessage() and "'diag'" in r.getMessage() for r in caplog.records)
-    # timm's loader prefers the EMA weights of a training checkpoint.
+    # timm's own file loader (pretrained_cfg_overlay={"file": ...}) applies timm's rule, EMA first, before the
+    # filter sees the weights; pace.eval.load_model and checkpoint_filter_fn given the whole file take `model`.
     expected = reference_logits(ema, images)
     torch.testing.assert_close(_logits(model, images), expected, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(expected, reference_logits(sd, images), atol=1e-2)
@@ -214,6 +249,19 @@ def test_reference_checkpoint_non_ema_weights_through_load_checkpoint(tmp_path, 
     model = timm.create_model(MODEL)
     load_checkpoint(model, str(path), use_ema=False, filter_fn=checkpoint_filter_fn)
     torch.testing.assert_close(_logits(model, images), reference_logits(sd, images), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("global_pool", ["token", "avg"])
+def test_reference_checkpoint_logits_for_both_pools(images, global_pool):
+    # 'avg' reads the patch tokens after the class-attention blocks, so it checks their doubled residual too.
+    sd, ema = reference_state_dict(8), reference_state_dict(9)
+    model = timm.create_model(MODEL, global_pool=global_pool)
+    # The whole DeiT-style dict: the filter takes checkpoint['model'], as the authors evaluate and fine-tune.
+    model.load_state_dict(checkpoint_filter_fn({"model": sd, "model_ema": ema, "epoch": 3}, model))
+    expected = reference_logits(sd, images, global_pool=global_pool)
+    torch.testing.assert_close(_logits(model, images), expected, rtol=1e-4, atol=1e-4)
+    other = reference_logits(sd, images, global_pool="avg" if global_pool == "token" else "token")
+    assert not torch.allclose(expected, other, atol=1e-2)
 
 
 @pytest.mark.parametrize("stored_softplus", [False, True])

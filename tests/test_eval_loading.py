@@ -2,6 +2,7 @@
 raw weights as asked, and names what is wrong with a bad checkpoint. The hub is read from a local cache only."""
 
 import argparse
+import logging
 
 import huggingface_hub
 import pytest
@@ -57,19 +58,24 @@ def test_our_training_checkpoint_raw_and_ema(tmp_path, image):
     path = tmp_path / "step_00000100.pt"
     torch.save(checkpoint, path)
 
+    # By default the raw weights (best.pt is chosen by their metric); EMA one option away.
     auto = load_model(checkpoint=path)
-    assert (auto.name, auto.source, auto.weights, auto.info["epoch"]) == (NAME, "checkpoint", "model_ema", 3)
-    assert torch.equal(logits_of(auto.model, image), logits_of(ema, image))
-    plain = load_model(NAME, checkpoint=path, weights="raw")
-    assert plain.weights == "model"
-    assert torch.equal(logits_of(plain.model, image), logits_of(raw, image))
+    assert (auto.name, auto.source, auto.weights, auto.info["epoch"]) == (NAME, "checkpoint", "model", 3)
+    assert torch.equal(logits_of(auto.model, image), logits_of(raw, image))
+    averaged = load_model(NAME, checkpoint=path, weights="ema")
+    assert averaged.weights == "model_ema"
+    assert torch.equal(logits_of(averaged.model, image), logits_of(ema, image))
     assert auto.files == [path] and len(sha256_file(path)) == 64
 
     with pytest.raises(ValueError, match="holds a 'pace_vit_test' model, but model name 'resnet10t'"):
         load_model("resnet10t", checkpoint=path)
-    del checkpoint["model_ema"]
+    del checkpoint["model"]
     torch.save(checkpoint, path)
-    assert load_model(checkpoint=path).weights == "model"
+    assert load_model(checkpoint=path).weights == "model_ema"  # no raw weights: auto takes the EMA ones
+    with pytest.raises(ValueError, match="raw weights asked for, but the checkpoint has only model_ema"):
+        load_model(checkpoint=path, weights="raw")
+    checkpoint["model"] = checkpoint.pop("model_ema")
+    torch.save(checkpoint, path)
     with pytest.raises(ValueError, match="EMA weights asked for, but the checkpoint has none"):
         load_model(checkpoint=path, weights="ema")
 
@@ -84,7 +90,7 @@ def test_release_folder_and_file(tmp_path, image):
         assert torch.equal(logits_of(loaded.model, image), logits_of(model, image))
 
 
-def test_authors_format_goes_through_the_models_filter(tmp_path, image):
+def test_authors_format_goes_through_the_models_filter(tmp_path, image, caplog):
     raw_sd, ema_sd = reference_state_dict(seed=0), reference_state_dict(seed=1)
     path = tmp_path / "checkpoint.pth"
     torch.save({"model": raw_sd, "model_ema": ema_sd, "epoch": 399, "args": argparse.Namespace(lr=5e-4)}, path)
@@ -94,12 +100,21 @@ def test_authors_format_goes_through_the_models_filter(tmp_path, image):
         model.load_state_dict(checkpoint_filter_fn(state_dict, model))
         return logits_of(model, image)
 
-    loaded = load_model(NAME, checkpoint=path)
-    assert (loaded.source, loaded.weights) == ("state_dict", "model_ema")
-    assert torch.equal(logits_of(loaded.model, image), expected(ema_sd))
+    # The authors evaluate, select and fine-tune from checkpoint['model']: that is the default, and the log says so.
+    with caplog.at_level(logging.INFO, logger="pace.eval.loading"):
+        loaded = load_model(NAME, checkpoint=path)
+    assert (loaded.source, loaded.weights) == ("state_dict", "model")
+    assert torch.equal(logits_of(loaded.model, image), expected(raw_sd))
+    assert "loaded the raw weights (checkpoint['model']" in caplog.text
     assert "state_dict" not in loaded.model.pretrained_cfg
-    raw = load_model(NAME, checkpoint=path, weights="raw")
-    assert torch.equal(logits_of(raw.model, image), expected(raw_sd))
+    assert torch.equal(logits_of(load_model(NAME, checkpoint=path, weights="raw").model, image), expected(raw_sd))
+    ema = load_model(NAME, checkpoint=path, weights="ema")
+    assert ema.weights == "model_ema"
+    assert torch.equal(logits_of(ema.model, image), expected(ema_sd))
+    # The model's own filter, given the whole file, takes `model` as well.
+    model = timm.create_model(NAME)
+    model.load_state_dict(checkpoint_filter_fn(torch.load(path, weights_only=False), model))
+    assert torch.equal(logits_of(model, image), expected(raw_sd))
     with pytest.raises(ValueError, match="does not name its architecture"):
         load_model(checkpoint=path)
 
@@ -161,3 +176,21 @@ def test_our_checkpoint_restores_its_runs_eval_transform(tmp_path):
     default = timm.create_model(NAME).pretrained_cfg
     config = eval_data_config(load_model(checkpoint=path).model)
     assert (config["input_size"], config["crop_pct"]) == (tuple(default["input_size"]), default["crop_pct"])
+
+
+def test_sketch_seed_evaluates_with_the_sketches_derived_from_it(tmp_path, image):
+    from pace.layers import derive_sketch_seed, gaussian_sketch
+
+    raw, _ = two_models()
+    raw.train()(image)  # stores the training sketches in the checkpoint
+    path = tmp_path / "step_00000001.pt"
+    torch.save({"model": raw.state_dict(), "model_name": NAME, "model_args": {"num_classes": 10}}, path)
+    own = load_model(checkpoint=path)
+    assert torch.equal(logits_of(own.model, image), logits_of(raw, image))
+    seeded = load_model(checkpoint=path, sketch_seed=4)
+    assert seeded.info["sketch_seed"] == 4
+    op = seeded.model.blocks[1].attn.compress
+    n = raw.blocks[1].attn.compress.sketch.shape[0]
+    key = derive_sketch_seed(4, epoch=0, step=0, layer_idx=1, num_tokens=n, operator="compress")
+    assert torch.equal(op.current_sketch(n), gaussian_sketch(n, op.sketch_width, seed=key))
+    assert not torch.equal(logits_of(seeded.model, image), logits_of(raw, image))

@@ -3,11 +3,14 @@
 import math
 
 import pytest
+import timm
 import torch
 from reference_pace import dense_compress, dense_expand, dense_projector
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+import pace  # noqa: F401  (registers the models)
 from pace.layers import PACEAttention, PACEBlock, compress, expand, gaussian_sketch, ridge_basis
 
 B, N, C, K, RANK = 2, 64, 32, 4, 4
@@ -152,6 +155,19 @@ def test_block_is_prenorm_residual_of_alpha_expand_minus_beta_compress():
     torch.testing.assert_close(y, manual, rtol=1e-5, atol=1e-5)
 
 
+def test_standalone_block_norm_uses_the_reference_eps():
+    # The reference's LayerNorm eps is 1e-6 (PACE_SPEC §4); tokens of variance ~1e-6 make 1e-5 and 1e-6 differ.
+    block = PACEBlock(C, K, rank=RANK).eval()
+    x = 1e-3 * torch.randn(B, N, C, dtype=torch.float64)
+    block.double()
+    mean, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+    expected = (x - mean) / torch.sqrt(var + 1e-6)  # weight 1, bias 0 at initialisation
+    with torch.no_grad():
+        torch.testing.assert_close(block.norm(x), expected, rtol=1e-10, atol=1e-10)
+    model = timm.create_model("pace_vit_test")
+    assert {m.eps for m in model.modules() if isinstance(m, nn.LayerNorm)} == {block.norm.eps} == {1e-6}
+
+
 @pytest.mark.parametrize("form", ["full", "diag"])
 @pytest.mark.parametrize("projector", ["ridge", "exact"])
 @pytest.mark.parametrize("positive_coeffs", [False, True])
@@ -206,9 +222,11 @@ def test_state_dict_keys_and_shapes():
         "attn.alpha": (),
         "attn.beta": (),
         "attn.expand.sketch": (N, RANK * K),
+        "attn.expand._extra_state": (3,),  # sketch schedule counters: epoch, training and evaluation forwards
         "attn.compress.subspaces": (C, C),
         "attn.compress.tau": (),
         "attn.compress.sketch": (N, RANK),
+        "attn.compress._extra_state": (3,),
     }
     U = block.attn.compress.subspaces.detach()
     torch.testing.assert_close(U.T @ U, torch.eye(C), rtol=0, atol=1e-5)
@@ -250,16 +268,19 @@ def test_bad_arguments_raise_value_errors_naming_the_value(kwargs, match):
 
 
 def test_meta_construction_and_reset_after_to_empty():
+    def tensors(block):  # parameters and buffers; the sketch schedule counters (`_extra_state`) are host integers
+        return [t for k, t in block.state_dict().items() if not k.endswith("_extra_state")]
+
     block = PACEBlock(C, K, rank=RANK, positive_coeffs=True, device="meta", dtype=torch.float64)
-    assert all(t.device.type == "meta" and t.dtype == torch.float64 for t in block.state_dict().values())
+    assert all(t.device.type == "meta" and t.dtype == torch.float64 for t in tensors(block))
     block = block.to_empty(device="cpu")
     with torch.no_grad():
-        for tensor in block.state_dict().values():
+        for tensor in tensors(block):
             tensor.fill_(float("nan"))
     for module in block.modules():
         if hasattr(module, "reset_parameters"):
             module.reset_parameters()
-    assert all(torch.isfinite(t).all() for t in block.state_dict().values())
+    assert all(torch.isfinite(t).all() for t in tensors(block))
     assert block.coefficients()["alpha"].item() == pytest.approx(0.1)
     assert torch.isfinite(block(torch.randn(1, N, C, dtype=torch.float64))).all()
 

@@ -72,10 +72,11 @@ def test_fused_attention_and_its_gradients_match_the_dense_oracle(form, exact):
     torch.testing.assert_close(pi, ref_pi, rtol=1e-9, atol=1e-9)
     # Gradients of every input through the fused path (closed-form projector backward, folded α and β) against
     # autograd through the oracle's explicit projectors.
-    g = torch.randn_like(out)
+    # A random cotangent on π as well (π sums to 1 over heads, so pi.sum() would have a zero gradient).
+    g, g_pi = torch.randn_like(out), torch.randn_like(pi)
     params = (x, U, tau, alpha, beta)
-    fast = torch.autograd.grad((out * g).sum() + pi.sum(), params)
-    slow = torch.autograd.grad((ref * g).sum() + ref_pi.sum(), params)
+    fast = torch.autograd.grad((out * g).sum() + (pi * g_pi).sum(), params)
+    slow = torch.autograd.grad((ref * g).sum() + (ref_pi * g_pi).sum(), params)
     for name, a, b in zip(("x", "U", "tau", "alpha", "beta"), fast, slow):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-8, msg=name)
 

@@ -8,7 +8,15 @@ import sys
 import pytest
 import torch
 
-from pace.layers import PACEBlock, derive_sketch_seed, expand, gaussian_sketch, sync_sketches
+from pace.layers import (
+    PACEBlock,
+    derive_sketch_seed,
+    expand,
+    gaussian_sketch,
+    reseed_sketches,
+    set_eval_sketch,
+    sync_sketches,
+)
 
 C, K, RANK = 32, 4, 4
 
@@ -190,22 +198,25 @@ def test_fixed_schedule_ignores_epochs():
     assert _sketches(block)[0].shape[0] == 81
 
 
-def test_compiled_block_follows_the_schedule_like_eager():
-    eager, compiled_block = _block(), _block()
+@pytest.mark.parametrize("schedule", ["epoch", "reference"])
+def test_compiled_block_follows_the_schedule_like_eager(schedule):
+    eager, compiled_block = _block(sketch_schedule=schedule), _block(sketch_schedule=schedule)
     compiled_block.load_state_dict(eager.state_dict())
     compiled = torch.compile(compiled_block, backend="eager")
     x = torch.randn(2, 64, C)
     for epoch in range(2):
         eager.set_epoch(epoch)
         compiled_block.set_epoch(epoch)
-        eager.train()
-        compiled_block.train()
-        torch.testing.assert_close(compiled(x), eager(x), rtol=0, atol=0)
-        assert all(torch.equal(a, b) for a, b in zip(_sketches(eager), _sketches(compiled_block)))
+        for _ in range(2):  # under "reference", the second forward of epoch 1 draws a new sketch
+            eager.train()
+            compiled_block.train()
+            torch.testing.assert_close(compiled(x), eager(x), rtol=0, atol=0)
+            assert all(torch.equal(a, b) for a, b in zip(_sketches(eager), _sketches(compiled_block)))
         eager.eval()
         compiled_block.eval()
         with torch.no_grad():
             torch.testing.assert_close(compiled(x[:, :49]), eager(x[:, :49]), rtol=0, atol=0)
+    assert compiled_block.attn.expand.step == eager.attn.expand.step == (2 if schedule == "reference" else 0)
 
 
 def test_sync_sketches_lets_timm_model_ema_average_a_model_whose_sketch_changed_size():
@@ -223,3 +234,131 @@ def test_sync_sketches_lets_timm_model_ema_average_a_model_whose_sketch_changed_
     ema.module.eval()
     # The averaged copy evaluates with the model's last sketch.
     assert torch.equal(ema.module[1].attn.compress.current_sketch(64), model[1].attn.compress.sketch)
+
+
+# The "reference" schedule: the authors' redraws (PACE_SPEC §3), seeded.
+
+
+def _expected(block, op, n, *, epoch, step, tag=""):
+    # The seed formula written out here: (seed, epoch, step, layer, n, operator name), then a CPU Gaussian draw.
+    module = getattr(block.attn, op)
+    name = f"{op}/{tag}" if tag else op
+    seed = derive_sketch_seed(
+        module.sketch_seed, epoch=epoch, step=step, layer_idx=module.layer_idx, num_tokens=n, operator=name
+    )
+    return gaussian_sketch(n, module.sketch_width, seed=seed)
+
+
+def test_reference_schedule_keeps_one_sketch_in_epoch_zero_then_redraws_every_forward():
+    blocks = [_block(sketch_schedule="reference", layer_idx=3), _block(sketch_schedule="reference", layer_idx=3)]
+    histories = [[], []]
+    for block, history in zip(blocks, histories):  # two "ranks", no communication
+        block.set_epoch(0)
+        for _ in range(3):
+            _train_step(block, 64)
+            history.append(_sketches(block))
+        block.set_epoch(1)
+        for _ in range(3):
+            _train_step(block, 64)
+            history.append(_sketches(block))
+    for a, b in zip(*histories):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    h = histories[0]
+    for k in range(3):
+        assert torch.equal(h[k][0], _expected(blocks[0], "expand", 64, epoch=0, step=0))
+        assert torch.equal(h[3 + k][0], _expected(blocks[0], "expand", 64, epoch=1, step=k))
+        assert torch.equal(h[3 + k][1], _expected(blocks[0], "compress", 64, epoch=1, step=k))
+    assert not torch.equal(h[3][1], h[4][1]) and not torch.equal(h[4][1], h[5][1])
+    assert blocks[0].attn.expand.step == 3
+
+
+def test_reference_schedule_evaluates_with_one_fixed_derived_sketch_unless_fresh_is_asked():
+    block = _block(sketch_schedule="reference")
+    x = torch.randn(2, 64, C)
+    block.set_epoch(1)
+    _train_step(block, 64)
+    eval_sketch = _expected(block, "compress", 64, epoch=0, step=0, tag="eval")
+    block.eval()
+    with torch.no_grad():
+        y = block(x)
+        assert torch.equal(block.attn.compress.current_sketch(64), eval_sketch)
+        assert not torch.equal(block.attn.compress.sketch, eval_sketch)  # not the last training draw
+        block.set_epoch(7)  # nor a function of the training state
+        torch.testing.assert_close(block(x), y, rtol=0, atol=0)
+    assert (block.attn.compress.step, block.attn.compress.eval_step) == (0, 0)
+    # The authors' validation: a fresh (here seeded) sketch per evaluation forward, from epoch 1 on.
+    set_eval_sketch(block, "fresh")
+    with torch.no_grad():
+        fresh = [block.attn.compress.current_sketch(64) for _ in range(2)]
+    assert torch.equal(fresh[1], _expected(block, "compress", 64, epoch=7, step=1, tag="eval"))
+    assert not torch.equal(fresh[0], fresh[1])
+    assert (block.attn.compress.step, block.attn.compress.eval_step) == (0, 2)
+    with pytest.raises(ValueError, match="eval sketch must be one of"):
+        set_eval_sketch(block, "random")
+
+
+def test_reseeding_changes_the_evaluation_sketch_and_drops_stored_ones():
+    for schedule in ("epoch", "reference"):
+        block = _block(sketch_schedule=schedule)
+        _train_step(block, 64)
+        block.eval()
+        with torch.no_grad():
+            before = block.attn.expand.current_sketch(64)
+            reseed_sketches(block, 11)
+            after = block.attn.expand.current_sketch(64)
+        assert block.attn.expand.sketch.shape[0] == 0 and not torch.equal(before, after)
+        tag = "eval" if schedule == "reference" else ""
+        assert torch.equal(after, _expected(block, "expand", 64, epoch=0, step=0, tag=tag))
+
+
+@pytest.mark.parametrize("schedule", ["step", "reference"])
+def test_a_run_resumed_from_a_state_dict_draws_the_uninterrupted_runs_sketches(schedule):
+    uninterrupted = _block(sketch_schedule=schedule)
+    uninterrupted.set_epoch(2)
+    for _ in range(3):
+        _train_step(uninterrupted, 49)
+    saved = {k: v.clone() for k, v in uninterrupted.state_dict().items()}
+    assert saved["attn.expand._extra_state"].tolist() == [2, 3, 0]
+    resumed = _block(sketch_schedule=schedule)
+    resumed.load_state_dict(saved)  # no set_epoch: a mid-epoch resume
+    for _ in range(2):
+        _train_step(uninterrupted, 49)
+        _train_step(resumed, 49)
+        assert all(torch.equal(a, b) for a, b in zip(_sketches(uninterrupted), _sketches(resumed)))
+    # A state dict written before the counters were saved still loads strictly, with the counters at zero.
+    old = {k: v for k, v in saved.items() if not k.endswith("_extra_state")}
+    fresh = _block(sketch_schedule=schedule)
+    fresh.load_state_dict(old)
+    assert (fresh.attn.expand.epoch, fresh.attn.expand.step) == (0, 0)
+
+
+def test_model_ema_copy_follows_the_reference_schedule():
+    from timm.utils import ModelEmaV3
+
+    model = torch.nn.Sequential(_block(sketch_schedule="reference"), _block(sketch_schedule="reference", layer_idx=1))
+    ema = ModelEmaV3(model, decay=0.9)
+    for epoch in (0, 1):
+        for blk in model:
+            blk.set_epoch(epoch)
+        for _ in range(2):
+            model.train()
+            model(torch.randn(2, 64, C)).sum().backward()
+            sync_sketches(model, ema.module)
+            ema.update(model, step=10)
+    for src, dst in zip(model, ema.module):
+        assert all(torch.equal(a, b) for a, b in zip(_sketches(src), _sketches(dst)))
+        assert (dst.attn.compress.epoch, dst.attn.compress.step) == (1, 2)
+    model.eval()
+    ema.module.eval()
+    # Both evaluate with the same fixed evaluation sketch.
+    assert torch.equal(ema.module[1].attn.compress.current_sketch(64), model[1].attn.compress.current_sketch(64))
+
+
+def test_reference_schedule_refuses_gradient_checkpointing():
+    import timm
+
+    import pace  # noqa: F401  (registers the models)
+
+    model = timm.create_model("pace_vit_test", sketch_schedule="reference")
+    with pytest.raises(ValueError, match="gradient checkpointing cannot be combined with sketch_schedule='reference'"):
+        model.set_grad_checkpointing(True)

@@ -106,3 +106,22 @@ def test_sigterm_to_the_process_group_checkpoints_exits_for_requeue_and_resumes_
     assert out.returncode == 0, out.stderr[-3000:]
     assert train_losses(run_dir) == train_losses(reference)
     _assert_same_final_state(reference, run_dir)
+
+
+@pytest.mark.slow
+def test_sigkill_resume_is_exact_under_the_reference_sketch_schedule(shards, tmp_path: Path):
+    # The in1k experiments' schedule: a fresh sketch every step from epoch 1, drawn from a counter that a resumed
+    # run must restore from the checkpoint (killed in epoch 1, after its mid-epoch checkpoint at step 12 or 16).
+    run = (*RUN, "+model.kwargs.sketch_schedule=reference")
+    uninterrupted = tmp_path / "uninterrupted"
+    out = run_train(uninterrupted, *run, *shards)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_dir = tmp_path / "killed"
+    proc = start_train(run_dir, *run, *shards)
+    _wait_for_step(proc, run_dir, 17)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    out = run_train(run_dir, *run, *shards)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert train_losses(run_dir) == train_losses(uninterrupted)
+    _assert_same_final_state(uninterrupted, run_dir)

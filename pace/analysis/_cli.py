@@ -27,7 +27,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--model), or a timm model name such as pace_vit_tiny_patch16_224 (random weights, for demonstrations)",
     )
     parser.add_argument("--model", default=None, help="timm architecture for a checkpoint that does not name it")
-    parser.add_argument("--weights", choices=WEIGHTS, default="auto", help="EMA or raw weights of a checkpoint")
+    parser.add_argument(
+        "--weights", choices=WEIGHTS, default="auto", help="raw (auto: the default) or EMA weights of a checkpoint"
+    )
     parser.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1'")
     parser.add_argument("--seed", type=int, default=0, help="seed of random weights (timm name) and synthetic images")
 
@@ -63,7 +65,7 @@ def model_from_source(
         source: a checkpoint (ours, a release folder or a file in one, the authors' format with `model_name`), or a
             timm model name (random weights, for demonstrations).
         model_name: timm architecture for a checkpoint that does not name its own.
-        weights: `auto` (EMA weights when present), `ema` or `raw`.
+        weights: `auto` (the raw weights when present, else EMA), `ema` or `raw`.
 
     Returns:
         `(model, description)`; the description names the architecture, the file and the weights for plot titles.

@@ -65,7 +65,9 @@ class ModelSourceConfig:
         name: timm architecture, `hf-hub:org/repo` or `local-dir:/path`; optional when the checkpoint names it.
         checkpoint: one of our training checkpoints, a release folder, an authors'-format file, or `hf-hub:`.
         pretrained: with no checkpoint, use timm's pretrained weights for `name`.
-        weights: `auto` (EMA if present), `ema` or `raw`.
+        weights: `auto` (the raw `model` weights if present, else EMA), `ema` or `raw`.
+        sketch_seed: evaluate PACE models with the sketches derived from this seed instead of the stored ones
+            (null: the model's own; see docs/training.md, "Sketch schedule").
         kwargs: extra `timm.create_model` arguments.
     """
 
@@ -73,6 +75,7 @@ class ModelSourceConfig:
     checkpoint: str | None = None
     pretrained: bool = False
     weights: str = "auto"
+    sketch_seed: int | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -18,12 +18,14 @@ from timm.models import clean_state_dict, parse_model_name
 from torch import nn
 
 from pace.eval.transform import run_eval_settings, set_eval_settings
+from pace.layers.sketch import reseed_sketches
 
 log = logging.getLogger(__name__)
 
 _EMA_KEYS = ("model_ema", "state_dict_ema")
 _RAW_KEYS = ("model", "state_dict")
 WEIGHTS = ("auto", "ema", "raw")
+_KIND = {"model_ema": "EMA", "state_dict_ema": "EMA", "model": "raw", "state_dict": "raw"}
 _RELEASE_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
@@ -79,9 +81,12 @@ def _pick_state_dict(checkpoint: Any, weights: str, path: Path) -> tuple[dict[st
         return dict(checkpoint), "state_dict"
     if weights == "ema" and ema is None:
         raise ValueError(f"{path}: EMA weights asked for, but the checkpoint has none (keys: {sorted(checkpoint)})")
-    key = raw if weights == "raw" or ema is None else ema
-    if key is None:
+    if weights == "raw" and raw is None:
         raise ValueError(f"{path}: raw weights asked for, but the checkpoint has only {ema}")
+    # `auto` takes the raw weights when there are any: the authors evaluate, select their best model and
+    # fine-tune from `model` (never `model_ema`), and our trainer picks best.pt by the raw weights' metric.
+    key = ema if weights == "ema" or raw is None else raw
+    log.info("%s: loaded the %s weights (checkpoint[%r]; model.weights=%s)", path, _KIND[key], key, weights)
     return clean_state_dict(checkpoint[key]), key
 
 
@@ -91,7 +96,8 @@ def read_weights(path: str | Path, weights: str = "auto") -> tuple[dict[str, tor
     Args:
         path: a `.safetensors` file (one state dict), or a torch file: one of our training checkpoints, a DeiT-style
             checkpoint (the authors' format), or a plain state dict.
-        weights: `auto` (EMA weights when the checkpoint has them, else raw), `ema`, or `raw`.
+        weights: `auto` (the raw weights, `model` / `state_dict`, when the checkpoint has them, else its EMA
+            weights), `ema`, or `raw`.
 
     Raises:
         ValueError: the file cannot be read weights-only, holds no weights, or lacks the weights asked for.
@@ -185,6 +191,7 @@ def load_model(
     pretrained: bool = False,
     weights: str = "auto",
     model_kwargs: Mapping[str, Any] | None = None,
+    sketch_seed: int | None = None,
 ) -> LoadedModel:
     """Create a model for evaluation.
 
@@ -193,15 +200,20 @@ def load_model(
       - `hf-hub:org/repo[@revision]`: a timm model on the Hugging Face hub (config.json + weights).
       - a release folder (config.json + model.safetensors, as `timm.models.save_for_hf` writes), or a file in one.
       - a `.pth` / `.pt` / `.bin` / `.safetensors` file: one of our training checkpoints (it names its architecture:
-        `model_name`, `model_args`, with `model` and `model_ema` weights), or any other checkpoint or state dict for
-        architecture `name`, converted by that model's `checkpoint_filter_fn` (the authors' format for PACE-ViT).
+        `model_name`, `model_args`, with `model` and `model_ema` weights; `model` unless `weights='ema'`), or any
+        other checkpoint or state dict for architecture `name`, converted by that model's `checkpoint_filter_fn`
+        (the authors' format for PACE-ViT).
 
     Args:
         name: timm architecture (required unless the checkpoint names it).
         checkpoint: see above.
         pretrained: with no checkpoint, load timm's pretrained weights for `name`.
-        weights: `auto` (EMA when the checkpoint has EMA weights, else raw), `ema`, or `raw`.
+        weights: `auto` (raw `model` weights when the checkpoint has them, else EMA; as the authors evaluate and
+            fine-tune), `ema` (`model_ema`), or `raw`. The log says which entry was loaded.
         model_kwargs: extra `timm.create_model` arguments (e.g. `num_classes`, `img_size`).
+        sketch_seed: re-seed the model's sketched operators (PACE) with this seed and drop the sketches a checkpoint
+            stored, so evaluation uses the sketches derived from it (recorded in `info["sketch_seed"]`). None keeps
+            the model's own.
 
     Raises:
         ValueError: an unknown `weights`, a missing architecture name, a file without usable weights, EMA asked
@@ -239,5 +251,9 @@ def load_model(
             loaded = _through_filter_fn(path, *read_weights(path), name, kwargs)
         else:
             loaded = _from_torch_file(path, name, weights, kwargs)
+    if sketch_seed is not None:
+        reseed_sketches(loaded.model, sketch_seed)
+        loaded.info["sketch_seed"] = int(sketch_seed)
+        log.info("evaluation sketches derived from sketch seed %d (stored sketches dropped)", sketch_seed)
     loaded.model.eval()
     return loaded

@@ -68,6 +68,7 @@ def _evaluate_model(config: EvalConfig, env: DistEnv, device: torch.device) -> d
         pretrained=config.model.pretrained,
         weights=config.model.weights,
         model_kwargs=config.model.kwargs,
+        sketch_seed=config.model.sketch_seed,
     )
     model = loaded.model.to(device)
     if config.channels_last:

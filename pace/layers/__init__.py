@@ -6,11 +6,21 @@ from pace.layers.expand import Expand, expand
 from pace.layers.mcr2 import coding_rate, compression_rate, rate_reduction
 from pace.layers.pace_attention import PACEAttention, pace_attention
 from pace.layers.pace_block import PACEBlock
-from pace.layers.sketch import SKETCH_SCHEDULES, SketchedModule, derive_sketch_seed, gaussian_sketch, sync_sketches
+from pace.layers.sketch import (
+    EVAL_SKETCHES,
+    SKETCH_SCHEDULES,
+    SketchedModule,
+    derive_sketch_seed,
+    gaussian_sketch,
+    reseed_sketches,
+    set_eval_sketch,
+    sync_sketches,
+)
 from pace.layers.stem import ConvStem
 
 __all__ = [
     "COMPRESS_FORMS",
+    "EVAL_SKETCHES",
     "PROJECTORS",
     "SKETCH_SCHEDULES",
     "Compress",
@@ -27,7 +37,9 @@ __all__ = [
     "gaussian_sketch",
     "pace_attention",
     "rate_reduction",
+    "reseed_sketches",
     "ridge_basis",
     "ridge_project",
+    "set_eval_sketch",
     "sync_sketches",
 ]

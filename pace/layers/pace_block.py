@@ -1,12 +1,16 @@
 """PACE block: x + DropPath(PACEAttention(norm(x))); pre-norm and no feed-forward network."""
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from timm.layers import DropPath
 from torch import Tensor, nn
 
 from pace.layers.pace_attention import PACEAttention
+
+# The reference's LayerNorm eps (1e-6), the default of PACEViT too: one default everywhere.
+_REFERENCE_LAYER_NORM = partial(nn.LayerNorm, eps=1e-6)
 
 
 class PACEBlock(nn.Module):
@@ -22,10 +26,11 @@ class PACEBlock(nn.Module):
         positive_coeffs: Keep α and β positive through softplus of raw parameters.
         coeff_init: Initial effective α and β.
         drop_path: Stochastic depth rate of the residual branch.
-        norm_layer: Norm constructor, called as ``norm_layer(dim, device=..., dtype=...)``.
+        norm_layer: Norm constructor, called as ``norm_layer(dim, device=..., dtype=...)``; default LayerNorm with
+            eps 1e-6, the reference's (and PACEViT's) value.
         layer_idx: Block index (enters the sketch seeds).
         sketch_seed: Model-wide sketch seed.
-        sketch_schedule: ``"epoch"``, ``"step"`` or ``"fixed"``.
+        sketch_schedule: ``"epoch"``, ``"step"``, ``"fixed"`` or ``"reference"``.
         fused: PACEAttention's fused mixer for ridge projectors: True, False, or None (fused except on the CPU).
         device: Factory device.
         dtype: Factory dtype.
@@ -43,7 +48,7 @@ class PACEBlock(nn.Module):
         positive_coeffs: bool = False,
         coeff_init: float = 0.1,
         drop_path: float = 0.0,
-        norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
+        norm_layer: Callable[..., nn.Module] = _REFERENCE_LAYER_NORM,
         layer_idx: int = 0,
         sketch_seed: int = 0,
         sketch_schedule: str = "epoch",

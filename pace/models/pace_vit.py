@@ -72,7 +72,8 @@ class PACEViT(nn.Module):
         cls_attn_layers: Number of class-attention blocks.
         mlp_ratio: MLP width ratio of the class-attention blocks.
         sketch_seed: Seed of the deterministic Gaussian sketches (same on every rank).
-        sketch_schedule: When sketches are redrawn: ``'epoch'``, ``'step'`` or ``'fixed'``.
+        sketch_schedule: When sketches are redrawn: ``'epoch'``, ``'step'``, ``'fixed'`` or ``'reference'`` (the
+            authors' runs: one sketch in epoch 0, then a fresh one every training forward; see ``SketchedModule``).
         norm_layer: Token norm (name or class); default LayerNorm with eps 1e-6.
         device: Factory device.
         dtype: Factory dtype.
@@ -210,9 +211,11 @@ class PACEViT(nn.Module):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in the backward pass instead of storing its activations."""
-        if enable and self.sketch_schedule == "step":
-            # The recomputed forward would draw the next step's sketch and give wrong gradients.
-            raise ValueError("PACEViT: gradient checkpointing cannot be combined with sketch_schedule='step'")
+        if enable and self.sketch_schedule in ("step", "reference"):
+            # The recomputed forward would draw the next forward's sketch and give wrong gradients.
+            raise ValueError(
+                f"PACEViT: gradient checkpointing cannot be combined with sketch_schedule={self.sketch_schedule!r}"
+            )
         self.grad_checkpointing = enable
 
     @torch.jit.ignore
@@ -462,12 +465,13 @@ def _init_linear(module: nn.Module) -> None:
 # checkpoints
 
 _REFERENCE_MARKERS = ("pos_embeder.", ".attn.expandoperator.", ".attn.compressoperator.")
-_WRAPPER_KEYS = ("model_ema", "state_dict_ema", "model", "state_dict")
+_WRAPPER_KEYS = ("model", "state_dict", "model_ema", "state_dict_ema")
 _PREFIXES = ("module.", "_orig_mod.")
 
 
 def _unwrap(state_dict: dict) -> dict:
-    # Training checkpoints nest the weights; like timm's loader, prefer EMA weights when a file holds both.
+    # Training checkpoints nest the weights; the raw weights win when a file holds both, because the authors
+    # evaluate, select and fine-tune from `model` (PACE_SPEC §6). pace.eval.load_model picks EMA on request.
     for key in _WRAPPER_KEYS:
         inner = state_dict.get(key)
         if isinstance(inner, dict) and inner:
@@ -538,8 +542,8 @@ def checkpoint_filter_fn(state_dict: dict, model: PACEViT) -> dict:
     ``temperature``). For the authors' format, α/β are converted exactly to the model's coefficient mode and the
     model is switched to the authors' Compress form (``'diag'``), which is what their code computes.
 
-    To choose the non-EMA weights of a training checkpoint, use
-    ``timm.models.load_checkpoint(model, path, use_ema=False, filter_fn=checkpoint_filter_fn)``.
+    Of a file holding both, the raw ``'model'`` weights are taken (what the authors evaluate and fine-tune from);
+    for the EMA weights pass ``checkpoint['model_ema']`` or use ``pace.eval.load_model(..., weights='ema')``.
 
     Args:
         state_dict: Loaded checkpoint (any of the layouts above).

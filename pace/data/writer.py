@@ -33,6 +33,10 @@ _TAR_OVERHEAD = 3 * 1024  # per sample: three member headers and padding
 _MTIME = 0  # fixed member times: the same input gives byte-identical shards
 
 
+class BadImageError(ValueError):
+    """An image file cannot be read or decoded; the message names it."""
+
+
 @dataclass(frozen=True)
 class SourceImage:
     """One image to write.
@@ -239,16 +243,57 @@ def write_dataset(
         raise ValueError(f"max_count ({max_count}) and max_size ({max_size}) must be positive")
     info = _prepare_output(out_dir, prefix, list(splits), classes, overwrite)
     info.update(extra_info or {})
-    for split, images in splits.items():
-        images = list(images)
-        if split in shuffle_splits:
-            random.Random(seed).shuffle(images)
-        entry = _write_split(out_dir, prefix, split, images, max_count, max_size, options, workers)
-        entry["source"] = (sources or {}).get(split, "")
-        info["splits"][split] = entry
-        write_info(out_dir, info)  # after each split, so finished splits are usable if a later one fails
-        logger.info("%s: %d samples in %d shards", split, entry["num_samples"], len(entry["filenames"]))
+    kept = dict(info["splits"])  # the splits of an existing directory that are not rewritten
+    staging = _staging_directory(out_dir)
+    try:
+        for split, images in splits.items():
+            images = list(images)
+            if split in shuffle_splits:
+                random.Random(seed).shuffle(images)
+            entry = _write_split(staging, prefix, split, images, max_count, max_size, options, workers)
+            entry["source"] = (sources or {}).get(split, "")
+            info["splits"][split] = entry
+            logger.info("%s: %d samples in %d shards", split, entry["num_samples"], len(entry["filenames"]))
+        _publish(staging, out_dir, info, kept, prefix)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # a failed run leaves nothing behind (SIGKILL: the next run)
+        raise
     return info
+
+
+def _staging_directory(out_dir: Path) -> Path:
+    """A fresh directory beside the output (same file system, so its contents move in by rename)."""
+    out = out_dir.resolve()
+    staging = out.parent / f".{out.name}.partial"
+    if staging.exists():
+        logger.info("removing %s, the unfinished output of an earlier run", staging)
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def _publish(staging: Path, out_dir: Path, info: dict, kept: dict, prefix: str) -> None:
+    """Move the finished shards and info file from the staging directory into the output.
+
+    A new or empty output directory is replaced by the staging directory in one rename. Into a non-empty one
+    (overwrite), the info file is first cut down to the splits kept, the rewritten splits' old shards are
+    deleted, the new ones moved in, and the full info file written last: at every point, the info file lists
+    complete shards only.
+    """
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        write_info(staging, info)
+        os.replace(staging, out_dir)
+        return
+    write_info(out_dir, {**info, "splits": kept})
+    for split in info["splits"].keys() - kept.keys():
+        for path in out_dir.glob(f"{prefix}-{split}-*.tar*"):
+            path.unlink()
+    for path in out_dir.glob("*.tmp"):
+        path.unlink() if path.is_file() else shutil.rmtree(path)
+    for path in sorted(staging.iterdir()):
+        os.replace(path, out_dir / path.name)
+    write_info(out_dir, info)
+    staging.rmdir()
 
 
 def _write_split(
@@ -352,7 +397,7 @@ def _encode(image: SourceImage, options: EncodeOptions) -> tuple[str, bytes, dic
         if options.verify:
             decoded.load()
     except Exception as exn:  # PIL raises many types for damaged files
-        raise ValueError(f"cannot read image {where}: {exn!r}") from exn
+        raise BadImageError(f"cannot read image {where}: {exn!r}") from exn
     meta = {"width": width, "height": height}
     too_big = options.max_side is not None and max(width, height) > options.max_side
     if not (too_big or options.reencode or fmt not in _STORED_FORMATS):
@@ -369,10 +414,12 @@ def _encode(image: SourceImage, options: EncodeOptions) -> tuple[str, bytes, dic
 
 
 def _prepare_output(out_dir: Path, prefix: str, splits: list[str], classes: Sequence[str], overwrite: bool) -> dict:
-    """Refuse a non-empty directory unless overwrite; with overwrite, drop the splits about to be rewritten."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    entries = sorted(p.name for p in out_dir.iterdir())
+    """The info dict to write, holding the splits of an existing output that are kept; refuses a non-empty
+    directory unless overwrite. Nothing is written here: the output changes only when every split is done."""
     info = {"format": INFO_FORMAT, "version": 1, "name": prefix, "classes": list(classes), "splits": {}}
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"output {out_dir} exists and is not a directory")
+    entries = sorted(p.name for p in out_dir.iterdir()) if out_dir.exists() else []
     if not entries:
         return info
     if not overwrite:
@@ -385,12 +432,6 @@ def _prepare_output(out_dir: Path, prefix: str, splits: list[str], classes: Sequ
         raise ValueError(f"{out_dir / INFO_NAME} has another class list; write these splits into an empty directory")
     if existing is not None:
         info["splits"] = {name: entry for name, entry in existing["splits"].items() if name not in splits}
-    write_info(out_dir, info)  # before deleting: the info file never lists a shard that is gone
-    for split in splits:
-        for path in out_dir.glob(f"{prefix}-{split}-*.tar*"):
-            path.unlink()
-    for path in out_dir.glob("*.tmp"):
-        path.unlink() if path.is_file() else shutil.rmtree(path)
     return info
 
 

@@ -24,6 +24,7 @@ from webdataset import TarWriter
 
 from pace.data.imagenet import read_label_file
 from pace.data.info import INFO_FORMAT, INFO_NAME, read_info, write_info
+from pace.data.jpeg_check import jpeg_damage
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,8 @@ class EncodeOptions:
         max_side: resize images whose longer side exceeds this (re-encoded as JPEG); None: keep sizes.
         quality: JPEG quality of re-encoded images.
         reencode: re-encode every image as JPEG at `quality`.
-        verify: fully decode each image while writing, so damaged files fail here rather than in training.
+        verify: fully decode each image while writing, and check a JPEG's markers through to its end-of-image
+            marker, so damaged files fail here rather than in training.
     """
 
     max_side: int | None = None
@@ -398,6 +400,9 @@ def _encode(image: SourceImage, options: EncodeOptions) -> tuple[str, bytes, dic
             decoded.load()
     except Exception as exn:  # PIL raises many types for damaged files
         raise BadImageError(f"cannot read image {where}: {exn!r}") from exn
+    damage = jpeg_damage(data) if options.verify and fmt == "JPEG" else None
+    if damage:  # decoded without error, but its end is missing (see pace.data.jpeg_check)
+        raise BadImageError(f"cannot read image {where}: damaged JPEG ({damage})")
     meta = {"width": width, "height": height}
     too_big = options.max_side is not None and max(width, height) > options.max_side
     if not (too_big or options.reencode or fmt not in _STORED_FORMATS):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from test_data_helpers import fixed_transform, jpeg_bytes, write_tar
 
-from pace.data import TooMuchBadDataError, create_eval_loader, create_train_loader
+from pace.data import TooMuchBadDataError, create_eval_loader, create_train_loader, make_synthetic_dataset, read_info
 from pace.data.info import write_info
 
 PER_SHARD = 10
@@ -133,3 +133,21 @@ def test_ranks_sharing_a_damaged_shard_split_its_loss(half_lost):
         lost += loader.stats.lost
     assert sorted(keys) == [key for key in readable if key[:2] in ("s2", "s6")]
     assert lost == 6 + 3
+
+
+@pytest.mark.slow
+def test_pace_train_over_half_empty_shards_exits_non_zero_naming_the_loss(tmp_path):
+    # The reported case end to end: 4 of 8 training shards empty, where training used to exit 0.
+    from train_helpers import make_tiny_shards, run_train
+
+    root = tmp_path / "shapes"
+    overrides = make_tiny_shards(root)  # its overrides; the dataset is then written again, larger
+    make_synthetic_dataset(root, image_size=32, train_per_class=50, val_per_class=4, shard_size=63, workers=1)
+    info = read_info(root)
+    assert len(info["splits"]["train"]["filenames"]) == 8
+    for name in info["splits"]["train"]["filenames"][::2]:
+        (root / name).write_bytes(b"")
+    result = run_train(tmp_path / "run", *overrides, timeout=600)
+    assert result.returncode != 0
+    assert "too much bad data in epoch 0" in result.stderr
+    assert "of them lost in damaged or short shards" in result.stderr

@@ -59,7 +59,7 @@ LOST = 10 + 10 + 6 + 3  # samples the info file promised that cannot be read
 
 def test_training_over_half_lost_shards_stops_naming_the_loss(tmp_path):
     # 100 samples a shard: as 4 bad items of 800 samples the damage was within the default 1% and the epoch
-    # went on re-reading the other half of the data; as samples it is 353 of 800.
+    # went on re-reading the other half of the data; as samples it is 299 of 800.
     out = tmp_path / "shards"
     _half_lost(out, 100)
     loader = create_train_loader(out, batch_size=8, transform=fixed_transform(), num_workers=2, seed=1)

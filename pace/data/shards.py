@@ -105,7 +105,8 @@ def read_shard(
 
     Args:
         url: the shard path or URL.
-        bad: list that receives a `bad_shard` entry when the tar data is damaged (the shard then ends early).
+        bad: receives (`append`) a `bad_shard` entry when the tar data is damaged (the shard then ends early), with
+            the samples lost when `expected` is known.
         expected: the shard's sample count from the info file; a shard that ends short of it is recorded too.
         timeout: seconds to wait for an HTTP connection.
         skip: samples read past without being yielded (another reader's part of the shard); damage found

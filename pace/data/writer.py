@@ -2,8 +2,9 @@
 
 Each sample is stored as `<key>.cls` (class index, ASCII), `<key>.<jpg|png|webp>` (the encoded image as stored,
 unless resizing or re-encoding is asked for) and `<key>.json` (original file name, class name, sizes). Shards
-are planned before anything is written, so their contents do not depend on the number of worker processes,
-and each is written under a temporary name and renamed when complete: a final-named shard is never truncated.
+are planned before anything is written, so their contents do not depend on the number of worker processes.
+Everything is written into a staging directory beside the output and published when every split is done (see
+`_publish`), so a failed or killed run never leaves part of a dataset in the output, and a rerun starts clean.
 """
 
 from __future__ import annotations

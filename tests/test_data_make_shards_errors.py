@@ -61,7 +61,7 @@ def test_usage_errors_name_the_path_and_exit_2(tmp_path, capsys):
         (["--split", "train"], "--split expects NAME=PATH, got 'train'"),
     ]
     for i, (args, expected) in enumerate(cases):
-        result = (_make_shards if i < 2 else partial(_main, capsys))(str(out), *args)
+        result = (_make_shards if i == 0 else partial(_main, capsys))(str(out), *args)
         assert result.returncode == 2, (args, result.stderr)
         assert expected in _error_line(result), (args, result.stderr)
         _nothing_left(tmp_path, out, before)
@@ -82,7 +82,7 @@ def test_an_unreadable_image_fails_cleanly_and_the_rerun_after_the_fix_succeeds(
         assert f"cannot read image {bad}" in _error_line(result)
         _nothing_left(tmp_path, out, before)
     bad.write_bytes(good)
-    result = _make_shards(*args)
+    result = _main(capsys, *args)
     assert result.returncode == 0, result.stderr
     assert "train: 40 samples in 8 shards" in result.stdout
     info = read_info(out)

@@ -134,29 +134,32 @@ def test_failed_shard_leaves_no_final_named_file(tmp_path, monkeypatch):
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_killed_writer_leaves_only_complete_shards(tmp_path, capsys):
-    # A real interruption: SIGKILL while a shard is being written, then check every final-named shard.
+def test_killed_writer_leaves_the_output_untouched_and_a_rerun_finishes(tmp_path, capsys):
+    # A real interruption: SIGKILL while a shard is being written. The shards are written in a staging directory
+    # beside the output, which appears only when every split is done.
     src = tmp_path / "src"
     make_image_folder(src, classes=2, per_class=400)
     out = tmp_path / "out"
+    staging = tmp_path / ".out.partial"
     cmd = [sys.executable, "-m", "pace.data.make_shards", str(out), "--split", f"train={src}", "--max-count", "100"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([*cmd, "--workers", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and not list(out.glob("*-000002.tar.tmp")):
+    while time.time() < deadline and not list(staging.glob("*-000002.tar.tmp")):
         time.sleep(0.002)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert list(out.glob("*.tmp")), "the writer was not caught mid-shard"
-    assert not (out / "_info.json").exists() or "train" not in read_info(out)["splits"]
-    finals = sorted(out.glob("*.tar"))
+    assert list(staging.glob("*.tmp")), "the writer was not caught mid-shard"
+    assert not out.exists()
+    finals = sorted(staging.glob("*.tar"))
     assert len(finals) == 2
     for path in finals:
         assert len(_members(path)) == 300  # complete: 100 samples x 3 members
-    # Re-running with overwrite finishes the job and clears the temporary file.
-    main([*cmd[3:], "--overwrite", "--workers", "2"])
+    # Re-running (no --overwrite: the output was never created) finishes the job and clears the staging directory.
+    main([*cmd[3:], "--workers", "2"])
     assert "train: 800 samples in 8 shards" in capsys.readouterr().out
-    assert not list(out.glob("*.tmp"))
+    assert not staging.exists()
+    assert sorted(p.name for p in out.iterdir()) == ["_info.json"] + [f"out-train-{i:06d}.tar" for i in range(8)]
     assert read_info(out)["splits"]["train"]["shard_lengths"] == [100] * 8
 
 

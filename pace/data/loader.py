@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pace.data.info import ShardSet, check_local_shards, resolve_shards
+from pace.data.lost import lost_samples
 from pace.data.pipeline import BatchReport, ShardDataset, train_quotas
 from pace.data.shards import BadData
 
@@ -39,6 +40,7 @@ class EpochStats:
         bad: samples and shards skipped.
         bad_by_kind: the same, counted by kind (`corrupt_image`, `missing_label`, `bad_shard` ...).
         first_bad: descriptions of the first bad items, naming shard and key.
+        lost: samples the damaged shards' info-file counts promised and never gave (see `pace.data.lost`).
     """
 
     epoch: int = 0
@@ -49,6 +51,12 @@ class EpochStats:
     bad: int = 0
     bad_by_kind: Counter = field(default_factory=Counter)
     first_bad: list[str] = field(default_factory=list)
+    lost: int = 0
+
+    @property
+    def bad_samples(self) -> int:
+        """Samples of the data missing from the epoch: skipped samples plus those lost in damaged shards."""
+        return self.bad - self.bad_by_kind["bad_shard"] + self.lost
 
     def add(self, report: BatchReport) -> list[BadData]:
         """Count a batch's report; returns the bad items still to be logged one by one."""
@@ -60,6 +68,7 @@ class EpochStats:
             if len(self.first_bad) < _LOGGED_PER_EPOCH:
                 self.first_bad.append(str(item))
         self.bad += len(report.bad)
+        self.lost += lost_samples(item for item in report.bad if item.kind == "bad_shard")
         return to_log
 
 
@@ -154,8 +163,24 @@ class ShardLoader:
             if batch[0] is None:  # an evaluation worker's closing report, no data
                 continue
             stats.batches += 1
+            last_training_batch = self.dataset.train and stats.batches == len(self)
+            if last_training_batch:  # the Trainer takes exactly len(self) batches and never asks past the last
+                self._close_epoch(stats)
             yield tuple(batch)
+        if not (self.dataset.train and stats.batches == len(self)):
+            self._close_epoch(stats)
+
+    def _close_epoch(self, stats: EpochStats) -> None:
+        """The end-of-epoch check and summary, with the epoch's real sample count when shards came up short."""
         self._check(stats, final=True)
+        if stats.lost:
+            planned = self._final_total(stats)
+            logger.warning(
+                "epoch %d rank %d: %d samples of the data lost in damaged or short shards; the epoch held %d of "
+                "its %d planned samples%s",
+                *(stats.epoch, stats.rank, stats.lost, max(0, planned - stats.bad_samples), planned),
+                " (its batches are filled by re-reading the rest)" if self.dataset.train else "",
+            )
         if stats.bad:
             kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(stats.bad_by_kind.items()))
             logger.warning(
@@ -165,14 +190,21 @@ class ShardLoader:
         else:
             logger.info("epoch %d rank %d: %d samples, no bad data", stats.epoch, stats.rank, stats.samples)
 
+    def _final_total(self, stats: EpochStats) -> int:
+        """The samples this pass was meant to hold: training readers top up what was lost, so their read count
+        is already the planned one; an evaluation pass reads each sample once, and the lost ones never."""
+        return stats.samples if self.dataset.train else stats.samples + stats.lost
+
     def _check(self, stats: EpochStats, *, final: bool) -> None:
-        total = stats.samples if final else self.expected_samples
-        if not stats.bad or total is None or stats.bad <= self.max_error_fraction * max(total, 1):
+        total = self._final_total(stats) if final else self.expected_samples
+        bad = stats.bad_samples
+        if not bad or total is None or bad <= self.max_error_fraction * max(total, 1):
             return
         shown = "\n  ".join(stats.first_bad[:5])
+        lost = f", {stats.lost} of them lost in damaged or short shards" if stats.lost else ""
         raise TooMuchBadDataError(
-            f"too much bad data in epoch {stats.epoch} on rank {stats.rank}: {stats.bad} bad of "
-            f"{stats.samples} samples read{'' if final else f' (of {total} planned)'}, above "
+            f"too much bad data in epoch {stats.epoch} on rank {stats.rank}: {bad} bad of "
+            f"{stats.samples} samples read{'' if final else f' (of {total} planned)'}{lost}, above "
             f"max_error_fraction={self.max_error_fraction}; counts {dict(stats.bad_by_kind)}; first:\n  {shown}"
         )
 

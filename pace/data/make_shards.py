@@ -13,7 +13,18 @@ import os
 import sys
 
 from pace.data.synthetic import DEFAULT_DIR, make_synthetic_dataset
-from pace.data.writer import EncodeOptions, shard_image_folders
+from pace.data.writer import BadImageError, EncodeOptions, shard_image_folders
+
+# Exit statuses: the command line or the paths it names are wrong (as argparse's own errors), or the data is.
+USAGE_ERROR, DATA_ERROR = 2, 1
+# User errors that end the command with one line instead of a traceback: wrong paths and values, a damaged image,
+# a failing disk. Anything else is a bug and keeps its traceback.
+_USAGE_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError)
+_DATA_ERRORS = (BadImageError, OSError)
+
+
+class _UsageError(ValueError):
+    pass
 
 
 def _pairs(values: list[str], flag: str) -> dict[str, str]:
@@ -21,7 +32,7 @@ def _pairs(values: list[str], flag: str) -> dict[str, str]:
     for value in values:
         name, sep, path = value.partition("=")
         if not sep or not name or not path:
-            raise SystemExit(f"{flag} expects NAME=PATH, got {value!r}")
+            raise _UsageError(f"{flag} expects NAME=PATH, got {value!r}")
         pairs[name] = path
     return pairs
 
@@ -65,14 +76,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command-line entry point."""
+    """Command-line entry point: exits 2 on a usage error (arguments, missing or non-empty directories), 1 on bad
+    data (an unreadable image) or a failing disk, each with one line on stderr; the output is left as it was."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        info = _run(args)
+    except _DATA_ERRORS + _USAGE_ERRORS as exn:
+        usage = isinstance(exn, _USAGE_ERRORS) and not isinstance(exn, BadImageError)
+        print(f"pace-make-shards: error: {exn}", file=sys.stderr)
+        raise SystemExit(USAGE_ERROR if usage else DATA_ERROR) from None
+    except KeyboardInterrupt:
+        print("pace-make-shards: interrupted; the output directory is as it was", file=sys.stderr)
+        raise SystemExit(130) from None
+    for name, entry in info["splits"].items():
+        print(f"{name}: {entry['num_samples']} samples in {len(entry['filenames'])} shards ({entry['pattern']})")
+
+
+def _run(args: argparse.Namespace) -> dict:
     if args.synthetic:
         info = make_synthetic_dataset(args.out or DEFAULT_DIR, seed=args.seed, workers=args.workers)
     else:
         if args.out is None:
-            raise SystemExit("pace-make-shards: the output directory is required")
+            raise _UsageError("the output directory is required")
         info = shard_image_folders(
             args.out,
             _pairs(args.split, "--split"),
@@ -90,8 +116,7 @@ def main(argv: list[str] | None = None) -> None:
             seed=args.seed,
             overwrite=args.overwrite,
         )
-    for name, entry in info["splits"].items():
-        print(f"{name}: {entry['num_samples']} samples in {len(entry['filenames'])} shards ({entry['pattern']})")
+    return info
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
 from pace.data.info import ShardSet
+from pace.data.lost import OncePerShard, shared_loss
 from pace.data.shards import BadData, read_shard
 
 # Tags that keep the seeds of different random streams apart.
@@ -200,8 +201,9 @@ class ShardDataset(IterableDataset):
                 share = share or [(index, 0, None) for index in order]  # an empty run: top up from all
             passes = _reshuffled(share, derive_seed(self.seed, self.epoch, G, g, _ORDER))
         rng = random.Random(derive_seed(self.seed, self.epoch, G, g, _SHUFFLE))
+        once = OncePerShard(bad)  # a reshuffled pass meets the same short shards again
         for shard_pass in passes:
-            samples = self._read_pieces(shard_pass, bad, f"training worker {g} of {G}")
+            samples = self._read_pieces(shard_pass, once, f"training worker {g} of {G}")
             if self.shuffle_buffer > 1:
                 samples = wds.shuffle(self.shuffle_buffer, self.shuffle_initial, rng=rng)(samples)
             yield from samples
@@ -211,7 +213,7 @@ class ShardDataset(IterableDataset):
         return train_quotas(self.batches_per_epoch, self.workers, self.batch_size, self.repeated_aug) * self.world_size
 
     def _read_pieces(
-        self, pieces: Iterable[tuple[int, int, int | None]], bad: list[BadData], reader: str
+        self, pieces: Iterable[tuple[int, int, int | None]], bad: OncePerShard, reader: str
     ) -> Iterator[dict]:
         read = empty = 0
         for index, start, stop in pieces:
@@ -254,9 +256,11 @@ class ShardDataset(IterableDataset):
 
     def _eval_raw(self, g: int, G: int, bad: list[BadData]) -> Iterator[dict]:
         for index, offset, stride in eval_assignment(len(self.shards.urls), g, G):
-            url = self.shards.urls[index]
-            samples = read_shard(url, bad=bad, expected=self._expected.get(url), timeout=self.open_timeout)
+            url, found = self.shards.urls[index], []
+            expected = self._expected.get(url)
+            samples = read_shard(url, bad=found, expected=expected, timeout=self.open_timeout)
             yield from islice(samples, offset, None, stride)
+            bad.extend(shared_loss(found, offset=offset, stride=stride, expected=expected))
 
     def eval_batches_for_rank(self) -> int | None:
         """Evaluation batches this rank yields (None when the shard lengths are unknown)."""

@@ -52,12 +52,16 @@ class BadData:
         shard: the shard URL.
         key: the sample key (for `bad_shard`, the last key read before the damage, or None).
         message: what went wrong.
+        lost: samples of the data this item stands for: 1 for a skipped sample; for a damaged shard, the samples
+            its info-file count promised that were never read (1 where the count is unknown, 0 where the damage
+            lies after the last promised sample).
     """
 
     kind: str
     shard: str
     key: str | None
     message: str
+    lost: int = 1
 
     def __str__(self) -> str:
         where = f"shard {self.shard}" + (f" key {self.key}" if self.key is not None else "")
@@ -101,7 +105,8 @@ def read_shard(
 
     Args:
         url: the shard path or URL.
-        bad: list that receives a `bad_shard` entry when the tar data is damaged (the shard then ends early).
+        bad: receives (`append`) a `bad_shard` entry when the tar data is damaged (the shard then ends early), with
+            the samples lost when `expected` is known.
         expected: the shard's sample count from the info file; a shard that ends short of it is recorded too.
         timeout: seconds to wait for an HTTP connection.
         skip: samples read past without being yielded (another reader's part of the shard); damage found
@@ -145,15 +150,15 @@ def read_shard(
         raise ShardOpenError(f"reading shard {url} failed after {count} samples: command exited with {status}")
     if count < skip:
         return
+    lost = 1 if expected is None else max(0, expected - count)  # one reader records the whole shard's loss
     if damage:
-        bad.append(
-            BadData("bad_shard", url, last_key, f"damaged tar data after {count} samples ({_describe(damage[0])})")
-        )
+        message = f"damaged tar data after {count} samples ({_describe(damage[0])})"
+        bad.append(BadData("bad_shard", url, last_key, message, lost))
     elif expected is not None and count < expected:
         message = f"shard ended after {count} of {expected} samples (truncated)"
-        bad.append(BadData("bad_shard", url, last_key, message))
+        bad.append(BadData("bad_shard", url, last_key, message, lost))
     elif ending:
-        bad.append(BadData("bad_shard", url, last_key, f"damaged tar data after {count} samples ({ending})"))
+        bad.append(BadData("bad_shard", url, last_key, f"damaged tar data after {count} samples ({ending})", lost))
 
 
 class _TarStream:

@@ -102,11 +102,14 @@ def make_synthetic_dataset(
         "shard_size": shard_size,
         "quality": quality,
     }
-    existing = read_info(out_dir) if (out_dir / INFO_NAME).is_file() else None
-    if existing is not None and existing.get("synthetic") == params and _complete(out_dir, existing):
-        logger.info("generated dataset already present in %s", out_dir)
-        return existing
     counts = {"train": train_per_class, "val": val_per_class}
+    existing = read_info(out_dir) if (out_dir / INFO_NAME).is_file() else None
+    if existing is not None and existing.get("synthetic") == params:
+        missing = _missing(out_dir, existing, {split: n * len(SYNTHETIC_CLASSES) for split, n in counts.items()})
+        if not missing:
+            logger.info("generated dataset already present in %s", out_dir)
+            return existing
+        logger.warning("generated dataset in %s is incomplete (%s): writing it again", out_dir, missing)
     render = partial(render_jpeg, seed=seed, image_size=image_size, quality=quality)
     splits = {
         split: [
@@ -136,8 +139,18 @@ def make_synthetic_dataset(
     )
 
 
-def _complete(out_dir: Path, info: dict) -> bool:
-    return all((out_dir / name).is_file() for entry in info["splits"].values() for name in entry["filenames"])
+def _missing(out_dir: Path, info: dict, samples: dict[str, int]) -> str | None:
+    """What an existing generated dataset lacks (a split, samples, a shard file), or None when it is whole."""
+    for split, count in samples.items():
+        entry = info["splits"].get(split)
+        if entry is None:
+            return f"no {split} split"
+        if entry["num_samples"] != count or sum(entry["shard_lengths"]) != count:
+            return f"{split} split has {entry['num_samples']} of {count} samples"
+        for name in entry["filenames"]:
+            if not (out_dir / name).is_file():
+                return f"shard {name} is missing"
+    return None
 
 
 @lru_cache(maxsize=4)

@@ -2,8 +2,9 @@
 
 Each sample is stored as `<key>.cls` (class index, ASCII), `<key>.<jpg|png|webp>` (the encoded image as stored,
 unless resizing or re-encoding is asked for) and `<key>.json` (original file name, class name, sizes). Shards
-are planned before anything is written, so their contents do not depend on the number of worker processes,
-and each is written under a temporary name and renamed when complete: a final-named shard is never truncated.
+are planned before anything is written, so their contents do not depend on the number of worker processes.
+Everything is written into a staging directory beside the output and published when every split is done (see
+`_publish`), so a failed or killed run never leaves part of a dataset in the output, and a rerun starts clean.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from webdataset import TarWriter
 
 from pace.data.imagenet import read_label_file
 from pace.data.info import INFO_FORMAT, INFO_NAME, read_info, write_info
+from pace.data.jpeg_check import jpeg_damage
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +33,10 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 _STORED_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # anything else is re-encoded as JPEG
 _TAR_OVERHEAD = 3 * 1024  # per sample: three member headers and padding
 _MTIME = 0  # fixed member times: the same input gives byte-identical shards
+
+
+class BadImageError(ValueError):
+    """An image file cannot be read or decoded; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -62,7 +68,8 @@ class EncodeOptions:
         max_side: resize images whose longer side exceeds this (re-encoded as JPEG); None: keep sizes.
         quality: JPEG quality of re-encoded images.
         reencode: re-encode every image as JPEG at `quality`.
-        verify: fully decode each image while writing, so damaged files fail here rather than in training.
+        verify: fully decode each image while writing, and check a JPEG's markers through to its end-of-image
+            marker, so damaged files fail here rather than in training.
     """
 
     max_side: int | None = None
@@ -239,16 +246,57 @@ def write_dataset(
         raise ValueError(f"max_count ({max_count}) and max_size ({max_size}) must be positive")
     info = _prepare_output(out_dir, prefix, list(splits), classes, overwrite)
     info.update(extra_info or {})
-    for split, images in splits.items():
-        images = list(images)
-        if split in shuffle_splits:
-            random.Random(seed).shuffle(images)
-        entry = _write_split(out_dir, prefix, split, images, max_count, max_size, options, workers)
-        entry["source"] = (sources or {}).get(split, "")
-        info["splits"][split] = entry
-        write_info(out_dir, info)  # after each split, so finished splits are usable if a later one fails
-        logger.info("%s: %d samples in %d shards", split, entry["num_samples"], len(entry["filenames"]))
+    kept = dict(info["splits"])  # the splits of an existing directory that are not rewritten
+    staging = _staging_directory(out_dir)
+    try:
+        for split, images in splits.items():
+            images = list(images)
+            if split in shuffle_splits:
+                random.Random(seed).shuffle(images)
+            entry = _write_split(staging, prefix, split, images, max_count, max_size, options, workers)
+            entry["source"] = (sources or {}).get(split, "")
+            info["splits"][split] = entry
+            logger.info("%s: %d samples in %d shards", split, entry["num_samples"], len(entry["filenames"]))
+        _publish(staging, out_dir, info, kept, prefix)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # a failed run leaves nothing behind (SIGKILL: the next run)
+        raise
     return info
+
+
+def _staging_directory(out_dir: Path) -> Path:
+    """A fresh directory beside the output (same file system, so its contents move in by rename)."""
+    out = out_dir.resolve()
+    staging = out.parent / f".{out.name}.partial"
+    if staging.exists():
+        logger.info("removing %s, the unfinished output of an earlier run", staging)
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def _publish(staging: Path, out_dir: Path, info: dict, kept: dict, prefix: str) -> None:
+    """Move the finished shards and info file from the staging directory into the output.
+
+    A new or empty output directory is replaced by the staging directory in one rename. Into a non-empty one
+    (overwrite), the info file is first cut down to the splits kept, the rewritten splits' old shards are
+    deleted, the new ones moved in, and the full info file written last: at every point, the info file lists
+    complete shards only.
+    """
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        write_info(staging, info)
+        os.replace(staging, out_dir)
+        return
+    write_info(out_dir, {**info, "splits": kept})
+    for split in info["splits"].keys() - kept.keys():
+        for path in out_dir.glob(f"{prefix}-{split}-*.tar*"):
+            path.unlink()
+    for path in out_dir.glob("*.tmp"):
+        path.unlink() if path.is_file() else shutil.rmtree(path)
+    for path in sorted(staging.iterdir()):
+        os.replace(path, out_dir / path.name)
+    write_info(out_dir, info)
+    staging.rmdir()
 
 
 def _write_split(
@@ -352,7 +400,10 @@ def _encode(image: SourceImage, options: EncodeOptions) -> tuple[str, bytes, dic
         if options.verify:
             decoded.load()
     except Exception as exn:  # PIL raises many types for damaged files
-        raise ValueError(f"cannot read image {where}: {exn!r}") from exn
+        raise BadImageError(f"cannot read image {where}: {exn!r}") from exn
+    damage = jpeg_damage(data) if options.verify and fmt == "JPEG" else None
+    if damage:  # decoded without error, but its end is missing (see pace.data.jpeg_check)
+        raise BadImageError(f"cannot read image {where}: damaged JPEG ({damage})")
     meta = {"width": width, "height": height}
     too_big = options.max_side is not None and max(width, height) > options.max_side
     if not (too_big or options.reencode or fmt not in _STORED_FORMATS):
@@ -369,10 +420,12 @@ def _encode(image: SourceImage, options: EncodeOptions) -> tuple[str, bytes, dic
 
 
 def _prepare_output(out_dir: Path, prefix: str, splits: list[str], classes: Sequence[str], overwrite: bool) -> dict:
-    """Refuse a non-empty directory unless overwrite; with overwrite, drop the splits about to be rewritten."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    entries = sorted(p.name for p in out_dir.iterdir())
+    """The info dict to write, holding the splits of an existing output that are kept; refuses a non-empty
+    directory unless overwrite. Nothing is written here: the output changes only when every split is done."""
     info = {"format": INFO_FORMAT, "version": 1, "name": prefix, "classes": list(classes), "splits": {}}
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"output {out_dir} exists and is not a directory")
+    entries = sorted(p.name for p in out_dir.iterdir()) if out_dir.exists() else []
     if not entries:
         return info
     if not overwrite:
@@ -385,12 +438,6 @@ def _prepare_output(out_dir: Path, prefix: str, splits: list[str], classes: Sequ
         raise ValueError(f"{out_dir / INFO_NAME} has another class list; write these splits into an empty directory")
     if existing is not None:
         info["splits"] = {name: entry for name, entry in existing["splits"].items() if name not in splits}
-    write_info(out_dir, info)  # before deleting: the info file never lists a shard that is gone
-    for split in splits:
-        for path in out_dir.glob(f"{prefix}-{split}-*.tar*"):
-            path.unlink()
-    for path in out_dir.glob("*.tmp"):
-        path.unlink() if path.is_file() else shutil.rmtree(path)
     return info
 
 

@@ -7,6 +7,7 @@ batches in the same order every time (that is what makes a mid-epoch resume exac
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Protocol
 
@@ -81,7 +82,7 @@ class SyntheticImages:
         self.num_batches = num_samples // env.world_size // batch_size
         if self.num_batches == 0:
             raise ValueError(f"synthetic split of {num_samples} samples gives rank {env.rank} no batch of {batch_size}")
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator().manual_seed(batch_seed(seed))  # any int: a config seed is unbounded
         coarse = torch.randn(num_classes, 3, 4, 4, generator=generator)
         self.patterns = F.interpolate(coarse, size=(img_size, img_size), mode="bilinear", align_corners=False)
 
@@ -102,8 +103,7 @@ class SyntheticImages:
         return self.num_batches - self.start_batch
 
     def _batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        key = ((self.seed * 1_000_003 + self.split) * 1_000_003 + self.epoch) * 1_000_003 + self.rank
-        generator = torch.Generator().manual_seed(key * 1_000_003 + index)
+        generator = torch.Generator().manual_seed(batch_seed(self.seed, self.split, self.epoch, self.rank, index))
         targets = torch.randint(self.num_classes, (self.batch_size,), generator=generator)
         noise = torch.randn(self.batch_size, 3, self.img_size, self.img_size, generator=generator)
         return self.patterns[targets] + self.noise * noise, targets  # (B, 3, H, W), (B,)
@@ -121,6 +121,19 @@ class SyntheticImages:
                 continue
             prefix = f"synthetic/{self.split}/{self.epoch}/{self.rank}/{index}"
             yield images, targets, [f"{prefix}/{i}" for i in range(len(targets))]
+
+
+def batch_seed(*parts: int) -> int:
+    """A 63-bit generator seed from integers of any size and sign (a plain product overflows torch's int64 seed).
+
+    Args:
+        parts: the integers that identify the batch (seed, split, epoch, rank, batch index).
+
+    Returns:
+        A seed in [0, 2**63), the same on every platform and Python version.
+    """
+    digest = hashlib.blake2b(b",".join(b"%d" % p for p in parts), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def build_data(

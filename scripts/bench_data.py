@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import multiprocessing
 import resource
 import statistics
@@ -243,6 +244,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=30, help="training steps per data-wait measurement")
     parser.add_argument("--compile", action="store_true", help="torch.compile the --step-model models")
     parser.add_argument("--gen-processes", type=int, default=1, help="processes that re-encode the images")
+    parser.add_argument("--json", help="also write the result rows to this JSON file")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run")
     parser.add_argument("--breakdown", action="store_true", help="also time each step of one sample (no workers)")
     args = parser.parse_args(argv)
@@ -258,7 +260,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
         shards = Path(tmp) / "shards"
         shard_count = max(16, max(args.workers) * 4)
-        shard_image_folders(shards, {"train": folder}, max_count=max(1, args.num_images // shard_count), workers=2)
+        shard_image_folders(
+            shards,
+            {"train": folder},
+            max_count=max(1, args.num_images // shard_count),
+            workers=max(2, args.gen_processes),
+        )
         transform = create_train_transform(input_size=args.input_size)
         baseline = ImageFolder(str(folder), transform=transform)
         total = len(baseline) // args.batch_size * args.batch_size
@@ -300,8 +307,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 row.update(decode=decode, workers=max(args.workers))
                 results.append(row)
                 print(
-                    f"data wait, {name}, decode={decode}, workers={row['workers']}: step {row['compute_s'] * 1e3:.1f} ms"
-                    f" on a fixed batch, {row['fed_s'] * 1e3:.1f} ms fed by the loader, wait share "
+                    f"data wait, {name}, decode={decode}, workers={row['workers']}: step "
+                    f"{row['compute_s'] * 1e3:.1f} ms on a fixed batch, {row['fed_s'] * 1e3:.1f} ms fed by the loader, "
+                    f"wait share "
                     f"{100 * row['wait_share']:.1f}%"
                 )
         if args.breakdown:
@@ -309,6 +317,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print("CPU microseconds per sample (best of the repeats):")
             for name, micros in steps.items():
                 print(f"  {name}: {micros:.1f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": results}, indent=1))
     return results
 
 

@@ -57,7 +57,7 @@ def finish(transform, item) -> torch.Tensor:
     return images[0]
 
 
-OPTIONS = dict(input_size=SIZE, re_mode="const", re_prob=0.25)
+OPTIONS = {"input_size": SIZE, "re_mode": "const", "re_prob": 0.25}
 
 
 def test_draft_path_reproduces_timm_transform_sample_by_sample():

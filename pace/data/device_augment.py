@@ -52,7 +52,15 @@ _INTERPOLATION = {
 }
 _TF_INTERPOLATION = {"nearest": TF.InterpolationMode.NEAREST, "bilinear": TF.InterpolationMode.BILINEAR}
 _TF_INTERPOLATION["bicubic"] = TF.InterpolationMode.BICUBIC
-_GEOMETRIC = {"rotate", "shear_x", "shear_y", "translate_x_rel", "translate_y_rel", "translate_x_abs", "translate_y_abs"}
+_GEOMETRIC = {
+    "rotate",
+    "shear_x",
+    "shear_y",
+    "translate_x_rel",
+    "translate_y_rel",
+    "translate_x_abs",
+    "translate_y_abs",
+}
 _SUPPORTED_OPS = _GEOMETRIC | {
     "auto_contrast",
     "equalize",
@@ -149,7 +157,9 @@ class ParamSampler:
         self.randaug_pil = _take(steps, RandAugment)  # timm's own, for the draft path's PIL images
         self.randaug = _recording(self.randaug_pil)
         self.erasing = _take(steps, RandomErasing)
-        unsupported = [type(step).__name__ for step in steps if type(step).__name__ not in ("MaybeToTensor", "Normalize")]
+        unsupported = [
+            type(step).__name__ for step in steps if type(step).__name__ not in ("MaybeToTensor", "Normalize")
+        ]
         if unsupported:
             raise ValueError(f"the device path does not support these train-transform steps: {unsupported}")
         self.output_size = self.crop.size[0]
@@ -272,10 +282,12 @@ class _Deferred:
             origins.append(origin)
         return EncodedBatch(images, params, origins, bad, ready=isinstance(self, DraftTrainTransform))
 
-    def make_stage(self, *, train: bool, seed: int, rank: int, mixup: Callable | None = None) -> DeviceStage:
-        """The main-process half (see `DeviceStage`)."""
+    def make_stage(
+        self, *, train: bool, seed: int, rank: int, mixup: Callable | None = None, device: torch.device | None = None
+    ) -> DeviceStage:
+        """The main-process half (see `DeviceStage`); `device` overrides the transform's."""
         return DeviceStage(
-            device=self.device,
+            device=device or self.device,
             train=train,
             output_size=self.output_size,
             mean=self.mean,

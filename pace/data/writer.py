@@ -295,7 +295,12 @@ def _write_split(
             "max": [max(s["max"][0] for s in sizes), max(s["max"][1] for s in sizes)],
             "mean": [round(sum(s["sum"][d] for s in sizes) / count, 1) for d in (0, 1)],
         },
-        "stored": {"max_side": options.max_side, "max_short_side": options.max_short_side, "quality": options.quality, "reencode": options.reencode},
+        "stored": {
+            "max_side": options.max_side,
+            "max_short_side": options.max_short_side,
+            "quality": options.quality,
+            "reencode": options.reencode,
+        },
     }
 
 

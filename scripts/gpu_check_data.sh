@@ -10,7 +10,7 @@
 #
 # Installs nothing. Needs torch with CUDA, torchvision (decode_jpeg on CUDA), timm >= 1.0.31, pillow, webdataset,
 # pytest. Results: gpu_check_data.log, steps.tsv, bench.json; the summary table is printed last.
-# Environment: IMAGES (default 20480), BATCH (256), WORKERS (4), STEPS (30), COMPILE=1 to torch.compile the models.
+# Environment: IMAGES (default 20480), BATCH (256), WORKERS (4), NSTEPS (30), COMPILE=1 to torch.compile the models.
 set -euo pipefail
 
 DRY_RUN=0
@@ -46,20 +46,20 @@ run_step() {  # run_step NAME SECONDS COMMAND...: time-limited, logged, recorded
 }
 
 if [[ $DRY_RUN -eq 1 ]]; then
-    DEVICE=cpu IMAGES="${IMAGES:-256}" BATCH="${BATCH:-32}" WORKERS="${WORKERS:-1}" STEPS="${STEPS:-2}"
+    DEVICE=cpu IMAGES="${IMAGES:-256}" BATCH="${BATCH:-32}" WORKERS="${WORKERS:-1}" NSTEPS="${NSTEPS:-2}" TEST_LIMIT=400
     SIZE=64 MODELS="pace_vit_test" TESTS=(tests/test_data_device.py -q -k "eval_equals or rejected")
 else
-    DEVICE=cuda IMAGES="${IMAGES:-20480}" BATCH="${BATCH:-256}" WORKERS="${WORKERS:-4}" STEPS="${STEPS:-30}"
+    DEVICE=cuda IMAGES="${IMAGES:-20480}" BATCH="${BATCH:-256}" WORKERS="${WORKERS:-4}" NSTEPS="${NSTEPS:-30}" TEST_LIMIT=60
     SIZE=224 MODELS="pace_vit_small_patch16_224 deit_small_patch16_224" TESTS=(tests/test_data_device_gpu.py -q -m gpu)
 fi
 "$PYTHON" -c "import torch, torchvision, timm; print('torch', torch.__version__, 'torchvision', torchvision.__version__, \
 'timm', timm.__version__, 'cuda', torch.cuda.is_available())" >>"$LOG" 2>&1 || true
 
-run_step tests 60 "$PYTHON" -m pytest -p no:cacheprovider "${TESTS[@]}"
+run_step tests "$TEST_LIMIT" "$PYTHON" -m pytest -p no:cacheprovider "${TESTS[@]}"
 # shellcheck disable=SC2086  # MODELS is a word list
 run_step bench 200 "$PYTHON" scripts/bench_data.py --image-size 500x375 --num-images "$IMAGES" --gen-processes 12 \
     --input-size "$SIZE" --batch-size "$BATCH" --workers "$WORKERS" --repeats 1 --decode device draft \
-    --device "$DEVICE" --no-baseline --step-model $MODELS --steps "$STEPS" ${COMPILE:+--compile} \
+    --device "$DEVICE" --no-baseline --step-model $MODELS --steps "$NSTEPS" ${COMPILE:+--compile} \
     --json "$RESULTS/bench.json"
 
 "$PYTHON" - "$RESULTS/bench.json" <<'PY' || FAILED=1

@@ -685,16 +685,11 @@ def _refill(pictures: list, batch: EncodedBatch) -> list[int]:
 def _seeded(seed: int, function: Callable, *args):
     """Run `function` with the Python, NumPy and torch RNGs seeded by `seed` (timm's Mixup draws from NumPy),
     leaving the caller's streams as they were."""
-    state = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
-    try:
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
+    from pace.data.pipeline import _preserve_global_rng, _seed_everything  # the pipeline imports this module
+
+    with _preserve_global_rng(True):
+        _seed_everything(seed)
         return function(*args)
-    finally:
-        random.setstate(state[0])
-        np.random.set_state(state[1])
-        torch.random.set_rng_state(state[2])
 
 
 # -- RandAugment on uint8 batches ------------------------------------------------------------------------------

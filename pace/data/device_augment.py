@@ -43,6 +43,8 @@ from torchvision.transforms import RandomHorizontalFlip
 from pace.data.shards import BadData
 from pace.data.transforms import create_train_transform
 
+# Marks an image that `EncodedBatch.pack` moved into the batch's packed tensor.
+_PACKED = "packed"
 # Separates the stage's per-batch seeds from the pipeline's (see pace.data.pipeline).
 _STAGE_TAG = 7
 _INTERPOLATION = {
@@ -131,14 +133,45 @@ class EncodedBatch:
         ready: the images are already cropped and augmented (draft mode): only the batch tail remains.
     """
 
-    images: list[torch.Tensor | None]
+    images: list[torch.Tensor | str | None]
     params: list[SampleParams]
     origins: list[tuple[str, str]]
     bad: list[BadData] = field(default_factory=list)
     ready: bool = False
+    packed: torch.Tensor | None = None
+    lengths: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def pack(self) -> EncodedBatch:
+        """Move the per-sample tensors into one (the DataLoader gives each tensor it passes between processes a
+        shared-memory segment of its own, which costs more than the copy); `unpack` restores them as views."""
+        if self.ready:
+            good = [image for image in self.images if image is not None]
+            if good:
+                blank = torch.zeros_like(good[0])
+                self.packed = torch.stack([blank if image is None else image for image in self.images])
+                self.images = [None if image is None else _PACKED for image in self.images]
+            return self
+        flat = [image for image in self.images if _is_bytes(image)]
+        if flat:
+            self.packed, self.lengths = torch.cat(flat), [len(image) for image in flat]
+            self.images = [_PACKED if _is_bytes(image) else image for image in self.images]
+        return self
+
+    def unpack(self) -> list[torch.Tensor | None]:
+        """The per-sample tensors (views of the packed one where packed)."""
+        if self.packed is None:
+            return list(self.images)
+        views = iter(self.packed.unbind(0) if self.ready else self.packed.split(self.lengths))
+        if self.ready:
+            return [view if image is not None else None for image, view in zip(self.images, views)]
+        return [next(views) if isinstance(image, str) else image for image in self.images]
+
+
+def _is_bytes(image) -> bool:
+    return isinstance(image, torch.Tensor) and image.dim() == 1
 
 
 class ParamSampler:
@@ -281,7 +314,7 @@ class _Deferred:
             images.append(image)
             params.append(sample_params)
             origins.append(origin)
-        return EncodedBatch(images, params, origins, bad, ready=isinstance(self, DraftTrainTransform))
+        return EncodedBatch(images, params, origins, bad, ready=isinstance(self, DraftTrainTransform)).pack()
 
     def make_stage(
         self, *, train: bool, seed: int, rank: int, mixup: Callable | None = None, device: torch.device | None = None
@@ -578,7 +611,7 @@ class DeviceStage:
         targets = targets[order].to(self.device, non_blocking=True)
         params = [batch.params[k] for k in order]
         if batch.ready:
-            images = torch.stack([pictures[k] for k in order]).to(self.device, non_blocking=True)
+            images = batch.packed[torch.tensor(order)].to(self.device, non_blocking=True)
         else:
             images = self._crop_flip_augment([pictures[k] for k in order], params)
         generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -644,7 +677,7 @@ class DeviceStage:
     def _decode(self, batch: EncodedBatch, bad: list[BadData]) -> list[torch.Tensor | None]:
         """Every image of the batch as uint8 CHW on the device (or, ready, as it came); None where it fails."""
         bad.extend(batch.bad)
-        pictures: list[torch.Tensor | None] = list(batch.images)
+        pictures = batch.unpack()
         if batch.ready:
             return pictures
         jpegs = [k for k, picture in enumerate(pictures) if picture is not None and picture.dim() == 1]

@@ -25,7 +25,7 @@ from pace.data import (
     create_train_loader,
     create_train_transform,
 )
-from pace.data.device_augment import EncodedImage, ParamSampler, apply_ops, decode_scaled
+from pace.data.device_augment import EncodedImage, ParamSampler, SampleParams, apply_ops, decode_scaled, resize_crops
 from pace.data.info import write_info
 
 SIZE = 32  # output side of the tests (small: the suite runs on 2 cores)
@@ -135,6 +135,20 @@ def test_each_randaugment_op_on_tensors_matches_timms_pillow_op(op, args):
         assert (inner > 8).float().mean() < 0.03, op
     else:
         assert inner.max() <= 2, op
+
+
+def test_the_float_resize_used_on_gpus_matches_the_uint8_one_used_on_cpus():
+    pictures = [torch.from_numpy(np.asarray(Image.open(io.BytesIO(smooth_jpeg(4, (70, 50))))).copy()).permute(2, 0, 1)]
+    pictures *= 3
+    params = [
+        SampleParams(crop=(3, 5, 40, 60), interpolation="bicubic"),
+        SampleParams(crop=(0, 0, 50, 70), interpolation="bilinear"),
+        SampleParams(crop=(10, 20, 12, 9), interpolation="bicubic"),  # upsampled
+    ]
+    on_cpu = resize_crops(pictures, params, 24, uint8_kernel=True)
+    on_gpu = resize_crops(pictures, params, 24, uint8_kernel=False)
+    assert on_cpu.shape == on_gpu.shape == (3, 3, 24, 24) and on_gpu.dtype == torch.uint8
+    assert (on_cpu.float() - on_gpu.float()).abs().max() <= 1  # one level of rounding apart
 
 
 def test_crop_parameter_statistics_follow_the_random_resized_crop_law():

@@ -622,14 +622,7 @@ class DeviceStage:
         return images, targets
 
     def _crop_flip_augment(self, pictures: list[torch.Tensor], params: list[SampleParams]) -> torch.Tensor:
-        side = [self.output_size, self.output_size]
-        crops = []
-        for picture, p in zip(pictures, params):
-            top, left, height, width = p.crop
-            view = picture[:, top : top + height, left : left + width]
-            mode = _TF_INTERPOLATION[p.interpolation]
-            crops.append(TF.resize(view, side, interpolation=mode, antialias=True))
-        images = torch.stack(crops)  # (B, 3, S, S) uint8
+        images = resize_crops(pictures, params, self.output_size, uint8_kernel=self.device.type == "cpu")
         flips = torch.tensor([p.flip for p in params], device=images.device)
         images = torch.where(flips.view(-1, 1, 1, 1), images.flip(-1), images)
         layers = max((len(p.ops) for p in params), default=0)
@@ -705,6 +698,38 @@ class DeviceStage:
                 except RuntimeError as exn:
                     results.append(RuntimeError(str(exn).splitlines()[-1][:200]))
             return results
+
+
+def resize_crops(
+    pictures: list[torch.Tensor], params: list[SampleParams], side: int, *, uint8_kernel: bool
+) -> torch.Tensor:
+    """Crop each picture to its box and resize it to side x side (antialiased), as one uint8 batch.
+
+    Args:
+        pictures: uint8 (3, H, W) images.
+        params: their crop boxes and interpolations.
+        side: output side.
+        uint8_kernel: resample with torch's uint8 kernels (fast on CPUs) one crop at a time; otherwise resample
+            in float and round the whole batch at once (fewer kernel launches on a GPU).
+
+    Returns:
+        (B, 3, side, side) uint8.
+    """
+    crops = []
+    for picture, p in zip(pictures, params):
+        top, left, height, width = p.crop
+        view = picture[:, top : top + height, left : left + width]
+        if uint8_kernel:
+            crops.append(
+                TF.resize(view, [side, side], interpolation=_TF_INTERPOLATION[p.interpolation], antialias=True)
+            )
+        else:
+            smooth = p.interpolation != "nearest"
+            crops.append(
+                F.interpolate(view[None].float(), size=(side, side), mode=p.interpolation, antialias=smooth)[0]
+            )
+    images = torch.stack(crops)  # (B, 3, side, side)
+    return images if uint8_kernel else images.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def _refill(pictures: list, batch: EncodedBatch) -> list[int]:

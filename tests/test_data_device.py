@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 import math
 import random
+import threading
+import time
 from collections import Counter
 
 import numpy as np
@@ -295,3 +297,21 @@ def test_device_evaluation_reads_each_good_sample_once_and_counts_the_rejected_j
         seen.extend(batch_keys)
     assert sorted(seen) == keys
     assert loader.stats.bad_by_kind == Counter({"corrupt_image": 1})
+
+
+def test_the_prefetching_thread_yields_the_same_batches_and_stops_with_its_consumer(shards):
+    directory, _ = shards
+    plain = list(_train_loader(directory))
+    loader = _train_loader(directory)
+    loader.stage.prefetch = True
+    threaded = list(loader)
+    assert len(threaded) == len(plain) and loader.stats.bad_by_kind == Counter({"corrupt_image": 1})
+    for (a, x), (b, y) in zip(plain, threaded):
+        assert torch.equal(a, b) and torch.equal(x, y)
+    batches = iter(loader)
+    next(batches)
+    batches.close()  # a consumer that stops early ends the thread
+    deadline = time.monotonic() + 10
+    while any(t.name == "pace-device-stage" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name == "pace-device-stage" for t in threading.enumerate())

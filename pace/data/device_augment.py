@@ -23,8 +23,11 @@ from __future__ import annotations
 
 import copy
 import io
+import itertools
 import math
+import queue
 import random
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -551,6 +554,8 @@ class DeviceStage:
         mixup: timm Mixup (or any `(images, targets) -> (images, targets)`), run under a per-batch seed.
         seed: the run's seed.
         rank: this process's rank.
+
+    `prefetch` (on for CUDA) runs the decoding and augmentation ahead in a thread.
     """
 
     def __init__(
@@ -579,26 +584,37 @@ class DeviceStage:
         self.mixup = mixup
         self.seed = seed
         self.rank = rank
+        self.prefetch = device.type == "cuda"
 
     def run(self, batches: Iterable[tuple], *, epoch: int, start_batch: int) -> Iterator[tuple]:
         """Finish each worker batch `(EncodedBatch, targets, [keys,] report)`; the report gains the decode
-        failures. Batch `b` of the epoch runs under seeds derived from (seed, epoch, rank, b)."""
+        failures. Batch `b` of the epoch runs under seeds derived from (seed, epoch, rank, b).
+
+        With `prefetch` the decoding and augmentation run a batch or two ahead in a thread, so their launches
+        overlap the training step's; Mixup (which draws from the global NumPy stream) stays in this thread."""
+        items = self._augmented(batches, epoch, start_batch)
+        if self.prefetch:
+            items = _in_thread(items, depth=2)
+        for images, targets, rest, seed in items:
+            if seed is not None and self.mixup is not None:
+                images, targets = _seeded(seed, self.mixup, images, targets)
+            yield (images, targets, *rest)
+
+    def _augmented(self, batches: Iterable[tuple], epoch: int, start_batch: int) -> Iterator[tuple]:
         from pace.data.pipeline import derive_seed  # the pipeline imports this module's users, not vice versa
 
         number = start_batch
         for encoded, targets, *rest in batches:
             report = rest[-1]
             if encoded is None:  # an evaluation worker's closing report
-                yield (encoded, targets, *rest)
-                continue
-            if self.train:
-                batch_seed = derive_seed(self.seed, epoch, self.rank, _STAGE_TAG, number)
-                images, targets = self.finish_train(encoded, targets, report.bad, batch_seed)
+                yield encoded, targets, rest, None
+            elif self.train:
+                seed = derive_seed(self.seed, epoch, self.rank, _STAGE_TAG, number)
                 number += 1
-                yield images, targets, report
+                yield (*self.augment_train(encoded, targets, report.bad, seed), rest, seed)
             else:
                 images, targets, keys = self.finish_eval(encoded, targets, rest[0], report.bad)
-                yield images, targets, keys, report
+                yield images, targets, [keys, report], None
 
     # -- training ------------------------------------------------------------------------------------------
 
@@ -606,6 +622,15 @@ class DeviceStage:
         self, batch: EncodedBatch, targets: torch.Tensor, bad: list[BadData], seed: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode (unless ready), crop, flip, RandAugment, normalise, erase and mix one training batch."""
+        images, targets = self.augment_train(batch, targets, bad, seed)
+        if self.mixup is not None:
+            images, targets = _seeded(seed, self.mixup, images, targets)
+        return images, targets
+
+    def augment_train(
+        self, batch: EncodedBatch, targets: torch.Tensor, bad: list[BadData], seed: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """All of `finish_train` but the mixing (thread-safe: its randomness comes from `seed` alone)."""
         pictures = self._decode(batch, bad)
         order = _refill(pictures, batch)
         targets = targets[order].to(self.device, non_blocking=True)
@@ -616,10 +641,7 @@ class DeviceStage:
             images = self._crop_flip_augment([pictures[k] for k in order], params)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         images = self._normalise(images)
-        images = self._erase(images, params, generator)
-        if self.mixup is not None:
-            images, targets = _seeded(seed, self.mixup, images, targets)
-        return images, targets
+        return self._erase(images, params, generator), targets
 
     def _crop_flip_augment(self, pictures: list[torch.Tensor], params: list[SampleParams]) -> torch.Tensor:
         images = resize_crops(pictures, params, self.output_size, uint8_kernel=self.device.type == "cpu")
@@ -730,6 +752,39 @@ def resize_crops(
             )
     images = torch.stack(crops)  # (B, 3, side, side)
     return images if uint8_kernel else images.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _in_thread(items: Iterator, depth: int) -> Iterator:
+    """Iterate `items` in a daemon thread, up to `depth` ahead; its exceptions are raised here, and the thread
+    stops when this generator is closed."""
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop, end = threading.Event(), object()
+
+    def fill() -> None:
+        try:
+            for item in itertools.chain(items, [end]):
+                while not stop.is_set():
+                    try:
+                        ready.put((None, item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as exn:  # handed to the consumer, which raises it
+            ready.put((exn, None))
+
+    threading.Thread(target=fill, daemon=True, name="pace-device-stage").start()
+    try:
+        while True:
+            error, item = ready.get()
+            if error is not None:
+                raise error
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
 
 
 def _refill(pictures: list, batch: EncodedBatch) -> list[int]:

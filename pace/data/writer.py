@@ -296,8 +296,8 @@ def _write_split(
             "mean": [round(sum(s["sum"][d] for s in sizes) / count, 1) for d in (0, 1)],
         },
         "stored": {
+            **({"max_short_side": options.max_short_side} if options.max_short_side else {}),
             "max_side": options.max_side,
-            "max_short_side": options.max_short_side,
             "quality": options.quality,
             "reencode": options.reencode,
         },

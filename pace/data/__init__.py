@@ -3,6 +3,7 @@
 Training loaders yield `(images, targets)`, evaluation loaders `(images, targets, keys)`; see docs/data.md.
 """
 
+from pace.data.device_augment import create_device_eval_transform, create_device_train_transform
 from pace.data.imagenet import IMAGENET1K_WDS, imagenet_classes, read_label_file, val_key_index
 from pace.data.info import ShardSet, read_info, resolve_shards
 from pace.data.loader import EpochStats, ShardLoader, TooMuchBadDataError, create_eval_loader, create_train_loader
@@ -22,6 +23,8 @@ __all__ = [
     "ShardOpenError",
     "ShardSet",
     "SourceImage",
+    "create_device_eval_transform",
+    "create_device_train_transform",
     "create_eval_loader",
     "create_eval_transform",
     "create_mixup",

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import DataLoader
 
+from pace.data.device_augment import DeviceStage
 from pace.data.info import ShardSet, check_local_shards, resolve_shards
 from pace.data.lost import lost_samples
 from pace.data.pipeline import BatchReport, ShardDataset, train_quotas
@@ -85,6 +86,7 @@ class ShardLoader:
         prefetch_factor: batches each worker prepares ahead (None: DataLoader default).
         max_error_fraction: stop when more than this fraction of the samples are bad.
         expected_samples: raw samples this rank reads per epoch when known; lets the limit stop a run early.
+        stage: main-process batch stage of a deferred transform (decode and augment on the device), if any.
     """
 
     def __init__(
@@ -96,12 +98,14 @@ class ShardLoader:
         prefetch_factor: int | None = None,
         max_error_fraction: float = 0.01,
         expected_samples: int | None = None,
+        stage: DeviceStage | None = None,
     ):
         if not 0.0 <= max_error_fraction <= 1.0:
             raise ValueError(f"max_error_fraction must be in [0, 1], got {max_error_fraction}")
         self.dataset = dataset
         self.max_error_fraction = max_error_fraction
         self.expected_samples = expected_samples
+        self.stage = stage
         self.stats = EpochStats(rank=dataset.rank)
         self._loader = DataLoader(
             dataset,
@@ -156,7 +160,10 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[tuple]:
         stats = self.stats = EpochStats(epoch=self.epoch, rank=self.dataset.rank)
-        for *batch, report in self._loader:
+        batches = iter(self._loader)
+        if self.stage is not None:  # decode failures on the device join the batch's report
+            batches = self.stage.run(batches, epoch=self.epoch, start_batch=self.start_batch)
+        for *batch, report in batches:
             for item in stats.add(report):
                 logger.warning("skipped %s", item)
             self._check(stats, final=False)
@@ -269,7 +276,8 @@ def create_train_loader(
         source: shard directory (with `_info.json`, or timm/imagenet-1k-wds shards), brace pattern(s), list
             file, or list of URLs; see `resolve_shards`.
         batch_size: samples per batch on this rank (every batch is full).
-        transform: per-image transform, PIL image -> tensor (`create_train_transform`).
+        transform: per-image transform, PIL image -> tensor (`create_train_transform`), or a deferred transform
+            (`create_device_train_transform`) whose batch stage decodes and augments in the main process.
         split: split name in the info file.
         num_workers: DataLoader worker processes (0: read in the main process). Part of the epoch's definition:
             resume with the same value.
@@ -288,7 +296,8 @@ def create_train_loader(
         repeated_aug: places in the batches each sample takes, each with its own augmentation (1: off); the
             epoch length does not change, so an epoch uses 1/repeated_aug as many distinct samples.
         batch_transform: `(images, targets) -> (images, targets)` run on each batch in the worker under a
-            per-batch seed, e.g. `create_mixup(...)`; part of the deterministic epoch.
+            per-batch seed, e.g. `create_mixup(...)`; part of the deterministic epoch (with a deferred transform
+            it runs in the main process on the device, under a seed derived from the batch's place).
         max_error_fraction: stop with `TooMuchBadDataError` when more of the epoch's samples are bad.
         num_classes: labels outside [0, num_classes) count as bad data; None: not checked.
         image_keys: tar member extensions holding the image, first present wins.
@@ -318,9 +327,14 @@ def create_train_loader(
         raise ValueError(f"Mixup/CutMix pair samples within a batch: batch_size must be even, got {batch_size}")
     batches = math.ceil(epoch_samples / (world_size * batch_size))
     raw_samples = sum(train_quotas(batches, workers, batch_size, repeated_aug))  # this rank's reads, bad data aside
+    stage = None
+    if hasattr(transform, "make_stage"):  # a deferred transform: the batch transform runs on the device
+        stage = transform.make_stage(train=True, seed=seed, rank=rank, mixup=batch_transform)
+        batch_transform = None
     loader = _make_loader(
         shards,
         io=_LoaderIO(num_workers, pin_memory, prefetch_factor, max_error_fraction, raw_samples),
+        stage=stage,
         train=True,
         transform=transform,
         batch_size=batch_size,
@@ -368,7 +382,7 @@ def create_eval_loader(
     Args:
         source: as for `create_train_loader`.
         batch_size: samples per batch (at most).
-        transform: per-image transform (`create_eval_transform`).
+        transform: per-image transform (`create_eval_transform`), or `create_device_eval_transform`'s.
         split: split name in the info file.
         num_workers: DataLoader worker processes.
         rank: this process's rank; default: RANK, else 0.
@@ -389,6 +403,7 @@ def create_eval_loader(
     return _make_loader(
         shards,
         io=_LoaderIO(num_workers, pin_memory, prefetch_factor, max_error_fraction, expected),
+        stage=transform.make_stage(train=False, seed=0, rank=rank) if hasattr(transform, "make_stage") else None,
         train=False,
         transform=transform,
         batch_size=batch_size,
@@ -410,7 +425,9 @@ class _LoaderIO:
     expected_samples: int | None
 
 
-def _make_loader(shards: ShardSet, *, io: _LoaderIO, **dataset_options) -> ShardLoader:
+def _make_loader(
+    shards: ShardSet, *, io: _LoaderIO, stage: DeviceStage | None = None, **dataset_options
+) -> ShardLoader:
     dataset = ShardDataset(shards, num_workers=io.num_workers, **dataset_options)
     return ShardLoader(
         dataset,
@@ -419,6 +436,7 @@ def _make_loader(shards: ShardSet, *, io: _LoaderIO, **dataset_options) -> Shard
         prefetch_factor=io.prefetch_factor,
         max_error_fraction=io.max_error_fraction,
         expected_samples=io.expected_samples,
+        stage=stage,
     )
 
 

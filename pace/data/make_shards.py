@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-count", type=int, default=1000, help="samples per shard at most (default 1000)")
     parser.add_argument("--max-size-mb", type=float, default=None, help="shard size limit in MB (estimated)")
     parser.add_argument("--max-side", type=int, default=None, help="resize images whose longer side exceeds this")
+    parser.add_argument(
+        "--max-size",
+        type=int,
+        default=None,
+        help="resize images whose shorter side exceeds this (FFCV-style pre-resized shards; see docs/data.md)",
+    )
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images (default 90)")
     parser.add_argument("--reencode", action="store_true", help="re-encode every image as JPEG at --quality")
     parser.add_argument("--no-verify", action="store_true", help="do not fully decode each image while writing")
@@ -109,7 +115,11 @@ def _run(args: argparse.Namespace) -> dict:
             max_count=args.max_count,
             max_size=int(args.max_size_mb * 1e6) if args.max_size_mb else None,
             options=EncodeOptions(
-                max_side=args.max_side, quality=args.quality, reencode=args.reencode, verify=not args.no_verify
+                max_side=args.max_side,
+                max_short_side=args.max_size,
+                quality=args.quality,
+                reencode=args.reencode,
+                verify=not args.no_verify,
             ),
             workers=args.workers,
             shuffle_splits=() if args.no_shuffle else ("train",),

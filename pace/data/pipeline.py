@@ -39,6 +39,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
+from pace.data.device_augment import EncodedImage
 from pace.data.info import ShardSet
 from pace.data.lost import OncePerShard, shared_loss
 from pace.data.shards import BadData, read_shard
@@ -168,6 +169,7 @@ class ShardDataset(IterableDataset):
         bad.clear()  # damage met among them was reported with those batches
         stream = _Lookahead(raw, self._decode, bad)
         slots = _Repeated(stream, R, used=filled % R)
+        collate = getattr(self.transform, "collate", default_collate)  # deferred transforms batch their own way
         for b in range(first, self.batches_per_epoch, W):
             window_seed = derive_seed(self.seed, self.epoch, G, g, _SAMPLE, b // W)
             with _preserve_global_rng(in_main_process):
@@ -177,7 +179,7 @@ class ShardDataset(IterableDataset):
                     _seed_everything((window_seed + slot) & 0xFFFFFFFF)  # one hash per batch, not per sample
                     images.append(self.transform(image))
                     targets.append(label)
-                images, targets = default_collate(images), torch.tensor(targets, dtype=torch.long)
+                images, targets = collate(images), torch.tensor(targets, dtype=torch.long)
                 if self.batch_transform is not None:
                     _seed_everything(derive_seed(self.seed, self.epoch, G, self.rank, _BATCH, b))
                     images, targets = self.batch_transform(images, targets)
@@ -247,10 +249,10 @@ class ShardDataset(IterableDataset):
             image, label, key = result
             batch.append((self.transform(image), label, key))
             if len(batch) == self.batch_size:
-                yield (*_collate_eval(batch), _take_report(read, bad))
+                yield (*_collate_eval(batch, self.transform), _take_report(read, bad))
                 batch, read = [], 0
         if batch:
-            yield (*_collate_eval(batch), _take_report(read, bad))
+            yield (*_collate_eval(batch, self.transform), _take_report(read, bad))
         elif read or bad:
             yield None, None, None, _take_report(read, bad)
 
@@ -292,6 +294,8 @@ class ShardDataset(IterableDataset):
             return BadData("bad_label", url, key, f"label {label} outside [0, {self.num_classes})")
         try:
             image = Image.open(io.BytesIO(data))
+            if getattr(self.transform, "takes_encoded", False):  # header read; decoded by the transform or device
+                return EncodedImage(data, image, url, key), label, key
             image = image.convert("RGB") if image.mode != "RGB" else _loaded(image)
         except Exception as exn:  # PIL raises many types for damaged files (OSError, SyntaxError, ValueError ...)
             return BadData("corrupt_image", url, key, f"cannot decode image ({exn!r})")
@@ -458,9 +462,10 @@ def _loaded(image: Image.Image) -> Image.Image:
     return image
 
 
-def _collate_eval(batch: list[tuple]) -> tuple:
+def _collate_eval(batch: list[tuple], transform: Callable) -> tuple:
     images, labels, keys = zip(*batch)
-    return default_collate(list(images)), torch.tensor(labels, dtype=torch.long), list(keys)
+    collate = getattr(transform, "collate", default_collate)
+    return collate(list(images)), torch.tensor(labels, dtype=torch.long), list(keys)
 
 
 def _seed_everything(seed: int) -> None:

@@ -66,6 +66,8 @@ class EncodeOptions:
 
     Args:
         max_side: resize images whose longer side exceeds this (re-encoded as JPEG); None: keep sizes.
+        max_short_side: resize images whose shorter side exceeds this (re-encoded as JPEG; FFCV-style pre-resized
+            shards that decode faster); None: keep sizes. With both, the smaller resulting size wins.
         quality: JPEG quality of re-encoded images.
         reencode: re-encode every image as JPEG at `quality`.
         verify: fully decode each image while writing, and check a JPEG's markers through to its end-of-image
@@ -73,6 +75,7 @@ class EncodeOptions:
     """
 
     max_side: int | None = None
+    max_short_side: int | None = None
     quality: int = 90
     reencode: bool = False
     verify: bool = True
@@ -340,7 +343,12 @@ def _write_split(
             "max": [max(s["max"][0] for s in sizes), max(s["max"][1] for s in sizes)],
             "mean": [round(sum(s["sum"][d] for s in sizes) / count, 1) for d in (0, 1)],
         },
-        "stored": {"max_side": options.max_side, "quality": options.quality, "reencode": options.reencode},
+        "stored": {
+            **({"max_short_side": options.max_short_side} if options.max_short_side else {}),
+            "max_side": options.max_side,
+            "quality": options.quality,
+            "reencode": options.reencode,
+        },
     }
 
 
@@ -405,12 +413,15 @@ def _encode(image: SourceImage, options: EncodeOptions) -> tuple[str, bytes, dic
     if damage:  # decoded without error, but its end is missing (see pace.data.jpeg_check)
         raise BadImageError(f"cannot read image {where}: damaged JPEG ({damage})")
     meta = {"width": width, "height": height}
-    too_big = options.max_side is not None and max(width, height) > options.max_side
+    scale = min(
+        options.max_side / max(width, height) if options.max_side else 1.0,
+        options.max_short_side / min(width, height) if options.max_short_side else 1.0,
+    )
+    too_big = scale < 1.0
     if not (too_big or options.reencode or fmt not in _STORED_FORMATS):
         return _STORED_FORMATS[fmt], data, meta
     decoded = decoded.convert("RGB")
     if too_big:
-        scale = options.max_side / max(width, height)
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
         decoded = decoded.resize(size, Image.Resampling.LANCZOS)
         meta = {"width": size[0], "height": size[1], "orig_width": width, "orig_height": height}

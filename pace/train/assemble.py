@@ -133,7 +133,7 @@ def build_trainer(cfg: TrainConfig, *, env: DistEnv, device: torch.device, resol
     )
     norm = resolve_data_config(model=model)
     train_data, evaluators, step_mixup = build_data(
-        cfg.data, aug, cfg.eval, env, cfg.seed, mean=norm["mean"], std=norm["std"], mixup=mixup
+        cfg.data, aug, cfg.eval, env, cfg.seed, mean=norm["mean"], std=norm["std"], mixup=mixup, device=device
     )
     scheduler = build_scheduler(optimizer, cfg.sched, updates_per_epoch(train_data.batches_per_epoch, cfg.trainer))
     peak = cfg.trainer.peak_tflops or device_peak_tflops(device)

@@ -65,6 +65,11 @@ class DataConfig:
         batch_size: training images per process per micro-batch.
         eval_batch_size: evaluation images per process.
         num_workers: data-loading workers per process.
+        decode: where shard images are decoded and augmented: "cpu" (timm's transform per sample in the
+            workers), "draft" (workers decode at a reduced JPEG scale where the crop allows; normalising, erasing
+            and Mixup run per batch on the training device) or "device" (workers only read bytes and draw the
+            random choices; the training device decodes, nvJPEG on CUDA, and augments in batches). See
+            docs/data.md.
         synthetic_train_samples: size of the synthetic training split.
         synthetic_val_samples: size of the synthetic held-out split.
     """
@@ -78,6 +83,7 @@ class DataConfig:
     batch_size: int = 64
     eval_batch_size: int = 128
     num_workers: int = 8
+    decode: str = "cpu"
     synthetic_train_samples: int = 1024
     synthetic_val_samples: int = 256
 
@@ -88,6 +94,7 @@ class DataConfig:
         _require(self.batch_size > 0, "data.batch_size", self.batch_size, "a positive batch size")
         _require(self.eval_batch_size > 0, "data.eval_batch_size", self.eval_batch_size, "a positive batch size")
         _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "a count >= 0")
+        _one_of("data.decode", self.decode, ("cpu", "draft", "device"))
 
 
 @dataclass

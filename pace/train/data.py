@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from timm.data import Mixup
 
 from pace.data import (
+    create_device_eval_transform,
+    create_device_train_transform,
     create_eval_transform,
     create_train_loader,
     create_train_transform,
@@ -146,6 +148,7 @@ def build_data(
     mean: tuple[float, ...],
     std: tuple[float, ...],
     mixup: Mixup | None,
+    device: torch.device | None = None,
 ) -> tuple[TrainData, list[Evaluator], Mixup | None]:
     """The training data and the evaluators (the `eval` group) for this rank.
 
@@ -161,13 +164,13 @@ def build_data(
         mean: normalisation mean (the model's pretrained config).
         std: normalisation std.
         mixup: the batch mixer, if any.
+        device: the training device (`data.decode` draft and device finish the batches there).
 
     Returns:
         The training data, the evaluators, and the mixer the Trainer must still apply (or None).
     """
-    eval_transform = create_eval_transform(
-        input_size=cfg.img_size, crop_pct=aug.crop_pct, interpolation=aug.interpolation, mean=mean, std=std
-    )
+    eval_options = {"input_size": cfg.img_size, "crop_pct": aug.crop_pct, "interpolation": aug.interpolation}
+    eval_transform = create_eval_transform(**eval_options, mean=mean, std=std)
     if cfg.source == "synthetic":
         common = {"num_classes": cfg.num_classes, "img_size": cfg.img_size, "env": env, "seed": seed}
         train = SyntheticImages(num_samples=cfg.synthetic_train_samples, batch_size=cfg.batch_size, split=0, **common)
@@ -180,18 +183,17 @@ def build_data(
             # Idempotent: returns at once when the dataset is already there.
             make_synthetic_dataset(cfg.root, image_size=cfg.img_size, seed=seed)
         barrier(env)
-    train_transform = create_train_transform(
-        input_size=cfg.img_size,
-        scale=(aug.scale[0], aug.scale[1]),
-        hflip=aug.hflip,
-        color_jitter=aug.color_jitter or None,
-        auto_augment=aug.auto_augment,
-        interpolation=aug.interpolation,
-        re_prob=aug.reprob,
-        re_mode=aug.remode,
-        mean=mean,
-        std=std,
-    )
+    if cfg.decode != "cpu":
+        if aug.color_jitter and not aug.auto_augment:
+            raise ValueError(f"data.decode={cfg.decode} offers RandAugment, not colour jitter: set aug.color_jitter=0")
+        device = device or torch.device("cpu")
+        train_transform = create_device_train_transform(
+            **_train_options(cfg, aug), mean=mean, std=std, device=device, draft=cfg.decode == "draft"
+        )
+        if cfg.decode == "device":
+            eval_transform = create_device_eval_transform(**eval_options, mean=mean, std=std, device=device)
+    else:
+        train_transform = create_train_transform(**_train_options(cfg, aug), color_jitter=aug.color_jitter or None)
     train = create_train_loader(
         cfg.root,
         batch_size=cfg.batch_size,
@@ -207,6 +209,19 @@ def build_data(
         num_classes=cfg.num_classes,
     )
     return train, open_evaluators(cfg, evaluators, env, eval_transform), None
+
+
+def _train_options(cfg: DataConfig, aug: AugConfig) -> dict:
+    """The train-transform arguments every `data.decode` mode shares."""
+    return {
+        "input_size": cfg.img_size,
+        "scale": (aug.scale[0], aug.scale[1]),
+        "hflip": aug.hflip,
+        "auto_augment": aug.auto_augment,
+        "interpolation": aug.interpolation,
+        "re_prob": aug.reprob,
+        "re_mode": aug.remode,
+    }
 
 
 def open_evaluators(

@@ -34,7 +34,10 @@ def _error_line(out: subprocess.CompletedProcess) -> str:
         pytest.param("data.batch_size=big", 2, "data.batch_size", marks=pytest.mark.slow),
         pytest.param("model=nonexistent", 2, "Could not find 'model/nonexistent'", marks=pytest.mark.slow),
         pytest.param(
-            "model.pretrained=/nonexistent/ckpt.pt", 1, "model.pretrained='/nonexistent/ckpt.pt'", marks=pytest.mark.slow
+            "model.pretrained=/nonexistent/ckpt.pt",
+            1,
+            "model.pretrained='/nonexistent/ckpt.pt'",
+            marks=pytest.mark.slow,
         ),
     ],
 )

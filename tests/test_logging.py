@@ -71,7 +71,9 @@ def test_tensorboard_events_hold_the_logged_scalars(logged_run):
 
 def test_a_torn_last_metrics_line_is_dropped_and_the_file_rewritten_atomically(tmp_path: Path):
     path = tmp_path / "metrics.jsonl"
-    path.write_text("".join(json.dumps({"step": s, "train/loss": 1.0 / s}) + "\n" for s in (1, 2, 3)) + '{"step": 4, "tr')
+    path.write_text(
+        "".join(json.dumps({"step": s, "train/loss": 1.0 / s}) + "\n" for s in (1, 2, 3)) + '{"step": 4, "tr'
+    )
     MetricLogger(tmp_path, DistEnv(), None, {}, "run").truncate_after(2)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no temporary file left

@@ -32,8 +32,6 @@ from pace.train.builders import (
 from pace.train.checkpoint import CheckpointManager
 from pace.train.config import TrainConfig
 from pace.train.data import build_data
-from pace.train.preflight import check_class_count, check_imagenet_keys
-from pace.train.run_identity import config_hash, select_checkpoint
 from pace.train.metrics import (
     MetricLogger,
     ThroughputMeter,
@@ -41,6 +39,8 @@ from pace.train.metrics import (
     git_sha,
     training_flops_per_image,
 )
+from pace.train.preflight import check_class_count, check_imagenet_keys
+from pace.train.run_identity import config_hash, select_checkpoint
 from pace.train.trainer import Trainer, updates_per_epoch
 
 log = logging.getLogger(__name__)

@@ -137,7 +137,9 @@ class MetricLogger:
         if self._tensorboard is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tensorboard = SummaryWriter(log_dir=str(self.path.parent / "tensorboard"), purge_step=self._purge_step)
+            self._tensorboard = SummaryWriter(
+                log_dir=str(self.path.parent / "tensorboard"), purge_step=self._purge_step
+            )
         for key, value in metrics.items():
             if isinstance(value, int | float) and not isinstance(value, bool):
                 self._tensorboard.add_scalar(key, value, global_step=step)

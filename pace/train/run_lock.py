@@ -75,14 +75,17 @@ class RunLock:
             self.held = True
             return
         holder = self._read()
-        stale = holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and not _pid_alive(holder["pid"])
+        stale = (
+            holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and not _pid_alive(holder["pid"])
+        )
         if not stale:
             raise RunError(
                 f"run directory {self.path.parent} is in use by {_describe(holder)}: one job per run; wait for it, "
                 f"choose another name=..., or delete {self.path} if that process is gone"
             )
-        log.warning("taking over the lock of %s left by %s, which is no longer running", self.path.parent,
-                    _describe(holder))
+        log.warning(
+            "taking over the lock of %s left by %s, which is no longer running", self.path.parent, _describe(holder)
+        )
         # Remove and re-create: of two processes taking over at once, only one wins the O_EXCL create.
         self.path.unlink(missing_ok=True)
         if not self._create(me):

@@ -453,8 +453,7 @@ class Trainer:
             saved = f"{ckpt.get('model_name')!r} with {ckpt.get('model_args')}"
             current = f"{self.checkpoint_meta.get('model_name')!r} with {self.checkpoint_meta.get('model_args')}"
             raise RunError(
-                f"the checkpoint's weights ({saved}) do not fit this run's model ({current}): "
-                f"{str(e).splitlines()[0]}"
+                f"the checkpoint's weights ({saved}) do not fit this run's model ({current}): {str(e).splitlines()[0]}"
             ) from e
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -505,4 +504,3 @@ class Trainer:
         self.metrics.truncate_after(self.state.step)
         state = self.state
         log.info("resumed from %s at epoch %d, batch %d, step %d", path, state.epoch, state.batch, state.step)
-

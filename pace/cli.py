@@ -3,6 +3,9 @@
 
 def train() -> None:
     """`pace-train`: Hydra-configured training (configs/train.yaml)."""
+    from pace.errors import exit_on_stop_signals
+
+    exit_on_stop_signals()  # pre-empted while importing: exit 75 (requeue), not killed by the signal
     from pace.train.main import main
 
     main()

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pace.errors import RunError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -114,6 +116,31 @@ def resolve_dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     return DistEnv()
 
 
+def cpus_per_process(env: DistEnv) -> int:
+    """The CPUs this process may use: its affinity mask (what SLURM or taskset granted, not the machine's core
+    count), shared among the ranks on this node when they share one mask (torchrun).
+
+    Args:
+        env: this process's place in the job.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS has no affinity masks
+        cpus = os.cpu_count() or 1
+    sharing = env.local_world_size if env.launcher == "torchrun" else 1
+    return max(1, cpus // sharing)
+
+
+def capped_workers(requested: int, env: DistEnv) -> int:
+    """`requested` DataLoader workers, at most one per CPU this process may use (0 stays 0: load in-process).
+
+    Args:
+        requested: the configured worker count.
+        env: this process's place in the job.
+    """
+    return min(requested, cpus_per_process(env))
+
+
 def select_device(env: DistEnv, requested: str = "auto") -> torch.device:
     """The device this rank computes on.
 
@@ -133,26 +160,51 @@ def select_device(env: DistEnv, requested: str = "auto") -> torch.device:
     return torch.device("cuda", env.local_rank % torch.cuda.device_count())
 
 
-def init_distributed(env: DistEnv, device: torch.device, timeout_s: float = 1800.0) -> None:
+class RendezvousError(RunError):
+    """Not every rank joined the process group in time."""
+
+
+def _set_timeout(seconds: float) -> None:
+    # `set_timeout` is public from torch 2.13; earlier releases have the private function it replaced.
+    setter = getattr(dist, "set_timeout", None) or dist.distributed_c10d._set_pg_timeout
+    setter(timedelta(seconds=seconds))
+
+
+def init_distributed(
+    env: DistEnv, device: torch.device, timeout_s: float = 1800.0, rendezvous_timeout_s: float = 300.0
+) -> None:
     """Join the process group (NCCL on GPU, gloo on CPU); a no-op for one process.
 
     Args:
         env: this process's place in the job.
         device: this rank's device (from `select_device`).
-        timeout_s: collective timeout.
+        timeout_s: collective timeout once every rank has joined.
+        rendezvous_timeout_s: how long to wait for every rank to join (a rank that died while starting must not
+            keep the others waiting for the collective timeout).
+
+    Raises:
+        RendezvousError: naming the rendezvous address and the wait, when some rank never joined.
     """
     if not env.is_distributed or dist.is_initialized():
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(
-        backend="nccl" if device.type == "cuda" else "gloo",
-        init_method=f"tcp://{env.master_addr}:{env.master_port}",
-        rank=env.rank,
-        world_size=env.world_size,
-        timeout=timedelta(seconds=timeout_s),
-        device_id=device if device.type == "cuda" else None,
-    )
+    try:
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo",
+            init_method=f"tcp://{env.master_addr}:{env.master_port}",
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=timedelta(seconds=rendezvous_timeout_s),
+            device_id=device if device.type == "cuda" else None,
+        )
+    except (RuntimeError, dist.DistError) as e:
+        raise RendezvousError(
+            f"rank {env.rank} of {env.world_size}: not every rank joined the rendezvous at "
+            f"{env.master_addr}:{env.master_port} within {rendezvous_timeout_s:g} s (a rank failed while starting: "
+            f"see its log; or the ranks were given different MASTER_ADDR/MASTER_PORT): {str(e).splitlines()[0]}"
+        ) from e
+    _set_timeout(timeout_s)
 
 
 def destroy_distributed() -> None:
@@ -200,6 +252,18 @@ def all_gather_object(obj: Any, env: DistEnv) -> list[Any]:
     gathered: list[Any] = [None] * env.world_size
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def broadcast_buffers(module: torch.nn.Module, env: DistEnv) -> None:
+    """Give every rank rank 0's buffers (BatchNorm statistics), in place.
+
+    Args:
+        module: the same module on every rank.
+        env: this process's place in the job.
+    """
+    if env.is_distributed:
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, src=0)
 
 
 def barrier(env: DistEnv) -> None:

@@ -33,6 +33,7 @@ class LoggerConfig:
         project: wandb project.
         entity: wandb entity (None: the user's default).
         tags: wandb tags.
+        tensorboard: also write TensorBoard event files into `<run_dir>/tensorboard` (training only).
     """
 
     wandb: bool = True
@@ -40,6 +41,7 @@ class LoggerConfig:
     project: str = "pace"
     entity: str | None = None
     tags: list[str] = field(default_factory=list)
+    tensorboard: bool = False
 
     def __post_init__(self) -> None:
         modes = ("offline", "online", "disabled")

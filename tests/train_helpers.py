@@ -33,16 +33,19 @@ def make_tiny_shards(root: Path) -> tuple[str, ...]:
     )
 
 
-def train_env() -> dict[str, str]:
-    """The test process's environment for a training subprocess: one thread, wandb offline, no launcher."""
+def train_env(full_errors: bool = True) -> dict[str, str]:
+    """The test process's environment for a training subprocess: one thread, wandb offline, no launcher; with
+    `full_errors` every error keeps its traceback (HYDRA_FULL_ERROR=1), else users' one-line errors are seen."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith("SLURM_")}
     env.update(
         PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
         OMP_NUM_THREADS="1",
         WANDB_MODE="offline",
         WANDB_SILENT="true",
-        HYDRA_FULL_ERROR="1",
     )
+    env.pop("HYDRA_FULL_ERROR", None)
+    if full_errors:
+        env["HYDRA_FULL_ERROR"] = "1"
     return env
 
 
@@ -67,11 +70,14 @@ def train_command(run_dir: Path, *overrides: str, nproc: int = 1) -> list[str]:
     return [*launcher, "-m", "pace.train.main", f"hydra.run.dir={run_dir}", *FAST, *overrides]
 
 
-def run_train(run_dir: Path, *overrides: str, nproc: int = 1, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run a training job to completion and return it (stdout and stderr captured)."""
+def run_train(
+    run_dir: Path, *overrides: str, nproc: int = 1, timeout: float = 120, full_errors: bool = True
+) -> subprocess.CompletedProcess:
+    """Run a training job to completion and return it (stdout and stderr captured); `full_errors=False` shows
+    what a user sees (one line for a user error)."""
     return subprocess.run(
         train_command(run_dir, *overrides, nproc=nproc),
-        env=train_env(),
+        env=train_env(full_errors),
         capture_output=True,
         text=True,
         timeout=timeout,

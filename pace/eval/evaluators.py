@@ -171,6 +171,7 @@ class Evaluator:
         predictions_path: str | Path | None = None,
         keep_logits: bool = False,
         limit_batches: int | None = None,
+        log_every: int = 0,
     ) -> EvalResult:
         """Evaluate `model`; the same on every rank. Arguments as in `pace.eval.evaluate`."""
         return evaluate(
@@ -189,6 +190,7 @@ class Evaluator:
             keep_logits=keep_logits,
             group=group,
             limit_batches=limit_batches,
+            log_every=log_every,
         )
 
 

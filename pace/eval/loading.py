@@ -152,6 +152,15 @@ def _restore_eval_settings(model: nn.Module, config: Any, load_kwargs: Mapping[s
     set_eval_settings(model, settings)
 
 
+def _training_position(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    # Our checkpoints keep the loop position under `trainer`: `epoch` counts the epochs completed (the epoch in
+    # progress for a mid-epoch checkpoint), `step` the optimizer updates. Other formats keep a top-level `epoch`.
+    trainer = checkpoint.get("trainer")
+    if isinstance(trainer, Mapping):
+        return {"epoch": trainer.get("epoch"), "step": trainer.get("step"), "epoch_batch": trainer.get("batch")}
+    return {"epoch": checkpoint.get("epoch")}
+
+
 def _from_torch_file(path: Path, name: str | None, weights: str, kwargs: dict[str, Any]) -> LoadedModel:
     checkpoint = _torch_load(path)
     state_dict, key = _pick_state_dict(checkpoint, weights, path)
@@ -165,7 +174,7 @@ def _from_torch_file(path: Path, name: str | None, weights: str, kwargs: dict[st
         model = timm.create_model(arch, pretrained=False, **args)
         model.load_state_dict(state_dict, strict=True)
         _restore_eval_settings(model, checkpoint.get("config"), kwargs)
-        info = {"epoch": checkpoint.get("epoch"), "model_args": args}
+        info = {**_training_position(checkpoint), "model_args": args}
         return LoadedModel(model, arch, "checkpoint", key, [path], info)
     return _through_filter_fn(path, state_dict, key, name, kwargs)
 

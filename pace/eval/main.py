@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import platform
 import time
 from pathlib import Path
@@ -19,7 +20,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import pace
-from pace.distributed import DistEnv, destroy_distributed, init_distributed, resolve_dist_env, select_device
+from pace.distributed import (
+    DistEnv,
+    capped_workers,
+    destroy_distributed,
+    init_distributed,
+    resolve_dist_env,
+    select_device,
+)
+from pace.errors import run_cli
 from pace.eval.config import EvalConfig, register_configs, validate
 from pace.eval.evaluators import build_evaluators
 from pace.eval.loading import LoadedModel, load_model, sha256_file
@@ -59,6 +68,13 @@ def _environment(env: DistEnv, device: torch.device, config: EvalConfig) -> dict
     }
 
 
+def _log_interval(samples: int | None, global_batch: int, lines: int = 10) -> int:
+    # About ten progress lines per pass (every 50 batches when the size is unknown).
+    if samples is None:
+        return 50
+    return max(1, math.ceil(samples / global_batch) // lines)
+
+
 def _evaluate_model(config: EvalConfig, env: DistEnv, device: torch.device) -> dict[str, Any]:
     start = time.perf_counter()
     torch.manual_seed(config.seed)  # weights that no checkpoint sets are drawn alike on every rank
@@ -80,7 +96,7 @@ def _evaluate_model(config: EvalConfig, env: DistEnv, device: torch.device) -> d
         rank=env.rank,
         world_size=env.world_size,
         batch_size=config.data.batch_size,
-        num_workers=config.data.num_workers,
+        num_workers=capped_workers(config.data.num_workers, env),
         pin_memory=device.type == "cuda",
     )
     sections = {}
@@ -95,6 +111,7 @@ def _evaluate_model(config: EvalConfig, env: DistEnv, device: torch.device) -> d
             channels_last=config.channels_last,
             predictions_path=predictions,
             keep_logits=config.predictions_logits,
+            log_every=_log_interval(evaluator.data.expected_samples, config.data.batch_size * env.world_size),
         )
         sections[evaluator.name] = {
             "data": {
@@ -182,7 +199,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     """Console entry point: register the config schemas, then let Hydra parse the command line."""
     register_configs()
-    _hydra_main()
+    run_cli(_hydra_main, "pace-eval", EvalConfig)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pace.data import create_mixup
-from pace.distributed import DistEnv, all_gather_object
+from pace.distributed import DistEnv, all_gather_object, capped_workers
+from pace.errors import RunError
 from pace.eval.transform import run_eval_settings, set_eval_settings
 from pace.train.builders import (
     build_ema,
@@ -38,6 +39,8 @@ from pace.train.metrics import (
     git_sha,
     training_flops_per_image,
 )
+from pace.train.preflight import check_class_count, check_imagenet_keys
+from pace.train.run_identity import config_hash, select_checkpoint
 from pace.train.trainer import Trainer, updates_per_epoch
 
 log = logging.getLogger(__name__)
@@ -55,12 +58,24 @@ def agreed_run_dir(run_dir: str, env: DistEnv) -> Path:
     path = Path(run_dir).resolve()
     dirs = sorted(set(all_gather_object(str(path), env)))
     if len(dirs) > 1:
-        raise RuntimeError(f"ranks disagree on the run dir {dirs}: pass one hydra.run.dir=... to every rank")
+        raise RunError(f"ranks disagree on the run dir {dirs}: pass one hydra.run.dir=... to every rank")
     return path
 
 
+def _keep_previous_config(path: Path, text: str) -> None:
+    # A resumed run with changed settings (more epochs, `trainer.resume=force`) keeps the record of what ran
+    # before: the earlier config.yaml becomes config.1.yaml, config.2.yaml, ...
+    if not path.is_file() or path.read_text().split("\n", 1)[-1] == text.split("\n", 1)[-1]:
+        return
+    n = 1
+    while path.with_name(f"config.{n}.yaml").exists():
+        n += 1
+    path.rename(path.with_name(f"config.{n}.yaml"))
+
+
 def write_provenance(run_dir: Path, resolved: dict[str, Any], env: DistEnv, sha: str | None) -> None:
-    """Write the resolved config and how the run was started into the run dir.
+    """Write the resolved config and how the run was started into the run dir (after the resume checks, so a
+    refused command leaves the run's record as it was).
 
     Args:
         run_dir: the run directory.
@@ -69,7 +84,9 @@ def write_provenance(run_dir: Path, resolved: dict[str, Any], env: DistEnv, sha:
         sha: git commit of the code.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(f"# git: {sha}\n" + OmegaConf.to_yaml(OmegaConf.create(resolved)))
+    text = f"# git: {sha}\n" + OmegaConf.to_yaml(OmegaConf.create(resolved))
+    _keep_previous_config(run_dir / "config.yaml", text)
+    (run_dir / "config.yaml").write_text(text)
     provenance = {
         "git_sha": sha,
         "argv": sys.argv,
@@ -108,9 +125,15 @@ def build_trainer(cfg: TrainConfig, *, env: DistEnv, device: torch.device, resol
         resolved: the resolved config as plain containers (recorded in the run dir and in checkpoints).
     """
     run_dir = agreed_run_dir(cfg.run_dir, env)
+    checkpoints = CheckpointManager(run_dir / "checkpoints", cfg.trainer.keep_last, cfg.trainer.keep_best)
+    # Every rank reads the same files and reaches the same decision (or raises the same error).
+    resume_from = select_checkpoint(checkpoints, cfg.trainer.resume, resolved, set_aside=env.is_main)
+    check_imagenet_keys(cfg.eval)
     sha = git_sha()
-    if env.is_main:
-        write_provenance(run_dir, resolved, env, sha)
+    workers = capped_workers(cfg.data.num_workers, env)
+    if workers < cfg.data.num_workers:
+        log.info("data.num_workers=%d capped at %d: the CPUs this process may use", cfg.data.num_workers, workers)
+        cfg.data.num_workers = workers
     model = _prepare_model(cfg, env, device)
     global_batch = cfg.data.batch_size * cfg.trainer.grad_accum_steps * env.world_size
     optimizer = build_optimizer(model, cfg.optim, global_batch)
@@ -135,11 +158,14 @@ def build_trainer(cfg: TrainConfig, *, env: DistEnv, device: torch.device, resol
     train_data, evaluators, step_mixup = build_data(
         cfg.data, aug, cfg.eval, env, cfg.seed, mean=norm["mean"], std=norm["std"], mixup=mixup, device=device
     )
+    check_class_count(cfg.data, cfg.model.num_classes)  # after build_data: the quickstart data exists now
     scheduler = build_scheduler(optimizer, cfg.sched, updates_per_epoch(train_data.batches_per_epoch, cfg.trainer))
     peak = cfg.trainer.peak_tflops or device_peak_tflops(device)
     flops = training_flops_per_image(model, cfg.data.img_size, device) if peak else None
     # Each rank draws its own dropout / drop-path / Mixup randomness from here on.
     random_seed(cfg.seed, env.rank)
+    if env.is_main:
+        write_provenance(run_dir, resolved, env, sha)
     return Trainer(
         model=model,
         train_model=train_model,
@@ -148,7 +174,7 @@ def build_trainer(cfg: TrainConfig, *, env: DistEnv, device: torch.device, resol
         loss_fn=build_loss(cfg.aug, mixing=mixup is not None),
         train_data=train_data,
         evaluators=evaluators,
-        checkpoints=CheckpointManager(run_dir / "checkpoints", cfg.trainer.keep_last, cfg.trainer.keep_best),
+        checkpoints=checkpoints,
         metrics=MetricLogger(run_dir, env, cfg.logger, {**resolved, "git_sha": sha}, cfg.name),
         env=env,
         device=device,
@@ -159,6 +185,7 @@ def build_trainer(cfg: TrainConfig, *, env: DistEnv, device: torch.device, resol
             "model_name": cfg.model.name,
             "model_args": model_args(cfg.model),
             "config": resolved,
+            "config_hash": config_hash(resolved),
             "git_sha": sha,
         },
         mixup=step_mixup,
@@ -166,4 +193,5 @@ def build_trainer(cfg: TrainConfig, *, env: DistEnv, device: torch.device, resol
         clip_grad=cfg.optim.clip_grad,
         clip_mode=cfg.optim.clip_mode,
         meter=ThroughputMeter(device, flops, peak),
+        resume_from=resume_from,
     )

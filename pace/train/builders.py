@@ -16,6 +16,7 @@ from timm.scheduler.scheduler import Scheduler
 from timm.utils import ModelEmaV3
 from torch import nn
 
+from pace.errors import RunError
 from pace.eval.loading import drop_pretrained_state_dict, read_weights
 from pace.train.config import AugConfig, ModelConfig, OptimConfig, SchedConfig
 
@@ -89,9 +90,28 @@ def build_model(cfg: ModelConfig) -> nn.Module:
             log.info("model.pretrained has %d classes; new %d-class head", overlay["num_classes"], cfg.num_classes)
         kwargs.update(pretrained=True, pretrained_cfg_overlay=overlay)
         log.info("loading pretrained weights from %s", source)
-    model = timm.create_model(cfg.name, **kwargs)
+    try:
+        model = timm.create_model(cfg.name, **kwargs)
+    except RuntimeError as e:
+        if not cfg.pretrained or "state_dict" not in str(e):
+            raise
+        raise RunError(_pretrained_mismatch(cfg, e)) from e
     drop_pretrained_state_dict(model)
     return model
+
+
+def _pretrained_mismatch(cfg: ModelConfig, error: RuntimeError) -> str:
+    # torch lists every missing and unexpected key (pages of them); one line names both architectures instead.
+    arch = None
+    source = Path(str(cfg.pretrained)).expanduser()
+    if source.is_file() and source.suffix in (".pt", ".pth"):
+        try:
+            arch = torch.load(source, map_location="cpu", weights_only=True, mmap=True).get("model_name")
+        except Exception:  # not ours, or unreadable: say what we know
+            arch = None
+    held = f"a {arch!r} model" if arch else "weights"
+    detail = str(error).splitlines()[0].removesuffix(":")
+    return f"model.pretrained={cfg.pretrained} holds {held} that does not fit model.name={cfg.name!r} ({detail})"
 
 
 def peak_lr(cfg: OptimConfig, global_batch: int) -> float:

@@ -17,6 +17,8 @@ import torch
 from timm.models import save_for_hf
 from torch import nn
 
+from pace.errors import RunError, is_no_space, no_space_message
+
 log = logging.getLogger(__name__)
 
 _STEP_FILE = re.compile(r"step_(\d+)\.pt")
@@ -33,10 +35,15 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)  # a partial file only takes the space the next attempt needs
+        _raise_write_error(e, path)
+        raise
     os.replace(tmp, path)
     # The rename itself is durable only once the directory entry is on disk.
     dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -46,13 +53,22 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
         os.close(dir_fd)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def _raise_write_error(error: BaseException, path: Path) -> None:
+    # torch's zip writer reports a full disk as a RuntimeError ("file write failed"), Python as OSError(ENOSPC).
+    if is_no_space(error):
+        raise RunError(no_space_message(error, path)) from error  # type: ignore[arg-type]
+    if isinstance(error, RuntimeError) and "write failed" in str(error):
+        raise RunError(f"writing {path} failed (no space left on device or an I/O error): {error}") from error
+
+
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     """Load a training checkpoint on CPU with `weights_only=True`.
 
     Args:
         path: the checkpoint file.
+        mmap: map the file instead of reading it (tensors are read when first used).
     """
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def rng_state() -> dict[str, Any]:
@@ -121,7 +137,10 @@ class CheckpointManager:
             is_best: also make this the `best.pt` checkpoint.
         """
         path = self.directory / f"step_{step:08d}.pt"
-        atomic_torch_save(state, path)
+        try:
+            atomic_torch_save(state, path)
+        except RunError as e:
+            raise RunError(f"{e}; the last checkpoint on disk, {self.latest()}, is intact") from e
         if is_best and self.keep_best:
             best = self.directory / "best.pt"
             tmp = self.directory / ".best.pt.tmp"

@@ -14,6 +14,7 @@ from typing import Any, get_type_hints
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from pace.errors import UsageError, did_you_mean, schema_keys
 from pace.eval.config import EvaluatorConfig, evaluators_from_config
 from pace.schema import LoggerConfig
 from pace.schema import require as _require
@@ -236,12 +237,13 @@ class TrainerConfig:
             alpha, beta, tau and the coding rates R, R_c, dR of the tokens of a few fixed held-out images
             (0: off).
         telemetry_images: held-out images the telemetry measures.
-        progress_bar: rank-0 tqdm bar.
+        progress_bar: rank-0 tqdm bar, shown only when stderr is a terminal (SLURM logs get the plain log lines).
         ckpt_every_steps: optimizer updates between mid-epoch checkpoints (0: end of epoch only).
         keep_last: how many recent checkpoints to keep.
         keep_best: also keep the checkpoint with the best `best_metric`.
         best_metric: metric that chooses the best checkpoint (higher is better).
-        resume: "auto" (latest checkpoint in the run dir, if any), "never", or a checkpoint path.
+        resume: "auto" (latest checkpoint in the run dir, if any, refused when the run-defining config differs),
+            "force" (the latest checkpoint whatever the config), "never", or a checkpoint path.
         on_nonfinite: on a non-finite loss or gradient on any rank, "skip" the update (counted) or "stop".
         max_nonfinite_skips: stop after this many skipped updates.
         export_release: write `release/model.safetensors` + `config.json` at the end of training.
@@ -250,6 +252,9 @@ class TrainerConfig:
             thread beside the data worker avoids oversubscribing the cores.
         debug_nan_step: make the loss of this optimizer update non-finite (fault-injection test).
         debug_nan_rank: the rank whose loss `debug_nan_step` poisons.
+        rendezvous_timeout_s: how long the ranks wait for each other to join the process group; a rank lost
+            before it joins makes the others stop with an error after this time.
+        collective_timeout_s: how long a collective waits for every rank once training runs.
     """
 
     device: str = "auto"
@@ -280,6 +285,8 @@ class TrainerConfig:
     cpu_threads: int | None = None
     debug_nan_step: int | None = None
     debug_nan_rank: int = 0
+    rendezvous_timeout_s: float = 300.0
+    collective_timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
         _one_of("trainer.device", self.device, ("auto", "cpu", "cuda"))
@@ -293,6 +300,8 @@ class TrainerConfig:
         _require(self.ckpt_every_steps >= 0, "trainer.ckpt_every_steps", self.ckpt_every_steps, ">= 0")
         _require(self.keep_last >= 1, "trainer.keep_last", self.keep_last, ">= 1")
         _require(self.cpu_threads is None or self.cpu_threads >= 1, "trainer.cpu_threads", self.cpu_threads, ">= 1")
+        for key in ("rendezvous_timeout_s", "collective_timeout_s"):
+            _require(getattr(self, key) > 0, f"trainer.{key}", getattr(self, key), "a positive number of seconds")
         for key in ("limit_train_batches", "limit_eval_batches"):
             value = getattr(self, key)
             _require(value is None or value >= 1, f"trainer.{key}", value, "a positive count or null")
@@ -359,7 +368,7 @@ def _check_known_keys(node: DictConfig, schema: type, path: str) -> None:
     for key in node:
         where = f"{path}.{key}" if path else str(key)
         if key not in types:
-            raise ValueError(f"unknown config key {where!r}: {schema.__name__} has {sorted(types)}")
+            raise UsageError(f"unknown config key {where}{did_you_mean(where, schema_keys(TrainConfig))}")
         sub = node._get_node(key)
         if is_dataclass(types[key]) and isinstance(sub, DictConfig):
             _check_known_keys(sub, types[key], where)
@@ -372,8 +381,11 @@ def validate(cfg: DictConfig) -> TrainConfig:
         cfg: the composed config (from `@hydra.main` or `hydra.compose`).
 
     Raises:
-        ValueError: naming the first unknown key, or the first key whose value is out of range.
+        UsageError: naming the first unknown key, or the first key whose value is out of range.
     """
     _check_known_keys(cfg, TrainConfig, "")
-    evaluators_from_config(OmegaConf.to_container(cfg.eval, resolve=True))  # errors name the entry: eval.<name>
-    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    try:
+        evaluators_from_config(OmegaConf.to_container(cfg.eval, resolve=True))  # errors name the entry: eval.<name>
+        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    except ValueError as e:
+        raise UsageError(str(e)) from e

@@ -9,15 +9,25 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from pace.distributed import destroy_distributed, init_distributed, resolve_dist_env, select_device
+from pace.distributed import (
+    DistEnv,
+    all_gather_object,
+    destroy_distributed,
+    init_distributed,
+    resolve_dist_env,
+    select_device,
+)
+from pace.errors import RunError, describe, exit_on_stop_signals, run_cli
 from pace.train.assemble import build_trainer
-from pace.train.config import register_configs, validate
+from pace.train.config import TrainConfig, register_configs, validate
+from pace.train.run_lock import RunLock
 from pace.train.trainer import EXIT_REQUEUE, PreemptedError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -25,8 +35,32 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 log = logging.getLogger(__name__)
 
 
+def _take_run_dir(lock: RunLock, env: DistEnv) -> None:
+    # Rank 0 takes the lock; every rank learns the outcome, so a refused job stops on all ranks at once.
+    refusal = None
+    if env.is_main:
+        try:
+            lock.acquire()
+        except RunError as e:
+            refusal = str(e)
+    refusal = all_gather_object(refusal, env)[0]
+    if refusal is not None:
+        raise RunError(refusal)
+
+
+def _discard_failed_start(run_dir: Path) -> None:
+    # A command that failed before it wrote anything of a run leaves no directory behind (Hydra created it for
+    # train.log). A directory holding anything else (another run, another job's lock) is left alone.
+    if not run_dir.is_dir() or {p.name for p in run_dir.iterdir()} - {"train.log"}:
+        return
+    (run_dir / "train.log").unlink(missing_ok=True)
+    run_dir.rmdir()
+
+
 def run(cfg: DictConfig) -> int:
     """Validate the composed config, train, evaluate; return the process exit code.
+
+    A user error (see `pace.errors.describe`) is also written to the log (`train.log`) before it propagates.
 
     Args:
         cfg: the composed Hydra config.
@@ -34,7 +68,24 @@ def run(cfg: DictConfig) -> int:
     Returns:
         0 when training finished, `EXIT_REQUEUE` (75) after a SIGTERM/SIGUSR1 checkpoint.
     """
-    config = validate(cfg)
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    lock: RunLock | None = None
+    try:
+        config = validate(cfg)
+        lock = RunLock(config.run_dir or output_dir)
+        return _run(cfg, config, lock)
+    except Exception as e:
+        described = describe(e, TrainConfig)
+        if described is not None:
+            log.error("%s", described[0])
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+        _discard_failed_start(output_dir)
+
+
+def _run(cfg: DictConfig, config: TrainConfig, lock: RunLock) -> int:
     if config.run_dir is None:
         config.run_dir = HydraConfig.get().runtime.output_dir
     if config.trainer.cpu_threads is not None:
@@ -43,16 +94,18 @@ def run(cfg: DictConfig) -> int:
     device = select_device(env, config.trainer.device)
     if not env.is_main:
         logging.getLogger().setLevel(logging.WARNING)
-    init_distributed(env, device)
+    options = config.trainer
+    init_distributed(env, device, options.collective_timeout_s, options.rendezvous_timeout_s)
     if device.type == "cuda":
         # TF32 matmuls and cuDNN autotuning: the usual speed settings for vision training on Ampere and later.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     resolved["run_dir"] = config.run_dir
     trainer = None
     try:
+        _take_run_dir(lock, env)
         trainer = build_trainer(config, env=env, device=device, resolved=resolved)
         results = trainer.fit()
     except PreemptedError as stop:
@@ -78,9 +131,13 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    """Console entry point: register the config schemas, then let Hydra parse the command line."""
+    """Console entry point: register the config schemas, then let Hydra parse the command line.
+
+    A user error ends the command with one line on stderr and exit code 2 (config, command line) or 1.
+    """
+    exit_on_stop_signals()
     register_configs()
-    _hydra_main()
+    run_cli(_hydra_main, "pace-train", TrainConfig)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import resource
 import subprocess
 import sys
@@ -36,13 +37,36 @@ def git_sha() -> str | None:
     return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
+def _records(path: Path) -> list[dict[str, Any]]:
+    # A process killed (or a disk that filled) in the middle of a write leaves a torn last line: drop it, since
+    # the resumed run writes that step again. A bad line elsewhere is damage to report, with the file's name.
+    lines = path.read_text().splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError as e:
+            if i == len(lines) - 1:
+                log.warning("%s: ignoring a torn last line (%d characters)", path, len(line))
+                break
+            raise ValueError(f"{path}: line {i + 1} is not a JSON record ({e})") from e
+    return records
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 class MetricLogger:
-    """Writes metric records to `metrics.jsonl` in the run dir and, if configured, to wandb (rank 0 only).
+    """Writes metric records to `metrics.jsonl` in the run dir and, if configured, to wandb and TensorBoard (event
+    files under `<run_dir>/tensorboard`), rank 0 only.
 
     Args:
         run_dir: the run directory.
         env: this process's place in the job.
-        cfg: wandb settings (None or `wandb: false`: JSONL only).
+        cfg: wandb / TensorBoard settings (None, or both off: JSONL only).
         config: the resolved config recorded with the run.
         run_name: wandb run name.
     """
@@ -58,6 +82,9 @@ class MetricLogger:
         self.active = env.is_main
         self.path = Path(run_dir) / "metrics.jsonl"
         self._wandb = None
+        self._tensorboard = None
+        self._purge_step: int | None = None
+        self._use_tensorboard = cfg is not None and cfg.tensorboard
         if not self.active:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -84,10 +111,11 @@ class MetricLogger:
         Args:
             step: the step of the checkpoint being resumed.
         """
+        self._purge_step = step + 1  # TensorBoard hides the events of the abandoned steps
         if not self.active or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = [r for r in _records(self.path) if r.get("step", 0) <= step]
+        _atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         """Record `metrics` at optimizer update `step`.
@@ -102,12 +130,28 @@ class MetricLogger:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
+        if self._use_tensorboard:
+            self._log_tensorboard(metrics, step)
+
+    def _log_tensorboard(self, metrics: dict[str, Any], step: int) -> None:
+        if self._tensorboard is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tensorboard = SummaryWriter(
+                log_dir=str(self.path.parent / "tensorboard"), purge_step=self._purge_step
+            )
+        for key, value in metrics.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                self._tensorboard.add_scalar(key, value, global_step=step)
 
     def close(self) -> None:
-        """Finish the wandb run."""
+        """Finish the wandb run and flush the TensorBoard events."""
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
 
 
 class ThroughputMeter:

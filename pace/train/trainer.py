@@ -19,19 +19,20 @@ from timm.utils import ModelEmaV3, adaptive_clip_grad
 from torch import nn
 from tqdm import tqdm
 
-from pace.distributed import DistEnv, all_gather_object, all_reduce_sum_values
+from pace.distributed import DistEnv, all_gather_object, all_reduce_sum_values, broadcast_buffers
+from pace.errors import EXIT_REQUEUE as EXIT_REQUEUE
+from pace.errors import RunError
 from pace.eval import Evaluator
 from pace.layers import sync_sketches
 from pace.train.checkpoint import CheckpointManager, export_release, load_checkpoint, rng_state, set_rng_state
 from pace.train.config import TrainerConfig
 from pace.train.data import TrainData
 from pace.train.metrics import MetricLogger, ThroughputMeter, pace_telemetry
+from pace.train.progress import ProgressLine, show_progress_bar
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "pace-train-1"
-# sysexits' EX_TEMPFAIL: a stop signal was handled and a checkpoint written; rerun the same command to resume.
-EXIT_REQUEUE = 75
 
 
 def updates_per_epoch(num_batches: int, options: TrainerConfig) -> int:
@@ -147,6 +148,8 @@ class Trainer:
         clip_grad: gradient clipping threshold (None: off).
         clip_mode: "norm", "value" or "agc".
         meter: throughput meter.
+        resume_from: the checkpoint to resume, chosen and checked before the Trainer was built
+            (`pace.train.run_identity.select_checkpoint`); None: `trainer.resume` decides.
     """
 
     model: nn.Module
@@ -169,6 +172,7 @@ class Trainer:
     clip_grad: float | None = None
     clip_mode: str = "norm"
     meter: ThroughputMeter | None = None
+    resume_from: Path | None = None
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
@@ -179,6 +183,7 @@ class Trainer:
         self.updates_per_epoch = updates_per_epoch(self.train_data.batches_per_epoch, self.options)
         self._loss_window: list[float] = []
         self._telemetry_images: torch.Tensor | None = None
+        self.progress = ProgressLine(self.epochs, self.updates_per_epoch)
 
     # -- one update ---------------------------------------------------------------------------------------
 
@@ -294,7 +299,7 @@ class Trainer:
             total=self.updates_per_epoch,
             initial=self.state.batch // accum,
             desc=f"epoch {epoch}",
-            disable=not (self.options.progress_bar and self.env.is_main),
+            disable=not show_progress_bar(self.options.progress_bar, self.env.is_main),
             dynamic_ncols=True,
         )
         while self.state.batch < self.updates_per_epoch * accum:
@@ -304,6 +309,7 @@ class Trainer:
             # train_step ends in a host sync (the loss and flags it all-reduces), so this timing is the step's.
             out = self.train_step(micro_batches)
             self.meter.add(fetched - start, time.perf_counter() - fetched, out.images)
+            self.progress.mark(self.state.step)
             self.state.batch += accum
             self._after_update(out, bar)
             self._telemetry()
@@ -334,6 +340,8 @@ class Trainer:
         }
         self._loss_window.clear()
         self.metrics.log(record, step=self.state.step)
+        if self.env.is_main:
+            log.info(self.progress.step_line(self.state.epoch, self.state.step, record))
 
     def _telemetry(self) -> None:
         every = self.options.telemetry_every_steps
@@ -360,6 +368,11 @@ class Trainer:
         models = {"": self.model}
         if self.ema is not None and self.options.eval_ema:
             models["ema/"] = self.ema.module
+        for model in models.values():
+            # Without SyncBatchNorm each rank's BatchNorm statistics (and their EMA) are its own; a resumed rank
+            # restarts from rank 0's saved ones. Evaluating rank 0's everywhere (what a checkpoint holds) makes the
+            # numbers independent of restarts. Rank 0's training is unaffected; DDP re-broadcasts them anyway.
+            broadcast_buffers(model, self.env)
         amp = None if self.options.precision == "fp32" else self.options.precision
         out: dict[str, float] = {}
         for evaluator in self.evaluators if evaluators is None else evaluators:
@@ -389,12 +402,13 @@ class Trainer:
         results: dict[str, float] = {}
         with self.stop:
             while self.state.epoch < self.epochs:
+                started = time.monotonic()
                 self.train_epoch()
                 done = self.state.epoch + 1
                 results = self.evaluate([e for e in self.evaluators if e.due(done, last=done == self.epochs)])
                 if results:
                     self.metrics.log({"epoch": done - 1, **results}, step=self.state.step)
-                    log.info("epoch %d: %s", done - 1, _format(results))
+                log.info(self.progress.epoch_line(done - 1, self.state.step, time.monotonic() - started, results))
                 self.state.epoch, self.state.batch = done, 0
                 self.save_checkpoint(results.get(self.options.best_metric))
         if not results:
@@ -430,9 +444,17 @@ class Trainer:
         """
         if ckpt.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"not a training checkpoint of this trainer (format {ckpt.get('format')!r})")
-        self.model.load_state_dict(ckpt["model"])
-        if self.ema is not None and ckpt["model_ema"] is not None:
-            self.ema.module.load_state_dict(ckpt["model_ema"])
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            if self.ema is not None and ckpt["model_ema"] is not None:
+                self.ema.module.load_state_dict(ckpt["model_ema"])
+        except RuntimeError as e:
+            # Same architecture name, other arguments (class count, depth, ...): torch's message is a page long.
+            saved = f"{ckpt.get('model_name')!r} with {ckpt.get('model_args')}"
+            current = f"{self.checkpoint_meta.get('model_name')!r} with {self.checkpoint_meta.get('model_args')}"
+            raise RunError(
+                f"the checkpoint's weights ({saved}) do not fit this run's model ({current}): {str(e).splitlines()[0]}"
+            ) from e
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
@@ -468,7 +490,12 @@ class Trainer:
             self.checkpoints.remove_partial_files()
         if self.options.resume == "never":
             return
-        path = self.checkpoints.latest() if self.options.resume == "auto" else Path(self.options.resume)
+        if self.resume_from is not None:
+            path = self.resume_from
+        elif self.options.resume in ("auto", "force"):
+            path = self.checkpoints.latest()
+        else:
+            path = Path(self.options.resume)
         if path is None:
             return
         if not path.is_file():
@@ -477,7 +504,3 @@ class Trainer:
         self.metrics.truncate_after(self.state.step)
         state = self.state
         log.info("resumed from %s at epoch %d, batch %d, step %d", path, state.epoch, state.batch, state.step)
-
-
-def _format(metrics: dict[str, float]) -> str:
-    return ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not k.endswith("_count"))

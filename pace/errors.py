@@ -1,0 +1,181 @@
+"""User errors of the command-line tools: one clear line on stderr, no traceback, a meaningful exit code.
+
+`run_cli` wraps a Hydra entry point. A mistake the user can fix (a config key or value, a missing path, an
+unreadable checkpoint, a full disk) prints `<prog>: error: <one line>` and exits 2 for usage errors (the
+command line or config) or 1 otherwise. Anything else is a bug and keeps its traceback. `HYDRA_FULL_ERROR=1`
+shows every traceback, as in any Hydra application.
+"""
+
+from __future__ import annotations
+
+import difflib
+import errno
+import os
+import re
+import signal
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import fields, is_dataclass
+from typing import Any, get_type_hints
+
+# sysexits-style: 2 is what argparse returns for a bad command line.
+EXIT_USAGE = 2
+EXIT_ERROR = 1
+# sysexits' EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 (pre-emption); rerun the same command to continue.
+EXIT_REQUEUE = 75
+
+
+class UsageError(ValueError):
+    """A config key or value, or a command-line argument, that the user must change."""
+
+
+class RunError(RuntimeError):
+    """A problem with the run's files or environment, described in one line for the user."""
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError)
+
+
+def no_space_message(exc: OSError, path: Any = None) -> str:
+    """`no space left on device writing <path>` for an ENOSPC / EDQUOT error.
+
+    Args:
+        exc: the error.
+        path: the file being written, when the error does not name it.
+    """
+    where = exc.filename or path
+    return f"no space left on device writing {where}" if where else "no space left on device"
+
+
+def is_no_space(exc: BaseException) -> bool:
+    """Whether `exc` is a disk-full or quota error."""
+    return isinstance(exc, OSError) and exc.errno in _NO_SPACE
+
+
+def schema_keys(schema: type, prefix: str = "") -> list[str]:
+    """Every dotted key of a dataclass config schema (`optim.lr`, `trainer.ema`, ...).
+
+    Args:
+        schema: a dataclass type.
+        prefix: the dotted path of `schema` itself.
+    """
+    keys: list[str] = []
+    hints = get_type_hints(schema)
+    for f in fields(schema):
+        key = f"{prefix}{f.name}"
+        keys.append(key)
+        if is_dataclass(hints[f.name]):
+            keys += schema_keys(hints[f.name], f"{key}.")
+    return keys
+
+
+def did_you_mean(key: str, candidates: Iterable[str]) -> str:
+    """` (did you mean optim.lr?)` for the closest known keys, or an empty string.
+
+    A key is close when its whole dotted name or its last part is (a typo, or the right name under the wrong
+    section: `trainer.lr` -> `optim.lr`).
+
+    Args:
+        key: the unknown dotted key.
+        candidates: the keys that exist.
+    """
+    leaf = key.rsplit(".", 1)[-1]
+
+    def score(candidate: str) -> float:
+        whole = difflib.SequenceMatcher(None, key, candidate).ratio()
+        part = difflib.SequenceMatcher(None, leaf, candidate.rsplit(".", 1)[-1]).ratio()
+        return max(whole, part)
+
+    candidates = list(candidates)
+    sections = {c.rsplit(".", 1)[0] for c in candidates if "." in c}
+    leaves = [c for c in candidates if c != key and c not in sections]
+    ranked = sorted(((score(c), c) for c in leaves), key=lambda sc: (-sc[0], sc[1]))
+    close = [c for sc, c in ranked if sc >= 0.8][:3]
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
+def _one_line(text: str) -> str:
+    # Hydra and OmegaConf add `full_key:` / `object_type=` detail lines; the key is already in the message.
+    lines = [line.strip() for line in str(text).splitlines()]
+    kept = []
+    for line in lines:
+        if line.startswith("Config search path"):
+            break  # Hydra's list of config folders follows
+        if line and not re.match(r"(full_key|reference_type|object_type)\b", line):
+            kept.append(line)
+    return "; ".join(kept).replace(":;", ":")
+
+
+def _hydra_message(exc: BaseException, schema: type | None) -> str | None:
+    from hydra.errors import HydraException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    if not isinstance(exc, (HydraException, OmegaConfBaseException)):
+        return None
+    unknown = (ConfigKeyError, ConfigAttributeError)
+    cause = exc if isinstance(exc, unknown) else exc.__cause__
+    if isinstance(cause, unknown) and getattr(cause, "full_key", None):
+        hint = did_you_mean(cause.full_key, schema_keys(schema)) if schema is not None else ""
+        return f"unknown config key {cause.full_key}{hint}"
+    cause = exc.__cause__ if isinstance(exc.__cause__, OmegaConfBaseException) else None
+    if cause is not None and getattr(cause, "full_key", None):
+        return f"config key {cause.full_key}: {_one_line(cause.msg if hasattr(cause, 'msg') else cause)}"
+    if getattr(exc, "full_key", None):
+        return f"config key {exc.full_key}: {_one_line(getattr(exc, 'msg', exc))}"
+    return _one_line(exc)
+
+
+def describe(exc: BaseException, schema: type | None = None) -> tuple[str, int] | None:
+    """The one line and exit code for a user error, or None for a bug (which keeps its traceback).
+
+    Args:
+        exc: the exception that ended the command.
+        schema: the config schema, to suggest known keys for an unknown one.
+    """
+    hydra = _hydra_message(exc, schema)
+    if hydra is not None:
+        return hydra, EXIT_USAGE
+    if isinstance(exc, UsageError):
+        return _one_line(exc), EXIT_USAGE
+    if is_no_space(exc):
+        return no_space_message(exc), EXIT_ERROR  # type: ignore[arg-type]
+    if isinstance(exc, (RunError, ValueError, *_PATH_ERRORS)):
+        return _one_line(exc), EXIT_ERROR
+    return None
+
+
+def _stop_during_startup(signum: int, frame: Any) -> None:
+    print(f"stopped by signal {signum} during start-up, before training began; exit {EXIT_REQUEUE}", file=sys.stderr)
+    sys.exit(EXIT_REQUEUE)
+
+
+def exit_on_stop_signals() -> None:
+    """Make SIGTERM/SIGUSR1 exit with code 75 until the training loop installs its own checkpointing handler.
+
+    A job pre-empted while it starts has nothing to save, but the launcher must still see "requeue me".
+    """
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, _stop_during_startup)
+
+
+def run_cli(entry: Callable[[], Any], prog: str, schema: type | None = None) -> None:
+    """Run a Hydra entry point, turning user errors into one line on stderr and an exit code.
+
+    Args:
+        entry: the `@hydra.main` function.
+        prog: the command's name, printed before the message.
+        schema: the config schema (for "did you mean" suggestions).
+    """
+    full = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    # Hydra re-raises instead of printing its own shortened traceback; we decide what the user sees.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        entry()
+    except Exception as exc:
+        described = None if full else describe(exc, schema)
+        if described is None:
+            raise
+        message, code = described
+        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+        sys.exit(code)

@@ -1,0 +1,127 @@
+"""User errors print one line naming the problem, without a traceback, exit 2 (usage) or 1, and leave no run
+directory behind; a full disk while writing a checkpoint says so with the path, on stderr and in train.log."""
+
+from __future__ import annotations
+
+import errno
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from train_helpers import ROOT, make_tiny_shards, run_train, train_env
+
+from pace.errors import RunError, did_you_mean, schema_keys
+from pace.train.checkpoint import CheckpointManager, load_checkpoint
+from pace.train.config import TrainConfig
+
+
+def _error_line(out: subprocess.CompletedProcess) -> str:
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    return out.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("override", "code", "expected"),
+    [
+        ("optim.lrr=0.1", 2, "unknown config key optim.lrr (did you mean optim.lr?)"),
+        ("trainer.precision=fp8", 2, "trainer.precision='fp8'"),
+        ("data.source=webdataset data.root=/nonexistent/shards", 1, "/nonexistent/shards"),
+        # Each case starts a process (seconds each): the rest run with -m slow.
+        pytest.param("+trainer.epochz=3", 2, "trainer.epochz (did you mean sched.epochs?)", marks=pytest.mark.slow),
+        pytest.param("trainer.lr=0.1", 2, "did you mean optim.lr?", marks=pytest.mark.slow),
+        pytest.param("data.batch_size=big", 2, "data.batch_size", marks=pytest.mark.slow),
+        pytest.param("model=nonexistent", 2, "Could not find 'model/nonexistent'", marks=pytest.mark.slow),
+        pytest.param(
+            "model.pretrained=/nonexistent/ckpt.pt",
+            1,
+            "model.pretrained='/nonexistent/ckpt.pt'",
+            marks=pytest.mark.slow,
+        ),
+    ],
+)
+def test_a_user_error_is_one_line_with_its_exit_code_and_leaves_nothing(tmp_path: Path, override, code, expected):
+    run_dir = tmp_path / "run"
+    out = run_train(run_dir, *override.split(), full_errors=False)
+    assert out.returncode == code, out.stderr[-3000:]
+    line = _error_line(out)
+    assert line.startswith("pace-train: error: ") and expected in line, line
+    assert not run_dir.exists(), sorted(p.name for p in run_dir.iterdir())  # no .hydra, no train.log, no dir
+
+
+def test_suggestions_come_from_the_schema():
+    keys = schema_keys(TrainConfig)
+    assert "optim.lr" in keys and "trainer.ema_decay" in keys
+    assert did_you_mean("optim.weight_decy", keys) == " (did you mean optim.weight_decay?)"
+    assert did_you_mean("zzz.qqq", keys) == ""
+
+
+def test_disk_full_on_a_checkpoint_names_the_path_and_keeps_the_previous_one(tmp_path: Path, monkeypatch):
+    manager = CheckpointManager(tmp_path)
+    manager.save({"step": 1}, step=1)
+
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(RunError) as err:
+        manager.save({"step": 2}, step=2)
+    assert str(err.value).startswith(f"no space left on device writing {tmp_path / 'step_00000002.pt'}")
+    assert "step_00000001.pt" in str(err.value) and "is intact" in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001.pt"]  # no partial file left
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "step_00000001.pt") == {"step": 1}
+
+
+# The training CLI with torch.save failing as a full disk does from its second checkpoint on.
+_FULL_DISK_RUN = """
+import errno, sys, torch
+calls = []
+real_save = torch.save
+def save(obj, f, *args, **kwargs):
+    calls.append(1)
+    if len(calls) >= 2:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return real_save(obj, f, *args, **kwargs)
+torch.save = save
+from pace.train.main import main
+sys.argv = ["pace-train", *sys.argv[1:]]
+main()
+"""
+
+
+def test_disk_full_during_training_is_one_line_on_stderr_and_in_train_log(tmp_path: Path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-c", _FULL_DISK_RUN, f"hydra.run.dir={run_dir}", "debug=cpu", "model=vit_test"]
+    cmd += ["trainer.progress_bar=false", "logger=none"]
+    out = subprocess.run(cmd, env=train_env(full_errors=False), capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 1, out.stderr[-3000:]
+    line = _error_line(out)
+    expected = f"no space left on device writing {run_dir / 'checkpoints' / 'step_00000004.pt'}"
+    assert line.startswith(f"pace-train: error: {expected}"), line
+    assert expected in (run_dir / "train.log").read_text()
+    assert load_checkpoint(run_dir / "checkpoints" / "step_00000002.pt")["trainer"]["step"] == 2
+
+
+def test_class_count_of_the_data_is_checked_before_the_first_step(tmp_path: Path):
+    shards = make_tiny_shards(tmp_path / "shards")  # 10 classes
+    run_dir = tmp_path / "run"
+    out = run_train(run_dir, "model=pace_vit_test", *shards, "data.num_classes=20", full_errors=False)
+    assert out.returncode == 2, out.stderr[-3000:]
+    line = _error_line(out)
+    assert f"{tmp_path / 'shards' / '_info.json'} lists 10 classes, but model.num_classes=20" in line, line
+    assert "set data.num_classes=10" in line
+    assert not (run_dir / "metrics.jsonl").exists()
+
+
+def test_imagenet_real_on_other_data_is_refused_at_start_up_with_a_hint(tmp_path: Path):
+    shards = make_tiny_shards(tmp_path / "shards")
+    run_dir = tmp_path / "run"
+    out = run_train(run_dir, "model=pace_vit_test", *shards, "eval=imagenet", full_errors=False)
+    assert out.returncode == 2, out.stderr[-3000:]
+    line = _error_line(out)
+    assert "eval.imagenet scores ImageNet-ReaL labels" in line and "use eval=default" in line, line
+    assert "'val_000000'" in line or "keys like 'val_" in line, line
+    assert not (run_dir / "metrics.jsonl").exists()

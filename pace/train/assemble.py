@@ -31,6 +31,7 @@ from pace.train.builders import (
 from pace.train.checkpoint import CheckpointManager
 from pace.train.config import TrainConfig
 from pace.train.data import build_data
+from pace.train.distill import build_distillation, enable_distilled_training
 from pace.train.metrics import (
     MetricLogger,
     ThroughputMeter,
@@ -112,6 +113,7 @@ def build_trainer(cfg: TrainConfig, *, env: DistEnv, device: torch.device, resol
     if env.is_main:
         write_provenance(run_dir, resolved, env, sha)
     model = _prepare_model(cfg, env, device)
+    enable_distilled_training(model, cfg.distill)
     global_batch = cfg.data.batch_size * cfg.trainer.grad_accum_steps * env.world_size
     optimizer = build_optimizer(model, cfg.optim, global_batch)
     train_model: nn.Module = model
@@ -138,6 +140,10 @@ def build_trainer(cfg: TrainConfig, *, env: DistEnv, device: torch.device, resol
     scheduler = build_scheduler(optimizer, cfg.sched, updates_per_epoch(train_data.batches_per_epoch, cfg.trainer))
     peak = cfg.trainer.peak_tflops or device_peak_tflops(device)
     flops = training_flops_per_image(model, cfg.data.img_size, device) if peak else None
+    loss_fn = build_loss(cfg.aug, mixing=mixup is not None)
+    distill = build_distillation(
+        cfg.distill, loss_fn, num_classes=cfg.model.num_classes, mean=norm["mean"], std=norm["std"], device=device
+    )
     # Each rank draws its own dropout / drop-path / Mixup randomness from here on.
     random_seed(cfg.seed, env.rank)
     return Trainer(
@@ -145,7 +151,7 @@ def build_trainer(cfg: TrainConfig, *, env: DistEnv, device: torch.device, resol
         train_model=train_model,
         optimizer=optimizer,
         scheduler=scheduler,
-        loss_fn=build_loss(cfg.aug, mixing=mixup is not None),
+        loss_fn=loss_fn,
         train_data=train_data,
         evaluators=evaluators,
         checkpoints=CheckpointManager(run_dir / "checkpoints", cfg.trainer.keep_last, cfg.trainer.keep_best),
@@ -166,4 +172,5 @@ def build_trainer(cfg: TrainConfig, *, env: DistEnv, device: torch.device, resol
         clip_grad=cfg.optim.clip_grad,
         clip_mode=cfg.optim.clip_mode,
         meter=ThroughputMeter(device, flops, peak),
+        distill=distill,
     )

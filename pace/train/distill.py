@@ -18,6 +18,7 @@ from timm.task import DistillationTeacher
 from torch import nn
 
 from pace.eval.loading import load_model
+from pace.eval.transform import eval_data_config
 from pace.train.config import DistillConfig
 
 log = logging.getLogger(__name__)
@@ -71,9 +72,10 @@ class TeacherView(nn.Module):
         model.requires_grad_(False)
         # timm's wrapper: eval mode, and the teacher's mean/std from its pretrained_cfg as buffers.
         self.teacher = DistillationTeacher(model)
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        self.input_size = tuple(input_size or cfg.get("input_size", (3, 224, 224))[-2:])
-        self.interpolation = "bicubic" if cfg.get("interpolation", "bicubic") == "bicubic" else "bilinear"
+        # The teacher's eval transform: its pretrained_cfg, or the size a fixed-size model was built for.
+        cfg = eval_data_config(model)
+        self.input_size = tuple(input_size or cfg["input_size"][-2:])
+        self.interpolation = "bicubic" if cfg["interpolation"] == "bicubic" else "bilinear"
         self.register_buffer("student_mean", torch.tensor(student_mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("student_std", torch.tensor(student_std).view(1, -1, 1, 1), persistent=False)
 

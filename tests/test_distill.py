@@ -321,3 +321,23 @@ def test_two_process_ddp_distils_with_a_teacher_on_each_rank(tmp_path: Path):
     losses = [r["train/loss"] for r in read_metrics(tmp_path) if "train/loss" in r]
     assert losses and all(0 < x < 10 for x in losses)
     assert (tmp_path / "release" / "model.safetensors").is_file()
+
+
+def test_a_second_token_in_pace_vits_class_attention_never_sees_the_image():
+    # Why PACE-ViT has no distillation-token option (docs/training.md, Distillation): its class-attention blocks
+    # take their query from position 0 only, so a token placed beside the class token is never updated from the
+    # patch tokens; its output (and a head on it) would be the same for every image.
+    import pace  # noqa: F401  (registers the PACE-ViT variants)
+
+    model = timm.create_model("pace_vit_test", num_classes=CLASSES, img_size=32).eval()
+    token = torch.randn(1, 1, model.embed_dim)
+    outs = []
+    with torch.no_grad():
+        for seed in (0, 1):
+            patches, _ = model._embed(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed)))
+            x = torch.cat((model.cls_token.expand(2, -1, -1), token.expand(2, -1, -1), patches), dim=1)
+            for blk in model.cls_attn_blocks:
+                x = blk(x)
+            outs.append(x[:, :2])
+    torch.testing.assert_close(outs[0][:, 1], outs[1][:, 1])  # the second token: image-independent
+    assert not torch.allclose(outs[0][:, 0], outs[1][:, 0])  # the class token: read the images

@@ -11,16 +11,13 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from test_train_step import make_trainer
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 from train_helpers import ROOT, read_metrics, run_train, train_env
 
-from pace.distributed import DistEnv
-from pace.train.builders import build_scheduler
-from pace.train.checkpoint import CheckpointManager
-from pace.train.config import DistillConfig, SchedConfig, TrainerConfig, register_configs, validate
-from pace.train.data import SyntheticImages
+from pace.train.config import DistillConfig, register_configs, validate
 from pace.train.distill import (
     DistillationLoss,
     TeacherView,
@@ -28,12 +25,11 @@ from pace.train.distill import (
     build_teacher,
     enable_distilled_training,
 )
-from pace.train.metrics import MetricLogger
 from pace.train.trainer import Trainer
 
 STUDENT_MEAN, STUDENT_STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 TEACHER_MEAN, TEACHER_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-CLASSES = 5
+CLASSES = 4  # test_train_step's student
 
 
 class LinearTeacher(nn.Module):
@@ -131,29 +127,10 @@ def test_teacher_sees_the_batch_at_its_own_size_and_normalisation():
 
 
 def _student_and_trainer(tmp_path: Path, distill: DistillationLoss, mixup: Mixup | None = None, **options) -> Trainer:
-    torch.manual_seed(0)
-    model = timm.create_model("test_vit", num_classes=CLASSES, img_size=16, patch_size=8)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    data = SyntheticImages(num_samples=32, num_classes=CLASSES, img_size=16, batch_size=8, env=DistEnv())
-    return Trainer(
-        model=model,
-        train_model=model,
-        optimizer=optimizer,
-        scheduler=build_scheduler(optimizer, SchedConfig(epochs=1, warmup_epochs=0), updates_per_epoch=4),
-        loss_fn=distill.base,
-        train_data=data,
-        evaluators=[],
-        checkpoints=CheckpointManager(tmp_path / "ckpt"),
-        metrics=MetricLogger(tmp_path, DistEnv(), None, {}, "test"),
-        env=DistEnv(),
-        device=torch.device("cpu"),
-        options=TrainerConfig(**{"precision": "fp32", "ema": False, "progress_bar": False, **options}),
-        epochs=1,
-        run_dir=tmp_path,
-        checkpoint_meta={"model_args": {}},
-        mixup=mixup,
-        distill=distill,
-    )
+    # test_train_step's student (timm's test_vit, 16 px, 4 classes) with the distillation loss around its criterion.
+    trainer = make_trainer(tmp_path, **options)
+    trainer.loss_fn, trainer.distill, trainer.mixup = distill.base, distill, mixup
+    return trainer
 
 
 def _timm_teacher() -> nn.Module:
@@ -221,7 +198,7 @@ def test_teacher_from_one_of_our_checkpoints_keeps_its_weights_and_resolution(tm
         device=torch.device("cpu"),
     )
     assert loss is not None and loss.teacher.input_size == (16, 16) and loss.alpha == 0.5
-    with pytest.raises(ValueError, match=r"distill\.teacher.*5 classes, the student 7"):
+    with pytest.raises(ValueError, match=r"distill\.teacher.*4 classes, the student 7"):
         build_teacher(DistillConfig(kind="soft", teacher_checkpoint=str(path)), num_classes=7)
 
 

@@ -32,6 +32,7 @@ from pace.train.builders import (
 from pace.train.checkpoint import CheckpointManager
 from pace.train.config import TrainConfig
 from pace.train.data import build_data
+from pace.train.distill import build_distillation, enable_distilled_training
 from pace.train.metrics import (
     MetricLogger,
     ThroughputMeter,
@@ -135,6 +136,7 @@ def build_trainer(cfg: TrainConfig, *, env: DistEnv, device: torch.device, resol
         log.info("data.num_workers=%d capped at %d: the CPUs this process may use", cfg.data.num_workers, workers)
         cfg.data.num_workers = workers
     model = _prepare_model(cfg, env, device)
+    enable_distilled_training(model, cfg.distill)
     global_batch = cfg.data.batch_size * cfg.trainer.grad_accum_steps * env.world_size
     optimizer = build_optimizer(model, cfg.optim, global_batch)
     train_model: nn.Module = model
@@ -162,6 +164,10 @@ def build_trainer(cfg: TrainConfig, *, env: DistEnv, device: torch.device, resol
     scheduler = build_scheduler(optimizer, cfg.sched, updates_per_epoch(train_data.batches_per_epoch, cfg.trainer))
     peak = cfg.trainer.peak_tflops or device_peak_tflops(device)
     flops = training_flops_per_image(model, cfg.data.img_size, device) if peak else None
+    loss_fn = build_loss(cfg.aug, mixing=mixup is not None)
+    distill = build_distillation(
+        cfg.distill, loss_fn, num_classes=cfg.model.num_classes, mean=norm["mean"], std=norm["std"], device=device
+    )
     # Each rank draws its own dropout / drop-path / Mixup randomness from here on.
     random_seed(cfg.seed, env.rank)
     if env.is_main:
@@ -171,7 +177,7 @@ def build_trainer(cfg: TrainConfig, *, env: DistEnv, device: torch.device, resol
         train_model=train_model,
         optimizer=optimizer,
         scheduler=scheduler,
-        loss_fn=build_loss(cfg.aug, mixing=mixup is not None),
+        loss_fn=loss_fn,
         train_data=train_data,
         evaluators=evaluators,
         checkpoints=checkpoints,
@@ -194,4 +200,5 @@ def build_trainer(cfg: TrainConfig, *, env: DistEnv, device: torch.device, resol
         clip_mode=cfg.optim.clip_mode,
         meter=ThroughputMeter(device, flops, peak),
         resume_from=resume_from,
+        distill=distill,
     )

@@ -150,6 +150,48 @@ class AugConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation from a frozen teacher, as in DeiT (`distill` group; see pace/train/distill.py).
+
+    Args:
+        kind: "none", "soft" (KL divergence at temperature `tau`) or "hard" (cross-entropy to the teacher's argmax).
+        teacher: timm model name of the teacher (may be omitted when `teacher_checkpoint` names its architecture).
+        teacher_checkpoint: one of our training checkpoints, a release folder or `hf-hub:org/name` (read by
+            `pace.eval.load_model`; EMA weights when the checkpoint has them). None: `teacher` from timm.
+        teacher_pretrained: with no checkpoint, load timm's pretrained weights for `teacher`.
+        teacher_weights: "auto", "ema" or "raw" weights of a training checkpoint.
+        teacher_input_size: resolution the teacher sees (None: its pretrained_cfg's input size).
+        teacher_kwargs: further `timm.create_model` arguments of the teacher.
+        alpha: weight of the distillation term; the base loss gets 1 - alpha (DeiT: 0.5).
+        tau: temperature of the soft loss (DeiT: 1.0).
+        token: train the student's distillation head on the distillation term (the student must have
+            `set_distilled_training`, e.g. timm's distilled DeiTs); False: the class head takes both terms.
+    """
+
+    kind: str = "none"
+    teacher: str | None = None
+    teacher_checkpoint: str | None = None
+    teacher_pretrained: bool = True
+    teacher_weights: str = "auto"
+    teacher_input_size: int | None = None
+    teacher_kwargs: dict[str, Any] = field(default_factory=dict)
+    alpha: float = 0.5
+    tau: float = 1.0
+    token: bool = False
+
+    def __post_init__(self) -> None:
+        _one_of("distill.kind", self.kind, ("none", "soft", "hard"))
+        _one_of("distill.teacher_weights", self.teacher_weights, ("auto", "ema", "raw"))
+        _require(0.0 <= self.alpha <= 1.0, "distill.alpha", self.alpha, "a weight in [0, 1]")
+        _require(self.tau > 0, "distill.tau", self.tau, "a positive temperature")
+        size = self.teacher_input_size
+        _require(size is None or size > 0, "distill.teacher_input_size", size, "a positive resolution or null")
+        named = self.teacher is not None or self.teacher_checkpoint is not None
+        _require(self.kind == "none" or named, "distill.teacher", self.teacher, "a timm name or a teacher_checkpoint")
+        _require(not self.token or self.kind != "none", "distill.token", self.token, "false with distill.kind=none")
+
+
+@dataclass
 class OptimConfig:
     """Optimizer (timm `create_optimizer_v2`): no weight decay on 1-D parameters, optional layer decay.
 
@@ -321,6 +363,7 @@ class TrainConfig:
         optim: see `OptimConfig`.
         sched: see `SchedConfig`.
         trainer: see `TrainerConfig`.
+        distill: see `DistillConfig`.
         logger: see `LoggerConfig`.
         eval: evaluator name -> `EvaluatorConfig` (the `eval` group): what the periodic evaluation scores, each
             entry at its own `every_n_epochs`, the raw weights and (with `trainer.eval_ema`) the EMA weights.
@@ -335,6 +378,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: dict[str, EvaluatorConfig] = field(default_factory=dict)
 

@@ -27,6 +27,7 @@ from pace.layers import sync_sketches
 from pace.train.checkpoint import CheckpointManager, export_release, load_checkpoint, rng_state, set_rng_state
 from pace.train.config import TrainerConfig
 from pace.train.data import TrainData
+from pace.train.distill import DistillationLoss
 from pace.train.metrics import MetricLogger, ThroughputMeter, pace_telemetry
 from pace.train.progress import ProgressLine, show_progress_bar
 
@@ -150,6 +151,7 @@ class Trainer:
         meter: throughput meter.
         resume_from: the checkpoint to resume, chosen and checked before the Trainer was built
             (`pace.train.run_identity.select_checkpoint`); None: `trainer.resume` decides.
+        distill: knowledge distillation loss (it wraps `loss_fn`; None: `loss_fn` alone).
     """
 
     model: nn.Module
@@ -173,6 +175,7 @@ class Trainer:
     clip_mode: str = "norm"
     meter: ThroughputMeter | None = None
     resume_from: Path | None = None
+    distill: DistillationLoss | None = None
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
@@ -202,7 +205,9 @@ class Trainer:
         if self.mixup is not None:
             images, targets = self.mixup(images, targets)
         with self.autocast():
-            loss = self.loss_fn(self.train_model(images), targets)
+            outputs = self.train_model(images)
+            # Distillation: the teacher scores the same (mixed) images; its loss wraps `loss_fn`.
+            loss = self.loss_fn(outputs, targets) if self.distill is None else self.distill(images, outputs, targets)
         if self.options.debug_nan_step == step and self.env.rank == self.options.debug_nan_rank:
             loss = loss * float("nan")
         self.scaler.scale(loss * scale).backward()

@@ -80,6 +80,8 @@ def test_class_subsets_are_timm_lists_in_imagenet_order(tmp_path):
     custom = tmp_path / "subset.txt"
     custom.write_text(f"{wnids[5]}\n{wnids[2]}\n")
     assert class_subset(str(custom)) == [2, 5]
+    custom.write_text("7\n3\n")  # class indices: any label space
+    assert class_subset(str(custom)) == [3, 7]
     custom.write_text("n99999999\n")
     with pytest.raises(ValueError, match="not ImageNet-1k classes, e.g. n99999999"):
         class_subset(str(custom))

@@ -35,9 +35,10 @@ class EvaluatorConfig:
             corruption error against `baseline_errors`), or `knn` (weighted k-NN on frozen pooled features, with
             `knn_train_path` as the memory bank).
         classes: `imagenet` reads class-folder names as ImageNet wnids in timm's 1000-class order (ImageNet-A/R/
-            Sketch/C folders); null: the folders' sorted order (or their index, for folders named 0..N-1).
-        class_subset: `imagenet_a`, `imagenet_r` (timm's 200-class lists) or a file of wnids: the other logits are
-            masked before scoring, as timm's `--valid-labels` does. null: all classes.
+            Sketch/C folders); or a file naming the label space (a shard folder's `_info.json`, or one class name
+            per line); null: the folders' sorted order (or their index, for folders named 0..N-1).
+        class_subset: `imagenet_a`, `imagenet_r` (timm's 200-class lists) or a file of wnids or class indices: the
+            other logits are masked before scoring, as timm's `--valid-labels` does. null: all classes.
         baseline_errors: corruption -> the baseline model's top-1 error (percent) averaged over the 5 severities;
             the corruption error of each corruption is the model's mean error divided by this.
         num_samples: the number of samples the data must have (None: from its info or label file).
@@ -70,7 +71,6 @@ class EvaluatorConfig:
     def __post_init__(self) -> None:
         _require(self.format in FORMATS, "format", self.format, f"one of {FORMATS}")
         _require(self.kind in KINDS, "kind", self.kind, f"one of {KINDS}")
-        _require(self.classes in (None, "imagenet"), "classes", self.classes, "imagenet or null")
         _require(self.knn_k >= 1, "knn_k", self.knn_k, "an integer >= 1")
         _require(self.knn_temperature > 0, "knn_temperature", self.knn_temperature, "a temperature > 0")
         if self.kind == "knn" and self.path:

@@ -5,6 +5,7 @@ pace-eval and the Trainer's periodic evaluation are the same code path.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -87,14 +88,12 @@ def open_eval_data(
         pin_memory: pin host memory (for CUDA).
     """
     fmt = detect_format(cfg.path) if cfg.format == "auto" else cfg.format
-    classes = imagenet_classes() if cfg.classes == "imagenet" else None
+    classes = label_space(cfg.classes)
     if fmt == "webdataset":
         return _open_shards(cfg, transform, rank, world_size, batch_size, num_workers, pin_memory)
     if fmt == "imagenet_val_folder":
         folder = imagenet_val_folder(cfg.path, cfg.label_file)
     elif fmt == "corruption_folder":
-        if classes is None:
-            raise ValueError(f"{cfg.path}: an ImageNet-C tree needs its class list (classes: imagenet)")
         folder = corruption_folder(cfg.path, classes)
     else:
         folder = image_folder(cfg.path, classes)
@@ -108,6 +107,33 @@ def open_eval_data(
         pin_memory=pin_memory,
     )
     return EvalData(loader, folder.num_classes, _declared(cfg, folder), folder.description)
+
+
+def label_space(spec: str | None) -> list[str] | None:
+    """The class names of an evaluator's `classes` setting, in index order.
+
+    Args:
+        spec: `imagenet` (timm's 1000 wnids), a shard folder's `_info.json` (its `classes`), a text file with one
+            class name per line, or None (the data's own classes).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file names no classes.
+    """
+    if spec is None:
+        return None
+    if spec == "imagenet":
+        return imagenet_classes()
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"classes={spec!r}: neither 'imagenet' nor a class-list file")
+    if path.suffix == ".json":
+        classes = list(json.loads(path.read_text()).get("classes") or [])
+    else:
+        classes = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not classes:
+        raise ValueError(f"classes={spec!r}: the file names no classes")
+    return classes
 
 
 def _declared(cfg: EvaluatorConfig, folder: FolderData) -> int | None:
@@ -130,10 +156,11 @@ def _open_shards(cfg, transform, rank, world_size, batch_size, num_workers, pin_
         pin_memory=pin_memory,
     )
     num_classes = len(shards.classes) if shards.classes else None
-    if cfg.classes == "imagenet" and shards.classes and list(shards.classes) != imagenet_classes():
+    wanted = label_space(cfg.classes)
+    if wanted is not None and shards.classes and list(shards.classes) != wanted:
         raise ValueError(
-            f"{cfg.path}: classes=imagenet, but the shards' class list is another one ({len(shards.classes)} "
-            "classes); write them with pace-make-shards --classes imagenet"
+            f"{cfg.path}: classes={cfg.classes}, but the shards' class list is another one ({len(shards.classes)} "
+            "classes); write them with pace-make-shards --classes (imagenet or the class-list file)"
         )
     where = shards.info_path or f"{len(shards.urls)} shards"
     return EvalData(loader, num_classes, shards.num_samples, f"webdataset {cfg.path} split {cfg.split} ({where})")

@@ -110,13 +110,15 @@ def image_folder(root: str | Path, classes: list[str] | None = None) -> FolderDa
     return FolderData(samples, len(classes), None, f"ImageFolder {root} ({len(classes)} classes)")
 
 
-def corruption_folder(root: str | Path, classes: list[str]) -> FolderData:
+def corruption_folder(root: str | Path, classes: list[str] | None = None) -> FolderData:
     """An ImageNet-C tree (`root/<corruption>/<severity>/<wnid>/<image>`), keyed `<corruption>/<severity>/<stem>`.
 
     Args:
         root: the folder of corruption folders.
-        classes: the label space in index order (the 1000 ImageNet wnids).
+        classes: the label space in index order (the 1000 ImageNet wnids); None: the sorted class-folder names.
     """
+    if classes is None:
+        classes = sorted({p.name for p in Path(root).glob("*/*/*") if p.is_dir()})
     images = scan_corruption_folder(root, classes=classes)
     samples = [(image.path, image.label, image.key) for image in images]
     return FolderData(samples, len(classes), None, f"corruption folder {root}")

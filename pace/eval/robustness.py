@@ -35,7 +35,8 @@ def class_subset(spec: str) -> list[int]:
     """Indices, in timm's ImageNet-1k order, of a class subset.
 
     Args:
-        spec: `imagenet_a` or `imagenet_r` (the 200-wnid lists in `timm/data/_info/`), or a file of wnids.
+        spec: `imagenet_a` or `imagenet_r` (the 200-wnid lists in `timm/data/_info/`), or a file of ImageNet
+            wnids or of class indices (any label space), one per line.
 
     Raises:
         ValueError: a wnid that is not an ImageNet-1k class, naming it and the source.
@@ -48,6 +49,8 @@ def class_subset(spec: str) -> list[int]:
         if not path.is_file():
             raise FileNotFoundError(f"class_subset={spec!r}: neither {sorted(SUBSETS)} nor a file of wnids")
         source, wnids = str(path), _read_wnids(path.read_text(), str(path))
+        if all(w.isdigit() for w in wnids):
+            return sorted(int(w) for w in wnids)
     index = {wnid: i for i, wnid in enumerate(imagenet_classes())}
     unknown = [w for w in wnids if w not in index]
     if unknown:

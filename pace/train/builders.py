@@ -98,7 +98,7 @@ def build_model(cfg: ModelConfig) -> nn.Module:
 
 def freeze_for_linear_probe(model: nn.Module, num_classes: int) -> None:
     """Re-initialise the classifier and freeze everything else (timm's `freeze`, which also turns BatchNorm into
-    FrozenBatchNorm2d, so training mode does not move its statistics).
+    FrozenBatchNorm2d, so training mode does not move its statistics); PACE sketches stop being redrawn.
 
     Args:
         model: a timm model.
@@ -115,6 +115,11 @@ def freeze_for_linear_probe(model: nn.Module, num_classes: int) -> None:
     for param in model.parameters():
         if id(param) not in head_params:
             param.requires_grad = False
+    # PACE attention redraws its random sketches each epoch; a frozen backbone keeps the ones it was loaded with,
+    # so the probe trains and is evaluated on the very features the checkpoint produces.
+    for module in model.modules():
+        if getattr(module, "sketch_schedule", None) is not None:
+            module.sketch_schedule = "fixed"
     log.info(
         "linear probe: %d trainable parameters (the classifier), %d frozen",
         sum(p.numel() for p in model.parameters() if p.requires_grad),

@@ -199,6 +199,8 @@ class Evaluator:
         self.memory_bank = memory_bank
         self.targets_name, self.label_sets = resolve_labels(cfg.labels)
         self.class_subset = class_subset(cfg.class_subset) if cfg.class_subset else None
+        if cfg.kind == "knn" and memory_bank is None:
+            raise ValueError(f"evaluator {name}: k-NN needs its memory bank (knn_train_path), and this data has none")
 
     def __repr__(self) -> str:
         return f"Evaluator({self.name!r}, {self.data.description}, labels={dict(self.cfg.labels)})"

@@ -3,6 +3,9 @@ import os
 import pytest
 import torch
 
+# Third-party test files kept as pinned copies; tests/test_timm_contract.py calls into them.
+collect_ignore_glob = ["vendor/*"]
+
 
 def pytest_configure(config):
     # Two-core CI machines: one intra-op thread per test process keeps timings and parallel subprocesses sane.

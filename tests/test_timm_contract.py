@@ -1,9 +1,9 @@
 """timm's own generic model tests (``tests/test_models.py`` of the timm sdist), run on PACE-ViT variants.
 
 timm's file picks models by name pattern when it is imported, so PACE-ViT is never selected there; its test
-functions are called here directly for our model names. The file is not part of this repository: it is taken
-from the sdist of the installed timm version (``pip download``), cached in ``~/.cache/pace/timm-tests``
-(``PACE_TIMM_TESTS_CACHE`` overrides), and the tests skip with the reason when it cannot be downloaded.
+functions are called here directly for our model names. A pinned, unmodified copy of the file (timm
+``TIMM_TESTS_VERSION``, with timm's licence) lives in ``tests/vendor/timm``: nothing is fetched at test time, so
+these tests cannot skip for want of a network. Update the copy deliberately when the timm requirement moves.
 
 timm tests that do not apply to PACE-ViT:
 
@@ -23,12 +23,7 @@ timm tests that do not apply to PACE-ViT:
 """
 
 import importlib.util
-import os
 import re
-import subprocess
-import sys
-import tarfile
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -40,44 +35,25 @@ import pace  # noqa: F401  (registers the models)
 TEST_MODEL = "pace_vit_test"
 REAL_MODEL = "pace_vit_tiny_patch16_224"
 ALL_MODELS = sorted(timm.list_models("pace_vit*"))
+TIMM_TESTS_VERSION = "1.0.31"
+TIMM_TESTS_FILE = Path(__file__).parent / "vendor" / "timm" / "test_models.py"
 
 
-def _cache_dir() -> Path:
-    default = Path.home() / ".cache" / "pace" / "timm-tests"
-    return Path(os.environ.get("PACE_TIMM_TESTS_CACHE", default)) / timm.__version__
-
-
-def _download_test_file(target: Path) -> None:
-    version = timm.__version__
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", f"timm=={version}"]
-        cmd += ["--no-binary", ":all:", "--no-deps", "--quiet", "-d", tmp]
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        sdists = list(Path(tmp).glob("timm-*.tar.gz"))
-        if result.returncode or not sdists:
-            pytest.skip(f"cannot download the timm=={version} sdist for its model tests: {result.stderr[-500:]}")
-        with tarfile.open(sdists[0]) as archive:
-            member = next((m for m in archive.getmembers() if m.name.endswith("/tests/test_models.py")), None)
-            if member is None:
-                pytest.skip(f"the timm=={version} sdist has no tests/test_models.py")
-            data = archive.extractfile(member).read()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".part")
-    partial.write_bytes(data)
-    partial.replace(target)  # atomic: a concurrent or interrupted run never sees half a file
+def test_vendored_copy_matches_the_required_timm():
+    # The copy and the lower bound of the timm requirement move together (see the copy's header).
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert f'"timm>={TIMM_TESTS_VERSION}"' in pyproject
+    assert f"timm {TIMM_TESTS_VERSION}," in TIMM_TESTS_FILE.read_text().splitlines()[0]
 
 
 @pytest.fixture(scope="module")
 def timm_tests(pytestconfig):
-    """timm's ``tests/test_models.py`` for the installed timm version, imported under a private name."""
-    target = _cache_dir() / "test_models.py"
-    if not target.exists():
-        _download_test_file(target)
+    """timm's ``tests/test_models.py`` (the pinned copy), imported under a private name."""
     # Its decorators use timm's own markers, which --strict-markers rejects unless they are declared.
     builtin = {"parametrize", "timeout", "skip", "skipif", "xfail", "usefixtures", "filterwarnings"}
-    for marker in set(re.findall(r"@pytest\.mark\.(\w+)", target.read_text())) - builtin:
+    for marker in set(re.findall(r"@pytest\.mark\.(\w+)", TIMM_TESTS_FILE.read_text())) - builtin:
         pytestconfig.addinivalue_line("markers", f"{marker}: marker of timm's own test suite")
-    spec = importlib.util.spec_from_file_location("timm_sdist_test_models", target)
+    spec = importlib.util.spec_from_file_location("timm_vendored_test_models", TIMM_TESTS_FILE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

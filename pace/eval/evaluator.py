@@ -61,7 +61,13 @@ def _rank(group) -> int:
     return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
 
 
-def _unpack(batch, index: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def unpack_batch(batch, index: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """`(images, targets, keys)` of an eval batch, checked: every sample has a non-empty string key.
+
+    Raises:
+        TypeError: the batch is not a 3-tuple.
+        ValueError: naming the batch with a missing key or mismatched lengths.
+    """
     if not isinstance(batch, (tuple, list)) or len(batch) != 3:
         got = type(batch).__name__
         raise TypeError(f"eval batch {index}: the loader must yield (images, targets, keys), got {got}")
@@ -195,7 +201,7 @@ def predict(
             data_seconds += time.perf_counter() - start
             if batch is None:
                 break
-            images, targets, keys = _unpack(batch, index)
+            images, targets, keys = unpack_batch(batch, index)
             images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
             with autocast:
                 logits = net(images)
@@ -239,7 +245,8 @@ def check_sample_count(found: int, expected: int | None, *, allow_partial: bool,
     log.warning("%s; partial evaluation, metrics cover the %d samples seen", message, found)
 
 
-def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+def as_amp_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """The autocast dtype for `bf16`/`bfloat16`/`fp16`/`float16` (or a dtype, or None)."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     names = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -299,7 +306,7 @@ def evaluate(
         model,
         loader,
         device=device,
-        amp_dtype=_as_dtype(amp_dtype),
+        amp_dtype=as_amp_dtype(amp_dtype),
         channels_last=channels_last,
         maxk=maxk,
         keep_logits=keep_logits and predictions_path is not None,

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pace.eval.evaluator import EvalResult, _as_dtype, _unpack
+from pace.eval.evaluator import EvalResult, as_amp_dtype, unpack_batch
 from pace.eval.gather import gather_predictions
 from pace.eval.metrics import score_predictions
 from pace.eval.predictions import Predictions, canonicalise
@@ -73,7 +73,7 @@ def extract_features(
     net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     was_training = net.training
     net.eval()
-    dtype = _as_dtype(amp_dtype)
+    dtype = as_amp_dtype(amp_dtype)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     parts, data_seconds, batches = [], 0.0, iter(loader)
@@ -84,7 +84,7 @@ def extract_features(
             data_seconds += time.perf_counter() - start
             if batch is None:
                 break
-            images, targets, keys = _unpack(batch, len(parts))
+            images, targets, keys = unpack_batch(batch, len(parts))
             images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
             with autocast:
                 features = pooled_features(net, images)

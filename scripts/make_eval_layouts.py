@@ -3,6 +3,7 @@
     python scripts/make_eval_layouts.py data/generated/shapes runs/layouts --split val --max-images 100
 
 From the split's first images it writes, keeping each image's class folder:
+  plain/<class>/<key>.png                       the images as they are (an ImageFolder of the split)
   sketch/<class>/<key>.png                      grey edge drawings (an ImageNet-Sketch-style tree)
   subset/<class>/<key>.png + subset_classes.txt colour-inverted images of the first half of the classes, and
                                                 those class indices (an ImageNet-A/R-style 200-of-1000 subset)
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     subset = list(range(len(classes) // 2))
     for key, label, img in samples:
         cls = classes[label]
+        _save(img, args.out / "plain" / cls / f"{key}.png")
         edges = ImageOps.invert(ImageOps.grayscale(img).filter(ImageFilter.FIND_EDGES)).convert("RGB")
         _save(edges, args.out / "sketch" / cls / f"{key}.png")
         if label in subset:

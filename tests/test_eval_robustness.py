@@ -5,6 +5,7 @@ against a computation written out plainly here."""
 import json
 import math
 import random
+import tarfile
 
 import pytest
 import torch
@@ -266,3 +267,22 @@ def test_shards_with_another_class_list_are_refused(layouts, tmp_path):
         _run(
             root, tmp_path / "out", [f"eval.imagenet_r.path={tmp_path / 'shards'}", "eval.imagenet_r.split=imagenet_r"]
         )
+
+
+def test_imagenet_v2_folders_keep_their_index_in_shards(tmp_path):
+    from pace.data import read_info
+    from pace.data.make_shards import main as make_shards
+
+    for name in ("0", "10", "2"):
+        write_class_tree(tmp_path / "v2", [name], 1, seed=int(name))
+    for flags, expected_classes in (([], [str(i) for i in range(11)]), (["--classes=imagenet"], imagenet_wnids())):
+        out = tmp_path / f"shards{len(flags)}"
+        make_shards([str(out), f"--split=v2={tmp_path / 'v2'}", "--workers=1", *flags])
+        assert read_info(out)["classes"] == expected_classes
+        labels = {}
+        for tar in sorted(out.glob("*.tar")):
+            with tarfile.open(tar) as f:
+                labels.update(
+                    {m.name.split(".")[0]: int(f.extractfile(m).read()) for m in f if m.name.endswith(".cls")}
+                )
+        assert labels == {"0_0": 0, "10_0": 10, "2_0": 2}  # the folder names are the class indices

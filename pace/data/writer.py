@@ -461,7 +461,12 @@ def _choose_classes(
             raise ValueError(f"{classes_file} lists a class twice")
         return classes
     if folder_classes:
-        return sorted({name for classes, _ in folder_classes.values() for name in classes})
+        names = {name for classes, _ in folder_classes.values() for name in classes}
+        if all(name.isdigit() for name in names):
+            # Folders named by class index (ImageNetV2's 0..999) keep it: folder `10` is class 10, as when read
+            # as an ImageFolder for evaluation.
+            return [str(i) for i in range(max(int(name) for name in names) + 1)]
+        return sorted(names)
     names = {label for split in labels for label in read_label_file(labels[split]).values()}
     if all(name.isdigit() for name in names):
         raise ValueError("the label files hold class indices: pass classes_file (--classes) to name the classes")
@@ -470,17 +475,22 @@ def _choose_classes(
 
 def relabel_images(folder_classes: list[str], images: list[SourceImage], classes: Sequence[str]) -> list[SourceImage]:
     """Map a folder's own class indices onto a class list (e.g. ImageNet-R's 200 wnid folders onto the 1000
-    ImageNet-1k classes).
+    ImageNet-1k classes). Folders named by class index (ImageNetV2's `0` ... `999`) keep that index.
 
     Raises:
-        ValueError: a class folder is not in `classes`.
+        ValueError: a class folder is neither in `classes` nor an index below its length.
     """
     index = {name: i for i, name in enumerate(classes)}
+    for name in folder_classes:
+        if name not in index and name.isdigit() and int(name) < len(classes):
+            index[name] = int(name)
     missing = sorted(set(folder_classes) - set(index))
     if missing:
-        raise ValueError(f"class directories {missing[:5]} are not in the class list")
+        raise ValueError(f"class directories {missing[:5]} are neither in the class list nor class indices")
     return [
-        SourceImage(i.key, index[i.class_name], i.class_name, path=i.path, render=i.render, filename=i.filename)
+        SourceImage(
+            i.key, index[i.class_name], classes[index[i.class_name]], path=i.path, render=i.render, filename=i.filename
+        )
         for i in images
     ]
 

@@ -86,3 +86,87 @@ def compose_eval(overrides: list[str]):
     register_configs()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose("eval", overrides=overrides)
+
+
+def imagenet_wnids() -> list[str]:
+    """timm's ImageNet-1k wnids in class-index order, read straight from its synset file."""
+    text = (resources.files("timm.data") / "_info" / "imagenet_synsets.txt").read_text()
+    return sorted(line.strip() for line in text.splitlines() if line.strip())
+
+
+def timm_subset_wnids(name: str) -> list[str]:
+    """The wnids of timm's `imagenet_a` / `imagenet_r` list, read straight from the file."""
+    text = (resources.files("timm.data") / "_info" / f"{name}_synsets.txt").read_text()
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _noise_jpeg(path: Path, rng: np.random.Generator, size: tuple[int, int] = (40, 48)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(path, quality=90)
+
+
+def write_class_tree(root: Path, wnids: list[str], per_class: int, *, seed: int = 0) -> dict[str, str]:
+    """An ImageNet-A/R/Sketch style tree `root/<wnid>/<wnid>_<i>.jpg` of noise JPEGs; returns key -> wnid."""
+    rng = np.random.default_rng(seed)
+    keys = {}
+    for wnid in wnids:
+        for i in range(per_class):
+            _noise_jpeg(root / wnid / f"{wnid}_{i}.jpg", rng)
+            keys[f"{wnid}_{i}"] = wnid
+    return keys
+
+
+def write_corruption_tree(
+    root: Path, corruptions: list[str], severities: list[int], labels: dict[str, str], *, seed: int = 0
+) -> dict[str, str]:
+    """An ImageNet-C style tree `root/<corruption>/<severity>/<wnid>/<stem>.JPEG`: the same stems (val images)
+    under every corruption and severity, each a different noise image; returns key `c/s/stem` -> wnid."""
+    rng = np.random.default_rng(seed)
+    keys = {}
+    for corruption in corruptions:
+        for severity in severities:
+            for stem, wnid in labels.items():
+                _noise_jpeg(root / corruption / str(severity) / wnid / f"{stem}.JPEG", rng)
+                keys[f"{corruption}/{severity}/{stem}"] = wnid
+    return keys
+
+
+def biased_checkpoint(path: Path, classes: list[int], *, bias: float = 3.0, seed: int = 0) -> Path:
+    """A training checkpoint of `pace_vit_test` whose head favours `classes`, so predictions hit and miss."""
+    import timm
+
+    import pace  # noqa: F401  (registers the models)
+
+    torch.manual_seed(seed)
+    model = timm.create_model("pace_vit_test")
+    with torch.no_grad():
+        model.head.bias[sorted(set(classes))] += bias
+    state = model.state_dict()
+    torch.save({"model": state, "model_ema": state, "model_name": "pace_vit_test", "model_args": {}}, path)
+    return path
+
+
+def reference_outputs(checkpoint: Path, files: dict[str, str | Path], *, size: int, crop_pct: float, flip=False):
+    """key -> (logits, pooled features) of each image file, computed one image at a time with timm's own transform
+    and model calls (independently of pace.eval)."""
+    import timm
+    from timm.data import create_transform, resolve_data_config
+
+    import pace  # noqa: F401
+
+    saved = torch.load(checkpoint, weights_only=True)
+    model = timm.create_model(saved["model_name"])
+    model.load_state_dict(saved["model_ema"])
+    model.eval()
+    config = resolve_data_config({"input_size": (3, size, size), "crop_pct": crop_pct}, model=model)
+    transform = create_transform(**config, is_training=False)
+    out = {}
+    with torch.no_grad():
+        for key, file in files.items():
+            with Image.open(file) as img:
+                x = transform(img.convert("RGB"))[None]
+            views = [x, x.flip(-1)] if flip else [x]
+            feats = [model.forward_head(model.forward_features(v), pre_logits=True)[0] for v in views]
+            logits = [model.forward_head(model.forward_features(v))[0] for v in views]
+            out[key] = (sum(logits) / len(logits), sum(feats) / len(feats))
+    return out

@@ -47,8 +47,9 @@ def test_experiment_list_is_complete():
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes_and_instantiates(experiment):
     overrides = [f"experiment={experiment}"]
-    if experiment == "finetune":
-        overrides.append("model.pretrained=null")  # loading weights is tested in test_train_finetune.py
+    if experiment in ("finetune", "linear_probe", "linear_probe_quickstart"):
+        # loading weights is tested in test_train_finetune.py and test_eval_linear_probe.py
+        overrides.append("model.pretrained=null")
     cfg = validate(compose_train(*overrides))
     assert isinstance(cfg, TrainConfig)
     assert cfg.name == experiment
@@ -56,9 +57,11 @@ def test_experiment_composes_and_instantiates(experiment):
         model = build_model(cfg.model)
     assert model.num_classes == cfg.data.num_classes
     optimizer = build_optimizer(model, cfg.optim, global_batch=cfg.data.batch_size)
-    assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == sum(
-        p.numel() for p in model.parameters()
-    )
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == sum(p.numel() for p in trainable)
+    # A linear probe trains the classifier alone; every other experiment trains everything.
+    expected = list(model.get_classifier().parameters()) if cfg.model.linear_probe else list(model.parameters())
+    assert sum(p.numel() for p in trainable) == sum(p.numel() for p in expected)
 
 
 def test_experiment_headers_state_command_hardware_and_expectation():

@@ -151,8 +151,9 @@ def assert_same_results(run_dir: Path, reference: Path) -> dict:
     single = json.loads((reference / "results.json").read_text())["evaluators"]["imagenet"]
     other = json.loads((run_dir / "results.json").read_text())["evaluators"]["imagenet"]
     # Accuracies and counts are exact. The mean loss is computed from logits, and a sample's logits depend on the
-    # matrix-kernel path its batch shape selects (ranks see other batch compositions), so it agrees to rounding.
-    losses = {k for k in single["metrics"] if k.endswith("/loss")}
+    # matrix-kernel path its batch shape selects (ranks see other batch compositions), so it agrees to rounding;
+    # so do the NLL and the calibration error, computed from the same logits.
+    losses = {k for k in single["metrics"] if k.endswith(("/loss", "/nll", "/ece"))}
     assert {k: v for k, v in other["metrics"].items() if k not in losses} == {
         k: v for k, v in single["metrics"].items() if k not in losses
     }

@@ -98,7 +98,15 @@ def test_jpeg_folder_end_to_end_through_the_command_line(val_data, tmp_path):
     section = record["evaluators"]["imagenet"]
     assert section["counts"]["samples"] == 9
     assert (section["counts"]["real/top1"], section["counts"]["real/excluded"]) == (8, 1)
-    assert set(section["metrics"]) == {"val/top1", "val/top5", "val/loss", "real/top1", "real/top5"}
+    assert set(section["metrics"]) == {
+        "val/top1",
+        "val/top5",
+        "val/loss",
+        "val/nll",
+        "val/ece",
+        "real/top1",
+        "real/top5",
+    }
     assert record["transform"]["input_size"] == [3, 64, 64] and record["transform"]["crop_pct"] == 0.875
     assert record["model"]["name"] == "pace_vit_test" and record["environment"]["world_size"] == 1
     assert record["config"]["eval"]["imagenet"]["label_file"].endswith("val.txt")

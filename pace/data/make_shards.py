@@ -2,6 +2,8 @@
 
     pace-make-shards OUT --split train=/data/imagenet/train --split val=/data/imagenet/val_flat \\
         --labels val=/data/imagenet/LOC_val_solution.csv --workers 16
+    pace-make-shards OUT --split imagenet_r=/data/imagenet-r --split imagenet_c=/data/imagenet-c \\
+        --layout imagenet_c=corruptions --classes imagenet
     pace-make-shards data/generated/shapes --synthetic
 """
 
@@ -59,7 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=FILE",
         help="labels of a flat split: LOC_val_solution.csv or '<file> <wnid|index>' lines",
     )
-    parser.add_argument("--classes", help="class names in index order, one per line (default: sorted wnids)")
+    parser.add_argument(
+        "--layout",
+        action="append",
+        default=[],
+        metavar="NAME=LAYOUT",
+        help="folder layout of a split: folder (default) or corruptions (ImageNet-C: <corruption>/<severity>/<wnid>/)",
+    )
+    parser.add_argument(
+        "--classes",
+        help="class names in index order, one per line, or 'imagenet' for the 1000 ImageNet-1k wnids (ImageNet-A/R/"
+        "Sketch/C folders keep ImageNet-1k labels); default: sorted wnids",
+    )
     parser.add_argument("--prefix", help="shard name prefix (default: the output directory's name)")
     parser.add_argument("--key-style", choices=("auto", "stem", "path"), default="auto", help="sample keys")
     parser.add_argument("--max-count", type=int, default=1000, help="samples per shard at most (default 1000)")
@@ -109,6 +122,7 @@ def _run(args: argparse.Namespace) -> dict:
             args.out,
             _pairs(args.split, "--split"),
             labels=_pairs(args.labels, "--labels"),
+            layouts=_pairs(args.layout, "--layout"),
             classes_file=args.classes,
             prefix=args.prefix,
             key_style=args.key_style,

@@ -23,7 +23,7 @@ from pathlib import Path
 from PIL import Image
 from webdataset import TarWriter
 
-from pace.data.imagenet import read_label_file
+from pace.data.imagenet import imagenet_classes, read_label_file
 from pace.data.info import INFO_FORMAT, INFO_NAME, read_info, write_info
 from pace.data.jpeg_check import jpeg_damage
 
@@ -136,11 +136,53 @@ def scan_flat_folder(root: str | Path, *, labels: Mapping[str, str], classes: Se
     return images
 
 
+def scan_corruption_folder(root: str | Path, *, classes: Sequence[str]) -> list[SourceImage]:
+    """List an ImageNet-C tree `root/<corruption>/<severity>/<wnid>/<image>`.
+
+    The same validation image appears under every corruption and severity, so keys are
+    `<corruption>/<severity>/<stem>`; labels are the wnids' places in `classes`.
+
+    Args:
+        root: the folder holding one folder per corruption.
+        classes: class names (wnids) in index order.
+
+    Raises:
+        FileNotFoundError: no corruption folders, or a class folder without images.
+        ValueError: a severity folder that is not a number, or a class folder that is not in `classes`.
+    """
+    root = Path(root)
+    index = {name: i for i, name in enumerate(classes)}
+    found: list[tuple[Path, int, str]] = []
+    for corruption in sorted(p for p in root.iterdir() if p.is_dir()):
+        for severity in sorted(p for p in corruption.iterdir() if p.is_dir()):
+            if not severity.name.isdigit():
+                raise ValueError(f"{severity}: expected severity folders named 1..5 under {corruption}")
+            for folder in sorted(p for p in severity.iterdir() if p.is_dir()):
+                if folder.name not in index:
+                    raise ValueError(f"class folder {folder} is not in the class list")
+                files = _image_files(folder, recursive=True)
+                if not files:
+                    raise FileNotFoundError(f"class directory {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+                found.extend((path, index[folder.name], folder.name) for path in files)
+    if not found:
+        raise FileNotFoundError(f"{root} has no <corruption>/<severity>/<class>/ folders with images")
+    keys = _make_keys([path.relative_to(root).parent.parent / path.name for path, _, _ in found], "path")
+    return [
+        SourceImage(key=key, label=label, class_name=name, path=str(path), filename=str(path.relative_to(root)))
+        for key, (path, label, name) in zip(keys, found)
+    ]
+
+
+LAYOUTS = ("folder", "corruptions")
+IMAGENET = "imagenet"  # `classes_file` value: timm's 1000 ImageNet-1k wnids
+
+
 def shard_image_folders(
     out_dir: str | Path,
     splits: Mapping[str, str | Path],
     *,
     labels: Mapping[str, str | Path] | None = None,
+    layouts: Mapping[str, str] | None = None,
     classes_file: str | Path | None = None,
     prefix: str | None = None,
     key_style: str = "auto",
@@ -158,7 +200,10 @@ def shard_image_folders(
         out_dir: output directory (created; must be empty unless overwrite).
         splits: split name -> directory, an ImageFolder tree or a flat folder (the latter needs `labels`).
         labels: split name -> label file for flat folders (see `read_label_file`).
-        classes_file: class names in index order, one per line; default: the sorted class directories of the
+        layouts: split name -> `folder` (default) or `corruptions` (ImageNet-C: `<corruption>/<severity>/<wnid>/`,
+            see `scan_corruption_folder`; needs `classes_file`).
+        classes_file: class names in index order, one per line, or `imagenet` for timm's ImageNet-1k wnids (so
+            ImageNet-A/R/Sketch/C folders get ImageNet-1k labels); default: the sorted class directories of the
             ImageFolder splits, else the sorted wnids of the label files.
         prefix: shard name prefix (`<prefix>-<split>-NNNNNN.tar`); default: the output directory's name.
         key_style: see `scan_image_folder`.
@@ -174,22 +219,31 @@ def shard_image_folders(
         The info dict written to `<out_dir>/_info.json`.
     """
     labels = dict(labels or {})
-    unknown = set(labels) - set(splits)
+    layouts = dict(layouts or {})
+    unknown = (set(labels) | set(layouts)) - set(splits)
     if unknown:
-        raise ValueError(f"labels given for unknown splits {sorted(unknown)}; splits are {sorted(splits)}")
+        raise ValueError(f"labels or layouts given for unknown splits {sorted(unknown)}; splits are {sorted(splits)}")
+    bad = {split: layout for split, layout in layouts.items() if layout not in LAYOUTS}
+    if bad:
+        raise ValueError(f"unknown layouts {bad}; known: {LAYOUTS}")
+    corruptions = {split for split, layout in layouts.items() if layout == "corruptions"}
+    if corruptions and classes_file is None:
+        raise ValueError(f"splits {sorted(corruptions)} use the corruptions layout: give the class list (imagenet)")
     folder_classes: dict[str, tuple[list[str], list[SourceImage]]] = {}
     for split, directory in splits.items():
         if not Path(directory).is_dir():
             raise FileNotFoundError(f"split {split}: directory not found: {directory}")
-        if split not in labels:
+        if split not in labels and split not in corruptions:
             folder_classes[split] = scan_image_folder(directory, key_style=key_style)
     classes = _choose_classes(classes_file, folder_classes, labels)
     samples: dict[str, list[SourceImage]] = {}
     for split, directory in splits.items():
-        if split in labels:
+        if split in corruptions:
+            samples[split] = scan_corruption_folder(directory, classes=classes)
+        elif split in labels:
             samples[split] = scan_flat_folder(directory, labels=read_label_file(labels[split]), classes=classes)
         else:
-            samples[split] = _relabel(*folder_classes[split], classes)
+            samples[split] = relabel_images(*folder_classes[split], classes)
     return write_dataset(
         out_dir,
         samples,
@@ -457,27 +511,44 @@ def _choose_classes(
     folder_classes: Mapping[str, tuple[list[str], list[SourceImage]]],
     labels: Mapping[str, str | Path],
 ) -> list[str]:
+    if classes_file == IMAGENET:
+        return imagenet_classes()
     if classes_file is not None:
         classes = [line.strip() for line in Path(classes_file).read_text().splitlines() if line.strip()]
         if len(set(classes)) != len(classes):
             raise ValueError(f"{classes_file} lists a class twice")
         return classes
     if folder_classes:
-        return sorted({name for classes, _ in folder_classes.values() for name in classes})
+        names = {name for classes, _ in folder_classes.values() for name in classes}
+        if all(name.isdigit() for name in names):
+            # Folders named by class index (ImageNetV2's 0..999) keep it: folder `10` is class 10, as when read
+            # as an ImageFolder for evaluation.
+            return [str(i) for i in range(max(int(name) for name in names) + 1)]
+        return sorted(names)
     names = {label for split in labels for label in read_label_file(labels[split]).values()}
     if all(name.isdigit() for name in names):
         raise ValueError("the label files hold class indices: pass classes_file (--classes) to name the classes")
     return sorted(names)
 
 
-def _relabel(folder_classes: list[str], images: list[SourceImage], classes: list[str]) -> list[SourceImage]:
-    """Map a folder's own class indices onto the dataset's class list."""
+def relabel_images(folder_classes: list[str], images: list[SourceImage], classes: Sequence[str]) -> list[SourceImage]:
+    """Map a folder's own class indices onto a class list (e.g. ImageNet-R's 200 wnid folders onto the 1000
+    ImageNet-1k classes). Folders named by class index (ImageNetV2's `0` ... `999`) keep that index.
+
+    Raises:
+        ValueError: a class folder is neither in `classes` nor an index below its length.
+    """
     index = {name: i for i, name in enumerate(classes)}
+    for name in folder_classes:
+        if name not in index and name.isdigit() and int(name) < len(classes):
+            index[name] = int(name)
     missing = sorted(set(folder_classes) - set(index))
     if missing:
-        raise ValueError(f"class directories {missing[:5]} are not in the class list")
+        raise ValueError(f"class directories {missing[:5]} are neither in the class list nor class indices")
     return [
-        SourceImage(i.key, index[i.class_name], i.class_name, path=i.path, render=i.render, filename=i.filename)
+        SourceImage(
+            i.key, index[i.class_name], classes[index[i.class_name]], path=i.path, render=i.render, filename=i.filename
+        )
         for i in images
     ]
 

@@ -14,7 +14,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from pace.schema import LoggerConfig
 from pace.schema import require as _require
 
-FORMATS = ("auto", "webdataset", "imagenet_val_folder", "image_folder")
+FORMATS = ("auto", "webdataset", "imagenet_val_folder", "image_folder", "corruption_folder")
+KINDS = ("classify", "corruptions", "knn")
 TARGETS = "targets"  # label source: the labels the samples carry
 IMAGENET_REAL = "imagenet_real"  # label source: the ImageNet-ReaL sets timm ships
 
@@ -27,8 +28,19 @@ class EvaluatorConfig:
         path: the data: a shard folder / brace pattern / list file, a flat folder of `ILSVRC2012_val_*.JPEG`
             files, or an ImageFolder tree. None (or empty) skips this evaluator.
         split: the split name inside a shard folder.
-        format: `auto` (detected from `path`), `webdataset`, `imagenet_val_folder` or `image_folder`.
+        format: `auto` (detected from `path`), `webdataset`, `imagenet_val_folder`, `image_folder`, or
+            `corruption_folder` (ImageNet-C: `<corruption>/<severity>/<wnid>/<image>`).
         label_file: labels of a flat ImageNet val folder (`LOC_val_solution.csv` or `file label` lines).
+        kind: `classify` (top-k, NLL, ECE), `corruptions` (the same per corruption and severity, and the mean
+            corruption error against `baseline_errors`), or `knn` (weighted k-NN on frozen pooled features, with
+            `knn_train_path` as the memory bank).
+        classes: `imagenet` reads class-folder names as ImageNet wnids in timm's 1000-class order (ImageNet-A/R/
+            Sketch/C folders); or a file naming the label space (a shard folder's `_info.json`, or one class name
+            per line); null: the folders' sorted order (or their index, for folders named 0..N-1).
+        class_subset: `imagenet_a`, `imagenet_r` (timm's 200-class lists) or a file of wnids or class indices: the
+            other logits are masked before scoring, as timm's `--valid-labels` does. null: all classes.
+        baseline_errors: corruption -> the baseline model's top-1 error (percent) averaged over the 5 severities;
+            the corruption error of each corruption is the model's mean error divided by this.
         num_samples: the number of samples the data must have (None: from its info or label file).
         labels: metric group -> label source: `targets` (the samples' own labels), `imagenet_real`, or a JSON
             file of label sets (`{key: [classes]}`, or a 50,000-entry list in ImageNet val order).
@@ -47,9 +59,24 @@ class EvaluatorConfig:
     topk: list[int] = field(default_factory=lambda: [1, 5])
     every_n_epochs: int = 1
     partial: bool = False
+    kind: str = "classify"
+    classes: str | None = None
+    class_subset: str | None = None
+    baseline_errors: dict[str, float] = field(default_factory=dict)
+    knn_train_path: str | None = None
+    knn_train_split: str = "train"
+    knn_k: int = 20
+    knn_temperature: float = 0.07
 
     def __post_init__(self) -> None:
         _require(self.format in FORMATS, "format", self.format, f"one of {FORMATS}")
+        _require(self.kind in KINDS, "kind", self.kind, f"one of {KINDS}")
+        _require(self.knn_k >= 1, "knn_k", self.knn_k, "an integer >= 1")
+        _require(self.knn_temperature > 0, "knn_temperature", self.knn_temperature, "a temperature > 0")
+        if self.kind == "knn" and self.path:
+            _require(bool(self.knn_train_path), "knn_train_path", self.knn_train_path, "the memory-bank data")
+        bad = {k: v for k, v in self.baseline_errors.items() if not 0 < v <= 100}
+        _require(not bad, "baseline_errors", bad, "errors in percent, in (0, 100]")
         _require(bool(self.labels), "labels", self.labels, "at least one metric group")
         _require(list(self.labels.values()).count(TARGETS) <= 1, "labels", self.labels, "'targets' at most once")
         _require(bool(self.topk) and min(self.topk) >= 1, "topk", self.topk, "positive integers")
@@ -104,6 +131,26 @@ class TransformConfig:
 
 
 @dataclass
+class TestTimeConfig:
+    """Test-time options of pace-eval.
+
+    Args:
+        flip: average the logits of each image and its horizontal mirror.
+        input_sizes: evaluate at each of these resolutions (empty: the transform's one resolution).
+        crop_pcts: and at each of these centre-crop fractions (empty: the transform's one fraction); every
+            (size, crop) pair is one row block of the combined results table.
+    """
+
+    flip: bool = False
+    input_sizes: list[int] = field(default_factory=list)
+    crop_pcts: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _require(all(s > 0 for s in self.input_sizes), "test_time.input_sizes", self.input_sizes, "sizes > 0")
+        _require(all(0 < c <= 1 for c in self.crop_pcts), "test_time.crop_pcts", self.crop_pcts, "in (0, 1]")
+
+
+@dataclass
 class LoaderConfig:
     """Per-process batching, and the data root the evaluator group refers to.
 
@@ -135,6 +182,7 @@ class EvalConfig:
         data: see `LoaderConfig`.
         eval: evaluator name -> `EvaluatorConfig` (the `eval` group).
         transform: see `TransformConfig`.
+        test_time: see `TestTimeConfig`.
         device: `auto`, `cpu` or `cuda`.
         amp: autocast dtype `bf16` / `fp16`, or null for full precision.
         channels_last: channels-last images and model.
@@ -151,6 +199,7 @@ class EvalConfig:
     data: LoaderConfig = field(default_factory=LoaderConfig)
     eval: dict[str, EvaluatorConfig] = field(default_factory=dict)
     transform: TransformConfig = field(default_factory=TransformConfig)
+    test_time: TestTimeConfig = field(default_factory=TestTimeConfig)
     device: str = "auto"
     amp: str | None = None
     channels_last: bool = False

@@ -61,7 +61,13 @@ def _rank(group) -> int:
     return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
 
 
-def _unpack(batch, index: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def unpack_batch(batch, index: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """`(images, targets, keys)` of an eval batch, checked: every sample has a non-empty string key.
+
+    Raises:
+        TypeError: the batch is not a 3-tuple.
+        ValueError: naming the batch with a missing key or mismatched lengths.
+    """
     if not isinstance(batch, (tuple, list)) or len(batch) != 3:
         got = type(batch).__name__
         raise TypeError(f"eval batch {index}: the loader must yield (images, targets, keys), got {got}")
@@ -78,7 +84,13 @@ def _unpack(batch, index: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
 
 
 def _batch_predictions(
-    logits: torch.Tensor, targets: torch.Tensor, keys: list[str], *, maxk: int, keep_logits: bool
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    keys: list[str],
+    *,
+    maxk: int,
+    keep_logits: bool,
+    class_subset: torch.Tensor | None = None,
 ) -> Predictions:
     logits = logits.float()
     # Checked on the loader's (CPU) targets, so a GPU pass does not wait for the device every batch.
@@ -88,6 +100,8 @@ def _batch_predictions(
             f"class-count mismatch: sample {keys[bad[0]]!r} has label {int(targets[bad[0]])} but the model produces "
             f"{logits.shape[1]} logits"
         )
+    if class_subset is not None:
+        logits = mask_logits(logits, class_subset, targets, keys)
     targets = targets.to(logits.device, torch.long, non_blocking=True)
     labelled = targets >= 0
     loss = F.cross_entropy(logits, targets.clamp(min=0), reduction="none")
@@ -99,7 +113,39 @@ def _batch_predictions(
         loss=loss,
         num_classes=logits.shape[1],
         logits=logits if keep_logits else None,
+        confidence=logits.softmax(dim=1).amax(dim=1),
     )
+
+
+def mask_logits(
+    logits: torch.Tensor, class_subset: torch.Tensor, targets: torch.Tensor, keys: list[str]
+) -> torch.Tensor:
+    """Logits restricted to a class subset (ImageNet-A/R's 200 classes): the others become -inf, so top-k,
+    softmax and the loss are those of the subset, while class indices keep their meaning in the full label space.
+
+    Args:
+        logits: (B, num_classes) logits.
+        class_subset: (S,) int64 class indices that stay.
+        targets: (B,) labels on the CPU; each labelled sample's class must be in the subset.
+        keys: the samples' keys, for the error message.
+
+    Raises:
+        ValueError: naming a sample whose label is outside the subset, or a subset class the model lacks.
+    """
+    if int(class_subset.max()) >= logits.shape[1]:
+        raise ValueError(
+            f"class-count mismatch: the class subset names class {int(class_subset.max())} but the model produces "
+            f"{logits.shape[1]} logits"
+        )
+    allowed = torch.zeros(logits.shape[1], dtype=torch.bool)
+    allowed[class_subset] = True
+    outside = ((targets >= 0) & ~allowed[targets.clamp(min=0)]).nonzero().flatten().tolist()
+    if outside:
+        raise ValueError(
+            f"sample {keys[outside[0]]!r} has label {int(targets[outside[0]])}, which is not in the evaluator's "
+            f"{len(class_subset)}-class subset"
+        )
+    return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
 
 
 @torch.inference_mode()
@@ -116,6 +162,7 @@ def predict(
     group=None,
     log_every: int = 0,
     limit_batches: int | None = None,
+    class_subset: Sequence[int] | None = None,
 ) -> tuple[Predictions, float]:
     """Run `model` over this rank's share of the data and gather every rank's predictions.
 
@@ -132,6 +179,7 @@ def predict(
         group: the process group to gather over (None: the default group, if initialised).
         log_every: log progress every this many batches on rank 0 (0: never).
         limit_batches: stop after this many batches on each rank.
+        class_subset: score only these classes (the other logits are masked to -inf), as for ImageNet-A/R.
 
     Returns:
         The predictions of all ranks, concatenated in rank order (not yet sorted or checked for repeats), and the
@@ -144,6 +192,7 @@ def predict(
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     parts: list[Predictions] = []
+    subset = None if class_subset is None else torch.as_tensor(list(class_subset), dtype=torch.long)
     data_seconds, index, batches = 0.0, 0, iter(loader)
     try:
         while limit_batches is None or index < limit_batches:
@@ -152,7 +201,7 @@ def predict(
             data_seconds += time.perf_counter() - start
             if batch is None:
                 break
-            images, targets, keys = _unpack(batch, index)
+            images, targets, keys = unpack_batch(batch, index)
             images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
             with autocast:
                 logits = net(images)
@@ -164,7 +213,9 @@ def predict(
                     f"class-count mismatch: the model produces {logits.shape[1]} logits but the data has "
                     f"{num_classes} classes"
                 )
-            parts.append(_batch_predictions(logits, targets, keys, maxk=maxk, keep_logits=keep_logits))
+            parts.append(
+                _batch_predictions(logits, targets, keys, maxk=maxk, keep_logits=keep_logits, class_subset=subset)
+            )
             index += 1
             if log_every and index % log_every == 0 and _rank(group) == 0:
                 log.info("eval: %d batches, %d samples on rank 0", index, sum(len(p) for p in parts))
@@ -174,7 +225,8 @@ def predict(
         local = Predictions.concat(parts).cpu()
     else:  # this rank got no samples; its width and class count come from the other ranks when gathered
         empty = torch.empty(0)
-        local = Predictions([], empty.long().reshape(0, maxk), empty.long(), empty, num_classes or 0)
+        logits = empty.reshape(0, num_classes or 0) if keep_logits else None
+        local = Predictions([], empty.long().reshape(0, maxk), empty.long(), empty, num_classes or 0, logits, empty)
     return gather_predictions(local, group), data_seconds
 
 
@@ -193,7 +245,8 @@ def check_sample_count(found: int, expected: int | None, *, allow_partial: bool,
     log.warning("%s; partial evaluation, metrics cover the %d samples seen", message, found)
 
 
-def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+def as_amp_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """The autocast dtype for `bf16`/`bfloat16`/`fp16`/`float16` (or a dtype, or None)."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     names = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -220,6 +273,7 @@ def evaluate(
     group=None,
     log_every: int = 0,
     limit_batches: int | None = None,
+    class_subset: Sequence[int] | None = None,
 ) -> EvalResult:
     """Evaluate a classifier on keyed data: top-k against the samples' labels and against any label sets.
 
@@ -243,6 +297,7 @@ def evaluate(
         group: process group to gather over; None is the default group when initialised.
         log_every: progress log interval in batches (0: none).
         limit_batches: evaluate only this many batches per rank; implies partial evaluation.
+        class_subset: score only these classes (ImageNet-A/R), masking the other logits.
     """
     allow_partial = allow_partial or limit_batches is not None
     start = time.perf_counter()
@@ -251,7 +306,7 @@ def evaluate(
         model,
         loader,
         device=device,
-        amp_dtype=_as_dtype(amp_dtype),
+        amp_dtype=as_amp_dtype(amp_dtype),
         channels_last=channels_last,
         maxk=maxk,
         keep_logits=keep_logits and predictions_path is not None,
@@ -259,6 +314,7 @@ def evaluate(
         group=group,
         log_every=log_every,
         limit_batches=limit_batches,
+        class_subset=class_subset,
     )
     preds, dropped = canonicalise(gathered, allow_partial=allow_partial)
     check_sample_count(len(preds), expected_samples, allow_partial=allow_partial)

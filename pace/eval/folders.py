@@ -13,7 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from pace.data import imagenet_classes, read_label_file
-from pace.data.writer import IMAGE_SUFFIXES, scan_flat_folder, scan_image_folder
+from pace.data.writer import IMAGE_SUFFIXES, relabel_images, scan_corruption_folder, scan_flat_folder, scan_image_folder
 from pace.eval.predictions import UNLABELLED
 
 log = logging.getLogger(__name__)
@@ -86,17 +86,42 @@ def imagenet_val_folder(root: str | Path, label_file: str | Path | None = None) 
     return FolderData(samples, 1000, None, f"ImageNet val folder {root} (unlabelled)")
 
 
-def image_folder(root: str | Path) -> FolderData:
+def image_folder(root: str | Path, classes: list[str] | None = None) -> FolderData:
     """An ImageFolder tree (`root/<class>/<image>`): classes are the sorted sub-folder names, keys the file stems
     (relative paths where stems repeat across classes). Folders named by class index, as ImageNetV2 ships
-    (`0` ... `999`), keep that index rather than their place in string order (where `10` sorts before `2`)."""
-    classes, images = scan_image_folder(root)
+    (`0` ... `999`), keep that index rather than their place in string order (where `10` sorts before `2`).
+
+    Args:
+        root: the tree.
+        classes: the label space in index order (e.g. the 1000 ImageNet wnids, for ImageNet-A/R/Sketch, whose
+            folders are wnids); None: the folders themselves.
+    """
+    folder_classes, images = scan_image_folder(root)
+    if classes is not None:
+        images = relabel_images(folder_classes, images, classes)
+        samples = [(image.path, image.label, image.key) for image in images]
+        return FolderData(samples, len(classes), None, f"ImageFolder {root} ({len(folder_classes)} classes by name)")
+    classes = folder_classes
     if all(name.isdigit() for name in classes):
         index = [int(name) for name in classes]
         samples = [(image.path, index[image.label], image.key) for image in images]
         return FolderData(samples, max(index) + 1, None, f"ImageFolder {root} (classes by folder index)")
     samples = [(image.path, image.label, image.key) for image in images]
     return FolderData(samples, len(classes), None, f"ImageFolder {root} ({len(classes)} classes)")
+
+
+def corruption_folder(root: str | Path, classes: list[str] | None = None) -> FolderData:
+    """An ImageNet-C tree (`root/<corruption>/<severity>/<wnid>/<image>`), keyed `<corruption>/<severity>/<stem>`.
+
+    Args:
+        root: the folder of corruption folders.
+        classes: the label space in index order (the 1000 ImageNet wnids); None: the sorted class-folder names.
+    """
+    if classes is None:
+        classes = sorted({p.name for p in Path(root).glob("*/*/*") if p.is_dir()})
+    images = scan_corruption_folder(root, classes=classes)
+    samples = [(image.path, image.label, image.key) for image in images]
+    return FolderData(samples, len(classes), None, f"corruption folder {root}")
 
 
 def folder_loader(

@@ -49,7 +49,13 @@ def gather_predictions(local: Predictions, group=None) -> Predictions:
         return local
     meta = [None] * world
     has_rows = len(local) > 0
-    info = (local.keys, local.num_classes if has_rows else None, local.topk.shape[1], local.logits is not None)
+    info = (
+        local.keys,
+        local.num_classes if has_rows else None,
+        local.topk.shape[1],
+        local.logits is not None,
+        local.confidence is not None,
+    )
     dist.all_gather_object(meta, info, group=group)
     counts = [len(m[0]) for m in meta]
     num_classes = {m[1] for m in meta if m[1] is not None}
@@ -57,8 +63,12 @@ def gather_predictions(local: Predictions, group=None) -> Predictions:
         raise ValueError(f"ranks disagree on the number of classes: {sorted(num_classes)}")
     widths = {m[2] for m, n in zip(meta, counts) if n}
     keep_logits = {m[3] for m in meta}
-    if len(widths) > 1 or len(keep_logits) > 1:
-        raise ValueError(f"ranks disagree on top-k width {sorted(widths)} or on keeping logits {sorted(keep_logits)}")
+    keep_confidence = {m[4] for m in meta}
+    if len(widths) > 1 or len(keep_logits) > 1 or len(keep_confidence) > 1:
+        raise ValueError(
+            f"ranks disagree on top-k width {sorted(widths)}, on keeping logits {sorted(keep_logits)} or "
+            f"confidences {sorted(keep_confidence)}"
+        )
     if not num_classes:  # no rank saw a sample
         return local
     (c,) = num_classes
@@ -69,6 +79,9 @@ def gather_predictions(local: Predictions, group=None) -> Predictions:
         "targets": _all_gather_rows(local.targets, counts, group),
         "loss": _all_gather_rows(local.loss, counts, group),
     }
+    if keep_confidence.pop():
+        confidence = local.confidence if local.confidence is not None else local.loss.new_zeros((0,))
+        parts["confidence"] = _all_gather_rows(confidence, counts, group)
     if keep_logits.pop():
         logits = local.logits if has_rows else local.loss.new_zeros((0, c))
         parts["logits"] = _all_gather_rows(logits, counts, group)

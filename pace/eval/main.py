@@ -34,7 +34,9 @@ from pace.eval.evaluators import build_evaluators
 from pace.eval.loading import LoadedModel, load_model, sha256_file
 from pace.eval.report import format_table, log_wandb, write_results
 from pace.eval.rescore import rescore
+from pace.eval.sweep import point_name, transform_points
 from pace.eval.transform import build_eval_transform, eval_data_config
+from pace.eval.tta import FlipTTA
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -89,7 +91,27 @@ def _evaluate_model(config: EvalConfig, env: DistEnv, device: torch.device) -> d
     model = loaded.model.to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    data_config = eval_data_config(model, dataclasses.asdict(config.transform))
+    net = FlipTTA(model) if config.test_time.flip else model
+    test_time = config.test_time
+    points = transform_points(dataclasses.asdict(config.transform), test_time.input_sizes, test_time.crop_pcts)
+    sections, transforms = {}, {}
+    for overrides in points:
+        data_config = eval_data_config(model, overrides)
+        sections.update(_evaluate_point(config, env, device, loaded.name, net, data_config, named=len(points) > 1))
+        transforms[point_name("", data_config)[1:]] = data_config
+    record = {
+        "model": _model_record(loaded, config) if env.is_main else {"name": loaded.name},
+        "transform": data_config if len(points) == 1 else transforms,
+        "test_time": dataclasses.asdict(config.test_time),
+        "evaluators": sections,
+        "environment": _environment(env, device, config),
+        "seconds": time.perf_counter() - start,
+    }
+    return record
+
+
+def _evaluate_point(config, env, device, model_name, net, data_config, *, named: bool) -> dict[str, Any]:
+    # One resolution and crop: every evaluator, named `<evaluator>@<size>px/crop<pct>` when several points run.
     evaluators = build_evaluators(
         config.eval,
         build_eval_transform(data_config),
@@ -101,11 +123,13 @@ def _evaluate_model(config: EvalConfig, env: DistEnv, device: torch.device) -> d
     )
     sections = {}
     for evaluator in evaluators:
-        log.info("evaluating %s on %s", loaded.name, evaluator.data.description)
+        name = point_name(evaluator.name, data_config) if named else evaluator.name
+        log.info("evaluating %s on %s", model_name, evaluator.data.description)
         suffix = ".jsonl.gz" if config.predictions_logits else ".jsonl"
-        predictions = Path(config.output_dir) / f"predictions_{evaluator.name}{suffix}" if config.predictions else None
+        stem = name.replace("/", "_").replace("@", "_")
+        predictions = Path(config.output_dir) / f"predictions_{stem}{suffix}" if config.predictions else None
         result = evaluator.run(
-            model,
+            net,
             device=device,
             amp_dtype=config.amp,
             channels_last=config.channels_last,
@@ -113,24 +137,18 @@ def _evaluate_model(config: EvalConfig, env: DistEnv, device: torch.device) -> d
             keep_logits=config.predictions_logits,
             log_every=_log_interval(evaluator.data.expected_samples, config.data.batch_size * env.world_size),
         )
-        sections[evaluator.name] = {
+        sections[name] = {
             "data": {
                 "description": evaluator.data.description,
                 **dataclasses.asdict(evaluator.cfg),
             },
+            "transform": data_config,
             "metrics": result.metrics,
             "counts": result.counts,
             "timing": result.timing(),
             "predictions": None if predictions is None else str(predictions),
         }
-    record = {
-        "model": _model_record(loaded, config) if env.is_main else {"name": loaded.name},
-        "transform": data_config,
-        "evaluators": sections,
-        "environment": _environment(env, device, config),
-        "seconds": time.perf_counter() - start,
-    }
-    return record
+    return sections
 
 
 def _rescore(config: EvalConfig) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from pace.eval.calibration import ECE_BINS, expected_calibration_error
 from pace.eval.labels import LabelSets
 from pace.eval.predictions import Predictions
 
@@ -22,20 +23,25 @@ class Score:
         correct: k -> samples whose top-k predictions hold a correct class.
         excluded: samples left out (unlabelled, or an empty label set).
         loss_sum: summed cross-entropy over the scored samples, when defined.
+        ece: expected calibration error of the top-1 confidences (percent, 15 bins), when known.
     """
 
     count: int
     correct: dict[int, int]
     excluded: int = 0
     loss_sum: float | None = None
+    ece: float | None = None
 
     def metrics(self) -> dict[str, float]:
-        """Percent accuracies `top{k}` and the mean `loss`; empty when nothing was scored."""
+        """Percent accuracies `top{k}`, the mean `loss` (the NLL, under both names) and `ece`; empty when nothing
+        was scored."""
         if self.count == 0:
             return {}
         out = {f"top{k}": 100.0 * c / self.count for k, c in self.correct.items()}
         if self.loss_sum is not None:
-            out["loss"] = self.loss_sum / self.count
+            out["loss"] = out["nll"] = self.loss_sum / self.count
+        if self.ece is not None:
+            out["ece"] = self.ece
         return out
 
     def counts(self) -> dict[str, int]:
@@ -75,9 +81,15 @@ def score_targets(preds: Predictions, topk: Sequence[int] = (1, 5)) -> Score:
     targets, topk_pred = preds.targets[labelled], preds.topk[labelled]
     correct = {k: int((topk_pred[:, :k] == targets[:, None]).any(dim=1).sum()) for k in _usable_k(topk, preds)}
     # float64 summation in key order: the same total for any split of the samples over ranks.
-    loss_sum = math.fsum(preds.loss[labelled].double().tolist())
+    losses = preds.loss[labelled].double()
+    # Scores without a probability model (k-NN votes) carry NaN losses and no confidences.
+    loss_sum = None if len(losses) and bool(losses.isnan().all()) else math.fsum(losses.tolist())
+    ece = None
+    if preds.confidence is not None:
+        top1 = topk_pred[:, 0] == targets
+        ece = 100.0 * expected_calibration_error(preds.confidence[labelled], top1, ECE_BINS)
     count = int(labelled.sum())
-    return Score(count=count, correct=correct, excluded=len(preds) - count, loss_sum=loss_sum)
+    return Score(count=count, correct=correct, excluded=len(preds) - count, loss_sum=loss_sum, ece=ece)
 
 
 def score_label_sets(preds: Predictions, label_sets: LabelSets, topk: Sequence[int] = (1, 5)) -> Score:

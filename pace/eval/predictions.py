@@ -27,6 +27,7 @@ class Predictions:
         loss: (N,) float32 per-sample cross-entropy against `targets` (NaN where unlabelled).
         num_classes: the number of logits the model produced.
         logits: optional (N, num_classes) float32 logits.
+        confidence: optional (N,) float32 softmax probability of the top-1 class (for calibration).
     """
 
     keys: list[str]
@@ -35,12 +36,14 @@ class Predictions:
     loss: torch.Tensor
     num_classes: int
     logits: torch.Tensor | None = None
+    confidence: torch.Tensor | None = None
 
     def __post_init__(self):
         n = len(self.keys)
         rows = {"topk": self.topk.shape[0], "targets": self.targets.shape[0], "loss": self.loss.shape[0]}
-        if self.logits is not None:
-            rows["logits"] = self.logits.shape[0]
+        for name in ("logits", "confidence"):
+            if getattr(self, name) is not None:
+                rows[name] = getattr(self, name).shape[0]
         if any(r != n for r in rows.values()):
             raise ValueError(f"predictions for {n} keys have mismatched rows: {rows}")
 
@@ -57,6 +60,7 @@ class Predictions:
             loss=self.loss[index],
             num_classes=self.num_classes,
             logits=None if self.logits is None else self.logits[index],
+            confidence=None if self.confidence is None else self.confidence[index],
         )
 
     def cpu(self) -> Predictions:
@@ -68,6 +72,7 @@ class Predictions:
             loss=self.loss.cpu(),
             num_classes=self.num_classes,
             logits=None if self.logits is None else self.logits.cpu(),
+            confidence=None if self.confidence is None else self.confidence.cpu(),
         )
 
     @staticmethod
@@ -79,6 +84,7 @@ class Predictions:
         if len(num_classes) != 1:
             raise ValueError(f"parts disagree on the number of classes: {sorted(num_classes)}")
         with_logits = [p.logits is not None for p in parts]
+        with_confidence = [p.confidence is not None for p in parts]
         return Predictions(
             keys=[k for p in parts for k in p.keys],
             topk=torch.cat([p.topk for p in parts]),
@@ -86,6 +92,7 @@ class Predictions:
             loss=torch.cat([p.loss for p in parts]),
             num_classes=parts[0].num_classes,
             logits=torch.cat([p.logits for p in parts]) if all(with_logits) else None,
+            confidence=torch.cat([p.confidence for p in parts]) if all(with_confidence) else None,
         )
 
 
@@ -145,6 +152,8 @@ def write_predictions(path: str | Path, preds: Predictions) -> Path:
                 "loss": float(preds.loss[i]),
                 "num_classes": preds.num_classes,
             }
+            if preds.confidence is not None:
+                row["confidence"] = float(preds.confidence[i])
             if preds.logits is not None:
                 row["logits"] = preds.logits[i].tolist()
             f.write(json.dumps(row, allow_nan=True) + "\n")
@@ -159,7 +168,7 @@ def read_predictions(path: str | Path) -> Predictions:
         ValueError: naming the file and line of a malformed row.
     """
     path = Path(path)
-    keys, topk, targets, loss, logits, num_classes = [], [], [], [], [], set()
+    keys, topk, targets, loss, logits, confidence, num_classes = [], [], [], [], [], [], set()
     with _open(path, "r", compressed=path.suffix == ".gz") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
@@ -173,12 +182,16 @@ def read_predictions(path: str | Path) -> Predictions:
                 num_classes.add(int(row["num_classes"]))
                 if "logits" in row:
                     logits.append(row["logits"])
+                if "confidence" in row:
+                    confidence.append(float(row["confidence"]))
             except (KeyError, TypeError, ValueError) as e:
                 raise ValueError(f"{path}:{line_no}: malformed prediction row ({e!r})") from None
     if len(num_classes) > 1:
         raise ValueError(f"{path}: rows disagree on num_classes: {sorted(num_classes)}")
     if logits and len(logits) != len(keys):
         raise ValueError(f"{path}: {len(logits)} of {len(keys)} rows carry logits; expected all or none")
+    if confidence and len(confidence) != len(keys):
+        raise ValueError(f"{path}: {len(confidence)} of {len(keys)} rows carry a confidence; expected all or none")
     if len({len(t) for t in topk}) > 1:
         raise ValueError(f"{path}: rows carry different numbers of top-k classes")
     return Predictions(
@@ -188,4 +201,5 @@ def read_predictions(path: str | Path) -> Predictions:
         loss=torch.tensor(loss, dtype=torch.float32),
         num_classes=num_classes.pop() if num_classes else 0,
         logits=torch.tensor(logits, dtype=torch.float32) if logits else None,
+        confidence=torch.tensor(confidence, dtype=torch.float32) if confidence else None,
     )

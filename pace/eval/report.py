@@ -18,7 +18,10 @@ def format_table(sections: Mapping[str, Mapping[str, Any]]) -> str:
     """
     rows = [("evaluator", "metric", "value", "samples")]
     for name, section in sections.items():
-        for metric, value in section["metrics"].items():
+        metrics = section["metrics"]
+        for metric, value in metrics.items():
+            if metric.endswith("/loss") and metric[: -len("loss")] + "nll" in metrics:
+                continue  # the same number as the NLL row
             rows.append((name, metric, f"{value:.3f}", str(section["counts"].get(metric, ""))))
         excluded = {k: v for k, v in section["counts"].items() if k.endswith("/excluded") and v}
         for key, value in excluded.items():

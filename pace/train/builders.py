@@ -13,7 +13,7 @@ from timm.models import load_state_dict_from_hf
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.scheduler.scheduler import Scheduler
-from timm.utils import ModelEmaV3
+from timm.utils import ModelEmaV3, freeze
 from torch import nn
 
 from pace.errors import RunError
@@ -97,6 +97,8 @@ def build_model(cfg: ModelConfig) -> nn.Module:
             raise
         raise RunError(_pretrained_mismatch(cfg, e)) from e
     drop_pretrained_state_dict(model)
+    if cfg.linear_probe:
+        freeze_for_linear_probe(model, cfg.num_classes)
     return model
 
 
@@ -112,6 +114,37 @@ def _pretrained_mismatch(cfg: ModelConfig, error: RuntimeError) -> str:
     held = f"a {arch!r} model" if arch else "weights"
     detail = str(error).splitlines()[0].removesuffix(":")
     return f"model.pretrained={cfg.pretrained} holds {held} that does not fit model.name={cfg.name!r} ({detail})"
+
+
+def freeze_for_linear_probe(model: nn.Module, num_classes: int) -> None:
+    """Re-initialise the classifier and freeze everything else (timm's `freeze`, which also turns BatchNorm into
+    FrozenBatchNorm2d, so training mode does not move its statistics); PACE sketches stop being redrawn.
+
+    Args:
+        model: a timm model.
+        num_classes: classes of the new head.
+    """
+    model.reset_classifier(num_classes)
+    head = model.get_classifier()
+    head_params = {id(p) for p in head.parameters()}
+    if not head_params:
+        raise ValueError(f"model.linear_probe: {type(model).__name__} has no trainable classifier")
+    # timm's freeze on the top-level children without the head (it also freezes their BatchNorm statistics);
+    # then any parameter left outside the head (tokens held by the model itself, siblings of a nested head).
+    freeze(model, [name for name, child in model.named_children() if not any(m is head for m in child.modules())])
+    for param in model.parameters():
+        if id(param) not in head_params:
+            param.requires_grad = False
+    # PACE attention redraws its random sketches each epoch; a frozen backbone keeps the ones it was loaded with,
+    # so the probe trains and is evaluated on the very features the checkpoint produces.
+    for module in model.modules():
+        if getattr(module, "sketch_schedule", None) is not None:
+            module.sketch_schedule = "fixed"
+    log.info(
+        "linear probe: %d trainable parameters (the classifier), %d frozen",
+        sum(p.numel() for p in model.parameters() if p.requires_grad),
+        sum(p.numel() for p in model.parameters() if not p.requires_grad),
+    )
 
 
 def peak_lr(cfg: OptimConfig, global_batch: int) -> float:

@@ -36,6 +36,8 @@ class ModelConfig:
         pretrained: weights to start from: a local checkpoint (ours or the authors' format), a release
             file (`model.safetensors` beside its `config.json`) or `hf-hub:org/name`. None: random init.
         kwargs: further keyword arguments for `timm.create_model` (e.g. `compress_form: diag`).
+        linear_probe: train only a new linear classifier on the frozen pooled features: the head is
+            re-initialised, every other parameter (and BatchNorm statistics) frozen; needs drop_path_rate 0.
     """
 
     name: str = "pace_vit_tiny_patch16_224"
@@ -44,9 +46,13 @@ class ModelConfig:
     drop_path_rate: float = 0.1
     pretrained: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
+    linear_probe: bool = False
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "model.name", self.name, "a timm model name")
+        # Stochastic depth would perturb the frozen features the probe is meant to measure.
+        ok = not self.linear_probe or self.drop_path_rate == 0
+        _require(ok, "model.drop_path_rate", self.drop_path_rate, "0 for a linear probe (model.linear_probe=true)")
         _require(self.num_classes > 0, "model.num_classes", self.num_classes, "a positive class count")
         _require(0.0 <= self.drop_path_rate < 1.0, "model.drop_path_rate", self.drop_path_rate, "a rate in [0, 1)")
 

@@ -76,3 +76,14 @@ def test_memberships_on_cuda_match_float64(dtype):
     assert (pi.cpu().double() - pi64).abs().max().item() <= 1e-6
     tol = 1e-6 if dtype == torch.float32 else 2**-8 + 1e-6
     assert ((w.cpu().double() - w64).abs() / w64.abs().clamp_min(1e-3)).max().item() <= tol
+
+
+def test_the_layers_factor_dispatches_to_the_kernel_on_cuda():
+    # pace.layers.basis routes CUDA factors through pace.kernels: same numbers as the op, float64 stays float64.
+    from pace.layers.basis import inverse_cholesky_factor as layers_factor
+
+    G = ridge_gram(256, 40, 20, EPS, torch.Generator().manual_seed(1))
+    assert torch.equal(layers_factor(G.float().cuda()), inverse_cholesky_factor(G.float().cuda()))
+    F64 = layers_factor(G.cuda())
+    assert F64.dtype == torch.float64
+    torch.testing.assert_close(F64.cpu(), inverse_cholesky_factor_reference(G))

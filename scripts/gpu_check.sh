@@ -17,7 +17,7 @@
 # Every step has its own time limit and its output is appended to gpu_check.log; a failing or timed-out step is
 # recorded in steps.tsv and the next step still runs; the exit code is non-zero if any step failed. Results:
 # gpu_check.log, steps.tsv, summary.txt, bench_layer/, bench_model/, bench_model_graphs/ (results.csv, summary.json,
-# report.md each), profile_pace/ and profile_deit/ (profile.txt, summary.json each).
+# report.md each), bench_kernels.json, profile_pace/ and profile_deit/ (profile.txt, summary.json each).
 set -euo pipefail
 
 DRY_RUN=0
@@ -101,7 +101,7 @@ else
     LIMIT_SCALE=1
 fi
 
-# Step limits add up to 460 s (under 8 minutes), the budget of one GPU session's check.
+# Step limits add up to 480 s (8 minutes), the budget of one GPU session's check.
 run_step environment 10 bash -c "date -u; uname -a; nvidia-smi || true; \"$PYTHON\" -c 'import torch, timm; \
 print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"available\", torch.cuda.is_available()); \
 print(\"gpu\", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None); print(\"timm\", timm.__version__)'"
@@ -119,6 +119,12 @@ run_step bench_model 120 "$PYTHON" scripts/bench_model.py --device "$DEVICE" ${Q
     ${MODEL_ARGS[@]+"${MODEL_ARGS[@]}"} --modes train "${COMPILED[@]}" --out "$RESULTS/bench_model"
 run_step bench_model_graphs 100 "$PYTHON" scripts/bench_model.py --device "$DEVICE" ${QUICK[@]+"${QUICK[@]}"} \
     ${MODEL_ARGS[@]+"${MODEL_ARGS[@]}"} --modes train,infer "${GRAPHS[@]}" --out "$RESULTS/bench_model_graphs"
+# Triton kernels of pace.kernels against torch.linalg at the layers' sizes (interpreter smoke check when dry).
+if [[ "$DRY_RUN" == 1 ]]; then
+    run_step bench_kernels 20 "$PYTHON" scripts/bench_kernels.py --dry-run --out "$RESULTS/bench_kernels.json"
+else
+    run_step bench_kernels 20 "$PYTHON" scripts/bench_kernels.py --out "$RESULTS/bench_kernels.json"
+fi
 run_step profile_pace 40 "$PYTHON" scripts/profile_step.py --device "$DEVICE" "${PROFILE_PACE[@]}" \
     ${PROFILE_COMPILE[@]+"${PROFILE_COMPILE[@]}"} --out "$RESULTS/profile_pace"
 run_step profile_deit 40 "$PYTHON" scripts/profile_step.py --device "$DEVICE" "${PROFILE_DEIT[@]}" \

@@ -91,13 +91,17 @@ def test_visualize_demo_uses_the_offline_sample_photographs(tmp_path):
         _assert_png(tmp_path / f"{name}_memberships.png")
 
 
-def test_analyze_a_training_checkpoint_reports_its_ema_weights_and_the_rates_of_the_batch(tmp_path):
+def test_analyze_a_training_checkpoint_reports_its_raw_or_ema_weights_and_the_rates_of_the_batch(tmp_path):
     photos = _photos(tmp_path / "val")
     ckpt = tmp_path / "step_00000010.pt"
     raw, ema = _training_checkpoint(ckpt)
     out = tmp_path / "analysis"
-    argv = [str(ckpt), str(tmp_path / "val"), "--batch-size", "2", "--spectrum-blocks", "1", "3", "--out", str(out)]
-    assert analyze_main(argv) == 0
+    argv = [str(ckpt), str(tmp_path / "val"), "--batch-size", "2", "--spectrum-blocks", "1", "3"]
+    # By default the raw `model` weights, as the authors evaluate and as pace-eval loads; EMA on request.
+    assert analyze_main([*argv, "--out", str(tmp_path / "raw")]) == 0
+    report = json.loads((tmp_path / "raw" / "analysis.json").read_text())
+    assert report["coefficients"] == [{k: float(v) for k, v in b.coefficients().items()} for b in raw.blocks]
+    assert analyze_main([*argv, "--weights", "ema", "--out", str(out)]) == 0
     report = json.loads((out / "analysis.json").read_text())
     assert report["num_images"] == 3 and report["eps"] == 0.5
     coeffs = [{k: float(v) for k, v in b.coefficients().items()} for b in ema.blocks]

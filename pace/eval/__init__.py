@@ -9,7 +9,7 @@ from pace.eval.config import EvaluatorConfig, evaluators_from_config
 from pace.eval.evaluator import EvalResult, evaluate, predict
 from pace.eval.evaluators import EvalData, Evaluator, build_evaluators
 from pace.eval.labels import LabelSets
-from pace.eval.loading import LoadedModel, load_model
+from pace.eval.loading import LoadedModel, load_model, read_weights
 from pace.eval.predictions import Predictions, read_predictions, write_predictions
 from pace.eval.rescore import rescore
 from pace.eval.transform import build_eval_transform, eval_data_config, run_eval_settings, set_eval_settings
@@ -28,6 +28,7 @@ __all__ = [
     "evaluate",
     "evaluators_from_config",
     "load_model",
+    "read_weights",
     "predict",
     "read_predictions",
     "rescore",

@@ -61,7 +61,7 @@ def _pretrained_overlay(source: str, classifier: str) -> dict[str, Any]:
     if source.startswith("hf-hub:"):
         state_dict = load_state_dict_from_hf(source.removeprefix("hf-hub:"))
     else:
-        # The EMA weights of a training checkpoint when it holds them (the same reader as pace-eval).
+        # The raw `model` weights of a checkpoint, as the authors fine-tune (the same reader as pace-eval).
         state_dict, _ = read_weights(source)
     # timm resets the head when num_classes differs from the pretrained config's count, so declare the count
     # the weights really have.

@@ -228,18 +228,6 @@ def all_reduce_sum_values(values: list[float], env: DistEnv, device: torch.devic
     return tensor.tolist()
 
 
-def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
-    """Sum of a tensor over ranks (in place; returned for chaining).
-
-    Args:
-        tensor: this rank's values, on the collective device.
-        env: this process's place in the job.
-    """
-    if env.is_distributed:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
-
-
 def all_gather_object(obj: Any, env: DistEnv) -> list[Any]:
     """Every rank's `obj`, indexed by rank.
 

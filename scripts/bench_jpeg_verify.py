@@ -72,7 +72,11 @@ def writer(images: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=200, help="images written in the writer comparison")
-    parser.add_argument("--cifar", default="/work/shared/data/cifar10/cifar10_jpg.tar.gz", help="CIFAR-10 JPEG tarball")
+    parser.add_argument(
+        "--cifar",
+        default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10" / "cifar10_jpg.tar.gz"),
+        help="CIFAR-10 JPEG tarball (default: shared/ beside the checkout; skipped when absent)",
+    )
     args = parser.parse_args()
     photo = _photo(0)
     per_image(f"500x375 q90 ({len(photo)} B)", photo, 100)

@@ -8,14 +8,16 @@ shows every traceback, as in any Hydra application.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import errno
 import os
 import re
 import signal
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import fields, is_dataclass
+from pathlib import Path
 from typing import Any, get_type_hints
 
 # sysexits-style: 2 is what argparse returns for a bad command line.
@@ -159,23 +161,77 @@ def exit_on_stop_signals() -> None:
         signal.signal(signum, _stop_during_startup)
 
 
+def discard_failed_start(run_dir: Path) -> None:
+    """Remove a command's output directory when it holds nothing but the log Hydra opened for it.
+
+    A command that failed before it wrote anything of its own leaves no directory behind; a directory holding
+    anything else (another run, another job's lock, results) is left alone.
+
+    Args:
+        run_dir: the command's output directory.
+    """
+    if not run_dir.is_dir() or {p.name for p in run_dir.iterdir()} - {"train.log", "main.log"}:
+        return
+    for name in ("train.log", "main.log"):
+        (run_dir / name).unlink(missing_ok=True)
+    run_dir.rmdir()
+
+
+# Whether the user asked for full tracebacks (HYDRA_FULL_ERROR=1 before `run_cli` set it for its own use).
+_show_tracebacks = False
+
+
+def exit_on_user_error(exc: BaseException, prog: str, schema: type | None = None) -> None:
+    """Print `<prog>: error: <one line>` and exit with its code when `exc` is a user error; return otherwise.
+
+    Args:
+        exc: the exception that ended the command.
+        prog: the command's name, printed before the message.
+        schema: the config schema (for "did you mean" suggestions).
+    """
+    described = None if _show_tracebacks else describe(exc, schema)
+    if described is None:
+        return
+    message, code = described
+    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+@contextlib.contextmanager
+def user_errors(prog: str, schema: type | None = None) -> Iterator[None]:
+    """Inside a Hydra task function: end the process on a user error before Hydra sees it.
+
+    Hydra writes "Error executing job with overrides: [...]" for every exception that leaves the task function;
+    `SystemExit` is not an `Exception`, so exiting here keeps the user's stderr to the one line.
+
+    Args:
+        prog: the command's name.
+        schema: the config schema (for "did you mean" suggestions).
+    """
+    try:
+        yield
+    except Exception as exc:
+        exit_on_user_error(exc, prog, schema)
+        raise
+
+
 def run_cli(entry: Callable[[], Any], prog: str, schema: type | None = None) -> None:
     """Run a Hydra entry point, turning user errors into one line on stderr and an exit code.
+
+    Errors inside the task function are handled there (`user_errors`); this catches the ones Hydra raises
+    while it composes the config, before the task runs.
 
     Args:
         entry: the `@hydra.main` function.
         prog: the command's name, printed before the message.
         schema: the config schema (for "did you mean" suggestions).
     """
-    full = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    global _show_tracebacks
+    _show_tracebacks = os.environ.get("HYDRA_FULL_ERROR") == "1"
     # Hydra re-raises instead of printing its own shortened traceback; we decide what the user sees.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         entry()
     except Exception as exc:
-        described = None if full else describe(exc, schema)
-        if described is None:
-            raise
-        message, code = described
-        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
-        sys.exit(code)
+        exit_on_user_error(exc, prog, schema)
+        raise

@@ -19,6 +19,7 @@ from pace.train.config import TrainConfig
 
 def _error_line(out: subprocess.CompletedProcess) -> str:
     assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert "Error executing job" not in out.stderr, out.stderr[-3000:]  # Hydra's own line: ours is the only one
     return out.stderr.strip().splitlines()[-1]
 
 
@@ -125,3 +126,15 @@ def test_imagenet_real_on_other_data_is_refused_at_start_up_with_a_hint(tmp_path
     assert "eval.imagenet scores ImageNet-ReaL labels" in line and "use eval=default" in line, line
     assert "'val_000000'" in line or "keys like 'val_" in line, line
     assert not (run_dir / "metrics.jsonl").exists()
+
+
+def test_pace_eval_user_error_is_one_line_and_leaves_no_output_directory(tmp_path: Path):
+    out_dir = tmp_path / "eval"
+    cmd = [sys.executable, "-m", "pace.eval.main", f"hydra.run.dir={out_dir}", "model.checkpoint=/nonexistent/ckpt.pt"]
+    cmd.append(f"data.root={tmp_path}")
+    env = train_env(full_errors=False)
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stderr[-3000:]
+    line = _error_line(out)
+    assert line == "pace-eval: error: checkpoint /nonexistent/ckpt.pt does not exist", line
+    assert not out_dir.exists(), sorted(p.name for p in out_dir.iterdir())  # no .hydra, no main.log

@@ -17,6 +17,7 @@ from typing import Any
 import hydra
 import timm
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 import pace
@@ -28,7 +29,7 @@ from pace.distributed import (
     resolve_dist_env,
     select_device,
 )
-from pace.errors import run_cli
+from pace.errors import discard_failed_start, run_cli, user_errors
 from pace.eval.config import EvalConfig, register_configs, validate
 from pace.eval.evaluators import build_evaluators
 from pace.eval.loading import LoadedModel, load_model, sha256_file
@@ -178,6 +179,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     Returns:
         The results record (the content of `results.json`), the same on every rank.
     """
+    try:
+        return _run(cfg)
+    except Exception:
+        if HydraConfig.initialized():  # under pace-eval, not when a composed config is passed in
+            discard_failed_start(Path(HydraConfig.get().runtime.output_dir))
+        raise
+
+
+def _run(cfg: DictConfig) -> dict[str, Any]:
     config = validate(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     env = resolve_dist_env()
@@ -211,7 +221,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
 def _hydra_main(cfg: DictConfig) -> None:
-    run(cfg)
+    with user_errors("pace-eval", EvalConfig):
+        run(cfg)
 
 
 def main() -> None:

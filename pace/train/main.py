@@ -24,7 +24,7 @@ from pace.distributed import (
     resolve_dist_env,
     select_device,
 )
-from pace.errors import RunError, describe, exit_on_stop_signals, run_cli
+from pace.errors import RunError, describe, discard_failed_start, exit_on_stop_signals, run_cli, user_errors
 from pace.train.assemble import build_trainer
 from pace.train.config import TrainConfig, register_configs, validate
 from pace.train.run_lock import RunLock
@@ -46,15 +46,6 @@ def _take_run_dir(lock: RunLock, env: DistEnv) -> None:
     refusal = all_gather_object(refusal, env)[0]
     if refusal is not None:
         raise RunError(refusal)
-
-
-def _discard_failed_start(run_dir: Path) -> None:
-    # A command that failed before it wrote anything of a run leaves no directory behind (Hydra created it for
-    # train.log). A directory holding anything else (another run, another job's lock) is left alone.
-    if not run_dir.is_dir() or {p.name for p in run_dir.iterdir()} - {"train.log"}:
-        return
-    (run_dir / "train.log").unlink(missing_ok=True)
-    run_dir.rmdir()
 
 
 def run(cfg: DictConfig) -> int:
@@ -82,7 +73,7 @@ def run(cfg: DictConfig) -> int:
     finally:
         if lock is not None:
             lock.release()
-        _discard_failed_start(output_dir)
+        discard_failed_start(output_dir)
 
 
 def _run(cfg: DictConfig, config: TrainConfig, lock: RunLock) -> int:
@@ -125,7 +116,8 @@ def _run(cfg: DictConfig, config: TrainConfig, lock: RunLock) -> int:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
-    code = run(cfg)
+    with user_errors("pace-train", TrainConfig):
+        code = run(cfg)
     if code:
         sys.exit(code)
 

@@ -17,6 +17,7 @@ from pace.data.info import ShardSet, check_local_shards, resolve_shards
 from pace.data.lost import lost_samples
 from pace.data.pipeline import BatchReport, ShardDataset, train_quotas
 from pace.data.shards import BadData
+from pace.errors import RunError
 
 logger = logging.getLogger(__name__)
 
@@ -24,8 +25,11 @@ IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 _LOGGED_PER_EPOCH = 20  # bad samples logged one by one per epoch; the rest are summarised at its end
 
 
-class TooMuchBadDataError(RuntimeError):
-    """More bad samples than the allowed fraction; the message names the counts and the first bad samples."""
+class TooMuchBadDataError(RunError):
+    """More bad samples than the allowed fraction; the message names the counts and the first bad samples.
+
+    A `RunError`: the data must be fixed, so the command line reports it as one line, not a traceback.
+    """
 
 
 @dataclass

@@ -17,6 +17,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 aten = torch.ops.aten
+KERNEL_MODES = ("fused", "fallback")
+_CPU_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
 
 # Ops that only relabel or allocate memory (no kernel reads or writes data), besides the views.
 _METADATA_OPS = {
@@ -121,14 +123,30 @@ class OpCount:
 
 
 class OpCounterMode(TorchDispatchMode):
-    """Record every non-view ATen op run under this mode into ``self.count``."""
+    """Record every non-view ATen op run under this mode into ``self.count``.
 
-    def __init__(self) -> None:
+    A ``pace::`` custom op (pace.kernels) counts as one op that reads its inputs and writes its outputs once, what
+    its fused Triton kernel moves on a GPU (``kernels="fused"``, the default), or as the ATen ops of the PyTorch
+    fallback it runs on the CPU (``kernels="fallback"``).
+
+    Args:
+        kernels: ``"fused"`` or ``"fallback"``.
+    """
+
+    def __init__(self, kernels: str = "fused") -> None:
         super().__init__()
+        if kernels not in KERNEL_MODES:
+            raise ValueError(f"kernels must be one of {KERNEL_MODES}, got {kernels!r}")
+        self.expand_custom = kernels == "fallback"
         self.count = OpCount()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.expand_custom and func.namespace == "pace":
+            # The mode is off inside its own handler: back on, and straight to the implementation (the CPU key)
+            # so that its ATen ops, not the custom op again, come through this mode.
+            with self:
+                return func.redispatch(_CPU_KEYS, *args, **kwargs)
         out = func(*args, **kwargs)
         if func.is_view or func in _METADATA_OPS:
             return out
@@ -144,16 +162,18 @@ class OpCounterMode(TorchDispatchMode):
         return out
 
 
-def count_ops(fn: Callable[[], object]) -> OpCount:
+def count_ops(fn: Callable[[], object], kernels: str = "fused") -> OpCount:
     """Run ``fn()`` under an :class:`OpCounterMode` and return what it executed.
 
     Args:
         fn: The code to count (forward and backward if it calls ``backward``).
+        kernels: How ``pace::`` custom ops count: ``"fused"`` (one op, inputs + outputs: the Triton kernel) or
+            ``"fallback"`` (the ATen ops of their PyTorch implementation).
 
     Returns:
         The recorded ops.
     """
-    with OpCounterMode() as mode:
+    with OpCounterMode(kernels) as mode:
         fn()
     return mode.count
 

@@ -4,7 +4,9 @@ The CPU-side proxy of GPU cost (see ``scripts/_op_counter.py``): each case runs 
 cotangent for a block, cross-entropy for a model) at two small batches, checks that the op count does not depend
 on the batch and that a third batch lies on the line through the first two, and extrapolates bytes and FLOPs to
 ``--target-batch``. The optimizer step is not included. Models count the path a GPU takes (the fused mixer).
-Writes ``count_ops.json`` under ``--out`` when given.
+Writes ``count_ops.json`` under ``--out`` when given. ``pace::`` custom ops (pace.kernels) count by default as one op
+that reads its inputs and writes its outputs once, what their Triton kernels move on a GPU (``--kernels fused``);
+``--kernels fallback`` counts the ATen ops of their PyTorch fallbacks instead (what the CPU runs).
 
     python scripts/count_ops.py                                   # S block (both paths) + timm Block, B = 128
     python scripts/count_ops.py --model pace_vit_small_patch16_224 --model deit_small_patch16_224
@@ -20,7 +22,7 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
-from _op_counter import OpCount, count_ops, extrapolate
+from _op_counter import KERNEL_MODES, OpCount, count_ops, extrapolate
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -43,6 +45,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--no-blocks", action="store_true", help="only the model cases")
     parser.add_argument("--by-op", action="store_true", help="print the per-op table of each case")
+    parser.add_argument(
+        "--kernels",
+        choices=KERNEL_MODES,
+        default="fused",
+        help="a pace:: custom op counts as one op moving its inputs + outputs once, as its Triton kernel on a GPU "
+        "(fused), or as the ATen ops of the PyTorch fallback the CPU runs (fallback)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write count_ops.json here")
     return parser.parse_args(argv)
 
@@ -52,6 +61,7 @@ def block_step(block: nn.Module, batch: int, *, args: argparse.Namespace):
     grad = torch.randn(batch, args.tokens, args.dim)
 
     def step() -> None:
+        _clear_grads(block, x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = block(x)
         y.backward(grad)
@@ -59,11 +69,20 @@ def block_step(block: nn.Module, batch: int, *, args: argparse.Namespace):
     return step
 
 
+def _clear_grads(module: nn.Module, *leaves: torch.Tensor) -> None:
+    # As optimizer.zero_grad() (set_to_none) between training steps: the next backward writes the gradients
+    # instead of accumulating into the previous step's (a full extra read and write of every gradient).
+    module.zero_grad(set_to_none=True)
+    for t in leaves:
+        t.grad = None
+
+
 def model_step(model: nn.Module, batch: int, *, args: argparse.Namespace):
     images = torch.randn(batch, 3, args.img_size, args.img_size)
     labels = torch.randint(model.num_classes, (batch,))
 
     def step() -> None:
+        _clear_grads(model)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = model(images)
         F.cross_entropy(logits.float(), labels).backward()
@@ -71,18 +90,19 @@ def model_step(model: nn.Module, batch: int, *, args: argparse.Namespace):
     return step
 
 
-def measure(name: str, make_step, batches: list[int], target: int) -> tuple[dict, OpCount]:
+def measure(name: str, make_step, batches: list[int], target: int, kernels: str) -> tuple[dict, OpCount]:
     """Count one case at three batches; extrapolate from the first two, check the third against the line."""
     counts = []
     for b in batches:
         step = make_step(b)
         step()  # first call draws sketches and warms caches: not counted
-        counts.append(count_ops(step))
+        counts.append(count_ops(step, kernels))
     line = extrapolate(counts[0], counts[1], batches[0], batches[1], target)
     check = extrapolate(counts[0], counts[1], batches[0], batches[1], batches[2])
     linear_err = abs(check["bytes"] - counts[2].bytes) / counts[2].bytes
     row = {
         "case": name,
+        "kernels": kernels,
         "ops": line["ops"],
         "gbytes": line["bytes"] / GB,
         "gflop": line["flops"] / GB,
@@ -140,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
             if isinstance(attn, PACEAttention) and attn.fused is None:
                 attn.fused = True  # count the path a GPU takes (fused=None picks the separate operators on a CPU)
         make = partial(block_step if kind == "block" else model_step, module, args=args)
-        row, first = measure(label, make, batches, args.target_batch)
+        row, first = measure(label, make, batches, args.target_batch, args.kernels)
         rows.append(row)
         if args.by_op:
             print(f"{label}, extrapolated per-op bytes at batch {args.target_batch} (scaled from batch {batches[0]}):")

@@ -68,3 +68,17 @@ def test_extrapolation_is_exact_for_an_affine_cost_and_refuses_batch_dependent_o
     assert line["flops"] == pytest.approx(target.flops)
     with pytest.raises(ValueError, match="op count depends on the batch"):
         extrapolate(small, count_ops(lambda: torch.randn(3).exp().exp()), 2, 4, 10)
+
+
+def test_a_custom_op_counts_as_its_fused_kernel_or_as_its_fallback():
+    from pace.kernels import normalized_gram
+
+    Y = torch.randn(2, 30, 5)
+    fused = count_ops(lambda: normalized_gram(Y, 0.01))
+    # One op: Y read once, the scales (2, 1, 5) and G (2, 5, 5) written once, float32.
+    assert [r.name for r in fused.records] == ["normalized_gram"]
+    assert fused.bytes == (2 * 30 * 5 + 2 * 5 + 2 * 5 * 5) * 4
+    fallback = count_ops(lambda: normalized_gram(Y, 0.01), kernels="fallback")
+    assert "normalized_gram" not in fallback.names() and fallback.ops > 3 and fallback.bytes > fused.bytes
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        count_ops(lambda: None, kernels="triton")

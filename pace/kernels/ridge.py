@@ -49,9 +49,11 @@ def normalized_gram_reference(Y: Tensor, eps: float) -> tuple[Tensor, Tensor]:
         shape (B, c, c), both float32 (float64 for float64 input).
     """
     Y = Y.to(_work_dtype(Y.dtype))
-    scale = torch.linalg.vector_norm(Y, dim=-2, keepdim=True).clamp_min(COLUMN_NORM_FLOOR)  # (B, 1, c)
-    Y_hat = Y / scale
-    G = Y_hat.mT @ Y_hat  # (B, c, c)
+    gram = Y.mT @ Y  # (B, c, c): one pass over Y; the squared column norms are its diagonal
+    # Clamped before the root as well, so that a zero column has a zero (not NaN) gradient.
+    squares = gram.diagonal(dim1=-2, dim2=-1).clamp_min(COLUMN_NORM_FLOOR**2)
+    scale = squares.sqrt().clamp_min(COLUMN_NORM_FLOOR).unsqueeze(-2)  # (B, 1, c)
+    G = gram / (scale.mT * scale)  # ŶᵀŶ = D⁻¹ YᵀY D⁻¹
     return scale, G + eps * torch.eye(G.shape[-1], device=G.device, dtype=G.dtype)
 
 

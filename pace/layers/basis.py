@@ -61,26 +61,58 @@ def _ridge_factors(Y: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tenso
     return Y_hat, scale, F_up, Y_hat @ F_up  # Q = Ŷ L⁻ᵀ
 
 
-def ridge_factors_backward(Y_hat: Tensor, norms: Tensor, F_up: Tensor, Q_bar: Tensor) -> Tensor:
-    """Gradient with respect to the sketches ``Y`` of the ridge basis ``Q = Ŷ F``, given ``∂L/∂Q``.
+def scaled_ridge_factors(Y: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(column scales, G, D⁻¹F, Q)`` of the ridge step, without writing the normalised sketches ``Ŷ``.
 
-    Valid whenever the loss depends on ``F`` only through ``F Fᵀ = G⁻¹`` (every use of the basis here goes through
-    ``Q Qᵀ``): then ``∂L/∂G = −½ F sym(Fᵀ F̄) Fᵀ`` with ``F̄ = Ŷᵀ Q̄`` and ``sym(A) = (A + Aᵀ)/2``, and ``G = ŶᵀŶ + εI``
-    adds ``2 Ŷ ∂L/∂G`` to ``∂L/∂Ŷ = Q̄ Fᵀ``; the column normalisation's backward follows.
+    ``Ŷ = Y D⁻¹`` with ``D = diag(scale)``, so ``G = ŶᵀŶ + εI = D⁻¹(YᵀY)D⁻¹ + εI`` comes from one pass over ``Y``
+    (:func:`pace.kernels.normalized_gram`: the Triton kernel where it runs) and ``Q = Ŷ F = Y (D⁻¹F)``: the scales
+    go into the small factor's rows. Same values as :func:`_ridge_factors` up to rounding.
 
     Args:
-        Y_hat: Normalised sketches Ŷ, shape (B, m, c).
-        norms: Their column norms clamped at 1e-12, shape (B, 1, c).
-        F_up: ``F`` from :func:`inverse_cholesky_factor`, shape (B, c, c).
+        Y: Sketches, shape (B, m, c), float32 or float64.
+        eps: Ridge ε.
+
+    Returns:
+        ``scale`` (B, 1, c) (column norms clamped at 1e-12), ``G`` (B, c, c), ``F_s = D⁻¹F`` (B, c, c) and ``Q``
+        (B, m, c), in Y's dtype.
+    """
+    scale, G = kernels.normalized_gram(Y, eps)
+    F_s = kernels.inverse_cholesky_factor(G).to(G.dtype).div_(scale.mT)  # D⁻¹F, F Fᵀ = G⁻¹
+    return scale, G, F_s, Y @ F_s
+
+
+def ridge_factors_backward(Y: Tensor, scale: Tensor, G: Tensor, F_s: Tensor, eps: float, Q_bar: Tensor) -> Tensor:
+    """Gradient with respect to the sketches ``Y`` of the ridge basis ``Q = Ŷ F = Y F_s``, given ``∂L/∂Q``.
+
+    Valid whenever the loss depends on ``F`` only through ``F Fᵀ = G⁻¹`` (every use of the basis here goes through
+    ``Q Qᵀ``): then ``∂L/∂G = −½ F sym(Fᵀ F̄) Fᵀ`` with ``F̄ = Ŷᵀ Q̄``, and ``G = ŶᵀŶ + εI`` adds ``2 Ŷ ∂L/∂G`` to
+    ``H = ∂L/∂Ŷ = Q̄ Fᵀ``; then the column normalisation's backward ``∂L/∂Y = (H − Ŷ diag(ρ)) D⁻¹`` with the
+    radial part ``ρ = diag(ŶᵀH)`` (0 where the norm was clamped). With ``Ŷ = Y D⁻¹``, ``F_s = D⁻¹F``,
+    ``W = YᵀQ̄`` and ``A = F_sᵀW = Fᵀ F̄``, everything but two products is on c × c matrices:
+    ``∂L/∂Y = Q̄ F_sᵀ − ½ Y (G_s + 2 diag(ρ / s²))`` with ``G_s = F_s(A + Aᵀ)F_sᵀ`` and
+    ``ρ_j = Σ_k W_jk F_s,jk − ½ s_j Σ_k (G − εI)_jk s_k G_s,jk``. ``Ŷ`` and ``H`` are never written.
+
+    Args:
+        Y: Sketches, shape (B, m, c).
+        scale: Their column norms ``s`` clamped at 1e-12, shape (B, 1, c).
+        G: ``ŶᵀŶ + εI``, shape (B, c, c).
+        F_s: ``D⁻¹F`` from :func:`scaled_ridge_factors`, shape (B, c, c).
+        eps: The ε inside ``G``.
         Q_bar: ``∂L/∂Q``, shape (B, m, c).
 
     Returns:
         ``∂L/∂Y``, shape (B, m, c).
     """
-    A = F_up.mT @ (Y_hat.mT @ Q_bar)  # Fᵀ F̄, (B, c, c)
-    G_bar = F_up @ (A + A.mT) @ F_up.mT  # −4 ∂L/∂G
-    H = torch.baddbmm(Q_bar @ F_up.mT, Y_hat, G_bar, alpha=-0.5)  # ∂L/∂Ŷ = Q̄Fᵀ + 2Ŷ ∂L/∂G
-    return _normalisation_backward(Y_hat, norms, H)
+    W = Y.mT @ Q_bar  # (B, c, c)
+    A = F_s.mT @ W
+    G_s = (F_s @ (A + A.mT)) @ F_s.mT  # D⁻¹ G̃ D⁻¹ with G̃ = −4 ∂L/∂G
+    # ρ_j / s_j² from row-wise dot products (one batched product each, no c × c temporaries).
+    s = scale.squeeze(-2)  # (B, c)
+    rows = torch.einsum("bjk,bjk->bj", W, F_s) + 0.5 * eps * s.square() * G_s.diagonal(dim1=-2, dim2=-1)
+    rows = rows / s - 0.5 * torch.einsum("bjk,bjk->bj", G, G_s * scale)
+    rho = torch.where(s > 1e-12, rows / s, 0.0)  # ρ / s², (B, c)
+    G_s.diagonal(dim1=-2, dim2=-1).add_(2 * rho)
+    return torch.baddbmm(Q_bar @ F_s.mT, Y, G_s, alpha=-0.5)
 
 
 def _normalisation_backward(Y_hat: Tensor, norms: Tensor, H: Tensor) -> Tensor:

@@ -25,7 +25,7 @@ with ``∂L/∂G = −½ F sym(Fᵀ F̄) Fᵀ`` (:func:`pace.layers.basis.ridge_
 import torch
 from torch import Tensor
 
-from pace.layers.basis import _matmul_dtype, _no_autocast, _ridge_factors, ridge_factors_backward
+from pace.layers.basis import _matmul_dtype, _no_autocast, ridge_factors_backward, scaled_ridge_factors
 
 
 def _sqrt_logits(sq: Tensor, tau: Tensor) -> tuple[Tensor, Tensor]:
@@ -86,8 +86,8 @@ class _PACEMixer(torch.autograd.Function):
             S_c = S[..., ce:]
             Y_c = U.mT @ S_c.transpose(0, 1).reshape(d, B * r)  # (d, B·r) = (K·p, B·r)
             Y_c = Y_c.view(K, p, B, r).permute(2, 0, 1, 3).reshape(B * K, p, r)
-            Yh_e, n_e, F_e, Q_e = _ridge_factors(S[..., :ce], eps)  # (B, d, c_e)
-            Yh_c, n_c, F_c, Q_c = _ridge_factors(Y_c, eps)  # (B·K, p, r)
+            n_e, G_e, F_e, Q_e = scaled_ridge_factors(S[..., :ce], eps)  # (B, d, c_e)
+            n_c, G_c, F_c, Q_c = scaled_ridge_factors(Y_c, eps)  # (B·K, p, r)
             a = (xb.reshape(B * N, d) @ Ub).view(B, N, d)  # a_k = U_kᵀ x̂, heads side by side
             tau_w, alpha_w, beta_w = tau.to(wd), alpha.to(wd), beta.to(wd)
             Qc4 = Q_c.view(B, K, p, r)
@@ -124,17 +124,18 @@ class _PACEMixer(torch.autograd.Function):
             out_b.view(B * N, d).addmm_(z.reshape(B * N, d), (U * -beta_w).to(md).mT)  # −β(π ⊙ …)Uᵀ
             out = torch.addcmul(out_b, x, alpha_w.to(x.dtype))  # αx + …, promoted to the tokens' dtype
         ctx.save_for_backward(
-            x, xb, omega, subspaces, S_c, Yh_e, n_e, F_e, Yh_c, n_c, F_c, Q_c, a, R, P, Ps, pi, sq, root, tau, alpha,
+            x, xb, omega, subspaces, S, n_e, G_e, F_e, Y_c, n_c, G_c, F_c, Q_c, a, R, P, Ps, pi, sq, root, tau, alpha,
             beta, extra, T,
         )  # fmt: skip
-        ctx.dims = (K, ce, r, diag)
+        ctx.dims = (K, ce, r, diag, eps)
         return out, pi
 
     @staticmethod
     def backward(ctx, g, g_pi):
-        (x, xb, omega, subspaces, S_c, Yh_e, n_e, F_e, Yh_c, n_c, F_c, Q_c, a, R, P, Ps, pi, sq, root, tau, alpha,
+        (x, xb, omega, subspaces, S, n_e, G_e, F_e, Y_c, n_c, G_c, F_c, Q_c, a, R, P, Ps, pi, sq, root, tau, alpha,
          beta, keep, T) = ctx.saved_tensors  # fmt: skip
-        K, ce, r, diag = ctx.dims
+        K, ce, r, diag, eps = ctx.dims
+        S_c = S[..., ce:]
         B, N, d = xb.shape
         p = d // K
         md, wd = xb.dtype, S_c.dtype
@@ -197,8 +198,8 @@ class _PACEMixer(torch.autograd.Function):
             x2, g2 = xb.reshape(B * N, d), gb.reshape(B * N, d)
             a_bar2 = a_bar.reshape(B * N, d)
             U_bar = U_bar + (x2.mT @ a_bar2).to(wd) - beta_w * (g2.mT @ z.reshape(B * N, d)).to(wd)
-            Ye_bar = ridge_factors_backward(Yh_e, n_e, F_e, Qe_bar)  # (B, d, c_e)
-            Yc_bar = ridge_factors_backward(Yh_c, n_c, F_c, Qc_bar.reshape(B * K, p, r))  # (B·K, p, r)
+            Ye_bar = ridge_factors_backward(S[..., :ce], n_e, G_e, F_e, eps, Qe_bar)  # (B, d, c_e)
+            Yc_bar = ridge_factors_backward(Y_c, n_c, G_c, F_c, eps, Qc_bar.reshape(B * K, p, r))  # (B·K, p, r)
             Yc_bar = Yc_bar.view(B, K * p, r)  # (B, d, r)
             # Y_c = Uᵀ S_c: Ū += Σ_b S_c Ȳ_cᵀ, S̄_c = U Ȳ_c.
             U_bar = U_bar + S_c.transpose(0, 1).reshape(d, B * r) @ Yc_bar.transpose(0, 1).reshape(d, B * r).mT

@@ -14,18 +14,24 @@ import torch
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-# Each case: ("factor", G) -> F, ("gram", Y, eps) -> (scale, G) or ("memberships", a, col, tau) -> (w, π);
-# "poison" fills the output buffers with NaN first, "tile16" too with 16 × 16 tiles, "op" goes through the public
-# custom op under use_backend("interpret").
+# Each case: ("factor", G) -> F, ("gram", Y, eps) -> (scale, G), ("memberships", a, col, tau) -> (w, π),
+# ("mixer_fwd", P, a, M, scalars) -> (Ps, z, π, ‖col‖²) or ("mixer_bwd", g_R, P, g_U, a, π, ‖col‖², g_π, M, scalars)
+# -> (P̄, ā, P_c ⊙ ∂‖col‖², sums), ("pace_mixer", x, U, τ, α, β, Ω_e, Ω_c, g, g_π, K) -> (update, π, gradients of
+# x, U, τ, α, β) with how = the Compress form; "poison" fills the output buffers with NaN first, "tile16" too with
+# 16 × 16 tiles, "op" goes through the public custom op under use_backend("interpret").
 _RUNNER = r"""
 import sys
 import torch
 torch.set_num_threads(1)
 from pace.kernels import _dispatch, use_backend, inverse_cholesky_factor, normalized_gram, compress_memberships
+from pace.kernels import mixer_memberships, mixer_memberships_backward
 cases = torch.load(sys.argv[1])
 with use_backend("interpret"):
     module = _dispatch.triton_module(torch.empty(0))
     assert module is not None and _dispatch._interpreted(module), "the interpreter did not engage"
+    mixer = _dispatch.triton_module(torch.empty(0), "_triton_mixer")
+    assert mixer is not None and _dispatch._interpreted(mixer), "the interpreter did not engage"
+    nan = float("nan")
     results = {}
     for name, (kind, args, how) in cases.items():
         if kind == "factor":
@@ -36,6 +42,30 @@ with use_backend("interpret"):
                 out = torch.full(G.shape, float("nan"))
                 tile = int(how[4:]) if how.startswith("tile") else None
                 results[name] = module.inverse_cholesky_factor(G, out=out, tile=tile)
+        elif kind == "mixer_fwd":
+            P, a, M, scalars = args
+            if how == "op":
+                results[name] = mixer_memberships(*args)
+            else:
+                per_head = torch.full(P.shape[:2] + M.shape[1:2], nan)
+                out = (torch.full_like(P, nan), torch.full_like(a, nan), per_head, per_head.clone())
+                results[name] = mixer.mixer_memberships(*args, out=out)
+        elif kind == "mixer_bwd":
+            P, a, M = args[1], args[3], args[7]
+            if how == "op":
+                results[name] = mixer_memberships_backward(*args)
+            else:
+                Pc_w = torch.full(P.shape[:2] + (M.shape[1] * M.shape[2],), nan, dtype=P.dtype)
+                out = (torch.full_like(P, nan), torch.full_like(a, nan), Pc_w)
+                results[name] = mixer.mixer_memberships_backward(*args, out=out)
+        elif kind == "pace_mixer":
+            from pace.layers.mixer import pace_mixer
+
+            *leaves, e_sketch, c_sketch, g, g_pi, heads = args
+            leaves = [t.clone().requires_grad_() for t in leaves]
+            out, pi = pace_mixer(*leaves, e_sketch, c_sketch, num_heads=heads, eps=0.01, form=how)
+            grads = torch.autograd.grad((out * g).sum() + (pi * g_pi).sum(), leaves)
+            results[name] = (out.detach(), pi.detach(), grads)
         elif kind == "memberships":
             a, col, tau = args
             if how == "op":
@@ -59,15 +89,16 @@ def run_interpreted(cases: dict, tmp_path: pathlib.Path, timeout: float = 600) -
     """Run kernel cases under the Triton interpreter in a subprocess and return their outputs by name.
 
     Args:
-        cases: name -> (kind, args, how) with kind "factor" (args (G,)), "gram" (args (Y, eps)) or "memberships"
-            (args (a, col, tau)) and how
+        cases: name -> (kind, args, how) with kind "factor" (args (G,)), "gram" (args (Y, eps)), "memberships"
+            (args (a, col, tau)), "mixer_fwd" or "mixer_bwd" (the arguments of pace.kernels.mixer_memberships /
+            mixer_memberships_backward) and how
             "poison" (launcher, NaN-filled output buffers), "tileN" (the same with N × N tiles) or "op" (public
             custom op).
         tmp_path: Folder for the exchange files.
         timeout: Seconds before the subprocess is killed.
 
     Returns:
-        name -> F, (scale, G) or (w, π).
+        name -> F, (scale, G), (w, π) or the mixer ops' results.
     """
     inputs, outputs = tmp_path / "kernel_inputs.pt", tmp_path / "kernel_outputs.pt"
     torch.save(cases, inputs)
@@ -97,3 +128,39 @@ def ridge_gram(batch: int, m: int, c: int, eps: float, generator: torch.Generato
     Y = torch.randn(batch, m, c, dtype=torch.float64, generator=generator)
     Y_hat = Y / Y.norm(dim=-2, keepdim=True)
     return Y_hat.mT @ Y_hat + eps * torch.eye(c, dtype=torch.float64)
+
+
+def build_for_hopper(module: str, name: str, constexprs: dict, pointers: dict, num_warps: int) -> bytes:
+    """Compile kernel ``pace.kernels.<module>.<name>`` down to an sm_90 cubin (ptxas ships with Triton; no GPU).
+
+    Arguments ending in ``_ptr`` are pointers (``pointers`` maps some to a dtype such as ``"*bf16"``, the rest are
+    ``*fp32``), ``eps`` is fp32, the rest int32 unless in ``constexprs``. Skips when Triton is missing or this process
+    interprets kernels.
+
+    Returns:
+        The cubin.
+    """
+    import importlib
+    import inspect
+
+    import pytest
+
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    kernel = getattr(importlib.import_module(f"pace.kernels.{module}"), name)
+    if not isinstance(kernel, JITFunction):
+        pytest.skip("this process interprets Triton kernels (TRITON_INTERPRET=1)")
+    signature = {}
+    for arg in inspect.signature(kernel.fn).parameters:
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg.endswith("_ptr"):
+            signature[arg] = pointers.get(arg, "*fp32")
+        else:
+            signature[arg] = "fp32" if arg == "eps" else "i32"
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    return compiled.asm["cubin"]

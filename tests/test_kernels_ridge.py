@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from kernels_helpers import ridge_gram, run_interpreted, spd_with_condition
+from kernels_helpers import build_for_hopper, ridge_gram, run_interpreted, spd_with_condition
 
 from pace.kernels import (
     _dispatch,
@@ -350,25 +350,4 @@ _SM90_BUILDS = [
 @pytest.mark.parametrize(("name", "constexprs", "pointers", "num_warps"), _SM90_BUILDS)
 def test_kernels_compile_for_hopper_without_a_gpu(name, constexprs, pointers, num_warps):
     """The kernels go through Triton's whole pipeline down to an sm_90 cubin (ptxas ships with Triton)."""
-    import importlib
-    import inspect
-
-    triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
-
-    kernel = getattr(importlib.import_module("pace.kernels._triton_ridge"), name)
-    if not isinstance(kernel, JITFunction):
-        pytest.skip("this process interprets Triton kernels (TRITON_INTERPRET=1)")
-    signature = {}
-    for arg in inspect.signature(kernel.fn).parameters:
-        if arg in constexprs:
-            signature[arg] = "constexpr"
-        elif arg.endswith("_ptr"):
-            signature[arg] = pointers.get(arg, "*fp32")
-        else:
-            signature[arg] = "fp32" if arg == "eps" else "i32"
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-    assert len(compiled.asm["cubin"]) > 1000
+    assert len(build_for_hopper("_triton_ridge", name, constexprs, pointers, num_warps)) > 1000

@@ -8,6 +8,12 @@ Backend per call: Triton on CUDA tensors when it imports, PyTorch otherwise; ``P
 
 from pace.kernels._dispatch import BACKENDS, current_backend, use_backend
 from pace.kernels.memberships import compress_memberships, compress_memberships_reference
+from pace.kernels.mixer_ops import (
+    mixer_memberships,
+    mixer_memberships_backward,
+    mixer_memberships_backward_reference,
+    mixer_memberships_reference,
+)
 from pace.kernels.ridge import (
     inverse_cholesky_factor,
     inverse_cholesky_factor_reference,
@@ -22,6 +28,10 @@ __all__ = [
     "current_backend",
     "inverse_cholesky_factor",
     "inverse_cholesky_factor_reference",
+    "mixer_memberships",
+    "mixer_memberships_backward",
+    "mixer_memberships_backward_reference",
+    "mixer_memberships_reference",
     "normalized_gram",
     "normalized_gram_reference",
     "use_backend",

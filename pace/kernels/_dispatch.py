@@ -8,7 +8,8 @@ The choice is made per call from the tensor's device and one setting, ``PACE_TRI
   ``TRITON_INTERPRET=1`` in the environment means the same.
 
 The setting is read from the environment at each call, or overridden in-process with :func:`use_backend`.
-The Triton kernels live in ``_triton_ridge.py``, loaded lazily on first use. Triton decides between compiling
+The Triton kernels live in ``_triton_ridge.py`` (ridge step, Compress memberships) and ``_triton_mixer.py`` (the
+fused mixer's elementwise work), loaded lazily on first use. Triton decides between compiling
 and interpreting when a function is decorated, for its own standard library (``tl.sum``, ``tl.zeros``) when
 ``triton`` is first imported, which torch and pace do early. So the interpreter works only in a process that had
 ``TRITON_INTERPRET=1`` in its environment before ``triton`` was imported (start Python with it, as the tests do
@@ -28,8 +29,7 @@ import torch
 
 BACKENDS = ("auto", "off", "interpret")
 _override: str | None = None
-_module: ModuleType | None = None
-_loaded = False
+_modules: dict[str, ModuleType | None] = {}
 _lock = threading.Lock()
 
 
@@ -63,17 +63,16 @@ def use_backend(backend: str) -> Iterator[None]:
         _override = previous
 
 
-def _load() -> ModuleType | None:
-    """The kernel module (compiled, or interpreted under ``TRITON_INTERPRET=1``); None when Triton is missing."""
-    global _module, _loaded
+def _load(name: str) -> ModuleType | None:
+    """Kernel module ``pace.kernels.<name>`` (compiled, or interpreted under ``TRITON_INTERPRET=1``); None when
+    Triton is missing."""
     with _lock:
-        if not _loaded:
+        if name not in _modules:
             try:
-                _module = importlib.import_module("pace.kernels._triton_ridge")
+                _modules[name] = importlib.import_module(f"pace.kernels.{name}")
             except ImportError:
-                _module = None
-            _loaded = True
-        return _module
+                _modules[name] = None
+        return _modules[name]
 
 
 def _interpreted(module: ModuleType) -> bool:
@@ -81,21 +80,21 @@ def _interpreted(module: ModuleType) -> bool:
     import triton.language as tl
     from triton.runtime.jit import JITFunction
 
-    return not isinstance(module.inverse_cholesky_factor_kernel, JITFunction) and not isinstance(tl.zeros, JITFunction)
+    return not isinstance(module.PROBE_KERNEL, JITFunction) and not isinstance(tl.zeros, JITFunction)
 
 
-def triton_module(t: torch.Tensor) -> ModuleType | None:
-    """The Triton kernel module to run an op on ``t`` with, or None to use the PyTorch implementation."""
+def triton_module(t: torch.Tensor, name: str = "_triton_ridge") -> ModuleType | None:
+    """The Triton kernel module ``name`` to run an op on ``t`` with, or None to use the PyTorch implementation."""
     backend = current_backend()
     if backend == "off":
         return None
     if t.device.type == "cuda":
-        return _load()
+        return _load(name)
     if t.device.type != "cpu" or backend != "interpret":
         return None
     if "triton" not in sys.modules:
         os.environ["TRITON_INTERPRET"] = "1"  # explicitly asked for: interpret every kernel of this process
-    module = _load()
+    module = _load(name)
     if module is None:
         raise RuntimeError(
             "the Triton interpreter was requested (PACE_TRITON/use_backend), but triton is not installed"

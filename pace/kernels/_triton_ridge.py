@@ -129,6 +129,9 @@ def inverse_cholesky_factor_kernel(
             tl.store(F_ptr + ri * stride_fr + ck * stride_fc, zero, mask=(ri < n) & (ck < n))
 
 
+PROBE_KERNEL = inverse_cholesky_factor_kernel  # how pace.kernels._dispatch tells compiled from interpreted
+
+
 def factor_tiling(c: int) -> tuple[int, int]:
     """Default ``(tile, num_warps)`` for size c: one register tile up to c = 32, else 32 × 32 tiles.
 

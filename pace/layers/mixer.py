@@ -25,6 +25,8 @@ with ``∂L/∂G = −½ F sym(Fᵀ F̄) Fᵀ`` (:func:`pace.layers.basis.ridge_
 import torch
 from torch import Tensor
 
+from pace import kernels
+from pace.kernels.mixer_ops import block_diag as _block_diag
 from pace.layers.basis import _matmul_dtype, _no_autocast, ridge_factors_backward, scaled_ridge_factors
 
 
@@ -32,13 +34,6 @@ def _sqrt_logits(sq: Tensor, tau: Tensor) -> tuple[Tensor, Tensor]:
     # ‖col‖ / τ from ‖col‖²; the clamp at the smallest normal keeps the square root's gradient finite (see compress).
     root = sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt()
     return root, root / tau
-
-
-def _block_diag(blocks: Tensor) -> Tensor:
-    """Block-diagonal matrices (B, K·m, K·n) from per-head blocks (B, K, m, n): all heads in one product."""
-    B, K, m, n = blocks.shape
-    eye = torch.eye(K, device=blocks.device, dtype=blocks.dtype).view(1, K, K, 1, 1)
-    return (blocks.unsqueeze(2) * eye).transpose(2, 3).reshape(B, K * m, K * n)  # (B, K, m, K, n) → (B, K·m, K·n)
 
 
 def _diag_blocks(full: Tensor, num_heads: int) -> Tensor:
@@ -63,6 +58,37 @@ def _images_major(t: Tensor, batch: int) -> Tensor:
     """Inverse of :func:`_heads_major`: (K, m, B·n) → (B, m, K·n), as a view where possible."""
     K, m, Bn = t.shape
     return t.view(K, m, batch, Bn // batch).permute(2, 1, 0, 3).reshape(batch, m, -1)
+
+
+def _diag_backward(g, x, xb, gb, gR, gU, a, P, Ps, pi, sq, root, g_pi, Q_c, keep, tau_w, alpha_w, beta_w, K):
+    """The diag form's part of the mixer backward, from GEMM 1's cotangent products to Q̄_e, Q̄_c and Ū."""
+    B, N, d = xb.shape
+    p = d // K
+    md, wd = xb.dtype, tau_w.dtype
+    gQe, Pe = gR, P
+    # α: <g, x − x̂Π_e> = <g, x> − <gQ_e, x̂Q_e>
+    grad_alpha = torch.dot(g.reshape(-1), x.reshape(-1)).to(wd) - (gQe * Pe).sum(dtype=wd)
+    a4, gU4 = a.view(B, N, K, p), gU.view(B, N, K, p)
+    u = gU * a
+    h = -(u @ _block_diag((1 - keep).unsqueeze(-1)).to(md)).to(wd)  # −Σ_p gU a (1 − keep), (B, N, K)
+    grad_beta = (pi * h).sum()
+    pi_bar = g_pi.to(wd) + beta_w * h
+    # Softmax, then ℓ = max(‖col‖², tiny)^½ / τ.
+    l_bar = pi * (pi_bar - (pi_bar * pi).sum(-1, keepdim=True))
+    grad_tau = -(l_bar * root).sum() / tau_w.square()
+    sq_bar = l_bar * (sq >= torch.finfo(sq.dtype).tiny) / (2 * tau_w * root)  # (B, N, K)
+    neg_beta_pi = (-beta_w * pi).unsqueeze(-1)  # (B, N, K, 1)
+    z = a4 * (pi.unsqueeze(-1) * (1 - keep).unsqueeze(1)).to(md)  # π ⊙ null, (B, N, K, p)
+    a_bar = gU4 * (neg_beta_pi * (1 - keep).unsqueeze(1)).to(md)
+    a_bar.addcmul_(a4, (2 * sq_bar.unsqueeze(-1) * keep.square().unsqueeze(1)).to(md))
+    # keep enters null (through z) and ‖col‖² = Σ keep² a².
+    keep_bar = beta_w * _per_head_sum(pi.to(md), u, K).to(wd)
+    keep_bar = keep_bar + 2 * keep * _per_head_sum(sq_bar.to(md), a * a, K).to(wd)
+    Qc_bar = 2 * Q_c * keep_bar.view(B * K, p, 1)
+    Pbar = gQe * (-alpha_w).to(md)  # ∂L/∂(x̂Q_e), (B, N, c_e)
+    Qe_bar = torch.baddbmm(xb.mT @ Pbar, gb.mT, Ps).to(wd)  # xᵀP̄_e + gᵀ(−αP_e)
+    U_bar = torch.zeros(d, d, device=xb.device, dtype=wd)
+    return grad_alpha, grad_beta, grad_tau, Pbar, Qe_bar, Qc_bar, U_bar, a_bar, z
 
 
 class _PACEMixer(torch.autograd.Function):
@@ -108,20 +134,15 @@ class _PACEMixer(torch.autograd.Function):
                 R[..., :ce].copy_(Q_e)
                 R[..., ce:].view(B, d, K, r).copy_(V_heads.view(K, d, B, r).permute(2, 1, 0, 3))  # [Q_e | V]
                 P = xb @ R  # [x̂Q_e | x̂V], (B, N, c_e + K·r); x̂V_k = Q_kᵀ a_k
-                Pc = P[..., ce:]
-                # ‖col_k‖² = P_k (Q_kᵀQ_k) P_kᵀ: all heads through one block-diagonal (K·r × K·r) matrix per image.
-                T = Pc @ _block_diag(Qc4.mT @ Qc4).to(md)  # (B, N, K·r)
-                sq = (T * Pc).view(B, N, K, r).sum(-1, dtype=wd)  # (B, N, K)
-                root, logits = _sqrt_logits(sq, tau_w)
-                pi = torch.softmax(logits, dim=-1)
-                # GEMM 2's left factor: P ⊙ [−α | βπ_k], so that update = αx + (P ⊙ s')[Q_e | V]ᵀ − β(π ⊙ a)Uᵀ.
-                # c_e = K·r: the Expand columns are K more groups of r, each scaled by −α.
-                head_scale = torch.cat([(-alpha_w).expand(B, N, K), beta_w * pi], dim=-1).unsqueeze(-1).to(md)
-                Ps = (P.view(B, N, 2 * K, r) * head_scale).view(B, N, 2 * K * r)
-                z = a.view(B, N, K, p) * pi.unsqueeze(-1).to(md)  # π ⊙ a
-                extra = None
+                # ‖col_k‖² = P_k M_k P_kᵀ with M_k = Q_kᵀQ_k, π, GEMM 2's left factor Ps = P ⊙ [−α | βπ_k] (so that
+                # update = αx + Ps[Q_e | V]ᵀ − β(π ⊙ a)Uᵀ; c_e = K·r: the Expand columns are K more groups of r, each
+                # scaled by −α) and z = π ⊙ a: one pass over P and a (pace.kernels).
+                M = Qc4.mT @ Qc4  # (B, K, r, r)
+                scalars = torch.stack([tau_w, alpha_w, beta_w])
+                Ps, z, pi, sq = kernels.mixer_memberships(P, a, M, scalars)
+                root, extra, T = None, M, z
             out_b = Ps @ R.mT  # (B, N, d)
-            out_b.view(B * N, d).addmm_(z.reshape(B * N, d), (U * -beta_w).to(md).mT)  # −β(π ⊙ …)Uᵀ
+            out_b.view(B * N, d).addmm_(z.reshape(B * N, d), (U * -beta_w).to(md).mT)  # −β(π ⊙ …)Uᵀ, T: null
             out = torch.addcmul(out_b, x, alpha_w.to(x.dtype))  # αx + …, promoted to the tokens' dtype
         ctx.save_for_backward(
             x, xb, omega, subspaces, S, n_e, G_e, F_e, Y_c, n_c, G_c, F_c, Q_c, a, R, P, Ps, pi, sq, root, tau, alpha,
@@ -145,49 +166,22 @@ class _PACEMixer(torch.autograd.Function):
             gb = g.to(md)
             gR = gb @ R  # [gQ_e | gV], (B, N, c_e [+ K·r])
             gU = (gb.reshape(B * N, d) @ Ub).view(B, N, d)
-            gQe, Pe = gR[..., :ce], P[..., :ce]
-            # α: <g, x − x̂Π_e> = <g, x> − <gQ_e, x̂Q_e>
-            grad_alpha = torch.dot(g.reshape(-1), x.reshape(-1)).to(wd) - (gQe * Pe).sum(dtype=wd)
-            a4, gU4 = a.view(B, N, K, p), gU.view(B, N, K, p)
             if diag:
-                u = gU * a
-                h = -(u @ _block_diag((1 - keep).unsqueeze(-1)).to(md)).to(wd)  # −Σ_p gU a (1 − keep), (B, N, K)
+                grad_alpha, grad_beta, grad_tau, Pbar, Qe_bar, Qc_bar, U_bar, a_bar, z = _diag_backward(
+                    g, x, xb, gb, gR, gU, a, P, Ps, pi, sq, root, g_pi, Q_c, keep, tau_w, alpha_w, beta_w, K
+                )
             else:
-                gV4, Pc4 = gR[..., ce:].view(B, N, K, r), P[..., ce:].view(B, N, K, r)
-                h = (gV4 * Pc4).sum(-1, dtype=wd) - (gU4 * a4).sum(-1, dtype=wd)  # <gV_k, P_k> − <gU_k, a_k>
-            grad_beta = (pi * h).sum()
-            pi_bar = g_pi.to(wd) + beta_w * h
-            # Softmax, then ℓ = max(‖col‖², tiny)^½ / τ.
-            l_bar = pi * (pi_bar - (pi_bar * pi).sum(-1, keepdim=True))
-            grad_tau = -(l_bar * root).sum() / tau_w.square()
-            sq_bar = l_bar * (sq >= torch.finfo(sq.dtype).tiny) / (2 * tau_w * root)  # (B, N, K)
-            neg_beta_pi = (-beta_w * pi).unsqueeze(-1)  # (B, N, K, 1)
-            if diag:
-                z = a4 * (pi.unsqueeze(-1) * (1 - keep).unsqueeze(1)).to(md)  # π ⊙ null, (B, N, K, p)
-                a_bar = gU4 * (neg_beta_pi * (1 - keep).unsqueeze(1)).to(md)
-                a_bar.addcmul_(a4, (2 * sq_bar.unsqueeze(-1) * keep.square().unsqueeze(1)).to(md))
-                # keep enters null (through z) and ‖col‖² = Σ keep² a².
-                keep_bar = beta_w * _per_head_sum(pi.to(md), u, K).to(wd)
-                keep_bar = keep_bar + 2 * keep * _per_head_sum(sq_bar.to(md), a * a, K).to(wd)
-                Qc_bar = 2 * Q_c * keep_bar.view(B * K, p, 1)
-                Pbar = gQe * (-alpha_w).to(md)  # ∂L/∂(x̂Q_e), (B, N, c_e)
-                Qe_bar = torch.baddbmm(xb.mT @ Pbar, gb.mT, Ps).to(wd)  # xᵀP̄_e + gᵀ(−αP_e)
-                U_bar = torch.zeros_like(U)
-            else:
-                z = a4 * pi.unsqueeze(-1).to(md)  # π ⊙ a
-                a_bar = gU4 * neg_beta_pi.to(md)
-                # P̄ = [−α gQ_e | βπ_k gV_k + 2 ∂‖col_k‖² T_k]
-                head_scale = torch.cat([(-alpha_w).expand(B, N, K), beta_w * pi], dim=-1).unsqueeze(-1).to(md)
-                Pbar = gR.view(B, N, 2 * K, r) * head_scale
-                Pbar[:, :, K:].addcmul_(T.view(B, N, K, r), (2 * sq_bar).unsqueeze(-1).to(md))
-                Pbar = Pbar.view(B, N, 2 * K * r)
+                M, z = keep, T  # saved as (extra, T) by the forward
+                scalars = torch.stack([tau_w, alpha_w, beta_w])
+                Pbar, a_bar, Pc_w, sums = kernels.mixer_memberships_backward(gR, P, gU, a, pi, sq, g_pi, M, scalars)
+                # α: <g, x − x̂Π_e> = <g, x> − <gQ_e, x̂Q_e>; τ: −Σ ∂ℓ ‖col‖ / τ².
+                grad_alpha = torch.dot(g.reshape(-1), x.reshape(-1)).to(wd) + sums[0]
+                grad_beta, grad_tau = sums[1], -sums[2] / tau_w.square()
                 R_bar = torch.baddbmm(xb.mT @ Pbar, gb.mT, Ps).to(wd)  # xᵀP̄ + gᵀ(P ⊙ s'), (B, d, c_e + K·r)
                 Qe_bar = R_bar[..., :ce]
                 V_bar = _heads_major(R_bar[..., ce:], K)  # (K, d, B·r)
                 # ‖col‖² = P_k M_k P_kᵀ with M_k = Q_kᵀQ_k: M̄_k = Σ_n ∂‖col_k‖² P_kᵀ P_k.
-                Pc = P[..., ce:]
-                Pc_w = (Pc.view(B, N, K, r) * sq_bar.unsqueeze(-1).to(md)).view(B, N, K * r)
-                M_bar = _diag_blocks(Pc_w.mT @ Pc, K).to(wd)  # (B, K, r, r)
+                M_bar = _diag_blocks(Pc_w.mT @ P[..., ce:], K).to(wd)  # (B, K, r, r)
                 Qc4 = Q_c.view(B, K, p, r)
                 U_heads = U.view(d, K, p).transpose(0, 1)  # (K, d, p)
                 # Through V_k = U_kQ_k: Q̄_k = U_kᵀ V̄_k, Ū_k = Σ_b V̄_k Q_kᵀ (images side by side).

@@ -1,0 +1,252 @@
+"""Triton kernels of the fused PACE mixer's elementwise work (full Compress form): memberships forward and backward.
+
+Imported lazily by ``pace.kernels._dispatch`` (importing it imports Triton). One program per (image, 16 tokens).
+The launchers assume what the custom ops in ``pace.kernels.mixer_ops`` check: contiguous (B, N, ·) activations
+in bfloat16/float16/float32, float32 ``M`` (B, K, r, r) and float32 scalars ``[τ, α, β]``. ``out`` arguments exist
+so that tests can hand in poisoned buffers and check that every element is written.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# The interpreter truncates fp32 -> bf16 where a GPU rounds to nearest even: under it, stores pre-round the bits.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+TINY = float(torch.finfo(torch.float32).tiny)  # the clamp of ‖col‖² before its square root, as pace.layers.mixer
+BLOCK_TOKENS = 16  # tl.dot needs at least 16 rows
+
+
+@triton.jit
+def _rounded(x, ROUND_BF16: tl.constexpr):
+    """``x`` (fp32) with its bits pre-rounded so that the interpreter's truncation to bf16 rounds to nearest even."""
+    if ROUND_BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        x = (bits + 0x7FFF + ((bits >> 16) & 1)).to(tl.float32, bitcast=True)
+    return x
+
+
+@triton.jit
+def _head_quadratic(P_ptr, M_ptr, b, k, n2, N, K, r, BR: tl.constexpr):
+    """``(P_k, P_k M_k)`` for head k of BN tokens: P_k (BN, BR) from P's Compress columns, M_k (r × r), fp32."""
+    jr = tl.arange(0, BR)
+    Kr = K * r
+    cols = Kr + k * r + jr[None, :]
+    pc = tl.load(P_ptr + (b * N + n2) * (2 * Kr) + cols, mask=(n2 < N) & (jr[None, :] < r), other=0.0).to(tl.float32)
+    m = tl.load(
+        M_ptr + ((b * K + k) * r + jr[:, None]) * r + jr[None, :], mask=(jr[:, None] < r) & (jr[None, :] < r), other=0.0
+    )
+    return pc, tl.dot(pc, m, input_precision="ieee")
+
+
+@triton.jit
+def _memberships_fwd_kernel(
+    P_ptr,
+    A_ptr,
+    M_ptr,
+    S_ptr,
+    Ps_ptr,
+    Z_ptr,
+    Pi_ptr,
+    Sq_ptr,
+    N,
+    K,
+    r,
+    p,
+    TINY_: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    BR: tl.constexpr,
+    BP: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+):
+    """‖col_k‖² = P_k M_k P_kᵀ, π = softmax_k(‖col_k‖/τ), Ps = P ⊙ [−α | βπ_k], z = π_k a_k for BN tokens."""
+    b = tl.program_id(0).to(tl.int64)
+    n1 = tl.program_id(1) * BN + tl.arange(0, BN)
+    kk = tl.arange(0, BK)
+    n2, k2 = n1[:, None], kk[None, :]
+    n3, k3 = n1[:, None, None], kk[None, :, None]
+    r3 = tl.arange(0, BR)[None, None, :]
+    p3 = tl.arange(0, BP)[None, None, :]
+    Kr = K * r
+    tau = tl.load(S_ptr)
+    alpha = tl.load(S_ptr + 1)
+    beta = tl.load(S_ptr + 2)
+    sq = tl.zeros((BN, BK), dtype=tl.float32)
+    for k in range(K):
+        pc, t = _head_quadratic(P_ptr, M_ptr, b, k, n2, N, K, r, BR)
+        sq = tl.where(k2 == k, tl.sum(t * pc, axis=1)[:, None], sq)
+    root = tl.sqrt(tl.maximum(sq, TINY_))
+    logits = tl.where(k2 < K, root / tau, float("-inf"))
+    e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+    pi = e / tl.sum(e, axis=1)[:, None]
+    mask2 = (n2 < N) & (k2 < K)
+    tl.store(Pi_ptr + (b * N + n2) * K + k2, pi, mask=mask2)
+    tl.store(Sq_ptr + (b * N + n2) * K + k2, sq, mask=mask2)
+    # Ps: the Expand columns scaled by −α, head k's Compress columns by βπ_k.
+    mask_r = (n3 < N) & (k3 < K) & (r3 < r)
+    off = (b * N + n3) * (2 * Kr) + k3 * r + r3
+    pe = tl.load(P_ptr + off, mask=mask_r, other=0.0).to(tl.float32)
+    tl.store(Ps_ptr + off, _rounded(pe * -alpha, ROUND_BF16).to(Ps_ptr.dtype.element_ty), mask=mask_r)
+    pc3 = tl.load(P_ptr + off + Kr, mask=mask_r, other=0.0).to(tl.float32)
+    ps = _rounded(pc3 * (beta * pi)[:, :, None], ROUND_BF16)
+    tl.store(Ps_ptr + off + Kr, ps.to(Ps_ptr.dtype.element_ty), mask=mask_r)
+    # z = π ⊙ a, head k's p columns scaled by π_k.
+    mask_p = (n3 < N) & (k3 < K) & (p3 < p)
+    off_a = (b * N + n3) * (K * p) + k3 * p + p3
+    a = tl.load(A_ptr + off_a, mask=mask_p, other=0.0).to(tl.float32)
+    tl.store(Z_ptr + off_a, _rounded(a * pi[:, :, None], ROUND_BF16).to(Z_ptr.dtype.element_ty), mask=mask_p)
+
+
+@triton.jit
+def _memberships_bwd_kernel(
+    GR_ptr,
+    P_ptr,
+    GU_ptr,
+    A_ptr,
+    Pi_ptr,
+    Sq_ptr,
+    Gpi_ptr,
+    M_ptr,
+    S_ptr,
+    Pbar_ptr,
+    Abar_ptr,
+    Pcw_ptr,
+    Part_ptr,
+    N,
+    K,
+    r,
+    p,
+    TINY_: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    BR: tl.constexpr,
+    BP: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+):
+    """Backward of the forward kernel for BN tokens; the three scalar partial sums go to this program's row."""
+    b = tl.program_id(0).to(tl.int64)
+    n1 = tl.program_id(1) * BN + tl.arange(0, BN)
+    kk = tl.arange(0, BK)
+    n2, k2 = n1[:, None], kk[None, :]
+    n3, k3 = n1[:, None, None], kk[None, :, None]
+    jr = tl.arange(0, BR)
+    r3 = jr[None, None, :]
+    p3 = tl.arange(0, BP)[None, None, :]
+    Kr = K * r
+    tau = tl.load(S_ptr)
+    alpha = tl.load(S_ptr + 1)
+    beta = tl.load(S_ptr + 2)
+    mask2 = (n2 < N) & (k2 < K)
+    off2 = (b * N + n2) * K + k2
+    pi = tl.load(Pi_ptr + off2, mask=mask2, other=0.0)
+    sq = tl.load(Sq_ptr + off2, mask=mask2, other=0.0)
+    g_pi = tl.load(Gpi_ptr + off2, mask=mask2, other=0.0).to(tl.float32)
+    mask_r = (n3 < N) & (k3 < K) & (r3 < r)
+    off = (b * N + n3) * (2 * Kr) + k3 * r + r3
+    mask_p = (n3 < N) & (k3 < K) & (p3 < p)
+    off_a = (b * N + n3) * (K * p) + k3 * p + p3
+    g_qe = tl.load(GR_ptr + off, mask=mask_r, other=0.0).to(tl.float32)
+    p_e = tl.load(P_ptr + off, mask=mask_r, other=0.0).to(tl.float32)
+    g_v = tl.load(GR_ptr + off + Kr, mask=mask_r, other=0.0).to(tl.float32)
+    p_c = tl.load(P_ptr + off + Kr, mask=mask_r, other=0.0).to(tl.float32)
+    g_u = tl.load(GU_ptr + off_a, mask=mask_p, other=0.0).to(tl.float32)
+    a = tl.load(A_ptr + off_a, mask=mask_p, other=0.0).to(tl.float32)
+    # ∂L/∂π_k through the update: h_k = <gV_k, P_k> − <gU_k, a_k>; α: −<gQ_e, x̂Q_e>.
+    h = tl.sum(g_v * p_c, axis=2) - tl.sum(g_u * a, axis=2)
+    alpha_part = -tl.sum(tl.sum(tl.sum(g_qe * p_e, axis=2), axis=1), axis=0)
+    beta_part = tl.sum(tl.sum(pi * h, axis=1), axis=0)
+    pi_bar = g_pi + beta * h
+    l_bar = pi * (pi_bar - tl.sum(pi_bar * pi, axis=1)[:, None])  # softmax backward
+    root = tl.sqrt(tl.maximum(sq, TINY_))
+    tau_part = tl.sum(tl.sum(l_bar * root, axis=1), axis=0)
+    sq_bar = tl.where(sq >= TINY_, l_bar / (2 * tau * root), 0.0)
+    tl.store(Pbar_ptr + off, _rounded(g_qe * -alpha, ROUND_BF16).to(Pbar_ptr.dtype.element_ty), mask=mask_r)
+    a_bar = _rounded(g_u * (-beta * pi)[:, :, None], ROUND_BF16)
+    tl.store(Abar_ptr + off_a, a_bar.to(Abar_ptr.dtype.element_ty), mask=mask_p)
+    # Head k's Compress columns: P̄_k = βπ_k gV_k + 2 ∂‖col_k‖² (P_k M_k); P_k ∂‖col_k‖² for M̄.
+    for k in range(K):
+        pc, t = _head_quadratic(P_ptr, M_ptr, b, k, n2, N, K, r, BR)
+        col = (b * N + n2) * (2 * Kr) + Kr + k * r + jr[None, :]
+        mask_k = (n2 < N) & (jr[None, :] < r)
+        gv = tl.load(GR_ptr + col, mask=mask_k, other=0.0).to(tl.float32)
+        pi_k = tl.sum(tl.where(k2 == k, pi, 0.0), axis=1)[:, None]
+        sqb_k = tl.sum(tl.where(k2 == k, sq_bar, 0.0), axis=1)[:, None]
+        pbar = _rounded(beta * pi_k * gv + 2 * sqb_k * t, ROUND_BF16)
+        tl.store(Pbar_ptr + col, pbar.to(Pbar_ptr.dtype.element_ty), mask=mask_k)
+        pcw = _rounded(pc * sqb_k, ROUND_BF16)
+        tl.store(Pcw_ptr + (b * N + n2) * Kr + k * r + jr[None, :], pcw.to(Pcw_ptr.dtype.element_ty), mask=mask_k)
+    row = (b * tl.num_programs(1) + tl.program_id(1)) * 3
+    tl.store(Part_ptr + row, alpha_part)
+    tl.store(Part_ptr + row + 1, beta_part)
+    tl.store(Part_ptr + row + 2, tau_part)
+
+
+PROBE_KERNEL = _memberships_fwd_kernel  # how pace.kernels._dispatch tells compiled from interpreted
+
+
+def _blocks(K: int, r: int, p: int) -> dict:
+    return {
+        "TINY_": TINY,
+        "BN": BLOCK_TOKENS,
+        "BK": triton.next_power_of_2(K),
+        "BR": max(16, triton.next_power_of_2(r)),
+        "BP": triton.next_power_of_2(p),
+    }
+
+
+def mixer_memberships(P: Tensor, a: Tensor, M: Tensor, scalars: Tensor, out: tuple | None = None) -> tuple:
+    """``(Ps, z, π, ‖col‖²)`` by the Triton kernel; see ``pace.kernels.mixer_memberships``."""
+    B, N, _ = P.shape
+    K, r = M.shape[1], M.shape[2]
+    p = a.shape[-1] // K
+    if out is None:
+        out = (
+            torch.empty_like(P),
+            torch.empty_like(a),
+            torch.empty((B, N, K), device=P.device, dtype=torch.float32),
+            torch.empty((B, N, K), device=P.device, dtype=torch.float32),
+        )
+    Ps, z, pi, sq = out
+    if B * N == 0:
+        return out
+    _memberships_fwd_kernel[(B, triton.cdiv(N, BLOCK_TOKENS))](
+        P, a, M, scalars, Ps, z, pi, sq, N, K, r, p,
+        **_blocks(K, r, p), ROUND_BF16=_INTERPRETED and P.dtype == torch.bfloat16, num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+def mixer_memberships_backward(
+    g_R: Tensor,
+    P: Tensor,
+    g_U: Tensor,
+    a: Tensor,
+    pi: Tensor,
+    sq: Tensor,
+    g_pi: Tensor,
+    M: Tensor,
+    scalars: Tensor,
+    out: tuple | None = None,
+) -> tuple:
+    """``(P̄, ā, P_c ⊙ ∂‖col‖², [α, β, τ partial sums])`` by the Triton kernel; see ``pace.kernels``."""
+    B, N, _ = P.shape
+    K, r = M.shape[1], M.shape[2]
+    p = a.shape[-1] // K
+    programs = triton.cdiv(N, BLOCK_TOKENS)
+    if out is None:
+        out = (
+            torch.empty_like(P),
+            torch.empty_like(a),
+            torch.empty((B, N, K * r), device=P.device, dtype=P.dtype),
+        )
+    P_bar, a_bar, Pc_w = out
+    partials = torch.zeros((B * programs, 3), device=P.device, dtype=torch.float32)
+    if B * N > 0:
+        _memberships_bwd_kernel[(B, programs)](
+            g_R, P, g_U, a, pi, sq, g_pi, M, scalars, P_bar, a_bar, Pc_w, partials, N, K, r, p,
+            **_blocks(K, r, p), ROUND_BF16=_INTERPRETED and P.dtype == torch.bfloat16, num_warps=4,
+        )  # fmt: skip
+    return P_bar, a_bar, Pc_w, partials.sum(0)

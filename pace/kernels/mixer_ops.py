@@ -1,0 +1,195 @@
+"""The fused PACE mixer's membership work (full Compress form) as torch custom ops: Triton where it runs.
+
+``mixer_memberships``: from GEMM 1's ``P = x̂[Q_e | V]`` and ``a = x̂U``, the squared column norms
+``‖col_k‖² = P_k M_k P_kᵀ`` (``M_k = Q_kᵀQ_k``), the memberships π, GEMM 2's left factor ``Ps = P ⊙ [−α | βπ_k]``
+and ``z = π ⊙ a``. ``mixer_memberships_backward``: its backward, from GEMM 1's cotangent products. Each is one pass
+over its (B, N, ·) tensors in the Triton kernel, where the PyTorch fallback (the op sequence the mixer ran before)
+takes about ten. The ops have no autograd formula: ``pace.layers.mixer`` calls them inside its own
+``autograd.Function``. Backend per call as in ``pace.kernels._dispatch``.
+"""
+
+import torch
+from torch import Tensor
+
+from pace.kernels import _dispatch
+
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def block_diag(blocks: Tensor) -> Tensor:
+    """Block-diagonal matrices (B, K·m, K·n) from per-head blocks (B, K, m, n): all heads in one product."""
+    B, K, m, n = blocks.shape
+    eye = torch.eye(K, device=blocks.device, dtype=blocks.dtype).view(1, K, K, 1, 1)
+    return (blocks.unsqueeze(2) * eye).transpose(2, 3).reshape(B, K * m, K * n)  # (B, K, m, K, n) → (B, K·m, K·n)
+
+
+def _head_scale(pi: Tensor, alpha: Tensor, beta: Tensor, dtype: torch.dtype) -> Tensor:
+    # [−α (K groups of the Expand columns) | βπ_k (head k's Compress columns)], (B, N, 2K, 1).
+    B, N, K = pi.shape
+    return torch.cat([(-alpha).expand(B, N, K), beta * pi], dim=-1).unsqueeze(-1).to(dtype)
+
+
+def _tiny(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).tiny
+
+
+def mixer_memberships_reference(
+    P: Tensor, a: Tensor, M: Tensor, scalars: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """PyTorch ``(Ps, z, π, ‖col‖²)``; products in P's dtype, the softmax in M's.
+
+    Args:
+        P: ``x̂[Q_e | V]``, shape (B, N, 2·K·r): the Expand columns, then head k's r Compress columns at K·r + k·r.
+        a: ``x̂U``, shape (B, N, K·p).
+        M: ``Q_kᵀQ_k``, shape (B, K, r, r), float32 or float64 (the work dtype).
+        scalars: ``[τ, α, β]`` in M's dtype.
+
+    Returns:
+        ``Ps = P ⊙ [−α | βπ_k]`` and ``z = π ⊙ a`` in P's dtype, π and ``‖col‖²`` (B, N, K) in M's dtype.
+    """
+    B, N, _ = P.shape
+    K, r = M.shape[1], M.shape[2]
+    md, wd = P.dtype, M.dtype
+    tau, alpha, beta = scalars.unbind()
+    Pc = P[..., K * r :]
+    T = Pc @ block_diag(M).to(md)  # P_k M_k for every head, (B, N, K·r)
+    sq = (T * Pc).view(B, N, K, r).sum(-1, dtype=wd)  # (B, N, K)
+    root = sq.clamp_min(_tiny(wd)).sqrt()  # the clamp keeps the square root's gradient finite
+    pi = torch.softmax(root / tau, dim=-1)
+    Ps = (P.view(B, N, 2 * K, r) * _head_scale(pi, alpha, beta, md)).view(B, N, 2 * K * r)
+    z = a.view(B, N, K, -1) * pi.unsqueeze(-1).to(md)
+    return Ps, z.view(a.shape), pi, sq
+
+
+def mixer_memberships_backward_reference(
+    g_R: Tensor, P: Tensor, g_U: Tensor, a: Tensor, pi: Tensor, sq: Tensor, g_pi: Tensor, M: Tensor, scalars: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """PyTorch backward of :func:`mixer_memberships_reference` (with ``Ps`` entering GEMM 2 and π an output).
+
+    Args:
+        g_R: ``g[Q_e | V]``, shape (B, N, 2·K·r) (g: the update's cotangent).
+        P: As in the forward.
+        g_U: ``gU``, shape (B, N, K·p).
+        a: As in the forward.
+        pi: π from the forward.
+        sq: ``‖col‖²`` from the forward.
+        g_pi: π's cotangent, (B, N, K).
+        M: As in the forward.
+        scalars: ``[τ, α, β]``.
+
+    Returns:
+        ``P̄`` (the cotangent of P through Ps and ‖col‖²), ``ā = −βπ ⊙ gU`` (through z), ``P_c ⊙ ∂‖col‖²``
+        (B, N, K·r) (for ``M̄_k = Σ_n ∂‖col_k‖² P_kᵀP_k``), all in P's dtype, and the partial scalar gradients
+        ``[−<gQ_e, x̂Q_e>, ∂L/∂β, Σ ∂ℓ·‖col‖]`` (so ``∂L/∂τ = −Σ/τ²``) in M's dtype.
+    """
+    B, N, _ = P.shape
+    K, r = M.shape[1], M.shape[2]
+    Kr = K * r
+    md, wd = P.dtype, M.dtype
+    tau, alpha, beta = scalars.unbind()
+    alpha_part = -(g_R[..., :Kr] * P[..., :Kr]).sum(dtype=wd)
+    gV4, Pc4 = g_R[..., Kr:].view(B, N, K, r), P[..., Kr:].view(B, N, K, r)
+    a4, gU4 = a.view(B, N, K, -1), g_U.view(B, N, K, -1)
+    h = (gV4 * Pc4).sum(-1, dtype=wd) - (gU4 * a4).sum(-1, dtype=wd)  # <gV_k, P_k> − <gU_k, a_k>
+    beta_part = (pi * h).sum()
+    pi_bar = g_pi.to(wd) + beta * h
+    # Softmax, then ℓ = max(‖col‖², tiny)^½ / τ.
+    l_bar = pi * (pi_bar - (pi_bar * pi).sum(-1, keepdim=True))
+    root = sq.clamp_min(_tiny(wd)).sqrt()
+    tau_part = (l_bar * root).sum()
+    sq_bar = l_bar * (sq >= _tiny(wd)) / (2 * tau * root)  # (B, N, K)
+    a_bar = gU4 * (-beta * pi).unsqueeze(-1).to(md)
+    # P̄ = [−α gQ_e | βπ_k gV_k + 2 ∂‖col_k‖² P_k M_k]
+    P_bar = g_R.view(B, N, 2 * K, r) * _head_scale(pi, alpha, beta, md)
+    T = P[..., Kr:] @ block_diag(M).to(md)
+    P_bar[:, :, K:].addcmul_(T.view(B, N, K, r), (2 * sq_bar).unsqueeze(-1).to(md))
+    Pc_w = (Pc4 * sq_bar.unsqueeze(-1).to(md)).view(B, N, Kr)
+    partials = torch.stack([alpha_part, beta_part, tau_part])
+    return P_bar.view(P.shape), a_bar.view(a.shape), Pc_w, partials
+
+
+def _triton(P: Tensor, M: Tensor):
+    supported = P.dtype in _TRITON_DTYPES and M.dtype == torch.float32
+    return _dispatch.triton_module(P, "_triton_mixer") if supported else None
+
+
+@torch.library.custom_op("pace::mixer_memberships", mutates_args=())
+def _mixer_memberships_op(P: Tensor, a: Tensor, M: Tensor, scalars: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    module = _triton(P, M)
+    if module is None:
+        return tuple(t.contiguous() for t in mixer_memberships_reference(P, a, M, scalars))
+    return module.mixer_memberships(P.contiguous(), a.contiguous(), M.contiguous(), scalars.contiguous())
+
+
+@_mixer_memberships_op.register_fake
+def _(P: Tensor, a: Tensor, M: Tensor, scalars: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    B, N, _ = P.shape
+    K = M.shape[1]
+    return P.new_empty(P.shape), a.new_empty(a.shape), M.new_empty((B, N, K)), M.new_empty((B, N, K))
+
+
+@torch.library.custom_op("pace::mixer_memberships_backward", mutates_args=())
+def _mixer_memberships_backward_op(
+    g_R: Tensor, P: Tensor, g_U: Tensor, a: Tensor, pi: Tensor, sq: Tensor, g_pi: Tensor, M: Tensor, scalars: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    module = _triton(P, M)
+    args = (g_R, P, g_U, a, pi, sq, g_pi, M, scalars)
+    if module is None:
+        return tuple(t.contiguous() for t in mixer_memberships_backward_reference(*args))
+    return module.mixer_memberships_backward(*(t.contiguous() for t in args))
+
+
+@_mixer_memberships_backward_op.register_fake
+def _(g_R, P, g_U, a, pi, sq, g_pi, M, scalars) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    B, N, _ = P.shape
+    K, r = M.shape[1], M.shape[2]
+    return P.new_empty(P.shape), a.new_empty(a.shape), P.new_empty((B, N, K * r)), M.new_empty((3,))
+
+
+def _check(P: Tensor, a: Tensor, M: Tensor, scalars: Tensor) -> None:
+    ok = P.dim() == 3 and a.dim() == 3 and M.dim() == 4 and M.shape[2] == M.shape[3] and scalars.shape == (3,)
+    if ok:
+        B, N, _ = P.shape
+        K, r = M.shape[1], M.shape[2]
+        ok = P.shape[2] == 2 * K * r and a.shape[:2] == (B, N) and a.shape[2] % K == 0 and M.shape[0] == B
+    if not ok:
+        raise ValueError(
+            "mixer_memberships: P (B, N, 2·K·r), a (B, N, K·p), M (B, K, r, r) and scalars (3,) expected, got "
+            f"{tuple(P.shape)}, {tuple(a.shape)}, {tuple(M.shape)}, {tuple(scalars.shape)}"
+        )
+
+
+def mixer_memberships(P: Tensor, a: Tensor, M: Tensor, scalars: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Memberships and GEMM 2's factors of the fused mixer (custom op ``pace::mixer_memberships``).
+
+    ``‖col_k‖² = P_k M_k P_kᵀ``, ``π = softmax_k(max(‖col_k‖², tiny)^½ / τ)``, ``Ps = P ⊙ [−α | βπ_k]`` and
+    ``z = π ⊙ a``. The Triton kernel (CUDA, or the interpreter when forced; float32 M) reads P, a and M once and
+    computes in fp32 with one rounding per output; the fallback is :func:`mixer_memberships_reference`.
+
+    Args:
+        P: ``x̂[Q_e | V]``, shape (B, N, 2·K·r).
+        a: ``x̂U``, shape (B, N, K·p).
+        M: ``Q_kᵀQ_k``, shape (B, K, r, r).
+        scalars: ``[τ, α, β]`` in M's dtype.
+
+    Returns:
+        ``(Ps, z, π, ‖col‖²)``: Ps and z in P's dtype, π and ‖col‖² (B, N, K) in M's dtype.
+    """
+    _check(P, a, M, scalars)
+    return _mixer_memberships_op(P, a, M, scalars)
+
+
+def mixer_memberships_backward(
+    g_R: Tensor, P: Tensor, g_U: Tensor, a: Tensor, pi: Tensor, sq: Tensor, g_pi: Tensor, M: Tensor, scalars: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Backward of :func:`mixer_memberships` (custom op ``pace::mixer_memberships_backward``).
+
+    Arguments and results as :func:`mixer_memberships_backward_reference`; the Triton kernel reads each input once
+    and writes each output once (fp32 arithmetic, one rounding per output; the scalar partial sums per program,
+    added up in fp32).
+    """
+    _check(P, a, M, scalars)
+    per_head = P.shape[:2] + M.shape[1:2]  # (B, N, K)
+    if g_R.shape != P.shape or g_U.shape != a.shape or not pi.shape == sq.shape == g_pi.shape == per_head:
+        raise ValueError("mixer_memberships_backward: cotangent or saved shapes do not match the forward's")
+    return _mixer_memberships_backward_op(g_R, P, g_U, a, pi, sq, g_pi, M, scalars)

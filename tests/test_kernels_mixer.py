@@ -1,0 +1,180 @@
+"""pace.kernels' fused-mixer membership ops: the Triton kernels under the interpreter against float64, the PyTorch
+fallback against autograd, and the whole fused mixer with every Triton kernel against its float64 fallback path."""
+
+import random
+
+import pytest
+import torch
+from kernels_helpers import build_for_hopper, run_interpreted
+
+from pace.kernels import (
+    mixer_memberships,
+    mixer_memberships_backward,
+    mixer_memberships_backward_reference,
+    mixer_memberships_reference,
+)
+from pace.kernels.mixer_ops import block_diag
+from pace.layers.mixer import pace_mixer
+
+# (B, N, K, r, p): ragged (N crosses the 16-token blocks, K, r and p below their padded sizes) and the S model's.
+SHAPES = {"small": (2, 20, 3, 5, 6), "s": (1, 17, 8, 20, 48)}
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _forward_inputs(B, N, K, r, p, gen, dtype=torch.float64):
+    P = torch.randn(B, N, 2 * K * r, generator=gen, dtype=dtype)
+    a = torch.randn(B, N, K * p, generator=gen, dtype=dtype)
+    Q = torch.randn(B, K, p, r, generator=gen, dtype=dtype) / p**0.5
+    M = Q.mT @ Q  # Q_kᵀQ_k
+    scalars = torch.tensor([0.5 + torch.rand((), generator=gen).item(), 0.3, 0.7], dtype=dtype)
+    return P, a, M, scalars
+
+
+def _backward_inputs(P, a, M, scalars, gen):
+    _, _, pi, sq = mixer_memberships_reference(P.double(), a.double(), M.double(), scalars.double())
+    g_R, g_U = torch.randn(P.shape, generator=gen), torch.randn(a.shape, generator=gen)
+    g_pi = torch.randn(pi.shape, generator=gen)
+    return g_R.to(P.dtype), g_U.to(a.dtype), pi.float(), sq.float(), g_pi
+
+
+def _bwd_args(P, a, M, scalars, extra):
+    g_R, g_U, pi, sq, g_pi = extra
+    return (g_R, P, g_U, a, pi, sq, g_pi, M, scalars)
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    """Inputs drawn with a fresh seed, and the interpreter's outputs for them (one subprocess for the module)."""
+    seed = random.SystemRandom().randrange(2**31)
+    gen = torch.Generator().manual_seed(seed)
+    cases, inputs = {}, {}
+    for name, shape in SHAPES.items():
+        P, a, M, scalars = _forward_inputs(*shape, gen)
+        P[0, 1, shape[2] * shape[3] :] = 0  # a token with no component in any sketched space: ‖col‖ = 0
+        for dt, dtype in DTYPES.items():
+            fwd = (P.to(dtype), a.to(dtype), M.float(), scalars.float())
+            extra = _backward_inputs(*fwd, gen)
+            inputs[f"{name}_{dt}"] = (fwd, extra)
+            cases[f"fwd_{name}_{dt}"] = ("mixer_fwd", fwd, "poison")
+            cases[f"bwd_{name}_{dt}"] = ("mixer_bwd", _bwd_args(*fwd, extra), "poison")
+    fwd, extra = inputs["small_f32"]
+    cases["fwd_op"] = ("mixer_fwd", fwd, "op")
+    cases["bwd_op"] = ("mixer_bwd", _bwd_args(*fwd, extra), "op")
+    # The whole fused mixer (full form), every pace.kernels op on the Triton interpreter, fp32.
+    B, N, d, K, rank = 2, 21, 24, 3, 4
+    x = torch.randn(B, N, d, generator=gen, dtype=torch.float64)
+    U = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64)).Q
+    scalars = [torch.tensor(v, dtype=torch.float64) for v in (0.8, 0.3, 0.6)]
+    sketches = [torch.randn(N, c, generator=gen, dtype=torch.float64) for c in (rank * K, rank)]
+    cot = (torch.randn(B, N, d, generator=gen, dtype=torch.float64), torch.randn(B, N, K, generator=gen))
+    mixer_args = (x, U, *scalars, *sketches, cot[0], cot[1].double(), K)
+    inputs["mixer"] = mixer_args
+    cases["mixer"] = ("pace_mixer", tuple(t.float() if torch.is_tensor(t) else t for t in mixer_args), "full")
+    return seed, inputs, run_interpreted(cases, tmp_path_factory.mktemp("interp"))
+
+
+def _close(out, ref, rel, what, seed):
+    """Elementwise |out − ref| ≤ rel·|ref| + 1e-5·max|ref| (NaN fails)."""
+    out, ref = out.double(), ref.double()
+    bound = rel * ref.abs() + 1e-5 * ref.abs().max().clamp_min(1e-30)
+    bad = ~((out - ref).abs() <= bound)
+    assert not bad.any(), f"seed {seed}: {what}: {bad.sum().item()} elements off, worst {(out - ref).abs().max():.2e}"
+
+
+@pytest.mark.parametrize("name", SHAPES)
+@pytest.mark.parametrize("dt", DTYPES)
+def test_forward_kernel_matches_float64(interpreted, name, dt):
+    seed, inputs, out = interpreted
+    fwd, _ = inputs[f"{name}_{dt}"]
+    Ps, z, pi, sq = out[f"fwd_{name}_{dt}"]
+    assert Ps.dtype == z.dtype == DTYPES[dt] and pi.dtype == sq.dtype == torch.float32
+    ref = mixer_memberships_reference(*(t.double() for t in fwd))  # float64 from the same (rounded) inputs
+    rounding = 2**-8 if dt == "bf16" else 1e-6  # one rounding to the output dtype
+    for what, o, r, rel in zip(("Ps", "z", "pi", "sq"), (Ps, z, pi, sq), ref, (rounding, rounding, 1e-5, 1e-5)):
+        _close(o, r, rel, what, seed)
+    assert sq[0, 1].abs().max() == 0 and torch.allclose(
+        pi[0, 1].double(), torch.full_like(ref[2][0, 1], 1 / SHAPES[name][2])
+    )
+
+
+@pytest.mark.parametrize("name", SHAPES)
+@pytest.mark.parametrize("dt", DTYPES)
+def test_backward_kernel_matches_float64(interpreted, name, dt):
+    seed, inputs, out = interpreted
+    fwd, extra = inputs[f"{name}_{dt}"]
+    P_bar, a_bar, Pc_w, sums = out[f"bwd_{name}_{dt}"]
+    assert P_bar.dtype == a_bar.dtype == Pc_w.dtype == DTYPES[dt] and sums.shape == (3,)
+    ref = mixer_memberships_backward_reference(*(t.double() for t in _bwd_args(*fwd, extra)))
+    rounding = 2**-8 if dt == "bf16" else 1e-5
+    for what, o, r in zip(("P_bar", "a_bar", "Pc_w"), (P_bar, a_bar, Pc_w), ref):
+        _close(o, r, rounding, what, seed)
+    torch.testing.assert_close(sums.double(), ref[3], rtol=1e-4, atol=1e-4, msg=f"seed {seed}: partial sums")
+
+
+def test_public_ops_dispatch_to_interpreter_and_match_the_fallback(interpreted):
+    seed, inputs, out = interpreted
+    fwd, extra = inputs["small_f32"]
+    for got, ref in zip(out["fwd_op"], mixer_memberships_reference(*fwd)):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
+    for got, ref in zip(out["bwd_op"], mixer_memberships_backward_reference(*_bwd_args(*fwd, extra))):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4, msg=f"seed {seed}")
+
+
+def test_fused_mixer_on_the_interpreted_kernels_matches_float64(interpreted):
+    """normalized_gram, inverse_cholesky_factor and both membership kernels inside pace_mixer, fp32."""
+    seed, inputs, out = interpreted
+    x, U, tau, alpha, beta, e_sketch, c_sketch, g, g_pi, K = inputs["mixer"]
+    leaves = [t.clone().requires_grad_() for t in (x, U, tau, alpha, beta)]
+    ref, ref_pi = pace_mixer(*leaves, e_sketch, c_sketch, num_heads=K, eps=0.01, form="full")
+    ref_grads = torch.autograd.grad((ref * g).sum() + (ref_pi * g_pi).sum(), leaves)
+    got, got_pi, got_grads = out["mixer"]
+    torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    torch.testing.assert_close(got_pi.double(), ref_pi, rtol=1e-4, atol=1e-5)
+    for name, a, b in zip(("x", "U", "tau", "alpha", "beta"), got_grads, ref_grads):
+        err = ((a.double() - b).abs().max() / b.abs().max()).item()
+        assert err < 1e-3, f"seed {seed}: gradient of {name} off by {err:.1e} of its scale"
+
+
+def test_reference_backward_equals_autograd_through_the_reference_forward():
+    """The backward's formulas against autograd in float64, M̄ from P_c ⊙ ∂‖col‖² included."""
+    gen = torch.Generator().manual_seed(0)
+    B, N, K, r, p = 2, 7, 3, 4, 5
+    P, a, M, scalars = (t.requires_grad_() for t in _forward_inputs(B, N, K, r, p, gen))
+    g_R, g_U = torch.randn(P.shape, dtype=torch.float64), torch.randn(a.shape, dtype=torch.float64)
+    g_pi = torch.randn(B, N, K, dtype=torch.float64)
+    Ps, z, pi, sq = mixer_memberships_reference(P, a, M, scalars)
+    # The loss the mixer's backward sees: Ps enters GEMM 2 (cotangent g[Q_e | V]), z enters −β zUᵀ.
+    loss = (g_R * Ps).sum() - scalars[2] * (g_U * z).sum() + (g_pi * pi).sum()
+    dP, da, dM, dS = torch.autograd.grad(loss, (P, a, M, scalars))
+    with torch.no_grad():
+        P_bar, a_bar, Pc_w, sums = mixer_memberships_backward_reference(g_R, P, g_U, a, pi, sq, g_pi, M, scalars)
+        M_bar = (Pc_w.mT @ P[..., K * r :]).view(B, K, r, K, r).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)
+    torch.testing.assert_close(P_bar, dP, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(a_bar, da, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(M_bar, dM, rtol=1e-10, atol=1e-12)
+    tau = scalars[0].detach()
+    torch.testing.assert_close(torch.stack([-sums[2] / tau**2, sums[0], sums[1]]), dS, rtol=1e-10, atol=1e-12)
+
+
+def test_block_diag_and_bad_shapes():
+    blocks = torch.randn(2, 3, 2, 4)
+    full = block_diag(blocks)
+    assert full.shape == (2, 6, 12) and torch.equal(full[1, 2:4, 4:8], blocks[1, 1]) and full[0, :2, 4:].eq(0).all()
+    P, a, M, scalars = _forward_inputs(1, 4, 2, 3, 5, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"P \(B, N, 2·K·r\).*got \(1, 4, 11\)"):
+        mixer_memberships(P[..., :11], a, M, scalars)
+    with pytest.raises(ValueError, match="cotangent or saved shapes"):
+        mixer_memberships_backward(P, P, a, a, P[..., :2], P[..., :2], P[..., :3], M, scalars)
+
+
+_BF16 = dict.fromkeys(("P_ptr", "A_ptr", "Ps_ptr", "Z_ptr", "GR_ptr", "GU_ptr", "Pbar_ptr", "Abar_ptr"), "*bf16")
+
+
+@pytest.mark.parametrize("name", ["_memberships_fwd_kernel", "_memberships_bwd_kernel"])
+def test_kernels_compile_for_hopper_without_a_gpu(name):
+    """The S model's configuration (K = 8, r = 20, p = 48, bf16 activations) builds down to an sm_90 cubin."""
+    from pace.kernels._triton_mixer import TINY
+
+    constexprs = {"TINY_": TINY, "BN": 16, "BK": 8, "BR": 32, "BP": 64, "ROUND_BF16": False}
+    pointers = dict(_BF16, Pcw_ptr="*bf16")
+    assert len(build_for_hopper("_triton_mixer", name, constexprs, pointers, 4)) > 1000

@@ -10,7 +10,8 @@ the two relative to the largest torch entry. Cases: the inverse Cholesky factor 
 c = 20; Expand: 128 of c = 80 / 160 / 320), the normalised Gram (Compress: (1024, 48, 20) bf16; Expand:
 (128, 384, 160) bf16 and fp32) and the whole ridge basis Q = Ŷ F (Gram + factor + one product) against
 ``pace.layers.basis.ridge_basis``, and the Compress memberships and weights (S model: B = 128, N = 196, K = 8,
-p = 48, bf16) against pace.layers.compress's op sequence (which rounds twice to bf16: agreement within 1e-2
+p = 48, bf16) against pace.layers.compress's op sequence, and the fused mixer's membership ops (forward and backward,
+S model, bf16) against their PyTorch fallbacks (which rounds twice to bf16: agreement within 1e-2
 there, 1e-3 elsewhere). The dry run only checks that every case runs and agrees; its timings mean nothing.
 Exit code 1 when the two disagree.
 """
@@ -26,7 +27,13 @@ if __name__ == "__main__" and "--dry-run" in sys.argv:
 
 import torch  # noqa: E402
 
-from pace.kernels import _dispatch, inverse_cholesky_factor_reference, normalized_gram_reference  # noqa: E402
+from pace.kernels import (  # noqa: E402
+    _dispatch,
+    inverse_cholesky_factor_reference,
+    mixer_memberships_backward_reference,
+    mixer_memberships_reference,
+    normalized_gram_reference,
+)
 from pace.layers.basis import ridge_basis  # noqa: E402
 
 EPS = 0.01
@@ -35,12 +42,14 @@ FULL = {
     "gram": [(1024, 48, 20, "bf16"), (128, 384, 160, "bf16"), (128, 384, 160, "fp32")],
     "basis": [(1024, 48, 20, "bf16"), (128, 384, 160, "bf16")],
     "memberships": [(128, 196, 8, 48, "bf16")],
+    "mixer": [(128, 196, 8, 20, 48, "bf16")],
 }
 DRY = {
     "factor": [(4, 20), (2, 40)],
     "gram": [(4, 48, 20, "bf16"), (2, 70, 40, "fp32")],
     "basis": [(2, 48, 20, "bf16")],
     "memberships": [(2, 10, 8, 48, "bf16")],
+    "mixer": [(2, 20, 3, 5, 6, "bf16")],
 }
 # (tile, num_warps, num_stages)
 SWEEP = [(16, 1, 1), (16, 2, 1), (16, 4, 1), (32, 1, 1), (32, 2, 1), (32, 4, 1), (32, 4, 2), (64, 4, 1), (64, 8, 1)]
@@ -145,6 +154,13 @@ def main() -> None:
             )
         )
 
+    mixer_module = _dispatch.triton_module(torch.empty(0, device=device), "_triton_mixer")
+    if args.dry_run:
+        with _dispatch.use_backend("interpret"):
+            mixer_module = _dispatch.triton_module(torch.empty(0), "_triton_mixer")
+    for batch, n, k, r, p, dt in cases["mixer"]:
+        rows.extend(_mixer_cases(mixer_module, batch, n, k, r, p, DTYPES[dt], device))
+
     print(f"{'case':34s} {'triton ms':>10s} {'torch ms':>10s} {'torch/triton':>12s} {'rel diff':>10s}")
     for row in rows:
         print(
@@ -159,6 +175,34 @@ def main() -> None:
     bad = [row["case"] for row in rows if not row["max_diff"] <= row["tol"]]
     if bad:
         raise SystemExit(f"Triton and torch disagree (max |diff| / max |torch| above tolerance): {', '.join(bad)}")
+
+
+def _mixer_cases(module, batch: int, n: int, k: int, r: int, p: int, dtype: torch.dtype, device) -> list[dict]:
+    """The fused mixer's membership ops (forward, backward) against their PyTorch fallbacks."""
+    P = torch.randn(batch, n, 2 * k * r, device=device).to(dtype)
+    a = torch.randn(batch, n, k * p, device=device).to(dtype)
+    Q = torch.randn(batch, k, p, r, device=device) / p**0.5
+    M, scalars = Q.mT @ Q, torch.tensor([0.7, 0.3, 0.6], device=device)
+    _, _, pi, sq = mixer_memberships_reference(P, a, M, scalars)
+    g_R, g_U = torch.randn_like(P), torch.randn_like(a)
+    bwd = (g_R, P, g_U, a, pi, sq, torch.randn_like(pi), M, scalars)
+    name = f"B={batch} N={n} K={k} r={r} p={p}"
+    return [
+        _compare(
+            f"mixer memberships {name}",
+            lambda: module.mixer_memberships(P, a, M, scalars),
+            lambda: mixer_memberships_reference(P, a, M, scalars),
+            device,
+            tol=1e-2,  # one bf16 rounding in the kernel, two in the fallback
+        ),
+        _compare(
+            f"mixer memberships bwd {name}",
+            lambda: module.mixer_memberships_backward(*bwd),
+            lambda: mixer_memberships_backward_reference(*bwd),
+            device,
+            tol=1e-2,
+        ),
+    ]
 
 
 def _memberships_today(a: torch.Tensor, col: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

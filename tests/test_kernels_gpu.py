@@ -87,3 +87,38 @@ def test_the_layers_factor_dispatches_to_the_kernel_on_cuda():
     F64 = layers_factor(G.cuda())
     assert F64.dtype == torch.float64
     torch.testing.assert_close(F64.cpu(), inverse_cholesky_factor_reference(G))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mixer_memberships_on_cuda_match_float64(dtype):
+    """The fused mixer's membership kernels (forward and backward) at the S model's sizes, against float64."""
+    from pace.kernels import (
+        mixer_memberships,
+        mixer_memberships_backward,
+        mixer_memberships_backward_reference,
+        mixer_memberships_reference,
+    )
+
+    gen = torch.Generator().manual_seed(3)
+    B, N, K, r, p = 16, 196, 8, 20, 48
+    P = torch.randn(B, N, 2 * K * r, generator=gen).to(dtype)
+    a = torch.randn(B, N, K * p, generator=gen).to(dtype)
+    Q = torch.randn(B, K, p, r, generator=gen) / p**0.5
+    M, scalars = Q.mT @ Q, torch.tensor([0.7, 0.3, 0.6])
+    out = mixer_memberships(P.cuda(), a.cuda(), M.cuda(), scalars.cuda())
+    ref = mixer_memberships_reference(P.double(), a.double(), M.double(), scalars.double())
+    rel = 2**-8 if dtype == torch.bfloat16 else 1e-5
+    for got, want, tol in zip(out, ref, (rel, rel, 1e-5, 1e-5)):
+        got = got.cpu().double()
+        assert ((got - want).abs() <= tol * want.abs() + 1e-5 * want.abs().max()).all()
+    g_R = torch.randn(P.shape, generator=gen).to(dtype)
+    g_U = torch.randn(a.shape, generator=gen).to(dtype)
+    g_pi = torch.randn(B, N, K, generator=gen)
+    pi, sq = ref[2].float(), ref[3].float()
+    args = (g_R, P, g_U, a, pi, sq, g_pi, M, scalars)
+    got = mixer_memberships_backward(*(t.cuda() for t in args))
+    want = mixer_memberships_backward_reference(*(t.double() for t in args))
+    for o, w in zip(got[:3], want[:3]):
+        o = o.cpu().double()
+        assert ((o - w).abs() <= 2 * rel * w.abs() + 1e-5 * w.abs().max()).all()
+    torch.testing.assert_close(got[3].cpu().double(), want[3], rtol=1e-4, atol=1e-3)

@@ -15,16 +15,17 @@ import torch
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # Each case: ("factor", G) -> F, ("gram", Y, eps) -> (scale, G), ("memberships", a, col, tau) -> (w, π),
-# ("mixer_fwd", P, a, M, scalars) -> (Ps, z, π, ‖col‖²) or ("mixer_bwd", g_R, P, g_U, a, π, ‖col‖², g_π, M, scalars)
-# -> (P̄, ā, P_c ⊙ ∂‖col‖², sums), ("pace_mixer", x, U, τ, α, β, Ω_e, Ω_c, g, g_π, K) -> (update, π, gradients of
-# x, U, τ, α, β) with how = the Compress form; "poison" fills the output buffers with NaN first, "tile16" too with
-# 16 × 16 tiles, "op" goes through the public custom op under use_backend("interpret").
+# ("mixer_fwd", P, a, M, scalars) -> (Ps, z, π, ‖col‖²), ("mixer_bwd", g_R, P, g_U, a, π, ‖col‖², g_π, M, scalars)
+# -> (P̄, ā, P_c ⊙ ∂‖col‖², sums), ("cast_dot", g, x, dtype) -> (copy, <g, x>) or ("pace_mixer", x, U, τ, α, β,
+# Ω_e, Ω_c, g, g_π, K) -> (update, π, gradients of x, U, τ, α, β) with how = the Compress form; "poison" fills the
+# output buffers with NaN first, "tile16" too with 16 × 16 tiles, "op" goes through the public custom op under
+# use_backend("interpret").
 _RUNNER = r"""
 import sys
 import torch
 torch.set_num_threads(1)
 from pace.kernels import _dispatch, use_backend, inverse_cholesky_factor, normalized_gram, compress_memberships
-from pace.kernels import mixer_memberships, mixer_memberships_backward
+from pace.kernels import cast_dot, mixer_memberships, mixer_memberships_backward
 cases = torch.load(sys.argv[1])
 with use_backend("interpret"):
     module = _dispatch.triton_module(torch.empty(0))
@@ -58,6 +59,12 @@ with use_backend("interpret"):
                 Pc_w = torch.full(P.shape[:2] + (M.shape[1] * M.shape[2],), nan, dtype=P.dtype)
                 out = (torch.full_like(P, nan), torch.full_like(a, nan), Pc_w)
                 results[name] = mixer.mixer_memberships_backward(*args, out=out)
+        elif kind == "cast_dot":
+            g, x, dtype = args
+            if how == "op":
+                results[name] = cast_dot(g, x, dtype)
+            else:
+                results[name] = mixer.cast_dot(g, x, dtype, out=torch.full(g.shape, nan, dtype=dtype))
         elif kind == "pace_mixer":
             from pace.layers.mixer import pace_mixer
 

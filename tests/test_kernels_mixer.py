@@ -8,6 +8,7 @@ import torch
 from kernels_helpers import build_for_hopper, run_interpreted
 
 from pace.kernels import (
+    cast_dot,
     mixer_memberships,
     mixer_memberships_backward,
     mixer_memberships_backward_reference,
@@ -70,6 +71,12 @@ def interpreted(tmp_path_factory):
     mixer_args = (x, U, *scalars, *sketches, cot[0], cot[1].double(), K)
     inputs["mixer"] = mixer_args
     cases["mixer"] = ("pace_mixer", tuple(t.float() if torch.is_tensor(t) else t for t in mixer_args), "full")
+    g = torch.randn(2, 3, 1000, generator=gen)  # 6000 elements: a full block of 4096 and a ragged one
+    x = torch.randn(2, 3, 1000, generator=gen)
+    inputs["cast_dot"] = (g, x)
+    for dtype in (torch.bfloat16, torch.float16):
+        cases[f"cast_dot_{dtype}"] = ("cast_dot", (g, x, dtype), "poison")
+    cases["cast_dot_op"] = ("cast_dot", (g, x, torch.bfloat16), "op")
     return seed, inputs, run_interpreted(cases, tmp_path_factory.mktemp("interp"))
 
 
@@ -133,6 +140,28 @@ def test_fused_mixer_on_the_interpreted_kernels_matches_float64(interpreted):
     for name, a, b in zip(("x", "U", "tau", "alpha", "beta"), got_grads, ref_grads):
         err = ((a.double() - b).abs().max() / b.abs().max()).item()
         assert err < 1e-3, f"seed {seed}: gradient of {name} off by {err:.1e} of its scale"
+
+
+@pytest.mark.parametrize("case", ["cast_dot_torch.bfloat16", "cast_dot_torch.float16", "cast_dot_op"])
+def test_cast_dot_kernel_rounds_like_torch_and_sums_in_fp32(interpreted, case):
+    seed, inputs, out = interpreted
+    g, x = inputs["cast_dot"]
+    copy, dot = out[case]
+    dtype = torch.float16 if case.endswith(".float16") else torch.bfloat16
+    assert copy.dtype == dtype and torch.equal(copy, g.to(dtype)), f"seed {seed}: not rounded to nearest even"
+    ref = torch.dot(g.double().reshape(-1), x.double().reshape(-1))
+    scale = (g.double() * x.double()).abs().sum()
+    assert dot.dtype == torch.float32 and (dot.double() - ref).abs() <= 1e-6 * scale, f"seed {seed}"
+
+
+def test_cast_dot_fallback_and_bad_shapes():
+    g, x = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    copy, dot = cast_dot(g, x, torch.float64)
+    assert torch.equal(copy, g) and copy.data_ptr() != g.data_ptr() and dot == torch.dot(g.view(-1), x.view(-1))
+    copy, dot = cast_dot(g.float(), x.float(), torch.bfloat16)
+    assert torch.equal(copy, g.float().bfloat16()) and dot.dtype == torch.float32
+    with pytest.raises(ValueError, match=r"one shape, got \(3, 5\) and \(5, 3\)"):
+        cast_dot(g, x.mT, torch.float32)
 
 
 def test_reference_backward_equals_autograd_through_the_reference_forward():

@@ -9,6 +9,8 @@ Backend per call: Triton on CUDA tensors when it imports, PyTorch otherwise; ``P
 from pace.kernels._dispatch import BACKENDS, current_backend, use_backend
 from pace.kernels.memberships import compress_memberships, compress_memberships_reference
 from pace.kernels.mixer_ops import (
+    cast_dot,
+    cast_dot_reference,
     mixer_memberships,
     mixer_memberships_backward,
     mixer_memberships_backward_reference,
@@ -23,6 +25,8 @@ from pace.kernels.ridge import (
 
 __all__ = [
     "BACKENDS",
+    "cast_dot",
+    "cast_dot_reference",
     "compress_memberships",
     "compress_memberships_reference",
     "current_backend",

@@ -5,7 +5,8 @@
 and ``z = π ⊙ a``. ``mixer_memberships_backward``: its backward, from GEMM 1's cotangent products. Each is one pass
 over its (B, N, ·) tensors in the Triton kernel, where the PyTorch fallback (the op sequence the mixer ran before)
 takes about ten. The ops have no autograd formula: ``pace.layers.mixer`` calls them inside its own
-``autograd.Function``. Backend per call as in ``pace.kernels._dispatch``.
+``autograd.Function``. ``cast_dot``: the backward's prologue, the cotangent's low-precision copy and its dot product
+with the tokens (∂L/∂α) from one read of each. Backend per call as in ``pace.kernels._dispatch``.
 """
 
 import torch
@@ -193,3 +194,55 @@ def mixer_memberships_backward(
     if g_R.shape != P.shape or g_U.shape != a.shape or not pi.shape == sq.shape == g_pi.shape == per_head:
         raise ValueError("mixer_memberships_backward: cotangent or saved shapes do not match the forward's")
     return _mixer_memberships_backward_op(g_R, P, g_U, a, pi, sq, g_pi, M, scalars)
+
+
+def cast_dot_reference(g: Tensor, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """PyTorch ``(g.to(dtype), <g, x>)``, the dot product in (at least) float32.
+
+    Args:
+        g: Any tensor.
+        x: A tensor of g's shape.
+        dtype: The copy's dtype.
+
+    Returns:
+        The copy (a new tensor) and a 0-dim dot product in float32 (float64 for float64 input).
+    """
+    acc = torch.promote_types(g.dtype, torch.float32)
+    copy = g.to(dtype, copy=True)
+    return copy, torch.dot(g.reshape(-1).to(acc), x.reshape(-1).to(acc))
+
+
+@torch.library.custom_op("pace::cast_dot", mutates_args=())
+def _cast_dot_op(g: Tensor, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    supported = g.dtype == x.dtype == torch.float32 and dtype in (torch.bfloat16, torch.float16)
+    module = _dispatch.triton_module(g, "_triton_mixer") if supported else None
+    if module is None:
+        copy, dot = cast_dot_reference(g, x, dtype)
+        return copy.contiguous(), dot
+    return module.cast_dot(g.contiguous(), x.contiguous(), dtype)
+
+
+@_cast_dot_op.register_fake
+def _(g: Tensor, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    return g.new_empty(g.shape, dtype=dtype), g.new_empty((), dtype=torch.promote_types(g.dtype, torch.float32))
+
+
+def cast_dot(g: Tensor, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``g`` in ``dtype`` and ``<g, x>`` from one read of each (custom op ``pace::cast_dot``; no autograd).
+
+    The fused mixer's backward needs the cotangent g in the matrix-product dtype and ``<g, x>`` (a term of ∂L/∂α).
+    The Triton kernel (float32 g and x, bfloat16/float16 copy) reads both once, writes the copy once (rounded to
+    nearest even) and sums the products in fp32 per block, then over blocks; elsewhere :func:`cast_dot_reference`.
+
+    Args:
+        g: Cotangent, any shape.
+        x: Tokens, g's shape.
+        dtype: The copy's dtype.
+
+    Returns:
+        ``(copy, dot)``: the copy in ``dtype`` (contiguous, never g itself), the dot product 0-dim in float32
+        (float64 for float64 input).
+    """
+    if g.shape != x.shape:
+        raise ValueError(f"cast_dot: g and x must have one shape, got {tuple(g.shape)} and {tuple(x.shape)}")
+    return _cast_dot_op(g, x, dtype)

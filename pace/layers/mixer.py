@@ -48,26 +48,23 @@ def _per_head_sum(weights: Tensor, rows: Tensor, num_heads: int) -> Tensor:
     return _diag_blocks(weights.mT @ rows, num_heads).squeeze(2)  # (B, K, K·p) → (B, K, 1, p)
 
 
-def _heads_major(t: Tensor, num_heads: int) -> Tensor:
-    """(B, m, K·n) → (K, m, B·n): one matrix per head with the images side by side (for head-wise products)."""
+def _heads_major(t: Tensor, num_heads: int, dtype: torch.dtype) -> Tensor:
+    """(B, m, K·n) → (K, m, B·n) in ``dtype``: one matrix per head with the images side by side (for head-wise
+    products), from one copy that also converts."""
     B, m, Kn = t.shape
-    return t.view(B, m, num_heads, Kn // num_heads).permute(2, 1, 0, 3).reshape(num_heads, m, -1)
+    heads = t.view(B, m, num_heads, Kn // num_heads).permute(2, 1, 0, 3)  # (K, m, B, n)
+    # One copy either way: a conversion writes a contiguous result, .contiguous() then has nothing to do.
+    return heads.to(dtype, memory_format=torch.contiguous_format).contiguous().view(num_heads, m, -1)
 
 
-def _images_major(t: Tensor, batch: int) -> Tensor:
-    """Inverse of :func:`_heads_major`: (K, m, B·n) → (B, m, K·n), as a view where possible."""
-    K, m, Bn = t.shape
-    return t.view(K, m, batch, Bn // batch).permute(2, 1, 0, 3).reshape(batch, m, -1)
-
-
-def _diag_backward(g, x, xb, gb, gR, gU, a, P, Ps, pi, sq, root, g_pi, Q_c, keep, tau_w, alpha_w, beta_w, K):
+def _diag_backward(g_x, xb, gb, gR, gU, a, P, Ps, pi, sq, root, g_pi, Q_c, keep, tau_w, alpha_w, beta_w, K):
     """The diag form's part of the mixer backward, from GEMM 1's cotangent products to Q̄_e, Q̄_c and Ū."""
     B, N, d = xb.shape
     p = d // K
     md, wd = xb.dtype, tau_w.dtype
     gQe, Pe = gR, P
     # α: <g, x − x̂Π_e> = <g, x> − <gQ_e, x̂Q_e>
-    grad_alpha = torch.dot(g.reshape(-1), x.reshape(-1)).to(wd) - (gQe * Pe).sum(dtype=wd)
+    grad_alpha = g_x.to(wd) - (gQe * Pe).sum(dtype=wd)
     a4, gU4 = a.view(B, N, K, p), gU.view(B, N, K, p)
     u = gU * a
     h = -(u @ _block_diag((1 - keep).unsqueeze(-1)).to(md)).to(wd)  # −Σ_p gU a (1 − keep), (B, N, K)
@@ -163,23 +160,26 @@ class _PACEMixer(torch.autograd.Function):
         with _no_autocast(g.device.type):
             tau_w, alpha_w, beta_w = tau.to(wd), alpha.to(wd), beta.to(wd)
             U, Ub = subspaces.to(wd), subspaces.to(md)
-            gb = g.to(md)
+            if md == g.dtype:
+                gb, g_x = g, torch.dot(g.reshape(-1), x.reshape(-1))
+            else:  # the low-precision copy of g and <g, x> (a term of ∂L/∂α) from one read of g and x
+                gb, g_x = kernels.cast_dot(g, x, md)
             gR = gb @ R  # [gQ_e | gV], (B, N, c_e [+ K·r])
             gU = (gb.reshape(B * N, d) @ Ub).view(B, N, d)
             if diag:
                 grad_alpha, grad_beta, grad_tau, Pbar, Qe_bar, Qc_bar, U_bar, a_bar, z = _diag_backward(
-                    g, x, xb, gb, gR, gU, a, P, Ps, pi, sq, root, g_pi, Q_c, keep, tau_w, alpha_w, beta_w, K
+                    g_x, xb, gb, gR, gU, a, P, Ps, pi, sq, root, g_pi, Q_c, keep, tau_w, alpha_w, beta_w, K
                 )
             else:
                 M, z = keep, T  # saved as (extra, T) by the forward
                 scalars = torch.stack([tau_w, alpha_w, beta_w])
                 Pbar, a_bar, Pc_w, sums = kernels.mixer_memberships_backward(gR, P, gU, a, pi, sq, g_pi, M, scalars)
                 # α: <g, x − x̂Π_e> = <g, x> − <gQ_e, x̂Q_e>; τ: −Σ ∂ℓ ‖col‖ / τ².
-                grad_alpha = torch.dot(g.reshape(-1), x.reshape(-1)).to(wd) + sums[0]
+                grad_alpha = g_x.to(wd) + sums[0]
                 grad_beta, grad_tau = sums[1], -sums[2] / tau_w.square()
-                R_bar = torch.baddbmm(xb.mT @ Pbar, gb.mT, Ps).to(wd)  # xᵀP̄ + gᵀ(P ⊙ s'), (B, d, c_e + K·r)
-                Qe_bar = R_bar[..., :ce]
-                V_bar = _heads_major(R_bar[..., ce:], K)  # (K, d, B·r)
+                R_bar = torch.baddbmm(xb.mT @ Pbar, gb.mT, Ps)  # xᵀP̄ + gᵀ(P ⊙ s'), (B, d, c_e + K·r)
+                Qe_bar = R_bar[..., :ce].to(wd)
+                V_bar = _heads_major(R_bar[..., ce:], K, wd)  # (K, d, B·r)
                 # ‖col‖² = P_k M_k P_kᵀ with M_k = Q_kᵀQ_k: M̄_k = Σ_n ∂‖col_k‖² P_kᵀ P_k.
                 M_bar = _diag_blocks(Pc_w.mT @ P[..., ce:], K).to(wd)  # (B, K, r, r)
                 Qc4 = Q_c.view(B, K, p, r)

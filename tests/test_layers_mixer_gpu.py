@@ -72,29 +72,3 @@ def test_cuda_outputs_and_gradients_match_float64(form, fused):
     for seed, precision, errors in rows:
         worst = max(errors.values())
         assert worst <= LIMITS[precision], (seed, precision, errors)
-
-
-@pytest.mark.parametrize("form", ["full", "diag"])
-def test_compiled_fused_block_on_cuda_matches_eager(form):
-    """Inductor compiles the fused block with the pace:: Triton ops (no graph break) and gives eager's numbers (fp32:
-    under bf16 the two round differently and the scalar gradients are too noisy for a tight comparison)."""
-    import torch._dynamo
-
-    from pace.layers import PACEBlock
-
-    torch._dynamo.reset()
-    block = PACEBlock(C, K, rank=RANK, compress_form=form, fused=True).cuda()
-    x = torch.randn(16, N, C, device="cuda", requires_grad=True)
-    g = torch.randn(16, N, C, device="cuda")
-    block(x)  # draw the sketches eagerly
-    compiled = torch.compile(block, fullgraph=True)
-    results = []
-    for fn in (block, compiled):
-        block.zero_grad(set_to_none=True)
-        x.grad = None
-        y = fn(x)
-        (y * g).sum().backward()
-        results.append([y.detach(), x.grad.clone()] + [p.grad.clone() for p in block.parameters()])
-    for eager, comp in zip(*results):
-        scale = eager.abs().max().clamp_min(1e-6)
-        assert ((comp - eager).abs().max() / scale).item() < 1e-3

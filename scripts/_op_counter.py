@@ -158,7 +158,8 @@ class OpCounterMode(TorchDispatchMode):
         flops = _flops(name, tuple(args), out)
         dtypes = {t.dtype for t in inputs + outputs if t.is_floating_point()}
         nbytes = sum(_storage_bytes(t) for t in inputs + outputs)
-        self.count.records.append(OpRecord(name, _category(name, dtypes, flops), nbytes, flops))
+        category = "pace kernel" if func.namespace == "pace" else _category(name, dtypes, flops)
+        self.count.records.append(OpRecord(name, category, nbytes, flops))
         return out
 
 

@@ -76,7 +76,7 @@ def test_a_custom_op_counts_as_its_fused_kernel_or_as_its_fallback():
     Y = torch.randn(2, 30, 5)
     fused = count_ops(lambda: normalized_gram(Y, 0.01))
     # One op: Y read once, the scales (2, 1, 5) and G (2, 5, 5) written once, float32.
-    assert [r.name for r in fused.records] == ["normalized_gram"]
+    assert [(r.name, r.category) for r in fused.records] == [("normalized_gram", "pace kernel")]
     assert fused.bytes == (2 * 30 * 5 + 2 * 5 + 2 * 5 * 5) * 4
     fallback = count_ops(lambda: normalized_gram(Y, 0.01), kernels="fallback")
     assert "normalized_gram" not in fallback.names() and fallback.ops > 3 and fallback.bytes > fused.bytes

@@ -16,7 +16,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # Each case: ("factor", G) -> F, ("gram", Y, eps) -> (scale, G), ("memberships", a, col, tau) -> (w, π),
 # ("mixer_fwd", P, a, M, scalars) -> (Ps, z, π, ‖col‖²), ("mixer_bwd", g_R, P, g_U, a, π, ‖col‖², g_π, M, scalars)
-# -> (P̄, ā, P_c ⊙ ∂‖col‖², sums), ("cast_dot", g, x, dtype) -> (copy, <g, x>) or ("pace_mixer", x, U, τ, α, β,
+# -> (P̄, ā, P_c ⊙ ∂‖col‖², sums), ("cast_dot", g, x, dtype) -> (copy, <g, x>), ("pack", Y, F_s, U, Q_c, dtype) -> R
+# or ("pace_mixer", x, U, τ, α, β,
 # Ω_e, Ω_c, g, g_π, K) -> (update, π, gradients of x, U, τ, α, β) with how = the Compress form; "poison" fills the
 # output buffers with NaN first, "tile16" too with 16 × 16 tiles, "op" goes through the public custom op under
 # use_backend("interpret").
@@ -25,7 +26,7 @@ import sys
 import torch
 torch.set_num_threads(1)
 from pace.kernels import _dispatch, use_backend, inverse_cholesky_factor, normalized_gram, compress_memberships
-from pace.kernels import cast_dot, mixer_memberships, mixer_memberships_backward
+from pace.kernels import cast_dot, mixer_memberships, mixer_memberships_backward, pack_bases
 cases = torch.load(sys.argv[1])
 with use_backend("interpret"):
     module = _dispatch.triton_module(torch.empty(0))
@@ -65,6 +66,14 @@ with use_backend("interpret"):
                 results[name] = cast_dot(g, x, dtype)
             else:
                 results[name] = mixer.cast_dot(g, x, dtype, out=torch.full(g.shape, nan, dtype=dtype))
+        elif kind == "pack":
+            Y, F_s, U, Q_c, dtype = args
+            if how == "op":
+                results[name] = pack_bases(*args)
+            else:
+                extra = 0 if Q_c is None else Q_c.shape[0] // Y.shape[0] * Q_c.shape[2]
+                out = torch.full(Y.shape[:2] + (Y.shape[2] + extra,), nan, dtype=dtype)
+                results[name] = mixer.pack_bases(*args, out=out)
         elif kind == "pace_mixer":
             from pace.layers.mixer import pace_mixer
 

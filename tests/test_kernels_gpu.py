@@ -124,6 +124,25 @@ def test_mixer_memberships_on_cuda_match_float64(dtype):
     torch.testing.assert_close(got[3].cpu().double(), want[3], rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("with_v", [True, False], ids=["full", "diag"])
+def test_pack_bases_on_cuda_matches_float64(with_v):
+    """R = [Y F_s | U_k Q_k] at the S model's sizes (B = 32): fp32 products, one rounding to bf16."""
+    from pace.kernels import pack_bases, pack_bases_reference
+
+    gen = torch.Generator().manual_seed(5)
+    B, K, p, r = 32, 8, 48, 20
+    d, c = K * p, K * r
+    S = torch.randn(B, d, c + r, generator=gen)
+    F_s = torch.randn(B, c, c, generator=gen).triu() / c**0.5
+    U = torch.linalg.qr(torch.randn(d, d, generator=gen)).Q
+    Q_c = torch.randn(B * K, p, r, generator=gen) if with_v else None
+    R = pack_bases(S.cuda()[..., :c], F_s.cuda(), U.cuda(), None if Q_c is None else Q_c.cuda(), torch.bfloat16)
+    ref = pack_bases_reference(S[..., :c].double(), F_s.double(), U.double(), None if Q_c is None else Q_c.double(),
+                               torch.float64)  # fmt: skip
+    err = (R.cpu().double() - ref).abs()
+    assert (err <= 2**-8 * ref.abs() + 1e-5 * ref.abs().max()).all(), err.max().item()
+
+
 @pytest.mark.parametrize("form", ["full", "diag"])
 def test_traced_fused_block_on_cuda_matches_eager(form):
     """The fused block with the pace:: Triton ops traced by torch.compile (fake implementations, one graph, AOT

@@ -13,6 +13,8 @@ from pace.kernels import (
     mixer_memberships_backward,
     mixer_memberships_backward_reference,
     mixer_memberships_reference,
+    pack_bases,
+    pack_bases_reference,
 )
 from pace.kernels.mixer_ops import block_diag
 from pace.layers.mixer import pace_mixer
@@ -20,6 +22,7 @@ from pace.layers.mixer import pace_mixer
 # (B, N, K, r, p): ragged (N crosses the 16-token blocks, K, r and p below their padded sizes) and the S model's.
 SHAPES = {"small": (2, 20, 3, 5, 6), "s": (1, 17, 8, 20, 48)}
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
+PACK_SHAPES = {"small": (2, 3, 6, 5), "s": (1, 8, 48, 20)}  # (B, K, p, r): ragged tiles; the S model's
 
 
 def _forward_inputs(B, N, K, r, p, gen, dtype=torch.float64):
@@ -77,6 +80,17 @@ def interpreted(tmp_path_factory):
     for dtype in (torch.bfloat16, torch.float16):
         cases[f"cast_dot_{dtype}"] = ("cast_dot", (g, x, dtype), "poison")
     cases["cast_dot_op"] = ("cast_dot", (g, x, torch.bfloat16), "op")
+    for name, (B, K, p, r) in PACK_SHAPES.items():
+        d, c = K * p, K * r
+        S = torch.randn(B, d, c + r, generator=gen)  # Y is a strided view, as the mixer's S[..., :c_e]
+        F_s = torch.randn(B, c, c, generator=gen).triu() / c**0.5
+        U = torch.linalg.qr(torch.randn(d, d, generator=gen)).Q
+        Q_c = torch.randn(B * K, p, r, generator=gen)
+        inputs[f"pack_{name}"] = (S[..., :c], F_s, U, Q_c)
+        for dtype in (torch.bfloat16, torch.float32):
+            cases[f"pack_{name}_{dtype}"] = ("pack", (S[..., :c], F_s, U, Q_c, dtype), "poison")
+        cases[f"pack_{name}_diag"] = ("pack", (S[..., :c], F_s, U, None, torch.bfloat16), "poison")
+    cases["pack_op"] = ("pack", (*inputs["pack_small"], torch.bfloat16), "op")
     return seed, inputs, run_interpreted(cases, tmp_path_factory.mktemp("interp"))
 
 
@@ -154,6 +168,33 @@ def test_cast_dot_kernel_rounds_like_torch_and_sums_in_fp32(interpreted, case):
     assert dot.dtype == torch.float32 and (dot.double() - ref).abs() <= 1e-6 * scale, f"seed {seed}"
 
 
+@pytest.mark.parametrize("name", PACK_SHAPES)
+@pytest.mark.parametrize("kind", ["torch.bfloat16", "torch.float32", "diag"])
+def test_pack_bases_kernel_matches_float64(interpreted, name, kind):
+    seed, inputs, out = interpreted
+    Y, F_s, U, Q_c = inputs[f"pack_{name}"]
+    R = out[f"pack_{name}_{kind}"]
+    ref = pack_bases_reference(
+        Y.double(), F_s.double(), U.double(), None if kind == "diag" else Q_c.double(), torch.float64
+    )
+    assert R.shape == ref.shape and R.dtype == (torch.float32 if kind == "torch.float32" else torch.bfloat16)
+    _close(R, ref, 2**-8 if R.dtype == torch.bfloat16 else 1e-5, "R", seed)  # fp32 products, one rounding
+
+
+def test_pack_bases_op_and_fallback(interpreted):
+    seed, inputs, out = interpreted
+    Y, F_s, U, Q_c = inputs["pack_small"]
+    ref = pack_bases_reference(Y, F_s, U, Q_c, torch.bfloat16)  # fp32 products, then rounded: the same numbers
+    torch.testing.assert_close(out["pack_op"].float(), ref.float(), rtol=2**-7, atol=1e-5, msg=f"seed {seed}")
+    # The fallback against a direct construction: R = [Y F_s | U_k Q_k], head by head.
+    B, K = Y.shape[0], U.shape[1] // Q_c.shape[1]
+    heads = [U[:, k * Q_c.shape[1] : (k + 1) * Q_c.shape[1]] @ Q_c.view(B, K, *Q_c.shape[1:])[:, k] for k in range(K)]
+    direct = torch.cat([Y @ F_s, *heads], dim=-1)
+    torch.testing.assert_close(pack_bases(Y, F_s, U, Q_c, torch.float32), direct, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="pack_bases: Y"):
+        pack_bases(Y, F_s, U, Q_c[:, :-1], torch.float32)
+
+
 def test_cast_dot_fallback_and_bad_shapes():
     g, x = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
     copy, dot = cast_dot(g, x, torch.float64)
@@ -199,11 +240,15 @@ def test_block_diag_and_bad_shapes():
 _BF16 = dict.fromkeys(("P_ptr", "A_ptr", "Ps_ptr", "Z_ptr", "GR_ptr", "GU_ptr", "Pbar_ptr", "Abar_ptr"), "*bf16")
 
 
-@pytest.mark.parametrize("name", ["_memberships_fwd_kernel", "_memberships_bwd_kernel"])
+@pytest.mark.parametrize("name", ["_memberships_fwd_kernel", "_memberships_bwd_kernel", "_pack_bases_kernel"])
 def test_kernels_compile_for_hopper_without_a_gpu(name):
     """The S model's configuration (K = 8, r = 20, p = 48, bf16 activations) builds down to an sm_90 cubin."""
     from pace.kernels._triton_mixer import TINY
 
-    constexprs = {"TINY_": TINY, "BN": 16, "BK": 8, "BR": 32, "BP": 64, "ROUND_BF16": False}
-    pointers = dict(_BF16, Pcw_ptr="*bf16")
+    if name == "_pack_bases_kernel":
+        constexprs = {"BM": 32, "BN": 32, "BK": 32, "ROUND_BF16": False}
+        pointers = {"R_ptr": "*bf16"}
+    else:
+        constexprs = {"TINY_": TINY, "BN": 16, "BK": 8, "BR": 32, "BP": 64, "ROUND_BF16": False}
+        pointers = dict(_BF16, Pcw_ptr="*bf16")
     assert len(build_for_hopper("_triton_mixer", name, constexprs, pointers, 4)) > 1000

@@ -15,6 +15,8 @@ from pace.kernels.mixer_ops import (
     mixer_memberships_backward,
     mixer_memberships_backward_reference,
     mixer_memberships_reference,
+    pack_bases,
+    pack_bases_reference,
 )
 from pace.kernels.ridge import (
     inverse_cholesky_factor,
@@ -38,5 +40,7 @@ __all__ = [
     "mixer_memberships_reference",
     "normalized_gram",
     "normalized_gram_reference",
+    "pack_bases",
+    "pack_bases_reference",
     "use_backend",
 ]

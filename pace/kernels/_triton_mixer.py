@@ -195,6 +195,72 @@ def _cast_dot_kernel(G_ptr, X_ptr, Out_ptr, Part_ptr, n, BLOCK: tl.constexpr, RO
     tl.store(Part_ptr + tl.program_id(0), tl.sum(g * x, axis=0))
 
 
+@triton.jit
+def _pack_bases_kernel(
+    Y_ptr,
+    F_ptr,
+    U_ptr,
+    Qc_ptr,
+    R_ptr,
+    d,
+    c,
+    K,
+    r,
+    p,
+    stride_yb,
+    stride_ym,
+    stride_yc,
+    stride_um,
+    stride_ut,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+):
+    """Tile (m, n) of R = [Y F_s | U_k Q_k] for one image, fp32 products, one rounding to R's dtype.
+
+    Columns below c: ``Σ_j Y[m, j] F_s[j, n]``. Column c + k·r + i: ``Σ_q U[m, k·p + q] Q_k[q, i]``, a product with
+    the block-diagonal matrix of the Q_k over the rows of the heads the tile's columns belong to.
+    """
+    b = tl.program_id(0).to(tl.int64)
+    m = tl.program_id(1) * BM + tl.arange(0, BM)
+    n0 = tl.program_id(2) * BN
+    n = n0 + tl.arange(0, BN)
+    kk = tl.arange(0, BK)
+    ncols = c + K * r
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    if n0 < c:
+        for k0 in range(0, c, BK):
+            k = k0 + kk
+            y = tl.load(
+                Y_ptr + b * stride_yb + m[:, None] * stride_ym + k[None, :] * stride_yc,
+                mask=(m[:, None] < d) & (k[None, :] < c),
+                other=0.0,
+            )
+            f = tl.load(
+                F_ptr + (b * c + k[:, None]) * c + n[None, :], mask=(k[:, None] < c) & (n[None, :] < c), other=0.0
+            )
+            acc += tl.dot(y, f, input_precision="ieee")
+    if n0 + BN > c:
+        j = tl.maximum(n - c, 0)  # (BN,) column within V (0 for Expand columns, masked below)
+        head = j // r
+        valid = (n >= c) & (n < ncols)
+        first = tl.maximum(n0 - c, 0) // r
+        last = (tl.minimum(n0 + BN, ncols) - c - 1) // r
+        for t0 in range(first * p, (last + 1) * p, BK):
+            t = t0 + kk  # rows of U's columns, i.e. head·p + q
+            t_ok = t < (last + 1) * p
+            u_off = m[:, None] * stride_um + t[None, :] * stride_ut
+            u = tl.load(U_ptr + u_off, mask=(m[:, None] < d) & t_ok[None, :], other=0.0)
+            same = ((t // p)[:, None] == head[None, :]) & valid[None, :] & t_ok[:, None]
+            q = tl.load(
+                Qc_ptr + ((b * K + head[None, :]) * p + (t % p)[:, None]) * r + (j % r)[None, :], mask=same, other=0.0
+            )
+            acc += tl.dot(u, q, input_precision="ieee")
+    out = _rounded(acc, ROUND_BF16).to(R_ptr.dtype.element_ty)
+    tl.store(R_ptr + (b * d + m[:, None]) * ncols + n[None, :], out, mask=(m[:, None] < d) & (n[None, :] < ncols))
+
+
 PROBE_KERNEL = _memberships_fwd_kernel  # how pace.kernels._dispatch tells compiled from interpreted
 
 
@@ -278,3 +344,22 @@ def cast_dot(g: Tensor, x: Tensor, dtype: torch.dtype, out: Tensor | None = None
             num_warps=8,
         )  # fmt: skip
     return out, partials.sum()
+
+
+def pack_bases(Y: Tensor, F_s: Tensor, U: Tensor, Q_c: Tensor | None, dtype: torch.dtype, out: Tensor | None = None):
+    """``R = [Y F_s | U_k Q_k]`` in ``dtype`` by the Triton kernel; see ``pace.kernels.pack_bases``.
+
+    Y and U may have any strides; F_s and Q_c must be contiguous.
+    """
+    B, d, c = Y.shape
+    K, r, p = (Q_c.shape[0] // B, Q_c.shape[2], Q_c.shape[1]) if Q_c is not None else (0, 1, 1)
+    ncols = c + K * r
+    R = torch.empty((B, d, ncols), device=Y.device, dtype=dtype) if out is None else out
+    if R.numel() == 0:
+        return R
+    BM, BN, BK = 32, 32, 32
+    _pack_bases_kernel[(B, triton.cdiv(d, BM), triton.cdiv(ncols, BN))](
+        Y, F_s, U, Q_c if Q_c is not None else F_s, R, d, c, K, r, p, *Y.stride(), *U.stride(),
+        BM=BM, BN=BN, BK=BK, ROUND_BF16=_INTERPRETED and dtype == torch.bfloat16, num_warps=4,
+    )  # fmt: skip
+    return R

@@ -6,7 +6,9 @@ and ``z = π ⊙ a``. ``mixer_memberships_backward``: its backward, from GEMM 1'
 over its (B, N, ·) tensors in the Triton kernel, where the PyTorch fallback (the op sequence the mixer ran before)
 takes about ten. The ops have no autograd formula: ``pace.layers.mixer`` calls them inside its own
 ``autograd.Function``. ``cast_dot``: the backward's prologue, the cotangent's low-precision copy and its dot product
-with the tokens (∂L/∂α) from one read of each. Backend per call as in ``pace.kernels._dispatch``.
+with the tokens (∂L/∂α) from one read of each. ``pack_bases``: GEMM 1's right factor ``R = [Q_e | V]`` in the
+matrix-product dtype, written once from fp32 products (``Q_e = Y F_s``, ``V_k = U_k Q_k``). Backend per call as in
+``pace.kernels._dispatch``.
 """
 
 import torch
@@ -246,3 +248,75 @@ def cast_dot(g: Tensor, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     if g.shape != x.shape:
         raise ValueError(f"cast_dot: g and x must have one shape, got {tuple(g.shape)} and {tuple(x.shape)}")
     return _cast_dot_op(g, x, dtype)
+
+
+def pack_bases_reference(Y: Tensor, F_s: Tensor, U: Tensor, Q_c: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """PyTorch ``R = [Y F_s | U_k Q_k]``: products in Y's dtype, then one conversion into R.
+
+    Args:
+        Y: Expand sketches, shape (B, d, c) (any strides).
+        F_s: Their scaled factors ``D⁻¹F``, shape (B, c, c).
+        U: Subspaces, shape (d, K·p), in Y's dtype.
+        Q_c: Compress bases, shape (B·K, p, r), or None for ``R = Y F_s`` alone (diag form).
+        dtype: R's dtype.
+
+    Returns:
+        R, shape (B, d, c + K·r), in ``dtype``.
+    """
+    B, d, c = Y.shape
+    Q_e = Y @ F_s  # (B, d, c)
+    if Q_c is None:
+        return Q_e.to(dtype)
+    K, p, r = Q_c.shape[0] // B, Q_c.shape[1], Q_c.shape[2]
+    # V_k = U_k Q_k for all heads at once: (K, d, p) @ (K, p, B·r).
+    U_heads = U.view(d, K, p).transpose(0, 1)
+    V_heads = U_heads @ Q_c.view(B, K, p, r).permute(1, 2, 0, 3).reshape(K, p, B * r)  # (K, d, B·r)
+    R = torch.empty(B, d, c + K * r, device=Y.device, dtype=dtype)
+    R[..., :c].copy_(Q_e)
+    R[..., c:].view(B, d, K, r).copy_(V_heads.view(K, d, B, r).permute(2, 1, 0, 3))
+    return R
+
+
+@torch.library.custom_op("pace::pack_bases", mutates_args=())
+def _pack_bases_op(Y: Tensor, F_s: Tensor, U: Tensor, Q_c: Tensor | None, dtype: torch.dtype) -> Tensor:
+    tensors = (Y, F_s, U) if Q_c is None else (Y, F_s, U, Q_c)
+    supported = all(t.dtype == torch.float32 for t in tensors) and dtype in _TRITON_DTYPES
+    module = _dispatch.triton_module(Y, "_triton_mixer") if supported else None
+    if module is None:
+        return pack_bases_reference(Y, F_s, U, Q_c, dtype)
+    return module.pack_bases(Y, F_s.contiguous(), U, None if Q_c is None else Q_c.contiguous(), dtype)
+
+
+@_pack_bases_op.register_fake
+def _(Y: Tensor, F_s: Tensor, U: Tensor, Q_c: Tensor | None, dtype: torch.dtype) -> Tensor:
+    B, d, c = Y.shape
+    extra = 0 if Q_c is None else (Q_c.shape[0] // B) * Q_c.shape[2]
+    return Y.new_empty((B, d, c + extra), dtype=dtype)
+
+
+def pack_bases(Y: Tensor, F_s: Tensor, U: Tensor, Q_c: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """GEMM 1's right factor ``R = [Y F_s | U_k Q_k]`` in ``dtype`` (custom op ``pace::pack_bases``; no autograd).
+
+    ``Q_e = Y F_s`` is the Expand basis and ``V_k = U_k Q_k`` head k's Compress basis in token space; both must be
+    formed to fp32 accuracy and only then rounded (GPU_PERF.md §2b). The Triton kernel (float32 inputs) computes
+    each tile of R with fp32 products (``input_precision="ieee"``) and writes it once, rounded; the fallback
+    (:func:`pack_bases_reference`) forms Q_e and V in fp32 and copies them into R.
+
+    Args:
+        Y: Expand sketches, shape (B, d, c) (any strides).
+        F_s: Their scaled factors ``D⁻¹F``, shape (B, c, c).
+        U: Subspaces, shape (d, K·p).
+        Q_c: Compress bases, shape (B·K, p, r), or None (diag form: R = Y F_s).
+        dtype: R's dtype.
+
+    Returns:
+        R, shape (B, d, c + K·r) (K·r = 0 without Q_c), contiguous.
+    """
+    B, d, c = Y.shape if Y.dim() == 3 else (0, 0, 0)
+    ok = Y.dim() == 3 and F_s.shape == (B, c, c) and U.dim() == 2 and U.shape[0] == d
+    if ok and Q_c is not None:
+        ok = Q_c.dim() == 3 and B > 0 and Q_c.shape[0] % B == 0 and Q_c.shape[0] // B * Q_c.shape[1] == U.shape[1]
+    if not ok:
+        shapes = [None if t is None else tuple(t.shape) for t in (Y, F_s, U, Q_c)]
+        raise ValueError(f"pack_bases: Y (B, d, c), F_s (B, c, c), U (d, K·p), Q_c (B·K, p, r) expected, got {shapes}")
+    return _pack_bases_op(Y, F_s, U, Q_c, dtype)

@@ -61,24 +61,24 @@ def _ridge_factors(Y: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tenso
     return Y_hat, scale, F_up, Y_hat @ F_up  # Q = Ŷ L⁻ᵀ
 
 
-def scaled_ridge_factors(Y: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(column scales, G, D⁻¹F, Q)`` of the ridge step, without writing the normalised sketches ``Ŷ``.
+def scaled_ridge_factors(Y: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(column scales, G, D⁻¹F)`` of the ridge step, without writing the normalised sketches ``Ŷ``.
 
     ``Ŷ = Y D⁻¹`` with ``D = diag(scale)``, so ``G = ŶᵀŶ + εI = D⁻¹(YᵀY)D⁻¹ + εI`` comes from one pass over ``Y``
     (:func:`pace.kernels.normalized_gram`: the Triton kernel where it runs) and ``Q = Ŷ F = Y (D⁻¹F)``: the scales
-    go into the small factor's rows. Same values as :func:`_ridge_factors` up to rounding.
+    go into the small factor's rows: the basis is the product ``Y @ F_s``. Same values as :func:`_ridge_factors`
+    up to rounding.
 
     Args:
         Y: Sketches, shape (B, m, c), float32 or float64.
         eps: Ridge ε.
 
     Returns:
-        ``scale`` (B, 1, c) (column norms clamped at 1e-12), ``G`` (B, c, c), ``F_s = D⁻¹F`` (B, c, c) and ``Q``
-        (B, m, c), in Y's dtype.
+        ``scale`` (B, 1, c) (column norms clamped at 1e-12), ``G`` (B, c, c) and ``F_s = D⁻¹F`` (B, c, c), in Y's
+        dtype.
     """
     scale, G = kernels.normalized_gram(Y, eps)
-    F_s = kernels.inverse_cholesky_factor(G).to(G.dtype).div_(scale.mT)  # D⁻¹F, F Fᵀ = G⁻¹
-    return scale, G, F_s, Y @ F_s
+    return scale, G, kernels.inverse_cholesky_factor(G).to(G.dtype).div_(scale.mT)  # D⁻¹F, F Fᵀ = G⁻¹
 
 
 def ridge_factors_backward(Y: Tensor, scale: Tensor, G: Tensor, F_s: Tensor, eps: float, Q_bar: Tensor) -> Tensor:

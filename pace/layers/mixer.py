@@ -104,18 +104,18 @@ class _PACEMixer(torch.autograd.Function):
             S = (xb.mT @ omega).to(wd)  # (B, d, c_e + r)
             U = subspaces.to(wd)
             Ub = subspaces.to(md)
-            U_heads = U.view(d, K, p).transpose(0, 1)  # (K, d, p)
             # Y_k = U_kᵀ x̂ᵀ Ω_c for all heads: (K, p, d) @ (d, B·r), back to (B·K, p, r).
             S_c = S[..., ce:]
             Y_c = U.mT @ S_c.transpose(0, 1).reshape(d, B * r)  # (d, B·r) = (K·p, B·r)
             Y_c = Y_c.view(K, p, B, r).permute(2, 0, 1, 3).reshape(B * K, p, r)
-            n_e, G_e, F_e, Q_e = scaled_ridge_factors(S[..., :ce], eps)  # (B, d, c_e)
-            n_c, G_c, F_c, Q_c = scaled_ridge_factors(Y_c, eps)  # (B·K, p, r)
+            n_e, G_e, F_e = scaled_ridge_factors(S[..., :ce], eps)  # Q_e = S_e F_e, (B, d, c_e)
+            n_c, G_c, F_c = scaled_ridge_factors(Y_c, eps)
+            Q_c = Y_c @ F_c  # (B·K, p, r)
             a = (xb.reshape(B * N, d) @ Ub).view(B, N, d)  # a_k = U_kᵀ x̂, heads side by side
             tau_w, alpha_w, beta_w = tau.to(wd), alpha.to(wd), beta.to(wd)
             Qc4 = Q_c.view(B, K, p, r)
             if diag:
-                R = Q_e.to(md)  # (B, d, c_e)
+                R = kernels.pack_bases(S[..., :ce], F_e, U, None, md)  # Q_e, (B, d, c_e)
                 P = xb @ R  # P_e, (B, N, c_e)
                 keep = Qc4.square().sum(-1)  # diag(Q_kQ_kᵀ), (B, K, p)
                 sq = ((a * a) @ _block_diag(keep.square().unsqueeze(-1)).to(md)).to(wd)  # Σ_p keep² a², (B, N, K)
@@ -125,11 +125,8 @@ class _PACEMixer(torch.autograd.Function):
                 Ps = P * (-alpha_w).to(md)
                 extra, T = keep, None
             else:
-                # V_k = U_k Q_k for all heads at once: (K, d, p) @ (K, p, B·r).
-                V_heads = U_heads @ Qc4.permute(1, 2, 0, 3).reshape(K, p, B * r)  # (K, d, B·r)
-                R = torch.empty(B, d, ce + K * r, device=x.device, dtype=md)
-                R[..., :ce].copy_(Q_e)
-                R[..., ce:].view(B, d, K, r).copy_(V_heads.view(K, d, B, r).permute(2, 1, 0, 3))  # [Q_e | V]
+                # [Q_e | V] with V_k = U_k Q_k, formed in fp32 and written once in the product dtype.
+                R = kernels.pack_bases(S[..., :ce], F_e, U, Q_c, md)  # (B, d, c_e + K·r)
                 P = xb @ R  # [x̂Q_e | x̂V], (B, N, c_e + K·r); x̂V_k = Q_kᵀ a_k
                 # ‖col_k‖² = P_k M_k P_kᵀ with M_k = Q_kᵀQ_k, π, GEMM 2's left factor Ps = P ⊙ [−α | βπ_k] (so that
                 # update = αx + Ps[Q_e | V]ᵀ − β(π ⊙ a)Uᵀ; c_e = K·r: the Expand columns are K more groups of r, each

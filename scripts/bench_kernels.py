@@ -10,8 +10,8 @@ the two relative to the largest torch entry. Cases: the inverse Cholesky factor 
 c = 20; Expand: 128 of c = 80 / 160 / 320), the normalised Gram (Compress: (1024, 48, 20) bf16; Expand:
 (128, 384, 160) bf16 and fp32) and the whole ridge basis Q = Ŷ F (Gram + factor + one product) against
 ``pace.layers.basis.ridge_basis``, and the Compress memberships and weights (S model: B = 128, N = 196, K = 8,
-p = 48, bf16) against pace.layers.compress's op sequence, and the fused mixer's membership ops (forward and backward,
-S model, bf16) against their PyTorch fallbacks (which rounds twice to bf16: agreement within 1e-2
+p = 48, bf16) against pace.layers.compress's op sequence, and the fused mixer's ops (memberships forward and backward,
+pack_bases, cast_dot; S model, bf16) against their PyTorch fallbacks (which rounds twice to bf16: agreement within 1e-2
 there, 1e-3 elsewhere). The dry run only checks that every case runs and agrees; its timings mean nothing.
 Exit code 1 when the two disagree.
 """
@@ -29,10 +29,12 @@ import torch  # noqa: E402
 
 from pace.kernels import (  # noqa: E402
     _dispatch,
+    cast_dot_reference,
     inverse_cholesky_factor_reference,
     mixer_memberships_backward_reference,
     mixer_memberships_reference,
     normalized_gram_reference,
+    pack_bases_reference,
 )
 from pace.layers.basis import ridge_basis  # noqa: E402
 
@@ -187,7 +189,26 @@ def _mixer_cases(module, batch: int, n: int, k: int, r: int, p: int, dtype: torc
     g_R, g_U = torch.randn_like(P), torch.randn_like(a)
     bwd = (g_R, P, g_U, a, pi, sq, torch.randn_like(pi), M, scalars)
     name = f"B={batch} N={n} K={k} r={r} p={p}"
+    d, c = k * p, k * r
+    S = torch.randn(batch, d, c + r, device=device)
+    F_s = torch.randn(batch, c, c, device=device).triu() / c**0.5
+    U = torch.linalg.qr(torch.randn(d, d, device=device)).Q.contiguous()
+    Q_c = torch.randn(batch * k, p, r, device=device)
+    g, x = torch.randn(batch, n, d, device=device), torch.randn(batch, n, d, device=device)
     return [
+        _compare(
+            f"pack bases {name}",
+            lambda: module.pack_bases(S[..., :c], F_s, U, Q_c, dtype),
+            lambda: pack_bases_reference(S[..., :c], F_s, U, Q_c, dtype),
+            device,
+            tol=1e-2,
+        ),
+        _compare(
+            f"cast dot {name}",
+            lambda: module.cast_dot(g, x, dtype),
+            lambda: cast_dot_reference(g, x, dtype),
+            device,
+        ),
         _compare(
             f"mixer memberships {name}",
             lambda: module.mixer_memberships(P, a, M, scalars),

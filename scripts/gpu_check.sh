@@ -7,6 +7,12 @@
 #
 #   bash scripts/gpu_check.sh [RESULTS_DIR]     # default: $OUT/gpu_check if OUT is set, else outputs/gpu_check
 #   bash scripts/gpu_check.sh --dry-run [DIR]   # CPU rehearsal: same steps, CPU device, --quick sizes
+#   GPU_CHECK_STEPS=numerics,bench_layer bash scripts/gpu_check.sh   # only the named steps (default: all)
+#   GPU_CHECK_PAIRS=pace_vit_small_patch16_224:deit_small_patch16_224 bash scripts/gpu_check.sh  # model pairs
+#
+# With OUT set (the device tool's folder, which brings back at most 8 files two folders deep), the results are
+# written under /tmp/gpu_check and packed at the end into $OUT: gpu_check.tgz (everything), gpu_check.log,
+# steps.tsv and summary.txt.
 #
 # It installs nothing from the network. The machine's python3 must already have torch (with CUDA), timm >= 1.0.31,
 # numpy, pillow, pytest and pytest-timeout; run it from a copy of this repository (the package is used from the
@@ -29,7 +35,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [[ -n "${1:-}" ]]; then
     RESULTS="$1"
 elif [[ -n "${OUT:-}" ]]; then
-    RESULTS="$OUT/gpu_check"
+    RESULTS="/tmp/gpu_check"
 else
     RESULTS="$REPO/outputs/gpu_check"
 fi
@@ -54,6 +60,9 @@ export PYTHONUNBUFFERED=1
 run_step() {
     local name="$1" limit=$(($2 * LIMIT_SCALE))
     shift 2
+    if [[ -n "${GPU_CHECK_STEPS:-}" && ",$GPU_CHECK_STEPS," != *",$name,"* ]]; then
+        return 0
+    fi
     local start rc=0
     start=$(date +%s)
     {
@@ -90,7 +99,7 @@ else
         --repeats 10 --warmup 3 --no-memory)
     # 224 px, batch 128, bf16, both pairs; blocks compiled regionally (one frame per block kind: seconds, not
     # the minute a whole-model compile takes).
-    MODEL_ARGS=(--pairs pace_vit_small_patch16_224:deit_small_patch16_224,pace_vit_tiny_patch16_224:deit_tiny_patch16_224
+    MODEL_ARGS=(--pairs "${GPU_CHECK_PAIRS:-pace_vit_small_patch16_224:deit_small_patch16_224,pace_vit_tiny_patch16_224:deit_tiny_patch16_224}"
         --sizes 224 --batch 128 --repeats 10 --warmup 3)
     PROFILE_PACE=(--model pace_vit_small_patch16_224 --batch 128 --steps 3 --warmup 3)
     PROFILE_DEIT=(--model deit_small_patch16_224 --batch 128 --steps 3 --warmup 3)
@@ -105,6 +114,22 @@ fi
 run_step environment 10 bash -c "date -u; uname -a; nvidia-smi || true; \"$PYTHON\" -c 'import torch, timm; \
 print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"available\", torch.cuda.is_available()); \
 print(\"gpu\", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None); print(\"timm\", timm.__version__)'"
+# The two ceilings (METHOD.md): device-to-device copy bandwidth and a large bf16 matrix product, on random data.
+if [[ "$DRY_RUN" == 0 ]]; then
+    run_step ceilings 15 "$PYTHON" -c "
+import torch
+x = torch.randn(2**30 // 2, device='cuda', dtype=torch.bfloat16); y = torch.empty_like(x)
+a = torch.randn(8192, 8192, device='cuda', dtype=torch.bfloat16); b = torch.randn_like(a)
+def ms(f, n=10):
+    for _ in range(3): f()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize(); s.record()
+    for _ in range(n): f()
+    e.record(); torch.cuda.synchronize(); return s.elapsed_time(e) / n
+t = ms(lambda: y.copy_(x)); print(f'copy {2 * x.numel() * 2 / t / 1e9:.0f} GB/s (read + write, 1 GiB)')
+t = ms(lambda: a @ b); print(f'bf16 matmul {2 * 8192**3 / t / 1e9:.0f} TFLOP/s (8192^3, random)')
+"
+fi
 # Numerics first (fused and separate paths against float64, 3 seeds, fp32 and bf16): its lines go to the log (-s).
 run_step numerics 50 "$PYTHON" -m pytest -q -s -p no:cacheprovider --timeout 45 "${PYTEST_ARGS[@]}"
 if [[ "$DRY_RUN" == 0 ]]; then
@@ -134,5 +159,9 @@ echo "results in $RESULTS"
 column -t "$STEPS" 2>/dev/null || cat "$STEPS"
 echo
 "$PYTHON" scripts/bench_summary.py "$RESULTS" 2>&1 | tee "$RESULTS/summary.txt" || true
+if [[ -n "${OUT:-}" && "$RESULTS" != "$OUT"* ]]; then
+    tar -czf "$OUT/gpu_check.tgz" -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")" || true
+    cp "$LOG" "$STEPS" "$RESULTS/summary.txt" "$OUT/" || true
+fi
 # Non-zero when any step failed or timed out (its results and log are kept all the same).
 awk -F'\t' 'NR > 1 && $2 != 0 { failed = 1 } END { exit failed }' "$STEPS"

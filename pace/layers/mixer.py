@@ -104,10 +104,9 @@ class _PACEMixer(torch.autograd.Function):
             S = (xb.mT @ omega).to(wd)  # (B, d, c_e + r)
             U = subspaces.to(wd)
             Ub = subspaces.to(md)
-            # Y_k = U_kᵀ x̂ᵀ Ω_c for all heads: (K, p, d) @ (d, B·r), back to (B·K, p, r).
+            # Y_k = U_kᵀ x̂ᵀ Ω_c for all heads: Uᵀ S_c per image (U broadcast, not copied), (B, K·p, r).
             S_c = S[..., ce:]
-            Y_c = U.mT @ S_c.transpose(0, 1).reshape(d, B * r)  # (d, B·r) = (K·p, B·r)
-            Y_c = Y_c.view(K, p, B, r).permute(2, 0, 1, 3).reshape(B * K, p, r)
+            Y_c = torch.bmm(U.mT.expand(B, d, d), S_c).view(B * K, p, r)
             n_e, G_e, F_e = scaled_ridge_factors(S[..., :ce], eps)  # Q_e = S_e F_e, (B, d, c_e)
             n_c, G_c, F_c = scaled_ridge_factors(Y_c, eps)
             Q_c = Y_c @ F_c  # (B·K, p, r)
@@ -184,7 +183,7 @@ class _PACEMixer(torch.autograd.Function):
                 # Through V_k = U_kQ_k: Q̄_k = U_kᵀ V̄_k, Ū_k = Σ_b V̄_k Q_kᵀ (images side by side).
                 Qc_heads = Qc4.permute(1, 2, 0, 3).reshape(K, p, B * r)  # (K, p, B·r)
                 Qc_bar = (U_heads.mT @ V_bar).view(K, p, B, r).permute(2, 0, 1, 3)  # (B, K, p, r)
-                Qc_bar = Qc_bar + 2 * Qc4 @ M_bar
+                Qc_bar = torch.baddbmm(Qc_bar.reshape(B * K, p, r), Q_c, M_bar.reshape(B * K, r, r), alpha=2)
                 U_bar = (V_bar @ Qc_heads.mT).transpose(0, 1).reshape(d, d)  # (K, d, p) → (d, K·p)
             x2, g2 = xb.reshape(B * N, d), gb.reshape(B * N, d)
             a_bar2 = a_bar.reshape(B * N, d)
@@ -193,10 +192,10 @@ class _PACEMixer(torch.autograd.Function):
             Yc_bar = ridge_factors_backward(Y_c, n_c, G_c, F_c, eps, Qc_bar.reshape(B * K, p, r))  # (B·K, p, r)
             Yc_bar = Yc_bar.view(B, K * p, r)  # (B, d, r)
             # Y_c = Uᵀ S_c: Ū += Σ_b S_c Ȳ_cᵀ, S̄_c = U Ȳ_c.
-            U_bar = U_bar + S_c.transpose(0, 1).reshape(d, B * r) @ Yc_bar.transpose(0, 1).reshape(d, B * r).mT
+            U_bar = torch.addbmm(U_bar, S_c, Yc_bar.mT)
             S_bar = torch.empty(B, d, ce + r, device=g.device, dtype=md)
             S_bar[..., :ce].copy_(Ye_bar)
-            S_bar[..., ce:].copy_(U @ Yc_bar)
+            S_bar[..., ce:].copy_(torch.bmm(U.expand(B, d, d), Yc_bar))
             # x̄ = αg + P̄ Rᵀ + ā Uᵀ + Ω S̄ᵀ
             xbar_b = Pbar @ R.mT
             xbar_b.view(B * N, d).addmm_(a_bar2, Ub.mT)

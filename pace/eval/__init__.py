@@ -5,9 +5,10 @@ them by sample key against the samples' labels and any label sets (ImageNet-ReaL
 evaluators declared in the `eval` config group; `load_model` builds a model from any supported source.
 """
 
+from pace.eval.classify import EvalResult, evaluate, predict
 from pace.eval.config import EvaluatorConfig, evaluators_from_config
-from pace.eval.evaluator import EvalResult, evaluate, predict
-from pace.eval.evaluators import EvalData, Evaluator, build_evaluators
+from pace.eval.datasets import EvalData
+from pace.eval.evaluators import Evaluator, build_evaluators
 from pace.eval.labels import LabelSets
 from pace.eval.loading import LoadedModel, load_model, read_weights
 from pace.eval.predictions import Predictions, read_predictions, write_predictions

@@ -134,6 +134,7 @@ def _evaluate_point(config, env, device, model_name, net, data_config, *, named:
             device=device,
             amp_dtype=config.amp,
             channels_last=config.channels_last,
+            env=env,
             predictions_path=predictions,
             keep_logits=config.predictions_logits,
             log_every=_log_interval(evaluator.data.expected_samples, config.data.batch_size * env.world_size),

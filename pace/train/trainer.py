@@ -387,6 +387,7 @@ class Trainer:
                     device=self.device,
                     amp_dtype=amp,
                     channels_last=self.options.channels_last,
+                    env=self.env,
                     limit_batches=self.options.limit_eval_batches,
                 )
                 out.update(result.log_dict(prefix))

@@ -13,7 +13,7 @@ from pace.eval.labels import LabelSets
 from pace.eval.loading import LoadedModel, load_model, read_weights
 from pace.eval.predictions import Predictions, read_predictions, write_predictions
 from pace.eval.rescore import rescore
-from pace.eval.transform import build_eval_transform, eval_data_config, run_eval_settings, set_eval_settings
+from pace.eval.transform import eval_data_config, run_eval_settings, set_eval_settings
 
 __all__ = [
     "EvalData",
@@ -23,7 +23,6 @@ __all__ = [
     "LabelSets",
     "LoadedModel",
     "Predictions",
-    "build_eval_transform",
     "build_evaluators",
     "eval_data_config",
     "evaluate",

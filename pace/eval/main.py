@@ -36,7 +36,8 @@ from pace.eval.loading import LoadedModel, load_model, sha256_file
 from pace.eval.report import format_table, log_wandb, write_results
 from pace.eval.rescore import rescore
 from pace.eval.sweep import point_name, transform_points
-from pace.eval.transform import build_eval_transform, eval_data_config
+from pace.data import create_eval_transform
+from pace.eval.transform import eval_data_config
 from pace.eval.tta import FlipTTA
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -115,7 +116,7 @@ def _evaluate_point(config, env, device, model_name, net, data_config, *, named:
     # One resolution and crop: every evaluator, named `<evaluator>@<size>px/crop<pct>` when several points run.
     evaluators = build_evaluators(
         config.eval,
-        build_eval_transform(data_config),
+        create_eval_transform(**data_config),
         rank=env.rank,
         world_size=env.world_size,
         batch_size=config.data.batch_size,

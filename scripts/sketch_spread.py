@@ -24,8 +24,8 @@ from torch import nn
 
 import pace  # noqa: F401  (registers the models)
 from pace.analysis.images import shard_images
-from pace.eval.loading import WEIGHTS, load_model
 from pace.data import create_eval_transform
+from pace.eval.loading import WEIGHTS, load_model
 from pace.eval.transform import eval_data_config
 from pace.layers import reseed_sketches
 

@@ -10,8 +10,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
-from pace.data import create_eval_loader, resolve_shards
-from pace.data import create_eval_transform
+from pace.data import create_eval_loader, create_eval_transform, resolve_shards
 from pace.eval.transform import eval_data_config
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")

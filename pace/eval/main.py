@@ -21,6 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 import pace
+from pace.data import create_eval_transform
 from pace.distributed import (
     DistEnv,
     capped_workers,
@@ -36,7 +37,6 @@ from pace.eval.loading import LoadedModel, load_model, sha256_file
 from pace.eval.report import format_table, log_wandb, write_results
 from pace.eval.rescore import rescore
 from pace.eval.sweep import point_name, transform_points
-from pace.data import create_eval_transform
 from pace.eval.transform import eval_data_config
 from pace.eval.tta import FlipTTA
 

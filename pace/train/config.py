@@ -64,7 +64,7 @@ class DataConfig:
     Args:
         source: "webdataset" (shards under `root`), "quickstart" (the generated offline dataset under `root`,
             created if missing) or "synthetic" (random tensors; throughput and smoke tests).
-        root: folder holding the shards and their info JSON.
+        root: folder holding the shards and their info JSON (`data=imagenet` puts it under `$PACE_DATA` when set).
         train_split: name of the training split.
         val_split: name of the held-out split evaluated during training.
         num_classes: classes in the data (must equal model.num_classes).
@@ -82,9 +82,9 @@ class DataConfig:
     """
 
     source: str = "webdataset"
-    root: str = "data"
+    root: str = "data/imagenet"
     train_split: str = "train"
-    val_split: str = "val"
+    val_split: str = "validation"
     num_classes: int = 1000
     img_size: int = 224
     batch_size: int = 64
@@ -318,10 +318,10 @@ class TrainerConfig:
     limit_train_batches: int | None = None
     limit_eval_batches: int | None = None
     log_every_steps: int = 50
-    telemetry_every_steps: int = 0
+    telemetry_every_steps: int = 500
     telemetry_images: int = 8
     progress_bar: bool = True
-    ckpt_every_steps: int = 0
+    ckpt_every_steps: int = 1000
     keep_last: int = 3
     keep_best: bool = True
     best_metric: str = "val/top1"

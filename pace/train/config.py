@@ -298,8 +298,6 @@ class TrainerConfig:
         peak_tflops: the device's peak dense TFLOP/s for MFU (None: looked up from the GPU name).
         cpu_threads: torch intra-op threads (None: torch's default, one per core). On a small shared CPU one
             thread beside the data worker avoids oversubscribing the cores.
-        debug_nan_step: make the loss of this optimizer update non-finite (fault-injection test).
-        debug_nan_rank: the rank whose loss `debug_nan_step` poisons.
         rendezvous_timeout_s: how long the ranks wait for each other to join the process group; a rank lost
             before it joins makes the others stop with an error after this time.
         collective_timeout_s: how long a collective waits for every rank once training runs.
@@ -331,8 +329,6 @@ class TrainerConfig:
     export_release: bool = True
     peak_tflops: float | None = None
     cpu_threads: int | None = None
-    debug_nan_step: int | None = None
-    debug_nan_rank: int = 0
     rendezvous_timeout_s: float = 300.0
     collective_timeout_s: float = 1800.0
 

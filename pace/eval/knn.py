@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -45,12 +46,9 @@ def extract_features(
     model: nn.Module,
     loader: Iterable,
     *,
-    device: torch.device | str,
-    amp_dtype: torch.dtype | str | None = None,
-    channels_last: bool = False,
     env: DistEnv | None = None,
-    limit_batches: int | None = None,
     allow_partial: bool = False,
+    **forward_options,
 ) -> tuple[Predictions, float]:
     """L2-normalised features of every sample on every rank, sorted by key.
 
@@ -60,12 +58,10 @@ def extract_features(
     Args:
         model: a timm model (DDP wrappers are looked through).
         loader: yields `(images, targets, keys)` for this rank's share.
-        device: where the forward pass runs.
-        amp_dtype: autocast dtype or None.
-        channels_last: feed channels-last images.
         env: this process's place in the job, whose ranks are gathered (None: `resolve_dist_env()`).
-        limit_batches: stop after this many batches on each rank.
         allow_partial: drop repeated keys with a warning instead of raising.
+        **forward_options: `device` and optionally `amp_dtype`, `channels_last`, `limit_batches`, as
+            `pace.eval.forward.forward_batches` takes them.
 
     Returns:
         Canonical rows with `logits` = (N, D) float32 unit-norm features, and this rank's data-loading seconds.
@@ -73,10 +69,8 @@ def extract_features(
     parts = []
     wait = LoaderWait()
     with eval_mode(model) as net:
-        options = {"amp_dtype": amp_dtype, "channels_last": channels_last, "limit_batches": limit_batches}
-        for _, features, targets, keys in forward_batches(
-            lambda images: pooled_features(net, images), loader, device=device, wait=wait, **options
-        ):
+        forward = partial(pooled_features, net)
+        for _, features, targets, keys in forward_batches(forward, loader, wait=wait, **forward_options):
             features = F.normalize(features.float(), dim=1).cpu()
             n = len(keys)
             empty = torch.zeros(n, 1, dtype=torch.long)
@@ -169,12 +163,9 @@ def knn_evaluate(
     allow_partial = allow_partial or limit_batches is not None
     start = time.perf_counter()
     options = {"device": device, "amp_dtype": amp_dtype, "channels_last": channels_last, "env": env}
-    bank, bank_seconds = extract_features(
-        model, train_loader, limit_batches=limit_batches, allow_partial=allow_partial, **options
-    )
-    queries, query_seconds = extract_features(
-        model, test_loader, limit_batches=limit_batches, allow_partial=allow_partial, **options
-    )
+    options.update(limit_batches=limit_batches, allow_partial=allow_partial)
+    bank, bank_seconds = extract_features(model, train_loader, **options)
+    queries, query_seconds = extract_features(model, test_loader, **options)
     labelled = bank.targets >= 0
     if not bool(labelled.any()):
         raise ValueError("k-NN: the memory bank has no labelled samples")

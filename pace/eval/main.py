@@ -1,7 +1,5 @@
-"""`pace-eval`: the Hydra entry point. Everything it does is in `run`; the config is `configs/eval.yaml`.
-
-The config tree ships inside the package as `pace/configs` (a link to the top-level `configs/` in a source
-checkout, a copied folder in an installed wheel), so the same absolute path works in both.
+"""`pace-eval`: the Hydra entry point. Everything it does is in `run`; the config is `configs/eval.yaml`, read
+from the tree shipped inside the package (`pace/configs`, as for `pace-train`).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pace.data import create_eval_loader, imagenet_classes, resolve_shards
+from pace.distributed import DistEnv
 from pace.eval.config import EvaluatorConfig
 from pace.eval.folders import FolderData, corruption_folder, folder_loader, image_folder, imagenet_val_folder
 
@@ -60,8 +61,7 @@ def open_eval_data(
     cfg: EvaluatorConfig,
     transform: Callable,
     *,
-    rank: int,
-    world_size: int,
+    env: DistEnv,
     batch_size: int,
     num_workers: int,
     pin_memory: bool = False,
@@ -71,31 +71,29 @@ def open_eval_data(
     Args:
         cfg: the evaluator entry (its `path` must be set).
         transform: the eval transform.
-        rank: this process's rank.
-        world_size: number of processes.
+        env: this process's place in the job (which share of the samples it loads).
         batch_size: per-rank batch size.
         num_workers: loader workers per rank.
         pin_memory: pin host memory (for CUDA).
     """
     fmt = detect_format(cfg.path) if cfg.format == "auto" else cfg.format
     classes = label_space(cfg.classes)
+    loading = {
+        "batch_size": batch_size,
+        "num_workers": num_workers,
+        "rank": env.rank,
+        "world_size": env.world_size,
+        "pin_memory": pin_memory,
+    }
     if fmt == "webdataset":
-        return _open_shards(cfg, transform, rank, world_size, batch_size, num_workers, pin_memory)
+        return _open_shards(cfg, transform, loading)
     if fmt == "imagenet_val_folder":
         folder = imagenet_val_folder(cfg.path, cfg.label_file)
     elif fmt == "corruption_folder":
         folder = corruption_folder(cfg.path, classes)
     else:
         folder = image_folder(cfg.path, classes)
-    loader = folder_loader(
-        folder,
-        transform,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        rank=rank,
-        world_size=world_size,
-        pin_memory=pin_memory,
-    )
+    loader = folder_loader(folder, transform, **loading)
     return EvalData(loader, folder.num_classes, _declared(cfg, folder), folder.description)
 
 
@@ -130,21 +128,11 @@ def _declared(cfg: EvaluatorConfig, folder: FolderData) -> int | None:
     return cfg.num_samples if cfg.num_samples is not None else folder.expected_samples
 
 
-def _open_shards(cfg, transform, rank, world_size, batch_size, num_workers, pin_memory) -> EvalData:
+def _open_shards(cfg: EvaluatorConfig, transform: Callable, loading: dict) -> EvalData:
     shards = resolve_shards(cfg.path, split=cfg.split, num_samples=cfg.num_samples)
     # Labels are not range-checked by the loader (that would skip them as bad data): the evaluator refuses a
     # label the model cannot predict, naming the sample.
-    loader = create_eval_loader(
-        cfg.path,
-        batch_size=batch_size,
-        transform=transform,
-        split=cfg.split,
-        num_workers=num_workers,
-        rank=rank,
-        world_size=world_size,
-        num_samples=cfg.num_samples,
-        pin_memory=pin_memory,
-    )
+    loader = create_eval_loader(cfg.path, transform=transform, split=cfg.split, num_samples=cfg.num_samples, **loading)
     num_classes = len(shards.classes) if shards.classes else None
     wanted = label_space(cfg.classes)
     if wanted is not None and shards.classes and list(shards.classes) != wanted:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from torch import nn
 
-from pace.distributed import DistEnv
+from pace.distributed import DistEnv, resolve_dist_env
 from pace.eval.classify import EvalResult, evaluate
 from pace.eval.config import IMAGENET_REAL, TARGETS, EvaluatorConfig
 from pace.eval.datasets import EvalData, open_eval_data
@@ -129,8 +129,7 @@ def build_evaluators(
     entries: Mapping[str, EvaluatorConfig],
     transform: Callable,
     *,
-    rank: int = 0,
-    world_size: int = 1,
+    env: DistEnv | None = None,
     batch_size: int = 128,
     num_workers: int = 4,
     pin_memory: bool = False,
@@ -140,24 +139,22 @@ def build_evaluators(
     Args:
         entries: evaluator name -> entry (see `pace.eval.config.evaluators_from_config`).
         transform: the eval transform shared by all evaluators.
-        rank: this process's rank.
-        world_size: number of processes.
+        env: this process's place in the job, which loads its share of each dataset (None: `resolve_dist_env()`).
         batch_size: per-rank batch size.
         num_workers: loader workers per rank.
         pin_memory: pin host memory (for CUDA).
     """
+    options = {
+        "env": resolve_dist_env() if env is None else env,
+        "batch_size": batch_size,
+        "num_workers": num_workers,
+        "pin_memory": pin_memory,
+    }
     evaluators = []
     for name, cfg in entries.items():
         if not cfg.path:
             log.info("evaluator %s: no data path, skipped", name)
             continue
-        options = {
-            "rank": rank,
-            "world_size": world_size,
-            "batch_size": batch_size,
-            "num_workers": num_workers,
-            "pin_memory": pin_memory,
-        }
         data = open_eval_data(cfg, transform, **options)
         bank = None
         if cfg.kind == "knn":

@@ -115,8 +115,7 @@ def _evaluate_point(config, env, device, model_name, net, data_config, *, named:
     evaluators = build_evaluators(
         config.eval,
         create_eval_transform(**data_config),
-        rank=env.rank,
-        world_size=env.world_size,
+        env=env,
         batch_size=config.data.batch_size,
         num_workers=capped_workers(config.data.num_workers, env),
         pin_memory=device.type == "cuda",

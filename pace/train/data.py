@@ -258,8 +258,7 @@ def open_evaluators(
     return opened + build_evaluators(
         entries,
         transform,
-        rank=env.rank,
-        world_size=env.world_size,
+        env=env,
         batch_size=cfg.eval_batch_size,
         num_workers=cfg.num_workers,
         pin_memory=torch.cuda.is_available(),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_data_helpers import decode_file, fixed_transform
+from data_helpers import decode_file, fixed_transform
 
 from pace.data import EncodeOptions, create_eval_loader, create_train_loader, shard_image_folders
 

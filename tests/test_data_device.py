@@ -14,8 +14,8 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from data_helpers import write_tar
 from PIL import Image
-from test_data_helpers import write_tar
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
 from pace.data import (

@@ -9,7 +9,7 @@ from itertools import islice
 
 import pytest
 import torch
-from test_data_helpers import batches_equal, fixed_transform, jpeg_bytes, random_transform, write_tar
+from data_helpers import batches_equal, fixed_transform, jpeg_bytes, random_transform, write_tar
 
 from pace.data import TooMuchBadDataError, create_eval_loader, create_train_loader, read_info
 from pace.data.info import write_info

@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from test_data_helpers import batches_equal, fixed_transform, make_uneven_shards, random_transform
+from data_helpers import batches_equal, fixed_transform, make_uneven_shards, random_transform
 from torchvision import transforms
 
 from pace.data import create_eval_loader, create_mixup, create_train_loader, read_info

@@ -7,7 +7,7 @@ from itertools import islice
 from pathlib import Path
 
 import pytest
-from test_data_helpers import fixed_transform, jpeg_bytes, write_tar
+from data_helpers import fixed_transform, jpeg_bytes, write_tar
 
 from pace.data import TooMuchBadDataError, create_eval_loader, create_train_loader, make_synthetic_dataset, read_info
 from pace.data.info import write_info

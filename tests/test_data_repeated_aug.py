@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from data_helpers import batches_equal, fixed_transform, make_uneven_shards, random_transform
 from test_configs import compose_train
-from test_data_helpers import batches_equal, fixed_transform, make_uneven_shards, random_transform
 from train_helpers import FAST, make_tiny_shards
 
 from pace.data import create_eval_loader, create_train_loader

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from data_helpers import decode_file, fixed_transform, jpeg_bytes, make_image_folder, write_shards
 from PIL import Image
-from test_data_helpers import decode_file, fixed_transform, jpeg_bytes, make_image_folder, write_shards
 
 from pace.data import EncodeOptions, create_eval_loader, read_info, shard_image_folders
 from pace.data.make_shards import main

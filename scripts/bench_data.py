@@ -45,14 +45,14 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
 from pace.data import (
-    SYNTHETIC_CLASSES,
+    QUICKSTART_CLASSES,
     create_device_train_transform,
     create_train_loader,
     create_train_transform,
     shard_image_folders,
 )
+from pace.data.quickstart import render_jpeg
 from pace.data.shards import read_shard
-from pace.data.synthetic import render_jpeg
 
 
 def build_folder(
@@ -70,7 +70,7 @@ def build_folder(
                 target.write_bytes(tar.extractfile(member).read())
     else:
         for index in range(num_images):
-            target = folder / SYNTHETIC_CLASSES[index % 10] / f"{index:06d}.jpg"
+            target = folder / QUICKSTART_CLASSES[index % 10] / f"{index:06d}.jpg"
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(render_jpeg(seed=0, split="train", index=index))
     if image_size:

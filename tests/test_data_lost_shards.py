@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from data_helpers import fixed_transform, jpeg_bytes, write_tar
 
-from pace.data import TooMuchBadDataError, create_eval_loader, create_train_loader, make_synthetic_dataset, read_info
+from pace.data import TooMuchBadDataError, create_eval_loader, create_train_loader, make_quickstart_dataset, read_info
 from pace.data.info import write_info
 
 PER_SHARD = 10
@@ -142,7 +142,7 @@ def test_pace_train_over_half_empty_shards_exits_non_zero_naming_the_loss(tmp_pa
 
     root = tmp_path / "shapes"
     overrides = make_tiny_shards(root)  # its overrides; the dataset is then written again, larger
-    make_synthetic_dataset(root, image_size=32, train_per_class=50, val_per_class=4, shard_size=63, workers=1)
+    make_quickstart_dataset(root, image_size=32, train_per_class=50, val_per_class=4, shard_size=63, workers=1)
     info = read_info(root)
     assert len(info["splits"]["train"]["filenames"]) == 8
     for name in info["splits"]["train"]["filenames"][::2]:

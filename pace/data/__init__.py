@@ -7,14 +7,14 @@ from pace.data.device_augment import create_device_eval_transform, create_device
 from pace.data.imagenet import IMAGENET1K_WDS, imagenet_classes, read_label_file, val_key_index
 from pace.data.info import ShardSet, read_info, resolve_shards
 from pace.data.loader import EpochStats, ShardLoader, TooMuchBadDataError, create_eval_loader, create_train_loader
+from pace.data.quickstart import QUICKSTART_CLASSES, make_quickstart_dataset
 from pace.data.shards import BadData, ShardOpenError
-from pace.data.synthetic import SYNTHETIC_CLASSES, make_synthetic_dataset
 from pace.data.transforms import create_eval_transform, create_mixup, create_train_transform
 from pace.data.writer import EncodeOptions, SourceImage, shard_image_folders, write_dataset
 
 __all__ = [
     "IMAGENET1K_WDS",
-    "SYNTHETIC_CLASSES",
+    "QUICKSTART_CLASSES",
     "BadData",
     "TooMuchBadDataError",
     "EncodeOptions",
@@ -32,7 +32,7 @@ __all__ = [
     "create_train_transform",
     "imagenet_classes",
     "shard_image_folders",
-    "make_synthetic_dataset",
+    "make_quickstart_dataset",
     "read_info",
     "read_label_file",
     "resolve_shards",

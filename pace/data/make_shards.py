@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 
-from pace.data.synthetic import DEFAULT_DIR, make_synthetic_dataset
+from pace.data.quickstart import DEFAULT_DIR, make_quickstart_dataset
 from pace.data.writer import BadImageError, EncodeOptions, shard_image_folders
 
 # Exit statuses: the command line or the paths it names are wrong (as argparse's own errors), or the data is.
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _run(args: argparse.Namespace) -> dict:
     if args.synthetic:
-        info = make_synthetic_dataset(args.out or DEFAULT_DIR, seed=args.seed, workers=args.workers)
+        info = make_quickstart_dataset(args.out or DEFAULT_DIR, seed=args.seed, workers=args.workers)
     else:
         if args.out is None:
             raise _UsageError("the output directory is required")

@@ -21,7 +21,7 @@ from pace.data import (
     create_eval_transform,
     create_train_loader,
     create_train_transform,
-    make_synthetic_dataset,
+    make_quickstart_dataset,
 )
 from pace.distributed import DistEnv, barrier
 from pace.eval import Evaluator, EvaluatorConfig, build_evaluators
@@ -181,7 +181,7 @@ def build_data(
     if cfg.source == "quickstart":
         if env.is_main:
             # Idempotent: returns at once when the dataset is already there.
-            make_synthetic_dataset(cfg.root, image_size=cfg.img_size, seed=seed)
+            make_quickstart_dataset(cfg.root, image_size=cfg.img_size, seed=seed)
         barrier(env)
     if cfg.decode != "cpu":
         if aug.color_jitter and not aug.auto_augment:

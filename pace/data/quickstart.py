@@ -21,7 +21,7 @@ from pace.data.writer import EncodeOptions, SourceImage, write_dataset
 
 logger = logging.getLogger(__name__)
 
-SYNTHETIC_CLASSES = ("checker", "cross", "disk", "dots", "frame", "ring", "square", "star", "stripes", "triangle")
+QUICKSTART_CLASSES = ("checker", "cross", "disk", "dots", "frame", "ring", "square", "star", "stripes", "triangle")
 DEFAULT_DIR = "data/generated/shapes"
 _SPLIT_CODES = {"train": 0, "val": 1}
 
@@ -38,7 +38,7 @@ def render_image(*, seed: int, split: str, index: int, image_size: int = 64) -> 
     Returns:
         (image as a (H, W, 3) uint8 array, class index).
     """
-    label = index % len(SYNTHETIC_CLASSES)
+    label = index % len(QUICKSTART_CLASSES)
     rng = np.random.default_rng([seed, _SPLIT_CODES[split], index])
     S = image_size
     y, x = _pixel_centres(S)  # (S, S) each
@@ -50,7 +50,7 @@ def render_image(*, seed: int, split: str, index: int, image_size: int = 64) -> 
     # Coordinates in the object's rotated frame.
     u = (x - cx) * np.cos(theta) + (y - cy) * np.sin(theta)
     v = -(x - cx) * np.sin(theta) + (y - cy) * np.cos(theta)
-    alpha = _coverage(SYNTHETIC_CLASSES[label], u, v, radius, theta, S)[..., None]  # (S, S, 1)
+    alpha = _coverage(QUICKSTART_CLASSES[label], u, v, radius, theta, S)[..., None]  # (S, S, 1)
     image = background + alpha * (colour - background)
     image += 28.0 * (rng.random(image.shape, dtype=np.float32) - 0.5)  # uniform noise, std 8
     return np.clip(image, 0, 255).astype(np.uint8), label
@@ -64,7 +64,7 @@ def render_jpeg(*, seed: int, split: str, index: int, image_size: int = 64, qual
     return out.getvalue()
 
 
-def make_synthetic_dataset(
+def make_quickstart_dataset(
     out_dir: str | Path = DEFAULT_DIR,
     *,
     seed: int = 0,
@@ -104,8 +104,9 @@ def make_synthetic_dataset(
     }
     counts = {"train": train_per_class, "val": val_per_class}
     existing = read_info(out_dir) if (out_dir / INFO_NAME).is_file() else None
+    # The info file records the parameters under "synthetic", the key datasets already on disk carry.
     if existing is not None and existing.get("synthetic") == params:
-        missing = _missing(out_dir, existing, {split: n * len(SYNTHETIC_CLASSES) for split, n in counts.items()})
+        missing = _missing(out_dir, existing, {split: n * len(QUICKSTART_CLASSES) for split, n in counts.items()})
         if not missing:
             logger.info("generated dataset already present in %s", out_dir)
             return existing
@@ -115,19 +116,19 @@ def make_synthetic_dataset(
         split: [
             SourceImage(
                 key=f"{split}_{index:06d}",
-                label=index % len(SYNTHETIC_CLASSES),
-                class_name=SYNTHETIC_CLASSES[index % len(SYNTHETIC_CLASSES)],
+                label=index % len(QUICKSTART_CLASSES),
+                class_name=QUICKSTART_CLASSES[index % len(QUICKSTART_CLASSES)],
                 render=partial(render, split=split, index=index),
                 filename=f"{split}_{index:06d}.jpg",
             )
-            for index in range(per_class * len(SYNTHETIC_CLASSES))
+            for index in range(per_class * len(QUICKSTART_CLASSES))
         ]
         for split, per_class in counts.items()
     }
     return write_dataset(
         out_dir,
         splits,
-        classes=SYNTHETIC_CLASSES,
+        classes=QUICKSTART_CLASSES,
         prefix="shapes",
         max_count=shard_size,
         options=EncodeOptions(verify=False),

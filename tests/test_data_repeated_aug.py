@@ -13,7 +13,7 @@ from pace.data import create_eval_loader, create_train_loader
 from pace.data.pipeline import train_quotas
 from pace.distributed import DistEnv
 from pace.train.config import validate
-from pace.train.data import build_data
+from pace.train.data_builders import build_data
 
 R = 3  # DeiT's repeat count
 B = 4

@@ -1,4 +1,5 @@
-"""Webdataset shards: writer, streaming pipeline, transforms and the generated quickstart dataset.
+"""Webdataset shards: writer, streaming pipeline, transforms, the generated quickstart dataset and the synthetic
+(random tensor) source.
 
 Training loaders yield `(images, targets)`, evaluation loaders `(images, targets, keys)`; see docs/data.md.
 """
@@ -9,6 +10,7 @@ from pace.data.info import ShardSet, read_info, resolve_shards
 from pace.data.loader import EpochStats, ShardLoader, TooMuchBadDataError, create_eval_loader, create_train_loader
 from pace.data.quickstart import QUICKSTART_CLASSES, make_quickstart_dataset
 from pace.data.shards import BadData, ShardOpenError
+from pace.data.synthetic_tensors import SyntheticTensors
 from pace.data.transforms import create_eval_transform, create_mixup, create_train_transform
 from pace.data.writer import EncodeOptions, SourceImage, shard_image_folders, write_dataset
 
@@ -23,6 +25,7 @@ __all__ = [
     "ShardOpenError",
     "ShardSet",
     "SourceImage",
+    "SyntheticTensors",
     "create_device_eval_transform",
     "create_device_train_transform",
     "create_eval_loader",

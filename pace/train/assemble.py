@@ -31,7 +31,7 @@ from pace.train.builders import (
 )
 from pace.train.checkpoint import CheckpointManager
 from pace.train.config import TrainConfig
-from pace.train.data import build_data
+from pace.train.data_builders import build_data
 from pace.train.distill import build_distillation, enable_distilled_training
 from pace.train.metrics import (
     MetricLogger,

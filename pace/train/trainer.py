@@ -26,7 +26,7 @@ from pace.eval import Evaluator
 from pace.layers import sync_sketches
 from pace.train.checkpoint import CheckpointManager, export_release, load_checkpoint, rng_state, set_rng_state
 from pace.train.config import TrainerConfig
-from pace.train.data import TrainData
+from pace.train.data_builders import TrainData
 from pace.train.distill import DistillationLoss
 from pace.train.metrics import MetricLogger, ThroughputMeter, pace_telemetry
 from pace.train.progress import ProgressLine, show_progress_bar

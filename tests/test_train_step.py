@@ -16,7 +16,7 @@ from pace.distributed import DistEnv
 from pace.train.builders import build_scheduler
 from pace.train.checkpoint import CheckpointManager
 from pace.train.config import SchedConfig, TrainerConfig
-from pace.train.metrics import MetricLogger
+from pace.train.metric_logger import MetricLogger
 from pace.train.trainer import StopSignals, Trainer
 
 

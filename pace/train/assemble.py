@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import platform
-import sys
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
-from omegaconf import OmegaConf
 from timm.data import resolve_data_config
 from timm.utils import random_seed
 from torch import nn
@@ -33,15 +28,12 @@ from pace.train.checkpoint import CheckpointManager
 from pace.train.config import TrainConfig
 from pace.train.data_builders import build_data
 from pace.train.distill import build_distillation, enable_distilled_training
-from pace.train.metrics import (
-    MetricLogger,
-    ThroughputMeter,
-    device_peak_tflops,
-    git_sha,
-    training_flops_per_image,
-)
+from pace.train.flops import training_flops_per_image
+from pace.train.metric_logger import MetricLogger
 from pace.train.preflight import check_class_count, check_imagenet_keys
+from pace.train.provenance import git_sha, write_provenance
 from pace.train.run_identity import config_hash, select_checkpoint
+from pace.train.throughput import ThroughputMeter, device_peak_tflops
 from pace.train.trainer import Trainer, updates_per_epoch
 
 log = logging.getLogger(__name__)
@@ -61,42 +53,6 @@ def agreed_run_dir(run_dir: str, env: DistEnv) -> Path:
     if len(dirs) > 1:
         raise RunError(f"ranks disagree on the run dir {dirs}: pass one hydra.run.dir=... to every rank")
     return path
-
-
-def _keep_previous_config(path: Path, text: str) -> None:
-    # A resumed run with changed settings (more epochs, `trainer.resume=force`) keeps the record of what ran
-    # before: the earlier config.yaml becomes config.1.yaml, config.2.yaml, ...
-    if not path.is_file() or path.read_text().split("\n", 1)[-1] == text.split("\n", 1)[-1]:
-        return
-    n = 1
-    while path.with_name(f"config.{n}.yaml").exists():
-        n += 1
-    path.rename(path.with_name(f"config.{n}.yaml"))
-
-
-def write_provenance(run_dir: Path, resolved: dict[str, Any], env: DistEnv, sha: str | None) -> None:
-    """Write the resolved config and how the run was started into the run dir (after the resume checks, so a
-    refused command leaves the run's record as it was).
-
-    Args:
-        run_dir: the run directory.
-        resolved: the resolved config.
-        env: this process's place in the job.
-        sha: git commit of the code.
-    """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    text = f"# git: {sha}\n" + OmegaConf.to_yaml(OmegaConf.create(resolved))
-    _keep_previous_config(run_dir / "config.yaml", text)
-    (run_dir / "config.yaml").write_text(text)
-    provenance = {
-        "git_sha": sha,
-        "argv": sys.argv,
-        "host": platform.node(),
-        "world_size": env.world_size,
-        "launcher": env.launcher,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__},
-    }
-    (run_dir / "provenance.json").write_text(json.dumps(provenance, indent=1) + "\n")
 
 
 def _prepare_model(cfg: TrainConfig, env: DistEnv, device: torch.device) -> nn.Module:

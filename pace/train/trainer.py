@@ -28,8 +28,10 @@ from pace.train.checkpoint import CheckpointManager, export_release, load_checkp
 from pace.train.config import TrainerConfig
 from pace.train.data_builders import TrainData
 from pace.train.distill import DistillationLoss
-from pace.train.metrics import MetricLogger, ThroughputMeter, pace_telemetry
+from pace.train.metric_logger import MetricLogger
 from pace.train.progress import ProgressLine, show_progress_bar
+from pace.train.telemetry import pace_telemetry
+from pace.train.throughput import ThroughputMeter
 
 log = logging.getLogger(__name__)
 

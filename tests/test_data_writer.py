@@ -18,8 +18,9 @@ from data_helpers import decode_file, fixed_transform, jpeg_bytes, make_image_fo
 from PIL import Image
 
 from pace.data import EncodeOptions, create_eval_loader, read_info, shard_image_folders
+from pace.data.image_folders import scan_image_folder
 from pace.data.make_shards import main
-from pace.data.writer import _write_shard, scan_image_folder
+from pace.data.writer import _write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 

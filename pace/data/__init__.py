@@ -5,6 +5,7 @@ Training loaders yield `(images, targets)`, evaluation loaders `(images, targets
 """
 
 from pace.data.device_augment import create_device_eval_transform, create_device_train_transform
+from pace.data.image_folders import shard_image_folders
 from pace.data.imagenet import IMAGENET1K_WDS, imagenet_classes, read_label_file, val_key_index
 from pace.data.info import ShardSet, read_info, resolve_shards
 from pace.data.loader import EpochStats, ShardLoader, TooMuchBadDataError, create_eval_loader, create_train_loader
@@ -12,7 +13,7 @@ from pace.data.quickstart import QUICKSTART_CLASSES, make_quickstart_dataset
 from pace.data.shards import BadData, ShardOpenError
 from pace.data.synthetic_tensors import SyntheticTensors
 from pace.data.transforms import create_eval_transform, create_mixup, create_train_transform
-from pace.data.writer import EncodeOptions, SourceImage, shard_image_folders, write_dataset
+from pace.data.writer import EncodeOptions, SourceImage, write_dataset
 
 __all__ = [
     "IMAGENET1K_WDS",

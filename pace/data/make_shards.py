@@ -14,8 +14,9 @@ import logging
 import os
 import sys
 
+from pace.data.image_folders import shard_image_folders
 from pace.data.quickstart import DEFAULT_DIR, make_quickstart_dataset
-from pace.data.writer import BadImageError, EncodeOptions, shard_image_folders
+from pace.data.writer import BadImageError, EncodeOptions
 
 # Exit statuses: the command line or the paths it names are wrong (as argparse's own errors), or the data is.
 USAGE_ERROR, DATA_ERROR = 2, 1

@@ -22,9 +22,9 @@ import torch
 from pace.analysis._cli import (
     add_image_arguments,
     add_model_arguments,
-    build_model,
     check_image_arguments,
     collect_images,
+    model_from_args,
     run,
 )
 from pace.analysis.images import model_transform
@@ -133,7 +133,7 @@ def _main(args: argparse.Namespace) -> int:
     from pace.analysis.plots import plot_coefficients, plot_rates, plot_spectra
 
     start = time.perf_counter()
-    model, description = build_model(args)
+    model, description = model_from_args(args)
     depth = len(pace_blocks(model))
     spectrum_blocks = select_blocks(model, args.spectrum_blocks or default_blocks(depth))
     batches, config, sources, record = image_batches(args, model)

@@ -18,9 +18,9 @@ import torch
 from pace.analysis._cli import (
     add_image_arguments,
     add_model_arguments,
-    build_model,
     check_image_arguments,
     collect_images,
+    model_from_args,
     run,
 )
 from pace.analysis.images import model_transform, to_display
@@ -71,7 +71,7 @@ def _main(args: argparse.Namespace) -> int:
     from pace.analysis.plots import plot_membership_grid
 
     start = time.perf_counter()
-    model, description = build_model(args)
+    model, description = model_from_args(args)
     blocks = select_blocks(model, args.blocks if args.blocks is not None else default_blocks(len(pace_blocks(model))))
     # The whole shorter side is kept (no centre crop), so the grid shows as much of the photograph as possible.
     transform, config = model_transform(model, img_size=args.img_size, crop_pct=1.0)

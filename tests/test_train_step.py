@@ -17,7 +17,8 @@ from pace.train.builders import build_scheduler
 from pace.train.checkpoint import CheckpointManager
 from pace.train.config import SchedConfig, TrainerConfig
 from pace.train.metric_logger import MetricLogger
-from pace.train.trainer import StopSignals, Trainer
+from pace.train.stop_signals import StopSignals
+from pace.train.trainer import Trainer
 
 
 def make_trainer(tmp_path: Path, **options) -> Trainer:

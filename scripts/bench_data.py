@@ -46,6 +46,8 @@ from torchvision.datasets import ImageFolder
 
 from pace.data import (
     QUICKSTART_CLASSES,
+    ShardReading,
+    TrainSampling,
     create_device_train_transform,
     create_train_loader,
     create_train_transform,
@@ -126,7 +128,11 @@ def breakdown(folder: Path, shards: Path, transform, *, batch_size: int, repeats
 
     def pace_loader():
         loader = create_train_loader(
-            shards, batch_size=batch_size, transform=_no_op, num_workers=0, samples_per_epoch=total
+            shards,
+            batch_size=batch_size,
+            transform=_no_op,
+            num_workers=0,
+            sampling=TrainSampling(samples_per_epoch=total),
         )
         return sum(len(targets) for _, targets in loader)
 
@@ -277,9 +283,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 batch_size=args.batch_size,
                 transform=pace_transform(decode, args.input_size, args.device),
                 num_workers=workers,
-                samples_per_epoch=samples,  # one pass over the same number of samples as the baseline
-                pin_memory=args.device != "cpu",
-                prefetch_factor=4 if workers else None,
+                # One pass over the same number of samples as the baseline.
+                sampling=TrainSampling(samples_per_epoch=samples),
+                reading=ShardReading(pin_memory=args.device != "cpu", prefetch_factor=4 if workers else None),
             )
 
         for decode in args.decode:

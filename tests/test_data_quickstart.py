@@ -11,6 +11,7 @@ from torch import nn
 
 from pace.data import (
     QUICKSTART_CLASSES,
+    TrainSampling,
     create_eval_loader,
     create_eval_transform,
     create_train_loader,
@@ -79,7 +80,9 @@ def test_a_small_convnet_learns_the_classes(tmp_path):
     train_tf = create_train_transform(
         input_size=32, scale=(0.6, 1.0), color_jitter=None, auto_augment=None, re_prob=0.0, interpolation="bilinear"
     )
-    train = create_train_loader(out, batch_size=64, transform=train_tf, num_workers=1, shuffle_buffer=1000)
+    train = create_train_loader(
+        out, batch_size=64, transform=train_tf, num_workers=1, sampling=TrainSampling(shuffle_buffer=1000)
+    )
     val = create_eval_loader(out, batch_size=250, transform=create_eval_transform(input_size=32), num_workers=0)
 
     def block(i, o):

@@ -8,7 +8,15 @@ from pace.data.device_augment import create_device_eval_transform, create_device
 from pace.data.image_folders import shard_image_folders
 from pace.data.imagenet import IMAGENET1K_WDS, imagenet_classes, read_label_file, val_key_index
 from pace.data.info import ShardSet, read_info, resolve_shards
-from pace.data.loader import EpochStats, ShardLoader, TooMuchBadDataError, create_eval_loader, create_train_loader
+from pace.data.loader import (
+    EpochStats,
+    ShardLoader,
+    ShardReading,
+    TooMuchBadDataError,
+    TrainSampling,
+    create_eval_loader,
+    create_train_loader,
+)
 from pace.data.quickstart import QUICKSTART_CLASSES, make_quickstart_dataset
 from pace.data.shards import BadData, ShardOpenError
 from pace.data.synthetic_tensors import SyntheticTensors
@@ -20,10 +28,12 @@ __all__ = [
     "QUICKSTART_CLASSES",
     "BadData",
     "TooMuchBadDataError",
+    "TrainSampling",
     "EncodeOptions",
     "EpochStats",
     "ShardLoader",
     "ShardOpenError",
+    "ShardReading",
     "ShardSet",
     "SourceImage",
     "SyntheticTensors",

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from torch import nn
 
-from pace.data import create_eval_loader, imagenet_classes, resolve_shards
+from pace.data import ShardReading, create_eval_loader, imagenet_classes, resolve_shards
+from pace.distributed import DistEnv
 from pace.eval.config import IMAGENET_REAL, TARGETS, EvaluatorConfig
 from pace.eval.evaluator import EvalResult, evaluate
 from pace.eval.folders import FolderData, corruption_folder, folder_loader, image_folder, imagenet_val_folder
@@ -150,10 +151,9 @@ def _open_shards(cfg, transform, rank, world_size, batch_size, num_workers, pin_
         transform=transform,
         split=cfg.split,
         num_workers=num_workers,
-        rank=rank,
-        world_size=world_size,
+        env=DistEnv(rank=rank, world_size=world_size),
         num_samples=cfg.num_samples,
-        pin_memory=pin_memory,
+        reading=ShardReading(pin_memory=pin_memory),
     )
     num_classes = len(shards.classes) if shards.classes else None
     wanted = label_space(cfg.classes)

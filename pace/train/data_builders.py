@@ -14,7 +14,9 @@ import torch
 from timm.data import Mixup
 
 from pace.data import (
+    ShardReading,
     SyntheticTensors,
+    TrainSampling,
     create_device_eval_transform,
     create_device_train_transform,
     create_eval_transform,
@@ -99,15 +101,12 @@ def build_data(
         cfg.root,
         batch_size=cfg.batch_size,
         transform=train_transform,
+        env=env,
+        sampling=TrainSampling(seed=seed, repeated_aug=aug.repeated_aug),
+        reading=ShardReading(num_classes=cfg.num_classes, pin_memory=torch.cuda.is_available()),
         split=cfg.train_split,
         num_workers=cfg.num_workers,
-        seed=seed,
-        repeated_aug=aug.repeated_aug,
         batch_transform=mixup,
-        pin_memory=torch.cuda.is_available(),
-        rank=env.rank,
-        world_size=env.world_size,
-        num_classes=cfg.num_classes,
     )
     return train, open_evaluators(cfg, evaluators, env, eval_transform), None
 

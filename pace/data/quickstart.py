@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Callable
 from functools import lru_cache, partial
 from pathlib import Path
 
@@ -112,19 +113,7 @@ def make_quickstart_dataset(
             return existing
         logger.warning("generated dataset in %s is incomplete (%s): writing it again", out_dir, missing)
     render = partial(render_jpeg, seed=seed, image_size=image_size, quality=quality)
-    splits = {
-        split: [
-            SourceImage(
-                key=f"{split}_{index:06d}",
-                label=index % len(QUICKSTART_CLASSES),
-                class_name=QUICKSTART_CLASSES[index % len(QUICKSTART_CLASSES)],
-                render=partial(render, split=split, index=index),
-                filename=f"{split}_{index:06d}.jpg",
-            )
-            for index in range(per_class * len(QUICKSTART_CLASSES))
-        ]
-        for split, per_class in counts.items()
-    }
+    splits = {split: _listed_images(split, per_class, render) for split, per_class in counts.items()}
     return write_dataset(
         out_dir,
         splits,
@@ -138,6 +127,20 @@ def make_quickstart_dataset(
         sources=dict.fromkeys(splits, "generated"),
         extra_info={"synthetic": params},
     )
+
+
+def _listed_images(split: str, per_class: int, render: Callable[..., bytes]) -> list[SourceImage]:
+    """The split's images for the writer, each rendered in a writer process when it is written."""
+    return [
+        SourceImage(
+            key=f"{split}_{index:06d}",
+            label=index % len(QUICKSTART_CLASSES),
+            class_name=QUICKSTART_CLASSES[index % len(QUICKSTART_CLASSES)],
+            render=partial(render, split=split, index=index),
+            filename=f"{split}_{index:06d}.jpg",
+        )
+        for index in range(per_class * len(QUICKSTART_CLASSES))
+    ]
 
 
 def _missing(out_dir: Path, info: dict, samples: dict[str, int]) -> str | None:

@@ -72,31 +72,16 @@ def build_data(
     Returns:
         The training data, the evaluators, and the mixer the Trainer must still apply (or None).
     """
-    eval_options = {"input_size": cfg.img_size, "crop_pct": aug.crop_pct, "interpolation": aug.interpolation}
-    eval_transform = create_eval_transform(**eval_options, mean=mean, std=std)
     if cfg.source == "synthetic":
-        common = {"num_classes": cfg.num_classes, "img_size": cfg.img_size, "env": env, "seed": seed}
-        train = SyntheticTensors(num_samples=cfg.synthetic_train_samples, batch_size=cfg.batch_size, split=0, **common)
-        held_out = SyntheticTensors(
-            num_samples=cfg.synthetic_val_samples, batch_size=cfg.eval_batch_size, split=1, keys=True, **common
-        )
+        eval_transform = create_eval_transform(**_eval_options(cfg, aug), mean=mean, std=std)
+        train, held_out = _synthetic_splits(cfg, env, seed)
         return train, open_evaluators(cfg, evaluators, env, eval_transform, synthetic=held_out), mixup
     if cfg.source == "quickstart":
         if env.is_main:
             # Idempotent: returns at once when the dataset is already there.
             make_quickstart_dataset(cfg.root, image_size=cfg.img_size, seed=seed)
         barrier(env)
-    if cfg.decode != "cpu":
-        if aug.color_jitter and not aug.auto_augment:
-            raise ValueError(f"data.decode={cfg.decode} offers RandAugment, not colour jitter: set aug.color_jitter=0")
-        device = device or torch.device("cpu")
-        train_transform = create_device_train_transform(
-            **_train_options(cfg, aug), mean=mean, std=std, device=device, draft=cfg.decode == "draft"
-        )
-        if cfg.decode == "device":
-            eval_transform = create_device_eval_transform(**eval_options, mean=mean, std=std, device=device)
-    else:
-        train_transform = create_train_transform(**_train_options(cfg, aug), color_jitter=aug.color_jitter or None)
+    train_transform, eval_transform = _shard_transforms(cfg, aug, mean=mean, std=std, device=device)
     train = create_train_loader(
         cfg.root,
         batch_size=cfg.batch_size,
@@ -109,6 +94,46 @@ def build_data(
         batch_transform=mixup,
     )
     return train, open_evaluators(cfg, evaluators, env, eval_transform), None
+
+
+def _synthetic_splits(cfg: DataConfig, env: DistEnv, seed: int) -> tuple[SyntheticTensors, SyntheticTensors]:
+    """The synthetic source's training split and its held-out split (with keys, as evaluation needs)."""
+    common = {"num_classes": cfg.num_classes, "img_size": cfg.img_size, "env": env, "seed": seed}
+    train = SyntheticTensors(num_samples=cfg.synthetic_train_samples, batch_size=cfg.batch_size, split=0, **common)
+    held_out = SyntheticTensors(
+        num_samples=cfg.synthetic_val_samples, batch_size=cfg.eval_batch_size, split=1, keys=True, **common
+    )
+    return train, held_out
+
+
+def _shard_transforms(
+    cfg: DataConfig,
+    aug: AugConfig,
+    *,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    device: torch.device | None,
+) -> tuple[Callable, Callable]:
+    """The train and eval transforms of shard data for `data.decode` (cpu: PIL in the workers; draft, device:
+    deferred, finished on the device)."""
+    eval_transform = create_eval_transform(**_eval_options(cfg, aug), mean=mean, std=std)
+    if cfg.decode == "cpu":
+        train_transform = create_train_transform(**_train_options(cfg, aug), color_jitter=aug.color_jitter or None)
+        return train_transform, eval_transform
+    if aug.color_jitter and not aug.auto_augment:
+        raise ValueError(f"data.decode={cfg.decode} offers RandAugment, not colour jitter: set aug.color_jitter=0")
+    device = device or torch.device("cpu")
+    train_transform = create_device_train_transform(
+        **_train_options(cfg, aug), mean=mean, std=std, device=device, draft=cfg.decode == "draft"
+    )
+    if cfg.decode == "device":
+        eval_transform = create_device_eval_transform(**_eval_options(cfg, aug), mean=mean, std=std, device=device)
+    return train_transform, eval_transform
+
+
+def _eval_options(cfg: DataConfig, aug: AugConfig) -> dict:
+    """The eval-transform arguments every `data.decode` mode shares."""
+    return {"input_size": cfg.img_size, "crop_pct": aug.crop_pct, "interpolation": aug.interpolation}
 
 
 def _train_options(cfg: DataConfig, aug: AugConfig) -> dict:

@@ -46,6 +46,7 @@ from torchvision.datasets import ImageFolder
 
 from pace.data import (
     QUICKSTART_CLASSES,
+    ShardPlan,
     ShardReading,
     TrainSampling,
     create_device_train_transform,
@@ -269,7 +270,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         shard_image_folders(
             shards,
             {"train": folder},
-            max_count=max(1, args.num_images // shard_count),
+            plan=ShardPlan(max_count=max(1, args.num_images // shard_count)),
             workers=max(2, args.gen_processes),
         )
         transform = create_train_transform(input_size=args.input_size)

@@ -21,7 +21,7 @@ from pace.data.quickstart import QUICKSTART_CLASSES, make_quickstart_dataset
 from pace.data.shards import BadData, ShardOpenError
 from pace.data.synthetic_tensors import SyntheticTensors
 from pace.data.transforms import create_eval_transform, create_mixup, create_train_transform
-from pace.data.writer import EncodeOptions, SourceImage, write_dataset
+from pace.data.writer import EncodeOptions, ShardPlan, SourceImage, write_dataset
 
 __all__ = [
     "IMAGENET1K_WDS",
@@ -33,6 +33,7 @@ __all__ = [
     "EpochStats",
     "ShardLoader",
     "ShardOpenError",
+    "ShardPlan",
     "ShardReading",
     "ShardSet",
     "SourceImage",

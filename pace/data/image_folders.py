@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from pace.data.imagenet import imagenet_classes, read_label_file
-from pace.data.writer import EncodeOptions, SourceImage, write_dataset
+from pace.data.writer import EncodeOptions, ShardPlan, SourceImage, write_dataset
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -117,14 +117,10 @@ def shard_image_folders(
     labels: Mapping[str, str | Path] | None = None,
     layouts: Mapping[str, str] | None = None,
     classes_file: str | Path | None = None,
-    prefix: str | None = None,
     key_style: str = "auto",
-    max_count: int = 1000,
-    max_size: int | None = None,
+    plan: ShardPlan | None = None,
     options: EncodeOptions | None = None,
     workers: int = 1,
-    shuffle_splits: Sequence[str] = ("train",),
-    seed: int = 0,
     overwrite: bool = False,
 ) -> dict:
     """Write shards for image folders: `pace-make-shards` in Python.
@@ -138,18 +134,42 @@ def shard_image_folders(
         classes_file: class names in index order, one per line, or `imagenet` for timm's ImageNet-1k wnids (so
             ImageNet-A/R/Sketch/C folders get ImageNet-1k labels); default: the sorted class directories of the
             ImageFolder splits, else the sorted wnids of the label files.
-        prefix: shard name prefix (`<prefix>-<split>-NNNNNN.tar`); default: the output directory's name.
         key_style: see `scan_image_folder`.
-        max_count: samples per shard at most.
-        max_size: bytes per shard at most (estimated from the source files); None: no limit.
+        plan: how the samples are ordered, cut into shards and named (`pace.data.writer.ShardPlan`).
         options: how images are stored.
         workers: writer processes.
-        shuffle_splits: splits whose sample order is shuffled (training shards should mix classes).
-        seed: seed of that shuffle.
         overwrite: write into a non-empty directory, replacing the shards of the splits written now.
 
     Returns:
         The info dict written to `<out_dir>/_info.json`.
+    """
+    classes, samples = scan_splits(
+        splits, labels=labels, layouts=layouts, classes_file=classes_file, key_style=key_style
+    )
+    return write_dataset(
+        out_dir,
+        samples,
+        classes=classes,
+        plan=plan,
+        options=options,
+        workers=workers,
+        overwrite=overwrite,
+        sources={split: str(directory) for split, directory in splits.items()},
+    )
+
+
+def scan_splits(
+    splits: Mapping[str, str | Path],
+    *,
+    labels: Mapping[str, str | Path] | None = None,
+    layouts: Mapping[str, str] | None = None,
+    classes_file: str | Path | None = None,
+    key_style: str = "auto",
+) -> tuple[list[str], dict[str, list[SourceImage]]]:
+    """List the images of every split on one class list (arguments as for `shard_image_folders`).
+
+    Returns:
+        (classes, split name -> images).
     """
     labels = dict(labels or {})
     layouts = dict(layouts or {})
@@ -177,20 +197,7 @@ def shard_image_folders(
             samples[split] = scan_flat_folder(directory, labels=read_label_file(labels[split]), classes=classes)
         else:
             samples[split] = relabel_images(*folder_classes[split], classes)
-    return write_dataset(
-        out_dir,
-        samples,
-        classes=classes,
-        prefix=prefix,
-        max_count=max_count,
-        max_size=max_size,
-        options=options,
-        workers=workers,
-        shuffle_splits=shuffle_splits,
-        seed=seed,
-        overwrite=overwrite,
-        sources={split: str(directory) for split, directory in splits.items()},
-    )
+    return classes, samples
 
 
 def _choose_classes(

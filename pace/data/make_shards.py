@@ -16,7 +16,7 @@ import sys
 
 from pace.data.image_folders import shard_image_folders
 from pace.data.quickstart import DEFAULT_DIR, make_quickstart_dataset
-from pace.data.writer import BadImageError, EncodeOptions
+from pace.data.writer import BadImageError, EncodeOptions, ShardPlan
 
 # Exit statuses: the command line or the paths it names are wrong (as argparse's own errors), or the data is.
 USAGE_ERROR, DATA_ERROR = 2, 1
@@ -125,10 +125,14 @@ def _run(args: argparse.Namespace) -> dict:
             labels=_pairs(args.labels, "--labels"),
             layouts=_pairs(args.layout, "--layout"),
             classes_file=args.classes,
-            prefix=args.prefix,
             key_style=args.key_style,
-            max_count=args.max_count,
-            max_size=int(args.max_size_mb * 1e6) if args.max_size_mb else None,
+            plan=ShardPlan(
+                prefix=args.prefix,
+                max_count=args.max_count,
+                max_size=int(args.max_size_mb * 1e6) if args.max_size_mb else None,
+                shuffle_splits=() if args.no_shuffle else ("train",),
+                seed=args.seed,
+            ),
             options=EncodeOptions(
                 max_side=args.max_side,
                 max_short_side=args.max_size,
@@ -137,8 +141,6 @@ def _run(args: argparse.Namespace) -> dict:
                 verify=not args.no_verify,
             ),
             workers=args.workers,
-            shuffle_splits=() if args.no_shuffle else ("train",),
-            seed=args.seed,
             overwrite=args.overwrite,
         )
     return info

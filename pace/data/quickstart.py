@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from pace.data.info import INFO_NAME, read_info
-from pace.data.writer import EncodeOptions, SourceImage, write_dataset
+from pace.data.writer import EncodeOptions, ShardPlan, SourceImage, write_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -118,11 +118,9 @@ def make_quickstart_dataset(
         out_dir,
         splits,
         classes=QUICKSTART_CLASSES,
-        prefix="shapes",
-        max_count=shard_size,
+        plan=ShardPlan(prefix="shapes", max_count=shard_size, seed=seed),
         options=EncodeOptions(verify=False),
         workers=workers,
-        seed=seed,
         overwrite=existing is not None and "synthetic" in existing,
         sources=dict.fromkeys(splits, "generated"),
         extra_info={"synthetic": params},

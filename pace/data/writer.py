@@ -79,18 +79,33 @@ class EncodeOptions:
     verify: bool = True
 
 
+@dataclass(frozen=True)
+class ShardPlan:
+    """How each split's samples are ordered, cut into shards and named.
+
+    Args:
+        prefix: shard name prefix (`<prefix>-<split>-NNNNNN.tar`); default: the output directory's name.
+        max_count: samples per shard at most.
+        max_size: bytes per shard at most (estimated from the source files); None: no limit.
+        shuffle_splits: splits whose sample order is shuffled before sharding (training shards should mix classes).
+        seed: seed of that shuffle.
+    """
+
+    prefix: str | None = None
+    max_count: int = 1000
+    max_size: int | None = None
+    shuffle_splits: Sequence[str] = ("train",)
+    seed: int = 0
+
+
 def write_dataset(
     out_dir: str | Path,
     splits: Mapping[str, Sequence[SourceImage]],
     *,
     classes: Sequence[str],
-    prefix: str | None = None,
-    max_count: int = 1000,
-    max_size: int | None = None,
+    plan: ShardPlan | None = None,
     options: EncodeOptions | None = None,
     workers: int = 1,
-    shuffle_splits: Sequence[str] = ("train",),
-    seed: int = 0,
     overwrite: bool = False,
     sources: Mapping[str, str] | None = None,
     extra_info: Mapping | None = None,
@@ -101,13 +116,9 @@ def write_dataset(
         out_dir: output directory (created; must be empty unless overwrite).
         splits: split name -> images.
         classes: class names in index order.
-        prefix: shard name prefix; default: the output directory's name.
-        max_count: samples per shard at most.
-        max_size: bytes per shard at most (estimated); None: no limit.
+        plan: how the samples are ordered, cut into shards and named (default: `ShardPlan()`).
         options: how images are stored.
         workers: writer processes.
-        shuffle_splits: splits whose order is shuffled before sharding.
-        seed: seed of that shuffle.
         overwrite: write into a non-empty directory, replacing the shards of the splits written now.
         sources: split name -> where its images came from (recorded in the info file).
         extra_info: more top-level entries for the info file.
@@ -115,8 +126,10 @@ def write_dataset(
     Returns:
         The info dict written to `<out_dir>/_info.json`.
     """
+    plan = plan or ShardPlan()
+    max_count, max_size = plan.max_count, plan.max_size
     out_dir = Path(out_dir)
-    prefix = prefix or out_dir.resolve().name
+    prefix = plan.prefix or out_dir.resolve().name
     options = options or EncodeOptions()
     if max_count < 1 or (max_size is not None and max_size < 1):
         raise ValueError(f"max_count ({max_count}) and max_size ({max_size}) must be positive")
@@ -127,8 +140,8 @@ def write_dataset(
     try:
         for split, images in splits.items():
             images = list(images)
-            if split in shuffle_splits:
-                random.Random(seed).shuffle(images)
+            if split in plan.shuffle_splits:
+                random.Random(plan.seed).shuffle(images)
             entry = _write_split(staging, prefix, split, images, max_count, max_size, options, workers)
             entry["source"] = (sources or {}).get(split, "")
             info["splits"][split] = entry

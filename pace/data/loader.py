@@ -350,15 +350,16 @@ def _train_batches(
     """Batches per epoch on every rank, after checking that the epoch can be planned over these shards."""
     if shards.num_samples is None and sampling.samples_per_epoch is None:
         raise ValueError(
-            f"the number of samples in {source!r} is unknown: pass num_samples= (or samples_per_epoch=), or write the "
-            "shards with pace-make-shards, which records it in _info.json"
+            f"the number of samples in {source!r} is unknown: pass num_samples= (or TrainSampling(samples_per_epoch=)),"
+            " or write the shards with pace-make-shards, which records it in _info.json"
         )
     epoch_samples = sampling.samples_per_epoch if sampling.samples_per_epoch is not None else shards.num_samples
     workers, global_workers = max(1, num_workers), env.world_size * max(1, num_workers)
     if not sampling.resampled and len(shards.urls) < global_workers:
         raise ValueError(
             f"{len(shards.urls)} shards cannot be split over {env.world_size} ranks x {workers} workers = "
-            f"{global_workers} readers in one-pass mode: use resampled=True, fewer workers, or write smaller shards"
+            f"{global_workers} readers in one-pass mode: use TrainSampling(resampled=True), fewer workers, or write "
+            "smaller shards"
         )
     return math.ceil(epoch_samples / (env.world_size * batch_size))
 

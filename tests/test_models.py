@@ -273,16 +273,17 @@ def test_set_epoch_redraws_every_block_deterministically():
     assert all(torch.equal(a, blk.attn.expand.sketch) for a, blk in zip(first, other_rank.blocks))
 
 
-def test_set_compress_form():
+def test_compress_form_switches_every_block():
     model = _tiny().eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         full = model(x)
-        model.set_compress_form("diag")
-        assert model.compress_form == "diag" and all(blk.compress_form == "diag" for blk in model.blocks)
+        model.compress_form = "diag"
+        assert model.compress_form == "diag" and all(blk.attn.compress.form == "diag" for blk in model.blocks)
         assert not torch.allclose(model(x), full)
-    with pytest.raises(ValueError, match="compress_form"):
-        model.set_compress_form("paper")
+    with pytest.raises(ValueError, match="compress_form.*'paper'"):
+        model.compress_form = "paper"
+    assert all(blk.attn.compress.form == "diag" for blk in model.blocks)  # a bad name changes no block
 
 
 def test_forward_memberships():

@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import pace  # noqa: F401  (registers the models)
-from pace.layers import PACEAttention, PACEBlock, compress, expand, gaussian_sketch, ridge_basis
+from pace.layers import PACEAttention, PACEBlock, compress, expand, gaussian_sketch, ridge_basis, softplus_inverse
 
 B, N, C, K, RANK = 2, 64, 32, 4, 4
 P = C // K
@@ -219,6 +219,15 @@ def test_positive_coeffs_hold_raw_softplus_values():
     assert coeffs["tau"].item() == 1.0
     plain = PACEAttention(C, K, rank=RANK)
     assert plain.alpha.item() == pytest.approx(0.1) and plain.coefficients()["alpha"].item() == pytest.approx(0.1)
+
+
+def test_softplus_inverse_undoes_softplus_without_overflow():
+    y = torch.tensor([1e-6, 0.1, 1.0, 30.0, 800.0], dtype=torch.float64)
+    raw = softplus_inverse(y)
+    assert raw.dtype == torch.float64 and torch.isfinite(raw).all()
+    torch.testing.assert_close(torch.nn.functional.softplus(raw), y, rtol=1e-12, atol=0)
+    assert raw[-1].item() == 800.0  # log(e^y − 1) = y to float64 precision for large y (e^800 overflows)
+    assert softplus_inverse(y.float()).dtype == torch.float32
 
 
 def test_state_dict_keys_and_shapes():

@@ -10,7 +10,7 @@ from timm.optim import create_optimizer_v2
 from torch import nn
 
 import pace  # noqa: F401  (registers the models)
-from pace.layers import ConvStem
+from pace.layers import ConvStem, PACEAttention
 from pace.models import PACEViT
 
 VARIANTS = {
@@ -114,6 +114,31 @@ def test_bad_arguments_name_the_problem():
         _tiny(global_pool="max")
     with pytest.raises(ValueError, match="patch_size"):
         ConvStem(patch_size=6, embed_dim=64)
+
+
+def test_pace_settings_reach_every_block_once_configured():
+    model = _tiny(rank=4, eps=0.05, compress_form="diag", positive_coeffs=True, sketch_seed=3, sketch_schedule="fixed")
+    for i, blk in enumerate(model.blocks):
+        attn = blk.attn
+        assert (attn.compress.sketch_width, attn.expand.sketch_width) == (4, 4 * 2)
+        assert attn.compress.eps == attn.expand.eps == 0.05 and attn.compress_form == "diag" and attn.positive_coeffs
+        for op in (attn.expand, attn.compress):
+            assert (op.layer_idx, op.sketch_seed, op.sketch_schedule) == (i, 3, "fixed")
+    with pytest.raises(TypeError, match="PACEAttention.*'rnak'"):
+        _tiny(rnak=4)
+
+
+def test_attn_layer_injects_another_token_mixer():
+    built = []
+
+    class Recorded(PACEAttention):
+        def __init__(self, dim, num_heads, **kwargs):
+            built.append((dim, num_heads, kwargs["layer_idx"], kwargs["rank"]))
+            super().__init__(dim, num_heads, **kwargs)
+
+    model = _tiny(attn_layer=Recorded, rank=8)
+    assert built == [(64, 2, i, 8) for i in range(4)]
+    assert all(type(blk.attn) is Recorded for blk in model.blocks)
 
 
 def test_architecture_follows_the_reference():

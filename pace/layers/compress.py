@@ -5,7 +5,7 @@ from timm.layers import register_notrace_module
 from torch import Tensor, nn
 
 from pace.layers._validate import check_sizes
-from pace.layers.basis import ridge_basis, ridge_project, validate_projector
+from pace.layers.basis import ridge_basis, ridge_project, validate_projector, wide_matmul
 from pace.layers.sketch import SketchedModule
 
 COMPRESS_FORMS = ("full", "diag")
@@ -67,7 +67,8 @@ def compress_weights(
     B, N, C = x.shape
     K = num_heads
     p = subspaces.shape[1] // K
-    a = (x.reshape(B * N, C) @ subspaces.to(x.dtype)).view(B, N, K * p)  # a_k = U_kᵀx, heads side by side
+    # a in (at least) float32 even under autocast: ‖col_k‖, the softmax and the τ gradient need more than bf16.
+    a = wide_matmul(x.reshape(B * N, C), subspaces).view(B, N, K * p)  # a_k = U_kᵀx, heads side by side
     if form == "diag":
         # Token-major throughout: diag(Q_kQ_kᵀ) scales coordinates, so no head needs its own matrix product.
         Y = (a.mT @ sketch.to(a.dtype)).view(B * K, p, -1)  # Y_k = A_k Ω: (B·K, p, r)

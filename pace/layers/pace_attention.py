@@ -88,7 +88,7 @@ def pace_attention(
         expanded = ridge_project(x, expand_sketch, eps=eps, complement=True, scale=alpha)  # α(x − xΠ)
     w, pi = compress_weights(x, subspaces, tau, compress_sketch, num_heads=num_heads, eps=eps, exact=exact, form=form)
     neg_beta_u = subspaces.to(w.dtype) * -beta.to(w.dtype)  # (C, K·p)
-    out = torch.addmm(expanded.reshape(B * N, C), w.reshape(B * N, -1), neg_beta_u.mT)  # (B·N, C)
+    out = torch.addmm(expanded.reshape(B * N, C).to(w.dtype), w.reshape(B * N, -1), neg_beta_u.mT)  # (B·N, C)
     return out.view(B, N, C).to(x.dtype), pi.to(x.dtype)
 
 

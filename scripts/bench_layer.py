@@ -256,7 +256,9 @@ def reference_part(args: argparse.Namespace, device: torch.device) -> tuple[list
                 f"{median_ms(times['reference']['wall']):.1f} ms -> {ratio:.2f}x faster "
                 f"(matmul FLOPs ratio {flops['reference'] / flops['pace']:.2f}); "
                 f"max relative difference output {diffs['output']:.1e}, gradients "
-                f"{max(v for k, v in diffs.items() if k != 'output'):.1e}"
+                f"{max(v for k, v in diffs.items() if k != 'output'):.1e} ("
+                + ", ".join(f"{k[5:]} {v:.1e}" for k, v in diffs.items() if k != "output")
+                + ")"
             )
             print(lines[-1], flush=True)
     return rows, lines

@@ -66,8 +66,9 @@ def _diag_backward(g_x, xb, gb, gR, gU, a, P, Ps, pi, sq, root, g_pi, Q_c, keep,
     # α: <g, x − x̂Π_e> = <g, x> − <gQ_e, x̂Q_e>
     grad_alpha = g_x.to(wd) - (gQe * Pe).sum(dtype=wd)
     a4, gU4 = a.view(B, N, K, p), gU.view(B, N, K, p)
-    u = gU * a
-    h = -(u @ _block_diag((1 - keep).unsqueeze(-1)).to(md)).to(wd)  # −Σ_p gU a (1 − keep), (B, N, K)
+    a_w = a.to(wd)
+    u = gU.to(wd) * a_w
+    h = -(u @ _block_diag((1 - keep).unsqueeze(-1)))  # −Σ_p gU a (1 − keep), (B, N, K)
     grad_beta = (pi * h).sum()
     pi_bar = g_pi.to(wd) + beta_w * h
     # Softmax, then ℓ = max(‖col‖², tiny)^½ / τ.
@@ -79,8 +80,8 @@ def _diag_backward(g_x, xb, gb, gR, gU, a, P, Ps, pi, sq, root, g_pi, Q_c, keep,
     a_bar = gU4 * (neg_beta_pi * (1 - keep).unsqueeze(1)).to(md)
     a_bar.addcmul_(a4, (2 * sq_bar.unsqueeze(-1) * keep.square().unsqueeze(1)).to(md))
     # keep enters null (through z) and ‖col‖² = Σ keep² a².
-    keep_bar = beta_w * _per_head_sum(pi.to(md), u, K).to(wd)
-    keep_bar = keep_bar + 2 * keep * _per_head_sum(sq_bar.to(md), a * a, K).to(wd)
+    keep_bar = beta_w * _per_head_sum(pi, u, K)
+    keep_bar = keep_bar + 2 * keep * _per_head_sum(sq_bar, a_w.square(), K)
     Qc_bar = 2 * Q_c * keep_bar.view(B * K, p, 1)
     Pbar = gQe * (-alpha_w).to(md)  # ∂L/∂(x̂Q_e), (B, N, c_e)
     Qe_bar = torch.baddbmm(xb.mT @ Pbar, gb.mT, Ps).to(wd)  # xᵀP̄_e + gᵀ(−αP_e)
@@ -110,14 +111,21 @@ class _PACEMixer(torch.autograd.Function):
             n_e, G_e, F_e = scaled_ridge_factors(S[..., :ce], eps)  # Q_e = S_e F_e, (B, d, c_e)
             n_c, G_c, F_c = scaled_ridge_factors(Y_c, eps)
             Q_c = Y_c @ F_c  # (B·K, p, r)
-            a = (xb.reshape(B * N, d) @ Ub).view(B, N, d)  # a_k = U_kᵀ x̂, heads side by side
+            if diag:
+                # ‖col_k‖² = Σ keep² a² from a product in the working precision (bf16 operands are exact there):
+                # with a and its squares rounded to bf16 the τ gradient's error was 2e-2 of its scale σ on the
+                # tests' inputs, 7e-3 this way.
+                a_w = (xb.reshape(B * N, d).to(wd) @ U).view(B, N, d)  # a_k = U_kᵀ x̂, heads side by side
+                a = a_w.to(md)
+            else:
+                a = (xb.reshape(B * N, d) @ Ub).view(B, N, d)  # a_k = U_kᵀ x̂, heads side by side
             tau_w, alpha_w, beta_w = tau.to(wd), alpha.to(wd), beta.to(wd)
             Qc4 = Q_c.view(B, K, p, r)
             if diag:
                 R = kernels.pack_bases(S[..., :ce], F_e, U, None, md)  # Q_e, (B, d, c_e)
                 P = xb @ R  # P_e, (B, N, c_e)
                 keep = Qc4.square().sum(-1)  # diag(Q_kQ_kᵀ), (B, K, p)
-                sq = ((a * a) @ _block_diag(keep.square().unsqueeze(-1)).to(md)).to(wd)  # Σ_p keep² a², (B, N, K)
+                sq = a_w.square() @ _block_diag(keep.square().unsqueeze(-1))  # Σ_p keep² a², (B, N, K)
                 root, logits = _sqrt_logits(sq, tau_w)
                 pi = torch.softmax(logits, dim=-1)  # (B, N, K)
                 z = a.view(B, N, K, p) * (pi.unsqueeze(-1) * (1 - keep).unsqueeze(1)).to(md)  # π ⊙ null
@@ -134,9 +142,13 @@ class _PACEMixer(torch.autograd.Function):
                 scalars = torch.stack([tau_w, alpha_w, beta_w])
                 Ps, z, pi, sq = kernels.mixer_memberships(P, a, M, scalars)
                 root, extra, T = None, M, z
-            out_b = Ps @ R.mT  # (B, N, d)
-            out_b.view(B * N, d).addmm_(z.reshape(B * N, d), (U * -beta_w).to(md).mT)  # −β(π ⊙ …)Uᵀ, T: null
-            out = torch.addcmul(out_b, x, alpha_w.to(x.dtype))  # αx + …, promoted to the tokens' dtype
+            # GEMM 2 accumulates onto αx in the working precision: its bf16 operands are exact there (and in TF32),
+            # and the update is not rounded to bf16, whose error (2⁻⁹ of |αx̂Π_e|) would otherwise dominate the
+            # small difference αx − αx̂Π_e − … (on the tests' inputs 2.4e-2 of the update's largest entry, 1.5e-2
+            # with this; the rounding of x̂ itself leaves 1.2e-2).
+            out = torch.baddbmm(x.to(wd) * alpha_w, Ps.to(wd), R.to(wd).mT)  # αx + (P ⊙ s')[Q_e | V]ᵀ, (B, N, d)
+            out.view(B * N, d).addmm_(z.reshape(B * N, d).to(wd), (U * -beta_w).mT)  # −β(π ⊙ …)Uᵀ
+            out = out.to(x.dtype)
         ctx.save_for_backward(
             x, xb, omega, subspaces, S, n_e, G_e, F_e, Y_c, n_c, G_c, F_c, Q_c, a, R, P, Ps, pi, sq, root, tau, alpha,
             beta, extra, T,
@@ -193,14 +205,14 @@ class _PACEMixer(torch.autograd.Function):
             Yc_bar = Yc_bar.view(B, K * p, r)  # (B, d, r)
             # Y_c = Uᵀ S_c: Ū += Σ_b S_c Ȳ_cᵀ, S̄_c = U Ȳ_c.
             U_bar = torch.addbmm(U_bar, S_c, Yc_bar.mT)
-            S_bar = torch.empty(B, d, ce + r, device=g.device, dtype=md)
+            S_bar = torch.empty(B, d, ce + r, device=g.device, dtype=wd)
             S_bar[..., :ce].copy_(Ye_bar)
             S_bar[..., ce:].copy_(torch.bmm(U.expand(B, d, d), Yc_bar))
-            # x̄ = αg + P̄ Rᵀ + ā Uᵀ + Ω S̄ᵀ
-            xbar_b = Pbar @ R.mT
-            xbar_b.view(B * N, d).addmm_(a_bar2, Ub.mT)
-            xbar_b.baddbmm_(omega.expand(B, N, -1), S_bar.mT)
-            grad_x = torch.addcmul(xbar_b, g, alpha_w.to(g.dtype)).to(x.dtype)
+            # x̄ = αg + P̄ Rᵀ + ā Uᵀ + Ω S̄ᵀ, accumulated in the working precision as the forward's GEMM 2.
+            grad_x = torch.baddbmm(g.to(wd) * alpha_w, Pbar.to(wd), R.to(wd).mT)
+            grad_x.view(B * N, d).addmm_(a_bar2.to(wd), U.mT)
+            grad_x.baddbmm_(omega.to(wd).expand(B, N, -1), S_bar.mT)
+            grad_x = grad_x.to(x.dtype)
         return (
             grad_x,
             U_bar.to(subspaces.dtype),

@@ -246,7 +246,7 @@ def test_kernels_compile_for_hopper_without_a_gpu(name):
     from pace.kernels._triton_mixer import TINY
 
     if name == "_pack_bases_kernel":
-        constexprs = {"BM": 32, "BN": 32, "BK": 32, "ROUND_BF16": False}
+        constexprs = {"BM": 32, "BN": 32, "BK": 32, "ROUND_BF16": False, "PRECISION": "tf32x3"}
         pointers = {"R_ptr": "*bf16"}
     else:
         constexprs = {"TINY_": TINY, "BN": 16, "BK": 8, "BR": 32, "BP": 64, "ROUND_BF16": False}

@@ -216,8 +216,9 @@ def _pack_bases_kernel(
     BN: tl.constexpr,
     BK: tl.constexpr,
     ROUND_BF16: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    """Tile (m, n) of R = [Y F_s | U_k Q_k] for one image, fp32 products, one rounding to R's dtype.
+    """Tile (m, n) of R = [Y F_s | U_k Q_k] for one image, fp32-accurate products, one rounding to R's dtype.
 
     Columns below c: ``Σ_j Y[m, j] F_s[j, n]``. Column c + k·r + i: ``Σ_q U[m, k·p + q] Q_k[q, i]``, a product with
     the block-diagonal matrix of the Q_k over the rows of the heads the tile's columns belong to.
@@ -240,7 +241,7 @@ def _pack_bases_kernel(
             f = tl.load(
                 F_ptr + (b * c + k[:, None]) * c + n[None, :], mask=(k[:, None] < c) & (n[None, :] < c), other=0.0
             )
-            acc += tl.dot(y, f, input_precision="ieee")
+            acc += tl.dot(y, f, input_precision=PRECISION)
     if n0 + BN > c:
         j = tl.maximum(n - c, 0)  # (BN,) column within V (0 for Expand columns, masked below)
         head = j // r
@@ -256,7 +257,7 @@ def _pack_bases_kernel(
             q = tl.load(
                 Qc_ptr + ((b * K + head[None, :]) * p + (t % p)[:, None]) * r + (j % r)[None, :], mask=same, other=0.0
             )
-            acc += tl.dot(u, q, input_precision="ieee")
+            acc += tl.dot(u, q, input_precision=PRECISION)
     out = _rounded(acc, ROUND_BF16).to(R_ptr.dtype.element_ty)
     tl.store(R_ptr + (b * d + m[:, None]) * ncols + n[None, :], out, mask=(m[:, None] < d) & (n[None, :] < ncols))
 
@@ -330,6 +331,9 @@ def mixer_memberships_backward(
 
 
 CAST_DOT_BLOCK = 4096
+# pack_bases' products: three TF32 tensor-core products per tile (hi·hi + hi·lo + lo·hi), fp32-accurate to about
+# 1e-6 relative, where "ieee" (fp32 FMA, no tensor cores) would make this small GEMM compute-bound.
+PACK_PRECISION = "tf32x3"
 
 
 def cast_dot(g: Tensor, x: Tensor, dtype: torch.dtype, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -360,6 +364,7 @@ def pack_bases(Y: Tensor, F_s: Tensor, U: Tensor, Q_c: Tensor | None, dtype: tor
     BM, BN, BK = 32, 32, 32
     _pack_bases_kernel[(B, triton.cdiv(d, BM), triton.cdiv(ncols, BN))](
         Y, F_s, U, Q_c if Q_c is not None else F_s, R, d, c, K, r, p, *Y.stride(), *U.stride(),
-        BM=BM, BN=BN, BK=BK, ROUND_BF16=_INTERPRETED and dtype == torch.bfloat16, num_warps=4,
+        BM=BM, BN=BN, BK=BK, ROUND_BF16=_INTERPRETED and dtype == torch.bfloat16, PRECISION=PACK_PRECISION,
+        num_warps=4,
     )  # fmt: skip
     return R

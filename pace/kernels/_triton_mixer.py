@@ -42,6 +42,20 @@ def _head_quadratic(P_ptr, M_ptr, b, k, n2, N, K, r, BR: tl.constexpr):
 
 
 @triton.jit
+def _program_indices(S_ptr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr):
+    """This program's image b, its tokens × heads index grids (2-D, and 3-D with the r or p axis) and [τ, α, β]."""
+    b = tl.program_id(0).to(tl.int64)
+    n1 = tl.program_id(1) * BN + tl.arange(0, BN)
+    kk = tl.arange(0, BK)
+    r3 = tl.arange(0, BR)[None, None, :]
+    p3 = tl.arange(0, BP)[None, None, :]
+    tau = tl.load(S_ptr)
+    alpha = tl.load(S_ptr + 1)
+    beta = tl.load(S_ptr + 2)
+    return b, n1[:, None], kk[None, :], n1[:, None, None], kk[None, :, None], r3, p3, tau, alpha, beta
+
+
+@triton.jit
 def _memberships_fwd_kernel(
     P_ptr,
     A_ptr,
@@ -63,17 +77,8 @@ def _memberships_fwd_kernel(
     ROUND_BF16: tl.constexpr,
 ):
     """‖col_k‖² = P_k M_k P_kᵀ, π = softmax_k(‖col_k‖/τ), Ps = P ⊙ [−α | βπ_k], z = π_k a_k for BN tokens."""
-    b = tl.program_id(0).to(tl.int64)
-    n1 = tl.program_id(1) * BN + tl.arange(0, BN)
-    kk = tl.arange(0, BK)
-    n2, k2 = n1[:, None], kk[None, :]
-    n3, k3 = n1[:, None, None], kk[None, :, None]
-    r3 = tl.arange(0, BR)[None, None, :]
-    p3 = tl.arange(0, BP)[None, None, :]
+    b, n2, k2, n3, k3, r3, p3, tau, alpha, beta = _program_indices(S_ptr, BN, BK, BR, BP)
     Kr = K * r
-    tau = tl.load(S_ptr)
-    alpha = tl.load(S_ptr + 1)
-    beta = tl.load(S_ptr + 2)
     sq = tl.zeros((BN, BK), dtype=tl.float32)
     for k in range(K):
         pc, t = _head_quadratic(P_ptr, M_ptr, b, k, n2, N, K, r, BR)
@@ -127,18 +132,9 @@ def _memberships_bwd_kernel(
     ROUND_BF16: tl.constexpr,
 ):
     """Backward of the forward kernel for BN tokens; the three scalar partial sums go to this program's row."""
-    b = tl.program_id(0).to(tl.int64)
-    n1 = tl.program_id(1) * BN + tl.arange(0, BN)
-    kk = tl.arange(0, BK)
-    n2, k2 = n1[:, None], kk[None, :]
-    n3, k3 = n1[:, None, None], kk[None, :, None]
+    b, n2, k2, n3, k3, r3, p3, tau, alpha, beta = _program_indices(S_ptr, BN, BK, BR, BP)
     jr = tl.arange(0, BR)
-    r3 = jr[None, None, :]
-    p3 = tl.arange(0, BP)[None, None, :]
     Kr = K * r
-    tau = tl.load(S_ptr)
-    alpha = tl.load(S_ptr + 1)
-    beta = tl.load(S_ptr + 2)
     mask2 = (n2 < N) & (k2 < K)
     off2 = (b * N + n2) * K + k2
     pi = tl.load(Pi_ptr + off2, mask=mask2, other=0.0)

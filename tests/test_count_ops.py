@@ -82,3 +82,33 @@ def test_a_custom_op_counts_as_its_fused_kernel_or_as_its_fallback():
     assert "normalized_gram" not in fallback.names() and fallback.ops > 3 and fallback.bytes > fused.bytes
     with pytest.raises(ValueError, match="kernels must be one of"):
         count_ops(lambda: None, kernels="triton")
+
+
+def test_the_fused_block_runs_the_mixer_kernels_once_each():
+    """The counter's GPU-path proxy: each pace:: op of the fused block (full form) once per step, bf16 autocast."""
+    from collections import Counter
+    from functools import partial
+
+    from pace.layers import PACEAttention, PACEBlock
+
+    block = PACEBlock(32, 4, attn_layer=partial(PACEAttention, rank=4, fused=True))
+    x = torch.randn(2, 16, 32, requires_grad=True)
+
+    def step():
+        block.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = block(x)
+        y.float().sum().backward()
+
+    step()  # draws the sketches
+    fused, fallback = count_ops(step), count_ops(step, kernels="fallback")
+    kernels = Counter(r.name for r in fused.records if r.category == "pace kernel")
+    assert kernels == {
+        "normalized_gram": 2,
+        "inverse_cholesky_factor": 2,
+        "pack_bases": 1,
+        "mixer_memberships": 1,
+        "mixer_memberships_backward": 1,
+        "cast_dot": 1,
+    }
+    assert fallback.ops > fused.ops + 40 and fallback.bytes > fused.bytes

@@ -148,12 +148,14 @@ def test_traced_fused_block_on_cuda_matches_eager(form):
     """The fused block with the pace:: Triton ops traced by torch.compile (fake implementations, one graph, AOT
     autograd) gives eager's numbers on CUDA. aot_eager, not inductor, to keep this step short: bench_model's
     compiled modes run Inductor on the same ops. fp32: under bf16 the scalar gradients are too noisy to compare."""
+    from functools import partial
+
     import torch._dynamo
 
-    from pace.layers import PACEBlock
+    from pace.layers import PACEAttention, PACEBlock
 
     torch._dynamo.reset()
-    block = PACEBlock(384, 8, rank=20, compress_form=form, fused=True).cuda()
+    block = PACEBlock(384, 8, attn_layer=partial(PACEAttention, rank=20, compress_form=form, fused=True)).cuda()
     x = torch.randn(4, 196, 384, device="cuda", requires_grad=True)
     g = torch.randn(4, 196, 384, device="cuda")
     block(x)  # draw the sketches eagerly

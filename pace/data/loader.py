@@ -77,6 +77,24 @@ class EpochStats:
         return to_log
 
 
+@dataclass(frozen=True)
+class LoaderIO:
+    """What a `ShardLoader` needs besides its dataset.
+
+    Args:
+        num_workers: DataLoader worker processes.
+        max_error_fraction: stop when more than this fraction of the samples are bad.
+        expected_samples: raw samples this rank reads per epoch when known; lets the limit stop a run early.
+        reading: how samples are read; its `pin_memory` and `prefetch_factor` (None: the DataLoader default) go
+            to the DataLoader.
+    """
+
+    num_workers: int
+    max_error_fraction: float
+    expected_samples: int | None
+    reading: ShardReading
+
+
 class ShardLoader:
     """A DataLoader over a `ShardDataset` that yields `(images, targets)` in training and
     `(images, targets, keys)` in evaluation, counts bad data, and stops the run when there is too much.
@@ -85,38 +103,24 @@ class ShardLoader:
 
     Args:
         dataset: the per-worker pipeline.
-        num_workers: DataLoader worker processes.
-        pin_memory: pin batches for faster host-to-GPU copies.
-        prefetch_factor: batches each worker prepares ahead (None: DataLoader default).
-        max_error_fraction: stop when more than this fraction of the samples are bad.
-        expected_samples: raw samples this rank reads per epoch when known; lets the limit stop a run early.
+        io: its worker count, the DataLoader's memory settings (`io.reading`) and the bad-data limit.
         stage: main-process batch stage of a deferred transform (decode and augment on the device), if any.
     """
 
-    def __init__(
-        self,
-        dataset: ShardDataset,
-        *,
-        num_workers: int,
-        pin_memory: bool = False,
-        prefetch_factor: int | None = None,
-        max_error_fraction: float = 0.01,
-        expected_samples: int | None = None,
-        stage: DeviceStage | None = None,
-    ):
-        if not 0.0 <= max_error_fraction <= 1.0:
-            raise ValueError(f"max_error_fraction must be in [0, 1], got {max_error_fraction}")
+    def __init__(self, dataset: ShardDataset, *, io: LoaderIO, stage: DeviceStage | None = None):
+        if not 0.0 <= io.max_error_fraction <= 1.0:
+            raise ValueError(f"max_error_fraction must be in [0, 1], got {io.max_error_fraction}")
         self.dataset = dataset
-        self.max_error_fraction = max_error_fraction
-        self.expected_samples = expected_samples
+        self.max_error_fraction = io.max_error_fraction
+        self.expected_samples = io.expected_samples
         self.stage = stage
         self.stats = EpochStats(rank=dataset.rank)
         self._loader = DataLoader(
             dataset,
             batch_size=None,  # workers yield whole batches
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            prefetch_factor=prefetch_factor if num_workers > 0 else None,
+            num_workers=io.num_workers,
+            pin_memory=io.reading.pin_memory,
+            prefetch_factor=io.reading.prefetch_factor if io.num_workers > 0 else None,
             persistent_workers=False,  # each epoch's workers must see the epoch and start batch set here
             # The DataLoader draws a base seed per iteration (unused here) from this generator, not the global one.
             generator=torch.Generator().manual_seed(0),
@@ -271,7 +275,7 @@ def create_train_loader(
         batch_transform = None
     loader = _make_loader(
         shards,
-        io=_LoaderIO(num_workers, max_error_fraction, raw_samples, reading),
+        io=LoaderIO(num_workers, max_error_fraction, raw_samples, reading),
         stage=stage,
         train=True,
         transform=transform,
@@ -339,7 +343,7 @@ def create_eval_loader(
     expected = math.ceil(shards.num_samples / env.world_size) if shards.num_samples else None
     return _make_loader(
         shards,
-        io=_LoaderIO(num_workers, max_error_fraction, expected, reading),
+        io=LoaderIO(num_workers, max_error_fraction, expected, reading),
         stage=transform.make_stage(train=False, seed=0, rank=env.rank) if hasattr(transform, "make_stage") else None,
         train=False,
         transform=transform,
@@ -349,28 +353,9 @@ def create_eval_loader(
     )
 
 
-@dataclass(frozen=True)
-class _LoaderIO:
-    num_workers: int
-    max_error_fraction: float
-    expected_samples: int | None
-    reading: ShardReading
-
-
-def _make_loader(
-    shards: ShardSet, *, io: _LoaderIO, stage: DeviceStage | None = None, **dataset_options
-) -> ShardLoader:
-    reading = io.reading
-    dataset = ShardDataset(shards, num_workers=io.num_workers, reading=reading, **dataset_options)
-    return ShardLoader(
-        dataset,
-        num_workers=io.num_workers,
-        pin_memory=reading.pin_memory,
-        prefetch_factor=reading.prefetch_factor,
-        max_error_fraction=io.max_error_fraction,
-        expected_samples=io.expected_samples,
-        stage=stage,
-    )
+def _make_loader(shards: ShardSet, *, io: LoaderIO, stage: DeviceStage | None = None, **dataset_options) -> ShardLoader:
+    dataset = ShardDataset(shards, num_workers=io.num_workers, reading=io.reading, **dataset_options)
+    return ShardLoader(dataset, io=io, stage=stage)
 
 
 def _own_process_group(worker_id: int) -> None:

@@ -4,8 +4,8 @@ Shared work of the two operators (ridge projectors; both Compress forms):
 
 * one sketch product ``S = x̂ᵀ[Ω_e | Ω_c]`` (B, d, c_e + r); the Compress sketches follow from it as
   ``Y_k = U_kᵀ S_c`` (no head-major copy of ``a = x̂U``);
-* the small ridge factors ``F = chol(ŶᵀŶ + εI)⁻ᵀ`` (:func:`pace.layers.basis.inverse_cholesky_factor`) and
-  ``Q = Ŷ F`` in float32 (float64 for float64 input);
+* the small ridge factors ``F = chol(ŶᵀŶ + εI)⁻ᵀ``, kept as ``F_s = D⁻¹F`` so that ``Q = Ŷ F = Y F_s`` and ``Ŷ``
+  is never written (:func:`pace.layers.basis.scaled_ridge_factors`), in float32 (float64 for float64 input);
 * full form: ``V_k = U_k Q_k`` (d × r per head), then GEMM 1: ``a = x̂U`` and ``P = x̂[Q_e | V]``, where
   ``P_{c,k} = Q_kᵀ a_k`` are the coordinates of ``col_k`` and ``‖col_k‖² = P_{c,k} (Q_kᵀQ_k) P_{c,k}ᵀ`` is an r × r
   quadratic form; GEMM 2: ``update = αx + (P ⊙ s)[Q_e | V]ᵀ − β(π ⊙ a)Uᵀ`` with ``s = −α`` on the Expand columns
@@ -18,8 +18,13 @@ The price of no head-major copy: ``x̂V`` has K·r columns where the per-head pr
 operators on the (FLOP-bound) CPU by default.
 
 The tokens are cast once to the matrix-product dtype (bf16 under autocast) and that copy serves every product of
-the forward and the backward. The backward reuses ``P``, ``a`` and the factors, and goes through the ridge step
-with ``∂L/∂G = −½ F sym(Fᵀ F̄) Fᵀ`` (:func:`pace.layers.basis.ridge_factors_backward`).
+the forward and the backward. The backward reuses ``P``, ``a``, ``z`` and the factors, and goes through the ridge
+step with ``∂L/∂G = −½ F sym(Fᵀ F̄) Fᵀ`` (:func:`pace.layers.basis.ridge_factors_backward`).
+
+The elementwise work between the products runs in ``pace.kernels`` custom ops (Triton where it runs, their
+PyTorch fallbacks elsewhere): the ridge Gram and factor, GEMM 1's right factor ``R = [Q_e | V]``
+(:func:`pace.kernels.pack_bases`), the full form's memberships and GEMM 2's left factors and their backward
+(:func:`pace.kernels.mixer_memberships`), and the backward's prologue (:func:`pace.kernels.cast_dot`).
 """
 
 import torch

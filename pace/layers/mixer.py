@@ -146,7 +146,7 @@ class _PACEMixer(torch.autograd.Function):
                 M = Qc4.mT @ Qc4  # (B, K, r, r)
                 scalars = torch.stack([tau_w, alpha_w, beta_w])
                 Ps, z, pi, sq = kernels.mixer_memberships(P, a, M, scalars)
-                root, extra, T = None, M, z
+                root, extra, T = scalars, M, z  # root's slot carries [τ, α, β] in this form
             # GEMM 2 accumulates onto αx in the working precision: its bf16 operands are exact there (and in TF32),
             # and the update is not rounded to bf16, whose error (2⁻⁹ of |αx̂Π_e|) would otherwise dominate the
             # small difference αx − αx̂Π_e − … (on the tests' inputs 2.4e-2 of the update's largest entry, 1.5e-2
@@ -184,8 +184,7 @@ class _PACEMixer(torch.autograd.Function):
                     g_x, xb, gb, gR, gU, a, P, Ps, pi, sq, root, g_pi, Q_c, keep, tau_w, alpha_w, beta_w, K
                 )
             else:
-                M, z = keep, T  # saved as (extra, T) by the forward
-                scalars = torch.stack([tau_w, alpha_w, beta_w])
+                M, z, scalars = keep, T, root  # saved as (extra, T, root) by the forward
                 Pbar, a_bar, Pc_w, sums = kernels.mixer_memberships_backward(gR, P, gU, a, pi, sq, g_pi, M, scalars)
                 # α: <g, x − x̂Π_e> = <g, x> − <gQ_e, x̂Q_e>; τ: −Σ ∂ℓ ‖col‖ / τ².
                 grad_alpha = g_x.to(wd) + sums[0]

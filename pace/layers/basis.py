@@ -108,10 +108,12 @@ def ridge_factors_backward(Y: Tensor, scale: Tensor, G: Tensor, F_s: Tensor, eps
     G_s = (F_s @ (A + A.mT)) @ F_s.mT  # D⁻¹ G̃ D⁻¹ with G̃ = −4 ∂L/∂G
     # ρ_j / s_j² from row-wise dot products (one batched product each, no c × c temporaries).
     s = scale.squeeze(-2)  # (B, c)
-    rows = torch.einsum("bjk,bjk->bj", W, F_s) + 0.5 * eps * s.square() * G_s.diagonal(dim1=-2, dim2=-1)
-    rows = rows / s - 0.5 * torch.einsum("bjk,bjk->bj", G, G_s * scale)
+    rows = torch.addcmul(
+        torch.einsum("bjk,bjk->bj", W, F_s), s.square(), G_s.diagonal(dim1=-2, dim2=-1), value=0.5 * eps
+    )
+    rows = torch.sub(rows / s, torch.einsum("bjk,bjk->bj", G, G_s * scale), alpha=0.5)
     rho = torch.where(s > 1e-12, rows / s, 0.0)  # ρ / s², (B, c)
-    G_s.diagonal(dim1=-2, dim2=-1).add_(2 * rho)
+    G_s.diagonal(dim1=-2, dim2=-1).add_(rho, alpha=2)
     return torch.baddbmm(Q_bar @ F_s.mT, Y, G_s, alpha=-0.5)
 
 

@@ -157,7 +157,7 @@ def _memberships_bwd_kernel(
     pi_bar = g_pi + beta * h
     l_bar = pi * (pi_bar - tl.sum(pi_bar * pi, axis=1)[:, None])  # softmax backward
     root = tl.sqrt(tl.maximum(sq, TINY_))
-    tau_part = tl.sum(tl.sum(l_bar * root, axis=1), axis=0)
+    tau_part = -tl.sum(tl.sum(l_bar * root, axis=1), axis=0) / (tau * tau)  # ∂L/∂τ = −Σ ∂ℓ ‖col‖ / τ²
     sq_bar = tl.where(sq >= TINY_, l_bar / (2 * tau * root), 0.0)
     tl.store(Pbar_ptr + off, _rounded(g_qe * -alpha, ROUND_BF16).to(Pbar_ptr.dtype.element_ty), mask=mask_r)
     a_bar = _rounded(g_u * (-beta * pi)[:, :, None], ROUND_BF16)

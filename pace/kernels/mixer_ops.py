@@ -83,7 +83,7 @@ def mixer_memberships_backward_reference(
     Returns:
         ``P̄`` (the cotangent of P through Ps and ‖col‖²), ``ā = −βπ ⊙ gU`` (through z), ``P_c ⊙ ∂‖col‖²``
         (B, N, K·r) (for ``M̄_k = Σ_n ∂‖col_k‖² P_kᵀP_k``), all in P's dtype, and the partial scalar gradients
-        ``[−<gQ_e, x̂Q_e>, ∂L/∂β, Σ ∂ℓ·‖col‖]`` (so ``∂L/∂τ = −Σ/τ²``) in M's dtype.
+        ``[−<gQ_e, x̂Q_e>, ∂L/∂β, ∂L/∂τ = −Σ ∂ℓ·‖col‖ / τ²]`` in M's dtype.
     """
     B, N, _ = P.shape
     K, r = M.shape[1], M.shape[2]
@@ -99,7 +99,7 @@ def mixer_memberships_backward_reference(
     # Softmax, then ℓ = max(‖col‖², tiny)^½ / τ.
     l_bar = pi * (pi_bar - (pi_bar * pi).sum(-1, keepdim=True))
     root = sq.clamp_min(_tiny(wd)).sqrt()
-    tau_part = (l_bar * root).sum()
+    tau_part = -(l_bar * root).sum() / tau.square()
     sq_bar = l_bar * (sq >= _tiny(wd)) / (2 * tau * root)  # (B, N, K)
     a_bar = gU4 * (-beta * pi).unsqueeze(-1).to(md)
     # P̄ = [−α gQ_e | βπ_k gV_k + 2 ∂‖col_k‖² P_k M_k]

@@ -186,9 +186,9 @@ class _PACEMixer(torch.autograd.Function):
             else:
                 M, z, scalars = keep, T, root  # saved as (extra, T, root) by the forward
                 Pbar, a_bar, Pc_w, sums = kernels.mixer_memberships_backward(gR, P, gU, a, pi, sq, g_pi, M, scalars)
-                # α: <g, x − x̂Π_e> = <g, x> − <gQ_e, x̂Q_e>; τ: −Σ ∂ℓ ‖col‖ / τ².
+                # α: <g, x − x̂Π_e> = <g, x> − <gQ_e, x̂Q_e>.
                 grad_alpha = g_x.to(wd) + sums[0]
-                grad_beta, grad_tau = sums[1], -sums[2] / tau_w.square()
+                grad_beta, grad_tau = sums[1], sums[2]
                 R_bar = torch.baddbmm(xb.mT @ Pbar, gb.mT, Ps)  # xᵀP̄ + gᵀ(P ⊙ s'), (B, d, c_e + K·r)
                 Qe_bar = R_bar[..., :ce].to(wd)
                 V_bar = _heads_major(R_bar[..., ce:], K, wd)  # (K, d, B·r)

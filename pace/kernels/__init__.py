@@ -1,5 +1,9 @@
 """Triton kernels of PACEAttention's small dense work, as torch custom ops with PyTorch fallbacks.
 
+Ridge step (``ridge``): normalised Gram, inverse Cholesky factor. Separate Compress operator (``memberships``).
+Fused mixer (``mixer_ops``): GEMM 1's right factor (``pack_bases``), the memberships with GEMM 2's left factors and
+their backward (``mixer_memberships``, ``mixer_memberships_backward``), the backward's prologue (``cast_dot``).
+
 Importing this package registers the ``pace::`` ops and imports nothing else (Triton is imported on first use).
 Backend per call: Triton on CUDA tensors when it imports, PyTorch otherwise; ``PACE_TRITON=off`` or
 ``use_backend("off")`` forces PyTorch, ``PACE_TRITON=interpret`` (or ``TRITON_INTERPRET=1``) or

@@ -1,14 +1,19 @@
-"""timm's RandAugment ops on uint8 image tensors, applied to a batch grouped by op (the device path)."""
+"""timm's RandAugment ops on uint8 image tensors: a batch grouped by op (`decode="device"`), or one image in a
+worker (`decode="draft"`)."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
+from PIL import Image
+from timm.data import auto_augment
 
-from pace.data.augment_params import GEOMETRIC_OPS
+from pace.data.augment_params import GEOMETRIC_OPS, PIL_FILTERS
+from pace.data.transforms import _posterize
 
 
 def apply_ops(images: torch.Tensor, ops: list[tuple[str, tuple, str | None] | None], fill: tuple[int, ...]):
@@ -122,3 +127,123 @@ def _affine(x: torch.Tensor, matrices: list[list[float]], interpolation: str | N
     colour = torch.tensor(fill, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
     mask = (sampled[:, 3:] > 0.5).float()  # Pillow fills a pixel whose source lies outside
     return (sampled[:, :3] * mask + colour * (1 - mask)).round().clamp(0, 255).to(torch.uint8)
+
+
+# -- RandAugment on one image in a worker (decode="draft") -------------------------------------------------------
+
+# Ops whose affine map moves pixels along one axis only (x: along rows, y: along columns), by an amount that is
+# constant per line: Pillow's bicubic for them is a 1-D filter per line (`shift_lines`).
+_LINE_SHIFTS = {
+    "shear_x": "x",
+    "shear_y": "y",
+    "translate_x_rel": "x",
+    "translate_y_rel": "y",
+    "translate_x_abs": "x",
+    "translate_y_abs": "y",
+}
+
+
+def apply_recorded(picture: torch.Tensor, ops: list[tuple[str, tuple, str | None]], fill: tuple[int, ...]):
+    """Apply one sample's recorded RandAugment ops in order with timm's own Pillow functions, except shears and
+    translations with bicubic resampling, which move pixels along one axis: those run as `shift_lines` (Pillow's
+    affine bicubic, at a third to half its cost; equal up to one level of rounding).
+
+    Args:
+        picture: (3, H, W) uint8.
+        ops: `(name, args, interpolation)` as `ParamSampler.sample_ops` records them.
+        fill: fill colour of the geometric ops (uint8 RGB).
+
+    Returns:
+        (3, H, W) uint8 (a PIL image only lives while Pillow ops run in a row).
+    """
+    image = None  # the PIL form of `picture` while Pillow ops run
+    for name, args, interpolation in ops:
+        if name in _LINE_SHIFTS and interpolation == "bicubic":
+            if image is not None:
+                picture, image = pil_to_chw(image), None
+            picture = _line_shift_op(picture, name, args[0], fill)
+        else:
+            image = _pil_op(image if image is not None else chw_to_pil(picture), name, args, interpolation, fill)
+    return pil_to_chw(image) if image is not None else picture
+
+
+def _line_shift_op(picture: torch.Tensor, name: str, value: float, fill: tuple[int, ...]) -> torch.Tensor:
+    _, height, width = picture.shape
+    along_x = _LINE_SHIFTS[name] == "x"
+    lines = height if along_x else width  # the lines that move: rows for x moves, columns for y moves
+    if name.startswith("shear"):
+        shifts = value * (torch.arange(lines, dtype=torch.float64) + 0.5)
+    else:
+        pixels = value * (width if along_x else height) if name.endswith("_rel") else value
+        shifts = torch.full((lines,), float(pixels), dtype=torch.float64)
+    if along_x:
+        return shift_lines(picture, shifts, fill)
+    return shift_lines(picture.transpose(1, 2), shifts, fill).transpose(1, 2).contiguous()
+
+
+def shift_lines(picture: torch.Tensor, shifts: torch.Tensor, fill: tuple[int, ...]) -> torch.Tensor:
+    """Row `y` of the output samples row `y` of the input at `x + shifts[y]`, as Pillow's affine transform with
+    bicubic resampling does for a map that moves pixels along rows only (shear_x, translate_x).
+
+    Pillow's rule: the output pixel takes the fill colour when the source pixel centre `x + 0.5 + shift` lies
+    outside `[0, W)`; otherwise a 4-tap cubic convolution (a = -1) of the row, taps clamped to the row's ends,
+    clipped to 0..255 and truncated. Each row has one fractional offset, so the taps are one multiply-add per tap
+    over the padded rows and one gather, not a 2-D resampling.
+
+    Args:
+        picture: (C, H, W) uint8 (any strides).
+        shifts: (H,) float64 source offsets in pixels.
+        fill: fill colour (C values).
+
+    Returns:
+        (C, H, W) uint8.
+    """
+    channels, height, width = picture.shape
+    whole = torch.floor(shifts)
+    weights = _cubic_weights(shifts - whole).to(torch.float32).view(4, 1, height, 1)
+    whole = whole.to(torch.int64)
+    low, high = int(whole.min()) - 1, int(whole.max()) + 2  # taps x + whole + k - 1, k = 0..3
+    left, right = max(0, -low), max(0, high)  # columns beyond the picture's ends (clamped taps: edge values)
+    padded = torch.empty(channels, height, left + width + right)
+    padded[:, :, left : left + width] = picture
+    padded[:, :, :left] = picture[:, :, :1]
+    padded[:, :, left + width :] = picture[:, :, -1:]
+    first = low + left  # padded column of the first tap needed
+    span = width + high - low - 3  # tap-0 positions needed
+    taps = padded[:, :, first : first + span] * weights[0]  # taps[..., j]: the filter with tap 0 at column low + j
+    for k in range(1, 4):
+        taps.addcmul_(padded[:, :, first + k : first + k + span], weights[k])
+    taps = torch.cat(
+        [taps.clamp_(0, 255), torch.tensor(fill, dtype=torch.float32).view(channels, 1, 1).expand(channels, height, 1)],
+        2,
+    )
+    # Pillow's fill rule: the source pixel centre x + 0.5 + shift outside [0, W) takes the fill colour (the
+    # extra last column of `taps`).
+    source = torch.arange(width)[None, :] + 0.5 + shifts[:, None]  # (H, W)
+    index = (whole - 1 - low)[:, None] + torch.arange(width)[None, :]  # (H, W) column of `taps`
+    index = index.masked_fill_((source < 0) | (source >= width), span)
+    return taps.to(torch.uint8).gather(2, index.expand(channels, height, width))  # uint8: truncated, as Pillow's
+
+
+def _cubic_weights(fraction: torch.Tensor) -> torch.Tensor:
+    """Pillow's affine bicubic (Geometry.c, cubic convolution with a = -1): weights of the taps at -1, 0, 1, 2
+    for a sample `fraction` past tap 0. Returns (4, N)."""
+    d, d2 = fraction, fraction * fraction
+    d3 = d2 * d
+    return torch.stack([-d + 2 * d2 - d3, 1 - 2 * d2 + d3, d + d2 - d3, d3 - d2])
+
+
+def _pil_op(image: Image.Image, name: str, args: tuple, interpolation: str | None, fill) -> Image.Image:
+    function = _posterize if name == "posterize" else getattr(auto_augment, name)
+    resample = PIL_FILTERS.get(interpolation or "bilinear", Image.Resampling.BILINEAR)
+    return function(image, *args, fillcolor=tuple(fill), resample=resample)
+
+
+def chw_to_pil(picture: torch.Tensor) -> Image.Image:
+    """(3, H, W) uint8 tensor -> RGB PIL image."""
+    return Image.fromarray(picture.permute(1, 2, 0).contiguous().numpy())  # (3, H, W) -> (H, W, 3)
+
+
+def pil_to_chw(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> (3, H, W) uint8 tensor."""
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)

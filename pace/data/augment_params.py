@@ -108,8 +108,7 @@ class ParamSampler:
         if self.crop is None:
             raise ValueError("the device path needs a train transform that starts with RandomResizedCrop")
         self.flip = _take(steps, RandomHorizontalFlip)
-        self.randaug_pil = _take(steps, RandAugment)  # timm's own, for the draft path's PIL images
-        self.randaug = _recording(self.randaug_pil)
+        self.randaug = _recording(_take(steps, RandAugment))
         self.erasing = _take(steps, RandomErasing)
         unsupported = [
             type(step).__name__ for step in steps if type(step).__name__ not in ("MaybeToTensor", "Normalize")

@@ -25,14 +25,13 @@ import io
 import math
 from collections.abc import Callable, Iterable
 
-import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from pace.data.augment_ops import apply_ops
+from pace.data.augment_ops import apply_ops, apply_recorded, pil_to_chw
 from pace.data.augment_params import (
     PIL_FILTERS,
     TF_INTERPOLATION,
@@ -112,11 +111,7 @@ def _payload(image: EncodedImage) -> torch.Tensor:
     """JPEG bytes as a 1-D uint8 tensor for the device decoder; other formats decoded here, uint8 CHW."""
     if image.header.format == "JPEG":
         return torch.frombuffer(bytearray(image.data), dtype=torch.uint8)
-    return _to_chw(image.header.convert("RGB"))
-
-
-def _to_chw(image: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+    return pil_to_chw(image.header.convert("RGB"))
 
 
 class DeviceTrainTransform(_Deferred):
@@ -133,7 +128,8 @@ class DeviceTrainTransform(_Deferred):
 
 class DraftTrainTransform(_Deferred):
     """Worker half of `decode="draft"` training: decode at a reduced JPEG scale where the crop allows, crop and
-    resize, then timm's own flip and RandAugment on the PIL image; normalising, erasing and mixing run in the stage.
+    resize, then flip and RandAugment with timm's draws (`apply_recorded`: timm's Pillow ops, shears and translations
+    as Pillow's bicubic along one axis); normalising, erasing and mixing run in the stage.
 
     The DCT scale is the largest of 1/8, 1/4, 1/2 that keeps both sides of the drawn crop at or above the output
     side, so no pixel the full-size crop would have resampled from is lost to upsampling; there Pillow decodes
@@ -148,33 +144,36 @@ class DraftTrainTransform(_Deferred):
 
     def __call__(self, image: EncodedImage) -> tuple[torch.Tensor | BadData, SampleParams, tuple[str, str]]:
         sampler = self.sampler
-        top, left, height, width = sampler.crop.get_params(image.header, sampler.crop.scale, sampler.crop.ratio)
-        params = SampleParams(crop=(top, left, height, width), interpolation=sampler.sample_interpolation())
-        side, headroom = self.output_size, min(height, width) / self.output_size
+        crop = sampler.crop.get_params(image.header, sampler.crop.scale, sampler.crop.ratio)
+        params = SampleParams(crop=crop, interpolation=sampler.sample_interpolation())
         try:
-            if headroom < 2 and image.header.format == "JPEG":
-                # Full size: libjpeg-turbo through torchvision and torch's uint8 resampler, about twice as fast
-                # as Pillow's decoder and resize here (same filter, antialiased; a level of rounding apart).
-                full = decode_jpeg(_payload(image), mode=ImageReadMode.RGB)  # (3, H, W) uint8
-                crop = full[:, top : top + height, left : left + width]
-                mode = TF_INTERPOLATION[params.interpolation]
-                resized = TF.resize(crop, [side, side], interpolation=mode, antialias=True)
-                picture = Image.fromarray(resized.permute(1, 2, 0).numpy())
-            else:
-                picture = decode_scaled(image, headroom)
-                sx, sy = picture.size[0] / image.size[0], picture.size[1] / image.size[1]
-                box = (left * sx, top * sy, (left + width) * sx, (top + height) * sy)
-                picture = picture.resize((side, side), PIL_FILTERS[params.interpolation], box=box)
+            picture = self.crop_resized(image, params)
         except Exception as exn:  # the decoders raise many types for damaged data
             params.erase = sampler.sample_erase()
             bad = BadData("corrupt_image", image.url, image.key, f"cannot decode image ({exn!r})")
             return bad, params, (image.url, image.key)
-        if sampler.flip is not None:
-            picture = sampler.flip(picture)  # timm's own steps: the same random draws, in the same order
-        if sampler.randaug is not None:
-            picture = sampler.randaug_pil(picture)
+        # timm's draws in timm's order (flip, then RandAugment through timm's op objects), applied to the tensor
+        if sampler.sample_flip():
+            picture = picture.flip(-1)
+        picture = apply_recorded(picture, sampler.sample_ops(), self.fill)
         params.erase = sampler.sample_erase()
-        return _to_chw(picture), params, (image.url, image.key)
+        return picture.contiguous(), params, (image.url, image.key)
+
+    def crop_resized(self, image: EncodedImage, params: SampleParams) -> torch.Tensor:
+        """The sample's crop, resized to the output side: (3, side, side) uint8."""
+        top, left, height, width = params.crop
+        side, headroom = self.output_size, min(height, width) / self.output_size
+        if headroom < 2 and image.header.format == "JPEG":
+            # Full size: libjpeg-turbo through torchvision and torch's uint8 resampler, about twice as fast as
+            # Pillow's decoder and resize here (same filter, antialiased; a level of rounding apart).
+            full = decode_jpeg(_payload(image), mode=ImageReadMode.RGB)  # (3, H, W) uint8
+            crop = full[:, top : top + height, left : left + width]
+            mode = TF_INTERPOLATION[params.interpolation]
+            return TF.resize(crop, [side, side], interpolation=mode, antialias=True)
+        picture = decode_scaled(image, headroom)
+        sx, sy = picture.size[0] / image.size[0], picture.size[1] / image.size[1]
+        box = (left * sx, top * sy, (left + width) * sx, (top + height) * sy)
+        return pil_to_chw(picture.resize((side, side), PIL_FILTERS[params.interpolation], box=box))
 
 
 def decode_scaled(image: EncodedImage, headroom: float) -> Image.Image:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
+from torch.utils.data import default_collate
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from pace.data.augment_ops import apply_ops
@@ -61,7 +62,9 @@ class EncodedBatch:
             good = [image for image in self.images if image is not None]
             if good:
                 blank = torch.zeros_like(good[0])
-                self.packed = torch.stack([blank if image is None else image for image in self.images])
+                # default_collate stacks straight into shared memory in a worker, so the batch crosses to the main
+                # process without the copy the DataLoader otherwise makes of a tensor in ordinary memory.
+                self.packed = default_collate([blank if image is None else image for image in self.images])
                 self.images = [None if image is None else _PACKED for image in self.images]
             return self
         flat = [image for image in self.images if _is_bytes(image)]
@@ -181,7 +184,9 @@ class DeviceStage:
         targets = targets[order].to(self.device, non_blocking=True)
         params = [batch.params[k] for k in order]
         if batch.ready:
-            images = batch.packed[torch.tensor(order)].to(self.device, non_blocking=True)
+            refilled = order != list(range(len(order)))  # indexing copies the batch: only where a sample failed
+            images = batch.packed[torch.tensor(order)] if refilled else batch.packed
+            images = images.to(self.device, non_blocking=True)
         else:
             images = self._crop_flip_augment([pictures[k] for k in order], params)
         generator = torch.Generator(device=self.device).manual_seed(seed)

@@ -28,6 +28,7 @@ from torch.utils.data import default_collate
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from pace.data import create_device_train_transform, create_train_transform, shard_image_folders
+from pace.data.augment_ops import apply_recorded
 from pace.data.device_augment import EncodedImage, apply_ops, resize_crops
 from pace.data.shards import read_shard
 from pace.data.synthetic import render_jpeg
@@ -115,21 +116,34 @@ def cpu_path(blobs, batch, repeats) -> dict[str, float]:
 
 
 def draft_path(blobs, batch, repeats) -> dict[str, float]:
-    """`data.decode=draft`: torchvision decode and torch uint8 resize, timm's Pillow RandAugment in the worker."""
+    """`data.decode=draft`: torchvision decode, torch uint8 resize, RandAugment from timm's draws in the worker."""
     transform = create_device_train_transform(input_size=224, draft=True)
     sampler = transform.sampler
     encoded = [EncodedImage(b, Image.open(io.BytesIO(b))) for b in blobs]
     payloads = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+    params = [seeded(sampler.sample)(e.header) for e in encoded]
+    decoded = [decode_jpeg(p, mode=ImageReadMode.RGB) for p in payloads]
+    crops = [resize_crops([d], [p], 224, uint8_kernel=True)[0] for d, p in zip(decoded, params)]
     items = [seeded(transform)(e) for e in encoded]
     rows = {
         "header parse (Image.open)": each(lambda b: Image.open(io.BytesIO(b)), blobs),
-        "whole worker transform": each(seeded(transform), encoded),
+        "random choices (timm's samplers, all steps)": each(seeded(sampler.sample), [e.header for e in encoded]),
         "decode (torchvision, full size)": each(lambda p: decode_jpeg(p, mode=ImageReadMode.RGB), payloads),
-        "collate + pack": lambda: _per_batch(lambda: transform.collate(items[:batch]), batch),
+        "crop + resize (torch uint8 bicubic, antialiased)": each(
+            lambda pair: resize_crops([pair[0]], [pair[1]], 224, uint8_kernel=True), list(zip(decoded, params))
+        ),
+        "flip (tensor, p 0.5)": each(
+            lambda pair: pair[0].flip(-1) if pair[1].flip else pair[0], list(zip(crops, params))
+        ),
+        "RandAugment (recorded draws)": each(
+            lambda pair: apply_recorded(pair[0], pair[1].ops, transform.fill), list(zip(crops, params))
+        ),
+        "whole worker transform": each(seeded(transform), encoded),
+        "collate + pack (shared memory)": lambda: _per_batch(lambda: transform.collate(items[:batch]), batch),
         "batch stage (normalise, erase)": lambda: _per_batch(lambda: _stage(transform, items[:batch]), batch),
     }
     result = {name: best_per_item(body, repeats) for name, body in rows.items()}
-    del sampler
+    result.update(randaug_worker_ops(transform, crops, repeats))
     return result
 
 
@@ -174,6 +188,19 @@ def randaug_pil_ops(randaug, crops: list, repeats: int) -> dict[str, float]:
         forced = type(op).__new__(type(op))
         forced.__dict__.update(op.__dict__, prob=1.0)
         result[f"  RandAugment op {op.name}, per application"] = best_per_item(each(seeded(forced), crops), repeats)
+    return result
+
+
+def randaug_worker_ops(transform, crops: list, repeats: int) -> dict[str, float]:
+    """Each RandAugment op as the draft worker applies it to one crop, microseconds per application."""
+    result = {}
+    for op in transform.sampler.randaug.ops:
+        forced = type(op).__new__(type(op))
+        forced.__dict__.update(op.__dict__, prob=1.0)
+        record = seeded(lambda crop, forced=forced: forced([])[0])
+        pairs = [(crop, record(crop)) for crop in crops]
+        body = each(lambda pair: apply_recorded(pair[0], [pair[1]], transform.fill), pairs)
+        result[f"  worker op {pairs[0][1][0]}, per application"] = best_per_item(body, repeats)
     return result
 
 

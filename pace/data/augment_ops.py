@@ -240,10 +240,13 @@ def _pil_op(image: Image.Image, name: str, args: tuple, interpolation: str | Non
 
 
 def chw_to_pil(picture: torch.Tensor) -> Image.Image:
-    """(3, H, W) uint8 tensor -> RGB PIL image."""
-    return Image.fromarray(picture.permute(1, 2, 0).contiguous().numpy())  # (3, H, W) -> (H, W, 3)
+    """(3, H, W) uint8 tensor -> RGB PIL image. Pillow interleaves the three planes (`Image.merge`), several times
+    faster than a transposing copy of the tensor."""
+    _, height, width = picture.shape
+    planes = picture.contiguous().numpy()
+    return Image.merge("RGB", [Image.frombuffer("L", (width, height), plane, "raw", "L", 0, 1) for plane in planes])
 
 
 def pil_to_chw(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> (3, H, W) uint8 tensor."""
-    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+    """RGB PIL image -> contiguous (3, H, W) uint8 tensor, one plane per band (`Image.split`)."""
+    return torch.from_numpy(np.stack([np.asarray(band) for band in image.split()]))

@@ -26,7 +26,6 @@ import math
 from collections.abc import Callable, Iterable
 
 import torch
-import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.io import ImageReadMode, decode_jpeg
@@ -34,12 +33,11 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from pace.data.augment_ops import apply_ops, apply_recorded, pil_to_chw
 from pace.data.augment_params import (
     PIL_FILTERS,
-    TF_INTERPOLATION,
     EncodedImage,
     ParamSampler,
     SampleParams,
 )
-from pace.data.device_stage import DeviceStage, EncodedBatch, resize_crops
+from pace.data.device_stage import DeviceStage, EncodedBatch, resize_crop, resize_crops
 from pace.data.shards import BadData
 from pace.data.transforms import create_train_transform
 
@@ -166,10 +164,7 @@ class DraftTrainTransform(_Deferred):
         if headroom < 2 and image.header.format == "JPEG":
             # Full size: libjpeg-turbo through torchvision and torch's uint8 resampler, about twice as fast as
             # Pillow's decoder and resize here (same filter, antialiased; a level of rounding apart).
-            full = decode_jpeg(_payload(image), mode=ImageReadMode.RGB)  # (3, H, W) uint8
-            crop = full[:, top : top + height, left : left + width]
-            mode = TF_INTERPOLATION[params.interpolation]
-            return TF.resize(crop, [side, side], interpolation=mode, antialias=True)
+            return resize_crop(decode_jpeg(_payload(image), mode=ImageReadMode.RGB), params, side)
         picture = decode_scaled(image, headroom)
         sx, sy = picture.size[0] / image.size[0], picture.size[1] / image.size[1]
         box = (left * sx, top * sy, (left + width) * sx, (top + height) * sy)

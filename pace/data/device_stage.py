@@ -197,10 +197,11 @@ class DeviceStage:
         return self._erase(images, params, generator), targets
 
     def _crop_flip_augment(self, pictures: list[torch.Tensor], params: list[SampleParams]) -> torch.Tensor:
+        if self.per_image_ops:  # one stack at the end: each batch-sized copy is page faults on a CPU
+            crops = [resize_crop(picture, p, self.output_size) for picture, p in zip(pictures, params)]
+            crops = [crop.flip(-1) if p.flip else crop for crop, p in zip(crops, params)]
+            return torch.stack([apply_recorded(crop, p.ops, self.fill) for crop, p in zip(crops, params)])
         images = resize_crops(pictures, params, self.output_size, uint8_kernel=self.device.type == "cpu")
-        if self.per_image_ops:
-            flipped = [image.flip(-1) if p.flip else image for image, p in zip(images, params)]
-            return torch.stack([apply_recorded(image, p.ops, self.fill) for image, p in zip(flipped, params)])
         flips = torch.tensor([p.flip for p in params], device=images.device)
         images = torch.where(flips.view(-1, 1, 1, 1), images.flip(-1), images)
         layers = max((len(p.ops) for p in params), default=0)
@@ -295,17 +296,24 @@ def resize_crops(
     """
     crops = []
     for picture, p in zip(pictures, params):
-        top, left, height, width = p.crop
-        view = picture[:, top : top + height, left : left + width]
         if uint8_kernel:
-            crops.append(TF.resize(view, [side, side], interpolation=TF_INTERPOLATION[p.interpolation], antialias=True))
+            crops.append(resize_crop(picture, p, side))
         else:
+            top, left, height, width = p.crop
+            view = picture[:, top : top + height, left : left + width]
             smooth = p.interpolation != "nearest"
             crops.append(
                 F.interpolate(view[None].float(), size=(side, side), mode=p.interpolation, antialias=smooth)[0]
             )
     images = torch.stack(crops)  # (B, 3, side, side)
     return images if uint8_kernel else images.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def resize_crop(picture: torch.Tensor, params: SampleParams, side: int) -> torch.Tensor:
+    """One picture's crop box resized to side x side with torch's uint8 kernel (antialiased): (3, side, side)."""
+    top, left, height, width = params.crop
+    view = picture[:, top : top + height, left : left + width]
+    return TF.resize(view, [side, side], interpolation=TF_INTERPOLATION[params.interpolation], antialias=True)
 
 
 def _in_thread(items: Iterator, depth: int) -> Iterator:

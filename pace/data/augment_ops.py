@@ -142,11 +142,15 @@ _LINE_SHIFTS = {
     "translate_y_abs": "y",
 }
 
+# Ops that map each value through a table; on a tensor they are exact and cheaper than converting to Pillow.
+_POINT_OPS = {"invert", "posterize", "solarize", "solarize_add"}
+
 
 def apply_recorded(picture: torch.Tensor, ops: list[tuple[str, tuple, str | None]], fill: tuple[int, ...]):
-    """Apply one sample's recorded RandAugment ops in order with timm's own Pillow functions, except shears and
-    translations with bicubic resampling, which move pixels along one axis: those run as `shift_lines` (Pillow's
-    affine bicubic, at a third to half its cost; equal up to one level of rounding).
+    """Apply one sample's recorded RandAugment ops in order with timm's own Pillow functions, except the point ops
+    (invert, posterize, solarize, solarize_add: exact on the tensor), and shears and translations with bicubic
+    resampling, which move pixels along one axis: those run as `shift_lines` (Pillow's affine bicubic, at a third to
+    half its cost; equal up to one level of rounding).
 
     Args:
         picture: (3, H, W) uint8.
@@ -158,10 +162,13 @@ def apply_recorded(picture: torch.Tensor, ops: list[tuple[str, tuple, str | None
     """
     image = None  # the PIL form of `picture` while Pillow ops run
     for name, args, interpolation in ops:
-        if name in _LINE_SHIFTS and interpolation == "bicubic":
+        if name in _POINT_OPS or (name in _LINE_SHIFTS and interpolation == "bicubic"):
             if image is not None:
                 picture, image = pil_to_chw(image), None
-            picture = _line_shift_op(picture, name, args[0], fill)
+            if name in _POINT_OPS:  # the batched op on a batch of one: exact, and no trip through Pillow
+                picture = _apply_group(name, picture[None], [args], None, fill)[0]
+            else:
+                picture = _line_shift_op(picture, name, args[0], fill)
         else:
             image = _pil_op(image if image is not None else chw_to_pil(picture), name, args, interpolation, fill)
     return pil_to_chw(image) if image is not None else picture

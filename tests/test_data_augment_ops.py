@@ -16,6 +16,7 @@ from timm.data import auto_augment
 from pace.data import create_device_train_transform, create_train_transform
 from pace.data.augment_ops import apply_recorded, chw_to_pil, pil_to_chw
 from pace.data.augment_params import ParamSampler
+from pace.data.device_stage import BatchBuffers
 from pace.data.transforms import _posterize
 
 FILL = (124, 116, 104)
@@ -106,3 +107,38 @@ def test_the_per_image_ops_of_a_cpu_stage_agree_with_the_batched_ops_a_gpu_stage
     difference = (results[0] - results[1]).abs().mean(dim=(1, 2, 3))  # normalised units; 1 level ~ 0.017
     assert difference.mean() < 0.03 and difference.max() < 0.1, difference
     assert (difference == 0).sum() >= 2  # samples without a geometric op come out identical
+
+
+def test_batch_buffers_reuse_memory_only_when_no_tensor_or_view_refers_to_it():
+    buffers = BatchBuffers()
+    first = buffers.take(torch.Size([4, 3, 8, 8]))
+    address = first.data_ptr()
+    del first
+    second = buffers.take(torch.Size([4, 3, 8, 8]))
+    assert second.data_ptr() == address  # dropped: reused
+    view = second[1:]
+    del second
+    third = buffers.take(torch.Size([4, 3, 8, 8]))
+    assert third.data_ptr() != address  # a view still holds it
+    assert buffers.take(torch.Size([2, 3, 8, 8])).data_ptr() not in (address, third.data_ptr())  # other size
+    del view
+
+
+def test_batches_a_consumer_keeps_are_never_overwritten_by_later_ones():
+    transform = create_device_train_transform(input_size=32, re_prob=0.5, re_mode="pixel")
+    batches = []
+    for b in range(3):
+        items = []
+        for k in range(8):
+            seed_all(100 * b + k)
+            items.append(transform(encoded(smooth_jpeg(100 * b + k, size=(60 + k, 45 + k)), key=str(k))))
+        batches.append(items)
+    stage = transform.make_stage(train=True, seed=0, rank=0)
+    kept = [
+        stage.finish_train(transform.collate(items), torch.arange(8), [], seed=b)[0] for b, items in enumerate(batches)
+    ]
+    for b, items in enumerate(batches):  # each batch again with a fresh stage (fresh buffers)
+        fresh = transform.make_stage(train=True, seed=0, rank=0)
+        assert torch.equal(kept[b], fresh.finish_train(transform.collate(items), torch.arange(8), [], seed=b)[0])
+    dropped = stage.finish_train(transform.collate(batches[0]), torch.arange(8), [], seed=0)[0]
+    assert torch.equal(dropped, kept[0]) and dropped.data_ptr() not in {t.data_ptr() for t in kept}

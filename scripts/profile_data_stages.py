@@ -34,7 +34,9 @@ from pace.data.shards import read_shard
 from pace.data.synthetic import render_jpeg
 from pace.data.writer import EncodeOptions
 
-_SEEDS = itertools.count()  # one seed per call across all timings, as the pipeline's per-sample seeds
+# Seeds cycle over the images: every step draws the same choices for the same image (so timm's RandAugment and the
+# recorded one apply the same ops), and each image its own, as the pipeline's per-sample seeds.
+PERIOD = 64
 
 
 def make_images(count: int, size: tuple[int, int]) -> list[bytes]:
@@ -70,10 +72,11 @@ def each(function: Callable, items: list) -> Callable[[], int]:
 
 
 def seeded(function: Callable) -> Callable:
-    """`function` under a fresh seed per call (as the pipeline seeds each sample)."""
+    """`function` under seed k for its k-th call (mod PERIOD), as the pipeline seeds each sample."""
+    seeds = itertools.cycle(range(PERIOD))
 
     def call(item):
-        seed = next(_SEEDS)
+        seed = next(seeds)
         random.seed(seed)
         np.random.seed(seed)
         torch.default_generator.manual_seed(seed)
@@ -98,7 +101,8 @@ def cpu_path(blobs, batch, repeats) -> dict[str, float]:
     transform = create_train_transform(input_size=224)
     crop, flip, randaug, to_tensor, normalize, erasing = transform.transforms
     images = [Image.open(io.BytesIO(b)).convert("RGB") for b in blobs]
-    crops = [seeded(crop)(image) for image in images]
+    crop_seeded = seeded(crop)
+    crops = [crop_seeded(image) for image in images]
     tensors = [normalize(to_tensor(c)) for c in crops]
     rows = {
         "decode (Pillow, full size)": each(lambda b: Image.open(io.BytesIO(b)).convert("RGB"), blobs),
@@ -121,10 +125,12 @@ def draft_path(blobs, batch, repeats) -> dict[str, float]:
     sampler = transform.sampler
     encoded = [EncodedImage(b, Image.open(io.BytesIO(b))) for b in blobs]
     payloads = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
-    params = [seeded(sampler.sample)(e.header) for e in encoded]
+    sample = seeded(sampler.sample)
+    params = [sample(e.header) for e in encoded]
     decoded = [decode_jpeg(p, mode=ImageReadMode.RGB) for p in payloads]
     crops = [resize_crops([d], [p], 224, uint8_kernel=True)[0] for d, p in zip(decoded, params)]
-    items = [seeded(transform)(e) for e in encoded]
+    worker = seeded(transform)
+    items = [worker(e) for e in encoded]
     rows = {
         "header parse (Image.open)": each(lambda b: Image.open(io.BytesIO(b)), blobs),
         "random choices (timm's samplers, all steps)": each(seeded(sampler.sample), [e.header for e in encoded]),
@@ -151,7 +157,8 @@ def device_path(blobs, batch, repeats) -> dict[str, float]:
     """`data.decode=device` on the CPU: bytes in the worker, decode and batched augmentation in the main process."""
     transform = create_device_train_transform(input_size=224)
     encoded = [EncodedImage(b, Image.open(io.BytesIO(b))) for b in blobs]
-    items = [seeded(transform)(e) for e in encoded]
+    worker = seeded(transform)
+    items = [worker(e) for e in encoded]
     params = [item[1] for item in items][:batch]
     payloads = [item[0] for item in items][:batch]
     pictures = decode_jpeg(payloads, mode=ImageReadMode.RGB)
@@ -227,6 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--paths", nargs="+", default=["cpu", "draft", "device"])
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    global PERIOD
+    PERIOD = args.num_images
     blobs = make_images(args.num_images, (500, 375))
     print(f"{len(blobs)} JPEGs 500x375 q90, mean {statistics.mean(map(len, blobs)) / 1e3:.1f} kB; CPU µs per sample")
     with tempfile.TemporaryDirectory() as tmp:

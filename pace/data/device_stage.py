@@ -330,15 +330,18 @@ class BatchBuffers:
 
     def __init__(self, keep: int = 4):
         self.keep = keep
-        self._pool: list[bytearray] = []
+        self._pool: list[bytearray] = [bytearray(1)]
+        self._free = sys.getrefcount(self._pool[0])  # an unused buffer's count, measured as `take` measures it
+        self._pool = []
 
     def take(self, shape: torch.Size, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """An uninitialised tensor of `shape`; its memory is reused when no tensor refers to it."""
         size = math.prod(shape) * dtype.itemsize
-        for buffer in self._pool:
-            # references: the pool's list, `buffer` here, getrefcount's argument; more means a tensor holds it
-            if len(buffer) == size and sys.getrefcount(buffer) <= 3:
-                return torch.frombuffer(buffer, dtype=dtype).view(shape)
+        for index in range(len(self._pool)):
+            # A tensor from torch.frombuffer (and every view, through its storage) holds a reference to the
+            # bytearray: more references than an unused one in the same place (`_free`) means it is in use.
+            if len(self._pool[index]) == size and sys.getrefcount(self._pool[index]) <= self._free:
+                return torch.frombuffer(self._pool[index], dtype=dtype).view(shape)
         buffer = bytearray(size)
         self._pool = [buffer, *self._pool][: self.keep]  # the oldest leaves the pool (its holder keeps it alive)
         return torch.frombuffer(buffer, dtype=dtype).view(shape)

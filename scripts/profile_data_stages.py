@@ -30,9 +30,9 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from pace.data import create_device_train_transform, create_train_transform, shard_image_folders
 from pace.data.augment_ops import apply_recorded
 from pace.data.device_augment import EncodedImage, apply_ops, resize_crops
+from pace.data.quickstart import render_jpeg
 from pace.data.shards import read_shard
-from pace.data.synthetic import render_jpeg
-from pace.data.writer import EncodeOptions
+from pace.data.writer import ShardPlan
 
 # Seeds cycle over the images: every step draws the same choices for the same image (so timm's RandAugment and the
 # recorded one apply the same ops), and each image its own, as the pipeline's per-sample seeds.
@@ -91,7 +91,7 @@ def shard_stage(blobs: list[bytes], root: Path) -> Callable[[], int]:
         path = root / "images" / f"c{index % 10}" / f"{index:06d}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(blob)
-    shard_image_folders(root / "shards", {"train": root / "images"}, max_count=len(blobs), options=EncodeOptions())
+    shard_image_folders(root / "shards", {"train": root / "images"}, plan=ShardPlan(max_count=len(blobs)))
     urls = sorted(str(path) for path in (root / "shards").glob("*.tar"))
     return lambda: sum(1 for url in urls for _ in read_shard(url, bad=[]))
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from data_helpers import batches_equal, fixed_transform, make_uneven_shards, random_transform
 from test_configs import compose_train
-from test_data_helpers import batches_equal, fixed_transform, make_uneven_shards, random_transform
 from train_helpers import FAST, make_tiny_shards
 
-from pace.data import create_eval_loader, create_train_loader
+from pace.data import TrainSampling, create_eval_loader, create_train_loader
 from pace.data.pipeline import train_quotas
 from pace.distributed import DistEnv
 from pace.train.config import validate
-from pace.train.data import build_data
+from pace.train.data_builders import build_data
 
 R = 3  # DeiT's repeat count
 B = 4
@@ -52,9 +52,10 @@ def _fingerprint(image: torch.Tensor) -> tuple:
     return tuple(image.flatten().tolist())
 
 
-def _loader(shards, **kwargs):
-    options = {"batch_size": B, "transform": _IdentityAndAugmentation(), "seed": 7, "shuffle_buffer": 20}
-    return create_train_loader(shards, **{**options, "repeated_aug": R, **kwargs})
+def _loader(shards, *, samples_per_epoch=None, repeated_aug=R, **kwargs):
+    sampling = TrainSampling(seed=7, shuffle_buffer=20, samples_per_epoch=samples_per_epoch, repeated_aug=repeated_aug)
+    options = {"batch_size": B, "transform": _IdentityAndAugmentation(), "sampling": sampling}
+    return create_train_loader(shards, **{**options, **kwargs})
 
 
 def _batches(loader) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -151,7 +152,9 @@ def test_the_config_key_reaches_the_training_loader(tmp_path, repeats):
     # aug=none (full-image crop, no flip) is deterministic, so the copies of a sample are equal images.
     overrides = (*FAST, *make_tiny_shards(tmp_path / "shapes"), "aug=none", f"aug.repeated_aug={repeats}")
     cfg = validate(compose_train(*overrides))
-    train, _, _ = build_data(cfg.data, cfg.aug, {}, DistEnv(), cfg.seed, mean=(0.5,) * 3, std=(0.5,) * 3, mixup=None)
+    train, _, _ = build_data(
+        cfg.data, cfg.aug, {}, DistEnv(), cfg.seed, eval_config={"mean": (0.5,) * 3, "std": (0.5,) * 3}, mixup=None
+    )
     images, targets = next(iter(train))
     pairs_equal = [torch.equal(images[i], images[i + 1]) for i in range(0, len(images), 2)]
     assert all(pairs_equal) if repeats == 2 else not any(pairs_equal)

@@ -64,7 +64,7 @@ class DataConfig:
     Args:
         source: "webdataset" (shards under `root`), "quickstart" (the generated offline dataset under `root`,
             created if missing) or "synthetic" (random tensors; throughput and smoke tests).
-        root: folder holding the shards and their info JSON.
+        root: folder holding the shards and their info JSON (`data=imagenet` puts it under `$PACE_DATA` when set).
         train_split: name of the training split.
         val_split: name of the held-out split evaluated during training.
         num_classes: classes in the data (must equal model.num_classes).
@@ -82,9 +82,9 @@ class DataConfig:
     """
 
     source: str = "webdataset"
-    root: str = "data"
+    root: str = "data/imagenet"
     train_split: str = "train"
-    val_split: str = "val"
+    val_split: str = "validation"
     num_classes: int = 1000
     img_size: int = 224
     batch_size: int = 64
@@ -263,6 +263,10 @@ class SchedConfig:
         _require(self.min_lr >= 0 and self.warmup_lr >= 0, "sched.min_lr/warmup_lr", self.min_lr, "values >= 0")
 
 
+# torch.compile's modes (None: its default).
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @dataclass
 class TrainerConfig:
     """How the loop runs: precision, accumulation, EMA, evaluation, checkpoints, fault handling.
@@ -270,7 +274,11 @@ class TrainerConfig:
     Args:
         device: "auto", "cpu" or "cuda".
         precision: "fp32", "bf16" (autocast) or "fp16" (autocast with a GradScaler).
-        compile: wrap the model in `torch.compile`.
+        compile: compile the model with `torch.compile`.
+        compile_scope: "model" (the whole model, one graph) or "blocks" (each transformer block in place, regional
+            compilation: PACE-ViT's blocks share one compiled frame, so it compiles in about the time of one).
+        compile_mode: a `torch.compile` mode, e.g. "reduce-overhead" (CUDA graphs: with compile_scope=blocks each
+            block replays as one graph; the sketches are redrawn in place, so the graphs stay valid) or null.
         channels_last: channels-last memory format for images and model.
         grad_accum_steps: micro-batches per optimizer update.
         sync_batchnorm: convert BatchNorm to SyncBatchNorm under DDP.
@@ -298,8 +306,6 @@ class TrainerConfig:
         peak_tflops: the device's peak dense TFLOP/s for MFU (None: looked up from the GPU name).
         cpu_threads: torch intra-op threads (None: torch's default, one per core). On a small shared CPU one
             thread beside the data worker avoids oversubscribing the cores.
-        debug_nan_step: make the loss of this optimizer update non-finite (fault-injection test).
-        debug_nan_rank: the rank whose loss `debug_nan_step` poisons.
         rendezvous_timeout_s: how long the ranks wait for each other to join the process group; a rank lost
             before it joins makes the others stop with an error after this time.
         collective_timeout_s: how long a collective waits for every rank once training runs.
@@ -308,6 +314,8 @@ class TrainerConfig:
     device: str = "auto"
     precision: str = "bf16"
     compile: bool = False
+    compile_scope: str = "model"
+    compile_mode: str | None = None
     channels_last: bool = False
     grad_accum_steps: int = 1
     sync_batchnorm: bool = True
@@ -318,10 +326,10 @@ class TrainerConfig:
     limit_train_batches: int | None = None
     limit_eval_batches: int | None = None
     log_every_steps: int = 50
-    telemetry_every_steps: int = 0
+    telemetry_every_steps: int = 500
     telemetry_images: int = 8
     progress_bar: bool = True
-    ckpt_every_steps: int = 0
+    ckpt_every_steps: int = 1000
     keep_last: int = 3
     keep_best: bool = True
     best_metric: str = "val/top1"
@@ -331,8 +339,6 @@ class TrainerConfig:
     export_release: bool = True
     peak_tflops: float | None = None
     cpu_threads: int | None = None
-    debug_nan_step: int | None = None
-    debug_nan_rank: int = 0
     rendezvous_timeout_s: float = 300.0
     collective_timeout_s: float = 1800.0
 
@@ -340,6 +346,8 @@ class TrainerConfig:
         _one_of("trainer.device", self.device, ("auto", "cpu", "cuda"))
         _one_of("trainer.precision", self.precision, ("fp32", "bf16", "fp16"))
         _one_of("trainer.on_nonfinite", self.on_nonfinite, ("skip", "stop"))
+        _one_of("trainer.compile_scope", self.compile_scope, ("model", "blocks"))
+        _one_of("trainer.compile_mode", self.compile_mode, COMPILE_MODES)
         _require(self.grad_accum_steps >= 1, "trainer.grad_accum_steps", self.grad_accum_steps, "an integer >= 1")
         _require(0.0 < self.ema_decay < 1.0, "trainer.ema_decay", self.ema_decay, "a decay in (0, 1)")
         _require(self.log_every_steps >= 1, "trainer.log_every_steps", self.log_every_steps, ">= 1")

@@ -37,6 +37,8 @@ RESUMABLE_KEYS = (
     "data.eval_batch_size",
     "trainer.device",
     "trainer.compile",
+    "trainer.compile_scope",
+    "trainer.compile_mode",
     "trainer.resume",
     "trainer.log_every_steps",
     "trainer.telemetry_every_steps",
@@ -53,6 +55,7 @@ RESUMABLE_KEYS = (
     "trainer.export_release",
     "trainer.peak_tflops",
     "trainer.cpu_threads",
+    # Fault-injection switches of earlier versions (now `pace.train.faults`), still in older checkpoints' configs.
     "trainer.debug_nan_step",
     "trainer.debug_nan_rank",
     "trainer.rendezvous_timeout_s",

@@ -129,7 +129,7 @@ def _affine(x: torch.Tensor, matrices: list[list[float]], interpolation: str | N
     return (sampled[:, :3] * mask + colour * (1 - mask)).round().clamp(0, 255).to(torch.uint8)
 
 
-# -- RandAugment on one image in a worker (decode="draft") -------------------------------------------------------
+# -- RandAugment on one image (the draft workers; decode="device" on a CPU) ---------------------------------------
 
 # Ops whose affine map moves pixels along one axis only (x: along rows, y: along columns), by an amount that is
 # constant per line: Pillow's bicubic for them is a 1-D filter per line (`shift_lines`).

@@ -8,10 +8,14 @@ epoch repeats them. The main process then runs a `DeviceStage` on each batch:
 
 * `decode="device"` (`create_device_train_transform`): the workers only read bytes and draw choices; the stage
   decodes the batch with `torchvision.io.decode_jpeg(list, device=...)` (nvJPEG on CUDA, libjpeg-turbo on the
-  CPU), crops and resizes each image, flips, and runs RandAugment grouped by op over the batch;
-* `decode="draft"` (`create_draft_train_transform`): the workers decode at the largest JPEG DCT scale the drawn
-  crop allows (`Image.draft`), crop and resize in one step, and run timm's own flip and RandAugment; the stage
-  gets uint8 crops.
+  CPU), crops and resizes each image, flips, and runs RandAugment (on CUDA grouped by op over the batch,
+  `pace.data.augment_ops.apply_ops`; on a CPU per image, `apply_recorded`, several times cheaper there);
+* `decode="draft"` (`create_device_train_transform(draft=True)`): the workers decode at the largest JPEG DCT scale
+  the drawn crop allows (`Image.draft`), crop and resize, flip, and run RandAugment per image (`apply_recorded`:
+  timm's Pillow ops, Pillow's bicubic shears and translations as 1-D filters); the stage gets uint8 crops.
+
+Modules: `augment_params` (the draws), `augment_ops` (RandAugment on tensors), `device_stage` (the main-process
+half); this one holds the worker halves and the builders.
 
 Both end in the stage with normalisation, random erasing (noise from a per-batch generator), and timm's Mixup /
 CutMix under a per-batch seed. A JPEG the decoder rejects is counted as `corrupt_image`; in training its place in

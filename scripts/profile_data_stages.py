@@ -236,7 +236,8 @@ def randaug_tensor_ops(transform, crops: torch.Tensor, repeats: int) -> dict[str
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """Print the table; returns {path: {step: CPU µs per sample}} (and "tar" for the shard parsing)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-images", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -249,12 +250,15 @@ def main(argv: list[str] | None = None) -> None:
     blobs = make_images(args.num_images, (500, 375))
     print(f"{len(blobs)} JPEGs 500x375 q90, mean {statistics.mean(map(len, blobs)) / 1e3:.1f} kB; CPU µs per sample")
     with tempfile.TemporaryDirectory() as tmp:
-        print(f"tar parsing (webdataset, 3 members per sample): {best_per_item(shard_stage(blobs, Path(tmp)), 3):.0f}")
+        results = {"tar": {"tar parsing": best_per_item(shard_stage(blobs, Path(tmp)), args.repeats)}}
+    print(f"tar parsing (webdataset, 3 members per sample): {results['tar']['tar parsing']:.0f}")
     paths = {"cpu": cpu_path, "draft": draft_path, "device": device_path}
     for name in args.paths:
         print(f"\n[{name}]")
-        for stage, micros in paths[name](blobs, min(args.batch_size, len(blobs)), args.repeats).items():
+        results[name] = paths[name](blobs, min(args.batch_size, len(blobs)), args.repeats)
+        for stage, micros in results[name].items():
             print(f"  {stage:<52} {micros:8.0f}")
+    return results
 
 
 if __name__ == "__main__":

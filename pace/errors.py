@@ -148,14 +148,16 @@ def describe(exc: BaseException, schema: type | None = None) -> tuple[str, int] 
 
 
 def _stop_during_startup(signum: int, frame: Any) -> None:
-    print(f"stopped by signal {signum} during start-up, before training began; exit {EXIT_REQUEUE}", file=sys.stderr)
+    name = signal.Signals(signum).name
+    print(f"pace-train: stopped by {name} during start-up, before training began: exit {EXIT_REQUEUE}", file=sys.stderr)
     sys.exit(EXIT_REQUEUE)
 
 
 def exit_on_stop_signals() -> None:
     """Make SIGTERM/SIGUSR1 exit with code 75 until the training loop installs its own checkpointing handler.
 
-    A job pre-empted while it starts has nothing to save, but the launcher must still see "requeue me".
+    A job pre-empted while it starts has nothing to save, but the launcher must still see "requeue me". The
+    console script (`pace_cli.train`) installs the same behaviour before `pace` and torch are imported.
     """
     for signum in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, _stop_during_startup)

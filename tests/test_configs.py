@@ -181,10 +181,16 @@ def test_a_built_wheel_ships_the_config_tree(tmp_path: Path):
     subprocess.run([*install, *map(str, tmp_path.glob("*.whl"))], env=env, check=True, timeout=300)
     env["PYTHONPATH"] = str(target)
     cmd = [sys.executable, "-m", "pace.train.main", "experiment=quickstart", "--cfg", "job"]
-    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    run = {"cwd": tmp_path, "env": env, "capture_output": True, "text": True, "timeout": 60}
+    out = subprocess.run(cmd, **run)
     assert out.returncode == 0, out.stderr
     assert "name: quickstart" in out.stdout
     assert not (target / "pace" / "configs").is_symlink()
+    # The console script is the launcher outside the package (pace_cli), which the wheel ships beside it.
+    script = target / "bin" / "pace-train"
+    assert "from pace_cli import train" in script.read_text()
+    out = subprocess.run([sys.executable, str(script), "experiment=quickstart", "--cfg", "job"], **run)
+    assert out.returncode == 0 and "name: quickstart" in out.stdout, out.stderr
 
 
 def test_submitit_launcher_config_composes():

@@ -86,7 +86,8 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(finished, 
     out = run_train(run_dir, "optim.lr=0.001")
     assert out.returncode == 0, out.stderr[-3000:]
     log = (run_dir / "train.log").read_text()
-    assert f"checkpoint {newest} cannot be read" in log
+    assert f"checkpoint {newest} cannot be read (" in log and "set aside as step_00000008.pt.corrupt" in log
+    assert f"resuming from {run_dir / 'checkpoints' / 'step_00000006.pt'}, the newest intact checkpoint" in log
     assert "resumed from " + str(run_dir / "checkpoints" / "step_00000006.pt") in log
     assert (run_dir / "checkpoints" / "step_00000008.pt.corrupt").is_file()
     assert load_checkpoint(newest)["trainer"]["step"] == 8  # written again by the resumed run

@@ -162,6 +162,18 @@ def _readable(path: Path) -> tuple[dict[str, Any] | None, str]:
         return None, str(e).splitlines()[0][:200] if str(e) else type(e).__name__
 
 
+def _refuse_a_second_run(checkpoints: CheckpointManager) -> None:
+    # A new run in a directory that holds another one's checkpoints would interleave the two: its step files
+    # among the old ones (the newest of which a later resume would pick), its records after theirs.
+    earlier = checkpoints.step_files() or sorted(checkpoints.directory.glob("best.pt"))
+    if earlier:
+        raise UsageError(
+            f"trainer.resume=never: {checkpoints.directory} holds the checkpoints of an earlier run (up to "
+            f"{earlier[-1].name}) that a new run would mix with: choose another name=..., or delete "
+            f"{checkpoints.directory} to start over"
+        )
+
+
 def select_checkpoint(
     checkpoints: CheckpointManager, resume: str, config: dict[str, Any], set_aside: bool
 ) -> Path | None:
@@ -176,9 +188,11 @@ def select_checkpoint(
     Raises:
         FileNotFoundError: an explicit `trainer.resume` path that does not exist.
         RunError: every checkpoint of the run is unreadable, or the checkpoint holds another architecture.
-        UsageError: the run-defining config differs (see `check_identity`).
+        UsageError: the run-defining config differs (see `check_identity`), or `never` in a run directory that
+            holds checkpoints.
     """
     if resume == "never":
+        _refuse_a_second_run(checkpoints)
         return None
     model_name = config["model"]["name"]
     if resume not in ("auto", "force"):

@@ -164,9 +164,20 @@ def describe(exc: BaseException, schema: type | None = None) -> tuple[str, int] 
     return None
 
 
+# Set by the first stop signal during start-up (see `exit_on_stop_signals`).
+_stopping = False
+
+
 def _stop_during_startup(signum: int, frame: Any) -> None:
+    global _stopping
+    if _stopping:
+        # Already leaving. A second signal (SLURM signals every process of the step, and torchrun forwards its own
+        # copy) must not cut short the clean-up that releases the run directory's lock.
+        return
+    _stopping = True
     name = signal.Signals(signum).name
-    print(f"pace-train: stopped by {name} during start-up, before training began: exit {EXIT_REQUEUE}", file=sys.stderr)
+    # os.write, not print: the signal may arrive while the main thread holds sys.stderr's buffer lock.
+    os.write(2, f"pace-train: stopped by {name} during start-up, before training began: exit {EXIT_REQUEUE}\n".encode())
     sys.exit(EXIT_REQUEUE)
 
 
@@ -176,6 +187,8 @@ def exit_on_stop_signals() -> None:
     A job pre-empted while it starts has nothing to save, but the launcher must still see "requeue me". The
     console script (`pace_cli.train`) installs the same behaviour before `pace` and torch are imported.
     """
+    global _stopping
+    _stopping = False
     for signum in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, _stop_during_startup)
 

@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 from train_helpers import FAST, ROOT, read_metrics, train_command, train_env
 
-from pace.errors import EXIT_REQUEUE
+from pace.errors import EXIT_REQUEUE, exit_on_stop_signals
+
+_STOPPED = "pace-train: stopped by SIGTERM during start-up, before training began: exit 75\n"
 
 
 def test_sigterm_during_start_up_exits_for_requeue(tmp_path: Path):
@@ -37,6 +39,8 @@ def test_sigterm_during_start_up_exits_for_requeue(tmp_path: Path):
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=60) == EXIT_REQUEUE, proc.stderr.read()[-3000:]
+    stderr = proc.stderr.read()
+    assert "Traceback" not in stderr and stderr.endswith(_STOPPED), stderr[-3000:]  # the console script's line too
     assert not (run_dir / "metrics.jsonl").exists()
 
 
@@ -65,7 +69,7 @@ def test_sigterm_while_the_console_script_imports_torch_exits_for_requeue(tmp_pa
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == EXIT_REQUEUE, proc.stderr.read()[-3000:]
     stderr = proc.stderr.read()
-    assert stderr == "pace-train: stopped by SIGTERM during start-up, before training began: exit 75\n", stderr
+    assert stderr == _STOPPED, stderr
     assert not run_dir.exists()
 
 
@@ -77,6 +81,22 @@ def test_the_console_script_trains(tmp_path: Path):
     steps = [r["step"] for r in read_metrics(run_dir) if "train/loss" in r]
     assert steps and steps == sorted(set(steps))
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*.pt"))
+
+
+def test_a_second_stop_signal_does_not_interrupt_the_first_ones_exit():
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1)}
+    exit_on_stop_signals()
+    try:
+        with pytest.raises(SystemExit) as first:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs at the next bytecode; the sleep is interrupted
+        assert first.value.code == EXIT_REQUEUE
+        # The clean-up (lock release, failed-start removal) runs while the second copy arrives.
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.01)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _free_port() -> int:

@@ -121,6 +121,8 @@ def test_wrong_type_fails_naming_the_key():
         ("trainer.telemetry_images=0", "trainer.telemetry_images"),
         ("aug.repeated_aug=0", "aug.repeated_aug"),
         ("aug.repeated_aug=3", "aug.repeated_aug"),  # debug=cpu reads synthetic tensors: nothing to repeat
+        ("name=''", "name=''"),  # the run dir would be runs/debug/, every debug run's parent
+        ("name=x/..", "name='x/..'"),
     ],
 )
 def test_bad_value_fails_naming_the_key(override, key):

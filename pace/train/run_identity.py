@@ -201,7 +201,7 @@ def select_checkpoint(
             raise FileNotFoundError(f"trainer.resume={resume!r}: no checkpoint at {path}")
         checkpoint, why = _readable(path)
         if checkpoint is None:
-            raise RunError(f"trainer.resume={resume!r}: {path} is not a readable checkpoint ({why})")
+            raise RunError(f"trainer.resume={resume!r}: {path} is not a readable checkpoint")
         check_architecture(path, checkpoint, model_name)
         return path  # an explicit file: the user chose what to continue from
     candidates = checkpoints.step_files()[::-1]

@@ -242,6 +242,28 @@ def all_gather_object(obj: Any, env: DistEnv) -> list[Any]:
     return gathered
 
 
+def all_gather_rows(rows: torch.Tensor, counts: list[int], env: DistEnv) -> list[torch.Tensor]:
+    """Every rank's `rows`, on the CPU, indexed by rank; the first dimension may differ per rank.
+
+    Each rank pads its rows to the longest, the padded tensors are all-gathered and trimmed again.
+
+    Args:
+        rows: this rank's (n_rank, ...) tensor; the trailing dimensions and dtype agree over ranks.
+        counts: every rank's n_rank, indexed by rank (from an `all_gather_object`).
+        env: this process's place in the job.
+    """
+    if not env.is_distributed:
+        return [rows.cpu()]
+    # NCCL moves only CUDA tensors; gloo only CPU ones.
+    nccl = dist.get_backend() == dist.Backend.NCCL
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    padded = rows.new_zeros((max(counts), *rows.shape[1:]), device=device)
+    padded[: rows.shape[0]] = rows.to(device)
+    out = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(out, padded)
+    return [t[:n].cpu() for t, n in zip(out, counts)]
+
+
 def broadcast_buffers(module: torch.nn.Module, env: DistEnv) -> None:
     """Give every rank rank 0's buffers (BatchNorm statistics), in place.
 

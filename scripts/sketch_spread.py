@@ -24,8 +24,9 @@ from torch import nn
 
 import pace  # noqa: F401  (registers the models)
 from pace.analysis.images import shard_images
+from pace.data import create_eval_transform
 from pace.eval.loading import WEIGHTS, load_model
-from pace.eval.transform import build_eval_transform, eval_data_config
+from pace.eval.transform import eval_data_config
 from pace.layers import reseed_sketches
 
 
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     loaded = load_model(args.model, checkpoint=args.checkpoint, weights=args.weights)
     model = loaded.model
-    transform = build_eval_transform(eval_data_config(model))
+    transform = create_eval_transform(**eval_data_config(model))
     data = shard_images(args.shards, transform=transform, max_images=args.max_images, split=args.split)
     labels = torch.tensor(data.labels)
     own = top1(model, data.images, labels, args.batch_size)

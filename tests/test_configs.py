@@ -213,3 +213,42 @@ def test_model_kwargs_stay_open_for_timm_arguments():
     assert cfg.model.kwargs == {"compress_form": "diag"}
     with torch.device("meta"):
         assert build_model(cfg.model).compress_form == "diag"
+
+
+def _leaf_keys(node, prefix: str = ""):
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            yield from _leaf_keys(value, f"{path}.")
+        else:
+            yield path
+
+
+@pytest.mark.parametrize(("primary", "schema"), [("train", "pace.train.config"), ("eval", "pace.eval.config")])
+def test_yaml_defaults_agree_with_the_schema_defaults(primary, schema, monkeypatch):
+    """The schema dataclasses hold every default; the option each group selects by default (and the primary
+    file itself) may not set a value that differs from them. Evaluator entries are declarations, not defaults."""
+    import importlib
+
+    from hydra import compose, initialize_config_dir
+
+    module = importlib.import_module(schema)
+    module.register_configs()
+    monkeypatch.delenv("PACE_DATA", raising=False)
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        composed = compose(primary, return_hydra_config=True)
+    choices = composed.hydra.runtime.choices
+    defaults = OmegaConf.structured(module.TrainConfig if primary == "train" else module.EvalConfig)
+    raw = OmegaConf.to_container(composed, resolve=False)
+    disagree = []
+    for key in _leaf_keys({k: v for k, v in raw.items() if k not in ("hydra", "eval")}):
+        if OmegaConf.is_missing(defaults, key):  # no schema default (output_dir: Hydra's runtime dir)
+            continue
+        group = key.split(".")[0]
+        source = f"configs/{group}/{choices[group]}.yaml" if group in choices else f"configs/{primary}.yaml"
+        yaml_value, schema_value = OmegaConf.select(composed, key), OmegaConf.select(defaults, key)
+        if OmegaConf.is_config(yaml_value):
+            yaml_value, schema_value = OmegaConf.to_container(yaml_value), OmegaConf.to_container(schema_value)
+        if yaml_value != schema_value:
+            disagree.append(f"{key}: {source} says {yaml_value!r}, the schema {schema_value!r}")
+    assert not disagree, "\n".join(disagree)

@@ -151,7 +151,9 @@ def test_the_config_key_reaches_the_training_loader(tmp_path, repeats):
     # aug=none (full-image crop, no flip) is deterministic, so the copies of a sample are equal images.
     overrides = (*FAST, *make_tiny_shards(tmp_path / "shapes"), "aug=none", f"aug.repeated_aug={repeats}")
     cfg = validate(compose_train(*overrides))
-    train, _, _ = build_data(cfg.data, cfg.aug, {}, DistEnv(), cfg.seed, mean=(0.5,) * 3, std=(0.5,) * 3, mixup=None)
+    train, _, _ = build_data(
+        cfg.data, cfg.aug, {}, DistEnv(), cfg.seed, eval_config={"mean": (0.5,) * 3, "std": (0.5,) * 3}, mixup=None
+    )
     images, targets = next(iter(train))
     pairs_equal = [torch.equal(images[i], images[i + 1]) for i in range(0, len(images), 2)]
     assert all(pairs_equal) if repeats == 2 else not any(pairs_equal)

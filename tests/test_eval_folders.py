@@ -8,7 +8,7 @@ from eval_helpers import write_val_jpegs
 from PIL import Image
 from torchvision.transforms import PILToTensor
 
-from pace.eval.evaluators import detect_format
+from pace.eval.datasets import detect_format
 from pace.eval.folders import folder_loader, image_folder, imagenet_val_folder
 
 

@@ -26,9 +26,10 @@ def _all_finite(state: dict[str, torch.Tensor]) -> bool:
     return all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
 
 
-def test_ddp_trains_checkpoints_evaluates_and_skips_a_nan_on_every_rank(shards, tmp_path: Path):
-    nan = ("trainer.debug_nan_step=3", "trainer.debug_nan_rank=1")
-    out = run_train(tmp_path, *MODEL, *shards, *nan, nproc=2, timeout=240)
+def test_ddp_trains_checkpoints_evaluates_and_skips_a_nan_on_every_rank(shards, tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("PACE_FAULT_NAN_STEP", "3")
+    monkeypatch.setenv("PACE_FAULT_NAN_RANK", "1")
+    out = run_train(tmp_path, *MODEL, *shards, nproc=2, timeout=240)
     assert out.returncode == 0, out.stderr[-4000:]
     # Rank 1 saw the NaN; rank 0's own loss was finite, yet both skipped step 3.
     logs = out.stdout + out.stderr
@@ -45,21 +46,14 @@ def test_ddp_trains_checkpoints_evaluates_and_skips_a_nan_on_every_rank(shards, 
     assert final["world_size"] == 2 and len(final["rng"]) == 2
     assert final["trainer"]["nonfinite_skips"] == 1
     assert _all_finite(final["model"])
-    assert final["model_name"] == "pace_vit_test" and final["config"]["trainer"]["debug_nan_step"] == 3
+    assert final["model_name"] == "pace_vit_test" and "debug_nan_step" not in final["config"]["trainer"]
     assert (tmp_path / "release" / "model.safetensors").is_file()
 
 
-def test_ddp_nan_with_stop_policy_stops_every_rank_and_keeps_the_last_checkpoint(shards, tmp_path: Path):
-    out = run_train(
-        tmp_path,
-        *MODEL,
-        *shards,
-        "trainer.on_nonfinite=stop",
-        "trainer.debug_nan_step=6",
-        "trainer.debug_nan_rank=1",
-        nproc=2,
-        timeout=240,
-    )
+def test_ddp_nan_with_stop_policy_stops_every_rank_and_keeps_the_last_checkpoint(shards, tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("PACE_FAULT_NAN_STEP", "6")
+    monkeypatch.setenv("PACE_FAULT_NAN_RANK", "1")
+    out = run_train(tmp_path, *MODEL, *shards, "trainer.on_nonfinite=stop", nproc=2, timeout=240)
     assert out.returncode != 0
     logs = out.stdout + out.stderr
     assert logs.count("non-finite loss or gradient at step 6") >= 2, logs[-4000:]

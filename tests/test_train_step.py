@@ -91,8 +91,9 @@ def test_clipping_reports_the_norm_before_clipping(tmp_path: Path):
     assert step.norm() == pytest.approx(0.1 * 1e-3, rel=1e-3)  # lr x clipped norm (plain SGD)
 
 
-def test_a_nan_loss_skips_the_update_and_counts_it(tmp_path: Path):
-    trainer = make_trainer(tmp_path, debug_nan_step=1)
+def test_a_nan_loss_skips_the_update_and_counts_it(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("PACE_FAULT_NAN_STEP", "1")
+    trainer = make_trainer(tmp_path)
     before = _params(trainer)
     out = trainer.train_step([_batch(4)])
     assert out.skipped and trainer.state.nonfinite_skips == 1 and trainer.state.step == 1

@@ -13,10 +13,53 @@ import torch
 from torch import Tensor, nn
 
 from pace.analysis.images import DEMO_IMAGES, demo_images, image_files, load_image, shard_images
+from pace.analysis.inference import pace_blocks, select_blocks
 from pace.distributed import DistEnv, select_device
 from pace.eval.loading import WEIGHTS, load_model
 
 log = logging.getLogger(__name__)
+
+
+def analysis_parser(description: str, *, max_images: int | None, max_images_help: str) -> argparse.ArgumentParser:
+    """A parser holding the model and image arguments every analysis script takes.
+
+    Args:
+        description: the script's one-line description.
+        max_images: default of ``--max-images``.
+        max_images_help: its help text.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    add_model_arguments(parser)
+    add_image_arguments(parser, max_images=max_images, max_images_help=max_images_help)
+    return parser
+
+
+def add_blocks_argument(parser: argparse.ArgumentParser, flag: str, what: str) -> None:
+    """``flag``: block indices, negative from the end (read back with `chosen_blocks`).
+
+    Args:
+        parser: the script's parser.
+        flag: the option, e.g. ``--blocks``.
+        what: the start of its help text.
+    """
+    help_text = f"{what} (negative from the end); default: first, middle and last"
+    parser.add_argument(flag, type=int, nargs="+", default=None, help=help_text)
+
+
+def default_blocks(depth: int) -> list[int]:
+    """First, middle and last block."""
+    return sorted({0, depth // 2, depth - 1})
+
+
+def chosen_blocks(model: nn.Module, requested: list[int] | None) -> list[int]:
+    """The blocks a `add_blocks_argument` option asked for, checked against the model, or its first, middle and
+    last block when it was not given.
+
+    Args:
+        model: a PACE-ViT.
+        requested: the option's value.
+    """
+    return select_blocks(model, requested if requested is not None else default_blocks(len(pace_blocks(model))))
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

@@ -19,16 +19,9 @@ from pathlib import Path
 
 import torch
 
-from pace.analysis._cli import (
-    add_image_arguments,
-    add_model_arguments,
-    build_model,
-    check_image_arguments,
-    collect_images,
-    run,
-)
+from pace.analysis import _cli
 from pace.analysis.images import model_transform
-from pace.analysis.inference import pace_blocks, select_blocks
+from pace.analysis.inference import pace_blocks
 from pace.analysis.rates import (
     DEFAULT_CODING_EPS,
     block_coefficients,
@@ -37,25 +30,18 @@ from pace.analysis.rates import (
     effective_rank,
     token_rates,
 )
-from pace.analysis.visualize import default_blocks
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_model_arguments(parser)
-    add_image_arguments(parser, max_images=None, max_images_help="images read from --shards (default: --num-images)")
+    parser = _cli.analysis_parser(
+        __doc__.split("\n\n")[0], max_images=None, max_images_help="images read from --shards (default: --num-images)"
+    )
     parser.add_argument("--synthetic", type=int, default=0, help="add this many random Gaussian images")
     parser.add_argument("--out", type=Path, default=Path("outputs/analysis"), help="output folder")
     parser.add_argument("--num-images", type=int, default=64, help="use at most this many images")
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward")
     parser.add_argument("--eps", type=float, default=DEFAULT_CODING_EPS, help="coding precision ε of R and R_c")
-    parser.add_argument(
-        "--spectrum-blocks",
-        type=int,
-        nargs="+",
-        default=None,
-        help="blocks whose spectra to plot (default: first, middle, last)",
-    )
+    _cli.add_blocks_argument(parser, "--spectrum-blocks", "blocks whose spectra to plot")
     parser.add_argument("--img-size", type=int, default=None, help="square input size (default: the model's)")
     args = parser.parse_args(argv)
     for key in ("num_images", "batch_size"):
@@ -63,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
     if not args.eps > 0:
         parser.error(f"--eps must be positive, got {args.eps}")
-    check_image_arguments(parser, args)
+    _cli.check_image_arguments(parser, args)
     return args
 
 
@@ -71,7 +57,7 @@ def image_batches(args: argparse.Namespace, model: torch.nn.Module):
     """Normalised image batches (B, 3, H, W) from the arguments' sources, the data config, a description of the
     sources and the record of the images read (`pace.analysis._cli.Inputs.record`)."""
     transform, config = model_transform(model, img_size=args.img_size)
-    inputs = collect_images(args, transform, limit=args.num_images)
+    inputs = _cli.collect_images(args, transform, limit=args.num_images)
     tensors = list(inputs.images)
     sources = []
     if inputs.record["files"]:
@@ -126,16 +112,16 @@ def measure(model: torch.nn.Module, batches, *, eps: float, spectrum_blocks: lis
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(_main, parse_args(argv))
+    return _cli.run(_main, parse_args(argv))
 
 
 def _main(args: argparse.Namespace) -> int:
     from pace.analysis.plots import plot_coefficients, plot_rates, plot_spectra
 
     start = time.perf_counter()
-    model, description = build_model(args)
+    model, description = _cli.build_model(args)
     depth = len(pace_blocks(model))
-    spectrum_blocks = select_blocks(model, args.spectrum_blocks or default_blocks(depth))
+    spectrum_blocks = _cli.chosen_blocks(model, args.spectrum_blocks)
     batches, config, sources, record = image_batches(args, model)
     report = {
         "model": description,

@@ -10,8 +10,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
-from pace.data import create_eval_loader, resolve_shards
-from pace.eval.transform import build_eval_transform, eval_data_config
+from pace.data import create_eval_loader, create_eval_transform, resolve_shards
+from pace.eval.transform import eval_data_config
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 # Photographs bundled with scikit-image (no download): a person, an object on a table, an animal.
@@ -102,7 +102,7 @@ def model_transform(
     """
     overrides = {"input_size": img_size, "crop_pct": crop_pct, "interpolation": interpolation}
     config = eval_data_config(model, overrides)
-    return build_eval_transform(config), config
+    return create_eval_transform(**config), config
 
 
 @dataclass(frozen=True)

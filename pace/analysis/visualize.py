@@ -15,42 +15,23 @@ from pathlib import Path
 
 import torch
 
-from pace.analysis._cli import (
-    add_image_arguments,
-    add_model_arguments,
-    build_model,
-    check_image_arguments,
-    collect_images,
-    run,
-)
+from pace.analysis import _cli
 from pace.analysis.images import model_transform, to_display
-from pace.analysis.inference import pace_blocks, select_blocks
 from pace.analysis.memberships import INTERPOLATIONS, membership_maps, segmentation
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_model_arguments(parser)
-    add_image_arguments(parser, max_images=4, max_images_help="images read from --shards (one figure each)")
-    parser.add_argument("--out", type=Path, default=Path("outputs/memberships"), help="output folder")
-    parser.add_argument(
-        "--blocks",
-        type=int,
-        nargs="+",
-        default=None,
-        help="block indices (negative from the end); default: first, middle and last",
+    parser = _cli.analysis_parser(
+        __doc__.split("\n\n")[0], max_images=4, max_images_help="images read from --shards (one figure each)"
     )
+    parser.add_argument("--out", type=Path, default=Path("outputs/memberships"), help="output folder")
+    _cli.add_blocks_argument(parser, "--blocks", "block indices")
     parser.add_argument("--img-size", type=int, default=None, help="square input size (default: the model's)")
     parser.add_argument("--interpolation", choices=INTERPOLATIONS, default="bilinear", help="upsampling of π maps")
     parser.add_argument("--dpi", type=int, default=100)
     args = parser.parse_args(argv)
-    check_image_arguments(parser, args)
+    _cli.check_image_arguments(parser, args)
     return args
-
-
-def default_blocks(depth: int) -> list[int]:
-    """First, middle and last block."""
-    return sorted({0, depth // 2, depth - 1})
 
 
 def safe_stem(name: str) -> str:
@@ -64,18 +45,18 @@ def head_shares(seg: torch.Tensor, num_heads: int) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(_main, parse_args(argv))
+    return _cli.run(_main, parse_args(argv))
 
 
 def _main(args: argparse.Namespace) -> int:
     from pace.analysis.plots import plot_membership_grid
 
     start = time.perf_counter()
-    model, description = build_model(args)
-    blocks = select_blocks(model, args.blocks if args.blocks is not None else default_blocks(len(pace_blocks(model))))
+    model, description = _cli.build_model(args)
+    blocks = _cli.chosen_blocks(model, args.blocks)
     # The whole shorter side is kept (no centre crop), so the grid shows as much of the photograph as possible.
     transform, config = model_transform(model, img_size=args.img_size, crop_pct=1.0)
-    inputs = collect_images(args, transform)
+    inputs = _cli.collect_images(args, transform)
     if not inputs.names:
         raise ValueError("no images: name image files or folders after the model source, --shards and/or --demo")
     args.out.mkdir(parents=True, exist_ok=True)

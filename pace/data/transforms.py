@@ -66,8 +66,9 @@ def create_train_transform(
 
 def create_eval_transform(
     *,
-    input_size: int = 224,
+    input_size: int | tuple[int, int, int] = 224,
     crop_pct: float = 0.875,
+    crop_mode: str | None = None,
     interpolation: str = "bicubic",
     mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
     std: tuple[float, float, float] = IMAGENET_DEFAULT_STD,
@@ -75,9 +76,13 @@ def create_eval_transform(
 ) -> Callable:
     """Resize the shorter side to input_size / crop_pct, centre crop input_size, normalise, via timm.
 
+    The keywords are those of a resolved timm data config, so `create_eval_transform(**eval_data_config(model))`
+    (`pace.eval.transform`) is a model's eval transform, the one the Trainer, pace-eval and the analysis scripts use.
+
     Args:
-        input_size: output side in pixels.
+        input_size: output side in pixels, or timm's (C, H, W).
         crop_pct: centre-crop fraction (0.875: resize to 256 for a 224 crop).
+        crop_mode: timm crop mode (`center`, `squash`, `border`; None: `center`).
         interpolation: resize interpolation.
         mean: normalisation mean.
         std: normalisation std.
@@ -87,6 +92,7 @@ def create_eval_transform(
         input_size,
         is_training=False,
         crop_pct=crop_pct,
+        crop_mode=crop_mode,
         interpolation=interpolation,
         mean=mean,
         std=std,

@@ -5,14 +5,15 @@ them by sample key against the samples' labels and any label sets (ImageNet-ReaL
 evaluators declared in the `eval` config group; `load_model` builds a model from any supported source.
 """
 
+from pace.eval.classify import EvalResult, evaluate, predict
 from pace.eval.config import EvaluatorConfig, evaluators_from_config
-from pace.eval.evaluator import EvalResult, evaluate, predict
-from pace.eval.evaluators import EvalData, Evaluator, build_evaluators
+from pace.eval.datasets import EvalData
+from pace.eval.evaluators import Evaluator, build_evaluators
 from pace.eval.labels import LabelSets
 from pace.eval.loading import LoadedModel, load_model, read_weights
 from pace.eval.predictions import Predictions, read_predictions, write_predictions
 from pace.eval.rescore import rescore
-from pace.eval.transform import build_eval_transform, eval_data_config, run_eval_settings, set_eval_settings
+from pace.eval.transform import eval_data_config, run_eval_settings, set_eval_settings
 
 __all__ = [
     "EvalData",
@@ -22,7 +23,6 @@ __all__ = [
     "LabelSets",
     "LoadedModel",
     "Predictions",
-    "build_eval_transform",
     "build_evaluators",
     "eval_data_config",
     "evaluate",

@@ -190,7 +190,7 @@ class EvalConfig:
         predictions_logits: include the logits in those files.
         rescore: a predictions file to score again instead of running a model.
         output_dir: where `results.json` and predictions go.
-        logger: wandb settings, the `logger` group shared with training (`logger=wandb` turns it on).
+        logger: wandb settings, the `logger` group shared with training (off; `logger=wandb` turns it on).
     """
 
     name: str = "default"
@@ -207,7 +207,8 @@ class EvalConfig:
     predictions_logits: bool = False
     rescore: str | None = None
     output_dir: str = MISSING
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    # Evaluation logs to wandb only when asked (`logger=wandb`); training does by default.
+    logger: LoggerConfig = field(default_factory=lambda: LoggerConfig(wandb=False))
 
     def __post_init__(self) -> None:
         _require(self.device in ("auto", "cpu", "cuda"), "device", self.device, "auto, cpu or cuda")

@@ -8,18 +8,20 @@ the result is the same on every rank and for any number of ranks.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Iterable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pace.eval.evaluator import EvalResult, as_amp_dtype, unpack_batch
+from pace.distributed import DistEnv, resolve_dist_env
+from pace.eval.classify import EvalResult
+from pace.eval.forward import LoaderWait, eval_mode, forward_batches
 from pace.eval.gather import gather_predictions
-from pace.eval.metrics import score_predictions
 from pace.eval.predictions import Predictions, canonicalise
+from pace.eval.scoring import score_predictions
 from pace.eval.tta import FlipTTA
 
 KNN_K = 20
@@ -44,12 +46,9 @@ def extract_features(
     model: nn.Module,
     loader: Iterable,
     *,
-    device: torch.device | str,
-    amp_dtype: torch.dtype | str | None = None,
-    channels_last: bool = False,
-    group=None,
-    limit_batches: int | None = None,
+    env: DistEnv | None = None,
     allow_partial: bool = False,
+    **forward_options,
 ) -> tuple[Predictions, float]:
     """L2-normalised features of every sample on every rank, sorted by key.
 
@@ -59,56 +58,32 @@ def extract_features(
     Args:
         model: a timm model (DDP wrappers are looked through).
         loader: yields `(images, targets, keys)` for this rank's share.
-        device: where the forward pass runs.
-        amp_dtype: autocast dtype or None.
-        channels_last: feed channels-last images.
-        group: the process group (None: the default group, if initialised).
-        limit_batches: stop after this many batches on each rank.
+        env: this process's place in the job, whose ranks are gathered (None: `resolve_dist_env()`).
         allow_partial: drop repeated keys with a warning instead of raising.
+        **forward_options: `device` and optionally `amp_dtype`, `channels_last`, `limit_batches`, as
+            `pace.eval.forward.forward_batches` takes them.
 
     Returns:
         Canonical rows with `logits` = (N, D) float32 unit-norm features, and this rank's data-loading seconds.
     """
-    device = torch.device(device)
-    net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    was_training = net.training
-    net.eval()
-    dtype = as_amp_dtype(amp_dtype)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    parts, data_seconds, batches = [], 0.0, iter(loader)
-    try:
-        while limit_batches is None or len(parts) < limit_batches:
-            start = time.perf_counter()
-            batch = next(batches, None)
-            data_seconds += time.perf_counter() - start
-            if batch is None:
-                break
-            images, targets, keys = unpack_batch(batch, len(parts))
-            images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-            with autocast:
-                features = pooled_features(net, images)
+    parts = []
+    wait = LoaderWait()
+    with eval_mode(model) as net:
+        forward = partial(pooled_features, net)
+        for _, features, targets, keys in forward_batches(forward, loader, wait=wait, **forward_options):
             features = F.normalize(features.float(), dim=1).cpu()
             n = len(keys)
             empty = torch.zeros(n, 1, dtype=torch.long)
             loss = torch.full((n,), float("nan"))
             parts.append(Predictions(keys, empty, targets.long(), loss, features.shape[1], features))
-    finally:
-        net.train(was_training)
     if parts:
         local = Predictions.concat(parts)
     else:  # this rank got no samples; the feature width comes from the other ranks
-        local = Predictions(
-            [],
-            torch.zeros(0, 1, dtype=torch.long),
-            torch.zeros(0, dtype=torch.long),
-            torch.zeros(0),
-            0,
-            torch.zeros(0, 0),
-        )
-    gathered = gather_predictions(local, group)
+        no_rows = torch.zeros(0, dtype=torch.long)
+        local = Predictions([], no_rows.reshape(0, 1), no_rows, torch.zeros(0), 0, torch.zeros(0, 0))
+    gathered = gather_predictions(local, resolve_dist_env() if env is None else env)
     preds, _ = canonicalise(gathered, allow_partial=allow_partial)
-    return preds, data_seconds
+    return preds, wait.seconds
 
 
 def knn_votes(
@@ -160,7 +135,7 @@ def knn_evaluate(
     label_sets=None,
     amp_dtype: torch.dtype | str | None = None,
     channels_last: bool = False,
-    group=None,
+    env: DistEnv | None = None,
     limit_batches: int | None = None,
     allow_partial: bool = False,
 ) -> EvalResult:
@@ -181,19 +156,16 @@ def knn_evaluate(
         label_sets: metric group -> `LabelSets` also scored by key (e.g. ImageNet-ReaL).
         amp_dtype: autocast dtype or None.
         channels_last: feed channels-last images.
-        group: the process group.
+        env: this process's place in the job (None: `resolve_dist_env()`).
         limit_batches: stop after this many batches per rank and loader (implies partial).
         allow_partial: accept repeated keys (dropped with a warning).
     """
     allow_partial = allow_partial or limit_batches is not None
     start = time.perf_counter()
-    options = {"device": device, "amp_dtype": amp_dtype, "channels_last": channels_last, "group": group}
-    bank, bank_seconds = extract_features(
-        model, train_loader, limit_batches=limit_batches, allow_partial=allow_partial, **options
-    )
-    queries, query_seconds = extract_features(
-        model, test_loader, limit_batches=limit_batches, allow_partial=allow_partial, **options
-    )
+    options = {"device": device, "amp_dtype": amp_dtype, "channels_last": channels_last, "env": env}
+    options.update(limit_batches=limit_batches, allow_partial=allow_partial)
+    bank, bank_seconds = extract_features(model, train_loader, **options)
+    queries, query_seconds = extract_features(model, test_loader, **options)
     labelled = bank.targets >= 0
     if not bool(labelled.any()):
         raise ValueError("k-NN: the memory bank has no labelled samples")

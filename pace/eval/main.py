@@ -1,7 +1,5 @@
-"""`pace-eval`: the Hydra entry point. Everything it does is in `run`; the config is `configs/eval.yaml`.
-
-The config tree ships inside the package as `pace/configs` (a link to the top-level `configs/` in a source
-checkout, a copied folder in an installed wheel), so the same absolute path works in both.
+"""`pace-eval`: the Hydra entry point. Everything it does is in `run`; the config is `configs/eval.yaml`, read
+from the tree shipped inside the package (`pace/configs`, as for `pace-train`).
 """
 
 from __future__ import annotations
@@ -21,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 import pace
+from pace.data import create_eval_transform
 from pace.distributed import (
     DistEnv,
     capped_workers,
@@ -36,7 +35,7 @@ from pace.eval.loading import LoadedModel, load_model, sha256_file
 from pace.eval.report import format_table, log_wandb, write_results
 from pace.eval.rescore import rescore
 from pace.eval.sweep import point_name, transform_points
-from pace.eval.transform import build_eval_transform, eval_data_config
+from pace.eval.transform import eval_data_config
 from pace.eval.tta import FlipTTA
 from pace.failed_start import discard_failed_start
 
@@ -116,9 +115,8 @@ def _evaluate_point(config, env, device, model_name, net, data_config, *, named:
     # One resolution and crop: every evaluator, named `<evaluator>@<size>px/crop<pct>` when several points run.
     evaluators = build_evaluators(
         config.eval,
-        build_eval_transform(data_config),
-        rank=env.rank,
-        world_size=env.world_size,
+        create_eval_transform(**data_config),
+        env=env,
         batch_size=config.data.batch_size,
         num_workers=capped_workers(config.data.num_workers, env),
         pin_memory=device.type == "cuda",
@@ -135,6 +133,7 @@ def _evaluate_point(config, env, device, model_name, net, data_config, *, named:
             device=device,
             amp_dtype=config.amp,
             channels_last=config.channels_last,
+            env=env,
             predictions_path=predictions,
             keep_logits=config.predictions_logits,
             log_every=_log_interval(evaluator.data.expected_samples, config.data.batch_size * env.world_size),

@@ -10,11 +10,11 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from pace.eval.evaluator import check_sample_count
+from pace.eval.classify import check_sample_count
 from pace.eval.evaluators import resolve_labels
-from pace.eval.metrics import score_predictions
 from pace.eval.predictions import canonicalise, read_predictions
 from pace.eval.report import format_table
+from pace.eval.scoring import score_predictions
 
 DEFAULT_LABELS = {"val": "targets", "real": "imagenet_real"}
 

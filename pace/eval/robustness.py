@@ -15,8 +15,8 @@ from importlib import resources
 from pathlib import Path
 
 from pace.data import imagenet_classes
-from pace.eval.metrics import score_targets
 from pace.eval.predictions import Predictions
+from pace.eval.scoring import score_targets
 
 log = logging.getLogger(__name__)
 

@@ -1,11 +1,16 @@
-"""The eval transform of a model: timm's resolution of its pretrained_cfg, with explicit overrides."""
+"""The eval transform settings of a model: timm's resolution of its pretrained_cfg, with explicit overrides.
+
+`create_eval_transform(**eval_data_config(model))` (`pace.data.create_eval_transform`) is the one eval transform:
+the Trainer records its run's resolution, crop and interpolation in the model's pretrained_cfg
+(`set_eval_settings`), and the Trainer, pace-eval and the analysis scripts all build their transform from there.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-from timm.data import create_transform, resolve_data_config
+from timm.data import resolve_data_config
 from torch import nn
 
 _OVERRIDABLE = ("input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std")
@@ -37,11 +42,6 @@ def eval_data_config(model: nn.Module, overrides: Mapping[str, Any] | None = Non
     if "input_size" not in overrides and built_size is not None and model.pretrained_cfg.get("fixed_input_size"):
         config["input_size"] = (config["input_size"][0], *built_size)
     return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
-
-
-def build_eval_transform(data_config: Mapping[str, Any]) -> Callable:
-    """timm's eval transform (resize by crop_pct, centre crop, to tensor, normalise) for a resolved data config."""
-    return create_transform(**data_config, is_training=False)
 
 
 def run_eval_settings(img_size: int, crop_pct: float, interpolation: str) -> dict[str, Any]:

@@ -12,7 +12,6 @@ from typing import Any
 import timm
 import torch
 from omegaconf import OmegaConf
-from timm.data import resolve_data_config
 from timm.utils import random_seed
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -20,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from pace.data import create_mixup
 from pace.distributed import DistEnv, all_gather_object, capped_workers
 from pace.errors import RunError
-from pace.eval.transform import run_eval_settings, set_eval_settings
+from pace.eval.transform import eval_data_config, run_eval_settings, set_eval_settings
 from pace.train.builders import (
     build_ema,
     build_loss,
@@ -156,9 +155,10 @@ def build_trainer(cfg: TrainConfig, *, env: DistEnv, device: torch.device, resol
         mode=aug.mixup_mode,
         label_smoothing=aug.label_smoothing,
     )
-    norm = resolve_data_config(model=model)
+    # The transform pace-eval would build for this model: its pretrained_cfg records the run's eval settings.
+    norm = eval_data_config(model)
     train_data, evaluators, step_mixup = build_data(
-        cfg.data, aug, cfg.eval, env, cfg.seed, mean=norm["mean"], std=norm["std"], mixup=mixup, device=device
+        cfg.data, aug, cfg.eval, env, cfg.seed, eval_config=norm, mixup=mixup, device=device
     )
     check_class_count(cfg.data, cfg.model.num_classes)  # after build_data: the quickstart data exists now
     scheduler = build_scheduler(optimizer, cfg.sched, updates_per_epoch(train_data.batches_per_epoch, cfg.trainer))

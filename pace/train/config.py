@@ -64,7 +64,7 @@ class DataConfig:
     Args:
         source: "webdataset" (shards under `root`), "quickstart" (the generated offline dataset under `root`,
             created if missing) or "synthetic" (random tensors; throughput and smoke tests).
-        root: folder holding the shards and their info JSON.
+        root: folder holding the shards and their info JSON (`data=imagenet` puts it under `$PACE_DATA` when set).
         train_split: name of the training split.
         val_split: name of the held-out split evaluated during training.
         num_classes: classes in the data (must equal model.num_classes).
@@ -82,9 +82,9 @@ class DataConfig:
     """
 
     source: str = "webdataset"
-    root: str = "data"
+    root: str = "data/imagenet"
     train_split: str = "train"
-    val_split: str = "val"
+    val_split: str = "validation"
     num_classes: int = 1000
     img_size: int = 224
     batch_size: int = 64
@@ -298,8 +298,6 @@ class TrainerConfig:
         peak_tflops: the device's peak dense TFLOP/s for MFU (None: looked up from the GPU name).
         cpu_threads: torch intra-op threads (None: torch's default, one per core). On a small shared CPU one
             thread beside the data worker avoids oversubscribing the cores.
-        debug_nan_step: make the loss of this optimizer update non-finite (fault-injection test).
-        debug_nan_rank: the rank whose loss `debug_nan_step` poisons.
         rendezvous_timeout_s: how long the ranks wait for each other to join the process group; a rank lost
             before it joins makes the others stop with an error after this time.
         collective_timeout_s: how long a collective waits for every rank once training runs.
@@ -318,10 +316,10 @@ class TrainerConfig:
     limit_train_batches: int | None = None
     limit_eval_batches: int | None = None
     log_every_steps: int = 50
-    telemetry_every_steps: int = 0
+    telemetry_every_steps: int = 500
     telemetry_images: int = 8
     progress_bar: bool = True
-    ckpt_every_steps: int = 0
+    ckpt_every_steps: int = 1000
     keep_last: int = 3
     keep_best: bool = True
     best_metric: str = "val/top1"
@@ -331,8 +329,6 @@ class TrainerConfig:
     export_release: bool = True
     peak_tflops: float | None = None
     cpu_threads: int | None = None
-    debug_nan_step: int | None = None
-    debug_nan_rank: int = 0
     rendezvous_timeout_s: float = 300.0
     collective_timeout_s: float = 1800.0
 

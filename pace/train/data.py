@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +24,7 @@ from pace.data import (
     make_synthetic_dataset,
 )
 from pace.distributed import DistEnv, barrier
-from pace.eval import Evaluator, EvaluatorConfig, build_evaluators
-from pace.eval.evaluators import EvalData
+from pace.eval import EvalData, Evaluator, EvaluatorConfig, build_evaluators
 from pace.train.config import AugConfig, DataConfig
 
 
@@ -145,8 +144,7 @@ def build_data(
     env: DistEnv,
     seed: int,
     *,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
+    eval_config: Mapping[str, Any],
     mixup: Mixup | None,
     device: torch.device | None = None,
 ) -> tuple[TrainData, list[Evaluator], Mixup | None]:
@@ -161,16 +159,17 @@ def build_data(
         evaluators: evaluator name -> entry (the `eval` section of the config).
         env: this process's place in the job.
         seed: base seed shared by all ranks.
-        mean: normalisation mean (the model's pretrained config).
-        std: normalisation std.
+        eval_config: the model's resolved data config (`pace.eval.eval_data_config`): its normalisation for the
+            training images, and the eval transform its pretrained_cfg records (the run's resolution, crop and
+            interpolation), as pace-eval builds it.
         mixup: the batch mixer, if any.
         device: the training device (`data.decode` draft and device finish the batches there).
 
     Returns:
         The training data, the evaluators, and the mixer the Trainer must still apply (or None).
     """
-    eval_options = {"input_size": cfg.img_size, "crop_pct": aug.crop_pct, "interpolation": aug.interpolation}
-    eval_transform = create_eval_transform(**eval_options, mean=mean, std=std)
+    mean, std = eval_config["mean"], eval_config["std"]
+    eval_transform = create_eval_transform(**eval_config)
     if cfg.source == "synthetic":
         common = {"num_classes": cfg.num_classes, "img_size": cfg.img_size, "env": env, "seed": seed}
         train = SyntheticImages(num_samples=cfg.synthetic_train_samples, batch_size=cfg.batch_size, split=0, **common)
@@ -191,7 +190,14 @@ def build_data(
             **_train_options(cfg, aug), mean=mean, std=std, device=device, draft=cfg.decode == "draft"
         )
         if cfg.decode == "device":
-            eval_transform = create_device_eval_transform(**eval_options, mean=mean, std=std, device=device)
+            eval_transform = create_device_eval_transform(
+                input_size=eval_config["input_size"][-1],
+                crop_pct=eval_config["crop_pct"],
+                interpolation=eval_config["interpolation"],
+                mean=mean,
+                std=std,
+                device=device,
+            )
     else:
         train_transform = create_train_transform(**_train_options(cfg, aug), color_jitter=aug.color_jitter or None)
     train = create_train_loader(
@@ -252,8 +258,7 @@ def open_evaluators(
     return opened + build_evaluators(
         entries,
         transform,
-        rank=env.rank,
-        world_size=env.world_size,
+        env=env,
         batch_size=cfg.eval_batch_size,
         num_workers=cfg.num_workers,
         pin_memory=torch.cuda.is_available(),

@@ -53,6 +53,7 @@ RESUMABLE_KEYS = (
     "trainer.export_release",
     "trainer.peak_tflops",
     "trainer.cpu_threads",
+    # Fault-injection switches of earlier versions (now `pace.train.faults`), still in older checkpoints' configs.
     "trainer.debug_nan_step",
     "trainer.debug_nan_rank",
     "trainer.rendezvous_timeout_s",

@@ -28,6 +28,7 @@ from pace.train.checkpoint import CheckpointManager, export_release, load_checkp
 from pace.train.config import TrainerConfig
 from pace.train.data import TrainData
 from pace.train.distill import DistillationLoss
+from pace.train.faults import nan_fault_from_env
 from pace.train.metrics import MetricLogger, ThroughputMeter, pace_telemetry
 from pace.train.progress import ProgressLine, show_progress_bar
 
@@ -187,6 +188,7 @@ class Trainer:
         self._loss_window: list[float] = []
         self._telemetry_images: torch.Tensor | None = None
         self.progress = ProgressLine(self.epochs, self.updates_per_epoch)
+        self._nan_fault = nan_fault_from_env()
 
     # -- one update ---------------------------------------------------------------------------------------
 
@@ -208,7 +210,7 @@ class Trainer:
             outputs = self.train_model(images)
             # Distillation: the teacher scores the same (mixed) images; its loss wraps `loss_fn`.
             loss = self.loss_fn(outputs, targets) if self.distill is None else self.distill(images, outputs, targets)
-        if self.options.debug_nan_step == step and self.env.rank == self.options.debug_nan_rank:
+        if self._nan_fault is not None and self._nan_fault.poisons(step, self.env.rank):
             loss = loss * float("nan")
         self.scaler.scale(loss * scale).backward()
         return loss.detach().float()
@@ -387,6 +389,7 @@ class Trainer:
                     device=self.device,
                     amp_dtype=amp,
                     channels_last=self.options.channels_last,
+                    env=self.env,
                     limit_batches=self.options.limit_eval_batches,
                 )
                 out.update(result.log_dict(prefix))

@@ -10,8 +10,8 @@ from eval_helpers import N_VAL, LookupModel, keyed_batches, real_json, synthetic
 from timm.data import RealLabelsImagenet
 
 from pace.eval import LabelSets, evaluate, predict
-from pace.eval.metrics import score_label_sets, score_predictions, score_targets
 from pace.eval.predictions import Predictions, canonicalise
+from pace.eval.scoring import score_label_sets, score_predictions, score_targets
 
 
 @pytest.fixture(scope="module")

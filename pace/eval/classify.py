@@ -1,8 +1,8 @@
-"""The evaluator shared by `pace-eval` and the Trainer: run a model over an eval loader, gather, score by key."""
+"""The classification pass shared by `pace-eval` and the Trainer: run a model over an eval loader, gather every
+rank's predictions, score them by sample key."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -10,14 +10,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from pace.distributed import DistEnv, resolve_dist_env
+from pace.eval.forward import LoaderWait, as_amp_dtype, eval_mode, forward_batches
 from pace.eval.gather import gather_predictions
 from pace.eval.labels import LabelSets
-from pace.eval.metrics import score_predictions
 from pace.eval.predictions import Predictions, canonicalise, write_predictions
+from pace.eval.scoring import score_predictions
 
 log = logging.getLogger(__name__)
 
@@ -55,32 +56,6 @@ class EvalResult:
         out = {prefix + k: v for k, v in self.metrics.items()}
         out.update({f"{prefix}{k}_count": self.counts[k] for k in self.metrics})
         return out
-
-
-def _rank(group) -> int:
-    return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
-
-
-def unpack_batch(batch, index: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """`(images, targets, keys)` of an eval batch, checked: every sample has a non-empty string key.
-
-    Raises:
-        TypeError: the batch is not a 3-tuple.
-        ValueError: naming the batch with a missing key or mismatched lengths.
-    """
-    if not isinstance(batch, (tuple, list)) or len(batch) != 3:
-        got = type(batch).__name__
-        raise TypeError(f"eval batch {index}: the loader must yield (images, targets, keys), got {got}")
-    images, targets, keys = batch
-    keys = list(keys)
-    for key in keys:
-        if not isinstance(key, str) or not key:
-            raise ValueError(f"eval batch {index}: missing or invalid sample key {key!r}; every sample needs its key")
-    if not (len(keys) == len(images) == len(targets)):
-        raise ValueError(
-            f"eval batch {index}: {len(images)} images, {len(targets)} targets and {len(keys)} keys do not match"
-        )
-    return images, torch.as_tensor(targets), keys
 
 
 def _batch_predictions(
@@ -154,12 +129,12 @@ def predict(
     loader: Iterable,
     *,
     device: torch.device | str,
-    amp_dtype: torch.dtype | None = None,
+    amp_dtype: torch.dtype | str | None = None,
     channels_last: bool = False,
     maxk: int = 5,
     keep_logits: bool = False,
     num_classes: int | None = None,
-    group=None,
+    env: DistEnv | None = None,
     log_every: int = 0,
     limit_batches: int | None = None,
     class_subset: Sequence[int] | None = None,
@@ -171,12 +146,12 @@ def predict(
             mode for the pass and returned to its previous mode afterwards.
         loader: yields `(images, targets, keys)`; targets of -1 mark unlabelled samples.
         device: where the forward pass runs.
-        amp_dtype: autocast dtype (torch.bfloat16 / torch.float16), None for full precision.
+        amp_dtype: autocast dtype (torch.bfloat16 / torch.float16 / `"bf16"`), None for full precision.
         channels_last: feed images in channels-last memory format (convert the model likewise, for speed).
         maxk: how many top classes to keep per sample.
         keep_logits: also keep the full logits (for a predictions file).
         num_classes: the number of classes the data has; a model with another number of logits is an error.
-        group: the process group to gather over (None: the default group, if initialised).
+        env: this process's place in the job, whose ranks are gathered (None: `resolve_dist_env()`).
         log_every: log progress every this many batches on rank 0 (0: never).
         limit_batches: stop after this many batches on each rank.
         class_subset: score only these classes (the other logits are masked to -inf), as for ImageNet-A/R.
@@ -185,49 +160,50 @@ def predict(
         The predictions of all ranks, concatenated in rank order (not yet sorted or checked for repeats), and the
         seconds this rank waited for data.
     """
-    device = torch.device(device)
-    net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    was_training = net.training
-    net.eval()
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    parts: list[Predictions] = []
+    env = resolve_dist_env() if env is None else env
     subset = None if class_subset is None else torch.as_tensor(list(class_subset), dtype=torch.long)
-    data_seconds, index, batches = 0.0, 0, iter(loader)
-    try:
-        while limit_batches is None or index < limit_batches:
-            start = time.perf_counter()
-            batch = next(batches, None)
-            data_seconds += time.perf_counter() - start
-            if batch is None:
-                break
-            images, targets, keys = unpack_batch(batch, index)
-            images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-            with autocast:
-                logits = net(images)
-            if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
-                got = getattr(logits, "shape", type(logits).__name__)
-                raise TypeError(f"the model must return (B, num_classes) logits, got {got}")
-            if num_classes is not None and logits.shape[1] != num_classes:
-                raise ValueError(
-                    f"class-count mismatch: the model produces {logits.shape[1]} logits but the data has "
-                    f"{num_classes} classes"
-                )
+    parts: list[Predictions] = []
+    wait = LoaderWait()
+    with eval_mode(model) as net:
+        options = {"amp_dtype": amp_dtype, "channels_last": channels_last, "limit_batches": limit_batches}
+        for index, logits, targets, keys in forward_batches(net, loader, device=device, wait=wait, **options):
+            check_logits(logits, num_classes)
             parts.append(
                 _batch_predictions(logits, targets, keys, maxk=maxk, keep_logits=keep_logits, class_subset=subset)
             )
-            index += 1
-            if log_every and index % log_every == 0 and _rank(group) == 0:
-                log.info("eval: %d batches, %d samples on rank 0", index, sum(len(p) for p in parts))
-    finally:
-        net.train(was_training)
+            if log_every and (index + 1) % log_every == 0 and env.is_main:
+                log.info("eval: %d batches, %d samples on rank 0", index + 1, sum(len(p) for p in parts))
     if parts:
         local = Predictions.concat(parts).cpu()
     else:  # this rank got no samples; its width and class count come from the other ranks when gathered
-        empty = torch.empty(0)
-        logits = empty.reshape(0, num_classes or 0) if keep_logits else None
-        local = Predictions([], empty.long().reshape(0, maxk), empty.long(), empty, num_classes or 0, logits, empty)
-    return gather_predictions(local, group), data_seconds
+        local = _no_predictions(maxk, num_classes or 0, keep_logits)
+    return gather_predictions(local, env), wait.seconds
+
+
+def check_logits(logits, num_classes: int | None) -> None:
+    """Refuse model outputs that are not (B, num_classes) logits.
+
+    Args:
+        logits: what the model returned for one batch.
+        num_classes: the number of classes the data has (None: any).
+
+    Raises:
+        TypeError: the output is not a 2-D tensor.
+        ValueError: its class count differs from the data's.
+    """
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+        got = getattr(logits, "shape", type(logits).__name__)
+        raise TypeError(f"the model must return (B, num_classes) logits, got {got}")
+    if num_classes is not None and logits.shape[1] != num_classes:
+        raise ValueError(
+            f"class-count mismatch: the model produces {logits.shape[1]} logits but the data has {num_classes} classes"
+        )
+
+
+def _no_predictions(maxk: int, num_classes: int, keep_logits: bool) -> Predictions:
+    empty = torch.empty(0)
+    logits = empty.reshape(0, num_classes) if keep_logits else None
+    return Predictions([], empty.long().reshape(0, maxk), empty.long(), empty, num_classes, logits, empty)
 
 
 def check_sample_count(found: int, expected: int | None, *, allow_partial: bool, source: str = "the data") -> None:
@@ -245,16 +221,6 @@ def check_sample_count(found: int, expected: int | None, *, allow_partial: bool,
     log.warning("%s; partial evaluation, metrics cover the %d samples seen", message, found)
 
 
-def as_amp_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """The autocast dtype for `bf16`/`bfloat16`/`fp16`/`float16` (or a dtype, or None)."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in names:
-        raise ValueError(f"unknown AMP dtype {dtype!r}; use one of {sorted(names)} or None")
-    return names[dtype]
-
-
 def evaluate(
     model: nn.Module,
     loader: Iterable,
@@ -270,7 +236,7 @@ def evaluate(
     allow_partial: bool = False,
     predictions_path: str | Path | None = None,
     keep_logits: bool = False,
-    group=None,
+    env: DistEnv | None = None,
     log_every: int = 0,
     limit_batches: int | None = None,
     class_subset: Sequence[int] | None = None,
@@ -294,24 +260,24 @@ def evaluate(
         allow_partial: accept a count that differs from `expected_samples`, and drop repeated keys, with warnings.
         predictions_path: write per-sample predictions here (rank 0 writes; `.jsonl` or `.jsonl.gz`).
         keep_logits: include the logits in the predictions file.
-        group: process group to gather over; None is the default group when initialised.
+        env: this process's place in the job, whose ranks are gathered (None: `resolve_dist_env()`).
         log_every: progress log interval in batches (0: none).
         limit_batches: evaluate only this many batches per rank; implies partial evaluation.
         class_subset: score only these classes (ImageNet-A/R), masking the other logits.
     """
     allow_partial = allow_partial or limit_batches is not None
+    env = resolve_dist_env() if env is None else env
     start = time.perf_counter()
-    maxk = max(max(topk), 5)
     gathered, data_seconds = predict(
         model,
         loader,
         device=device,
         amp_dtype=as_amp_dtype(amp_dtype),
         channels_last=channels_last,
-        maxk=maxk,
+        maxk=max(max(topk), 5),
         keep_logits=keep_logits and predictions_path is not None,
         num_classes=num_classes,
-        group=group,
+        env=env,
         log_every=log_every,
         limit_batches=limit_batches,
         class_subset=class_subset,
@@ -320,7 +286,7 @@ def evaluate(
     check_sample_count(len(preds), expected_samples, allow_partial=allow_partial)
     metrics, counts = score_predictions(preds, topk=topk, name=name, label_sets=label_sets)
     counts["repeats_dropped"] = dropped
-    if predictions_path is not None and _rank(group) == 0:
+    if predictions_path is not None and env.is_main:
         write_predictions(predictions_path, preds)
     return EvalResult(
         metrics=metrics,

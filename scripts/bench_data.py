@@ -45,14 +45,17 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
 from pace.data import (
-    SYNTHETIC_CLASSES,
+    QUICKSTART_CLASSES,
+    ShardPlan,
+    ShardReading,
+    TrainSampling,
     create_device_train_transform,
     create_train_loader,
     create_train_transform,
     shard_image_folders,
 )
+from pace.data.quickstart import render_jpeg
 from pace.data.shards import read_shard
-from pace.data.synthetic import render_jpeg
 
 
 def build_folder(
@@ -70,7 +73,7 @@ def build_folder(
                 target.write_bytes(tar.extractfile(member).read())
     else:
         for index in range(num_images):
-            target = folder / SYNTHETIC_CLASSES[index % 10] / f"{index:06d}.jpg"
+            target = folder / QUICKSTART_CLASSES[index % 10] / f"{index:06d}.jpg"
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(render_jpeg(seed=0, split="train", index=index))
     if image_size:
@@ -126,7 +129,11 @@ def breakdown(folder: Path, shards: Path, transform, *, batch_size: int, repeats
 
     def pace_loader():
         loader = create_train_loader(
-            shards, batch_size=batch_size, transform=_no_op, num_workers=0, samples_per_epoch=total
+            shards,
+            batch_size=batch_size,
+            transform=_no_op,
+            num_workers=0,
+            sampling=TrainSampling(samples_per_epoch=total),
         )
         return sum(len(targets) for _, targets in loader)
 
@@ -263,7 +270,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         shard_image_folders(
             shards,
             {"train": folder},
-            max_count=max(1, args.num_images // shard_count),
+            plan=ShardPlan(max_count=max(1, args.num_images // shard_count)),
             workers=max(2, args.gen_processes),
         )
         transform = create_train_transform(input_size=args.input_size)
@@ -277,9 +284,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 batch_size=args.batch_size,
                 transform=pace_transform(decode, args.input_size, args.device),
                 num_workers=workers,
-                samples_per_epoch=samples,  # one pass over the same number of samples as the baseline
-                pin_memory=args.device != "cpu",
-                prefetch_factor=4 if workers else None,
+                # One pass over the same number of samples as the baseline.
+                sampling=TrainSampling(samples_per_epoch=samples),
+                reading=ShardReading(pin_memory=args.device != "cpu", prefetch_factor=4 if workers else None),
             )
 
         for decode in args.decode:

@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pace.data.image_folders import shard_image_folders
 from pace.data.jpeg_check import jpeg_damage
-from pace.data.writer import EncodeOptions, shard_image_folders
+from pace.data.writer import EncodeOptions
 
 
 def _photo(seed: int) -> bytes:

@@ -23,6 +23,7 @@ References:
 
 import argparse
 import os
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -47,7 +48,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from pace.layers import PACEBlock
+from pace.layers import PACEAttention, PACEBlock
 
 # Performance targets: the reference ratio (CPU, GPU), softmax ratios at 196 and 4,096 tokens, 16k/4k growth.
 TARGETS = {"reference_cpu": 1.3, "reference_gpu": 2.0, "softmax_196": 1.0, "softmax_4096": 5.0, "growth": 4.5}
@@ -145,7 +146,9 @@ def pace_block(
     args: argparse.Namespace, form: str, device: torch.device, x: Tensor, fused: bool | None = None
 ) -> PACEBlock:
     """A PACE block whose sketches are drawn and stored for ``x``'s token count (one training forward)."""
-    block = PACEBlock(args.dim, args.heads, rank=args.rank, compress_form=form, fused=fused).to(device)
+    block = PACEBlock(
+        args.dim, args.heads, attn_layer=partial(PACEAttention, rank=args.rank, compress_form=form, fused=fused)
+    ).to(device)
     with torch.no_grad(), autocast(device):
         block(x)
     return block
@@ -253,7 +256,9 @@ def reference_part(args: argparse.Namespace, device: torch.device) -> tuple[list
                 f"{median_ms(times['reference']['wall']):.1f} ms -> {ratio:.2f}x faster "
                 f"(matmul FLOPs ratio {flops['reference'] / flops['pace']:.2f}); "
                 f"max relative difference output {diffs['output']:.1e}, gradients "
-                f"{max(v for k, v in diffs.items() if k != 'output'):.1e}"
+                f"{max(v for k, v in diffs.items() if k != 'output'):.1e} ("
+                + ", ".join(f"{k[5:]} {v:.1e}" for k, v in diffs.items() if k != "output")
+                + ")"
             )
             print(lines[-1], flush=True)
     return rows, lines

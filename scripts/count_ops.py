@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
         for form in args.forms.split(","):
             for fused in (True, False):
                 label = f"PACEBlock {form} {'fused' if fused else 'unfused'}"
-                factory = partial(PACEBlock, args.dim, args.heads, compress_form=form, fused=fused, **kw)
+                attn = partial(PACEAttention, compress_form=form, fused=fused, **kw)
+                factory = partial(PACEBlock, args.dim, args.heads, attn_layer=attn)
                 cases.append((label, factory, "block"))
         cases.append(("timm Block (SDPA + MLP)", lambda: Block(args.dim, args.heads, qkv_bias=True), "block"))
     for name in args.model:

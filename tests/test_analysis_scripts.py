@@ -25,7 +25,7 @@ from pace.analysis._cli import model_from_source
 from pace.analysis.analyze import main as analyze_main
 from pace.analysis.images import model_transform
 from pace.analysis.visualize import main as visualize_main
-from pace.data import make_synthetic_dataset
+from pace.data import make_quickstart_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "pace_vit_test"
@@ -157,7 +157,7 @@ def test_a_release_folder_or_its_safetensors_file_loads_with_its_weights(tmp_pat
 def val_shards(tmp_path_factory) -> Path:
     """The generated shapes dataset at 32 px: 40 held-out images in two shards of 20."""
     root = tmp_path_factory.mktemp("shapes")
-    make_synthetic_dataset(root, image_size=32, train_per_class=1, val_per_class=4, shard_size=20, workers=1)
+    make_quickstart_dataset(root, image_size=32, train_per_class=1, val_per_class=4, shard_size=20, workers=1)
     return root
 
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ sys.path.insert(0, str(SCRIPTS))
 from _bench_utils import peak_memory_bytes, saved_tensor_bytes  # noqa: E402
 from _reference_block import ReferenceBlock  # noqa: E402
 
-from pace.layers import PACEBlock  # noqa: E402
+from pace.layers import PACEAttention, PACEBlock  # noqa: E402
 
 
 def _run(script: str, out: Path, *extra: str, quick: bool = True) -> subprocess.CompletedProcess:
@@ -85,7 +86,7 @@ def test_bench_model_quick_reports_both_models(tmp_path):
 def test_reference_formulation_computes_the_dense_oracle(form):
     # The benchmark's baseline must be the same function: check it against the float64 oracle.
     dim, heads, rank, n = 32, 4, 4, 48
-    block = PACEBlock(dim, heads, rank=rank, compress_form=form, coeff_init=0.3)
+    block = PACEBlock(dim, heads, attn_layer=partial(PACEAttention, rank=rank, compress_form=form, coeff_init=0.3))
     x = torch.randn(2, n, dim)
     block(x)  # draws and stores the sketches the reference copies
     reference = ReferenceBlock(block)

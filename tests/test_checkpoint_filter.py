@@ -226,11 +226,11 @@ def test_reference_checkpoint_loads_cleanly_and_reproduces_reference_logits(tmp_
     sd, ema = reference_state_dict(1), reference_state_dict(2)
     path = tmp_path / "checkpoint.pth"
     _save_deit_style(path, sd, ema)
-    with caplog.at_level(logging.WARNING, logger="pace.models.pace_vit"):
+    with caplog.at_level(logging.WARNING, logger="pace.models.checkpoint_filter"):
         # timm loads strictly: a missing or unexpected key would raise here.
         model = timm.create_model(MODEL, pretrained=True, pretrained_cfg_overlay={"file": str(path)})
     assert model.compress_form == "diag"
-    assert all(blk.compress_form == "diag" for blk in model.blocks)
+    assert all(blk.attn.compress.form == "diag" for blk in model.blocks)
     assert any("authors" in r.getMessage() and "'diag'" in r.getMessage() for r in caplog.records)
     # timm's own file loader (pretrained_cfg_overlay={"file": ...}) applies timm's rule, EMA first, before the
     # filter sees the weights; pace.eval.load_model and checkpoint_filter_fn given the whole file take `model`.
@@ -238,7 +238,7 @@ def test_reference_checkpoint_loads_cleanly_and_reproduces_reference_logits(tmp_
     torch.testing.assert_close(_logits(model, images), expected, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(expected, reference_logits(sd, images), atol=1e-2)
     # The paper's full projector is a different function of the same weights.
-    model.set_compress_form("full")
+    model.compress_form = "full"
     assert not torch.allclose(_logits(model, images), expected, atol=1e-3)
 
 

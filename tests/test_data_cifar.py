@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_data_helpers import decode_file, fixed_transform
+from data_helpers import decode_file, fixed_transform
 
-from pace.data import EncodeOptions, create_eval_loader, create_train_loader, shard_image_folders
+from pace.data import EncodeOptions, ShardPlan, create_eval_loader, create_train_loader, shard_image_folders
 
 REPO = Path(__file__).resolve().parents[1]
 TARBALL = Path("data") / "cifar10" / "cifar10_jpg.tar.gz"
@@ -43,7 +43,7 @@ def _convert_and_check(root: Path, out: Path, workers: int, max_count: int) -> N
     info = shard_image_folders(
         out,
         {"train": root / "train", "val": root / "test"},
-        max_count=max_count,
+        plan=ShardPlan(max_count=max_count),
         workers=workers,
         options=EncodeOptions(verify=False),
     )

@@ -14,11 +14,12 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from data_helpers import write_tar
 from PIL import Image
-from test_data_helpers import write_tar
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
 from pace.data import (
+    TrainSampling,
     create_device_eval_transform,
     create_device_train_transform,
     create_eval_loader,
@@ -243,7 +244,7 @@ def _train_loader(directory, *, draft=False, start_batch=0, **kwargs):
         batch_size=6,
         transform=transform,
         num_workers=2,
-        seed=5,
+        sampling=TrainSampling(seed=5),
         start_batch=start_batch,
         batch_transform=mixup,
         max_error_fraction=0.1,
@@ -274,7 +275,11 @@ def test_repeated_augmentation_gives_each_copy_its_own_draw(shards):
     directory, _ = shards
     transform = create_device_train_transform(input_size=SIZE, re_prob=0.0)
     loader = create_train_loader(
-        directory, batch_size=6, transform=transform, num_workers=1, seed=1, repeated_aug=3, shuffle_buffer=0
+        directory,
+        batch_size=6,
+        transform=transform,
+        num_workers=1,
+        sampling=TrainSampling(seed=1, repeated_aug=3, shuffle_buffer=0),
     )
     images, targets = next(iter(loader))
     assert targets[0] == targets[1] == targets[2]

@@ -9,9 +9,9 @@ from itertools import islice
 
 import pytest
 import torch
-from test_data_helpers import batches_equal, fixed_transform, jpeg_bytes, random_transform, write_tar
+from data_helpers import batches_equal, fixed_transform, jpeg_bytes, random_transform, write_tar
 
-from pace.data import TooMuchBadDataError, create_eval_loader, create_train_loader, read_info
+from pace.data import TooMuchBadDataError, TrainSampling, create_eval_loader, create_train_loader, read_info
 from pace.data.info import write_info
 from pace.data.shards import read_shard
 
@@ -90,7 +90,12 @@ def test_eval_skips_names_and_counts_bad_data_across_workers(damaged, caplog):
 
 def test_train_keeps_batch_count_and_resumes_exactly_over_bad_data(damaged):
     out, _ = damaged
-    kwargs = {"batch_size": 4, "transform": random_transform(), "seed": 3, "max_error_fraction": 0.5}
+    kwargs = {
+        "batch_size": 4,
+        "transform": random_transform(),
+        "sampling": TrainSampling(seed=3),
+        "max_error_fraction": 0.5,
+    }
     full = list(create_train_loader(out, num_workers=2, **kwargs))
     assert len(full) == 11  # ceil(44 / 4): bad samples are replaced, not dropped
     assert all(len(targets) == 4 for _, targets in full)
@@ -100,10 +105,10 @@ def test_train_keeps_batch_count_and_resumes_exactly_over_bad_data(damaged):
 
 def test_repeated_augmentation_repeats_the_plain_stream_over_bad_data_and_counts_the_same_damage(damaged):
     out, _ = damaged
-    kwargs = {"batch_size": 4, "seed": 3, "max_error_fraction": 0.5, "transform": fixed_transform(), "num_workers": 0}
-    repeats = {"repeated_aug": 3, "samples_per_epoch": 3 * 44}
+    kwargs = {"batch_size": 4, "max_error_fraction": 0.5, "transform": fixed_transform(), "num_workers": 0}
+    repeats = {"sampling": TrainSampling(seed=3, repeated_aug=3, samples_per_epoch=3 * 44)}
     # One reader takes the same 44 raw samples either way: 11 batches plain, 33 with each sample in 3 slots.
-    plain = create_train_loader(out, **kwargs)
+    plain = create_train_loader(out, sampling=TrainSampling(seed=3), **kwargs)
     repeated = create_train_loader(out, **repeats, **kwargs)
     plain_images, plain_targets = map(torch.cat, zip(*plain))
     images, targets = map(torch.cat, zip(*repeated))
@@ -135,7 +140,12 @@ def test_too_much_bad_data_stops_with_a_clear_message(damaged):
     with pytest.raises(TooMuchBadDataError, match=r"too much bad data in epoch 0 on rank 0: \d+ bad of \d+ samples"):
         list(loader)
     train = create_train_loader(
-        out, batch_size=4, transform=fixed_transform(), num_workers=2, max_error_fraction=0.05, shuffle_buffer=0
+        out,
+        batch_size=4,
+        transform=fixed_transform(),
+        num_workers=2,
+        max_error_fraction=0.05,
+        sampling=TrainSampling(shuffle_buffer=0),
     )
     with pytest.raises(TooMuchBadDataError, match="max_error_fraction=0.05"):
         list(train)

@@ -8,8 +8,8 @@ import tarfile
 
 import numpy as np
 import pytest
+from data_helpers import fixed_transform, make_image_folder
 from PIL import Image
-from test_data_helpers import fixed_transform, make_image_folder
 
 from pace.data import create_eval_loader, read_info
 from pace.data.jpeg_check import jpeg_damage

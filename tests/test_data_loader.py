@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
-from test_data_helpers import batches_equal, fixed_transform, make_uneven_shards, random_transform
+from data_helpers import batches_equal, fixed_transform, make_uneven_shards, random_transform
 from torchvision import transforms
 
-from pace.data import create_eval_loader, create_mixup, create_train_loader, read_info
+from pace.data import TrainSampling, create_eval_loader, create_mixup, create_train_loader, read_info
 from pace.data.pipeline import train_assignment
+from pace.distributed import DistEnv, resolve_dist_env
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +31,11 @@ def _fingerprints(images):
     return [tuple(image.flatten()[:32].tolist()) for image in images]
 
 
+SAMPLING = TrainSampling(seed=7, shuffle_buffer=20)
+
+
 def _train(shards, **kwargs):
-    kwargs = {"batch_size": 4, "transform": random_transform(), "seed": 7, "shuffle_buffer": 20, **kwargs}
+    kwargs = {"batch_size": 4, "transform": random_transform(), "sampling": SAMPLING, **kwargs}
     return create_train_loader(shards, **kwargs)
 
 
@@ -50,7 +55,7 @@ def test_start_batch_reproduces_the_rest_of_the_epoch_without_decoding_skipped_s
 def test_epoch_is_a_function_of_seed_epoch_and_workers(shards):
     first = list(_train(shards, num_workers=2))
     assert batches_equal(list(_train(shards, num_workers=2)), first)
-    assert not batches_equal(list(_train(shards, num_workers=2, seed=8)), first)
+    assert not batches_equal(list(_train(shards, num_workers=2, sampling=replace(SAMPLING, seed=8))), first)
     loader = _train(shards, num_workers=2)
     loader.set_epoch(1)
     assert not batches_equal(list(loader), first)
@@ -73,7 +78,13 @@ def test_every_rank_yields_the_same_number_of_batches_with_uneven_shards(shards,
     # 2 ranks x 2 workers over shards of 11, 11, 11, 11, 11 and 5 samples.
     counts = []
     for rank in range(2):
-        loader = _train(shards, num_workers=2, rank=rank, world_size=2, batch_size=3, resampled=resampled)
+        loader = _train(
+            shards,
+            num_workers=2,
+            env=DistEnv(rank=rank, world_size=2),
+            batch_size=3,
+            sampling=replace(SAMPLING, resampled=resampled),
+        )
         batches = list(loader)
         assert all(len(targets) == 3 for _, targets in batches)
         counts.append(len(batches))
@@ -96,10 +107,9 @@ def test_one_pass_reads_every_sample_once_over_uneven_shards_and_several_readers
         loader = _train(
             shards,
             num_workers=2,
-            rank=rank,
-            world_size=2,
+            env=DistEnv(rank=rank, world_size=2),
             batch_size=batch_size,
-            samples_per_epoch=samples_per_epoch,
+            sampling=replace(SAMPLING, samples_per_epoch=samples_per_epoch),
             transform=fixed_transform(),
         )
         seen += _fingerprints(image for batch, _ in loader for image in batch)
@@ -130,7 +140,7 @@ def test_train_assignment_splits_samples_in_proportion_to_quotas():
 def test_ranks_draw_different_samples(shards):
     keys = []
     for rank in range(2):
-        loader = _train(shards, num_workers=0, rank=rank, world_size=2, transform=fixed_transform())
+        loader = _train(shards, num_workers=0, env=DistEnv(rank=rank, world_size=2), transform=fixed_transform())
         keys.append([image.sum().item() for images, _ in loader for image in images])
     assert keys[0] != keys[1]
 
@@ -138,13 +148,19 @@ def test_ranks_draw_different_samples(shards):
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")
 def test_too_few_shards_for_one_pass_is_a_clear_error_and_resampling_works(shards):
     with pytest.raises(ValueError, match="6 shards cannot be split over 2 ranks x 4 workers"):
-        _train(shards, num_workers=4, rank=0, world_size=2)
-    loader = _train(shards, num_workers=4, rank=0, world_size=2, resampled=True, batch_size=5)
+        _train(shards, num_workers=4, env=DistEnv(rank=0, world_size=2))
+    loader = _train(
+        shards,
+        num_workers=4,
+        env=DistEnv(rank=0, world_size=2),
+        sampling=replace(SAMPLING, resampled=True),
+        batch_size=5,
+    )
     assert len(list(loader)) == len(loader) == 6
 
 
 def test_samples_per_epoch_sets_the_epoch_length(shards):
-    loader = _train(shards, num_workers=0, samples_per_epoch=100)
+    loader = _train(shards, num_workers=0, sampling=replace(SAMPLING, samples_per_epoch=100))
     assert len(list(loader)) == 25
 
 
@@ -160,8 +176,7 @@ def test_eval_sees_every_sample_exactly_once_across_ranks_and_workers(shards, wo
             batch_size=4,
             transform=fixed_transform(),
             num_workers=num_workers,
-            rank=rank,
-            world_size=world_size,
+            env=DistEnv(rank=rank, world_size=world_size),
         )
         batches = list(loader)
         assert len(batches) == len(loader)
@@ -170,14 +185,18 @@ def test_eval_sees_every_sample_exactly_once_across_ranks_and_workers(shards, wo
     assert len(set(keys)) == 60
 
 
-def test_rank_and_world_size_default_to_the_environment(shards, monkeypatch):
+def test_the_caller_passes_the_place_in_the_job_and_the_environment_is_not_read(shards, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    loader = create_eval_loader(shards, split="train", batch_size=4, transform=fixed_transform(), num_workers=0)
+    options = {"split": "train", "batch_size": 4, "transform": fixed_transform(), "num_workers": 0}
+    loader = create_eval_loader(shards, **options)
+    assert (loader.dataset.rank, loader.dataset.world_size) == (0, 1)  # no env given: a single process
+    loader = create_eval_loader(shards, env=resolve_dist_env(), **options)
     assert (loader.dataset.rank, loader.dataset.world_size) == (1, 2)
-    monkeypatch.setenv("RANK", "2")
     with pytest.raises(ValueError, match="rank 2 is not in a world of size 2"):
-        create_eval_loader(shards, split="train", batch_size=4, transform=fixed_transform(), num_workers=0)
+        create_eval_loader(shards, env=DistEnv(rank=2, world_size=2), **options)
+    with pytest.raises(ValueError, match="rank 2 is not in a world of size 2"):
+        _train(shards, num_workers=0, env=DistEnv(rank=2, world_size=2))
 
 
 def test_mixup_in_the_loader_is_deterministic_and_resumable(shards):

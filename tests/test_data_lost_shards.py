@@ -7,10 +7,18 @@ from itertools import islice
 from pathlib import Path
 
 import pytest
-from test_data_helpers import fixed_transform, jpeg_bytes, write_tar
+from data_helpers import fixed_transform, jpeg_bytes, write_tar
 
-from pace.data import TooMuchBadDataError, create_eval_loader, create_train_loader, make_synthetic_dataset, read_info
+from pace.data import (
+    TooMuchBadDataError,
+    TrainSampling,
+    create_eval_loader,
+    create_train_loader,
+    make_quickstart_dataset,
+    read_info,
+)
 from pace.data.info import write_info
+from pace.distributed import DistEnv
 
 PER_SHARD = 10
 
@@ -62,7 +70,9 @@ def test_training_over_half_lost_shards_stops_naming_the_loss(tmp_path):
     # went on re-reading the other half of the data; as samples it is 299 of 800.
     out = tmp_path / "shards"
     _half_lost(out, 100)
-    loader = create_train_loader(out, batch_size=8, transform=fixed_transform(), num_workers=2, seed=1)
+    loader = create_train_loader(
+        out, batch_size=8, transform=fixed_transform(), num_workers=2, sampling=TrainSampling(seed=1)
+    )
     with pytest.raises(TooMuchBadDataError) as caught:
         list(islice(iter(loader), len(loader)))
     message = str(caught.value)
@@ -75,7 +85,12 @@ def test_training_over_half_lost_shards_stops_naming_the_loss(tmp_path):
 def test_training_within_the_limit_reports_the_real_sample_count(half_lost, caplog):
     out, readable = half_lost
     loader = create_train_loader(
-        out, batch_size=8, transform=fixed_transform(), num_workers=2, seed=1, max_error_fraction=0.5
+        out,
+        batch_size=8,
+        transform=fixed_transform(),
+        num_workers=2,
+        sampling=TrainSampling(seed=1),
+        max_error_fraction=0.5,
     )
     with caplog.at_level(logging.INFO, logger="pace.data"):
         # As the Trainer does: exactly len(loader) batches, never a request past the last one.
@@ -87,7 +102,12 @@ def test_training_within_the_limit_reports_the_real_sample_count(half_lost, capl
     assert stats.bad_samples == LOST
     assert f"the epoch held {len(readable)} of its 80 planned samples" in caplog.text
     strict = create_train_loader(
-        out, batch_size=8, transform=fixed_transform(), num_workers=0, seed=1, max_error_fraction=0.3
+        out,
+        batch_size=8,
+        transform=fixed_transform(),
+        num_workers=0,
+        sampling=TrainSampling(seed=1),
+        max_error_fraction=0.3,
     )
     with pytest.raises(TooMuchBadDataError, match=f"{LOST} bad of"):  # 29 of 80 is above 30% only as samples
         list(islice(iter(strict), len(strict)))
@@ -125,8 +145,7 @@ def test_ranks_sharing_a_damaged_shard_split_its_loss(half_lost):
             batch_size=4,
             transform=fixed_transform(),
             num_workers=0,
-            rank=rank,
-            world_size=4,
+            env=DistEnv(rank=rank, world_size=4),
             max_error_fraction=1,
         )
         keys += [key for _, _, batch in loader for key in batch]
@@ -142,7 +161,7 @@ def test_pace_train_over_half_empty_shards_exits_non_zero_naming_the_loss(tmp_pa
 
     root = tmp_path / "shapes"
     overrides = make_tiny_shards(root)  # its overrides; the dataset is then written again, larger
-    make_synthetic_dataset(root, image_size=32, train_per_class=50, val_per_class=4, shard_size=63, workers=1)
+    make_quickstart_dataset(root, image_size=32, train_per_class=50, val_per_class=4, shard_size=63, workers=1)
     info = read_info(root)
     assert len(info["splits"]["train"]["filenames"]) == 8
     for name in info["splits"]["train"]["filenames"][::2]:

@@ -11,7 +11,7 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-from test_data_helpers import jpeg_bytes, make_image_folder
+from data_helpers import jpeg_bytes, make_image_folder
 
 from pace.data import read_info
 from pace.data.make_shards import main

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from data_helpers import batches_equal, fixed_transform, make_uneven_shards, random_transform
 from test_configs import compose_train
-from test_data_helpers import batches_equal, fixed_transform, make_uneven_shards, random_transform
 from train_helpers import FAST, make_tiny_shards
 
-from pace.data import create_eval_loader, create_train_loader
+from pace.data import TrainSampling, create_eval_loader, create_train_loader
 from pace.data.pipeline import train_quotas
 from pace.distributed import DistEnv
 from pace.train.config import validate
-from pace.train.data import build_data
+from pace.train.data_builders import build_data
 
 R = 3  # DeiT's repeat count
 B = 4
@@ -52,9 +52,10 @@ def _fingerprint(image: torch.Tensor) -> tuple:
     return tuple(image.flatten().tolist())
 
 
-def _loader(shards, **kwargs):
-    options = {"batch_size": B, "transform": _IdentityAndAugmentation(), "seed": 7, "shuffle_buffer": 20}
-    return create_train_loader(shards, **{**options, "repeated_aug": R, **kwargs})
+def _loader(shards, *, samples_per_epoch=None, repeated_aug=R, **kwargs):
+    sampling = TrainSampling(seed=7, shuffle_buffer=20, samples_per_epoch=samples_per_epoch, repeated_aug=repeated_aug)
+    options = {"batch_size": B, "transform": _IdentityAndAugmentation(), "sampling": sampling}
+    return create_train_loader(shards, **{**options, **kwargs})
 
 
 def _batches(loader) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

@@ -9,7 +9,7 @@ from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from test_data_helpers import fixed_transform, jpeg_bytes, make_image_folder, write_shards, write_tar
+from data_helpers import fixed_transform, jpeg_bytes, make_image_folder, write_shards, write_tar
 
 from pace.data import ShardOpenError, create_eval_loader, create_train_loader, imagenet_classes, resolve_shards
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pace.data.synthetic_tensors import SyntheticTensors, batch_seed
 from pace.distributed import DistEnv
-from pace.train.data import SyntheticImages, batch_seed
 
 SEEDS = [0, 1, 2, 7, 12345, 2**31 - 1, 2**32 + 1, 2**62, 2**63 - 1, 2**63, 2**64 + 3, -1, -(2**63)]
 
 
 def _images(seed: int, *, epoch: int = 0, rank: int = 0, world_size: int = 1) -> list[tuple[torch.Tensor, ...]]:
-    data = SyntheticImages(
+    data = SyntheticTensors(
         num_samples=24,
         num_classes=3,
         img_size=8,

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from data_helpers import decode_file, fixed_transform, jpeg_bytes, make_image_folder, write_shards
 from PIL import Image
-from test_data_helpers import decode_file, fixed_transform, jpeg_bytes, make_image_folder, write_shards
 
-from pace.data import EncodeOptions, create_eval_loader, read_info, shard_image_folders
+from pace.data import EncodeOptions, ShardPlan, create_eval_loader, read_info, shard_image_folders
+from pace.data.image_folders import scan_image_folder
 from pace.data.make_shards import main
-from pace.data.writer import _write_shard, scan_image_folder
+from pace.data.writer import _write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -179,7 +180,7 @@ def test_flat_validation_layout_with_label_file(tmp_path):
         {"val": val},
         labels={"val": tmp_path / "LOC_val_solution.csv"},
         classes_file=tmp_path / "classes.txt",
-        max_count=4,
+        plan=ShardPlan(max_count=4),
     )
     assert info["splits"]["val"]["num_samples"] == 6
     loader = create_eval_loader(tmp_path / "out", batch_size=4, transform=fixed_transform(), num_workers=0)

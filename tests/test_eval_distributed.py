@@ -115,7 +115,7 @@ def val_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def val_shards(val_folder):
     """The same 13 images as webdataset shards of at most 4 samples (4 shards), written by pace.data."""
-    from pace.data import imagenet_classes, shard_image_folders
+    from pace.data import ShardPlan, imagenet_classes, shard_image_folders
 
     (val_folder / "classes.txt").write_text("\n".join(imagenet_classes()) + "\n")
     shard_image_folders(
@@ -123,7 +123,7 @@ def val_shards(val_folder):
         {"val": val_folder / "val"},
         labels={"val": val_folder / "labels.txt"},
         classes_file=val_folder / "classes.txt",
-        max_count=4,
+        plan=ShardPlan(max_count=4),
     )
     return val_folder / "shards"
 

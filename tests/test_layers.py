@@ -1,6 +1,7 @@
 """PACEAttention layers: the fast batched path against the dense float64 oracle, and the module contract."""
 
 import math
+from functools import partial
 
 import pytest
 import timm
@@ -11,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import pace  # noqa: F401  (registers the models)
-from pace.layers import PACEAttention, PACEBlock, compress, expand, gaussian_sketch, ridge_basis
+from pace.layers import PACEAttention, PACEBlock, compress, expand, gaussian_sketch, ridge_basis, softplus_inverse
 
 B, N, C, K, RANK = 2, 64, 32, 4, 4
 P = C // K
@@ -88,7 +89,7 @@ def test_exact_basis_with_fewer_tokens_than_columns_still_contains_range_y():
 
 def test_ridge_block_trains_on_fewer_tokens_than_sketch_columns():
     # 4 tokens (a 32 px image at patch 16) against an Expand sketch of width rank·K = 16.
-    block = PACEBlock(C, K, rank=RANK)
+    block = PACEBlock(C, K, attn_layer=partial(PACEAttention, rank=RANK))
     x = torch.randn(B, 4, C, requires_grad=True)
     block(x).square().mean().backward()
     assert torch.isfinite(x.grad).all() and all(torch.isfinite(p.grad).all() for p in block.parameters())
@@ -128,7 +129,7 @@ def test_ridge_basis_stays_float32_under_autocast():
 
 
 def test_memberships_are_a_distribution():
-    block = PACEBlock(C, K, rank=RANK)
+    block = PACEBlock(C, K, attn_layer=partial(PACEAttention, rank=RANK))
     pi = block.memberships(torch.randn(B, N, C))
     assert pi.shape == (B, N, K)
     assert (pi >= 0).all()
@@ -136,7 +137,9 @@ def test_memberships_are_a_distribution():
 
 
 def test_block_is_prenorm_residual_of_alpha_expand_minus_beta_compress():
-    block = PACEBlock(C, K, rank=RANK, compress_form="diag", positive_coeffs=True, coeff_init=0.3).eval()
+    block = PACEBlock(
+        C, K, attn_layer=partial(PACEAttention, rank=RANK, compress_form="diag", positive_coeffs=True, coeff_init=0.3)
+    ).eval()
     with torch.no_grad():
         block.norm.weight.uniform_(0.5, 1.5)
         block.attn.compress.tau.fill_(0.5)
@@ -157,7 +160,7 @@ def test_block_is_prenorm_residual_of_alpha_expand_minus_beta_compress():
 
 def test_standalone_block_norm_uses_the_reference_eps():
     # The reference's LayerNorm eps is 1e-6 (PACE_SPEC §4); tokens of variance ~1e-6 make 1e-5 and 1e-6 differ.
-    block = PACEBlock(C, K, rank=RANK).eval()
+    block = PACEBlock(C, K, attn_layer=partial(PACEAttention, rank=RANK)).eval()
     x = 1e-3 * torch.randn(B, N, C, dtype=torch.float64)
     block.double()
     mean, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
@@ -172,7 +175,13 @@ def test_standalone_block_norm_uses_the_reference_eps():
 @pytest.mark.parametrize("projector", ["ridge", "exact"])
 @pytest.mark.parametrize("positive_coeffs", [False, True])
 def test_every_parameter_gets_a_finite_gradient(form, projector, positive_coeffs):
-    block = PACEBlock(C, K, rank=RANK, compress_form=form, projector=projector, positive_coeffs=positive_coeffs)
+    block = PACEBlock(
+        C,
+        K,
+        attn_layer=partial(
+            PACEAttention, rank=RANK, compress_form=form, projector=projector, positive_coeffs=positive_coeffs
+        ),
+    )
     x = torch.randn(B, N, C, requires_grad=True)
     block(x).square().mean().backward()
     for name, param in block.named_parameters():
@@ -183,7 +192,7 @@ def test_every_parameter_gets_a_finite_gradient(form, projector, positive_coeffs
 
 
 def test_bf16_autocast_forward_and_backward():
-    block = PACEBlock(C, K, rank=RANK, drop_path=0.1)
+    block = PACEBlock(C, K, attn_layer=partial(PACEAttention, rank=RANK), drop_path=0.1)
     x = torch.randn(B, N, C)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = block(x)
@@ -195,7 +204,7 @@ def test_bf16_autocast_forward_and_backward():
 
 
 def test_bf16_weights_keep_bf16_output():
-    block = PACEBlock(C, K, rank=RANK).to(torch.bfloat16)
+    block = PACEBlock(C, K, attn_layer=partial(PACEAttention, rank=RANK)).to(torch.bfloat16)
     y = block(torch.randn(B, N, C, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
 
@@ -212,8 +221,17 @@ def test_positive_coeffs_hold_raw_softplus_values():
     assert plain.alpha.item() == pytest.approx(0.1) and plain.coefficients()["alpha"].item() == pytest.approx(0.1)
 
 
+def test_softplus_inverse_undoes_softplus_without_overflow():
+    y = torch.tensor([1e-6, 0.1, 1.0, 30.0, 800.0], dtype=torch.float64)
+    raw = softplus_inverse(y)
+    assert raw.dtype == torch.float64 and torch.isfinite(raw).all()
+    torch.testing.assert_close(torch.nn.functional.softplus(raw), y, rtol=1e-12, atol=0)
+    assert raw[-1].item() == 800.0  # log(e^y − 1) = y to float64 precision for large y (e^800 overflows)
+    assert softplus_inverse(y.float()).dtype == torch.float32
+
+
 def test_state_dict_keys_and_shapes():
-    block = PACEBlock(C, K, rank=RANK)
+    block = PACEBlock(C, K, attn_layer=partial(PACEAttention, rank=RANK))
     block(torch.randn(1, N, C))
     shapes = {k: tuple(v.shape) for k, v in block.state_dict().items()}
     assert shapes == {
@@ -233,18 +251,19 @@ def test_state_dict_keys_and_shapes():
 
 
 def test_compress_form_is_settable():
-    block = PACEBlock(C, K, rank=RANK).eval()
+    block = PACEBlock(C, K, attn_layer=partial(PACEAttention, rank=RANK)).eval()
     x = torch.randn(B, N, C)
     with torch.no_grad():
         full = block(x)
-        block.set_compress_form("diag")
-        assert block.compress_form == "diag" and block.attn.compress.form == "diag"
+        block.attn.compress_form = "diag"
+        assert block.attn.compress_form == "diag" and block.attn.compress.form == "diag"
         diag = block(x)
-        block.compress_form = "full"
+        block.attn.compress_form = "full"
         torch.testing.assert_close(block(x), full, rtol=0, atol=0)
     assert not torch.equal(full, diag)
     with pytest.raises(ValueError, match="'sparse'"):
-        block.set_compress_form("sparse")
+        block.attn.compress_form = "sparse"
+    assert block.attn.compress_form == "full"
 
 
 @pytest.mark.parametrize(
@@ -263,15 +282,20 @@ def test_compress_form_is_settable():
 )
 def test_bad_arguments_raise_value_errors_naming_the_value(kwargs, match):
     kwargs = dict(kwargs)
+    drop_path = kwargs.pop("drop_path", 0.0)
     with pytest.raises(ValueError, match=match):
-        PACEBlock(kwargs.pop("dim"), kwargs.pop("num_heads"), **kwargs)
+        PACEBlock(
+            kwargs.pop("dim"), kwargs.pop("num_heads"), attn_layer=partial(PACEAttention, **kwargs), drop_path=drop_path
+        )
 
 
 def test_meta_construction_and_reset_after_to_empty():
     def tensors(block):  # parameters and buffers; the sketch schedule counters (`_extra_state`) are host integers
         return [t for k, t in block.state_dict().items() if not k.endswith("_extra_state")]
 
-    block = PACEBlock(C, K, rank=RANK, positive_coeffs=True, device="meta", dtype=torch.float64)
+    block = PACEBlock(
+        C, K, attn_layer=partial(PACEAttention, rank=RANK, positive_coeffs=True), device="meta", dtype=torch.float64
+    )
     assert all(t.device.type == "meta" and t.dtype == torch.float64 for t in tensors(block))
     block = block.to_empty(device="cpu")
     with torch.no_grad():
@@ -300,7 +324,7 @@ def _flops_and_saved_bytes(block, n):
 
 @pytest.mark.parametrize("form", ["full", "diag"])
 def test_flops_and_saved_memory_grow_linearly_in_tokens(form):
-    block = PACEBlock(C * 2, K, rank=RANK, compress_form=form)
+    block = PACEBlock(C * 2, K, attn_layer=partial(PACEAttention, rank=RANK, compress_form=form))
     (f1, m1), (f2, m2), (f3, m3) = (_flops_and_saved_bytes(block, n) for n in (256, 512, 768))
     # Exactly affine in the token count: the second difference over n, 2n, 3n vanishes (a quadratic term, such
     # as an n × n attention map, would leave it positive), and the token-independent part (basis step, U) is
@@ -346,7 +370,12 @@ def test_recorder_sees_a_host_sync():
 @pytest.mark.parametrize("form", ["full", "diag"])
 @pytest.mark.parametrize("projector", ["ridge", "exact"])
 def test_forward_and_backward_do_no_host_sync(form, projector):
-    block = PACEBlock(C, K, rank=RANK, compress_form=form, projector=projector, positive_coeffs=True, drop_path=0.1)
+    block = PACEBlock(
+        C,
+        K,
+        attn_layer=partial(PACEAttention, rank=RANK, compress_form=form, projector=projector, positive_coeffs=True),
+        drop_path=0.1,
+    )
     x = torch.randn(B, N, C, requires_grad=True)
     with _HostSyncRecorder() as recorder:
         block(x).sum().backward()
@@ -359,7 +388,10 @@ def test_forward_and_backward_do_no_host_sync(form, projector):
 def test_fx_feature_extraction_treats_the_operators_as_leaves():
     from timm.layers import create_feature_extractor
 
-    blocks = torch.nn.Sequential(PACEBlock(C, K, rank=RANK), PACEBlock(C, K, rank=RANK, layer_idx=1)).eval()
+    blocks = torch.nn.Sequential(
+        PACEBlock(C, K, attn_layer=partial(PACEAttention, rank=RANK)),
+        PACEBlock(C, K, attn_layer=partial(PACEAttention, rank=RANK), layer_idx=1),
+    ).eval()
     extractor = create_feature_extractor(blocks, return_nodes={"0": "first", "1": "second"})
     x = torch.randn(B, N, C)
     with torch.no_grad():

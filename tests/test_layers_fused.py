@@ -1,11 +1,13 @@
 """The fused fast path of the PACE layer: closed-form projector backward, shared output product, compile graph."""
 
+from functools import partial
+
 import pytest
 import torch
 import torch._dynamo
 from reference_pace import dense_compress, dense_expand
 
-from pace.layers import ConvStem, PACEBlock, pace_attention, ridge_basis, ridge_project
+from pace.layers import ConvStem, PACEAttention, PACEBlock, pace_attention, ridge_basis, ridge_project
 
 B, N, C, K, RANK = 2, 24, 16, 2, 3
 
@@ -100,7 +102,7 @@ def _explain(block, x):
 @pytest.mark.parametrize("form", ["full", "diag"])
 def test_block_compiles_without_graph_breaks(form):
     torch._dynamo.reset()
-    block = PACEBlock(C, K, rank=RANK, compress_form=form)
+    block = PACEBlock(C, K, attn_layer=partial(PACEAttention, rank=RANK, compress_form=form))
     x = torch.randn(B, N, C, requires_grad=True)
     assert _explain(block, x) == (1, 0)  # first forward: the sketch is drawn inside the graph
     block(x)
@@ -126,7 +128,7 @@ def test_compiled_training_runs_one_graph_per_step_across_epochs():
 
         return run
 
-    block = PACEBlock(C, K, rank=RANK)
+    block = PACEBlock(C, K, attn_layer=partial(PACEAttention, rank=RANK))
     compiled = torch.compile(block, backend=backend)
     x = torch.randn(B, N, C, requires_grad=True)
     compiled(x).sum().backward()  # draws; the next call recompiles once to the stored-sketch graph
@@ -142,13 +144,13 @@ def test_compiled_training_runs_one_graph_per_step_across_epochs():
 
 
 def test_set_epoch_draws_the_new_sketch_at_once():
-    block = PACEBlock(C, K, rank=RANK)
+    block = PACEBlock(C, K, attn_layer=partial(PACEAttention, rank=RANK))
     block(torch.randn(B, N, C))
     block.set_epoch(3)
     expand_op = block.attn.expand
     assert expand_op._stored_current
     assert torch.equal(expand_op.sketch, expand_op.derived_sketch(N))
-    other = PACEBlock(C, K, rank=RANK)
+    other = PACEBlock(C, K, attn_layer=partial(PACEAttention, rank=RANK))
     other.set_epoch(3)
     other(torch.randn(B, N, C))
     assert torch.equal(other.attn.expand.sketch, expand_op.sketch)

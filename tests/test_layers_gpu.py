@@ -1,9 +1,11 @@
 """PACE layers on a CUDA device: same sketch as on the CPU, no host synchronisation, bf16 autocast."""
 
+from functools import partial
+
 import pytest
 import torch
 
-from pace.layers import PACEBlock
+from pace.layers import PACEAttention, PACEBlock
 
 pytestmark = [
     pytest.mark.gpu,
@@ -14,7 +16,10 @@ C, K, RANK, N = 192, 4, 20, 196
 
 
 def test_cuda_draws_the_cpu_sketch():
-    cpu, gpu = PACEBlock(C, K, sketch_seed=5, layer_idx=2), PACEBlock(C, K, sketch_seed=5, layer_idx=2).cuda()
+    cpu, gpu = (
+        PACEBlock(C, K, attn_layer=partial(PACEAttention, sketch_seed=5), layer_idx=2),
+        PACEBlock(C, K, attn_layer=partial(PACEAttention, sketch_seed=5), layer_idx=2).cuda(),
+    )
     for op_cpu, op_gpu in [(cpu.attn.expand, gpu.attn.expand), (cpu.attn.compress, gpu.attn.compress)]:
         omega = op_gpu.derived_sketch(N)
         assert omega.device.type == "cuda"
@@ -24,7 +29,9 @@ def test_cuda_draws_the_cpu_sketch():
 @pytest.mark.parametrize("form", ["full", "diag"])
 @pytest.mark.parametrize("projector", ["ridge", "exact"])
 def test_training_and_eval_steps_do_not_synchronise(form, projector):
-    block = PACEBlock(C, K, rank=RANK, compress_form=form, projector=projector, drop_path=0.1).cuda()
+    block = PACEBlock(
+        C, K, attn_layer=partial(PACEAttention, rank=RANK, compress_form=form, projector=projector), drop_path=0.1
+    ).cuda()
     x = torch.randn(8, N, C, device="cuda", requires_grad=True)
     block(x).sum().backward()  # warm-up: first draw of the sketch, allocator and library handles
     block.set_epoch(1)
@@ -45,8 +52,8 @@ def test_training_and_eval_steps_do_not_synchronise(form, projector):
 
 
 def test_cuda_output_matches_cpu():
-    cpu = PACEBlock(C, K, rank=RANK).eval()
-    gpu = PACEBlock(C, K, rank=RANK).cuda().eval()
+    cpu = PACEBlock(C, K, attn_layer=partial(PACEAttention, rank=RANK)).eval()
+    gpu = PACEBlock(C, K, attn_layer=partial(PACEAttention, rank=RANK)).cuda().eval()
     gpu.load_state_dict(cpu.state_dict())
     x = torch.randn(2, N, C)
     with torch.no_grad():
@@ -98,14 +105,14 @@ def test_cuda_gradients_of_ours_and_the_reference_formulation_match_float64(form
     from _reference_block import ReferenceBlock
 
     torch.manual_seed(seed)
-    truth_block = PACEBlock(384, 8, compress_form=form).double()
+    truth_block = PACEBlock(384, 8, attn_layer=partial(PACEAttention, compress_form=form)).double()
     with torch.no_grad():
         truth_block.attn.compress.tau.fill_(0.5 + seed * 0.3)  # away from the initial value, differently per seed
     x = torch.randn(32, N, 384, dtype=torch.float64)
     g = torch.randn(32, N, 384, dtype=torch.float64)
     truth_block.train()(x)  # draws and stores the sketches every copy below uses
     truth_block.eval()
-    ours = PACEBlock(384, 8, compress_form=form).cuda().eval()
+    ours = PACEBlock(384, 8, attn_layer=partial(PACEAttention, compress_form=form)).cuda().eval()
     ours.load_state_dict(truth_block.state_dict())
     reference = ReferenceBlock(ours).cuda()
     ours_names = {

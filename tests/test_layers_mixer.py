@@ -1,5 +1,7 @@
 """The fused PACE mixer (pace.layers.mixer): equal to the separate operators in float64, gradients included."""
 
+from functools import partial
+
 import pytest
 import torch
 import torch._dynamo
@@ -105,7 +107,7 @@ def test_default_path_is_the_separate_operators_on_the_cpu():
     default, _ = pace_attention(*args, **kw)
     assert torch.equal(default, pace_attention(*args, fused=False, **kw)[0])
     assert not torch.equal(default, pace_attention(*args, fused=True, **kw)[0])  # rounding differs: a real switch
-    assert PACEBlock(C, K, rank=RANK).attn.fused is None
+    assert PACEBlock(C, K, attn_layer=partial(PACEAttention, rank=RANK)).attn.fused is None
 
 
 @pytest.mark.parametrize("form", ["full", "diag"])
@@ -132,7 +134,7 @@ def test_mixer_under_bf16_autocast_is_as_accurate_as_the_separate_operators(form
 @pytest.mark.parametrize("form", ["full", "diag"])
 def test_fused_block_compiles_without_graph_breaks_and_matches_eager(form):
     torch._dynamo.reset()
-    block = PACEBlock(C, K, rank=RANK, compress_form=form, fused=True)
+    block = PACEBlock(C, K, attn_layer=partial(PACEAttention, rank=RANK, compress_form=form, fused=True))
     x = torch.randn(B, N, C, requires_grad=True)
     block(x)  # draw the sketch eagerly
     explanation = torch._dynamo.explain(block)(x)

@@ -33,7 +33,7 @@ def _case(seed):
 def _grads(leaves, sketches, cotangents, *, form, fused, device, dtype, autocast):
     leaves = [t.to(device, dtype).requires_grad_() for t in leaves]
     sketches = [s.to(device, dtype) for s in sketches]
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
         out, pi = pace_attention(*leaves, *sketches, num_heads=K, eps=0.01, form=form, fused=fused)
     g, g_pi = (c.to(device, out.dtype) for c in cotangents)
     grads = torch.autograd.grad((out * g).sum() + (pi.to(out.dtype) * g_pi).sum(), leaves)

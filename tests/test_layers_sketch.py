@@ -4,11 +4,13 @@ import hashlib
 import os
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 import torch
 
 from pace.layers import (
+    PACEAttention,
     PACEBlock,
     derive_sketch_seed,
     expand,
@@ -21,8 +23,10 @@ from pace.layers import (
 C, K, RANK = 32, 4, 4
 
 
-def _block(**kwargs):
-    return PACEBlock(C, K, rank=RANK, **kwargs)
+def _block(layer_idx=0, dtype=None, **pace_kwargs):
+    return PACEBlock(
+        C, K, attn_layer=partial(PACEAttention, rank=RANK, **pace_kwargs), layer_idx=layer_idx, dtype=dtype
+    )
 
 
 def _sketches(block):
@@ -160,7 +164,7 @@ def test_loading_a_sketch_of_the_wrong_width_fails_naming_the_key():
 def test_meta_model_loads_a_checkpoint_with_assign():
     source = _block()
     _train_step(source, 196)
-    target = PACEBlock(C, K, rank=RANK, device="meta")
+    target = PACEBlock(C, K, attn_layer=partial(PACEAttention, rank=RANK), device="meta")
     target.load_state_dict(source.state_dict(), assign=True)
     x = torch.randn(2, 196, C)
     with torch.no_grad():

@@ -15,7 +15,7 @@ import pytest
 from train_helpers import ROOT, make_tiny_shards, read_metrics, run_train, train_env
 
 from pace.distributed import DistEnv, capped_workers
-from pace.train.metrics import MetricLogger
+from pace.train.metric_logger import MetricLogger
 from pace.train.progress import ProgressLine, format_duration
 
 

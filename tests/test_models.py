@@ -10,7 +10,7 @@ from timm.optim import create_optimizer_v2
 from torch import nn
 
 import pace  # noqa: F401  (registers the models)
-from pace.layers import ConvStem
+from pace.layers import ConvStem, PACEAttention
 from pace.models import PACEViT
 
 VARIANTS = {
@@ -114,6 +114,31 @@ def test_bad_arguments_name_the_problem():
         _tiny(global_pool="max")
     with pytest.raises(ValueError, match="patch_size"):
         ConvStem(patch_size=6, embed_dim=64)
+
+
+def test_pace_settings_reach_every_block_once_configured():
+    model = _tiny(rank=4, eps=0.05, compress_form="diag", positive_coeffs=True, sketch_seed=3, sketch_schedule="fixed")
+    for i, blk in enumerate(model.blocks):
+        attn = blk.attn
+        assert (attn.compress.sketch_width, attn.expand.sketch_width) == (4, 4 * 2)
+        assert attn.compress.eps == attn.expand.eps == 0.05 and attn.compress_form == "diag" and attn.positive_coeffs
+        for op in (attn.expand, attn.compress):
+            assert (op.layer_idx, op.sketch_seed, op.sketch_schedule) == (i, 3, "fixed")
+    with pytest.raises(TypeError, match="PACEAttention.*'rnak'"):
+        _tiny(rnak=4)
+
+
+def test_attn_layer_injects_another_token_mixer():
+    built = []
+
+    class Recorded(PACEAttention):
+        def __init__(self, dim, num_heads, **kwargs):
+            built.append((dim, num_heads, kwargs["layer_idx"], kwargs["rank"]))
+            super().__init__(dim, num_heads, **kwargs)
+
+    model = _tiny(attn_layer=Recorded, rank=8)
+    assert built == [(64, 2, i, 8) for i in range(4)]
+    assert all(type(blk.attn) is Recorded for blk in model.blocks)
 
 
 def test_architecture_follows_the_reference():
@@ -273,16 +298,17 @@ def test_set_epoch_redraws_every_block_deterministically():
     assert all(torch.equal(a, blk.attn.expand.sketch) for a, blk in zip(first, other_rank.blocks))
 
 
-def test_set_compress_form():
+def test_compress_form_switches_every_block():
     model = _tiny().eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         full = model(x)
-        model.set_compress_form("diag")
-        assert model.compress_form == "diag" and all(blk.compress_form == "diag" for blk in model.blocks)
+        model.compress_form = "diag"
+        assert model.compress_form == "diag" and all(blk.attn.compress.form == "diag" for blk in model.blocks)
         assert not torch.allclose(model(x), full)
-    with pytest.raises(ValueError, match="compress_form"):
-        model.set_compress_form("paper")
+    with pytest.raises(ValueError, match="compress_form.*'paper'"):
+        model.compress_form = "paper"
+    assert all(blk.attn.compress.form == "diag" for blk in model.blocks)  # a bad name changes no block
 
 
 def test_forward_memberships():

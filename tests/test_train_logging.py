@@ -12,7 +12,9 @@ import torch
 import pace  # noqa: F401  (registers the models)
 from pace.distributed import DistEnv
 from pace.train.config import LoggerConfig
-from pace.train.metrics import MetricLogger, ThroughputMeter, pace_telemetry
+from pace.train.metric_logger import MetricLogger
+from pace.train.telemetry import pace_telemetry
+from pace.train.throughput import ThroughputMeter
 
 
 def test_jsonl_records_and_truncation_for_a_resumed_run(tmp_path: Path):

@@ -11,20 +11,21 @@ import timm
 import torch
 from torch import nn
 
+from pace.data.synthetic_tensors import SyntheticTensors
 from pace.distributed import DistEnv
 from pace.train.builders import build_scheduler
 from pace.train.checkpoint import CheckpointManager
 from pace.train.config import SchedConfig, TrainerConfig
-from pace.train.data import SyntheticImages
-from pace.train.metrics import MetricLogger
-from pace.train.trainer import StopSignals, Trainer
+from pace.train.metric_logger import MetricLogger
+from pace.train.stop_signals import StopSignals
+from pace.train.trainer import Trainer
 
 
 def make_trainer(tmp_path: Path, **options) -> Trainer:
     torch.manual_seed(0)
     model = timm.create_model("test_vit", num_classes=4, img_size=16, patch_size=8)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    data = SyntheticImages(num_samples=64, num_classes=4, img_size=16, batch_size=8, env=DistEnv())
+    data = SyntheticTensors(num_samples=64, num_classes=4, img_size=16, batch_size=8, env=DistEnv())
     return Trainer(
         model=model,
         train_model=model,

@@ -18,9 +18,9 @@ LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER
 def make_tiny_shards(root: Path) -> tuple[str, ...]:
     """The generated shapes dataset at 32 px, 80 training images in 4 shards and 40 held-out images in 2;
     returns the overrides that train on it."""
-    from pace.data import make_synthetic_dataset
+    from pace.data import make_quickstart_dataset
 
-    make_synthetic_dataset(root, image_size=32, train_per_class=8, val_per_class=4, shard_size=20, workers=1)
+    make_quickstart_dataset(root, image_size=32, train_per_class=8, val_per_class=4, shard_size=20, workers=1)
     return (
         "data.source=webdataset",
         f"data.root={root}",

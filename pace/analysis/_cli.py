@@ -127,7 +127,7 @@ def model_from_source(
     return loaded.model, f"{loaded.name} ({where}, {loaded.weights} weights)"
 
 
-def build_model(args: argparse.Namespace) -> tuple[nn.Module, str]:
+def model_from_args(args: argparse.Namespace) -> tuple[nn.Module, str]:
     """The model the arguments name, in evaluation mode on the chosen device, and its description."""
     torch.manual_seed(args.seed)  # random weights of a model given by name are reproducible
     model, description = model_from_source(args.source, model_name=args.model, weights=args.weights)

@@ -119,7 +119,7 @@ def _main(args: argparse.Namespace) -> int:
     from pace.analysis.plots import plot_coefficients, plot_rates, plot_spectra
 
     start = time.perf_counter()
-    model, description = _cli.build_model(args)
+    model, description = _cli.model_from_args(args)
     depth = len(pace_blocks(model))
     spectrum_blocks = _cli.chosen_blocks(model, args.spectrum_blocks)
     batches, config, sources, record = image_batches(args, model)

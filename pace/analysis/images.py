@@ -154,8 +154,6 @@ def shard_images(
         transform=transform,
         split=split,
         num_workers=0,
-        rank=0,
-        world_size=1,
     )
     images: list[Tensor] = []
     keys: list[str] = []

@@ -52,7 +52,7 @@ def _main(args: argparse.Namespace) -> int:
     from pace.analysis.plots import plot_membership_grid
 
     start = time.perf_counter()
-    model, description = _cli.build_model(args)
+    model, description = _cli.model_from_args(args)
     blocks = _cli.chosen_blocks(model, args.blocks)
     # The whole shorter side is kept (no centre crop), so the grid shows as much of the photograph as possible.
     transform, config = model_transform(model, img_size=args.img_size, crop_pct=1.0)

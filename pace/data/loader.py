@@ -17,6 +17,7 @@ from pace.data.info import ShardSet, check_local_shards, resolve_shards
 from pace.data.lost import lost_samples
 from pace.data.pipeline import BatchReport, ShardDataset, train_quotas
 from pace.data.shards import BadData
+from pace.distributed import DistEnv
 from pace.errors import RunError
 
 logger = logging.getLogger(__name__)
@@ -220,61 +221,74 @@ class ShardLoader:
         )
 
 
+@dataclass(frozen=True)
+class TrainSampling:
+    """How a training epoch draws its samples. With the world size and `num_workers` it fixes every batch of
+    every epoch (docs/data.md, "Loaders", says how the epoch is cut among the readers).
+
+    Args:
+        seed: seed shared by all ranks (shard order, sample shuffle, augmentation, batch transform).
+        samples_per_epoch: samples per epoch over all ranks; default: the split's sample count. Each rank yields
+            ceil(samples_per_epoch / (world_size * batch_size)) batches.
+        resampled: draw shards with replacement (any shard count) instead of one pass over a shuffled shard order
+            (which needs at least world_size * max(1, num_workers) shards).
+        shuffle_buffer: raw samples in each reader's shuffle buffer (<= 1: no sample shuffle).
+        shuffle_initial: samples buffered before the first is released.
+        repeated_aug: places in the batches each sample takes, each with its own augmentation (1: off); the
+            epoch length does not change, so an epoch uses 1/repeated_aug as many distinct samples.
+    """
+
+    seed: int = 0
+    samples_per_epoch: int | None = None
+    resampled: bool = False
+    shuffle_buffer: int = 5000
+    shuffle_initial: int = 1000
+    repeated_aug: int = 1
+
+    def __post_init__(self) -> None:
+        repeats = self.repeated_aug
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise ValueError(f"repeated_aug must be an integer >= 1 (1: off), got {repeats!r}")
+
+
+@dataclass(frozen=True)
+class ShardReading:
+    """How samples are read from the shards, checked, and handed to the caller.
+
+    Args:
+        image_keys: tar member extensions holding the image, first present wins.
+        label_key: tar member extension holding the class index.
+        num_classes: labels outside [0, num_classes) count as bad data; None: not checked.
+        pin_memory: pin batches in page-locked memory.
+        prefetch_factor: batches each worker prepares ahead (None: the DataLoader default).
+        open_timeout: seconds to wait for an HTTP connection.
+    """
+
+    image_keys: Sequence[str] = IMAGE_KEYS
+    label_key: str = "cls"
+    num_classes: int | None = None
+    pin_memory: bool = False
+    prefetch_factor: int | None = None
+    open_timeout: float = 60.0
+
+
 def create_train_loader(
     source: str | Sequence[str],
     *,
     batch_size: int,
     transform: Callable,
+    env: DistEnv | None = None,
+    sampling: TrainSampling | None = None,
+    reading: ShardReading | None = None,
     split: str = "train",
     num_workers: int = 4,
-    rank: int | None = None,
-    world_size: int | None = None,
-    seed: int = 0,
-    epoch: int = 0,
-    start_batch: int = 0,
     num_samples: int | None = None,
-    samples_per_epoch: int | None = None,
-    resampled: bool = False,
-    shuffle_buffer: int = 5000,
-    shuffle_initial: int = 1000,
-    repeated_aug: int = 1,
     batch_transform: Callable | None = None,
     max_error_fraction: float = 0.01,
-    num_classes: int | None = None,
-    image_keys: Sequence[str] = IMAGE_KEYS,
-    label_key: str = "cls",
-    pin_memory: bool = False,
-    prefetch_factor: int | None = None,
-    open_timeout: float = 60.0,
+    epoch: int = 0,
+    start_batch: int = 0,
 ) -> ShardLoader:
     """Training loader: shuffled, deterministic, resumable, the same number of full batches on every rank.
-
-    Every rank yields `ceil(samples_per_epoch / (world_size * batch_size))` full batches per epoch, read by
-    `world_size * max(1, num_workers)` readers. One-pass mode (the default) shuffles the shard order per epoch:
-
-    * with per-shard sample counts (`_info.json`, as `pace-make-shards` writes): the shuffled shards form one
-      sequence of samples, split into consecutive runs, one per reader, in proportion to the batches it makes
-      (a run may begin or end inside a shard). With `samples_per_epoch` left at the sample count, every sample
-      is read exactly once per epoch, plus fewer than `world_size * batch_size` top-up samples that fill the
-      last batches (a reader that runs out re-reads its own run in a new shuffle; a bad sample's place takes a
-      second copy of the next usable one). With `samples_per_epoch = k * num_samples` each reader goes k times
-      over its run (the last time a few samples short or over); with fewer, each reader stops at its quota and
-      the epoch is a random subset;
-    * without them (only a total count, e.g. `num_samples=` with a URL pattern): whole shards are dealt to the
-      readers in turn and each reader fills its quota from its own shards, so when the shards do not split
-      evenly, some samples are left out of the epoch and others are read twice (the shuffle changes which
-      each epoch).
-
-    Choose `resampled=True` when there are fewer shards than readers, when the epoch length is a budget rather
-    than a pass over the data, or for shards of unknown length whose epoch need not cover them: each reader
-    draws shards with replacement, so no sample is certain to be seen in a given epoch.
-
-    Repeated augmentation (`repeated_aug=k`, DeiT's RASampler with k repeats): each sample a reader takes fills
-    k consecutive places of its batches, each with its own augmentation, so the copies share a batch (a group
-    cut by a batch's end finishes in the reader's next batch). The epoch length stays `samples_per_epoch`, as in
-    DeiT, so an epoch uses about `samples_per_epoch / k` distinct samples, each k times: every reader takes the
-    first 1/k of its run (in one-pass mode; see `docs/data.md` for how this differs from RASampler), and
-    `samples_per_epoch = k * num_samples` uses every sample once, k times.
 
     Args:
         source: shard directory (with `_info.json`, or timm/imagenet-1k-wds shards), brace pattern(s), list
@@ -282,82 +296,72 @@ def create_train_loader(
         batch_size: samples per batch on this rank (every batch is full).
         transform: per-image transform, PIL image -> tensor (`create_train_transform`), or a deferred transform
             (`create_device_train_transform`) whose batch stage decodes and augments in the main process.
+        env: this process's place in the job (default: a single process).
+        sampling: how the epoch draws its samples (default: `TrainSampling()`).
+        reading: how samples are read and checked (default: `ShardReading()`).
         split: split name in the info file.
         num_workers: DataLoader worker processes (0: read in the main process). Part of the epoch's definition:
             resume with the same value.
-        rank: this process's rank; default: the RANK environment variable, else 0.
-        world_size: number of ranks; default: WORLD_SIZE, else 1.
-        seed: seed shared by all ranks.
+        num_samples: samples in the split; default: from the info file or the published ImageNet counts.
+        batch_transform: `(images, targets) -> (images, targets)` run on each batch under a per-batch seed, e.g.
+            `create_mixup(...)`; part of the deterministic epoch (in the worker, or on the device after a deferred
+            transform).
+        max_error_fraction: stop with `TooMuchBadDataError` when more of the epoch's samples are bad.
         epoch: first epoch to yield (change it with `set_epoch`).
         start_batch: batch of `epoch` to start at, to resume mid-epoch.
-        num_samples: samples in the split; default: from the info file or the published ImageNet counts.
-        samples_per_epoch: samples per epoch over all ranks; default: num_samples. Each rank yields
-            ceil(samples_per_epoch / (world_size * batch_size)) batches.
-        resampled: draw shards with replacement (any shard count) instead of one pass over a shuffled order
-            (which needs at least world_size * max(1, num_workers) shards); see above.
-        shuffle_buffer: raw samples in each worker's shuffle buffer (<= 1: no sample shuffle).
-        shuffle_initial: samples buffered before the first is released.
-        repeated_aug: places in the batches each sample takes, each with its own augmentation (1: off); the
-            epoch length does not change, so an epoch uses 1/repeated_aug as many distinct samples.
-        batch_transform: `(images, targets) -> (images, targets)` run on each batch in the worker under a
-            per-batch seed, e.g. `create_mixup(...)`; part of the deterministic epoch (with a deferred transform
-            it runs in the main process on the device, under a seed derived from the batch's place).
-        max_error_fraction: stop with `TooMuchBadDataError` when more of the epoch's samples are bad.
-        num_classes: labels outside [0, num_classes) count as bad data; None: not checked.
-        image_keys: tar member extensions holding the image, first present wins.
-        label_key: tar member extension holding the class index.
-        pin_memory: pin batches in page-locked memory.
-        prefetch_factor: batches prepared ahead per worker.
-        open_timeout: seconds to wait for an HTTP connection.
     """
-    if isinstance(repeated_aug, bool) or not isinstance(repeated_aug, int) or repeated_aug < 1:
-        raise ValueError(f"repeated_aug must be an integer >= 1 (1: off), got {repeated_aug!r}")
-    rank, world_size = _rank_and_world(rank, world_size)
+    env, sampling, reading = env or DistEnv(), sampling or TrainSampling(), reading or ShardReading()
+    _check_place(env)
     shards = resolve_shards(source, split=split, num_samples=num_samples)
     check_local_shards(shards.urls)
-    if shards.num_samples is None and samples_per_epoch is None:
-        raise ValueError(
-            f"the number of samples in {source!r} is unknown: pass num_samples= (or samples_per_epoch=), or write the "
-            "shards with pace-make-shards, which records it in _info.json"
-        )
-    epoch_samples = samples_per_epoch if samples_per_epoch is not None else shards.num_samples
-    workers, global_workers = max(1, num_workers), world_size * max(1, num_workers)
-    if not resampled and len(shards.urls) < global_workers:
-        raise ValueError(
-            f"{len(shards.urls)} shards cannot be split over {world_size} ranks x {workers} workers = {global_workers}"
-            " readers in one-pass mode: use resampled=True, fewer workers, or write smaller shards"
-        )
+    batches = _train_batches(shards, source, env, batch_size, num_workers, sampling)
     if batch_transform is not None and batch_size % 2:
         raise ValueError(f"Mixup/CutMix pair samples within a batch: batch_size must be even, got {batch_size}")
-    batches = math.ceil(epoch_samples / (world_size * batch_size))
-    raw_samples = sum(train_quotas(batches, workers, batch_size, repeated_aug))  # this rank's reads, bad data aside
+    workers = max(1, num_workers)
+    raw_samples = sum(train_quotas(batches, workers, batch_size, sampling.repeated_aug))  # bad data aside
     stage = None
     if hasattr(transform, "make_stage"):  # a deferred transform: the batch transform runs on the device
-        stage = transform.make_stage(train=True, seed=seed, rank=rank, mixup=batch_transform)
+        stage = transform.make_stage(train=True, seed=sampling.seed, rank=env.rank, mixup=batch_transform)
         batch_transform = None
     loader = _make_loader(
         shards,
-        io=_LoaderIO(num_workers, pin_memory, prefetch_factor, max_error_fraction, raw_samples),
+        io=_LoaderIO(num_workers, max_error_fraction, raw_samples, reading),
         stage=stage,
         train=True,
         transform=transform,
         batch_size=batch_size,
-        rank=rank,
-        world_size=world_size,
+        rank=env.rank,
+        world_size=env.world_size,
         batches_per_epoch=batches,
-        seed=seed,
-        resampled=resampled,
-        shuffle_buffer=shuffle_buffer,
-        shuffle_initial=shuffle_initial,
-        repeated_aug=repeated_aug,
+        seed=sampling.seed,
+        resampled=sampling.resampled,
+        shuffle_buffer=sampling.shuffle_buffer,
+        shuffle_initial=sampling.shuffle_initial,
+        repeated_aug=sampling.repeated_aug,
         batch_transform=batch_transform,
-        image_keys=image_keys,
-        label_key=label_key,
-        num_classes=num_classes,
-        open_timeout=open_timeout,
     )
     loader.set_epoch(epoch, start_batch=start_batch)
     return loader
+
+
+def _train_batches(
+    shards: ShardSet, source: object, env: DistEnv, batch_size: int, num_workers: int, sampling: TrainSampling
+) -> int:
+    """Batches per epoch on every rank, after checking that the epoch can be planned over these shards."""
+    if shards.num_samples is None and sampling.samples_per_epoch is None:
+        raise ValueError(
+            f"the number of samples in {source!r} is unknown: pass num_samples= (or TrainSampling(samples_per_epoch=)),"
+            " or write the shards with pace-make-shards, which records it in _info.json"
+        )
+    epoch_samples = sampling.samples_per_epoch if sampling.samples_per_epoch is not None else shards.num_samples
+    workers, global_workers = max(1, num_workers), env.world_size * max(1, num_workers)
+    if not sampling.resampled and len(shards.urls) < global_workers:
+        raise ValueError(
+            f"{len(shards.urls)} shards cannot be split over {env.world_size} ranks x {workers} workers = "
+            f"{global_workers} readers in one-pass mode: use TrainSampling(resampled=True), fewer workers, or write "
+            "smaller shards"
+        )
+    return math.ceil(epoch_samples / (env.world_size * batch_size))
 
 
 def create_eval_loader(
@@ -365,18 +369,12 @@ def create_eval_loader(
     *,
     batch_size: int,
     transform: Callable,
+    env: DistEnv | None = None,
+    reading: ShardReading | None = None,
     split: str = "val",
     num_workers: int = 4,
-    rank: int | None = None,
-    world_size: int | None = None,
     num_samples: int | None = None,
     max_error_fraction: float = 0.01,
-    num_classes: int | None = None,
-    image_keys: Sequence[str] = IMAGE_KEYS,
-    label_key: str = "cls",
-    pin_memory: bool = False,
-    prefetch_factor: int | None = None,
-    open_timeout: float = 60.0,
 ) -> ShardLoader:
     """Evaluation loader: every sample exactly once over all ranks and workers, with its key.
 
@@ -387,57 +385,56 @@ def create_eval_loader(
         source: as for `create_train_loader`.
         batch_size: samples per batch (at most).
         transform: per-image transform (`create_eval_transform`), or `create_device_eval_transform`'s.
+        env: this process's place in the job (default: a single process).
+        reading: how samples are read and checked (default: `ShardReading()`).
         split: split name in the info file.
         num_workers: DataLoader worker processes.
-        rank: this process's rank; default: RANK, else 0.
-        world_size: number of ranks; default: WORLD_SIZE, else 1.
         num_samples: samples in the split, when no info file says (used for the error limit only).
         max_error_fraction: stop with `TooMuchBadDataError` when more of the samples are bad.
-        num_classes: labels outside [0, num_classes) count as bad data; None: not checked.
-        image_keys: tar member extensions holding the image.
-        label_key: tar member extension holding the class index.
-        pin_memory: pin batches in page-locked memory.
-        prefetch_factor: batches prepared ahead per worker.
-        open_timeout: seconds to wait for an HTTP connection.
     """
-    rank, world_size = _rank_and_world(rank, world_size)
+    env, reading = env or DistEnv(), reading or ShardReading()
+    _check_place(env)
     shards = resolve_shards(source, split=split, num_samples=num_samples)
     check_local_shards(shards.urls)
-    expected = math.ceil(shards.num_samples / world_size) if shards.num_samples else None
+    expected = math.ceil(shards.num_samples / env.world_size) if shards.num_samples else None
     return _make_loader(
         shards,
-        io=_LoaderIO(num_workers, pin_memory, prefetch_factor, max_error_fraction, expected),
-        stage=transform.make_stage(train=False, seed=0, rank=rank) if hasattr(transform, "make_stage") else None,
+        io=_LoaderIO(num_workers, max_error_fraction, expected, reading),
+        stage=transform.make_stage(train=False, seed=0, rank=env.rank) if hasattr(transform, "make_stage") else None,
         train=False,
         transform=transform,
         batch_size=batch_size,
-        rank=rank,
-        world_size=world_size,
-        image_keys=image_keys,
-        label_key=label_key,
-        num_classes=num_classes,
-        open_timeout=open_timeout,
+        rank=env.rank,
+        world_size=env.world_size,
     )
 
 
 @dataclass(frozen=True)
 class _LoaderIO:
     num_workers: int
-    pin_memory: bool
-    prefetch_factor: int | None
     max_error_fraction: float
     expected_samples: int | None
+    reading: ShardReading
 
 
 def _make_loader(
     shards: ShardSet, *, io: _LoaderIO, stage: DeviceStage | None = None, **dataset_options
 ) -> ShardLoader:
-    dataset = ShardDataset(shards, num_workers=io.num_workers, **dataset_options)
+    reading = io.reading
+    dataset = ShardDataset(
+        shards,
+        num_workers=io.num_workers,
+        image_keys=reading.image_keys,
+        label_key=reading.label_key,
+        num_classes=reading.num_classes,
+        open_timeout=reading.open_timeout,
+        **dataset_options,
+    )
     return ShardLoader(
         dataset,
         num_workers=io.num_workers,
-        pin_memory=io.pin_memory,
-        prefetch_factor=io.prefetch_factor,
+        pin_memory=reading.pin_memory,
+        prefetch_factor=reading.prefetch_factor,
         max_error_fraction=io.max_error_fraction,
         expected_samples=io.expected_samples,
         stage=stage,
@@ -451,9 +448,6 @@ def _own_process_group(worker_id: int) -> None:
     os.setpgrp()
 
 
-def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in a world of size {world_size}")
-    return rank, world_size
+def _check_place(env: DistEnv) -> None:
+    if env.world_size < 1 or not 0 <= env.rank < env.world_size:
+        raise ValueError(f"rank {env.rank} is not in a world of size {env.world_size}")

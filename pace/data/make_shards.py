@@ -14,8 +14,9 @@ import logging
 import os
 import sys
 
-from pace.data.synthetic import DEFAULT_DIR, make_synthetic_dataset
-from pace.data.writer import BadImageError, EncodeOptions, shard_image_folders
+from pace.data.image_folders import shard_image_folders
+from pace.data.quickstart import DEFAULT_DIR, make_quickstart_dataset
+from pace.data.writer import BadImageError, EncodeOptions, ShardPlan
 
 # Exit statuses: the command line or the paths it names are wrong (as argparse's own errors), or the data is.
 USAGE_ERROR, DATA_ERROR = 2, 1
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _run(args: argparse.Namespace) -> dict:
     if args.synthetic:
-        info = make_synthetic_dataset(args.out or DEFAULT_DIR, seed=args.seed, workers=args.workers)
+        info = make_quickstart_dataset(args.out or DEFAULT_DIR, seed=args.seed, workers=args.workers)
     else:
         if args.out is None:
             raise _UsageError("the output directory is required")
@@ -124,10 +125,14 @@ def _run(args: argparse.Namespace) -> dict:
             labels=_pairs(args.labels, "--labels"),
             layouts=_pairs(args.layout, "--layout"),
             classes_file=args.classes,
-            prefix=args.prefix,
             key_style=args.key_style,
-            max_count=args.max_count,
-            max_size=int(args.max_size_mb * 1e6) if args.max_size_mb else None,
+            plan=ShardPlan(
+                prefix=args.prefix,
+                max_count=args.max_count,
+                max_size=int(args.max_size_mb * 1e6) if args.max_size_mb else None,
+                shuffle_splits=() if args.no_shuffle else ("train",),
+                seed=args.seed,
+            ),
             options=EncodeOptions(
                 max_side=args.max_side,
                 max_short_side=args.max_size,
@@ -136,8 +141,6 @@ def _run(args: argparse.Namespace) -> dict:
                 verify=not args.no_verify,
             ),
             workers=args.workers,
-            shuffle_splits=() if args.no_shuffle else ("train",),
-            seed=args.seed,
             overwrite=args.overwrite,
         )
     return info

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pace.data import create_eval_loader, imagenet_classes, resolve_shards
+from pace.data import ShardReading, create_eval_loader, imagenet_classes, resolve_shards
 from pace.distributed import DistEnv
 from pace.eval.config import EvaluatorConfig
 from pace.eval.folders import FolderData, corruption_folder, folder_loader, image_folder, imagenet_val_folder
@@ -132,7 +132,16 @@ def _open_shards(cfg: EvaluatorConfig, transform: Callable, loading: dict) -> Ev
     shards = resolve_shards(cfg.path, split=cfg.split, num_samples=cfg.num_samples)
     # Labels are not range-checked by the loader (that would skip them as bad data): the evaluator refuses a
     # label the model cannot predict, naming the sample.
-    loader = create_eval_loader(cfg.path, transform=transform, split=cfg.split, num_samples=cfg.num_samples, **loading)
+    loader = create_eval_loader(
+        cfg.path,
+        transform=transform,
+        split=cfg.split,
+        num_samples=cfg.num_samples,
+        batch_size=loading["batch_size"],
+        num_workers=loading["num_workers"],
+        env=DistEnv(rank=loading["rank"], world_size=loading["world_size"]),
+        reading=ShardReading(pin_memory=loading["pin_memory"]),
+    )
     num_classes = len(shards.classes) if shards.classes else None
     wanted = label_space(cfg.classes)
     if wanted is not None and shards.classes and list(shards.classes) != wanted:

@@ -13,7 +13,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from pace.data import imagenet_classes, read_label_file
-from pace.data.writer import IMAGE_SUFFIXES, relabel_images, scan_corruption_folder, scan_flat_folder, scan_image_folder
+from pace.data.image_folders import (
+    IMAGE_SUFFIXES,
+    relabel_images,
+    scan_corruption_folder,
+    scan_flat_folder,
+    scan_image_folder,
+)
 from pace.eval.predictions import UNLABELLED
 
 log = logging.getLogger(__name__)

@@ -4,8 +4,8 @@ from pace.layers.basis import PROJECTORS, ridge_basis, ridge_project
 from pace.layers.compress import COMPRESS_FORMS, Compress, compress
 from pace.layers.expand import Expand, expand
 from pace.layers.mcr2 import coding_rate, compression_rate, rate_reduction
-from pace.layers.pace_attention import PACEAttention, pace_attention
-from pace.layers.pace_block import PACEBlock
+from pace.layers.pace_attention import PACEAttention, pace_attention, softplus_inverse
+from pace.layers.pace_block import REFERENCE_LAYER_NORM, PACEBlock
 from pace.layers.sketch import (
     EVAL_SKETCHES,
     SKETCH_SCHEDULES,
@@ -22,6 +22,7 @@ __all__ = [
     "COMPRESS_FORMS",
     "EVAL_SKETCHES",
     "PROJECTORS",
+    "REFERENCE_LAYER_NORM",
     "SKETCH_SCHEDULES",
     "Compress",
     "ConvStem",
@@ -41,5 +42,6 @@ __all__ = [
     "ridge_basis",
     "ridge_project",
     "set_eval_sketch",
+    "softplus_inverse",
     "sync_sketches",
 ]

@@ -128,6 +128,27 @@ def _matmul_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+def wide_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` from operands rounded as autocast would round them, with the result in (at least) float32.
+
+    Under bf16 autocast a product's result is rounded to bf16 too; where a small difference of such results is
+    taken later (a projection's complement, a norm that feeds a softmax and the τ gradient), that rounding dominates
+    the error. Products of bf16 values are exact in float32 (and in TF32, which tensor cores run where the caller
+    allows it), so this costs a float32 product, not accuracy. Without autocast it is ``a @ b``.
+
+    Args:
+        a: Left operand, any floating dtype.
+        b: Right operand, broadcastable as in ``torch.matmul``.
+
+    Returns:
+        The product in ``promote_types(a.dtype, float32)``.
+    """
+    md = _matmul_dtype(a)
+    wd = torch.promote_types(a.dtype, torch.float32)
+    with _no_autocast(a.device.type):
+        return a.to(md).to(wd) @ b.to(md).to(wd)
+
+
 class _RidgeProject(torch.autograd.Function):
     """``s·xΠ`` or ``s·(x − xΠ)`` with the ridge projector ``Π = QQᵀ = Ŷ (ŶᵀŶ + εI)⁻¹ Ŷᵀ`` of ``Y = xᵀΩ``.
 
@@ -150,18 +171,15 @@ class _RidgeProject(torch.autograd.Function):
             Q_mm = Q.to(mm_dtype)
             P = x_mm @ Q_mm  # (B, N, c)
             right = Q_mm if scale is None else Q_mm * scale.to(mm_dtype)  # (B, m, c)
+            # The last product accumulates in x's dtype: its low-precision operands are exact there, and rounding
+            # xΠ to bf16 would dominate the error of x − xΠ (see wide_matmul).
+            P_x, right_x = P.to(x.dtype), right.to(x.dtype)
             if not complement:
-                out = (P @ right.mT).to(x.dtype)
-            elif scale is None and mm_dtype == x.dtype:
-                out = torch.baddbmm(x, P, right.mT, alpha=-1.0)
+                out = P_x @ right_x.mT
             elif scale is None:
-                out = x - (P @ right.mT).to(x.dtype)
+                out = torch.baddbmm(x, P_x, right_x.mT, alpha=-1.0)
             else:
-                out = x * scale.to(x.dtype)  # a fresh tensor: accumulate into it in place
-                if mm_dtype == x.dtype:
-                    out.baddbmm_(P, right.mT, alpha=-1.0)
-                else:
-                    out -= (P @ right.mT).to(x.dtype)
+                out = torch.baddbmm(x * scale.to(x.dtype), P_x, right_x.mT, alpha=-1.0)
         ctx.save_for_backward(x_mm, sketch_mm, P, Y_hat, norms, F_up, Q, scale)
         ctx.complement = complement
         return out
@@ -193,18 +211,15 @@ class _RidgeProject(torch.autograd.Function):
                 M = M.neg_()
             H = torch.baddbmm(M, Q, Q.mT @ M, alpha=-1.0) @ F_up.mT  # (I − QQᵀ) M L⁻¹, L⁻¹ = Fᵀ
             grad_y = _normalisation_backward(Y_hat, norms, H)  # (B, m, c)
+            # As the forward: the products accumulate in g's dtype from low-precision operands.
+            gQ_g, Q_g = gQ.to(g.dtype), Q_mm.to(g.dtype)
             if not ctx.complement:
-                grad_x = (gQ @ Q_mm.mT).to(g.dtype)
-            elif g.dtype == mm_dtype and scale is not None:
-                grad_x = g.baddbmm_(gQ, Q_mm.mT, alpha=-1.0)  # g is our own scaled copy here
+                grad_x = gQ_g @ Q_g.mT
             else:
-                grad_x = g - (gQ @ Q_mm.mT).to(g.dtype)
-            # Through Y = xᵀΩ: += Ω (∂L/∂Y)ᵀ, the sketch shared by every image, as a product in the matmul dtype.
-            sketch_b = sketch_mm.expand(grad_x.shape[0], -1, -1)  # (B, N, c), no copy
-            if grad_x.dtype == mm_dtype:
-                grad_x.baddbmm_(sketch_b, grad_y.to(mm_dtype).mT)
-            else:
-                grad_x += (sketch_b @ grad_y.to(mm_dtype).mT).to(grad_x.dtype)
+                grad_x = torch.baddbmm(g, gQ_g, Q_g.mT, alpha=-1.0)
+            # Through Y = xᵀΩ: += Ω (∂L/∂Y)ᵀ, the sketch shared by every image.
+            sketch_b = sketch_mm.to(g.dtype).expand(grad_x.shape[0], -1, -1)  # (B, N, c), no copy
+            grad_x.baddbmm_(sketch_b, grad_y.to(mm_dtype).to(g.dtype).mT)
         return grad_x, None, grad_scale, None, None
 
 

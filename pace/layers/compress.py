@@ -5,7 +5,7 @@ from timm.layers import register_notrace_module
 from torch import Tensor, nn
 
 from pace.layers._validate import check_sizes
-from pace.layers.basis import ridge_basis, ridge_project, validate_projector
+from pace.layers.basis import ridge_basis, ridge_project, validate_projector, wide_matmul
 from pace.layers.sketch import SketchedModule
 
 COMPRESS_FORMS = ("full", "diag")
@@ -21,7 +21,7 @@ def validate_compress_form(form: str) -> str:
         ``form`` unchanged.
     """
     if form not in COMPRESS_FORMS:
-        raise ValueError(f"compress form must be one of {COMPRESS_FORMS}, got {form!r}")
+        raise ValueError(f"compress_form must be one of {COMPRESS_FORMS}, got {form!r}")
     return form
 
 
@@ -67,7 +67,8 @@ def compress_weights(
     B, N, C = x.shape
     K = num_heads
     p = subspaces.shape[1] // K
-    a = (x.reshape(B * N, C) @ subspaces.to(x.dtype)).view(B, N, K * p)  # a_k = U_kᵀx, heads side by side
+    # a in (at least) float32 even under autocast: ‖col_k‖, the softmax and the τ gradient need more than bf16.
+    a = wide_matmul(x.reshape(B * N, C), subspaces).view(B, N, K * p)  # a_k = U_kᵀx, heads side by side
     if form == "diag":
         # Token-major throughout: diag(Q_kQ_kᵀ) scales coordinates, so no head needs its own matrix product.
         Y = (a.mT @ sketch.to(a.dtype)).view(B * K, p, -1)  # Y_k = A_k Ω: (B·K, p, r)
@@ -136,51 +137,29 @@ def compress(
 class Compress(SketchedModule):
     """The compression operator: learned subspaces ``U`` (C × C), temperature τ and a sketch Ω_c (n × rank).
 
+    Built by :class:`pace.layers.PACEAttention`, which holds the defaults of the PACE settings.
+
     Args:
         dim: Token width C.
         num_heads: Number of subspaces K; ``p = dim // num_heads``.
         rank: Sketch width r (``rank * num_heads <= dim``).
         eps: Ridge ε of the basis.
         projector: ``"ridge"`` or ``"exact"``.
-        form: ``"full"`` (paper) or ``"diag"`` (reference code); settable later through ``form``.
-        layer_idx: Block index (enters the sketch seed).
-        sketch_seed: Model-wide sketch seed.
-        sketch_schedule: ``"epoch"``, ``"step"`` or ``"fixed"``.
-        device: Factory device.
-        dtype: Factory dtype.
+        form: ``"full"`` (paper) or ``"diag"`` (reference code); switched later by assigning ``form``.
+        **sketch: The sketch's identity, schedule and factory keywords (``layer_idx``, ``sketch_seed``,
+            ``sketch_schedule``, ``device``, ``dtype``), as :class:`pace.layers.SketchedModule` takes them; ``U``
+            and τ are made on the sketch's device and dtype.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        *,
-        rank: int = 20,
-        eps: float = 0.01,
-        projector: str = "ridge",
-        form: str = "full",
-        layer_idx: int = 0,
-        sketch_seed: int = 0,
-        sketch_schedule: str = "epoch",
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
+    def __init__(self, dim: int, num_heads: int, *, rank: int, eps: float, projector: str, form: str, **sketch) -> None:
         check_sizes(dim, num_heads, rank, eps)
-        super().__init__(
-            rank,
-            operator="compress",
-            layer_idx=layer_idx,
-            sketch_seed=sketch_seed,
-            sketch_schedule=sketch_schedule,
-            device=device,
-            dtype=dtype,
-        )
+        super().__init__(rank, operator="compress", **sketch)
         self.dim = dim
         self.num_heads = num_heads
         self.eps = eps
         self.exact = validate_projector(projector)
         self._form = validate_compress_form(form)
-        dd = {"device": device, "dtype": dtype}
+        dd = {"device": self.sketch.device, "dtype": self.sketch.dtype}
         self.subspaces = nn.Parameter(torch.empty(dim, dim, **dd))
         self.tau = nn.Parameter(torch.empty((), **dd))
         self.reset_parameters()

@@ -1,6 +1,5 @@
 """Expand: push each token out of the dominant column space of its image, (I − QQᵀ)x."""
 
-import torch
 from timm.layers import register_notrace_module
 from torch import Tensor
 
@@ -36,43 +35,21 @@ def expand(x: Tensor, sketch: Tensor, *, eps: float, exact: bool = False) -> Ten
 class Expand(SketchedModule):
     """The expansion operator with its own sketch Ω_e of width ``rank * num_heads``; no parameters.
 
+    Built by :class:`pace.layers.PACEAttention`, which holds the defaults of the PACE settings.
+
     Args:
         dim: Token width C.
-        num_heads: Number of heads K (sets the sketch width with ``rank``).
-        rank: Subspace rank r; the sketch has ``rank * num_heads <= dim`` columns.
+        num_heads: Number of heads K; with ``rank`` it sets the sketch width ``rank * num_heads <= dim``.
+        rank: Subspace rank r.
         eps: Ridge ε of the basis.
         projector: ``"ridge"`` or ``"exact"``.
-        layer_idx: Block index (enters the sketch seed).
-        sketch_seed: Model-wide sketch seed.
-        sketch_schedule: ``"epoch"``, ``"step"`` or ``"fixed"``.
-        device: Factory device.
-        dtype: Factory dtype.
+        **sketch: The sketch's identity, schedule and factory keywords (``layer_idx``, ``sketch_seed``,
+            ``sketch_schedule``, ``device``, ``dtype``), as :class:`pace.layers.SketchedModule` takes them.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        *,
-        rank: int = 20,
-        eps: float = 0.01,
-        projector: str = "ridge",
-        layer_idx: int = 0,
-        sketch_seed: int = 0,
-        sketch_schedule: str = "epoch",
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
+    def __init__(self, dim: int, num_heads: int, *, rank: int, eps: float, projector: str, **sketch) -> None:
         check_sizes(dim, num_heads, rank, eps)
-        super().__init__(
-            rank * num_heads,
-            operator="expand",
-            layer_idx=layer_idx,
-            sketch_seed=sketch_seed,
-            sketch_schedule=sketch_schedule,
-            device=device,
-            dtype=dtype,
-        )
+        super().__init__(rank * num_heads, operator="expand", **sketch)
         self.dim = dim
         self.eps = eps
         self.exact = validate_projector(projector)

@@ -88,14 +88,21 @@ class _PACEMixer(torch.autograd.Function):
             Y_c = Y_c.view(K, p, B, r).permute(2, 0, 1, 3).reshape(B * K, p, r)
             Yh_e, n_e, F_e, Q_e = _ridge_factors(S[..., :ce], eps)  # (B, d, c_e)
             Yh_c, n_c, F_c, Q_c = _ridge_factors(Y_c, eps)  # (B·K, p, r)
-            a = (xb.reshape(B * N, d) @ Ub).view(B, N, d)  # a_k = U_kᵀ x̂, heads side by side
+            if diag:
+                # ‖col_k‖² = Σ keep² a² from a product in the working precision (bf16 operands are exact there):
+                # with a and its squares rounded to bf16 the τ gradient's error was 2e-2 of its scale σ on the
+                # tests' inputs, 7e-3 this way.
+                a_w = (xb.reshape(B * N, d).to(wd) @ U).view(B, N, d)  # a_k = U_kᵀ x̂, heads side by side
+                a = a_w.to(md)
+            else:
+                a = (xb.reshape(B * N, d) @ Ub).view(B, N, d)  # a_k = U_kᵀ x̂, heads side by side
             tau_w, alpha_w, beta_w = tau.to(wd), alpha.to(wd), beta.to(wd)
             Qc4 = Q_c.view(B, K, p, r)
             if diag:
                 R = Q_e.to(md)  # (B, d, c_e)
                 P = xb @ R  # P_e, (B, N, c_e)
                 keep = Qc4.square().sum(-1)  # diag(Q_kQ_kᵀ), (B, K, p)
-                sq = ((a * a) @ _block_diag(keep.square().unsqueeze(-1)).to(md)).to(wd)  # Σ_p keep² a², (B, N, K)
+                sq = a_w.square() @ _block_diag(keep.square().unsqueeze(-1))  # Σ_p keep² a², (B, N, K)
                 root, logits = _sqrt_logits(sq, tau_w)
                 pi = torch.softmax(logits, dim=-1)  # (B, N, K)
                 z = a.view(B, N, K, p) * (pi.unsqueeze(-1) * (1 - keep).unsqueeze(1)).to(md)  # π ⊙ null
@@ -120,9 +127,13 @@ class _PACEMixer(torch.autograd.Function):
                 Ps = (P.view(B, N, 2 * K, r) * head_scale).view(B, N, 2 * K * r)
                 z = a.view(B, N, K, p) * pi.unsqueeze(-1).to(md)  # π ⊙ a
                 extra = None
-            out_b = Ps @ R.mT  # (B, N, d)
-            out_b.view(B * N, d).addmm_(z.reshape(B * N, d), (U * -beta_w).to(md).mT)  # −β(π ⊙ …)Uᵀ
-            out = torch.addcmul(out_b, x, alpha_w.to(x.dtype))  # αx + …, promoted to the tokens' dtype
+            # GEMM 2 accumulates onto αx in the working precision: its bf16 operands are exact there (and in TF32),
+            # and the update is not rounded to bf16, whose error (2⁻⁹ of |αx̂Π_e|) would otherwise dominate the
+            # small difference αx − αx̂Π_e − … (on the tests' inputs 2.4e-2 of the update's largest entry, 1.5e-2
+            # with this; the rounding of x̂ itself leaves 1.2e-2).
+            out = torch.baddbmm(x.to(wd) * alpha_w, Ps.to(wd), R.to(wd).mT)  # αx + (P ⊙ s')[Q_e | V]ᵀ, (B, N, d)
+            out.view(B * N, d).addmm_(z.reshape(B * N, d).to(wd), (U * -beta_w).mT)  # −β(π ⊙ …)Uᵀ
+            out = out.to(x.dtype)
         ctx.save_for_backward(
             x, xb, omega, subspaces, S_c, Yh_e, n_e, F_e, Yh_c, n_c, F_c, Q_c, a, R, P, Ps, pi, sq, root, tau, alpha,
             beta, extra, T,
@@ -149,8 +160,9 @@ class _PACEMixer(torch.autograd.Function):
             grad_alpha = torch.dot(g.reshape(-1), x.reshape(-1)).to(wd) - (gQe * Pe).sum(dtype=wd)
             a4, gU4 = a.view(B, N, K, p), gU.view(B, N, K, p)
             if diag:
-                u = gU * a
-                h = -(u @ _block_diag((1 - keep).unsqueeze(-1)).to(md)).to(wd)  # −Σ_p gU a (1 − keep), (B, N, K)
+                a_w = a.to(wd)
+                u = gU.to(wd) * a_w
+                h = -(u @ _block_diag((1 - keep).unsqueeze(-1)))  # −Σ_p gU a (1 − keep), (B, N, K)
             else:
                 gV4, Pc4 = gR[..., ce:].view(B, N, K, r), P[..., ce:].view(B, N, K, r)
                 h = (gV4 * Pc4).sum(-1, dtype=wd) - (gU4 * a4).sum(-1, dtype=wd)  # <gV_k, P_k> − <gU_k, a_k>
@@ -166,8 +178,8 @@ class _PACEMixer(torch.autograd.Function):
                 a_bar = gU4 * (neg_beta_pi * (1 - keep).unsqueeze(1)).to(md)
                 a_bar.addcmul_(a4, (2 * sq_bar.unsqueeze(-1) * keep.square().unsqueeze(1)).to(md))
                 # keep enters null (through z) and ‖col‖² = Σ keep² a².
-                keep_bar = beta_w * _per_head_sum(pi.to(md), u, K).to(wd)
-                keep_bar = keep_bar + 2 * keep * _per_head_sum(sq_bar.to(md), a * a, K).to(wd)
+                keep_bar = beta_w * _per_head_sum(pi, u, K)
+                keep_bar = keep_bar + 2 * keep * _per_head_sum(sq_bar, a_w.square(), K)
                 Qc_bar = 2 * Q_c * keep_bar.view(B * K, p, 1)
                 Pbar = gQe * (-alpha_w).to(md)  # ∂L/∂(x̂Q_e), (B, N, c_e)
                 Qe_bar = torch.baddbmm(xb.mT @ Pbar, gb.mT, Ps).to(wd)  # xᵀP̄_e + gᵀ(−αP_e)
@@ -202,14 +214,14 @@ class _PACEMixer(torch.autograd.Function):
             Yc_bar = Yc_bar.view(B, K * p, r)  # (B, d, r)
             # Y_c = Uᵀ S_c: Ū += Σ_b S_c Ȳ_cᵀ, S̄_c = U Ȳ_c.
             U_bar = U_bar + S_c.transpose(0, 1).reshape(d, B * r) @ Yc_bar.transpose(0, 1).reshape(d, B * r).mT
-            S_bar = torch.empty(B, d, ce + r, device=g.device, dtype=md)
+            S_bar = torch.empty(B, d, ce + r, device=g.device, dtype=wd)
             S_bar[..., :ce].copy_(Ye_bar)
             S_bar[..., ce:].copy_(U @ Yc_bar)
-            # x̄ = αg + P̄ Rᵀ + ā Uᵀ + Ω S̄ᵀ
-            xbar_b = Pbar @ R.mT
-            xbar_b.view(B * N, d).addmm_(a_bar2, Ub.mT)
-            xbar_b.baddbmm_(omega.expand(B, N, -1), S_bar.mT)
-            grad_x = torch.addcmul(xbar_b, g, alpha_w.to(g.dtype)).to(x.dtype)
+            # x̄ = αg + P̄ Rᵀ + ā Uᵀ + Ω S̄ᵀ, accumulated in the working precision as the forward's GEMM 2.
+            grad_x = torch.baddbmm(g.to(wd) * alpha_w, Pbar.to(wd), R.to(wd).mT)
+            grad_x.view(B * N, d).addmm_(a_bar2.to(wd), U.mT)
+            grad_x.baddbmm_(omega.to(wd).expand(B, N, -1), S_bar.mT)
+            grad_x = grad_x.to(x.dtype)
         return (
             grad_x,
             U_bar.to(subspaces.dtype),

@@ -1,7 +1,5 @@
 """PACEAttention: α·Expand(x) − β·Compress(x), the token mixer of a PACE block."""
 
-import math
-
 import torch
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
@@ -14,18 +12,20 @@ from pace.layers.expand import Expand, expand
 from pace.layers.mixer import pace_mixer
 
 
-def softplus_inverse(value: float) -> float:
-    """Raw value whose softplus is ``value``, i.e. log(e^v − 1), computed in Python (no tensor work).
+def softplus_inverse(y: Tensor) -> Tensor:
+    """The raw values whose softplus is ``y``: ``log(e^y − 1)``, computed in float64, in the dtype of ``y``.
+
+    Used wherever an effective coefficient becomes a stored raw one (initialisation under ``positive_coeffs``, the
+    conversion of the authors' checkpoints); callers check that ``y`` is positive, naming their own argument.
 
     Args:
-        value: A positive number.
+        y: Positive values.
 
     Returns:
-        The raw parameter value.
+        The raw values, of the shape and dtype of ``y``.
     """
-    if not value > 0:
-        raise ValueError(f"positive_coeffs needs a positive coeff_init, got {value}")
-    return value + math.log(-math.expm1(-value))  # log(e^v − 1) without overflow for large v
+    y64 = y.double()
+    return (y64 + torch.log(-torch.expm1(-y64))).to(y.dtype)  # log(e^y − 1) without overflow for large y
 
 
 def pace_attention(
@@ -88,7 +88,7 @@ def pace_attention(
         expanded = ridge_project(x, expand_sketch, eps=eps, complement=True, scale=alpha)  # α(x − xΠ)
     w, pi = compress_weights(x, subspaces, tau, compress_sketch, num_heads=num_heads, eps=eps, exact=exact, form=form)
     neg_beta_u = subspaces.to(w.dtype) * -beta.to(w.dtype)  # (C, K·p)
-    out = torch.addmm(expanded.reshape(B * N, C), w.reshape(B * N, -1), neg_beta_u.mT)  # (B·N, C)
+    out = torch.addmm(expanded.reshape(B * N, C).to(w.dtype), w.reshape(B * N, -1), neg_beta_u.mT)  # (B·N, C)
     return out.view(B, N, C).to(x.dtype), pi.to(x.dtype)
 
 
@@ -96,6 +96,11 @@ def pace_attention(
 @register_notrace_module
 class PACEAttention(nn.Module):
     """Expansion minus compression with learnable step sizes α and β (one scalar each).
+
+    Its keywords are the PACE settings, declared here only, with the reference network's defaults. A model
+    configures them once (``functools.partial(PACEAttention, rank=..., ...)``) and hands that to every
+    :class:`pace.layers.PACEBlock` as its ``attn_layer``, which adds the block index (timm's ``Block(attn_layer=)``,
+    dinov2's ``block_fn=partial(...)``).
 
     Args:
         dim: Token width C.
@@ -108,7 +113,8 @@ class PACEAttention(nn.Module):
         coeff_init: Initial effective α and β.
         layer_idx: Block index (enters the sketch seeds).
         sketch_seed: Model-wide sketch seed.
-        sketch_schedule: ``"epoch"``, ``"step"`` or ``"fixed"``.
+        sketch_schedule: When sketches are redrawn: ``"epoch"``, ``"step"``, ``"fixed"`` or ``"reference"`` (see
+            :class:`pace.layers.SketchedModule`).
         fused: Run the fused mixer (:func:`pace.layers.mixer.pace_mixer`) for ridge projectors; ``False`` keeps
             the separate operators (same function, more memory traffic, fewer FLOPs); ``None`` picks the fused
             mixer on every device but the CPU (see :func:`pace_attention`).
@@ -138,14 +144,17 @@ class PACEAttention(nn.Module):
         check_sizes(dim, num_heads, rank, eps)
         self.fused = fused
         dd = {"device": device, "dtype": dtype}
-        sketch_kw = {"layer_idx": layer_idx, "sketch_seed": sketch_seed, "sketch_schedule": sketch_schedule}
+        sketch = {"layer_idx": layer_idx, "sketch_seed": sketch_seed, "sketch_schedule": sketch_schedule, **dd}
         self.positive_coeffs = positive_coeffs
         self.coeff_init = coeff_init
-        self._raw_init = softplus_inverse(coeff_init) if positive_coeffs else coeff_init
-        self.expand = Expand(dim, num_heads, rank=rank, eps=eps, projector=projector, **sketch_kw, **dd)
-        self.compress = Compress(
-            dim, num_heads, rank=rank, eps=eps, projector=projector, form=compress_form, **sketch_kw, **dd
-        )
+        self._raw_init = coeff_init
+        if positive_coeffs:
+            if not coeff_init > 0:
+                raise ValueError(f"positive_coeffs needs a positive coeff_init, got {coeff_init}")
+            # On the CPU whatever the default device: a host number (under a meta device context too).
+            self._raw_init = softplus_inverse(torch.tensor(coeff_init, dtype=torch.float64, device="cpu")).item()
+        self.expand = Expand(dim, num_heads, rank=rank, eps=eps, projector=projector, **sketch)
+        self.compress = Compress(dim, num_heads, rank=rank, eps=eps, projector=projector, form=compress_form, **sketch)
         self.alpha = nn.Parameter(torch.empty((), **dd))
         self.beta = nn.Parameter(torch.empty((), **dd))
         self.reset_parameters()
@@ -160,19 +169,11 @@ class PACEAttention(nn.Module):
 
     @property
     def compress_form(self) -> str:
-        """The Compress form, ``"full"`` or ``"diag"``."""
+        """The Compress form, ``"full"`` or ``"diag"``; assign to switch it (the one switch, checked by Compress)."""
         return self.compress.form
 
     @compress_form.setter
     def compress_form(self, form: str) -> None:
-        self.compress.form = form
-
-    def set_compress_form(self, form: str) -> None:
-        """Switch the Compress form.
-
-        Args:
-            form: ``"full"`` or ``"diag"``.
-        """
         self.compress.form = form
 
     def set_epoch(self, epoch: int) -> None:

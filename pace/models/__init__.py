@@ -1,5 +1,7 @@
 """PACE-ViT backbones, registered with timm when this package is imported."""
 
-from pace.models.pace_vit import PACEViT, checkpoint_filter_fn
+from pace.models import variants  # noqa: F401  (registers the variants with timm)
+from pace.models.checkpoint_filter import checkpoint_filter_fn
+from pace.models.pace_vit import PACEViT
 
 __all__ = ["PACEViT", "checkpoint_filter_fn"]

@@ -8,34 +8,27 @@ References:
     https://github.com/facebookresearch/xcit (conv patch embedding, Fourier encoding, class attention)
 """
 
-import logging
 from collections.abc import Callable
 from functools import partial
 
 import torch
-import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import get_device_dtype, get_norm_layer, trunc_normal_
-from timm.models import (
-    build_model_with_cfg,
-    checkpoint,
-    generate_default_cfgs,
-    register_model,
-    register_notrace_module,
-)
+from timm.models import checkpoint, register_notrace_module
 from timm.models._features import feature_take_indices
 from timm.models.xcit import ClassAttentionBlock, PositionalEncodingFourier
 from torch import nn
 
-from pace.layers import COMPRESS_FORMS, ConvStem, PACEBlock
+from pace.layers import REFERENCE_LAYER_NORM, ConvStem, PACEAttention, PACEBlock, SketchedModule
+
+# timm's tooling looks for the weight converter in the module of the model class.
+from pace.models.checkpoint_filter import checkpoint_filter_fn
 
 __all__ = ["PACEViT", "checkpoint_filter_fn"]
-
-_logger = logging.getLogger(__name__)
 
 _PATCH_SIZES = (4, 8, 16)
 _GLOBAL_POOLS = ("", "avg", "token")
 _CLS_ATTN_ETA = 1.0  # per-channel layer-scale init of the class-attention blocks
+_PER_FORWARD = {"step", "reference"}  # sketch schedules that redraw on a forward (no gradient checkpointing)
 
 # A block picks its sketch by token count (Python control flow), so torch.fx keeps it as one leaf call.
 register_notrace_module(PACEBlock)
@@ -47,6 +40,30 @@ def _check_pool(global_pool: str, has_class_token: bool) -> None:
         raise AssertionError(f"PACEViT: global_pool must be one of {_GLOBAL_POOLS}, got {global_pool!r}")
     if global_pool == "token" and not has_class_token:
         raise AssertionError("PACEViT: global_pool='token' needs the class token, which was pruned")
+
+
+def _class_attention_blocks(
+    dim: int, num_heads: int, count: int, *, mlp_ratio: float, drop_rate: float, norm_layer: Callable, **dd
+) -> nn.ModuleList:
+    # The reference's class attention (XCiT's): biased qkv, dropout after the projections, every token normed.
+    return nn.ModuleList(
+        ClassAttentionBlock(
+            dim,
+            num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=True,
+            proj_drop=drop_rate,
+            norm_layer=norm_layer,
+            eta=_CLS_ATTN_ETA,
+            tokens_norm=True,
+            **dd,
+        )
+        for _ in range(count)
+    )
+
+
+def _classifier(dim: int, num_classes: int, **dd) -> nn.Module:
+    return nn.Linear(dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
 
 
 class PACEViT(nn.Module):
@@ -61,22 +78,18 @@ class PACEViT(nn.Module):
         embed_dim: Token width d.
         depth: Number of PACE blocks.
         num_heads: Number of subspaces K of each PACE block (and heads of the class attention); divides d.
-        rank: Sketch rank r per subspace; needs r <= d / K.
-        eps: Ridge ε of the Cholesky basis.
-        compress_form: ``'full'`` (the paper's projector) or ``'diag'`` (the authors' code).
-        projector: ``'ridge'`` (soft projector, as the reference) or ``'exact'``.
-        positive_coeffs: Keep α and β positive through softplus.
-        coeff_init: Initial α and β.
         drop_rate: Dropout after the positional encoding and inside the class-attention blocks (as the reference).
         drop_path_rate: Stochastic-depth rate, the same for every PACE block.
         cls_attn_layers: Number of class-attention blocks.
         mlp_ratio: MLP width ratio of the class-attention blocks.
-        sketch_seed: Seed of the deterministic Gaussian sketches (same on every rank).
-        sketch_schedule: When sketches are redrawn: ``'epoch'``, ``'step'``, ``'fixed'`` or ``'reference'`` (the
-            authors' runs: one sketch in epoch 0, then a fresh one every training forward; see ``SketchedModule``).
         norm_layer: Token norm (name or class); default LayerNorm with eps 1e-6.
+        attn_layer: The PACE token mixer; built once with ``pace_kwargs`` and handed to every block.
         device: Factory device.
         dtype: Factory dtype.
+        **pace_kwargs: The PACE settings, keywords of :class:`pace.layers.PACEAttention` (which holds their
+            defaults): ``rank`` (r <= d / K), ``eps``, ``compress_form`` (``'full'``, the paper's projector, or
+            ``'diag'``, the authors' code), ``projector``, ``positive_coeffs``, ``coeff_init``, ``sketch_seed``,
+            ``sketch_schedule`` (``'reference'`` for the authors' runs), ``fused``.
     """
 
     def __init__(
@@ -89,37 +102,28 @@ class PACEViT(nn.Module):
         embed_dim: int = 384,
         depth: int = 12,
         num_heads: int = 8,
-        rank: int = 20,
-        eps: float = 0.01,
-        compress_form: str = "full",
-        projector: str = "ridge",
-        positive_coeffs: bool = False,
-        coeff_init: float = 0.1,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         cls_attn_layers: int = 2,
         mlp_ratio: float = 4.0,
-        sketch_seed: int = 0,
-        sketch_schedule: str = "epoch",
         norm_layer: str | Callable[..., nn.Module] | None = None,
+        attn_layer: Callable[..., nn.Module] = PACEAttention,
         device=None,
         dtype=None,
+        **pace_kwargs,
     ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         if patch_size not in _PATCH_SIZES:
             raise ValueError(f"PACEViT: patch_size must be one of {_PATCH_SIZES}, got {patch_size}")
         _check_pool(global_pool, has_class_token=True)
-        norm_layer = get_norm_layer(norm_layer) if norm_layer is not None else partial(nn.LayerNorm, eps=1e-6)
+        norm_layer = get_norm_layer(norm_layer) if norm_layer is not None else REFERENCE_LAYER_NORM
 
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.in_chans = in_chans
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.num_prefix_tokens = 1
-        self.compress_form = compress_form
-        self.positive_coeffs = positive_coeffs
-        self.sketch_schedule = sketch_schedule
         self.grad_checkpointing = False
 
         self.patch_embed = ConvStem(
@@ -127,47 +131,22 @@ class PACEViT(nn.Module):
         )
         self.pos_embed = PositionalEncodingFourier(dim=embed_dim, **dd)
         self.pos_drop = nn.Dropout(drop_rate)
-        # The reference keeps one stochastic-depth rate for every block (no linear ramp).
-        self.blocks = nn.ModuleList(
-            PACEBlock(
-                embed_dim,
-                num_heads,
-                rank=rank,
-                eps=eps,
-                compress_form=compress_form,
-                projector=projector,
-                positive_coeffs=positive_coeffs,
-                coeff_init=coeff_init,
-                drop_path=drop_path_rate,
-                norm_layer=norm_layer,
-                layer_idx=i,
-                sketch_seed=sketch_seed,
-                sketch_schedule=sketch_schedule,
-                **dd,
-            )
-            for i in range(depth)
+        # One configured token mixer for every block; the reference keeps one stochastic-depth rate for every
+        # block (no linear ramp).
+        block = partial(
+            PACEBlock, attn_layer=partial(attn_layer, **pace_kwargs), drop_path=drop_path_rate, norm_layer=norm_layer
         )
+        self.blocks = nn.ModuleList(block(embed_dim, num_heads, layer_idx=i, **dd) for i in range(depth))
         self.feature_info = [
             {"num_chs": embed_dim, "reduction": patch_size, "module": f"blocks.{i}"} for i in range(depth)
         ]
 
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **dd))
-        self.cls_attn_blocks = nn.ModuleList(
-            ClassAttentionBlock(
-                dim=embed_dim,
-                num_heads=num_heads,
-                mlp_ratio=mlp_ratio,
-                qkv_bias=True,
-                proj_drop=drop_rate,
-                norm_layer=norm_layer,
-                eta=_CLS_ATTN_ETA,
-                tokens_norm=True,
-                **dd,
-            )
-            for _ in range(cls_attn_layers)
+        self.cls_attn_blocks = _class_attention_blocks(
+            embed_dim, num_heads, cls_attn_layers, mlp_ratio=mlp_ratio, drop_rate=drop_rate, norm_layer=norm_layer, **dd
         )
         self.norm = norm_layer(embed_dim, **dd)
-        self.head = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.head = _classifier(embed_dim, num_classes, **dd)
 
         trunc_normal_(self.cls_token, std=0.02)
         self.apply(_init_linear)
@@ -211,10 +190,13 @@ class PACEViT(nn.Module):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in the backward pass instead of storing its activations."""
-        if enable and self.sketch_schedule in ("step", "reference"):
+        per_forward = sorted(
+            {m.sketch_schedule for m in self.modules() if isinstance(m, SketchedModule)} & _PER_FORWARD
+        )
+        if enable and per_forward:
             # The recomputed forward would draw the next forward's sketch and give wrong gradients.
             raise ValueError(
-                f"PACEViT: gradient checkpointing cannot be combined with sketch_schedule={self.sketch_schedule!r}"
+                f"PACEViT: gradient checkpointing cannot be combined with sketch_schedule={per_forward[0]!r}"
             )
         self.grad_checkpointing = enable
 
@@ -235,7 +217,7 @@ class PACEViT(nn.Module):
             self.global_pool = global_pool
         self.num_classes = num_classes
         dd = get_device_dtype(self)
-        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.head = _classifier(self.num_features, num_classes, **dd)
         _init_linear(self.head)
         self.head.train(self.training)
 
@@ -262,13 +244,21 @@ class PACEViT(nn.Module):
         for blk in self.blocks:
             blk.set_epoch(epoch)
 
-    def set_compress_form(self, form: str) -> None:
-        """Switch every block's Compress operator between ``'full'`` (paper) and ``'diag'`` (authors' code)."""
-        if form not in COMPRESS_FORMS:
-            raise ValueError(f"PACEViT: compress_form must be one of {COMPRESS_FORMS}, got {form!r}")
+    @property
+    def compress_form(self) -> str:
+        """The Compress form of the PACE blocks, ``'full'`` (paper) or ``'diag'`` (authors' code); assign to switch
+        every block (each block's ``attn.compress_form``, checked by its Compress operator)."""
+        return self.blocks[0].attn.compress_form
+
+    @compress_form.setter
+    def compress_form(self, form: str) -> None:
         for blk in self.blocks:
-            blk.set_compress_form(form)
-        self.compress_form = form
+            blk.attn.compress_form = form
+
+    @property
+    def positive_coeffs(self) -> bool:
+        """Whether the blocks store α and β as softplus-raw values."""
+        return self.blocks[0].attn.positive_coeffs
 
     # ----------------------------------------------------------------------------------------------------------
     # forward
@@ -459,217 +449,3 @@ def _init_linear(module: nn.Module) -> None:
         trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# checkpoints
-
-_REFERENCE_MARKERS = ("pos_embeder.", ".attn.expandoperator.", ".attn.compressoperator.")
-_WRAPPER_KEYS = ("model", "state_dict", "model_ema", "state_dict_ema")
-_PREFIXES = ("module.", "_orig_mod.")
-
-
-def _unwrap(state_dict: dict) -> dict:
-    # Training checkpoints nest the weights; the raw weights win when a file holds both, because the authors
-    # evaluate, select and fine-tune from `model` (PACE_SPEC §6). pace.eval.load_model picks EMA on request.
-    for key in _WRAPPER_KEYS:
-        inner = state_dict.get(key)
-        if isinstance(inner, dict) and inner:
-            return _unwrap(inner)
-    out = {}
-    for k, v in state_dict.items():
-        while k.startswith(_PREFIXES):  # DDP and torch.compile wrappers, nested in either order
-            k = k.split(".", 1)[1]
-        if k != "n_averaged":  # torch.optim.swa_utils.AveragedModel bookkeeping
-            out[k] = v
-    return out
-
-
-def _softplus_inverse(y: torch.Tensor, key: str) -> torch.Tensor:
-    y64 = y.double()
-    if not bool((y64 > 0).all()):
-        raise ValueError(
-            f"checkpoint_filter_fn: {key}={y.tolist()} is not positive, so it has no softplus-raw value; "
-            "create the model with positive_coeffs=False to load this checkpoint"
-        )
-    return (y64 + torch.log(-torch.expm1(-y64))).to(y.dtype)  # log(exp(y) - 1), stable for large y
-
-
-def _reference_key(k: str) -> str:
-    k = k.replace("pos_embeder.", "pos_embed.")
-    k = k.replace(".attn.expandoperator.Omega", ".attn.expand.sketch")
-    k = k.replace(".attn.compressoperator.Omega", ".attn.compress.sketch")
-    k = k.replace(".attn.compressoperator.Us", ".attn.compress.subspaces")
-    k = k.replace(".attn.compressoperator.temperature", ".attn.compress.tau")
-    if k.startswith("blocks."):
-        k = k.replace(".norm1.", ".norm.")
-    return k
-
-
-def _convert_reference(state_dict: dict, model: nn.Module) -> dict:
-    positive = model.positive_coeffs
-    out = {}
-    for k, v in state_dict.items():
-        if k.startswith("cls_attn_blocks.") and ".attn.qkv." in k:
-            # timm's class attention keeps q, k and v as separate projections.
-            for name, part in zip("qkv", v.reshape(3, -1, *v.shape[1:])):
-                out[k.replace(".attn.qkv.", f".attn.{name}.")] = part
-            continue
-        if k.startswith("blocks.") and k.rsplit(".", 1)[-1] in ("gamma1", "gamma2", "_gamma1_raw", "_gamma2_raw"):
-            prefix, name = k.rsplit(".", 1)
-            # The reference adds gamma1 * Expand and subtracts gamma2 * Compress: gamma1 is α, gamma2 is β.
-            ours = f"{prefix}.attn.{'alpha' if '1' in name else 'beta'}"
-            stored_raw = name.startswith("_")
-            if stored_raw and not positive:
-                v = F.softplus(v.double()).to(v.dtype)
-            elif positive and not stored_raw:
-                v = _softplus_inverse(v, k)
-            out[ours] = v.reshape(())
-            continue
-        k = _reference_key(k)
-        if k.endswith(".attn.compress.tau"):
-            v = v.reshape(())
-        out[k] = v
-    return out
-
-
-def checkpoint_filter_fn(state_dict: dict, model: PACEViT) -> dict:
-    """Convert a checkpoint to this model's state-dict layout.
-
-    Accepts this project's state dicts (bare, or under ``'model'``, ``'state_dict'``, ``'model_ema'``,
-    ``'state_dict_ema'``, with DDP / torch.compile prefixes) and the authors' DeiT-style checkpoints (their key
-    names, ``gamma1/gamma2`` or softplus ``_gamma1_raw/_gamma2_raw``, ``Omega`` sketches, ``Us``, a (1,)
-    ``temperature``). For the authors' format, α/β are converted exactly to the model's coefficient mode and the
-    model is switched to the authors' Compress form (``'diag'``), which is what their code computes.
-
-    Of a file holding both, the raw ``'model'`` weights are taken (what the authors evaluate and fine-tune from);
-    for the EMA weights pass ``checkpoint['model_ema']`` or use ``pace.eval.load_model(..., weights='ema')``.
-
-    Args:
-        state_dict: Loaded checkpoint (any of the layouts above).
-        model: The model the weights are for.
-
-    Returns:
-        A state dict with this model's key names.
-    """
-    state_dict = _unwrap(state_dict)
-    if not any(marker in k for k in state_dict for marker in _REFERENCE_MARKERS):
-        return state_dict
-    out = _convert_reference(state_dict, model)
-    if getattr(model, "compress_form", "diag") != "diag":
-        _logger.warning(
-            "Loaded a checkpoint in the authors' PACEAttention format: switching the model's Compress operator "
-            "from %r to the authors' diagonal form ('diag') so their outputs are reproduced "
-            "(call model.set_compress_form('full') to use the paper's projector instead).",
-            model.compress_form,
-        )
-        model.set_compress_form("diag")
-    return out
-
-
-# --------------------------------------------------------------------------------------------------------------
-# registry
-
-
-def _create_pace_vit(variant: str, pretrained: bool = False, **kwargs) -> PACEViT:
-    out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(
-        PACEViT,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg={"out_indices": out_indices, "feature_cls": "getter"},
-        **kwargs,
-    )
-
-
-def _cfg(**kwargs) -> dict:
-    return {
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "fixed_input_size": False,
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj.0.0",
-        "classifier": "head",
-        **kwargs,
-    }
-
-
-default_cfgs = generate_default_cfgs(
-    {
-        "pace_vit_test": _cfg(input_size=(3, 64, 64)),
-        "pace_vit_tiny_patch4_32": _cfg(
-            input_size=(3, 32, 32),
-            num_classes=10,
-            crop_pct=1.0,
-            mean=(0.4914, 0.4822, 0.4465),  # CIFAR-10
-            std=(0.2470, 0.2435, 0.2616),
-        ),
-        "pace_vit_tiny_patch8_224": _cfg(),
-        "pace_vit_small_patch8_224": _cfg(),
-        "pace_vit_tiny_patch16_224": _cfg(),
-        "pace_vit_small_patch16_224": _cfg(),
-        "pace_vit_medium_patch16_224": _cfg(),
-        "pace_vit_large_patch16_224": _cfg(),
-    }
-)
-
-
-@register_model
-def pace_vit_test(pretrained: bool = False, **kwargs) -> PACEViT:
-    """Tiny PACE-ViT for tests (64 px, patch 8, d 64, 4 blocks, 2 subspaces of rank 8)."""
-    model_args = {"img_size": 64, "patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 2, "rank": 8}
-    return _create_pace_vit("pace_vit_test", pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_model
-def pace_vit_tiny_patch4_32(pretrained: bool = False, **kwargs) -> PACEViT:
-    """PACE-ViT-Tiny for 32 px images (CIFAR): patch 4, 8x8 tokens."""
-    model_args = {"img_size": 32, "patch_size": 4, "embed_dim": 192, "depth": 12, "num_heads": 4}
-    return _create_pace_vit("pace_vit_tiny_patch4_32", pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_model
-def pace_vit_tiny_patch8_224(pretrained: bool = False, **kwargs) -> PACEViT:
-    """PACE-ViT-Tiny/8 (d 192, 12 blocks, 4 subspaces)."""
-    model_args = {"patch_size": 8, "embed_dim": 192, "depth": 12, "num_heads": 4}
-    return _create_pace_vit("pace_vit_tiny_patch8_224", pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_model
-def pace_vit_small_patch8_224(pretrained: bool = False, **kwargs) -> PACEViT:
-    """PACE-ViT-Small/8 (d 384, 12 blocks, 8 subspaces)."""
-    model_args = {"patch_size": 8, "embed_dim": 384, "depth": 12, "num_heads": 8}
-    return _create_pace_vit("pace_vit_small_patch8_224", pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_model
-def pace_vit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> PACEViT:
-    """PACE-ViT-Tiny/16 (d 192, 12 blocks, 4 subspaces; reference ECAttention_tiny_layer12_p16)."""
-    model_args = {"patch_size": 16, "embed_dim": 192, "depth": 12, "num_heads": 4}
-    return _create_pace_vit("pace_vit_tiny_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_model
-def pace_vit_small_patch16_224(pretrained: bool = False, **kwargs) -> PACEViT:
-    """PACE-ViT-Small/16 (d 384, 12 blocks, 8 subspaces; reference ECAttention_small_layer12_p16)."""
-    model_args = {"patch_size": 16, "embed_dim": 384, "depth": 12, "num_heads": 8}
-    return _create_pace_vit("pace_vit_small_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_model
-def pace_vit_medium_patch16_224(pretrained: bool = False, **kwargs) -> PACEViT:
-    """PACE-ViT-Medium/16 (d 512, 24 blocks, 8 subspaces; reference ECAttention_medium_layer24_p16)."""
-    model_args = {"patch_size": 16, "embed_dim": 512, "depth": 24, "num_heads": 8}
-    return _create_pace_vit("pace_vit_medium_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_model
-def pace_vit_large_patch16_224(pretrained: bool = False, **kwargs) -> PACEViT:
-    """PACE-ViT-Large/16 (d 1024, 24 blocks, 16 subspaces; reference ECAttention_large_layer24_p16_d1024)."""
-    model_args = {"patch_size": 16, "embed_dim": 1024, "depth": 24, "num_heads": 16}
-    return _create_pace_vit("pace_vit_large_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))

@@ -2,45 +2,37 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import platform
-import sys
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
-from omegaconf import OmegaConf
 from timm.utils import random_seed
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pace.data import create_mixup
 from pace.distributed import DistEnv, all_gather_object, capped_workers
 from pace.errors import RunError
 from pace.eval.transform import eval_data_config, run_eval_settings, set_eval_settings
 from pace.train.builders import (
     build_ema,
     build_loss,
+    build_mixup,
     build_model,
     build_optimizer,
     build_scheduler,
     model_args,
 )
 from pace.train.checkpoint import CheckpointManager
-from pace.train.config import TrainConfig
-from pace.train.data import build_data
+from pace.train.config import DataConfig, TrainConfig
+from pace.train.data_builders import build_data
 from pace.train.distill import build_distillation, enable_distilled_training
-from pace.train.metrics import (
-    MetricLogger,
-    ThroughputMeter,
-    device_peak_tflops,
-    git_sha,
-    training_flops_per_image,
-)
+from pace.train.flops import training_flops_per_image
+from pace.train.metric_logger import MetricLogger
 from pace.train.preflight import check_class_count, check_imagenet_keys
+from pace.train.provenance import git_sha, write_provenance
 from pace.train.run_identity import config_hash, select_checkpoint
+from pace.train.throughput import ThroughputMeter, device_peak_tflops
 from pace.train.trainer import Trainer, updates_per_epoch
 
 log = logging.getLogger(__name__)
@@ -60,42 +52,6 @@ def agreed_run_dir(run_dir: str, env: DistEnv) -> Path:
     if len(dirs) > 1:
         raise RunError(f"ranks disagree on the run dir {dirs}: pass one hydra.run.dir=... to every rank")
     return path
-
-
-def _keep_previous_config(path: Path, text: str) -> None:
-    # A resumed run with changed settings (more epochs, `trainer.resume=force`) keeps the record of what ran
-    # before: the earlier config.yaml becomes config.1.yaml, config.2.yaml, ...
-    if not path.is_file() or path.read_text().split("\n", 1)[-1] == text.split("\n", 1)[-1]:
-        return
-    n = 1
-    while path.with_name(f"config.{n}.yaml").exists():
-        n += 1
-    path.rename(path.with_name(f"config.{n}.yaml"))
-
-
-def write_provenance(run_dir: Path, resolved: dict[str, Any], env: DistEnv, sha: str | None) -> None:
-    """Write the resolved config and how the run was started into the run dir (after the resume checks, so a
-    refused command leaves the run's record as it was).
-
-    Args:
-        run_dir: the run directory.
-        resolved: the resolved config.
-        env: this process's place in the job.
-        sha: git commit of the code.
-    """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    text = f"# git: {sha}\n" + OmegaConf.to_yaml(OmegaConf.create(resolved))
-    _keep_previous_config(run_dir / "config.yaml", text)
-    (run_dir / "config.yaml").write_text(text)
-    provenance = {
-        "git_sha": sha,
-        "argv": sys.argv,
-        "host": platform.node(),
-        "world_size": env.world_size,
-        "launcher": env.launcher,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__},
-    }
-    (run_dir / "provenance.json").write_text(json.dumps(provenance, indent=1) + "\n")
 
 
 def _prepare_model(cfg: TrainConfig, env: DistEnv, device: torch.device) -> nn.Module:
@@ -130,40 +86,23 @@ def build_trainer(cfg: TrainConfig, *, env: DistEnv, device: torch.device, resol
     resume_from = select_checkpoint(checkpoints, cfg.trainer.resume, resolved, set_aside=env.is_main)
     check_imagenet_keys(cfg.eval)
     sha = git_sha()
-    workers = capped_workers(cfg.data.num_workers, env)
-    if workers < cfg.data.num_workers:
-        log.info("data.num_workers=%d capped at %d: the CPUs this process may use", cfg.data.num_workers, workers)
-        cfg.data.num_workers = workers
+    _cap_workers(cfg.data, env)
     model = _prepare_model(cfg, env, device)
     enable_distilled_training(model, cfg.distill)
     global_batch = cfg.data.batch_size * cfg.trainer.grad_accum_steps * env.world_size
     optimizer = build_optimizer(model, cfg.optim, global_batch)
-    train_model: nn.Module = model
-    if env.is_distributed:
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.trainer.compile:
-        train_model = torch.compile(train_model)
+    train_model = _wrap_for_training(model, env, device, compile_model=cfg.trainer.compile)
     # After DDP's broadcast, so every rank's EMA starts from rank 0's weights.
     ema = build_ema(model, cfg.trainer.ema_decay, cfg.trainer.ema_warmup) if cfg.trainer.ema else None
-    aug = cfg.aug
-    mixup = create_mixup(
-        num_classes=cfg.model.num_classes,
-        mixup_alpha=aug.mixup,
-        cutmix_alpha=aug.cutmix,
-        prob=aug.mixup_prob,
-        switch_prob=aug.mixup_switch_prob,
-        mode=aug.mixup_mode,
-        label_smoothing=aug.label_smoothing,
-    )
+    mixup = build_mixup(cfg.aug, cfg.model.num_classes)
     # The transform pace-eval would build for this model: its pretrained_cfg records the run's eval settings.
     norm = eval_data_config(model)
     train_data, evaluators, step_mixup = build_data(
-        cfg.data, aug, cfg.eval, env, cfg.seed, eval_config=norm, mixup=mixup, device=device
+        cfg.data, cfg.aug, cfg.eval, env, cfg.seed, eval_config=norm, mixup=mixup, device=device
     )
     check_class_count(cfg.data, cfg.model.num_classes)  # after build_data: the quickstart data exists now
     scheduler = build_scheduler(optimizer, cfg.sched, updates_per_epoch(train_data.batches_per_epoch, cfg.trainer))
-    peak = cfg.trainer.peak_tflops or device_peak_tflops(device)
-    flops = training_flops_per_image(model, cfg.data.img_size, device) if peak else None
+    meter = _throughput_meter(model, cfg, device)
     loss_fn = build_loss(cfg.aug, mixing=mixup is not None)
     distill = build_distillation(
         cfg.distill, loss_fn, num_classes=cfg.model.num_classes, mean=norm["mean"], std=norm["std"], device=device
@@ -187,18 +126,48 @@ def build_trainer(cfg: TrainConfig, *, env: DistEnv, device: torch.device, resol
         options=cfg.trainer,
         epochs=cfg.sched.epochs,
         run_dir=run_dir,
-        checkpoint_meta={
-            "model_name": cfg.model.name,
-            "model_args": model_args(cfg.model),
-            "config": resolved,
-            "config_hash": config_hash(resolved),
-            "git_sha": sha,
-        },
+        checkpoint_meta=_checkpoint_meta(cfg, resolved, sha),
         mixup=step_mixup,
         ema=ema,
         clip_grad=cfg.optim.clip_grad,
         clip_mode=cfg.optim.clip_mode,
-        meter=ThroughputMeter(device, flops, peak),
+        meter=meter,
         resume_from=resume_from,
         distill=distill,
     )
+
+
+def _cap_workers(cfg: DataConfig, env: DistEnv) -> None:
+    # More loader workers than the CPUs this process may use only slows every one of them down.
+    workers = capped_workers(cfg.num_workers, env)
+    if workers < cfg.num_workers:
+        log.info("data.num_workers=%d capped at %d: the CPUs this process may use", cfg.num_workers, workers)
+        cfg.num_workers = workers
+
+
+def _wrap_for_training(model: nn.Module, env: DistEnv, device: torch.device, *, compile_model: bool) -> nn.Module:
+    """The module the forward pass runs through: `model` under DDP when distributed, compiled if asked."""
+    train_model: nn.Module = model
+    if env.is_distributed:
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if compile_model:
+        train_model = torch.compile(train_model)
+    return train_model
+
+
+def _throughput_meter(model: nn.Module, cfg: TrainConfig, device: torch.device) -> ThroughputMeter:
+    """The meter, with MFU when the device's peak is known (`trainer.peak_tflops` or a known GPU)."""
+    peak = cfg.trainer.peak_tflops or device_peak_tflops(device)
+    flops = training_flops_per_image(model, cfg.data.img_size, device) if peak else None
+    return ThroughputMeter(device, flops, peak)
+
+
+def _checkpoint_meta(cfg: TrainConfig, resolved: dict[str, Any], sha: str | None) -> dict[str, Any]:
+    """What every checkpoint records besides the training state: architecture, config, code version."""
+    return {
+        "model_name": cfg.model.name,
+        "model_args": model_args(cfg.model),
+        "config": resolved,
+        "config_hash": config_hash(resolved),
+        "git_sha": sha,
+    }

@@ -8,6 +8,7 @@ from typing import Any
 
 import timm
 import torch
+from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models import load_state_dict_from_hf
 from timm.optim import create_optimizer_v2
@@ -16,6 +17,7 @@ from timm.scheduler.scheduler import Scheduler
 from timm.utils import ModelEmaV3, freeze
 from torch import nn
 
+from pace.data import create_mixup
 from pace.errors import RunError
 from pace.eval.loading import drop_pretrained_state_dict, read_weights
 from pace.train.config import AugConfig, ModelConfig, OptimConfig, SchedConfig
@@ -231,3 +233,21 @@ def build_loss(cfg: AugConfig, mixing: bool) -> nn.Module:
     if cfg.label_smoothing > 0:
         return LabelSmoothingCrossEntropy(smoothing=cfg.label_smoothing)
     return nn.CrossEntropyLoss()
+
+
+def build_mixup(cfg: AugConfig, num_classes: int) -> Mixup | None:
+    """timm's Mixup/CutMix for the `aug` settings, or None when both are off.
+
+    Args:
+        cfg: the augmentation section of the config.
+        num_classes: classes of the model (the soft targets' width).
+    """
+    return create_mixup(
+        num_classes=num_classes,
+        mixup_alpha=cfg.mixup,
+        cutmix_alpha=cfg.cutmix,
+        prob=cfg.mixup_prob,
+        switch_prob=cfg.mixup_switch_prob,
+        mode=cfg.mixup_mode,
+        label_smoothing=cfg.label_smoothing,
+    )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import signal
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
@@ -26,11 +25,14 @@ from pace.eval import Evaluator
 from pace.layers import sync_sketches
 from pace.train.checkpoint import CheckpointManager, export_release, load_checkpoint, rng_state, set_rng_state
 from pace.train.config import TrainerConfig
-from pace.train.data import TrainData
+from pace.train.data_builders import TrainData
 from pace.train.distill import DistillationLoss
 from pace.train.faults import nan_fault_from_env
-from pace.train.metrics import MetricLogger, ThroughputMeter, pace_telemetry
+from pace.train.metric_logger import MetricLogger
 from pace.train.progress import ProgressLine, show_progress_bar
+from pace.train.stop_signals import StopSignals
+from pace.train.telemetry import first_images, pace_telemetry
+from pace.train.throughput import ThroughputMeter
 
 log = logging.getLogger(__name__)
 
@@ -59,31 +61,6 @@ class PreemptedError(Exception):
 
 class NonFiniteError(RuntimeError):
     """A non-finite loss or gradient stopped training (the last checkpoint on disk is untouched)."""
-
-
-class StopSignals(AbstractContextManager):
-    """Records SIGTERM/SIGUSR1 (SLURM pre-emption) so the loop can stop between two updates.
-
-    Args:
-        signums: the signals to catch.
-    """
-
-    def __init__(self, signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)) -> None:
-        self.signums = signums
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.received = signum
-
-    def __enter__(self) -> StopSignals:
-        for signum in self.signums:
-            self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
 
 
 @dataclass
@@ -355,11 +332,8 @@ class Trainer:
         if not every or self.state.step % every or not self.env.is_main or not self.evaluators:
             return
         if self._telemetry_images is None:
-            # The first held-out images, fixed for the run. A loader may draw seeds from the global generators,
-            # so their states are restored: training stays bit-identical with or without telemetry.
-            state = rng_state()
-            images = next(iter(self.evaluators[0].data.loader))[0][: self.options.telemetry_images]
-            set_rng_state(state)
+            # The first held-out images, fixed for the run.
+            images = first_images(self.evaluators[0].data.loader, self.options.telemetry_images)
             self._telemetry_images = images.to(self.device)
         record = pace_telemetry(self.model, self._telemetry_images)
         if record:

@@ -10,16 +10,17 @@ import torch
 from torch import nn
 
 from pace.data import (
-    SYNTHETIC_CLASSES,
+    QUICKSTART_CLASSES,
+    TrainSampling,
     create_eval_loader,
     create_eval_transform,
     create_train_loader,
     create_train_transform,
-    make_synthetic_dataset,
+    make_quickstart_dataset,
     read_info,
 )
 from pace.data.make_shards import main
-from pace.data.synthetic import render_image, render_jpeg
+from pace.data.quickstart import render_image, render_jpeg
 
 SMALL = {"train_per_class": 30, "val_per_class": 5, "shard_size": 100, "workers": 1}
 
@@ -36,11 +37,11 @@ def test_rendering_is_deterministic_and_seeded():
 
 def test_dataset_is_written_once_and_read_back(tmp_path):
     out = tmp_path / "shapes"
-    info = make_synthetic_dataset(out, **SMALL)
-    assert info["classes"] == list(SYNTHETIC_CLASSES) == sorted(SYNTHETIC_CLASSES)
+    info = make_quickstart_dataset(out, **SMALL)
+    assert info["classes"] == list(QUICKSTART_CLASSES) == sorted(QUICKSTART_CLASSES)
     assert [info["splits"][s]["num_samples"] for s in ("train", "val")] == [300, 50]
     stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    assert make_synthetic_dataset(out, **SMALL) == read_info(out)  # idempotent: nothing rewritten
+    assert make_quickstart_dataset(out, **SMALL) == read_info(out)  # idempotent: nothing rewritten
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
     loader = create_eval_loader(out, batch_size=50, transform=create_eval_transform(input_size=64), num_workers=2)
     labels = Counter(int(t) for _, targets, _ in loader for t in targets)
@@ -49,8 +50,8 @@ def test_dataset_is_written_once_and_read_back(tmp_path):
 
 def test_other_parameters_rewrite_and_foreign_directories_are_refused(tmp_path):
     out = tmp_path / "shapes"
-    make_synthetic_dataset(out, **SMALL)
-    info = make_synthetic_dataset(out, **{**SMALL, "train_per_class": 20})
+    make_quickstart_dataset(out, **SMALL)
+    info = make_quickstart_dataset(out, **{**SMALL, "train_per_class": 20})
     assert info["splits"]["train"]["num_samples"] == 200
     assert sorted(p.name for p in out.glob("*.tar")) == [
         "shapes-train-000000.tar",
@@ -61,7 +62,7 @@ def test_other_parameters_rewrite_and_foreign_directories_are_refused(tmp_path):
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("x")
     with pytest.raises(FileExistsError, match="not empty"):
-        make_synthetic_dataset(foreign, **SMALL)
+        make_quickstart_dataset(foreign, **SMALL)
 
 
 def test_cli_generates_the_dataset(tmp_path, capsys):
@@ -75,11 +76,13 @@ def test_a_small_convnet_learns_the_classes(tmp_path):
     # Form, not colour, separates the classes: a tiny CNN at 32 px gets far above chance (10%) in 3 epochs.
     torch.manual_seed(0)
     out = tmp_path / "shapes"
-    make_synthetic_dataset(out)
+    make_quickstart_dataset(out)
     train_tf = create_train_transform(
         input_size=32, scale=(0.6, 1.0), color_jitter=None, auto_augment=None, re_prob=0.0, interpolation="bilinear"
     )
-    train = create_train_loader(out, batch_size=64, transform=train_tf, num_workers=1, shuffle_buffer=1000)
+    train = create_train_loader(
+        out, batch_size=64, transform=train_tf, num_workers=1, sampling=TrainSampling(shuffle_buffer=1000)
+    )
     val = create_eval_loader(out, batch_size=250, transform=create_eval_transform(input_size=32), num_workers=0)
 
     def block(i, o):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Callable
 from functools import lru_cache, partial
 from pathlib import Path
 
@@ -17,11 +18,11 @@ import numpy as np
 from PIL import Image
 
 from pace.data.info import INFO_NAME, read_info
-from pace.data.writer import EncodeOptions, SourceImage, write_dataset
+from pace.data.writer import EncodeOptions, ShardPlan, SourceImage, write_dataset
 
 logger = logging.getLogger(__name__)
 
-SYNTHETIC_CLASSES = ("checker", "cross", "disk", "dots", "frame", "ring", "square", "star", "stripes", "triangle")
+QUICKSTART_CLASSES = ("checker", "cross", "disk", "dots", "frame", "ring", "square", "star", "stripes", "triangle")
 DEFAULT_DIR = "data/generated/shapes"
 _SPLIT_CODES = {"train": 0, "val": 1}
 
@@ -38,7 +39,7 @@ def render_image(*, seed: int, split: str, index: int, image_size: int = 64) -> 
     Returns:
         (image as a (H, W, 3) uint8 array, class index).
     """
-    label = index % len(SYNTHETIC_CLASSES)
+    label = index % len(QUICKSTART_CLASSES)
     rng = np.random.default_rng([seed, _SPLIT_CODES[split], index])
     S = image_size
     y, x = _pixel_centres(S)  # (S, S) each
@@ -50,7 +51,7 @@ def render_image(*, seed: int, split: str, index: int, image_size: int = 64) -> 
     # Coordinates in the object's rotated frame.
     u = (x - cx) * np.cos(theta) + (y - cy) * np.sin(theta)
     v = -(x - cx) * np.sin(theta) + (y - cy) * np.cos(theta)
-    alpha = _coverage(SYNTHETIC_CLASSES[label], u, v, radius, theta, S)[..., None]  # (S, S, 1)
+    alpha = _coverage(QUICKSTART_CLASSES[label], u, v, radius, theta, S)[..., None]  # (S, S, 1)
     image = background + alpha * (colour - background)
     image += 28.0 * (rng.random(image.shape, dtype=np.float32) - 0.5)  # uniform noise, std 8
     return np.clip(image, 0, 255).astype(np.uint8), label
@@ -64,7 +65,7 @@ def render_jpeg(*, seed: int, split: str, index: int, image_size: int = 64, qual
     return out.getvalue()
 
 
-def make_synthetic_dataset(
+def make_quickstart_dataset(
     out_dir: str | Path = DEFAULT_DIR,
     *,
     seed: int = 0,
@@ -104,39 +105,40 @@ def make_synthetic_dataset(
     }
     counts = {"train": train_per_class, "val": val_per_class}
     existing = read_info(out_dir) if (out_dir / INFO_NAME).is_file() else None
+    # The info file records the parameters under "synthetic", the key datasets already on disk carry.
     if existing is not None and existing.get("synthetic") == params:
-        missing = _missing(out_dir, existing, {split: n * len(SYNTHETIC_CLASSES) for split, n in counts.items()})
+        missing = _missing(out_dir, existing, {split: n * len(QUICKSTART_CLASSES) for split, n in counts.items()})
         if not missing:
             logger.info("generated dataset already present in %s", out_dir)
             return existing
         logger.warning("generated dataset in %s is incomplete (%s): writing it again", out_dir, missing)
     render = partial(render_jpeg, seed=seed, image_size=image_size, quality=quality)
-    splits = {
-        split: [
-            SourceImage(
-                key=f"{split}_{index:06d}",
-                label=index % len(SYNTHETIC_CLASSES),
-                class_name=SYNTHETIC_CLASSES[index % len(SYNTHETIC_CLASSES)],
-                render=partial(render, split=split, index=index),
-                filename=f"{split}_{index:06d}.jpg",
-            )
-            for index in range(per_class * len(SYNTHETIC_CLASSES))
-        ]
-        for split, per_class in counts.items()
-    }
+    splits = {split: _listed_images(split, per_class, render) for split, per_class in counts.items()}
     return write_dataset(
         out_dir,
         splits,
-        classes=SYNTHETIC_CLASSES,
-        prefix="shapes",
-        max_count=shard_size,
+        classes=QUICKSTART_CLASSES,
+        plan=ShardPlan(prefix="shapes", max_count=shard_size, seed=seed),
         options=EncodeOptions(verify=False),
         workers=workers,
-        seed=seed,
         overwrite=existing is not None and "synthetic" in existing,
         sources=dict.fromkeys(splits, "generated"),
         extra_info={"synthetic": params},
     )
+
+
+def _listed_images(split: str, per_class: int, render: Callable[..., bytes]) -> list[SourceImage]:
+    """The split's images for the writer, each rendered in a writer process when it is written."""
+    return [
+        SourceImage(
+            key=f"{split}_{index:06d}",
+            label=index % len(QUICKSTART_CLASSES),
+            class_name=QUICKSTART_CLASSES[index % len(QUICKSTART_CLASSES)],
+            render=partial(render, split=split, index=index),
+            filename=f"{split}_{index:06d}.jpg",
+        )
+        for index in range(per_class * len(QUICKSTART_CLASSES))
+    ]
 
 
 def _missing(out_dir: Path, info: dict, samples: dict[str, int]) -> str | None:

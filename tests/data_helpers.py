@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from pace.data import EncodeOptions, shard_image_folders
+from pace.data import EncodeOptions, ShardPlan, shard_image_folders
 
 
 def jpeg_bytes(seed: int, size: tuple[int, int] = (20, 16), quality: int = 90) -> bytes:
@@ -36,9 +36,12 @@ def make_image_folder(root: Path, *, classes: int = 3, per_class: int = 10, seed
     return files
 
 
-def write_shards(out: Path, folder: Path, *, max_count: int = 7, split: str = "train", **kwargs) -> dict:
+def write_shards(
+    out: Path, folder: Path, *, max_count: int = 7, prefix: str | None = None, split: str = "train", **kwargs
+) -> dict:
     """Shards of one ImageFolder split, stored as is."""
-    return shard_image_folders(out, {split: folder}, max_count=max_count, options=EncodeOptions(), **kwargs)
+    plan = ShardPlan(prefix=prefix, max_count=max_count)
+    return shard_image_folders(out, {split: folder}, plan=plan, options=EncodeOptions(), **kwargs)
 
 
 def make_uneven_shards(root: Path) -> Path:

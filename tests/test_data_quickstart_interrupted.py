@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pace.data import make_synthetic_dataset, read_info
+from pace.data import make_quickstart_dataset, read_info
 from pace.data.info import write_info
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +21,7 @@ SMALL = {"train_per_class": 12, "val_per_class": 3, "shard_size": 40, "image_siz
 _STOP_AFTER_TRAIN = """
 import json, sys, time
 import pace.data.writer as writer
-from pace.data import make_synthetic_dataset
+from pace.data import make_quickstart_dataset
 
 write_split = writer._write_split
 
@@ -33,7 +33,7 @@ def announcing(*args, **kwargs):
     return entry
 
 writer._write_split = announcing
-make_synthetic_dataset(sys.argv[1], **json.loads(sys.argv[2]))
+make_quickstart_dataset(sys.argv[1], **json.loads(sys.argv[2]))
 """
 
 
@@ -43,7 +43,7 @@ def _contents(directory: Path) -> dict[str, bytes]:
 
 def test_generation_killed_between_splits_leaves_no_dataset_and_the_rerun_completes_it(tmp_path):
     reference = tmp_path / "reference"
-    make_synthetic_dataset(reference, **SMALL)
+    make_quickstart_dataset(reference, **SMALL)
     out = tmp_path / "shapes"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-c", _STOP_AFTER_TRAIN, str(out), json.dumps(SMALL)]
@@ -57,7 +57,7 @@ def test_generation_killed_between_splits_leaves_no_dataset_and_the_rerun_comple
     staging = tmp_path / ".shapes.partial"
     assert sorted(p.name for p in staging.iterdir()) == [f"shapes-train-{i:06d}.tar" for i in range(3)]
 
-    info = make_synthetic_dataset(out, **SMALL)
+    info = make_quickstart_dataset(out, **SMALL)
     assert [info["splits"][split]["num_samples"] for split in ("train", "val")] == [120, 30]
     assert not staging.exists()
     assert _contents(out) == _contents(reference)  # byte for byte what an uninterrupted run writes
@@ -66,14 +66,14 @@ def test_generation_killed_between_splits_leaves_no_dataset_and_the_rerun_comple
 def test_a_train_only_dataset_left_by_an_earlier_version_is_written_again(tmp_path):
     # What an interrupted run of the earlier writer left: both splits' parameters, only the train split listed.
     out = tmp_path / "shapes"
-    complete = make_synthetic_dataset(out, **SMALL)
+    complete = make_quickstart_dataset(out, **SMALL)
     for name in complete["splits"]["val"]["filenames"]:
         (out / name).unlink()
     write_info(out, {**complete, "splits": {"train": complete["splits"]["train"]}})
-    info = make_synthetic_dataset(out, **SMALL)
+    info = make_quickstart_dataset(out, **SMALL)
     assert info == complete == read_info(out)
     assert all((out / name).is_file() for entry in info["splits"].values() for name in entry["filenames"])
     # A listed shard that is gone is noticed too.
     (out / complete["splits"]["train"]["filenames"][1]).unlink()
-    assert make_synthetic_dataset(out, **SMALL) == complete
+    assert make_quickstart_dataset(out, **SMALL) == complete
     assert (out / complete["splits"]["train"]["filenames"][1]).is_file()

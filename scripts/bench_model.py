@@ -43,6 +43,7 @@ from _bench_utils import (
 from torch import nn
 
 import pace  # noqa: F401  (registers the pace_vit_* models with timm)
+from pace.models import compile_blocks
 
 PAIRS = "pace_vit_tiny_patch16_224:deit_tiny_patch16_224,pace_vit_small_patch16_224:deit_small_patch16_224"
 TRAIN_TARGET_GPU = 1.5  # PACE-ViT-S / DeiT-S training throughput at 224 px, bf16, compiled
@@ -150,11 +151,7 @@ def compile_model(model: nn.Module, args) -> nn.Module:
     mode = None if args.compile_mode == "default" else args.compile_mode
     if not args.regional:
         return torch.compile(model, mode=mode)
-    if hasattr(model, "compile_blocks"):
-        model.compile_blocks(mode=mode)  # PACE-ViT: its PACE and class-attention blocks
-    else:
-        for blk in model.blocks:  # timm ViTs (DeiT): the transformer blocks
-            blk.compile(mode=mode)
+    compile_blocks(model, mode=mode)  # PACE-ViT: its PACE and class-attention blocks; DeiT: its blocks
     return model
 
 

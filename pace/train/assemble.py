@@ -14,6 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 from pace.distributed import DistEnv, all_gather_object, capped_workers
 from pace.errors import RunError
 from pace.eval.transform import eval_data_config, run_eval_settings, set_eval_settings
+from pace.models import compile_blocks
 from pace.train.builders import (
     build_ema,
     build_loss,
@@ -24,7 +25,7 @@ from pace.train.builders import (
     model_args,
 )
 from pace.train.checkpoint import CheckpointManager
-from pace.train.config import DataConfig, TrainConfig
+from pace.train.config import DataConfig, TrainConfig, TrainerConfig
 from pace.train.data_builders import build_data
 from pace.train.distill import build_distillation, enable_distilled_training
 from pace.train.flops import training_flops_per_image
@@ -91,7 +92,7 @@ def build_trainer(cfg: TrainConfig, *, env: DistEnv, device: torch.device, resol
     enable_distilled_training(model, cfg.distill)
     global_batch = cfg.data.batch_size * cfg.trainer.grad_accum_steps * env.world_size
     optimizer = build_optimizer(model, cfg.optim, global_batch)
-    train_model = _wrap_for_training(model, env, device, compile_model=cfg.trainer.compile)
+    train_model = _wrap_for_training(model, env, device, cfg.trainer)
     # After DDP's broadcast, so every rank's EMA starts from rank 0's weights.
     ema = build_ema(model, cfg.trainer.ema_decay, cfg.trainer.ema_warmup) if cfg.trainer.ema else None
     mixup = build_mixup(cfg.aug, cfg.model.num_classes)
@@ -145,13 +146,20 @@ def _cap_workers(cfg: DataConfig, env: DistEnv) -> None:
         cfg.num_workers = workers
 
 
-def _wrap_for_training(model: nn.Module, env: DistEnv, device: torch.device, *, compile_model: bool) -> nn.Module:
-    """The module the forward pass runs through: `model` under DDP when distributed, compiled if asked."""
+def _wrap_for_training(model: nn.Module, env: DistEnv, device: torch.device, trainer: TrainerConfig) -> nn.Module:
+    """The module the forward pass runs through: `model` under DDP when distributed, compiled if asked.
+
+    Blocks are compiled in place before DDP wraps the model (the module tree and the state-dict keys stay as they
+    are); the whole model is compiled around DDP, as torch recommends.
+    """
+    mode = trainer.compile_mode
+    if trainer.compile and trainer.compile_scope == "blocks":
+        compile_blocks(model, mode=mode)
     train_model: nn.Module = model
     if env.is_distributed:
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if compile_model:
-        train_model = torch.compile(train_model)
+    if trainer.compile and trainer.compile_scope == "model":
+        train_model = torch.compile(train_model, mode=mode)
     return train_model
 
 

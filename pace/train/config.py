@@ -263,6 +263,10 @@ class SchedConfig:
         _require(self.min_lr >= 0 and self.warmup_lr >= 0, "sched.min_lr/warmup_lr", self.min_lr, "values >= 0")
 
 
+# torch.compile's modes (None: its default).
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @dataclass
 class TrainerConfig:
     """How the loop runs: precision, accumulation, EMA, evaluation, checkpoints, fault handling.
@@ -270,7 +274,11 @@ class TrainerConfig:
     Args:
         device: "auto", "cpu" or "cuda".
         precision: "fp32", "bf16" (autocast) or "fp16" (autocast with a GradScaler).
-        compile: wrap the model in `torch.compile`.
+        compile: compile the model with `torch.compile`.
+        compile_scope: "model" (the whole model, one graph) or "blocks" (each transformer block in place, regional
+            compilation: PACE-ViT's blocks share one compiled frame, so it compiles in about the time of one).
+        compile_mode: a `torch.compile` mode, e.g. "reduce-overhead" (CUDA graphs: with compile_scope=blocks each
+            block replays as one graph; the sketches are redrawn in place, so the graphs stay valid) or null.
         channels_last: channels-last memory format for images and model.
         grad_accum_steps: micro-batches per optimizer update.
         sync_batchnorm: convert BatchNorm to SyncBatchNorm under DDP.
@@ -306,6 +314,8 @@ class TrainerConfig:
     device: str = "auto"
     precision: str = "bf16"
     compile: bool = False
+    compile_scope: str = "model"
+    compile_mode: str | None = None
     channels_last: bool = False
     grad_accum_steps: int = 1
     sync_batchnorm: bool = True
@@ -336,6 +346,8 @@ class TrainerConfig:
         _one_of("trainer.device", self.device, ("auto", "cpu", "cuda"))
         _one_of("trainer.precision", self.precision, ("fp32", "bf16", "fp16"))
         _one_of("trainer.on_nonfinite", self.on_nonfinite, ("skip", "stop"))
+        _one_of("trainer.compile_scope", self.compile_scope, ("model", "blocks"))
+        _one_of("trainer.compile_mode", self.compile_mode, COMPILE_MODES)
         _require(self.grad_accum_steps >= 1, "trainer.grad_accum_steps", self.grad_accum_steps, "an integer >= 1")
         _require(0.0 < self.ema_decay < 1.0, "trainer.ema_decay", self.ema_decay, "a decay in (0, 1)")
         _require(self.log_every_steps >= 1, "trainer.log_every_steps", self.log_every_steps, ">= 1")

@@ -37,6 +37,8 @@ RESUMABLE_KEYS = (
     "data.eval_batch_size",
     "trainer.device",
     "trainer.compile",
+    "trainer.compile_scope",
+    "trainer.compile_mode",
     "trainer.resume",
     "trainer.log_every_steps",
     "trainer.telemetry_every_steps",

@@ -15,14 +15,13 @@ from torch.utils.data import DataLoader
 from pace.data.device_augment import DeviceStage
 from pace.data.info import ShardSet, check_local_shards, resolve_shards
 from pace.data.lost import lost_samples
-from pace.data.pipeline import BatchReport, ShardDataset, train_quotas
+from pace.data.pipeline import BatchReport, ShardDataset, ShardReading, TrainSampling, train_quotas
 from pace.data.shards import BadData
 from pace.distributed import DistEnv
 from pace.errors import RunError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 _LOGGED_PER_EPOCH = 20  # bad samples logged one by one per epoch; the rest are summarised at its end
 
 
@@ -78,6 +77,24 @@ class EpochStats:
         return to_log
 
 
+@dataclass(frozen=True)
+class LoaderIO:
+    """What a `ShardLoader` needs besides its dataset.
+
+    Args:
+        num_workers: DataLoader worker processes.
+        max_error_fraction: stop when more than this fraction of the samples are bad.
+        expected_samples: raw samples this rank reads per epoch when known; lets the limit stop a run early.
+        reading: how samples are read; its `pin_memory` and `prefetch_factor` (None: the DataLoader default) go
+            to the DataLoader.
+    """
+
+    num_workers: int
+    max_error_fraction: float
+    expected_samples: int | None
+    reading: ShardReading
+
+
 class ShardLoader:
     """A DataLoader over a `ShardDataset` that yields `(images, targets)` in training and
     `(images, targets, keys)` in evaluation, counts bad data, and stops the run when there is too much.
@@ -86,38 +103,24 @@ class ShardLoader:
 
     Args:
         dataset: the per-worker pipeline.
-        num_workers: DataLoader worker processes.
-        pin_memory: pin batches for faster host-to-GPU copies.
-        prefetch_factor: batches each worker prepares ahead (None: DataLoader default).
-        max_error_fraction: stop when more than this fraction of the samples are bad.
-        expected_samples: raw samples this rank reads per epoch when known; lets the limit stop a run early.
+        io: its worker count, the DataLoader's memory settings (`io.reading`) and the bad-data limit.
         stage: main-process batch stage of a deferred transform (decode and augment on the device), if any.
     """
 
-    def __init__(
-        self,
-        dataset: ShardDataset,
-        *,
-        num_workers: int,
-        pin_memory: bool = False,
-        prefetch_factor: int | None = None,
-        max_error_fraction: float = 0.01,
-        expected_samples: int | None = None,
-        stage: DeviceStage | None = None,
-    ):
-        if not 0.0 <= max_error_fraction <= 1.0:
-            raise ValueError(f"max_error_fraction must be in [0, 1], got {max_error_fraction}")
+    def __init__(self, dataset: ShardDataset, *, io: LoaderIO, stage: DeviceStage | None = None):
+        if not 0.0 <= io.max_error_fraction <= 1.0:
+            raise ValueError(f"max_error_fraction must be in [0, 1], got {io.max_error_fraction}")
         self.dataset = dataset
-        self.max_error_fraction = max_error_fraction
-        self.expected_samples = expected_samples
+        self.max_error_fraction = io.max_error_fraction
+        self.expected_samples = io.expected_samples
         self.stage = stage
         self.stats = EpochStats(rank=dataset.rank)
         self._loader = DataLoader(
             dataset,
             batch_size=None,  # workers yield whole batches
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            prefetch_factor=prefetch_factor if num_workers > 0 else None,
+            num_workers=io.num_workers,
+            pin_memory=io.reading.pin_memory,
+            prefetch_factor=io.reading.prefetch_factor if io.num_workers > 0 else None,
             persistent_workers=False,  # each epoch's workers must see the epoch and start batch set here
             # The DataLoader draws a base seed per iteration (unused here) from this generator, not the global one.
             generator=torch.Generator().manual_seed(0),
@@ -221,57 +224,6 @@ class ShardLoader:
         )
 
 
-@dataclass(frozen=True)
-class TrainSampling:
-    """How a training epoch draws its samples. With the world size and `num_workers` it fixes every batch of
-    every epoch (docs/data.md, "Loaders", says how the epoch is cut among the readers).
-
-    Args:
-        seed: seed shared by all ranks (shard order, sample shuffle, augmentation, batch transform).
-        samples_per_epoch: samples per epoch over all ranks; default: the split's sample count. Each rank yields
-            ceil(samples_per_epoch / (world_size * batch_size)) batches.
-        resampled: draw shards with replacement (any shard count) instead of one pass over a shuffled shard order
-            (which needs at least world_size * max(1, num_workers) shards).
-        shuffle_buffer: raw samples in each reader's shuffle buffer (<= 1: no sample shuffle).
-        shuffle_initial: samples buffered before the first is released.
-        repeated_aug: places in the batches each sample takes, each with its own augmentation (1: off); the
-            epoch length does not change, so an epoch uses 1/repeated_aug as many distinct samples.
-    """
-
-    seed: int = 0
-    samples_per_epoch: int | None = None
-    resampled: bool = False
-    shuffle_buffer: int = 5000
-    shuffle_initial: int = 1000
-    repeated_aug: int = 1
-
-    def __post_init__(self) -> None:
-        repeats = self.repeated_aug
-        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-            raise ValueError(f"repeated_aug must be an integer >= 1 (1: off), got {repeats!r}")
-
-
-@dataclass(frozen=True)
-class ShardReading:
-    """How samples are read from the shards, checked, and handed to the caller.
-
-    Args:
-        image_keys: tar member extensions holding the image, first present wins.
-        label_key: tar member extension holding the class index.
-        num_classes: labels outside [0, num_classes) count as bad data; None: not checked.
-        pin_memory: pin batches in page-locked memory.
-        prefetch_factor: batches each worker prepares ahead (None: the DataLoader default).
-        open_timeout: seconds to wait for an HTTP connection.
-    """
-
-    image_keys: Sequence[str] = IMAGE_KEYS
-    label_key: str = "cls"
-    num_classes: int | None = None
-    pin_memory: bool = False
-    prefetch_factor: int | None = None
-    open_timeout: float = 60.0
-
-
 def create_train_loader(
     source: str | Sequence[str],
     *,
@@ -311,9 +263,7 @@ def create_train_loader(
         start_batch: batch of `epoch` to start at, to resume mid-epoch.
     """
     env, sampling, reading = env or DistEnv(), sampling or TrainSampling(), reading or ShardReading()
-    _check_place(env)
-    shards = resolve_shards(source, split=split, num_samples=num_samples)
-    check_local_shards(shards.urls)
+    shards = _open_shards(source, env, split, num_samples)
     batches = _train_batches(shards, source, env, batch_size, num_workers, sampling)
     if batch_transform is not None and batch_size % 2:
         raise ValueError(f"Mixup/CutMix pair samples within a batch: batch_size must be even, got {batch_size}")
@@ -325,7 +275,7 @@ def create_train_loader(
         batch_transform = None
     loader = _make_loader(
         shards,
-        io=_LoaderIO(num_workers, max_error_fraction, raw_samples, reading),
+        io=LoaderIO(num_workers, max_error_fraction, raw_samples, reading),
         stage=stage,
         train=True,
         transform=transform,
@@ -333,11 +283,7 @@ def create_train_loader(
         rank=env.rank,
         world_size=env.world_size,
         batches_per_epoch=batches,
-        seed=sampling.seed,
-        resampled=sampling.resampled,
-        shuffle_buffer=sampling.shuffle_buffer,
-        shuffle_initial=sampling.shuffle_initial,
-        repeated_aug=sampling.repeated_aug,
+        sampling=sampling,
         batch_transform=batch_transform,
     )
     loader.set_epoch(epoch, start_batch=start_batch)
@@ -393,13 +339,11 @@ def create_eval_loader(
         max_error_fraction: stop with `TooMuchBadDataError` when more of the samples are bad.
     """
     env, reading = env or DistEnv(), reading or ShardReading()
-    _check_place(env)
-    shards = resolve_shards(source, split=split, num_samples=num_samples)
-    check_local_shards(shards.urls)
+    shards = _open_shards(source, env, split, num_samples)
     expected = math.ceil(shards.num_samples / env.world_size) if shards.num_samples else None
     return _make_loader(
         shards,
-        io=_LoaderIO(num_workers, max_error_fraction, expected, reading),
+        io=LoaderIO(num_workers, max_error_fraction, expected, reading),
         stage=transform.make_stage(train=False, seed=0, rank=env.rank) if hasattr(transform, "make_stage") else None,
         train=False,
         transform=transform,
@@ -409,36 +353,9 @@ def create_eval_loader(
     )
 
 
-@dataclass(frozen=True)
-class _LoaderIO:
-    num_workers: int
-    max_error_fraction: float
-    expected_samples: int | None
-    reading: ShardReading
-
-
-def _make_loader(
-    shards: ShardSet, *, io: _LoaderIO, stage: DeviceStage | None = None, **dataset_options
-) -> ShardLoader:
-    reading = io.reading
-    dataset = ShardDataset(
-        shards,
-        num_workers=io.num_workers,
-        image_keys=reading.image_keys,
-        label_key=reading.label_key,
-        num_classes=reading.num_classes,
-        open_timeout=reading.open_timeout,
-        **dataset_options,
-    )
-    return ShardLoader(
-        dataset,
-        num_workers=io.num_workers,
-        pin_memory=reading.pin_memory,
-        prefetch_factor=reading.prefetch_factor,
-        max_error_fraction=io.max_error_fraction,
-        expected_samples=io.expected_samples,
-        stage=stage,
-    )
+def _make_loader(shards: ShardSet, *, io: LoaderIO, stage: DeviceStage | None = None, **dataset_options) -> ShardLoader:
+    dataset = ShardDataset(shards, num_workers=io.num_workers, reading=io.reading, **dataset_options)
+    return ShardLoader(dataset, io=io, stage=stage)
 
 
 def _own_process_group(worker_id: int) -> None:
@@ -448,6 +365,10 @@ def _own_process_group(worker_id: int) -> None:
     os.setpgrp()
 
 
-def _check_place(env: DistEnv) -> None:
+def _open_shards(source: str | Sequence[str], env: DistEnv, split: str, num_samples: int | None) -> ShardSet:
+    """The shards of `split`, after checking this process's place and that local shard files exist."""
     if env.world_size < 1 or not 0 <= env.rank < env.world_size:
         raise ValueError(f"rank {env.rank} is not in a world of size {env.world_size}")
+    shards = resolve_shards(source, split=split, num_samples=num_samples)
+    check_local_shards(shards.urls)
+    return shards

@@ -30,12 +30,25 @@ class _UsageError(ValueError):
     pass
 
 
-def _pairs(values: list[str], flag: str) -> dict[str, str]:
+def parse_pairs(values: list[str], flag: str, form: str = "NAME=PATH") -> dict[str, str]:
+    """The `NAME=VALUE` arguments of a repeated command-line flag, as a dict (pace-make-shards, pace.eval.rescore).
+
+    Args:
+        values: the arguments as given.
+        flag: the flag's name, for the error message.
+        form: how the error message spells a valid argument.
+
+    Returns:
+        `{name: value}`; a later name replaces an earlier one.
+
+    Raises:
+        ValueError: an argument without `=`, or with an empty name or value.
+    """
     pairs = {}
     for value in values:
         name, sep, path = value.partition("=")
         if not sep or not name or not path:
-            raise _UsageError(f"{flag} expects NAME=PATH, got {value!r}")
+            raise ValueError(f"{flag} expects {form}, got {value!r}")
         pairs[name] = path
     return pairs
 
@@ -121,9 +134,9 @@ def _run(args: argparse.Namespace) -> dict:
             raise _UsageError("the output directory is required")
         info = shard_image_folders(
             args.out,
-            _pairs(args.split, "--split"),
-            labels=_pairs(args.labels, "--labels"),
-            layouts=_pairs(args.layout, "--layout"),
+            parse_pairs(args.split, "--split"),
+            labels=parse_pairs(args.labels, "--labels"),
+            layouts=parse_pairs(args.layout, "--layout"),
             classes_file=args.classes,
             key_style=args.key_style,
             plan=ShardPlan(

@@ -44,6 +44,8 @@ from pace.data.info import ShardSet
 from pace.data.lost import OncePerShard, shared_loss
 from pace.data.shards import BadData, read_shard
 
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # tar member extensions read as the image, first present wins
+
 # Tags that keep the seeds of different random streams apart.
 _ORDER, _RESAMPLE, _SHUFFLE, _SAMPLE, _BATCH = range(5)
 # How far ahead a bad sample's replacement is searched before the run is stopped.
@@ -71,6 +73,57 @@ class BatchReport:
     bad: list[BadData] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class TrainSampling:
+    """How a training epoch draws its samples. With the world size and `num_workers` it fixes every batch of
+    every epoch (docs/data.md, "Loaders", says how the epoch is cut among the readers).
+
+    Args:
+        seed: seed shared by all ranks (shard order, sample shuffle, augmentation, batch transform).
+        samples_per_epoch: samples per epoch over all ranks; default: the split's sample count. Each rank yields
+            ceil(samples_per_epoch / (world_size * batch_size)) batches.
+        resampled: draw shards with replacement (any shard count) instead of one pass over a shuffled shard order
+            (which needs at least world_size * max(1, num_workers) shards).
+        shuffle_buffer: raw samples in each reader's shuffle buffer (<= 1: no sample shuffle).
+        shuffle_initial: samples buffered before the first is released.
+        repeated_aug: places in the batches each sample takes, each with its own augmentation (1: off); the
+            epoch length does not change, so an epoch uses 1/repeated_aug as many distinct samples.
+    """
+
+    seed: int = 0
+    samples_per_epoch: int | None = None
+    resampled: bool = False
+    shuffle_buffer: int = 5000
+    shuffle_initial: int = 1000
+    repeated_aug: int = 1
+
+    def __post_init__(self) -> None:
+        repeats = self.repeated_aug
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise ValueError(f"repeated_aug must be an integer >= 1 (1: off), got {repeats!r}")
+
+
+@dataclass(frozen=True)
+class ShardReading:
+    """How samples are read from the shards, checked, and handed to the caller.
+
+    Args:
+        image_keys: tar member extensions holding the image, first present wins.
+        label_key: tar member extension holding the class index.
+        num_classes: labels outside [0, num_classes) count as bad data; None: not checked.
+        pin_memory: pin batches in page-locked memory.
+        prefetch_factor: batches each worker prepares ahead (None: the DataLoader default).
+        open_timeout: seconds to wait for an HTTP connection.
+    """
+
+    image_keys: Sequence[str] = IMAGE_KEYS
+    label_key: str = "cls"
+    num_classes: int | None = None
+    pin_memory: bool = False
+    prefetch_factor: int | None = None
+    open_timeout: float = 60.0
+
+
 class ShardDataset(IterableDataset):
     """Iterable over whole batches, `(images, targets, report)` in training, `(images, targets, keys, report)` in
     evaluation; an evaluation worker ends with a `(None, None, None, report)` item when it has unreported data.
@@ -86,16 +139,10 @@ class ShardDataset(IterableDataset):
         rank: this process's rank.
         world_size: number of ranks.
         batches_per_epoch: training batches per rank and epoch.
-        seed: seed shared by all ranks.
-        resampled: training shards drawn with replacement instead of one pass over a shuffled order.
-        shuffle_buffer: raw samples held in the training shuffle buffer (<= 1: no sample shuffle).
-        shuffle_initial: samples buffered before the first one is released.
-        repeated_aug: training slots each raw sample fills, each with its own augmentation (1: off).
+        sampling: how training draws its samples (its `samples_per_epoch` is already in `batches_per_epoch`).
         batch_transform: applied to each training batch, `(images, targets) -> (images, targets)` (timm Mixup).
-        image_keys: tar member extensions that hold the image, first present wins.
-        label_key: tar member extension that holds the class index as ASCII digits.
-        num_classes: labels outside [0, num_classes) are bad data; None: not checked.
-        open_timeout: seconds to wait for an HTTP connection.
+        reading: the tar members to read and the label check (its `pin_memory` and `prefetch_factor` are the
+            DataLoader's).
     """
 
     def __init__(
@@ -109,16 +156,9 @@ class ShardDataset(IterableDataset):
         rank: int,
         world_size: int,
         batches_per_epoch: int = 0,
-        seed: int = 0,
-        resampled: bool = False,
-        shuffle_buffer: int = 5000,
-        shuffle_initial: int = 1000,
-        repeated_aug: int = 1,
+        sampling: TrainSampling = TrainSampling(),
         batch_transform: Callable | None = None,
-        image_keys: Sequence[str] = ("jpg", "jpeg", "png", "webp"),
-        label_key: str = "cls",
-        num_classes: int | None = None,
-        open_timeout: float = 60.0,
+        reading: ShardReading = ShardReading(),
     ):
         super().__init__()
         self.shards = shards
@@ -129,16 +169,9 @@ class ShardDataset(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.batches_per_epoch = batches_per_epoch
-        self.seed = seed
-        self.resampled = resampled
-        self.shuffle_buffer = shuffle_buffer
-        self.shuffle_initial = min(shuffle_initial, shuffle_buffer)
-        self.repeated_aug = repeated_aug
+        self.sampling = sampling
         self.batch_transform = batch_transform
-        self.image_keys = tuple(image_keys)
-        self.label_key = label_key
-        self.num_classes = num_classes
-        self.open_timeout = open_timeout
+        self.reading = reading
         self.epoch = 0
         self.start_batch = 0
         lengths = shards.shard_lengths
@@ -156,7 +189,7 @@ class ShardDataset(IterableDataset):
     # -- training --------------------------------------------------------------------------------------------
 
     def _train_batches(self, worker: int, in_main_process: bool) -> Iterator[tuple]:
-        W, B, R, k = self.workers, self.batch_size, self.repeated_aug, self.start_batch
+        W, B, R, k = self.workers, self.batch_size, self.sampling.repeated_aug, self.start_batch
         first = k + worker  # this physical worker yields batches first, first + W, ... of the epoch
         if first >= self.batches_per_epoch:
             return
@@ -171,7 +204,7 @@ class ShardDataset(IterableDataset):
         slots = _Repeated(stream, R, used=filled % R)
         collate = getattr(self.transform, "collate", default_collate)  # deferred transforms batch their own way
         for b in range(first, self.batches_per_epoch, W):
-            window_seed = derive_seed(self.seed, self.epoch, G, g, _SAMPLE, b // W)
+            window_seed = derive_seed(self.sampling.seed, self.epoch, G, g, _SAMPLE, b // W)
             with _preserve_global_rng(in_main_process):
                 images, targets = [], []
                 for slot in range(B):
@@ -181,7 +214,7 @@ class ShardDataset(IterableDataset):
                     targets.append(label)
                 images, targets = collate(images), torch.tensor(targets, dtype=torch.long)
                 if self.batch_transform is not None:
-                    _seed_everything(derive_seed(self.seed, self.epoch, G, self.rank, _BATCH, b))
+                    _seed_everything(derive_seed(self.sampling.seed, self.epoch, G, self.rank, _BATCH, b))
                     images, targets = self.batch_transform(images, targets)
             yield images, targets, _take_report(slots.pop_taken(), bad, decoded=stream.pop_decoded())
 
@@ -190,29 +223,33 @@ class ShardDataset(IterableDataset):
         that share (each pass shuffled on its own, so the first pass is complete before the next begins);
         resampled, one endless pass over shards drawn with replacement."""
         count_of_shards = len(self.shards.urls)
-        if self.resampled:
-            draw = random.Random(derive_seed(self.seed, self.epoch, G, g, _RESAMPLE))
+        if self.sampling.resampled:
+            draw = random.Random(derive_seed(self.sampling.seed, self.epoch, G, g, _RESAMPLE))
             passes: Iterator = iter([((draw.randrange(count_of_shards), 0, None) for _ in count())])
         else:
             order = list(range(count_of_shards))
-            random.Random(derive_seed(self.seed, self.epoch, _ORDER)).shuffle(order)
+            random.Random(derive_seed(self.sampling.seed, self.epoch, _ORDER)).shuffle(order)
             if self.shards.shard_lengths is None:  # whole shards, strided: shares match quotas only roughly
                 share = [(index, 0, None) for index in order[g::G]]
             else:
                 share = train_assignment(self.shards.shard_lengths, order, self._quotas())[g]
                 share = share or [(index, 0, None) for index in order]  # an empty run: top up from all
-            passes = _reshuffled(share, derive_seed(self.seed, self.epoch, G, g, _ORDER))
-        rng = random.Random(derive_seed(self.seed, self.epoch, G, g, _SHUFFLE))
+            passes = _reshuffled(share, derive_seed(self.sampling.seed, self.epoch, G, g, _ORDER))
+        rng = random.Random(derive_seed(self.sampling.seed, self.epoch, G, g, _SHUFFLE))
         once = OncePerShard(bad)  # a reshuffled pass meets the same short shards again
         for shard_pass in passes:
             samples = self._read_pieces(shard_pass, once, f"training worker {g} of {G}")
-            if self.shuffle_buffer > 1:
-                samples = wds.shuffle(self.shuffle_buffer, self.shuffle_initial, rng=rng)(samples)
+            buffer = self.sampling.shuffle_buffer
+            if buffer > 1:
+                samples = wds.shuffle(buffer, min(self.sampling.shuffle_initial, buffer), rng=rng)(samples)
             yield from samples
 
     def _quotas(self) -> list[int]:
         """Raw samples each global worker turns into batches in an epoch without bad data."""
-        return train_quotas(self.batches_per_epoch, self.workers, self.batch_size, self.repeated_aug) * self.world_size
+        return (
+            train_quotas(self.batches_per_epoch, self.workers, self.batch_size, self.sampling.repeated_aug)
+            * self.world_size
+        )
 
     def _read_pieces(
         self, pieces: Iterable[tuple[int, int, int | None]], bad: OncePerShard, reader: str
@@ -220,7 +257,9 @@ class ShardDataset(IterableDataset):
         read = empty = 0
         for index, start, stop in pieces:
             url, before = self.shards.urls[index], read
-            samples = read_shard(url, bad=bad, expected=self._expected.get(url), timeout=self.open_timeout, skip=start)
+            samples = read_shard(
+                url, bad=bad, expected=self._expected.get(url), timeout=self.reading.open_timeout, skip=start
+            )
             try:
                 for sample in islice(samples, None if stop is None else stop - start):
                     read += 1
@@ -260,7 +299,7 @@ class ShardDataset(IterableDataset):
         for index, offset, stride in eval_assignment(len(self.shards.urls), g, G):
             url, found = self.shards.urls[index], []
             expected = self._expected.get(url)
-            samples = read_shard(url, bad=found, expected=expected, timeout=self.open_timeout)
+            samples = read_shard(url, bad=found, expected=expected, timeout=self.reading.open_timeout)
             yield from islice(samples, offset, None, stride)
             bad.extend(shared_loss(found, offset=offset, stride=stride, expected=expected))
 
@@ -280,18 +319,19 @@ class ShardDataset(IterableDataset):
 
     def _decode(self, sample: dict) -> tuple[Image.Image, int, str] | BadData:
         key, url = sample["__key__"], sample["__url__"]
-        data = next((sample[k] for k in self.image_keys if k in sample), None)
+        reading = self.reading
+        data = next((sample[k] for k in reading.image_keys if k in sample), None)
         if data is None:
-            message = f"no {'/'.join(self.image_keys)} member (members: {_members(sample)})"
+            message = f"no {'/'.join(reading.image_keys)} member (members: {_members(sample)})"
             return BadData("missing_image", url, key, message)
-        if self.label_key not in sample:
-            return BadData("missing_label", url, key, f"no {self.label_key} member (members: {_members(sample)})")
+        if reading.label_key not in sample:
+            return BadData("missing_label", url, key, f"no {reading.label_key} member (members: {_members(sample)})")
         try:
-            label = int(sample[self.label_key])
+            label = int(sample[reading.label_key])
         except ValueError:
-            return BadData("bad_label", url, key, f"label {sample[self.label_key][:20]!r} is not an integer")
-        if self.num_classes is not None and not 0 <= label < self.num_classes:
-            return BadData("bad_label", url, key, f"label {label} outside [0, {self.num_classes})")
+            return BadData("bad_label", url, key, f"label {sample[reading.label_key][:20]!r} is not an integer")
+        if reading.num_classes is not None and not 0 <= label < reading.num_classes:
+            return BadData("bad_label", url, key, f"label {label} outside [0, {reading.num_classes})")
         try:
             image = Image.open(io.BytesIO(data))
             if getattr(self.transform, "takes_encoded", False):  # header read; decoded by the transform or device

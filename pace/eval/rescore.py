@@ -10,6 +10,7 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from pace.data.make_shards import parse_pairs
 from pace.eval.classify import check_sample_count
 from pace.eval.evaluators import resolve_labels
 from pace.eval.predictions import canonicalise, read_predictions
@@ -47,16 +48,6 @@ def rescore(
     return {"metrics": metrics, "counts": counts}
 
 
-def _parse_labels(items: list[str]) -> dict[str, str]:
-    labels = {}
-    for item in items:
-        group, sep, source = item.partition("=")
-        if not sep or not group or not source:
-            raise SystemExit(f"--labels takes group=source pairs (e.g. real=imagenet_real), got {item!r}")
-        labels[group] = source
-    return labels
-
-
 def main(argv: list[str] | None = None) -> dict:
     """Command line: print the table of a re-scored predictions file (and optionally write it as JSON)."""
     parser = argparse.ArgumentParser(prog="python -m pace.eval.rescore", description=__doc__.splitlines()[0])
@@ -72,9 +63,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--partial", action="store_true", help="accept another count and repeated keys")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = parser.parse_args(argv)
+    try:
+        labels = parse_pairs(args.labels, "--labels", "GROUP=SOURCE (e.g. real=imagenet_real)")
+    except ValueError as exn:
+        raise SystemExit(str(exn)) from None
     result = rescore(
         args.predictions,
-        labels=_parse_labels(args.labels),
+        labels=labels,
         topk=args.topk,
         expected_samples=args.num_samples,
         allow_partial=args.partial,

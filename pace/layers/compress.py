@@ -47,17 +47,7 @@ def compress_weights(
 
     The compression update is ``w Uᵀ`` (see :func:`compress`); returning ``w`` lets a caller fold that last
     product into its own output (:func:`pace.layers.pace_attention.pace_attention` adds it to the expansion term
-    in one matrix product).
-
-    Args:
-        x: Tokens, shape (B, N, C).
-        subspaces: ``U = [U_1 … U_K]``, shape (C, K·p).
-        tau: Temperature τ, a 0-dim tensor.
-        sketch: Ω, shape (N, r) with ``r <= p``, shared by all heads.
-        num_heads: K.
-        eps: Ridge ε of the basis.
-        exact: Use the exact (orthogonal) projector instead of the ridge one.
-        form: ``"full"`` or ``"diag"``.
+    in one matrix product). The arguments are those of :func:`compress`.
 
     Returns:
         ``(w, memberships)``: w of shape (B, N, K·p), heads side by side as in ``U``; memberships π of shape

@@ -28,9 +28,9 @@ class PACEBlock(nn.Module):
         drop_path: Stochastic depth rate of the residual branch.
         norm_layer: Norm constructor, called as ``norm_layer(dim, device=..., dtype=...)``; default LayerNorm with
             eps 1e-6, the reference's (and PACEViT's) value.
-        layer_idx: Block index (enters the sketch seeds).
-        device: Factory device.
-        dtype: Factory dtype.
+        layer_idx: Block index, passed on to ``attn_layer`` (it enters the sketch seeds).
+        device: Factory device of the norm and the token mixer.
+        dtype: Factory dtype of the norm and the token mixer.
     """
 
     def __init__(

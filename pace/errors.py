@@ -128,6 +128,21 @@ def _hydra_message(exc: BaseException, schema: type | None) -> str | None:
     return _one_line(exc)
 
 
+def _path_message(exc: OSError) -> str:
+    # An OSError in its default form ("[Errno 17] File exists: 'runs/x'", from a mkdir or open) says what failed
+    # but not why; a message of our own (a single string argument) is kept as it is.
+    if exc.filename is None or len(exc.args) != 2:
+        return _one_line(exc)
+    path = Path(os.fsdecode(exc.filename))
+    if isinstance(exc, FileExistsError) and not path.is_dir():
+        return f"{path} is a file where a directory is needed: remove it or choose another path"
+    if isinstance(exc, NotADirectoryError):
+        blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            return f"cannot create {path}: {blocking} is a file where a directory is needed"
+    return f"{exc.strerror}: {path}"
+
+
 def describe(exc: BaseException, schema: type | None = None) -> tuple[str, int] | None:
     """The one line and exit code for a user error, or None for a bug (which keeps its traceback).
 
@@ -142,39 +157,40 @@ def describe(exc: BaseException, schema: type | None = None) -> tuple[str, int] 
         return _one_line(exc), EXIT_USAGE
     if is_no_space(exc):
         return no_space_message(exc), EXIT_ERROR  # type: ignore[arg-type]
-    if isinstance(exc, (RunError, ValueError, *_PATH_ERRORS)):
+    if isinstance(exc, _PATH_ERRORS):
+        return _path_message(exc), EXIT_ERROR
+    if isinstance(exc, (RunError, ValueError)):
         return _one_line(exc), EXIT_ERROR
     return None
 
 
+# Set by the first stop signal during start-up (see `exit_on_stop_signals`).
+_stopping = False
+
+
 def _stop_during_startup(signum: int, frame: Any) -> None:
-    print(f"stopped by signal {signum} during start-up, before training began; exit {EXIT_REQUEUE}", file=sys.stderr)
+    global _stopping
+    if _stopping:
+        # Already leaving. A second signal (SLURM signals every process of the step, and torchrun forwards its own
+        # copy) must not cut short the clean-up that releases the run directory's lock.
+        return
+    _stopping = True
+    name = signal.Signals(signum).name
+    # os.write, not print: the signal may arrive while the main thread holds sys.stderr's buffer lock.
+    os.write(2, f"pace-train: stopped by {name} during start-up, before training began: exit {EXIT_REQUEUE}\n".encode())
     sys.exit(EXIT_REQUEUE)
 
 
 def exit_on_stop_signals() -> None:
     """Make SIGTERM/SIGUSR1 exit with code 75 until the training loop installs its own checkpointing handler.
 
-    A job pre-empted while it starts has nothing to save, but the launcher must still see "requeue me".
+    A job pre-empted while it starts has nothing to save, but the launcher must still see "requeue me". The
+    console script (`pace_cli.train`) installs the same behaviour before `pace` and torch are imported.
     """
+    global _stopping
+    _stopping = False
     for signum in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, _stop_during_startup)
-
-
-def discard_failed_start(run_dir: Path) -> None:
-    """Remove a command's output directory when it holds nothing but the log Hydra opened for it.
-
-    A command that failed before it wrote anything of its own leaves no directory behind; a directory holding
-    anything else (another run, another job's lock, results) is left alone.
-
-    Args:
-        run_dir: the command's output directory.
-    """
-    if not run_dir.is_dir() or {p.name for p in run_dir.iterdir()} - {"train.log", "main.log"}:
-        return
-    for name in ("train.log", "main.log"):
-        (run_dir / name).unlink(missing_ok=True)
-    run_dir.rmdir()
 
 
 # Whether the user asked for full tracebacks (HYDRA_FULL_ERROR=1 before `run_cli` set it for its own use).

@@ -1,6 +1,6 @@
 """Train a model: `python scripts/train.py experiment=quickstart` (same as `pace-train`)."""
 
-from pace.train.main import main
+from pace_cli import train
 
 if __name__ == "__main__":
-    main()
+    train()

@@ -121,6 +121,8 @@ def test_wrong_type_fails_naming_the_key():
         ("trainer.telemetry_images=0", "trainer.telemetry_images"),
         ("aug.repeated_aug=0", "aug.repeated_aug"),
         ("aug.repeated_aug=3", "aug.repeated_aug"),  # debug=cpu reads synthetic tensors: nothing to repeat
+        ("name=''", "name=''"),  # the run dir would be runs/debug/, every debug run's parent
+        ("name=x/..", "name='x/..'"),
     ],
 )
 def test_bad_value_fails_naming_the_key(override, key):
@@ -181,10 +183,16 @@ def test_a_built_wheel_ships_the_config_tree(tmp_path: Path):
     subprocess.run([*install, *map(str, tmp_path.glob("*.whl"))], env=env, check=True, timeout=300)
     env["PYTHONPATH"] = str(target)
     cmd = [sys.executable, "-m", "pace.train.main", "experiment=quickstart", "--cfg", "job"]
-    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    run = {"cwd": tmp_path, "env": env, "capture_output": True, "text": True, "timeout": 60}
+    out = subprocess.run(cmd, **run)
     assert out.returncode == 0, out.stderr
     assert "name: quickstart" in out.stdout
     assert not (target / "pace" / "configs").is_symlink()
+    # The console script is the launcher outside the package (pace_cli), which the wheel ships beside it.
+    script = target / "bin" / "pace-train"
+    assert "from pace_cli import train" in script.read_text()
+    out = subprocess.run([sys.executable, str(script), "experiment=quickstart", "--cfg", "job"], **run)
+    assert out.returncode == 0 and "name: quickstart" in out.stdout, out.stderr
 
 
 def test_submitit_launcher_config_composes():

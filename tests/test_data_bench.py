@@ -32,3 +32,14 @@ def test_bench_breakdown_times_each_step(capsys):
         "transform",
     }
     assert all(float(micros) > 0 for micros in steps.values())
+
+
+def test_stage_profile_times_every_step_and_op_of_a_path(capsys):
+    main = runpy.run_path(str(SCRIPT.parent / "profile_data_stages.py"), run_name="profile")["main"]
+    results = main(["--num-images", "4", "--batch-size", "4", "--repeats", "1", "--paths", "draft"])
+    draft = results["draft"]
+    ops = {name: micros for name, micros in draft.items() if name.endswith("per application")}
+    assert len(ops) == 15 and all(micros > 0 for micros in draft.values()) and results["tar"]["tar parsing"] > 0
+    expected = draft["RandAugment, expected per sample (mean over the ops)"]
+    assert abs(expected - sum(ops.values()) / 15) < 1e-6  # each op: chosen 1/15 per layer, 2 layers, applied 1/2
+    assert "decode (torchvision, full size)" in draft and "[draft]" in capsys.readouterr().out

@@ -12,7 +12,7 @@ import pytest
 import torch
 from train_helpers import ROOT, make_tiny_shards, run_train, train_env
 
-from pace.errors import RunError, did_you_mean, schema_keys
+from pace.errors import RunError, describe, did_you_mean, schema_keys
 from pace.train.checkpoint import CheckpointManager, load_checkpoint
 from pace.train.config import TrainConfig
 
@@ -43,12 +43,46 @@ def _error_line(out: subprocess.CompletedProcess) -> str:
     ],
 )
 def test_a_user_error_is_one_line_with_its_exit_code_and_leaves_nothing(tmp_path: Path, override, code, expected):
-    run_dir = tmp_path / "run"
+    run_dir = tmp_path / "runs" / "debug" / "run"  # Hydra creates the missing parents too
     out = run_train(run_dir, *override.split(), full_errors=False)
     assert out.returncode == code, out.stderr[-3000:]
     line = _error_line(out)
     assert line.startswith("pace-train: error: ") and expected in line, line
-    assert not run_dir.exists(), sorted(p.name for p in run_dir.iterdir())  # no .hydra, no train.log, no dir
+    assert list(tmp_path.iterdir()) == []  # no .hydra, no train.log, no run dir, no runs/debug/ left empty
+
+
+def test_a_run_dir_that_is_a_file_is_one_line_naming_it(tmp_path: Path):
+    run_dir = tmp_path / "run"
+    run_dir.write_text("not a directory")
+    out = run_train(run_dir, full_errors=False)
+    assert out.returncode == 1, out.stderr[-3000:]
+    line = _error_line(out)
+    assert (
+        line == f"pace-train: error: {run_dir} is a file where a directory is needed: remove it or choose another path"
+    )
+    assert run_dir.read_text() == "not a directory"
+
+
+def test_path_errors_say_which_path_and_why(tmp_path: Path):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(FileExistsError) as exists:
+        afile.mkdir(parents=True, exist_ok=True)
+    assert describe(exists.value) == (
+        f"{afile} is a file where a directory is needed: remove it or choose another path",
+        1,
+    )
+    with pytest.raises(NotADirectoryError) as below_a_file:
+        (afile / "runs" / "x").mkdir(parents=True, exist_ok=True)
+    message = f"cannot create {afile / 'runs' / 'x'}: {afile} is a file where a directory is needed"
+    assert describe(below_a_file.value) == (message, 1)
+    denied = PermissionError(errno.EACCES, "Permission denied", "/root/runs")
+    assert describe(denied) == ("Permission denied: /root/runs", 1)
+    # A message of our own is kept as written.
+    assert describe(FileNotFoundError("trainer.resume='x.pt': no checkpoint at x.pt")) == (
+        "trainer.resume='x.pt': no checkpoint at x.pt",
+        1,
+    )
 
 
 def test_suggestions_come_from_the_schema():
@@ -129,12 +163,13 @@ def test_imagenet_real_on_other_data_is_refused_at_start_up_with_a_hint(tmp_path
 
 
 def test_pace_eval_user_error_is_one_line_and_leaves_no_output_directory(tmp_path: Path):
-    out_dir = tmp_path / "eval"
-    cmd = [sys.executable, "-m", "pace.eval.main", f"hydra.run.dir={out_dir}", "model.checkpoint=/nonexistent/ckpt.pt"]
-    cmd.append(f"data.root={tmp_path}")
+    # The default output dir, runs/eval/<name>: `runs/` exists (and stays, empty), `runs/eval/` is created.
+    (tmp_path / "runs").mkdir()
+    cmd = [sys.executable, "-m", "pace.eval.main", "model.checkpoint=/nonexistent/ckpt.pt", f"data.root={tmp_path}"]
     env = train_env(full_errors=False)
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 1, out.stderr[-3000:]
     line = _error_line(out)
     assert line == "pace-eval: error: checkpoint /nonexistent/ckpt.pt does not exist", line
-    assert not out_dir.exists(), sorted(p.name for p in out_dir.iterdir())  # no .hydra, no main.log
+    # no .hydra, no main.log, no runs/eval/<name>, no empty runs/eval/; the user's runs/ is kept
+    assert [p.relative_to(tmp_path) for p in tmp_path.rglob("*")] == [Path("runs")]

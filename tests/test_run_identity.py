@@ -5,6 +5,7 @@ truncated newest checkpoint falls back to the previous intact one; a checkpoint 
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -30,8 +31,6 @@ def finished(tmp_path_factory) -> Path:
 
 
 def _copy(src: Path, dst: Path) -> Path:
-    import shutil
-
     shutil.copytree(src, dst)
     return dst
 
@@ -86,10 +85,32 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(finished, 
     out = run_train(run_dir, "optim.lr=0.001")
     assert out.returncode == 0, out.stderr[-3000:]
     log = (run_dir / "train.log").read_text()
-    assert f"checkpoint {newest} cannot be read" in log
+    assert f"checkpoint {newest} cannot be read (" in log and "set aside as step_00000008.pt.corrupt" in log
+    assert f"resuming from {run_dir / 'checkpoints' / 'step_00000006.pt'}, the newest intact checkpoint" in log
     assert "resumed from " + str(run_dir / "checkpoints" / "step_00000006.pt") in log
     assert (run_dir / "checkpoints" / "step_00000008.pt.corrupt").is_file()
     assert load_checkpoint(newest)["trainer"]["step"] == 8  # written again by the resumed run
+
+
+def test_resume_never_in_a_run_dir_with_checkpoints_is_refused(finished, tmp_path):
+    run_dir = _copy(finished, tmp_path / "run")
+    metrics = (run_dir / "metrics.jsonl").read_text()
+    out = run_train(run_dir, "optim.lr=0.001", "trainer.resume=never", full_errors=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    line = out.stderr.strip().splitlines()[-1]
+    expected = f"trainer.resume=never: {run_dir / 'checkpoints'} holds the checkpoints of an earlier run (up to "
+    assert line.startswith(f"pace-train: error: {expected}step_00000008.pt)"), line
+    assert (run_dir / "metrics.jsonl").read_text() == metrics  # the earlier run is untouched
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*.pt")) == SAVED
+
+
+def test_a_fresh_start_drops_the_records_of_an_attempt_that_saved_no_checkpoint(finished, tmp_path):
+    run_dir = _copy(finished, tmp_path / "run")
+    shutil.rmtree(run_dir / "checkpoints")  # as if it had died before its first checkpoint
+    out = run_train(run_dir, "optim.lr=0.001")
+    assert out.returncode == 0, out.stderr[-3000:]
+    steps = [r["step"] for r in read_metrics(run_dir) if "train/loss" in r]
+    assert steps == list(range(1, 9))  # once each, not the first attempt's and then the rerun's
 
 
 def test_a_checkpoint_of_another_architecture_is_named_in_one_line(finished, tmp_path):

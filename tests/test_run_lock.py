@@ -46,6 +46,28 @@ def test_a_lock_from_another_host_is_never_taken_over(tmp_path: Path):
         RunLock(tmp_path).acquire()
 
 
+def _slurm_lock(directory: Path, job: str, restart: str) -> None:
+    holder = {"host": "elsewhere-node-7", "pid": 4321, "time": 0, "slurm_job": job, "slurm_restart": restart}
+    (directory / LOCK_NAME).write_text(json.dumps(holder))
+
+
+def test_a_requeued_slurm_job_takes_over_its_earlier_runs_lock_from_another_node(tmp_path: Path, monkeypatch):
+    # The job was killed on node 7 (no clean-up ran); SLURM requeued it (restart count 1) onto this node.
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    _slurm_lock(tmp_path, job="4242", restart="0")
+    lock = RunLock(tmp_path)
+    lock.acquire()
+    held = json.loads((tmp_path / LOCK_NAME).read_text())
+    assert (held["pid"], held["slurm_job"], held["slurm_restart"]) == (os.getpid(), "4242", "1")
+    lock.release()
+    # Another job, or another step of this same run of the job, still holds it.
+    for job, restart in (("5555", "0"), ("4242", "1")):
+        _slurm_lock(tmp_path, job=job, restart=restart)
+        with pytest.raises(RunError, match=rf"in use by pid 4321 on host elsewhere-node-7, SLURM job {job} "):
+            RunLock(tmp_path).acquire()
+
+
 def test_a_second_identical_command_is_refused_while_the_first_runs(tmp_path: Path):
     run_dir = tmp_path / "run"
     # Long enough to still be running when the second command starts.

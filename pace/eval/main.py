@@ -28,7 +28,7 @@ from pace.distributed import (
     resolve_dist_env,
     select_device,
 )
-from pace.errors import discard_failed_start, run_cli, user_errors
+from pace.errors import run_cli, user_errors
 from pace.eval.config import EvalConfig, register_configs, validate
 from pace.eval.evaluators import build_evaluators
 from pace.eval.loading import LoadedModel, load_model, sha256_file
@@ -37,6 +37,7 @@ from pace.eval.rescore import rescore
 from pace.eval.sweep import point_name, transform_points
 from pace.eval.transform import eval_data_config
 from pace.eval.tta import FlipTTA
+from pace.failed_start import discard_failed_start
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 

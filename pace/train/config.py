@@ -397,6 +397,9 @@ class TrainConfig:
     eval: dict[str, EvaluatorConfig] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # The run dir is runs/<name>: an empty, `.` or `..` part would make it the folder of other runs.
+        proper = all(part not in ("", ".", "..") for part in self.name.split("/"))
+        _require(proper, "name", self.name, "a run name without empty, '.' or '..' parts (the run dir is runs/<name>)")
         mixing = self.aug.mixup > 0 or self.aug.cutmix > 0
         ok = not mixing or self.data.batch_size % 2 == 0
         _require(ok, "data.batch_size", self.data.batch_size, "an even batch size (Mixup/CutMix pairs images)")

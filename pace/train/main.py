@@ -24,7 +24,8 @@ from pace.distributed import (
     resolve_dist_env,
     select_device,
 )
-from pace.errors import RunError, describe, discard_failed_start, exit_on_stop_signals, run_cli, user_errors
+from pace.errors import RunError, describe, exit_on_stop_signals, run_cli, user_errors
+from pace.failed_start import discard_failed_start, remember_new_directories
 from pace.train.assemble import build_trainer
 from pace.train.config import TrainConfig, register_configs, validate
 from pace.train.run_lock import RunLock
@@ -64,6 +65,7 @@ def run(cfg: DictConfig) -> int:
     try:
         config = validate(cfg)
         lock = RunLock(config.run_dir or output_dir)
+        remember_new_directories(lock.path.parent)  # an explicit `run_dir` is created by the lock
         return _run(cfg, config, lock)
     except Exception as e:
         described = describe(e, TrainConfig)
@@ -73,6 +75,7 @@ def run(cfg: DictConfig) -> int:
     finally:
         if lock is not None:
             lock.release()
+            discard_failed_start(lock.path.parent)
         discard_failed_start(output_dir)
 
 

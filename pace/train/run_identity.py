@@ -156,13 +156,25 @@ def check_architecture(path: Path, checkpoint: dict[str, Any], model_name: str) 
         raise RunError(f"{path} holds a {saved!r} model, but this run builds model.name={model_name!r}")
 
 
-def _readable(path: Path) -> dict[str, Any] | None:
+def _readable(path: Path) -> tuple[dict[str, Any] | None, str]:
+    # The checkpoint's content, or None and why it cannot be read.
     try:
         # mmap: only the pickled metadata is read here; the tensors are read when the Trainer loads it.
-        return load_checkpoint(path, mmap=True)
+        return load_checkpoint(path, mmap=True), ""
     except Exception as e:  # a truncated zip, a torn pickle, an I/O error: all mean "not this one"
-        log.warning("checkpoint %s cannot be read (%s); falling back to the previous one", path, str(e)[:200])
-        return None
+        return None, str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+
+
+def _refuse_a_second_run(checkpoints: CheckpointManager) -> None:
+    # A new run in a directory that holds another one's checkpoints would interleave the two: its step files
+    # among the old ones (the newest of which a later resume would pick), its records after theirs.
+    earlier = checkpoints.step_files() or sorted(checkpoints.directory.glob("best.pt"))
+    if earlier:
+        raise UsageError(
+            f"trainer.resume=never: {checkpoints.directory} holds the checkpoints of an earlier run (up to "
+            f"{earlier[-1].name}) that a new run would mix with: choose another name=..., or delete "
+            f"{checkpoints.directory} to start over"
+        )
 
 
 def select_checkpoint(
@@ -179,29 +191,36 @@ def select_checkpoint(
     Raises:
         FileNotFoundError: an explicit `trainer.resume` path that does not exist.
         RunError: every checkpoint of the run is unreadable, or the checkpoint holds another architecture.
-        UsageError: the run-defining config differs (see `check_identity`).
+        UsageError: the run-defining config differs (see `check_identity`), or `never` in a run directory that
+            holds checkpoints.
     """
     if resume == "never":
+        _refuse_a_second_run(checkpoints)
         return None
     model_name = config["model"]["name"]
     if resume not in ("auto", "force"):
         path = Path(resume)
         if not path.is_file():
             raise FileNotFoundError(f"trainer.resume={resume!r}: no checkpoint at {path}")
-        checkpoint = _readable(path)
+        checkpoint, why = _readable(path)
         if checkpoint is None:
             raise RunError(f"trainer.resume={resume!r}: {path} is not a readable checkpoint")
         check_architecture(path, checkpoint, model_name)
         return path  # an explicit file: the user chose what to continue from
     candidates = checkpoints.step_files()[::-1]
     for path in candidates:
-        checkpoint = _readable(path)
+        checkpoint, why = _readable(path)
         if checkpoint is None:
             if set_aside:
-                path.rename(path.with_name(path.name + ".corrupt"))
+                aside = path.rename(path.with_name(path.name + ".corrupt"))
+                log.warning("checkpoint %s cannot be read (%s): set aside as %s", path, why, aside.name)
+            else:
+                log.warning("checkpoint %s cannot be read (%s)", path, why)
             continue
         check_architecture(path, checkpoint, model_name)
         check_identity(path, checkpoint, config, force=resume == "force")
+        if path != candidates[0]:
+            log.warning("resuming from %s, the newest intact checkpoint", path)
         return path
     if candidates:
         raise RunError(f"no readable checkpoint in {checkpoints.directory} (all {len(candidates)} are damaged)")

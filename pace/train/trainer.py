@@ -471,14 +471,16 @@ class Trainer:
         if self.env.is_main:
             self.checkpoints.remove_partial_files()
         if self.options.resume == "never":
-            return
-        if self.resume_from is not None:
+            path = None
+        elif self.resume_from is not None:
             path = self.resume_from
         elif self.options.resume in ("auto", "force"):
             path = self.checkpoints.latest()
         else:
             path = Path(self.options.resume)
         if path is None:
+            # A fresh start redoes from step 1 whatever an earlier attempt that saved no checkpoint logged.
+            self.metrics.truncate_after(0)
             return
         if not path.is_file():
             raise FileNotFoundError(f"trainer.resume={self.options.resume!r}: no checkpoint at {path}")

@@ -8,7 +8,7 @@
 #   bash scripts/gpu_check.sh [RESULTS_DIR]     # default: /tmp/gpu_check if OUT is set, else outputs/gpu_check
 #   bash scripts/gpu_check.sh --dry-run [DIR]   # CPU rehearsal: same steps, CPU device, --quick sizes
 #   GPU_CHECK_STEPS=numerics,bench_layer bash scripts/gpu_check.sh   # only the named steps (default: all)
-#   GPU_CHECK_STEPS=core bash scripts/gpu_check.sh  # the steps that fit one first call (limits add up to 505 s)
+#   GPU_CHECK_STEPS=core bash scripts/gpu_check.sh  # the steps that fit one first call (limits add up to 535 s)
 #   GPU_CHECK_PAIRS=pace_vit_small_patch16_224:deit_small_patch16_224 bash scripts/gpu_check.sh  # model pairs
 #
 # With OUT set (the device tool's folder, which brings back at most 8 files two folders deep), the results are
@@ -115,8 +115,8 @@ else
     LIMIT_SCALE=1
 fi
 
-# Step limits add up to 775 s, more than one call may run (600 s): a first call on a fresh machine selects
-# GPU_CHECK_STEPS=$CORE (limits 505 s; first measured 2026-12-04, docs/benchmarks.md), a second the rest.
+# Step limits add up to 805 s, more than one call may run (600 s): a first call on a fresh machine selects
+# GPU_CHECK_STEPS=$CORE (limits 535 s; first measured 2026-12-04, docs/benchmarks.md), a second the rest.
 run_step environment 30 bash -c "date -u; uname -a; nvidia-smi || true; \"$PYTHON\" -c 'import torch, timm; \
 print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"available\", torch.cuda.is_available()); \
 print(\"gpu\", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None); print(\"timm\", timm.__version__)'"
@@ -154,7 +154,7 @@ run_step bench_model_graphs 150 "$PYTHON" scripts/bench_model.py --device "$DEVI
 if [[ "$DRY_RUN" == 1 ]]; then
     run_step bench_kernels 20 "$PYTHON" scripts/bench_kernels.py --dry-run --out "$RESULTS/bench_kernels.json"
 else
-    run_step bench_kernels 60 "$PYTHON" scripts/bench_kernels.py --out "$RESULTS/bench_kernels.json"
+    run_step bench_kernels 90 "$PYTHON" scripts/bench_kernels.py --out "$RESULTS/bench_kernels.json"
 fi
 run_step profile_pace 90 "$PYTHON" scripts/profile_step.py --device "$DEVICE" "${PROFILE_PACE[@]}" \
     ${PROFILE_COMPILE[@]+"${PROFILE_COMPILE[@]}"} --out "$RESULTS/profile_pace"

@@ -106,6 +106,51 @@ def _memberships_fwd_kernel(
 
 
 @triton.jit
+def _store_head_cotangents(
+    P_ptr,
+    M_ptr,
+    GR_ptr,
+    Pbar_ptr,
+    Pcw_ptr,
+    b,
+    n2,
+    k2,
+    N,
+    K,
+    r,
+    pi,
+    sq_bar,
+    beta,
+    BR: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+):
+    """The Compress columns of P̄ and the weighted coordinates for M̄, head by head, for the program's tokens."""
+    jr = tl.arange(0, BR)
+    Kr = K * r
+    # Head k's Compress columns: P̄_k = βπ_k gV_k + 2 ∂‖col_k‖² (P_k M_k); P_k ∂‖col_k‖² for M̄.
+    for k in range(K):
+        pc, t = _head_quadratic(P_ptr, M_ptr, b, k, n2, N, K, r, BR)
+        col = (b * N + n2) * (2 * Kr) + Kr + k * r + jr[None, :]
+        mask_k = (n2 < N) & (jr[None, :] < r)
+        gv = tl.load(GR_ptr + col, mask=mask_k, other=0.0).to(tl.float32)
+        pi_k = tl.sum(tl.where(k2 == k, pi, 0.0), axis=1)[:, None]
+        sqb_k = tl.sum(tl.where(k2 == k, sq_bar, 0.0), axis=1)[:, None]
+        pbar = _rounded(beta * pi_k * gv + 2 * sqb_k * t, ROUND_BF16)
+        tl.store(Pbar_ptr + col, pbar.to(Pbar_ptr.dtype.element_ty), mask=mask_k)
+        pcw = _rounded(pc * sqb_k, ROUND_BF16)
+        tl.store(Pcw_ptr + (b * N + n2) * Kr + k * r + jr[None, :], pcw.to(Pcw_ptr.dtype.element_ty), mask=mask_k)
+
+
+@triton.jit
+def _store_partials(Part_ptr, b, alpha_part, beta_part, tau_part):
+    """This program's partial sums of the α, β and τ gradients, in its row of the partials buffer."""
+    row = (b * tl.num_programs(1) + tl.program_id(1)) * 3
+    tl.store(Part_ptr + row, alpha_part)
+    tl.store(Part_ptr + row + 1, beta_part)
+    tl.store(Part_ptr + row + 2, tau_part)
+
+
+@triton.jit
 def _memberships_bwd_kernel(
     GR_ptr,
     P_ptr,
@@ -133,7 +178,6 @@ def _memberships_bwd_kernel(
 ):
     """Backward of the forward kernel for BN tokens; the three scalar partial sums go to this program's row."""
     b, n2, k2, n3, k3, r3, p3, tau, alpha, beta = _program_indices(S_ptr, BN, BK, BR, BP)
-    jr = tl.arange(0, BR)
     Kr = K * r
     mask2 = (n2 < N) & (k2 < K)
     off2 = (b * N + n2) * K + k2
@@ -162,22 +206,10 @@ def _memberships_bwd_kernel(
     tl.store(Pbar_ptr + off, _rounded(g_qe * -alpha, ROUND_BF16).to(Pbar_ptr.dtype.element_ty), mask=mask_r)
     a_bar = _rounded(g_u * (-beta * pi)[:, :, None], ROUND_BF16)
     tl.store(Abar_ptr + off_a, a_bar.to(Abar_ptr.dtype.element_ty), mask=mask_p)
-    # Head k's Compress columns: P̄_k = βπ_k gV_k + 2 ∂‖col_k‖² (P_k M_k); P_k ∂‖col_k‖² for M̄.
-    for k in range(K):
-        pc, t = _head_quadratic(P_ptr, M_ptr, b, k, n2, N, K, r, BR)
-        col = (b * N + n2) * (2 * Kr) + Kr + k * r + jr[None, :]
-        mask_k = (n2 < N) & (jr[None, :] < r)
-        gv = tl.load(GR_ptr + col, mask=mask_k, other=0.0).to(tl.float32)
-        pi_k = tl.sum(tl.where(k2 == k, pi, 0.0), axis=1)[:, None]
-        sqb_k = tl.sum(tl.where(k2 == k, sq_bar, 0.0), axis=1)[:, None]
-        pbar = _rounded(beta * pi_k * gv + 2 * sqb_k * t, ROUND_BF16)
-        tl.store(Pbar_ptr + col, pbar.to(Pbar_ptr.dtype.element_ty), mask=mask_k)
-        pcw = _rounded(pc * sqb_k, ROUND_BF16)
-        tl.store(Pcw_ptr + (b * N + n2) * Kr + k * r + jr[None, :], pcw.to(Pcw_ptr.dtype.element_ty), mask=mask_k)
-    row = (b * tl.num_programs(1) + tl.program_id(1)) * 3
-    tl.store(Part_ptr + row, alpha_part)
-    tl.store(Part_ptr + row + 1, beta_part)
-    tl.store(Part_ptr + row + 2, tau_part)
+    _store_head_cotangents(
+        P_ptr, M_ptr, GR_ptr, Pbar_ptr, Pcw_ptr, b, n2, k2, N, K, r, pi, sq_bar, beta, BR, ROUND_BF16
+    )
+    _store_partials(Part_ptr, b, alpha_part, beta_part, tau_part)
 
 
 @triton.jit

@@ -47,6 +47,38 @@ def _tile(ptr, r, c, stride_r, stride_c, n):
 
 
 @triton.jit
+def _invert_lower_blocks(F_ptr, n, stride_fr, stride_fc, rows, cols, BS: tl.constexpr, NB: tl.constexpr):
+    """Second phase of the blocked kernel: with L's off-diagonal blocks in F's lower blocks and X_kkᵀ on F's
+    diagonal, write the blocks of X = L⁻¹ transposed into F's upper blocks, then clear the lower ones."""
+    zero = tl.zeros((BS, BS), dtype=tl.float32)
+    # Blocked inversion, one column of tiles at a time: X_ik = −X_ii Σ_{j=k}^{i−1} L_ij X_jk for i > k.
+    for k in range(NB):
+        ck = k * BS + cols
+        for i in range(k + 1, NB):
+            ri = i * BS + rows
+            acc = zero
+            for j in range(k, i):
+                rj = j * BS + rows
+                cj = j * BS + cols
+                Lij = _tile(F_ptr, ri, cj, stride_fr, stride_fc, n)
+                # X_jk (rows of block j, columns of block k) lives transposed in F's block (k, j).
+                Xjk = _tile(F_ptr, ck, rj, stride_fr, stride_fc, n)
+                acc += tl.dot(Lij, Xjk, input_precision="ieee")
+            ci = i * BS + cols
+            Xii = _tile(F_ptr, ci, ri, stride_fr, stride_fc, n)
+            Xik = -tl.dot(Xii, acc, input_precision="ieee")
+            tl.store(F_ptr + ck * stride_fr + ri * stride_fc, Xik, mask=(ck < n) & (ri < n))
+            tl.debug_barrier()
+
+    # F is upper triangular: clear the lower blocks that held L.
+    for k in range(NB):
+        ck = k * BS + cols
+        for i in range(k + 1, NB):
+            ri = i * BS + rows
+            tl.store(F_ptr + ri * stride_fr + ck * stride_fc, zero, mask=(ri < n) & (ck < n))
+
+
+@triton.jit
 def inverse_cholesky_factor_kernel(
     G_ptr,
     F_ptr,
@@ -74,7 +106,6 @@ def inverse_cholesky_factor_kernel(
     rows = idx[:, None]
     cols = idx[None, :]
     eye = rows == cols
-    zero = tl.zeros((BS, BS), dtype=tl.float32)
 
     for k in range(NB):
         # Diagonal tile: A_kk = G_kk − Σ_{j<k} L_kj L_kjᵀ; padding (beyond n) is the identity.
@@ -102,31 +133,7 @@ def inverse_cholesky_factor_kernel(
             tl.store(F_ptr + ri * stride_fr + c * stride_fc, Lik, mask=(ri < n) & (c < n))
         tl.debug_barrier()
 
-    # Blocked inversion, one column of tiles at a time: X_ik = −X_ii Σ_{j=k}^{i−1} L_ij X_jk for i > k.
-    for k in range(NB):
-        ck = k * BS + cols
-        for i in range(k + 1, NB):
-            ri = i * BS + rows
-            acc = zero
-            for j in range(k, i):
-                rj = j * BS + rows
-                cj = j * BS + cols
-                Lij = _tile(F_ptr, ri, cj, stride_fr, stride_fc, n)
-                # X_jk (rows of block j, columns of block k) lives transposed in F's block (k, j).
-                Xjk = _tile(F_ptr, ck, rj, stride_fr, stride_fc, n)
-                acc += tl.dot(Lij, Xjk, input_precision="ieee")
-            ci = i * BS + cols
-            Xii = _tile(F_ptr, ci, ri, stride_fr, stride_fc, n)
-            Xik = -tl.dot(Xii, acc, input_precision="ieee")
-            tl.store(F_ptr + ck * stride_fr + ri * stride_fc, Xik, mask=(ck < n) & (ri < n))
-            tl.debug_barrier()
-
-    # F is upper triangular: clear the lower blocks that held L.
-    for k in range(NB):
-        ck = k * BS + cols
-        for i in range(k + 1, NB):
-            ri = i * BS + rows
-            tl.store(F_ptr + ri * stride_fr + ck * stride_fc, zero, mask=(ri < n) & (ck < n))
+    _invert_lower_blocks(F_ptr, n, stride_fr, stride_fc, rows, cols, BS, NB)
 
 
 PROBE_KERNEL = inverse_cholesky_factor_kernel  # how pace.kernels._dispatch tells compiled from interpreted

@@ -62,6 +62,30 @@ def _heads_major(t: Tensor, num_heads: int, dtype: torch.dtype) -> Tensor:
     return heads.to(dtype, memory_format=torch.contiguous_format).contiguous().view(num_heads, m, -1)
 
 
+def _full_backward(g_x, xb, gb, gR, gU, a, P, Ps, pi, sq, g_pi, Q_c, M, scalars, U, K, ce):
+    """The full form's part of the mixer backward, from GEMM 1's cotangent products to Q̄_e, Q̄_c and Ū."""
+    B, N, d = xb.shape
+    p, r = d // K, Q_c.shape[-1]
+    wd = U.dtype
+    Pbar, a_bar, Pc_w, sums = kernels.mixer_memberships_backward(gR, P, gU, a, pi, sq, g_pi, M, scalars)
+    # α: <g, x − x̂Π_e> = <g, x> − <gQ_e, x̂Q_e>.
+    grad_alpha = g_x.to(wd) + sums[0]
+    grad_beta, grad_tau = sums[1], sums[2]
+    R_bar = torch.baddbmm(xb.mT @ Pbar, gb.mT, Ps)  # xᵀP̄ + gᵀ(P ⊙ s'), (B, d, c_e + K·r)
+    Qe_bar = R_bar[..., :ce].to(wd)
+    V_bar = _heads_major(R_bar[..., ce:], K, wd)  # (K, d, B·r)
+    # ‖col‖² = P_k M_k P_kᵀ with M_k = Q_kᵀQ_k: M̄_k = Σ_n ∂‖col_k‖² P_kᵀ P_k.
+    M_bar = _diag_blocks(Pc_w.mT @ P[..., ce:], K).to(wd)  # (B, K, r, r)
+    Qc4 = Q_c.view(B, K, p, r)
+    U_heads = U.view(d, K, p).transpose(0, 1)  # (K, d, p)
+    # Through V_k = U_kQ_k: Q̄_k = U_kᵀ V̄_k, Ū_k = Σ_b V̄_k Q_kᵀ (images side by side).
+    Qc_heads = Qc4.permute(1, 2, 0, 3).reshape(K, p, B * r)  # (K, p, B·r)
+    Qc_bar = (U_heads.mT @ V_bar).view(K, p, B, r).permute(2, 0, 1, 3)  # (B, K, p, r)
+    Qc_bar = torch.baddbmm(Qc_bar.reshape(B * K, p, r), Q_c, M_bar.reshape(B * K, r, r), alpha=2)
+    U_bar = (V_bar @ Qc_heads.mT).transpose(0, 1).reshape(d, d)  # (K, d, p) → (d, K·p)
+    return grad_alpha, grad_beta, grad_tau, Pbar, Qe_bar, Qc_bar, U_bar, a_bar
+
+
 def _diag_backward(g_x, xb, gb, gR, gU, a, P, Ps, pi, sq, root, g_pi, Q_c, keep, tau_w, alpha_w, beta_w, K):
     """The diag form's part of the mixer backward, from GEMM 1's cotangent products to Q̄_e, Q̄_c and Ū."""
     B, N, d = xb.shape
@@ -185,22 +209,9 @@ class _PACEMixer(torch.autograd.Function):
                 )
             else:
                 M, z, scalars = keep, T, root  # saved as (extra, T, root) by the forward
-                Pbar, a_bar, Pc_w, sums = kernels.mixer_memberships_backward(gR, P, gU, a, pi, sq, g_pi, M, scalars)
-                # α: <g, x − x̂Π_e> = <g, x> − <gQ_e, x̂Q_e>.
-                grad_alpha = g_x.to(wd) + sums[0]
-                grad_beta, grad_tau = sums[1], sums[2]
-                R_bar = torch.baddbmm(xb.mT @ Pbar, gb.mT, Ps)  # xᵀP̄ + gᵀ(P ⊙ s'), (B, d, c_e + K·r)
-                Qe_bar = R_bar[..., :ce].to(wd)
-                V_bar = _heads_major(R_bar[..., ce:], K, wd)  # (K, d, B·r)
-                # ‖col‖² = P_k M_k P_kᵀ with M_k = Q_kᵀQ_k: M̄_k = Σ_n ∂‖col_k‖² P_kᵀ P_k.
-                M_bar = _diag_blocks(Pc_w.mT @ P[..., ce:], K).to(wd)  # (B, K, r, r)
-                Qc4 = Q_c.view(B, K, p, r)
-                U_heads = U.view(d, K, p).transpose(0, 1)  # (K, d, p)
-                # Through V_k = U_kQ_k: Q̄_k = U_kᵀ V̄_k, Ū_k = Σ_b V̄_k Q_kᵀ (images side by side).
-                Qc_heads = Qc4.permute(1, 2, 0, 3).reshape(K, p, B * r)  # (K, p, B·r)
-                Qc_bar = (U_heads.mT @ V_bar).view(K, p, B, r).permute(2, 0, 1, 3)  # (B, K, p, r)
-                Qc_bar = torch.baddbmm(Qc_bar.reshape(B * K, p, r), Q_c, M_bar.reshape(B * K, r, r), alpha=2)
-                U_bar = (V_bar @ Qc_heads.mT).transpose(0, 1).reshape(d, d)  # (K, d, p) → (d, K·p)
+                grad_alpha, grad_beta, grad_tau, Pbar, Qe_bar, Qc_bar, U_bar, a_bar = _full_backward(
+                    g_x, xb, gb, gR, gU, a, P, Ps, pi, sq, g_pi, Q_c, M, scalars, U, K, ce
+                )
             x2, g2 = xb.reshape(B * N, d), gb.reshape(B * N, d)
             a_bar2 = a_bar.reshape(B * N, d)
             U_bar = U_bar + (x2.mT @ a_bar2).to(wd) - beta_w * (g2.mT @ z.reshape(B * N, d)).to(wd)

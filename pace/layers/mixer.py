@@ -32,7 +32,7 @@ from torch import Tensor
 
 from pace import kernels
 from pace.kernels.mixer_ops import block_diag as _block_diag
-from pace.layers.basis import _matmul_dtype, _no_autocast, ridge_factors_backward, scaled_ridge_factors
+from pace.layers.basis import _matmul_dtype, _no_autocast, ridge_factors_backward, scaled_ridge_factors, wide_matmul
 
 
 def _sqrt_logits(sq: Tensor, tau: Tensor) -> tuple[Tensor, Tensor]:
@@ -144,7 +144,7 @@ class _PACEMixer(torch.autograd.Function):
                 # ‖col_k‖² = Σ keep² a² from a product in the working precision (bf16 operands are exact there):
                 # with a and its squares rounded to bf16 the τ gradient's error was 2e-2 of its scale σ on the
                 # tests' inputs, 7e-3 this way.
-                a_w = (xb.reshape(B * N, d).to(wd) @ U).view(B, N, d)  # a_k = U_kᵀ x̂, heads side by side
+                a_w = wide_matmul(xb.reshape(B * N, d), U).view(B, N, d)  # a_k = U_kᵀ x̂, heads side by side
                 a = a_w.to(md)
             else:
                 a = (xb.reshape(B * N, d) @ Ub).view(B, N, d)  # a_k = U_kᵀ x̂, heads side by side
@@ -257,20 +257,8 @@ def pace_mixer(
 ) -> tuple[Tensor, Tensor]:
     """``α·expand(x) − β·compress(x)`` and π with ridge projectors, fused (forward and backward).
 
-    Args:
-        x: Normalised tokens, shape (B, N, d).
-        subspaces: ``U``, shape (d, d).
-        tau: Temperature τ, a 0-dim tensor.
-        alpha: Effective α, a 0-dim tensor.
-        beta: Effective β, a 0-dim tensor.
-        expand_sketch: Ω_e, shape (N, r·K).
-        compress_sketch: Ω_c, shape (N, r).
-        num_heads: K.
-        eps: Ridge ε of both bases.
-        form: Compress form, ``"full"`` or ``"diag"``.
-
-    Returns:
-        ``(update, memberships)``: update (B, N, d) in the dtype of ``x``; π (B, N, K) in at least float32.
+    The arguments are those of :func:`pace.layers.pace_attention` (which calls this for ridge projectors); π
+    comes back in at least float32.
     """
     return _PACEMixer.apply(
         x, subspaces, tau, alpha, beta, expand_sketch, compress_sketch, num_heads, eps, form == "diag"

@@ -11,6 +11,14 @@ that reads its inputs and writes its outputs once, what their Triton kernels mov
     python scripts/count_ops.py                                   # S block (both paths) + timm Block, B = 128
     python scripts/count_ops.py --model pace_vit_small_patch16_224 --model deit_small_patch16_224
     python scripts/count_ops.py --by-op                           # per-op table of every block case
+    python scripts/count_ops.py --compiled                        # kernels of the regionally compiled blocks
+    python scripts/count_ops.py --compile-time pace_vit_small_patch16_224   # compile_blocks: time, graph breaks
+
+``--compiled [cpp|triton]`` counts instead what a block compiled as ``compile_blocks`` does would launch: the
+kernels of Inductor's schedule after fusion (generated kernels, and GEMMs and ``pace::`` ops as extern kernels)
+with Inductor's byte estimate, read from the scheduling of its C++ (default) or Triton backend on the CPU without
+generating code (``scripts/_compiled_counter.py``). ``--compile-time`` compiles a model's blocks for real (the
+default Inductor backend of the device, here C++) and times its first training steps against a warm one.
 """
 
 import argparse
@@ -22,6 +30,7 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
+from _compiled_counter import BACKENDS, count_compiled, time_compile
 from _op_counter import KERNEL_MODES, OpCount, count_ops, extrapolate
 from timm.models.vision_transformer import Block
 from torch import nn
@@ -52,8 +61,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a pace:: custom op counts as one op moving its inputs + outputs once, as its Triton kernel on a GPU "
         "(fused), or as the ATen ops of the PyTorch fallback the CPU runs (fallback)",
     )
+    parser.add_argument(
+        "--compiled",
+        nargs="?",
+        const="cpp",
+        choices=BACKENDS,
+        default=None,
+        help="count the kernels of the block compiled by Inductor (the scheduling of its cpp or triton backend) "
+        "instead of the eager ops; blocks only",
+    )
+    parser.add_argument(
+        "--compile-time",
+        metavar="MODEL",
+        default=None,
+        help="compile MODEL's blocks (compile_blocks) for real, time its first training steps and count graph breaks",
+    )
+    parser.add_argument("--compile-batch", type=int, default=2, help="batch of the --compile-time steps")
     parser.add_argument("--out", type=Path, default=None, help="write count_ops.json here")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.compiled and args.model:
+        parser.error("--compiled counts blocks only; drop --model")
+    if args.compiled and args.kernels == "fallback":
+        parser.error(
+            "--compiled counts each pace:: op as one extern kernel (Inductor cannot see inside it); "
+            "drop --kernels fallback"
+        )
+    return args
 
 
 def block_step(block: nn.Module, batch: int, *, args: argparse.Namespace):
@@ -90,19 +123,22 @@ def model_step(model: nn.Module, batch: int, *, args: argparse.Namespace):
     return step
 
 
-def measure(name: str, make_step, batches: list[int], target: int, kernels: str) -> tuple[dict, OpCount]:
-    """Count one case at three batches; extrapolate from the first two, check the third against the line."""
+def measure(name: str, make_step, batches: list[int], target: int, counter, mode: str) -> tuple[dict, OpCount]:
+    """Count one case at three batches; extrapolate from the first two, check the third against the line.
+
+    ``counter(step)`` returns the ``OpCount`` of one call of ``step`` (eager ops, or compiled kernels).
+    """
     counts = []
     for b in batches:
         step = make_step(b)
         step()  # first call draws sketches and warms caches: not counted
-        counts.append(count_ops(step, kernels))
+        counts.append(counter(step))
     line = extrapolate(counts[0], counts[1], batches[0], batches[1], target)
     check = extrapolate(counts[0], counts[1], batches[0], batches[1], batches[2])
     linear_err = abs(check["bytes"] - counts[2].bytes) / counts[2].bytes
     row = {
         "case": name,
-        "kernels": kernels,
+        "kernels": mode,
         "ops": line["ops"],
         "gbytes": line["bytes"] / GB,
         "gflop": line["flops"] / GB,
@@ -135,6 +171,33 @@ def print_by(count: OpCount, key: str, scale: float) -> None:
         print(f"    {k:<36} {n:>5} {nbytes * scale / GB:>8.3f} GB {flops * scale / GB:>9.2f} GFLOP")
 
 
+def _counter(module: nn.Module, args: argparse.Namespace):
+    """``(counter, graphs)``: the per-step counter of ``measure``, and the list it appends forward-graph counts to."""
+    graphs: list[int] = []
+    if not args.compiled:
+        return partial(count_ops, kernels=args.kernels), graphs
+
+    def counter(step) -> OpCount:
+        count, forward_graphs = count_compiled(module, step, args.compiled)
+        graphs.append(forward_graphs)
+        return count
+
+    return counter, graphs
+
+
+def _compile_time(args: argparse.Namespace) -> dict:
+    """Compile ``args.compile_time``'s blocks (compile_blocks), time its first training steps; print and return."""
+    model = timm.create_model(args.compile_time, img_size=args.img_size).train()
+    step = model_step(model, args.compile_batch, args=args)
+    row = {"case": f"{args.compile_time} compile_blocks", "batch": args.compile_batch, **time_compile(model, step)}
+    times = ", ".join(f"{t:.1f}" for t in row["step_s"])
+    print(
+        f"{row['case']}: steps {times} s; compile time {row['compile_s']:.1f} s (steps minus the warm last one); "
+        f"{row['frames']} frames compiled, {row['graph_breaks']} graph breaks {row['break_reasons'] or ''}"
+    )
+    return row
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.manual_seed(0)
@@ -161,7 +224,11 @@ def main(argv: list[str] | None = None) -> None:
             if isinstance(attn, PACEAttention) and attn.fused is None:
                 attn.fused = True  # count the path a GPU takes (fused=None picks the separate operators on a CPU)
         make = partial(block_step if kind == "block" else model_step, module, args=args)
-        row, first = measure(label, make, batches, args.target_batch, args.kernels)
+        counter, graphs = _counter(module, args)
+        mode = f"compiled ({args.compiled} scheduling)" if args.compiled else args.kernels
+        row, first = measure(label, make, batches, args.target_batch, counter, mode)
+        if args.compiled:
+            row["forward_graphs"] = max(graphs)  # 1 when Dynamo captured the block whole (no graph break)
         rows.append(row)
         if args.by_op:
             print(f"{label}, extrapolated per-op bytes at batch {args.target_batch} (scaled from batch {batches[0]}):")
@@ -169,7 +236,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{label}: by category at batch {args.target_batch}:", file=sys.stderr)
         for k, (n, gb) in row["by_category_gbytes"].items():
             print(f"    {k:<28} {n:>4} ops {gb:>7.3f} GB", file=sys.stderr)
-    print_table(rows)
+    if rows:
+        print_table(rows)
+    if args.compile_time:
+        rows.append(_compile_time(args))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "count_ops.json").write_text(json.dumps(rows, indent=2) + "\n")

@@ -112,3 +112,69 @@ def test_the_fused_block_runs_the_mixer_kernels_once_each():
         "cast_dot": 1,
     }
     assert fallback.ops > fused.ops + 40 and fallback.bytes > fused.bytes
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The compiled-path counter (scripts/_compiled_counter.py): Inductor's schedule, read without generating code.
+
+
+class _Fn(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+def _count_compiled(fn, *args, backend="cpp"):
+    from _compiled_counter import count_compiled
+
+    module = _Fn(fn)
+    return count_compiled(module, lambda: module(*args), backend)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_a_pointwise_chain_compiles_to_one_kernel_moving_its_input_and_output_once(backend):
+    x = torch.randn(4, 16, 8)  # 512 float32 elements
+    count, graphs = _count_compiled(lambda t: torch.exp(torch.relu(t * 2 + 1)).sin(), x, backend=backend)
+    # Five eager kernels (mul, add, relu, exp, sin) fuse into one: x read once, the result written once.
+    assert [r.category for r in count.records] == ["generated"]
+    assert count.bytes == 2 * 512 * 4
+    assert graphs == 1
+    eager = count_ops(lambda: torch.exp(torch.relu(x * 2 + 1)).sin())
+    assert eager.ops == 5 and eager.bytes == 5 * 2 * 512 * 4
+
+
+def test_a_matrix_product_is_an_extern_kernel_counted_with_its_inputs_and_outputs():
+    a, b = torch.randn(6, 5), torch.randn(5, 7)
+    count, _ = _count_compiled(lambda p, q: (p @ q).relu(), a, b)
+    gemm = [r for r in count.records if r.category == "extern GEMM"]
+    assert len(gemm) == 1 and gemm[0].name == "fwd: mm"
+    assert gemm[0].bytes == (6 * 5 + 5 * 7 + 6 * 7) * 4
+    assert gemm[0].flops == 2 * 6 * 5 * 7
+    # The relu epilogue is a generated kernel on the CPU: it reads the product and writes the result.
+    assert [(r.category, r.bytes) for r in count.records if r.category == "generated"] == [("generated", 2 * 42 * 4)]
+
+
+def test_forward_and_backward_graphs_are_both_counted_and_a_graph_break_is_seen():
+    from _compiled_counter import count_compiled
+
+    x = torch.randn(8, 32, requires_grad=True)
+    module = _Fn(lambda t: t.sin().sum())
+    count, graphs = count_compiled(module, lambda: module(x).backward())
+    fwd = [r for r in count.records if r.name.startswith("fwd")]
+    bwd = [r for r in count.records if r.name.startswith("bwd")]
+    # Forward: sin and sum fused, x read (256 floats), a scalar written. Backward: cos(x) * grad in one kernel,
+    # x and the scalar gradient read, x's gradient written (sin is recomputed, nothing saved but x itself).
+    assert [r.bytes for r in fwd] == [(256 + 1) * 4]
+    assert [r.bytes for r in bwd] == [(256 + 1 + 256) * 4]
+    assert graphs == 1
+
+    def broken(t):
+        y = t.exp()
+        torch._dynamo.graph_break()
+        return y.cos()
+
+    _, graphs = _count_compiled(broken, torch.randn(3))
+    assert graphs == 2

@@ -169,37 +169,64 @@ def _cold_caches():
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = old
 
 
-def time_compile(model: nn.Module, step: Callable[[], object], steps: int = 4) -> dict:
-    """Compile ``model``'s blocks for real (``compile_blocks``, default Inductor) and time its first steps.
+class _CallCountingInductor:
+    """Inductor (``torch._inductor.compile_fx``), counting the frames it compiles and the calls of their code."""
 
-    The compile time is the wall time of every step but the last, less the last (warm) step's time each: PACE-ViT
-    compiles in its first two steps (the first draws each block's sketch inside its graph, the second compiles the
-    frame all blocks share with stored sketches).
+    def __init__(self) -> None:
+        self.frames = 0
+        self.calls = 0
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        self.frames += 1
+        compiled = compile_fx(gm, example_inputs)
+
+        def run(*args):
+            self.calls += 1
+            return compiled(*args)
+
+        return run
+
+
+def time_compile(model: nn.Module, step: Callable[[], object], steps: int = 4, eager_first: bool = False) -> dict:
+    """Compile ``model``'s blocks for real (``compile_blocks``, Inductor) and time its first steps.
+
+    The compile time is the wall time of every step but the last, less the last (warm) step's time each. Caches
+    are cold (a fresh Inductor cache directory).
 
     Args:
         model: The model, in training mode.
         step: One training step (forward + backward) of ``model``.
         steps: Steps to run; the last one must be warm.
+        eager_first: Run one eager step before compiling (PACE draws and stores its sketches then, as
+            ``set_epoch`` does from the second epoch on; otherwise each block's first forward draws its sketch
+            inside its graph, specialised on the block).
 
     Returns:
-        ``{"step_s": [...], "compile_s", "frames", "graph_breaks", "break_reasons"}``; frames and graph breaks from
-        Dynamo's counters (a graph break splits a frame into more graphs).
+        ``{"step_s": [...], "compile_s", "frames", "compiled_calls", "graph_breaks", "break_reasons"}``: frames
+        compiled, calls of compiled code per step (one per compiled block when every block runs compiled), and
+        Dynamo's graph-break counters.
     """
     torch._dynamo.reset()
     counters.clear()
-    compile_blocks(model)
-    times = []
+    if eager_first:
+        step()
+    backend = _CallCountingInductor()
+    compile_blocks(model, backend=backend)
+    times, calls = [], []
     with _cold_caches():
         for _ in range(steps):
+            backend.calls = 0
             start = time.perf_counter()
             step()
             times.append(time.perf_counter() - start)
+            calls.append(backend.calls)
     torch._dynamo.reset()
     breaks = dict(counters["graph_break"])
     return {
         "step_s": times,
         "compile_s": sum(t - times[-1] for t in times[:-1]),
-        "frames": int(counters["stats"]["unique_graphs"]),
+        "frames": backend.frames,
+        "compiled_calls": calls,
         "graph_breaks": sum(breaks.values()),
         "break_reasons": breaks,
     }

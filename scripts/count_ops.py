@@ -77,6 +77,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="compile MODEL's blocks (compile_blocks) for real, time its first training steps and count graph breaks",
     )
     parser.add_argument("--compile-batch", type=int, default=2, help="batch of the --compile-time steps")
+    parser.add_argument(
+        "--eager-first",
+        action="store_true",
+        help="--compile-time: one eager step before compiling (PACE's sketches drawn and stored outside the graphs)",
+    )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where the cases run (cuda: the eager ops a GPU runs, or with --compiled triton its own schedule)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write count_ops.json here")
     args = parser.parse_args(argv)
     if args.compiled and args.model:
@@ -90,12 +100,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def block_step(block: nn.Module, batch: int, *, args: argparse.Namespace):
-    x = torch.randn(batch, args.tokens, args.dim, requires_grad=True)
-    grad = torch.randn(batch, args.tokens, args.dim)
+    x = torch.randn(batch, args.tokens, args.dim, device=args.device, requires_grad=True)
+    grad = torch.randn(batch, args.tokens, args.dim, device=args.device)
 
     def step() -> None:
         _clear_grads(block, x)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16):
             y = block(x)
         y.backward(grad)
 
@@ -111,12 +121,12 @@ def _clear_grads(module: nn.Module, *leaves: torch.Tensor) -> None:
 
 
 def model_step(model: nn.Module, batch: int, *, args: argparse.Namespace):
-    images = torch.randn(batch, 3, args.img_size, args.img_size)
-    labels = torch.randint(model.num_classes, (batch,))
+    images = torch.randn(batch, 3, args.img_size, args.img_size, device=args.device)
+    labels = torch.randint(model.num_classes, (batch,), device=args.device)
 
     def step() -> None:
         _clear_grads(model)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16):
             logits = model(images)
         F.cross_entropy(logits.float(), labels).backward()
 
@@ -187,13 +197,19 @@ def _counter(module: nn.Module, args: argparse.Namespace):
 
 def _compile_time(args: argparse.Namespace) -> dict:
     """Compile ``args.compile_time``'s blocks (compile_blocks), time its first training steps; print and return."""
-    model = timm.create_model(args.compile_time, img_size=args.img_size).train()
+    model = timm.create_model(args.compile_time, img_size=args.img_size).to(args.device).train()
     step = model_step(model, args.compile_batch, args=args)
-    row = {"case": f"{args.compile_time} compile_blocks", "batch": args.compile_batch, **time_compile(model, step)}
+    first = "after one eager step" if args.eager_first else "from the first step"
+    row = {
+        "case": f"{args.compile_time} compile_blocks, compiled {first}",
+        "batch": args.compile_batch,
+        **time_compile(model, step, eager_first=args.eager_first),
+    }
     times = ", ".join(f"{t:.1f}" for t in row["step_s"])
     print(
         f"{row['case']}: steps {times} s; compile time {row['compile_s']:.1f} s (steps minus the warm last one); "
-        f"{row['frames']} frames compiled, {row['graph_breaks']} graph breaks {row['break_reasons'] or ''}"
+        f"{row['frames']} frames compiled; calls of compiled code per step {row['compiled_calls']}; "
+        f"{row['graph_breaks']} graph breaks {row['break_reasons'] or ''}"
     )
     return row
 
@@ -218,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         cases.append((f"{name} train step", lambda n=name: timm.create_model(n, img_size=args.img_size), "model"))
     rows = []
     for label, factory, kind in cases:
-        module = factory()
+        module = factory().to(args.device)
         module.train()
         for attn in module.modules():
             if isinstance(attn, PACEAttention) and attn.fused is None:

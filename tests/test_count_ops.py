@@ -178,3 +178,36 @@ def test_forward_and_backward_graphs_are_both_counted_and_a_graph_break_is_seen(
 
     _, graphs = _count_compiled(broken, torch.randn(3))
     assert graphs == 2
+
+
+@pytest.mark.slow
+def test_the_recorded_schedule_moves_the_bytes_inductor_reports_after_a_real_compile():
+    """Stopping Inductor before code generation changes nothing: a real C++ compile logs the same bytes (~15 s)."""
+    import torch._functorch.config as functorch_config
+    from _compiled_counter import count_compiled
+    from torch._inductor import config as inductor_config
+    from torch._inductor import metrics
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.lin = torch.nn.LayerNorm(32), torch.nn.Linear(32, 16)
+
+        def forward(self, x):
+            return torch.nn.functional.gelu(self.lin(self.norm(x))).square().sum()
+
+    net, x = Net(), torch.randn(8, 32, requires_grad=True)
+    recorded, _ = count_compiled(net, lambda: net(x).backward())
+    assert {r.category for r in recorded.records} == {"generated", "extern GEMM"}
+    torch._dynamo.reset()
+    metrics.reset()
+    torch._logging.set_logs(inductor_metrics=True)  # Inductor sums num_bytes_accessed only with this log on
+    try:
+        with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
+            net.compile(dynamic=False)
+            net(x).backward()
+    finally:
+        torch._logging.set_logs()
+        net._compiled_call_impl = None
+        torch._dynamo.reset()
+    assert metrics.num_bytes_accessed == recorded.bytes

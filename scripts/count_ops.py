@@ -48,7 +48,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rank", type=int, default=20)
     parser.add_argument("--tokens", type=int, default=196)
     parser.add_argument("--forms", default="full,diag", help="Compress forms of the PACE block cases")
-    parser.add_argument("--batches", default="2,4,6", help="two batches to extrapolate from, a third to check")
+    parser.add_argument(
+        "--batches",
+        default="2,4,6",
+        help="two batches to extrapolate from and a third to check, or only the target batch (counted directly)",
+    )
     parser.add_argument("--target-batch", type=int, default=128)
     parser.add_argument("--model", action="append", default=[], help="timm model of a training-step case")
     parser.add_argument("--img-size", type=int, default=224)
@@ -136,23 +140,26 @@ def model_step(model: nn.Module, batch: int, *, args: argparse.Namespace):
 def measure(name: str, make_step, batches: list[int], target: int, counter, mode: str) -> tuple[dict, OpCount]:
     """Count one case at three batches; extrapolate from the first two, check the third against the line.
 
-    ``counter(step)`` returns the ``OpCount`` of one call of ``step`` (eager ops, or compiled kernels).
+    With a single batch, count at that batch only (it is the target). ``counter(step)`` returns the ``OpCount`` of
+    one call of ``step`` (eager ops, or compiled kernels).
     """
     counts = []
     for b in batches:
         step = make_step(b)
         step()  # first call draws sketches and warms caches: not counted
         counts.append(counter(step))
+    row = {"case": name, "kernels": mode, "batch": target}
+    if len(batches) == 1:
+        by_category = {k: (v[0], v[1] / GB) for k, v in counts[0].by("category").items()}
+        row |= {"ops": counts[0].ops, "gbytes": counts[0].bytes / GB, "gflop": counts[0].flops / GB}
+        return row | {"linearity_error": None, "by_category_gbytes": by_category}, counts[0]
     line = extrapolate(counts[0], counts[1], batches[0], batches[1], target)
     check = extrapolate(counts[0], counts[1], batches[0], batches[1], batches[2])
     linear_err = abs(check["bytes"] - counts[2].bytes) / counts[2].bytes
-    row = {
-        "case": name,
-        "kernels": mode,
+    row |= {
         "ops": line["ops"],
         "gbytes": line["bytes"] / GB,
         "gflop": line["flops"] / GB,
-        "batch": target,
         "linearity_error": linear_err,
         "ops_at_third_batch": counts[2].ops,
         "by_category_gbytes": _by_category(counts[0], counts[1], batches[0], batches[1], target),
@@ -172,7 +179,7 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         print(
             f"{r['case']:<44} {r['ops']:>6} {r['gbytes']:>8.3f} {r['gflop']:>9.1f} {r['batch']:>6} "
-            f"{r['linearity_error']:>8.1e}"
+            + (f"{r['linearity_error']:>8.1e}" if r["linearity_error"] is not None else f"{'direct':>8}")
         )
 
 
@@ -218,8 +225,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.manual_seed(0)
     batches = [int(b) for b in args.batches.split(",")]
-    if len(batches) != 3 or len(set(batches)) != 3:
-        raise SystemExit(f"--batches needs three distinct batches, got {args.batches!r}")
+    if batches != [args.target_batch] and (len(batches) != 3 or len(set(batches)) != 3):
+        raise SystemExit(f"--batches needs three distinct batches or just --target-batch, got {args.batches!r}")
     cases = []
     if not args.no_blocks:
         kw = {"rank": args.rank}

@@ -211,3 +211,24 @@ def test_the_recorded_schedule_moves_the_bytes_inductor_reports_after_a_real_com
         net._compiled_call_impl = None
         torch._dynamo.reset()
     assert metrics.num_bytes_accessed == recorded.bytes
+
+
+@pytest.mark.slow
+def test_count_ops_compiled_writes_each_block_case_whole_and_with_fewer_kernels_than_eager_ops(tmp_path):
+    """scripts/count_ops.py --compiled on a tiny block: one forward graph per case (no graph break), fused (~15 s)."""
+    import json
+
+    from count_ops import main
+
+    tiny = ["--dim", "32", "--heads", "4", "--rank", "4", "--tokens", "16", "--forms", "full"]
+    tiny += ["--batches", "4", "--target-batch", "4"]
+    main([*tiny, "--compiled", "--out", str(tmp_path / "compiled")])
+    main([*tiny, "--out", str(tmp_path / "eager")])
+    compiled = {r["case"]: r for r in json.loads((tmp_path / "compiled" / "count_ops.json").read_text())}
+    eager = {r["case"]: r for r in json.loads((tmp_path / "eager" / "count_ops.json").read_text())}
+    assert set(compiled) == set(eager) == {"PACEBlock full fused", "PACEBlock full unfused", "timm Block (SDPA + MLP)"}
+    for case, row in compiled.items():
+        assert row["kernels"] == "compiled (cpp scheduling)" and row["batch"] == 4
+        assert row["forward_graphs"] == 1, case  # Dynamo captured the whole block
+        assert 0 < row["ops"] < eager[case]["ops"], case
+        assert 0 < row["gbytes"] < eager[case]["gbytes"], case

@@ -254,7 +254,8 @@ def main(argv: list[str] | None = None) -> None:
             row["forward_graphs"] = max(graphs)  # 1 when Dynamo captured the block whole (no graph break)
         rows.append(row)
         if args.by_op:
-            print(f"{label}, extrapolated per-op bytes at batch {args.target_batch} (scaled from batch {batches[0]}):")
+            how = "counted" if len(batches) == 1 else f"scaled from batch {batches[0]}"
+            print(f"{label}, per-op bytes at batch {args.target_batch} ({how}):")
             print_by(first, "name", args.target_batch / batches[0])
         print(f"{label}: by category at batch {args.target_batch}:", file=sys.stderr)
         for k, (n, gb) in row["by_category_gbytes"].items():

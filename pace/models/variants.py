@@ -103,6 +103,7 @@ def _entrypoint(name: str) -> Callable[..., PACEViT]:
     return entrypoint
 
 
-# Module attributes too, as decorated functions would be: `pace.models.variants.pace_vit_test(...)` works.
+# register_model lists each name in this module's __all__, so each entrypoint is also a module attribute, as a
+# decorated function would be (`from pace.models.variants import *` and `variants.pace_vit_test(...)` work).
 for _name in _MODEL_ARGS:
     globals()[_name] = register_model(_entrypoint(_name))

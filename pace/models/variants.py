@@ -1,10 +1,7 @@
-"""PACE-ViT variants, registered with timm: tables of their ``default_cfgs``, model
-arguments and docstrings, from which one thin entrypoint per variant is made.
+"""PACE-ViT variants, registered with timm: a ``default_cfgs`` table and one thin entrypoint per variant.
 
 Registration runs when :mod:`pace.models` is imported (``import pace`` does it).
 """
-
-from collections.abc import Callable
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -60,50 +57,58 @@ default_cfgs = generate_default_cfgs(
     }
 )
 
-# The PACEViT keywords of each variant (a caller's keywords override them), as timm's thin entrypoints spell out.
-_MODEL_ARGS = {
-    "pace_vit_test": {"img_size": 64, "patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 2, "rank": 8},
-    "pace_vit_tiny_patch4_32": {"img_size": 32, "patch_size": 4, "embed_dim": 192, "depth": 12, "num_heads": 4},
-    "pace_vit_tiny_patch8_224": {"patch_size": 8, "embed_dim": 192, "depth": 12, "num_heads": 4},
-    "pace_vit_small_patch8_224": {"patch_size": 8, "embed_dim": 384, "depth": 12, "num_heads": 8},
-    "pace_vit_tiny_patch16_224": {"patch_size": 16, "embed_dim": 192, "depth": 12, "num_heads": 4},
-    "pace_vit_small_patch16_224": {"patch_size": 16, "embed_dim": 384, "depth": 12, "num_heads": 8},
-    "pace_vit_medium_patch16_224": {"patch_size": 16, "embed_dim": 512, "depth": 24, "num_heads": 8},
-    "pace_vit_large_patch16_224": {"patch_size": 16, "embed_dim": 1024, "depth": 24, "num_heads": 16},
-}
 
-# The entrypoints' docstrings (`help(timm.models.model_entrypoint(name))`).
-_DOCS = {
-    "pace_vit_test": "Tiny PACE-ViT for tests (64 px, patch 8, d 64, 4 blocks, 2 subspaces of rank 8).",
-    "pace_vit_tiny_patch4_32": "PACE-ViT-Tiny for 32 px images (CIFAR): patch 4, 8x8 tokens.",
-    "pace_vit_tiny_patch8_224": "PACE-ViT-Tiny/8 (d 192, 12 blocks, 4 subspaces).",
-    "pace_vit_small_patch8_224": "PACE-ViT-Small/8 (d 384, 12 blocks, 8 subspaces).",
-    "pace_vit_tiny_patch16_224": (
-        "PACE-ViT-Tiny/16 (d 192, 12 blocks, 4 subspaces; reference ECAttention_tiny_layer12_p16)."
-    ),
-    "pace_vit_small_patch16_224": (
-        "PACE-ViT-Small/16 (d 384, 12 blocks, 8 subspaces; reference ECAttention_small_layer12_p16)."
-    ),
-    "pace_vit_medium_patch16_224": (
-        "PACE-ViT-Medium/16 (d 512, 24 blocks, 8 subspaces; reference ECAttention_medium_layer24_p16)."
-    ),
-    "pace_vit_large_patch16_224": (
-        "PACE-ViT-Large/16 (d 1024, 24 blocks, 16 subspaces; reference ECAttention_large_layer24_p16_d1024)."
-    ),
-}
+@register_model
+def pace_vit_test(pretrained: bool = False, **kwargs) -> PACEViT:
+    """Tiny PACE-ViT for tests (64 px, patch 8, d 64, 4 blocks, 2 subspaces of rank 8)."""
+    model_args = {"img_size": 64, "patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 2, "rank": 8}
+    return _create_pace_vit("pace_vit_test", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
-def _entrypoint(name: str) -> Callable[..., PACEViT]:
-    # The thin timm entrypoint of one variant, named after it (timm registers a function under its __name__).
-    def entrypoint(pretrained: bool = False, **kwargs) -> PACEViT:
-        return _create_pace_vit(name, pretrained=pretrained, **dict(_MODEL_ARGS[name], **kwargs))
-
-    entrypoint.__name__ = entrypoint.__qualname__ = name
-    entrypoint.__doc__ = _DOCS[name]
-    return entrypoint
+@register_model
+def pace_vit_tiny_patch4_32(pretrained: bool = False, **kwargs) -> PACEViT:
+    """PACE-ViT-Tiny for 32 px images (CIFAR): patch 4, 8x8 tokens."""
+    model_args = {"img_size": 32, "patch_size": 4, "embed_dim": 192, "depth": 12, "num_heads": 4}
+    return _create_pace_vit("pace_vit_tiny_patch4_32", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
-# register_model lists each name in this module's __all__, so each entrypoint is also a module attribute, as a
-# decorated function would be (`from pace.models.variants import *` and `variants.pace_vit_test(...)` work).
-for _name in _MODEL_ARGS:
-    globals()[_name] = register_model(_entrypoint(_name))
+@register_model
+def pace_vit_tiny_patch8_224(pretrained: bool = False, **kwargs) -> PACEViT:
+    """PACE-ViT-Tiny/8 (d 192, 12 blocks, 4 subspaces)."""
+    model_args = {"patch_size": 8, "embed_dim": 192, "depth": 12, "num_heads": 4}
+    return _create_pace_vit("pace_vit_tiny_patch8_224", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def pace_vit_small_patch8_224(pretrained: bool = False, **kwargs) -> PACEViT:
+    """PACE-ViT-Small/8 (d 384, 12 blocks, 8 subspaces)."""
+    model_args = {"patch_size": 8, "embed_dim": 384, "depth": 12, "num_heads": 8}
+    return _create_pace_vit("pace_vit_small_patch8_224", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def pace_vit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> PACEViT:
+    """PACE-ViT-Tiny/16 (d 192, 12 blocks, 4 subspaces; reference ECAttention_tiny_layer12_p16)."""
+    model_args = {"patch_size": 16, "embed_dim": 192, "depth": 12, "num_heads": 4}
+    return _create_pace_vit("pace_vit_tiny_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def pace_vit_small_patch16_224(pretrained: bool = False, **kwargs) -> PACEViT:
+    """PACE-ViT-Small/16 (d 384, 12 blocks, 8 subspaces; reference ECAttention_small_layer12_p16)."""
+    model_args = {"patch_size": 16, "embed_dim": 384, "depth": 12, "num_heads": 8}
+    return _create_pace_vit("pace_vit_small_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def pace_vit_medium_patch16_224(pretrained: bool = False, **kwargs) -> PACEViT:
+    """PACE-ViT-Medium/16 (d 512, 24 blocks, 8 subspaces; reference ECAttention_medium_layer24_p16)."""
+    model_args = {"patch_size": 16, "embed_dim": 512, "depth": 24, "num_heads": 8}
+    return _create_pace_vit("pace_vit_medium_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def pace_vit_large_patch16_224(pretrained: bool = False, **kwargs) -> PACEViT:
+    """PACE-ViT-Large/16 (d 1024, 24 blocks, 16 subspaces; reference ECAttention_large_layer24_p16_d1024)."""
+    model_args = {"patch_size": 16, "embed_dim": 1024, "depth": 24, "num_heads": 16}
+    return _create_pace_vit("pace_vit_large_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))

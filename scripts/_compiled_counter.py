@@ -14,6 +14,9 @@ eagerly instead (same values), so counting a block costs seconds, not a C++ or T
 generated, the schedule can be read for either Inductor backend on CPU tensors: ``"cpp"`` (what a CPU compile
 runs) or ``"triton"`` (Inductor's Triton scheduling and fusion rules, what a GPU compile uses; lowering itself
 still sees CPU tensors).
+
+:func:`time_compile` compiles a model's blocks for real and times its first training steps (compile time, frames,
+graph breaks).
 """
 
 import os
@@ -84,7 +87,6 @@ class ScheduleRecorder:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
         self.graphs: list[tuple[str, list[OpRecord]]] = []  # ("fwd" or "bwd", kernels)
-        self.compile_s = 0.0
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         return compile_fx(gm, example_inputs, inner_compile=self._inner)
@@ -97,7 +99,6 @@ class ScheduleRecorder:
             self.graphs.append((graph, [r for r in (_kernel_record(n, graph) for n in nodes) if r is not None]))
             raise _ScheduledStopError
 
-        start = time.perf_counter()
         patch = {"_post_fusion_custom_pass": record, "fx_graph_cache": False, "cpu_backend": self.backend}
         try:
             with inductor_config.patch(patch):
@@ -105,7 +106,6 @@ class ScheduleRecorder:
         except Exception:
             if len(self.graphs) == before:  # a real failure, not the hook's stop
                 raise
-        self.compile_s += time.perf_counter() - start
         if len(self.graphs) == before:
             raise RuntimeError("Inductor compiled a graph without scheduling it (a cache hit?): nothing counted")
         return make_boxed_func(gm.forward)
@@ -113,17 +113,6 @@ class ScheduleRecorder:
     def count(self) -> OpCount:
         """All recorded kernels, forward and backward graphs together."""
         return OpCount([r for _, g in self.graphs for r in g])
-
-
-@contextmanager
-def _no_autograd_cache():
-    # A cached AOT graph would skip Inductor, and with it the schedule this counter reads.
-    old = functorch_config.enable_autograd_cache
-    functorch_config.enable_autograd_cache = False
-    try:
-        yield
-    finally:
-        functorch_config.enable_autograd_cache = old
 
 
 def count_compiled(module: nn.Module, step: Callable[[], object], backend: str = "cpp") -> tuple[OpCount, int]:
@@ -145,7 +134,8 @@ def count_compiled(module: nn.Module, step: Callable[[], object], backend: str =
     torch._dynamo.reset()
     module.compile(backend=recorder, dynamic=False)
     try:
-        with _no_autograd_cache():
+        # A cached AOT graph would skip Inductor, and with it the schedule this counter reads.
+        with functorch_config.patch(enable_autograd_cache=False):
             step()
     finally:
         module._compiled_call_impl = None  # back to eager (nn.Module.compile's own attribute)

@@ -59,6 +59,36 @@ def test_line_shift_ops_equal_pillows_bicubic_affine_including_edges_and_fill(na
     assert (difference > 0).mean() < 0.01, name
 
 
+@pytest.mark.parametrize(
+    "name, args",
+    [
+        ("invert", ()),
+        ("posterize", (0,)),
+        ("posterize", (3,)),
+        ("posterize", (8,)),
+        ("solarize", (0,)),
+        ("solarize", (100,)),
+        ("solarize", (256,)),
+        ("solarize_add", (60,)),
+        ("solarize_add", (110, 200)),
+        ("brightness", (0.1,)),
+        ("brightness", (1.9,)),
+        ("contrast", (0.1,)),
+        ("contrast", (1.0,)),
+        ("contrast", (1.9,)),
+    ],
+)
+def test_level_maps_on_the_tensor_equal_timms_pillow_ops_exactly(name, args):
+    """Each level-map op runs on the tensor without a trip through Pillow, and gives Pillow's exact levels."""
+    function = _posterize if name == "posterize" else getattr(auto_augment, name)
+    for seed in range(4):
+        picture = noisy_picture(seed, size=(64, 50))
+        expected = np.asarray(function(picture, *args))
+        got = apply_recorded(pil_to_chw(picture), [(name, args, None)], FILL)
+        assert got.dtype == torch.uint8 and got.shape == (3, 50, 64)
+        assert np.array_equal(np.asarray(chw_to_pil(got)), expected), (name, args, seed)
+
+
 def test_recorded_randaugment_reproduces_timms_pillow_randaugment_draw_by_draw():
     """Same seed: the ops, magnitudes and results of timm's own RandAugment (rand-m9-mstd0.5-inc1), on noise."""
     transform = create_train_transform(input_size=48)

@@ -142,15 +142,18 @@ _LINE_SHIFTS = {
     "translate_y_abs": "y",
 }
 
-# Ops that map each value through a table; on a tensor they are exact and cheaper than converting to Pillow.
-_POINT_OPS = {"invert", "posterize", "solarize", "solarize_add"}
+# Ops that map each level to a level through one table for the whole picture (contrast: once the picture's mean grey
+# level is known). The table is Pillow's own result on a gradient of the 256 levels, so the tensor op is exact.
+_LEVEL_MAPS = {"invert", "posterize", "solarize", "solarize_add", "brightness", "contrast"}
+_GRADIENT = Image.frombytes("RGB", (256, 1), bytes(level for level in range(256) for _ in range(3)))
 
 
 def apply_recorded(picture: torch.Tensor, ops: list[tuple[str, tuple, str | None]], fill: tuple[int, ...]):
-    """Apply one sample's recorded RandAugment ops in order with timm's own Pillow functions, except the point ops
-    (invert, posterize, solarize, solarize_add: exact on the tensor), and shears and translations with bicubic
-    resampling, which move pixels along one axis: those run as `shift_lines` (Pillow's affine bicubic, at a third to
-    half its cost; equal up to one level of rounding).
+    """Apply one sample's recorded RandAugment ops in order with timm's own Pillow functions, except level maps
+    (invert, posterize, solarize, solarize_add, brightness, contrast: Pillow's table applied to the tensor, exact)
+    and shears and translations with bicubic resampling, which move pixels along one axis: those run as
+    `shift_lines` / `shift_all` (Pillow's affine bicubic at a third to half its cost; equal up to one level of
+    rounding). A level map that follows a Pillow op runs in Pillow (the picture is there already).
 
     Args:
         picture: (3, H, W) uint8.
@@ -162,30 +165,93 @@ def apply_recorded(picture: torch.Tensor, ops: list[tuple[str, tuple, str | None
     """
     image = None  # the PIL form of `picture` while Pillow ops run
     for name, args, interpolation in ops:
-        if name in _POINT_OPS or (name in _LINE_SHIFTS and interpolation == "bicubic"):
+        if name in _LEVEL_MAPS and image is None:
+            picture = map_levels(picture, name, args, fill)
+        elif name in _LINE_SHIFTS and interpolation == "bicubic":
             if image is not None:
                 picture, image = pil_to_chw(image), None
-            if name in _POINT_OPS:  # the batched op on a batch of one: exact, and no trip through Pillow
-                picture = _apply_group(name, picture[None], [args], None, fill)[0]
-            else:
-                picture = _line_shift_op(picture, name, args[0], fill)
+            picture = _line_shift_op(picture, name, args[0], fill)
         else:
             image = _pil_op(image if image is not None else chw_to_pil(picture), name, args, interpolation, fill)
     return pil_to_chw(image) if image is not None else picture
 
 
+def map_levels(picture: torch.Tensor, name: str, args: tuple, fill: tuple[int, ...]) -> torch.Tensor:
+    """A level-map op of timm's RandAugment on a (3, H, W) uint8 tensor, equal to timm's Pillow op.
+
+    invert, posterize, solarize and solarize_add are bit operations on the levels (Pillow's tables written as
+    arithmetic). brightness and contrast blend with a grey, as ImageEnhance does: their table is Pillow's blend of
+    the 256-level gradient with that grey (black; for contrast the picture's mean of Pillow's "L" levels, rounded as
+    ImageEnhance.Contrast rounds it), applied to the levels.
+    """
+    levels = picture.numpy()
+    if name == "invert":
+        return torch.from_numpy(~levels)
+    if name == "posterize":
+        bits = min(8, max(0, int(args[0])))
+        return torch.from_numpy(levels & np.uint8((0xFF << (8 - bits)) & 0xFF))  # 0 bits: black, as timm's
+    if name in ("solarize", "solarize_add"):
+        if name == "solarize":  # levels at or above the threshold inverted
+            changed, above = ~levels, levels >= args[0]
+        else:  # levels below the threshold raised by `add`, capped at 255
+            add = int(args[0])
+            changed, above = np.minimum(levels, 255 - add) + np.uint8(add), levels < (args[1] if len(args) > 1 else 128)
+        return torch.from_numpy(levels ^ ((levels ^ changed) & (above.view(np.uint8) * np.uint8(255))))
+    grey = 0
+    if name == "contrast":
+        red, green, blue = levels.astype(np.int32)
+        luma = (red * 19595 + green * 38470 + blue * 7471 + 0x8000) >> 16  # Pillow's RGB -> L, in fixed point
+        grey = int(luma.sum() / luma.size + 0.5)
+    mapped = Image.blend(Image.new("RGB", _GRADIENT.size, (grey,) * 3), _GRADIENT, args[0])
+    return torch.from_numpy(np.take(np.asarray(mapped)[0, :, 0], levels))
+
+
 def _line_shift_op(picture: torch.Tensor, name: str, value: float, fill: tuple[int, ...]) -> torch.Tensor:
     _, height, width = picture.shape
     along_x = _LINE_SHIFTS[name] == "x"
-    lines = height if along_x else width  # the lines that move: rows for x moves, columns for y moves
-    if name.startswith("shear"):
-        shifts = value * (torch.arange(lines, dtype=torch.float64) + 0.5)
-    else:
+    if name.startswith("translate"):
         pixels = value * (width if along_x else height) if name.endswith("_rel") else value
-        shifts = torch.full((lines,), float(pixels), dtype=torch.float64)
+        return shift_all(picture, float(pixels), fill, dim=2 if along_x else 1)
+    lines = height if along_x else width  # the lines that move: rows for x shears, columns for y shears
+    shifts = value * (torch.arange(lines, dtype=torch.float64) + 0.5)
     if along_x:
         return shift_lines(picture, shifts, fill)
     return shift_lines(picture.transpose(1, 2), shifts, fill).transpose(1, 2).contiguous()
+
+
+def shift_all(picture: torch.Tensor, shift: float, fill: tuple[int, ...], *, dim: int) -> torch.Tensor:
+    """`shift_lines` for a translation: every line moves by the same `shift` along `dim` (2: rows, x; 1: columns,
+    y), so one set of tap weights serves the whole picture and the taps are shifted slices (no gather, no
+    transpose). Pillow's rule as in `shift_lines`: fill where the source pixel centre `x + 0.5 + shift` lies outside
+    the picture, else the 4-tap cubic convolution (a = -1) with taps clamped to the ends, clipped and truncated.
+
+    Args:
+        picture: (C, H, W) uint8.
+        shift: source offset in pixels.
+        fill: fill colour (C values).
+        dim: 2 moves pixels along rows, 1 along columns.
+
+    Returns:
+        (C, H, W) uint8.
+    """
+    size = picture.shape[dim]
+    out = torch.tensor(fill, dtype=torch.uint8).view(-1, 1, 1).expand(picture.shape).clone()
+    # output positions whose source centre lies inside: 0 <= x + 0.5 + shift < size
+    first, stop = max(0, math.ceil(-0.5 - shift)), min(size, math.ceil(size - 0.5 - shift))
+    if first >= stop:
+        return out
+    whole = math.floor(shift)
+    weights = _cubic_weights(torch.tensor([shift - whole], dtype=torch.float64)).to(torch.float32).view(4).tolist()
+    # two edge copies on each side hold every clamped tap: an inside source centre puts the taps within [-2, size + 1]
+    edges = (picture.narrow(dim, 0, 1),) * 2, (picture.narrow(dim, size - 1, 1),) * 2
+    padded = torch.cat([*edges[0], picture, *edges[1]], dim).float()
+    count = stop - first
+    start = first + whole + 1  # padded position of tap 0 (source x + whole - 1) for output `first`
+    taps = padded.narrow(dim, start, count) * weights[0]
+    for k in range(1, 4):
+        taps.add_(padded.narrow(dim, start + k, count), alpha=weights[k])
+    out.narrow(dim, first, count).copy_(taps.clamp_(0, 255))  # the uint8 copy truncates, as Pillow's
+    return out
 
 
 def shift_lines(picture: torch.Tensor, shifts: torch.Tensor, fill: tuple[int, ...]) -> torch.Tensor:

@@ -76,10 +76,14 @@ def test_line_shift_ops_equal_pillows_bicubic_affine_including_edges_and_fill(na
         ("contrast", (0.1,)),
         ("contrast", (1.0,)),
         ("contrast", (1.9,)),
+        ("color", (0.1,)),
+        ("color", (1.9,)),
+        ("sharpness", (0.1,)),
+        ("sharpness", (1.9,)),
     ],
 )
-def test_level_maps_on_the_tensor_equal_timms_pillow_ops_exactly(name, args):
-    """Each level-map op runs on the tensor without a trip through Pillow, and gives Pillow's exact levels."""
+def test_point_and_enhance_ops_on_the_tensor_equal_timms_pillow_ops_exactly(name, args):
+    """Each op runs on the tensor without a trip through Pillow, and gives Pillow's exact levels."""
     function = _posterize if name == "posterize" else getattr(auto_augment, name)
     for seed in range(4):
         picture = noisy_picture(seed, size=(64, 50))

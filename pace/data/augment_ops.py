@@ -142,18 +142,17 @@ _LINE_SHIFTS = {
     "translate_y_abs": "y",
 }
 
-# Ops that map each level to a level through one table for the whole picture (contrast: once the picture's mean grey
-# level is known). The table is Pillow's own result on a gradient of the 256 levels, so the tensor op is exact.
-_LEVEL_MAPS = {"invert", "posterize", "solarize", "solarize_add", "brightness", "contrast"}
-_GRADIENT = Image.frombytes("RGB", (256, 1), bytes(level for level in range(256) for _ in range(3)))
+# Ops computed on the tensor with Pillow's own arithmetic (tests: equal to timm's Pillow ops): level maps, and
+# ImageEnhance's blends with a degenerate picture.
+_ON_TENSOR = {"invert", "posterize", "solarize", "solarize_add", "brightness", "contrast", "color", "sharpness"}
 
 
 def apply_recorded(picture: torch.Tensor, ops: list[tuple[str, tuple, str | None]], fill: tuple[int, ...]):
-    """Apply one sample's recorded RandAugment ops in order with timm's own Pillow functions, except level maps
-    (invert, posterize, solarize, solarize_add, brightness, contrast: Pillow's table applied to the tensor, exact)
-    and shears and translations with bicubic resampling, which move pixels along one axis: those run as
-    `shift_lines` / `shift_all` (Pillow's affine bicubic at a third to half its cost; equal up to one level of
-    rounding). A level map that follows a Pillow op runs in Pillow (the picture is there already).
+    """Apply one sample's recorded RandAugment ops in order, as timm's Pillow RandAugment does: level maps and
+    ImageEnhance ops on the tensor with Pillow's arithmetic (`pillow_op`, exact), shears and translations with
+    bicubic resampling, which move pixels along one axis, as `shift_lines` / `shift_all` (Pillow's affine bicubic
+    at a third to half its cost; equal up to one level of rounding), the others (rotate, auto_contrast, equalize)
+    with timm's Pillow functions. An op that follows a Pillow op runs in Pillow (the picture is there already).
 
     Args:
         picture: (3, H, W) uint8.
@@ -165,8 +164,8 @@ def apply_recorded(picture: torch.Tensor, ops: list[tuple[str, tuple, str | None
     """
     image = None  # the PIL form of `picture` while Pillow ops run
     for name, args, interpolation in ops:
-        if name in _LEVEL_MAPS and image is None:
-            picture = map_levels(picture, name, args, fill)
+        if name in _ON_TENSOR and image is None:
+            picture = pillow_op(picture, name, args)
         elif name in _LINE_SHIFTS and interpolation == "bicubic":
             if image is not None:
                 picture, image = pil_to_chw(image), None
@@ -176,13 +175,21 @@ def apply_recorded(picture: torch.Tensor, ops: list[tuple[str, tuple, str | None
     return pil_to_chw(image) if image is not None else picture
 
 
-def map_levels(picture: torch.Tensor, name: str, args: tuple, fill: tuple[int, ...]) -> torch.Tensor:
-    """A level-map op of timm's RandAugment on a (3, H, W) uint8 tensor, equal to timm's Pillow op.
+def pillow_op(picture: torch.Tensor, name: str, args: tuple) -> torch.Tensor:
+    """A point or ImageEnhance op of timm's RandAugment on a (3, H, W) uint8 tensor, with Pillow's arithmetic.
 
-    invert, posterize, solarize and solarize_add are bit operations on the levels (Pillow's tables written as
-    arithmetic). brightness and contrast blend with a grey, as ImageEnhance does: their table is Pillow's blend of
-    the 256-level gradient with that grey (black; for contrast the picture's mean of Pillow's "L" levels, rounded as
-    ImageEnhance.Contrast rounds it), applied to the levels.
+    invert, posterize, solarize and solarize_add are Pillow's level tables written as bit operations. brightness,
+    contrast, color and sharpness are ImageEnhance's `Image.blend(degenerate, image, factor)` (float32, clipped,
+    truncated) with its degenerate pictures: black; the mean of Pillow's "L" levels, rounded; the "L" levels; the
+    SMOOTH filter (kernel 1 1 1 / 1 5 1 / 1 1 1 over 13, rounded), border pixels kept.
+
+    Args:
+        picture: (3, H, W) uint8.
+        name: the op.
+        args: its recorded arguments.
+
+    Returns:
+        (3, H, W) uint8.
     """
     levels = picture.numpy()
     if name == "invert":
@@ -192,18 +199,31 @@ def map_levels(picture: torch.Tensor, name: str, args: tuple, fill: tuple[int, .
         return torch.from_numpy(levels & np.uint8((0xFF << (8 - bits)) & 0xFF))  # 0 bits: black, as timm's
     if name in ("solarize", "solarize_add"):
         if name == "solarize":  # levels at or above the threshold inverted
-            changed, above = ~levels, levels >= args[0]
+            changed, chosen = ~levels, levels >= args[0]
         else:  # levels below the threshold raised by `add`, capped at 255
             add = int(args[0])
-            changed, above = np.minimum(levels, 255 - add) + np.uint8(add), levels < (args[1] if len(args) > 1 else 128)
-        return torch.from_numpy(levels ^ ((levels ^ changed) & (above.view(np.uint8) * np.uint8(255))))
-    grey = 0
-    if name == "contrast":
+            changed, chosen = (
+                np.minimum(levels, 255 - add) + np.uint8(add),
+                levels < (args[1] if len(args) > 1 else 128),
+            )
+        return torch.from_numpy(levels ^ ((levels ^ changed) & (chosen.view(np.uint8) * np.uint8(255))))
+    if name == "brightness":
+        degenerate = np.zeros((1, 1, 1), np.float32)
+    elif name == "sharpness":
+        wide = levels.astype(np.int32)
+        inner = wide[:, :-2, :-2] + wide[:, :-2, 1:-1] + wide[:, :-2, 2:] + wide[:, 1:-1, :-2] + wide[:, 1:-1, 2:]
+        inner += wide[:, 2:, :-2] + wide[:, 2:, 1:-1] + wide[:, 2:, 2:] + 5 * wide[:, 1:-1, 1:-1]
+        wide[:, 1:-1, 1:-1] = (2 * inner + 13) // 26  # rounded sum / 13 (never a tie: 13 is odd)
+        degenerate = wide.astype(np.float32)
+    else:
         red, green, blue = levels.astype(np.int32)
-        luma = (red * 19595 + green * 38470 + blue * 7471 + 0x8000) >> 16  # Pillow's RGB -> L, in fixed point
-        grey = int(luma.sum() / luma.size + 0.5)
-    mapped = Image.blend(Image.new("RGB", _GRADIENT.size, (grey,) * 3), _GRADIENT, args[0])
-    return torch.from_numpy(np.take(np.asarray(mapped)[0, :, 0], levels))
+        grey = (red * 19595 + green * 38470 + blue * 7471 + 0x8000) >> 16  # Pillow's RGB -> L, in fixed point
+        if name == "contrast":
+            degenerate = np.full((1, 1, 1), int(grey.sum() / grey.size + 0.5), np.float32)
+        else:  # color
+            degenerate = grey[None].astype(np.float32)
+    mixed = degenerate + np.float32(args[0]) * (levels.astype(np.float32) - degenerate)
+    return torch.from_numpy(mixed.clip(0, 255).astype(np.uint8))
 
 
 def _line_shift_op(picture: torch.Tensor, name: str, value: float, fill: tuple[int, ...]) -> torch.Tensor:

@@ -111,9 +111,9 @@ class _Deferred:
 
 def _payload(image: EncodedImage) -> torch.Tensor:
     """JPEG bytes as a 1-D uint8 tensor for the device decoder; other formats decoded here, uint8 CHW."""
-    if image.header.format == "JPEG":
+    if image.format == "JPEG":
         return torch.frombuffer(bytearray(image.data), dtype=torch.uint8)
-    return pil_to_chw(image.header.convert("RGB"))
+    return pil_to_chw(image.opened().convert("RGB"))
 
 
 class DeviceTrainTransform(_Deferred):
@@ -125,7 +125,7 @@ class DeviceTrainTransform(_Deferred):
         self.erase_mode = erase_mode
 
     def __call__(self, image: EncodedImage) -> tuple[torch.Tensor, SampleParams, tuple[str, str]]:
-        return _payload(image), self.sampler.sample(image.header), (image.url, image.key)
+        return _payload(image), self.sampler.sample(image.sized()), (image.url, image.key)
 
 
 class DraftTrainTransform(_Deferred):
@@ -146,7 +146,7 @@ class DraftTrainTransform(_Deferred):
 
     def __call__(self, image: EncodedImage) -> tuple[torch.Tensor | BadData, SampleParams, tuple[str, str]]:
         sampler = self.sampler
-        crop = sampler.crop.get_params(image.header, sampler.crop.scale, sampler.crop.ratio)
+        crop = sampler.crop.get_params(image.sized(), sampler.crop.scale, sampler.crop.ratio)
         params = SampleParams(crop=crop, interpolation=sampler.sample_interpolation())
         try:
             picture = self.crop_resized(image, params)
@@ -165,7 +165,7 @@ class DraftTrainTransform(_Deferred):
         """The sample's crop, resized to the output side: (3, side, side) uint8."""
         top, left, height, width = params.crop
         side, headroom = self.output_size, min(height, width) / self.output_size
-        if headroom < 2 and image.header.format == "JPEG":
+        if headroom < 2 and image.format == "JPEG":
             # Full size: libjpeg-turbo through torchvision and torch's uint8 resampler, about twice as fast as
             # Pillow's decoder and resize here (same filter, antialiased; a level of rounding apart).
             return resize_crop(decode_jpeg(_payload(image), mode=ImageReadMode.RGB), params, side)

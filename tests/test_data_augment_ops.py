@@ -80,13 +80,17 @@ def test_line_shift_ops_equal_pillows_bicubic_affine_including_edges_and_fill(na
         ("color", (1.9,)),
         ("sharpness", (0.1,)),
         ("sharpness", (1.9,)),
+        ("auto_contrast", ()),
+        ("equalize", ()),
     ],
 )
 def test_point_and_enhance_ops_on_the_tensor_equal_timms_pillow_ops_exactly(name, args):
     """Each op runs on the tensor without a trip through Pillow, and gives Pillow's exact levels."""
     function = _posterize if name == "posterize" else getattr(auto_augment, name)
-    for seed in range(4):
-        picture = noisy_picture(seed, size=(64, 50))
+    pictures = [noisy_picture(seed, size=(64, 50)) for seed in range(4)]
+    pictures.append(Image.fromarray((np.asarray(pictures[0]) // 3 + 40).astype(np.uint8)))  # a narrow range
+    pictures.append(Image.new("RGB", (64, 50), (7, 7, 200)))  # one level per band
+    for seed, picture in enumerate(pictures):
         expected = np.asarray(function(picture, *args))
         got = apply_recorded(pil_to_chw(picture), [(name, args, None)], FILL)
         assert got.dtype == torch.uint8 and got.shape == (3, 50, 64)

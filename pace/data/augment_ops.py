@@ -142,16 +142,17 @@ _LINE_SHIFTS = {
     "translate_y_abs": "y",
 }
 
-# Ops computed on the tensor with Pillow's own arithmetic (tests: equal to timm's Pillow ops): level maps, and
+# Ops computed on the tensor with Pillow's own arithmetic (tests: equal to timm's Pillow ops): level tables, and
 # ImageEnhance's blends with a degenerate picture.
-_ON_TENSOR = {"invert", "posterize", "solarize", "solarize_add", "brightness", "contrast", "color", "sharpness"}
+_ON_TENSOR = {"auto_contrast", "equalize", "invert", "posterize", "solarize", "solarize_add"}
+_ON_TENSOR |= {"brightness", "contrast", "color", "sharpness"}
 
 
 def apply_recorded(picture: torch.Tensor, ops: list[tuple[str, tuple, str | None]], fill: tuple[int, ...]):
-    """Apply one sample's recorded RandAugment ops in order, as timm's Pillow RandAugment does: level maps and
-    ImageEnhance ops on the tensor with Pillow's arithmetic (`pillow_op`, exact), shears and translations with
+    """Apply one sample's recorded RandAugment ops in order, as timm's Pillow RandAugment does: level tables and
+    ImageEnhance ops on the tensor with Pillow's arithmetic (`pillow_op`, exact); shears and translations with
     bicubic resampling, which move pixels along one axis, as `shift_lines` / `shift_all` (Pillow's affine bicubic
-    at a third to half its cost; equal up to one level of rounding), the others (rotate, auto_contrast, equalize)
+    at a third to half its cost; equal up to one level of rounding); rotate (and geometric ops with other filters)
     with timm's Pillow functions. An op that follows a Pillow op runs in Pillow (the picture is there already).
 
     Args:
@@ -178,7 +179,9 @@ def apply_recorded(picture: torch.Tensor, ops: list[tuple[str, tuple, str | None
 def pillow_op(picture: torch.Tensor, name: str, args: tuple) -> torch.Tensor:
     """A point or ImageEnhance op of timm's RandAugment on a (3, H, W) uint8 tensor, with Pillow's arithmetic.
 
-    invert, posterize, solarize and solarize_add are Pillow's level tables written as bit operations. brightness,
+    auto_contrast and equalize map each band through a table made from its histogram, as ImageOps makes it
+    (auto_contrast without cutoff: from the band's lowest and highest level). invert, posterize, solarize and
+    solarize_add are Pillow's level tables written as bit operations. brightness,
     contrast, color and sharpness are ImageEnhance's `Image.blend(degenerate, image, factor)` (float32, clipped,
     truncated) with its degenerate pictures: black; the mean of Pillow's "L" levels, rounded; the "L" levels; the
     SMOOTH filter (kernel 1 1 1 / 1 5 1 / 1 1 1 over 13, rounded), border pixels kept.
@@ -192,6 +195,10 @@ def pillow_op(picture: torch.Tensor, name: str, args: tuple) -> torch.Tensor:
         (3, H, W) uint8.
     """
     levels = picture.numpy()
+    if name in ("auto_contrast", "equalize"):
+        return torch.from_numpy(
+            np.stack([np.take(table, band) for table, band in zip(_band_tables(name, levels), levels)])
+        )
     if name == "invert":
         return torch.from_numpy(~levels)
     if name == "posterize":
@@ -224,6 +231,27 @@ def pillow_op(picture: torch.Tensor, name: str, args: tuple) -> torch.Tensor:
             degenerate = grey[None].astype(np.float32)
     mixed = degenerate + np.float32(args[0]) * (levels.astype(np.float32) - degenerate)
     return torch.from_numpy(mixed.clip(0, 255).astype(np.uint8))
+
+
+def _band_tables(name: str, levels: np.ndarray) -> list[np.ndarray]:
+    """Per band, ImageOps' table of `auto_contrast` (cutoff 0) or `equalize` for (3, H, W) uint8 `levels`."""
+    tables = []
+    for band in levels:
+        if name == "auto_contrast":
+            low, high = int(band.min()), int(band.max())
+            scale = 255.0 / max(1, high - low)
+            table = (np.arange(256) * scale - low * scale).astype(np.int64).clip(0, 255)  # int(): toward zero
+            tables.append(table.astype(np.uint8) if high > low else np.arange(256, dtype=np.uint8))
+            continue
+        histogram = np.bincount(band.reshape(-1), minlength=256)
+        used = histogram[histogram > 0]
+        step = (int(used.sum()) - int(used[-1])) // 255 if len(used) > 1 else 0
+        if not step:
+            tables.append(np.arange(256, dtype=np.uint8))
+            continue
+        below = np.concatenate([[0], np.cumsum(histogram)[:-1]])  # pixels below each level
+        tables.append(((step // 2 + below) // step).clip(0, 255).astype(np.uint8))
+    return tables
 
 
 def _line_shift_op(picture: torch.Tensor, name: str, value: float, fill: tuple[int, ...]) -> torch.Tensor:

@@ -264,7 +264,8 @@ def _line_shift_op(picture: torch.Tensor, name: str, value: float, fill: tuple[i
     shifts = value * (torch.arange(lines, dtype=torch.float64) + 0.5)
     if along_x:
         return shift_lines(picture, shifts, fill)
-    return shift_lines(picture.transpose(1, 2), shifts, fill).transpose(1, 2).contiguous()
+    moved = shift_lines(picture.transpose(1, 2), shifts, fill).numpy()
+    return torch.from_numpy(np.ascontiguousarray(moved.transpose(0, 2, 1)))  # numpy's copy: twice torch's speed
 
 
 def shift_all(picture: torch.Tensor, shift: float, fill: tuple[int, ...], *, dim: int) -> torch.Tensor:
@@ -298,7 +299,7 @@ def shift_all(picture: torch.Tensor, shift: float, fill: tuple[int, ...], *, dim
     taps = padded.narrow(dim, start, count) * weights[0]
     for k in range(1, 4):
         taps.add_(padded.narrow(dim, start + k, count), alpha=weights[k])
-    out.narrow(dim, first, count).copy_(taps.clamp_(0, 255))  # the uint8 copy truncates, as Pillow's
+    out.narrow(dim, first, count).copy_(_truncated(taps.clamp_(0, 255)))
     return out
 
 
@@ -334,16 +335,20 @@ def shift_lines(picture: torch.Tensor, shifts: torch.Tensor, fill: tuple[int, ..
     taps = padded[:, :, first : first + span] * weights[0]  # taps[..., j]: the filter with tap 0 at column low + j
     for k in range(1, 4):
         taps.addcmul_(padded[:, :, first + k : first + k + span], weights[k])
-    taps = torch.cat(
-        [taps.clamp_(0, 255), torch.tensor(fill, dtype=torch.float32).view(channels, 1, 1).expand(channels, height, 1)],
-        2,
-    )
-    # Pillow's fill rule: the source pixel centre x + 0.5 + shift outside [0, W) takes the fill colour (the
-    # extra last column of `taps`).
-    source = torch.arange(width)[None, :] + 0.5 + shifts[:, None]  # (H, W)
-    index = (whole - 1 - low)[:, None] + torch.arange(width)[None, :]  # (H, W) column of `taps`
-    index = index.masked_fill_((source < 0) | (source >= width), span)
-    return taps.to(torch.uint8).gather(2, index.expand(channels, height, width))  # uint8: truncated, as Pillow's
+    fill_column = torch.tensor(fill, dtype=torch.uint8).view(channels, 1, 1).expand(channels, height, 1)
+    levels = torch.cat([_truncated(taps.clamp_(0, 255)), fill_column], 2)  # the last column: the fill colour
+    # Pillow's fill rule: the source pixel centre x + 0.5 + shift outside [0, W) takes the fill colour; per line
+    # that is x below ceil(-0.5 - shift) or from ceil(W - 0.5 - shift) on.
+    columns = torch.arange(width)[None, :]
+    outside = (columns < torch.ceil(-0.5 - shifts)[:, None]) | (columns >= torch.ceil(width - 0.5 - shifts)[:, None])
+    index = (whole - 1 - low)[:, None] + columns  # (H, W) column of `levels`
+    return levels.gather(2, index.masked_fill_(outside, span).expand(channels, height, width))
+
+
+def _truncated(values: torch.Tensor) -> torch.Tensor:
+    """float values in [0, 255] to uint8, truncated as Pillow's filters do (numpy's conversion: several times
+    faster than torch's on a CPU)."""
+    return torch.from_numpy(values.numpy().astype(np.uint8))
 
 
 def _cubic_weights(fraction: torch.Tensor) -> torch.Tensor:

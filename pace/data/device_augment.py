@@ -12,7 +12,8 @@ epoch repeats them. The main process then runs a `DeviceStage` on each batch:
   `pace.data.augment_ops.apply_ops`; on a CPU per image, `apply_recorded`, several times cheaper there);
 * `decode="draft"` (`create_device_train_transform(draft=True)`): the workers decode at the largest JPEG DCT scale
   the drawn crop allows (`Image.draft`), crop and resize, flip, and run RandAugment per image (`apply_recorded`:
-  timm's Pillow ops, Pillow's bicubic shears and translations as 1-D filters); the stage gets uint8 crops.
+  Pillow's arithmetic on the tensor, shears and translations as 1-D filters, rotation in Pillow); the stage gets
+  uint8 crops.
 
 Modules: `augment_params` (the draws), `augment_ops` (RandAugment on tensors), `device_stage` (the main-process
 half); this one holds the worker halves and the builders.
@@ -130,8 +131,8 @@ class DeviceTrainTransform(_Deferred):
 
 class DraftTrainTransform(_Deferred):
     """Worker half of `decode="draft"` training: decode at a reduced JPEG scale where the crop allows, crop and
-    resize, then flip and RandAugment with timm's draws (`apply_recorded`: timm's Pillow ops, shears and translations
-    as Pillow's bicubic along one axis); normalising, erasing and mixing run in the stage.
+    resize, then flip and RandAugment with timm's draws (`apply_recorded`: Pillow's results, mostly computed on the
+    tensor); normalising, erasing and mixing run in the stage.
 
     The DCT scale is the largest of 1/8, 1/4, 1/2 that keeps both sides of the drawn crop at or above the output
     side, so no pixel the full-size crop would have resampled from is lost to upsampling; there Pillow decodes

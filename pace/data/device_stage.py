@@ -134,8 +134,8 @@ class DeviceStage:
         self.seed = seed
         self.rank = rank
         self.prefetch = device.type == "cuda"
-        # RandAugment per image (timm's Pillow ops, shears and translations as 1-D filters) on a CPU, where that
-        # is several times cheaper than the batched tensor ops, which suit a GPU.
+        # RandAugment per image (`apply_recorded`: Pillow's results, mostly computed on the tensor) on a CPU, where
+        # that is several times cheaper than the batched tensor ops, which suit a GPU.
         self.per_image_ops = device.type == "cpu"
         self.buffers = BatchBuffers()
 

@@ -124,10 +124,11 @@ class SketchedModule(nn.Module):
 
     Under ``torch.compile`` a forward with a stored sketch reads only the buffer: no graph break. :meth:`set_epoch`
     draws the new epoch's sketch for the token count in use eagerly, so epoch changes neither break nor
-    recompile the graph. A draw that is not stored yet (the first forward at a new token count, and each
-    evaluation-sketch forward) happens outside the graph, one graph break per operator, because its seed mixes in
-    the layer index and would give every block its own frame; :meth:`store_sketch` (which
-    :meth:`pace.models.PACEViT.compile_blocks` calls for the nominal token count) draws beforehand. A per-forward draw
+    recompile the graph. The first forward at a new token count draws inside the graph through one opaque custom
+    op (``pace::gaussian_sketch``), then recompiles once to the stored (or cached) path. That graph specialises on
+    the layer (the seed), so blocks that share compiled code would each compile their own frame, and a model deeper
+    than Dynamo's recompile limit (8) would run blocks eagerly: :meth:`store_sketch`, which
+    :meth:`pace.models.PACEViT.compile_blocks` calls for the nominal token count, draws beforehand. A per-forward draw
     (``"step"``, and ``"reference"`` from epoch 1) happens outside the graph (a graph break per operator), because
     a counter inside the graph would recompile it every step; ``"reference"`` recompiles once, when epoch 1 starts.
 
@@ -169,7 +170,8 @@ class SketchedModule(nn.Module):
         # A bool, not a test of `epoch` in forward: under torch.compile it guards once, not once per epoch.
         self._past_epoch_zero = False
         self._stored_current = False
-        self._derived: dict[int, tuple[tuple, Tensor]] = {}
+        # (n, operator tag) -> (schedule key, Ω): a training and an evaluation sketch of one n are kept side by side.
+        self._derived: dict[tuple[int, str], tuple[tuple, Tensor]] = {}
         # Zero rows until a training forward or a checkpoint fills it: nothing to draw at construction.
         self.register_buffer("sketch", torch.empty(0, width, device=device, dtype=dtype), persistent=True)
 
@@ -199,6 +201,7 @@ class SketchedModule(nn.Module):
             with torch.no_grad():
                 self.sketch.copy_(self.derived_sketch(rows, training=True))
             self._stored_current = True
+            self._derive_evaluation_sketch(rows)
 
     def _set_counters(self, epoch: int, step: int, eval_step: int) -> None:
         self.epoch, self.step, self.eval_step = epoch, step, eval_step
@@ -247,7 +250,7 @@ class SketchedModule(nn.Module):
         num_tokens = operator.index(num_tokens)
         epoch, step, name = self._schedule_state(self.training if training is None else training)
         key = (epoch, step, name, self.sketch.device, self.sketch.dtype)
-        cached = self._derived.get(num_tokens)
+        cached = self._derived.get((num_tokens, name))
         if cached is not None and cached[0] == key:
             return cached[1]
         seed = derive_sketch_seed(
@@ -259,7 +262,7 @@ class SketchedModule(nn.Module):
             operator=name,
         )
         omega = _gaussian_sketch_op(num_tokens, self.sketch_width, seed, key[3], key[4])
-        self._derived[num_tokens] = (key, omega)
+        self._derived[(num_tokens, name)] = (key, omega)
         return omega
 
     @torch.compiler.disable
@@ -289,12 +292,6 @@ class SketchedModule(nn.Module):
             return self._fresh_sketch(num_tokens)
         if not self._uses_evaluation_sketch() and self._stored_current and self.sketch.shape[0] == num_tokens:
             return self.sketch
-        return self._derive(num_tokens)
-
-    @torch.compiler.disable
-    def _derive(self, num_tokens: int) -> Tensor:
-        # Outside any compiled graph: the seed mixes in the layer index, so a draw inside the graph would compile
-        # one frame per block, and a deep model would exhaust Dynamo's recompile limit and run its blocks eagerly.
         omega = self.derived_sketch(num_tokens)
         if self.training:
             self._buffers["sketch"] = omega
@@ -304,17 +301,25 @@ class SketchedModule(nn.Module):
     def store_sketch(self, num_tokens: int) -> None:
         """Draw and store the training sketch for ``num_tokens`` now, as the next training forward would.
 
-        Called before compiling, so that the first compiled forward already reads the stored buffer (no graph
-        break). A schedule that draws on every training forward is left alone.
+        Called before compiling blocks that share code, so that their first compiled forward reads the stored
+        buffer and no graph specialises on the layer. A schedule that draws on every training forward is left alone.
 
         Args:
             num_tokens: Rows n.
         """
+        self._derive_evaluation_sketch(num_tokens)
         if self._fresh_each_forward(training=True) or (self._stored_current and self.sketch.shape[0] == num_tokens):
             return
         with torch.no_grad():
             self._buffers["sketch"] = self.derived_sketch(num_tokens, training=True)
         self._stored_current = True
+
+    def _derive_evaluation_sketch(self, num_tokens: int) -> None:
+        # A "reference" evaluation sketch derived now, eagerly, is a cache hit in a compiled evaluation forward,
+        # which then reads it as a graph input instead of drawing it with a seed that specialises on the layer.
+        if self.sketch_schedule == "reference" and self.eval_sketch == "fixed" and self.sketch.device.type != "meta":
+            with torch.no_grad():
+                self.derived_sketch(num_tokens, training=False)
 
     def get_extra_state(self) -> Tensor:
         """The schedule counters (epoch, training forwards, evaluation forwards), for exact resumption."""

@@ -2,7 +2,8 @@
 
 Ridge step (``ridge``): normalised Gram, inverse Cholesky factor. Separate Compress operator (``memberships``).
 Fused mixer (``mixer_ops``): GEMM 1's right factor (``pack_bases``), the memberships with GEMM 2's left factors and
-their backward (``mixer_memberships``, ``mixer_memberships_backward``), the backward's prologue (``cast_dot``).
+their backward (``mixer_memberships``, ``mixer_memberships_backward``), the backward's prologue (``cast_dot``);
+GEMM 2 and x̄ as one fp32-accumulated sum of products (``gemm``: ``matmul_sum``).
 
 Importing this package registers the ``pace::`` ops and imports nothing else (Triton is imported on first use).
 Backend per call: Triton on CUDA tensors when it imports, PyTorch otherwise; ``PACE_TRITON=off`` or
@@ -11,6 +12,7 @@ Backend per call: Triton on CUDA tensors when it imports, PyTorch otherwise; ``P
 """
 
 from pace.kernels._dispatch import BACKENDS, current_backend, use_backend
+from pace.kernels.gemm import matmul_sum, matmul_sum_reference
 from pace.kernels.memberships import compress_memberships, compress_memberships_reference
 from pace.kernels.mixer_ops import (
     cast_dot,
@@ -38,6 +40,8 @@ __all__ = [
     "current_backend",
     "inverse_cholesky_factor",
     "inverse_cholesky_factor_reference",
+    "matmul_sum",
+    "matmul_sum_reference",
     "mixer_memberships",
     "mixer_memberships_backward",
     "mixer_memberships_backward_reference",

@@ -17,7 +17,7 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_PAIRS = 4
 # Products of fp32 operand tiles: three TF32 tensor-core products (hi·hi + hi·lo + lo·hi), fp32-accurate to about
 # 1e-6 relative; 16-bit tiles multiply exactly on tensor cores with fp32 accumulation.
-PRECISION = "tf32x3"
+PRECISION = tl.constexpr("tf32x3")
 
 
 @triton.jit
@@ -58,7 +58,7 @@ def _pair_product(
 @triton.jit
 def _matmul_sum_kernel(
     C_ptr, S_ptr, O_ptr,
-    A0, B0, A1, B1, A2, B2, A3, B3,
+    A0_ptr, B0_ptr, A1_ptr, B1_ptr, A2_ptr, B2_ptr, A3_ptr, B3_ptr,
     M, Nn, K0, K1, K2, K3,
     scb, scm, scn,
     s0ab, s0am, s0ak, s0bb, s0bk, s0bn,
@@ -75,19 +75,19 @@ def _matmul_sum_kernel(
     m = tl.program_id(1) * BM + tl.arange(0, BM)
     n = tl.program_id(2) * BN + tl.arange(0, BN)
     acc = _coefficient(S_ptr, CODE0) * _pair_product(
-        A0, B0, b, m, n, M, Nn, K0, s0ab, s0am, s0ak, s0bb, s0bk, s0bn, BM, BN, BK, UP0
+        A0_ptr, B0_ptr, b, m, n, M, Nn, K0, s0ab, s0am, s0ak, s0bb, s0bk, s0bn, BM, BN, BK, UP0
     )
     if PAIRS > 1:
         acc += _coefficient(S_ptr, CODE1) * _pair_product(
-            A1, B1, b, m, n, M, Nn, K1, s1ab, s1am, s1ak, s1bb, s1bk, s1bn, BM, BN, BK, UP1
+            A1_ptr, B1_ptr, b, m, n, M, Nn, K1, s1ab, s1am, s1ak, s1bb, s1bk, s1bn, BM, BN, BK, UP1
         )
     if PAIRS > 2:
         acc += _coefficient(S_ptr, CODE2) * _pair_product(
-            A2, B2, b, m, n, M, Nn, K2, s2ab, s2am, s2ak, s2bb, s2bk, s2bn, BM, BN, BK, UP2
+            A2_ptr, B2_ptr, b, m, n, M, Nn, K2, s2ab, s2am, s2ak, s2bb, s2bk, s2bn, BM, BN, BK, UP2
         )
     if PAIRS > 3:
         acc += _coefficient(S_ptr, CODE3) * _pair_product(
-            A3, B3, b, m, n, M, Nn, K3, s3ab, s3am, s3ak, s3bb, s3bk, s3bn, BM, BN, BK, UP3
+            A3_ptr, B3_ptr, b, m, n, M, Nn, K3, s3ab, s3am, s3ak, s3bb, s3bk, s3bn, BM, BN, BK, UP3
         )
     mask = (m[:, None] < M) & (n[None, :] < Nn)
     if HAS_C:

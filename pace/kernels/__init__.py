@@ -1,6 +1,7 @@
 """Triton kernels of PACEAttention's small dense work, as torch custom ops with PyTorch fallbacks.
 
-Ridge step (``ridge``): normalised Gram, inverse Cholesky factor. Separate Compress operator (``memberships``).
+Ridge step (``ridge``): normalised Gram, inverse Cholesky factor, the backward's c × c chain
+(``ridge_gradient_matrix``). Separate Compress operator (``memberships``).
 Fused mixer (``mixer_ops``): GEMM 1's right factor (``pack_bases``), the memberships with GEMM 2's left factors and
 their backward (``mixer_memberships``, ``mixer_memberships_backward``), the backward's prologue (``cast_dot``);
 GEMM 2 and x̄ as one fp32-accumulated sum of products (``gemm``: ``matmul_sum``).
@@ -29,6 +30,8 @@ from pace.kernels.ridge import (
     inverse_cholesky_factor_reference,
     normalized_gram,
     normalized_gram_reference,
+    ridge_gradient_matrix,
+    ridge_gradient_matrix_reference,
 )
 
 __all__ = [
@@ -50,5 +53,7 @@ __all__ = [
     "normalized_gram_reference",
     "pack_bases",
     "pack_bases_reference",
+    "ridge_gradient_matrix",
+    "ridge_gradient_matrix_reference",
     "use_backend",
 ]

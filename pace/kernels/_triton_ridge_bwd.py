@@ -1,0 +1,52 @@
+"""Triton kernel of ``pace.kernels.ridge_gradient_matrix``: the ridge backward's c × c chain, one program per matrix.
+
+Imported lazily by ``pace.kernels._dispatch``. The matrix is one register tile (c ≤ 32, padded to 16 or 32); the
+launcher assumes what the custom op checks: contiguous float32 W, F_s, G (B, c, c) and scales (B, 1, c). ``out``
+exists so that tests can hand in a poisoned buffer.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+MAX_SIZE = 32
+COLUMN_NORM_FLOOR = 1e-12  # as pace.kernels.ridge
+
+
+@triton.jit
+def _ridge_gradient_kernel(W_ptr, F_ptr, G_ptr, S_ptr, O_ptr, c, eps, FLOOR: tl.constexpr, BC: tl.constexpr):
+    """Γ = G_s + 2 diag(ρ/s²) with G_s = F_s(A + Aᵀ)F_sᵀ, A = F_sᵀW, for one matrix (fp32 products)."""
+    b = tl.program_id(0).to(tl.int64)
+    i = tl.arange(0, BC)
+    mask = (i[:, None] < c) & (i[None, :] < c)
+    off = b * c * c + i[:, None] * c + i[None, :]
+    W = tl.load(W_ptr + off, mask=mask, other=0.0)
+    F = tl.load(F_ptr + off, mask=mask, other=0.0)
+    G = tl.load(G_ptr + off, mask=mask, other=0.0)
+    s = tl.load(S_ptr + b * c + i, mask=i < c, other=1.0)
+    A = tl.dot(tl.trans(F), W, input_precision="ieee")
+    Gs = tl.dot(tl.dot(F, A + tl.trans(A), input_precision="ieee"), tl.trans(F), input_precision="ieee")
+    diagonal = i[:, None] == i[None, :]
+    # ρ_j/s_j² = ((Σ_k W_jk F_s,jk + ½ε s_j² G_s,jj) / s_j − ½ Σ_k G_jk G_s,jk s_k) / s_j, 0 where s_j was clamped.
+    rows = tl.sum(W * F, axis=1) + 0.5 * eps * s * s * tl.sum(tl.where(diagonal, Gs, 0.0), axis=1)
+    rows = rows / s - 0.5 * tl.sum(G * Gs * s[None, :], axis=1)
+    rho = tl.where(s > FLOOR, rows / s, 0.0)
+    tl.store(O_ptr + off, Gs + tl.where(diagonal, 2 * rho[:, None], 0.0), mask=mask)
+
+
+PROBE_KERNEL = _ridge_gradient_kernel  # how pace.kernels._dispatch tells compiled from interpreted
+
+
+def ridge_gradient_matrix(
+    W: Tensor, F_s: Tensor, G: Tensor, scale: Tensor, eps: float, out: Tensor | None = None
+) -> Tensor:
+    """Γ by the Triton kernel; see ``pace.kernels.ridge_gradient_matrix``."""
+    B, c, _ = W.shape
+    out = torch.empty((B, c, c), device=W.device, dtype=torch.float32) if out is None else out
+    if out.numel():
+        _ridge_gradient_kernel[(B,)](
+            W, F_s, G, scale, out, c, eps, FLOOR=COLUMN_NORM_FLOOR, BC=max(16, triton.next_power_of_2(c)),
+            num_warps=1 if c <= 16 else 2,
+        )  # fmt: skip
+    return out

@@ -1,4 +1,5 @@
-"""pace.kernels.ridge_gradient_matrix: the ridge backward's c × c chain, Triton (interpreted) against float64."""
+"""pace.kernels.ridge_gradient_matrix and ridge_radial_diagonal: the ridge backward's c × c work, Triton (interpreted)
+against float64."""
 
 import random
 
@@ -6,10 +7,16 @@ import pytest
 import torch
 from kernels_helpers import build_for_hopper, run_interpreted
 
-from pace.kernels import ridge_gradient_matrix, ridge_gradient_matrix_reference
+from pace.kernels import (
+    ridge_gradient_matrix,
+    ridge_gradient_matrix_reference,
+    ridge_radial_diagonal,
+    symmetric_gradient,
+)
 from pace.layers.basis import _ridge_factors, ridge_factors_backward, scaled_ridge_factors
 
 SIZES = (5, 20, 32)  # below one 16-tile, the Compress ridge's r, the largest register tile
+RADIAL_SIZES = (20, 40, 160)  # one row block; ragged row blocks; the Expand ridge's c_e
 EPS = 0.01
 
 
@@ -34,6 +41,11 @@ def interpreted(tmp_path_factory):
     for c, (W, F_s, G, scale, eps) in inputs.items():
         for how in ("poison", "op"):
             jobs[f"{c}_{how}"] = ("ridge_grad", (W.float(), F_s.float(), G.float(), scale.float(), eps), how)
+    for c in RADIAL_SIZES:
+        W, F_s, G, scale, eps = inputs[f"radial_{c}"] = _inputs(c, gen)
+        args = (W.float(), F_s.float(), G.float(), symmetric_gradient(W, F_s).float(), scale.float(), eps)
+        for how in ("poison", "op"):
+            jobs[f"radial_{c}_{how}"] = ("radial", args, how)
     return seed, inputs, run_interpreted(jobs, tmp_path_factory.mktemp("interp"))
 
 
@@ -48,6 +60,22 @@ def test_kernel_matches_float64(interpreted, c):
         assert got.dtype == torch.float32 and not got.isnan().any()
         err = ((got.double() - ref).abs().max() / ref.abs().max()).item()
         assert err < 1e-4, f"seed {seed}: c = {c} via {how} off by {err:.1e}"
+
+
+@pytest.mark.parametrize("c", RADIAL_SIZES)
+def test_radial_kernel_matches_float64(interpreted, c):
+    seed, inputs, out = interpreted
+    W, F_s, G, scale, eps = (t.float().double() if torch.is_tensor(t) else t for t in inputs[f"radial_{c}"])
+    G_s = symmetric_gradient(*(t.double() for t in inputs[f"radial_{c}"][:2])).float().double()
+    ref = ridge_radial_diagonal(W, F_s, G, G_s, scale, eps)  # the float64 fallback on the kernel's inputs
+    # The fallback split in two is the whole chain.
+    whole = ridge_radial_diagonal(W, F_s, G, symmetric_gradient(W, F_s), scale, eps)
+    torch.testing.assert_close(whole, ridge_gradient_matrix_reference(W, F_s, G, scale, eps), rtol=1e-12, atol=1e-12)
+    for how in ("poison", "op"):
+        got = out[f"radial_{c}_{how}"]
+        assert got.dtype == torch.float32 and not got.isnan().any()
+        err = ((got.double() - ref).abs().max() / ref.abs().max()).item()
+        assert err < 1e-5, f"seed {seed}: c = {c} via {how} off by {err:.1e}"
 
 
 def test_layer_backward_equals_autograd_through_the_ridge_step():
@@ -68,8 +96,16 @@ def test_bad_shapes_name_the_problem():
     W = torch.randn(2, 4, 4)
     with pytest.raises(ValueError, match="ridge_gradient_matrix: W"):
         ridge_gradient_matrix(W, W, W, torch.ones(2, 4, 1), EPS)
+    with pytest.raises(ValueError, match="ridge_radial_diagonal: W"):
+        ridge_radial_diagonal(W, W, W, W[:1], torch.ones(2, 1, 4), EPS)
 
 
-def test_kernel_compiles_for_hopper_without_a_gpu():
-    constexprs = {"FLOOR": 1e-12, "BC": 32}
-    assert len(build_for_hopper("_triton_ridge_bwd", "_ridge_gradient_kernel", constexprs, {}, 2)) > 1000
+@pytest.mark.parametrize(
+    ("name", "constexprs", "warps"),
+    [
+        ("_ridge_gradient_kernel", {"FLOOR": 1e-12, "BC": 32}, 2),
+        ("_radial_diagonal_kernel", {"FLOOR": 1e-12, "BR": 16, "BC": 256}, 4),  # the Expand ridge, c = 160
+    ],
+)
+def test_kernels_compile_for_hopper_without_a_gpu(name, constexprs, warps):
+    assert len(build_for_hopper("_triton_ridge_bwd", name, constexprs, {}, warps)) > 1000

@@ -1,7 +1,7 @@
 """Triton kernels of PACEAttention's small dense work, as torch custom ops with PyTorch fallbacks.
 
 Ridge step (``ridge``): normalised Gram, inverse Cholesky factor, the backward's c × c chain
-(``ridge_gradient_matrix``). Separate Compress operator (``memberships``).
+(``ridge_gradient_matrix``, ``ridge_radial_diagonal``). Separate Compress operator (``memberships``).
 Fused mixer (``mixer_ops``): GEMM 1's right factor (``pack_bases``), the memberships with GEMM 2's left factors and
 their backward (``mixer_memberships``, ``mixer_memberships_backward``), the backward's prologue (``cast_dot``);
 GEMM 2 and x̄ as one fp32-accumulated sum of products (``gemm``: ``matmul_sum``).
@@ -32,6 +32,8 @@ from pace.kernels.ridge import (
     normalized_gram_reference,
     ridge_gradient_matrix,
     ridge_gradient_matrix_reference,
+    ridge_radial_diagonal,
+    symmetric_gradient,
 )
 
 __all__ = [
@@ -55,5 +57,7 @@ __all__ = [
     "pack_bases_reference",
     "ridge_gradient_matrix",
     "ridge_gradient_matrix_reference",
+    "ridge_radial_diagonal",
+    "symmetric_gradient",
     "use_backend",
 ]

@@ -105,11 +105,13 @@ def ridge_factors_backward(Y: Tensor, scale: Tensor, G: Tensor, F_s: Tensor, eps
         ``∂L/∂Y``, shape (B, m, c).
     """
     W = Y.mT @ Q_bar  # (B, c, c)
-    # Γ = G_s + 2 diag(ρ/s²): one register-tile Triton program per matrix where c fits (the Compress ridge), the
-    # ATen sequence of the reference otherwise.
-    c = Y.shape[-1]
-    small = kernels.ridge_gradient_matrix if c <= _RIDGE_TILE else kernels.ridge_gradient_matrix_reference
-    return torch.baddbmm(Q_bar @ F_s.mT, Y, small(W, F_s, G, scale, eps), alpha=-0.5)
+    # Γ = G_s + 2 diag(ρ/s²): one register-tile Triton program per matrix where c fits (the Compress ridge); above,
+    # G_s's products in ATen and the radial term in one row kernel.
+    if Y.shape[-1] <= _RIDGE_TILE:
+        Gamma = kernels.ridge_gradient_matrix(W, F_s, G, scale, eps)
+    else:
+        Gamma = kernels.ridge_radial_diagonal(W, F_s, G, kernels.symmetric_gradient(W, F_s), scale, eps)
+    return torch.baddbmm(Q_bar @ F_s.mT, Y, Gamma, alpha=-0.5)
 
 
 def _normalisation_backward(Y_hat: Tensor, norms: Tensor, H: Tensor) -> Tensor:

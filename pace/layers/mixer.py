@@ -63,7 +63,8 @@ def _heads_major(t: Tensor, num_heads: int, dtype: torch.dtype) -> Tensor:
 
 
 def _full_backward(g_x, xb, gb, gR, gU, a, P, Ps, pi, sq, g_pi, Q_c, M, scalars, U, K, ce):
-    """The full form's part of the mixer backward, from GEMM 1's cotangent products to Q̄_e, Q̄_c and Ū."""
+    """The full form's part of the mixer backward, from GEMM 1's cotangent products to Q̄_e, Q̄_c and the factors
+    ``(V̄, Q_c)`` (head-major) of Ū's term ``Ū_k = Σ_b V̄_k Q_kᵀ``."""
     B, N, d = xb.shape
     p, r = d // K, Q_c.shape[-1]
     wd = U.dtype
@@ -82,12 +83,11 @@ def _full_backward(g_x, xb, gb, gR, gU, a, P, Ps, pi, sq, g_pi, Q_c, M, scalars,
     Qc_heads = Qc4.permute(1, 2, 0, 3).reshape(K, p, B * r)  # (K, p, B·r)
     Qc_bar = (U_heads.mT @ V_bar).view(K, p, B, r).permute(2, 0, 1, 3)  # (B, K, p, r)
     Qc_bar = torch.baddbmm(Qc_bar.reshape(B * K, p, r), Q_c, M_bar.reshape(B * K, r, r), alpha=2)
-    U_bar = (V_bar @ Qc_heads.mT).transpose(0, 1).reshape(d, d)  # (K, d, p) → (d, K·p)
-    return grad_alpha, grad_beta, grad_tau, Pbar, Qe_bar, Qc_bar, U_bar, a_bar
+    return grad_alpha, grad_beta, grad_tau, Pbar, Qe_bar, Qc_bar, (V_bar, Qc_heads), a_bar
 
 
 def _diag_backward(g_x, xb, gb, gR, gU, a, P, pi, sq, root, g_pi, Q_c, keep, scalars, K):
-    """The diag form's part of the mixer backward, from GEMM 1's cotangent products to Q̄_e, Q̄_c and Ū.
+    """The diag form's part of the mixer backward, from GEMM 1's cotangent products to Q̄_e and Q̄_c.
 
     ``P̄ = ∂L/∂(x̂Q_e) = −α gQ_e`` is not written: its products take −α as a coefficient.
     """
@@ -117,8 +117,7 @@ def _diag_backward(g_x, xb, gb, gR, gU, a, P, pi, sq, root, g_pi, Q_c, keep, sca
     Qc_bar = 2 * Q_c * keep_bar.view(B * K, p, 1)
     # xᵀP̄_e + gᵀ(−αP_e) = −α(xᵀ gQ_e + gᵀP_e), (B, d, c_e)
     Qe_bar = kernels.matmul_sum(None, [xb.mT, gb.mT], [gQe, P], scalars=scalars, codes=[0, -2, -2], dtype=wd)
-    U_bar = torch.zeros(d, d, device=xb.device, dtype=wd)
-    return grad_alpha, grad_beta, grad_tau, Qe_bar, Qc_bar, U_bar, a_bar
+    return grad_alpha, grad_beta, grad_tau, Qe_bar, Qc_bar, a_bar
 
 
 class _PACEMixer(torch.autograd.Function):
@@ -211,22 +210,26 @@ class _PACEMixer(torch.autograd.Function):
             gR = gb @ R  # [gQ_e | gV], (B, N, c_e [+ K·r])
             gU = (gb.reshape(B * N, d) @ Ub).view(B, N, d)
             if diag:  # P̄ = −α gQ_e: x̄ scales gR by −α (code −2)
-                grad_alpha, grad_beta, grad_tau, Qe_bar, Qc_bar, U_bar, a_bar = _diag_backward(
+                grad_alpha, grad_beta, grad_tau, Qe_bar, Qc_bar, a_bar = _diag_backward(
                     g_x, xb, gb, gR, gU, a, P, pi, sq, root, g_pi, Q_c, extra, scalars, K
                 )
-                Pbar = gR
+                Pbar, U_parts = gR, None
             else:
-                grad_alpha, grad_beta, grad_tau, Pbar, Qe_bar, Qc_bar, U_bar, a_bar = _full_backward(
+                grad_alpha, grad_beta, grad_tau, Pbar, Qe_bar, Qc_bar, U_parts, a_bar = _full_backward(
                     g_x, xb, gb, gR, gU, a, P, Ps, pi, sq, g_pi, Q_c, extra, scalars, U, K, ce
                 )
             x2, g2 = xb.reshape(B * N, d), gb.reshape(B * N, d)
             a_bar2 = a_bar.reshape(B * N, d)
-            U_bar = U_bar + (x2.mT @ a_bar2).to(wd) - beta_w * (g2.mT @ z.reshape(B * N, d)).to(wd)
+            U_bar = (x2.mT @ a_bar2).to(wd)  # Ū = x̂ᵀā − β gᵀz (+ the V and Y_c terms), (d, d)
+            if U_parts is not None:  # Ū_k += Σ_b V̄_k Q_kᵀ into head k's columns (Ū viewed (d, K, p), no copy)
+                V_bar, Qc_heads = U_parts
+                U_bar.view(d, K, p).add_((V_bar @ Qc_heads.mT).transpose(0, 1))
+            U_bar.addcmul_((g2.mT @ z.reshape(B * N, d)).to(wd), beta_w, value=-1)
             Ye_bar = ridge_factors_backward(S[..., :ce], n_e, G_e, F_e, eps, Qe_bar)  # (B, d, c_e)
             Yc_bar = ridge_factors_backward(Y_c, n_c, G_c, F_c, eps, Qc_bar.reshape(B * K, p, r))  # (B·K, p, r)
             Yc_bar = Yc_bar.view(B, K * p, r)  # (B, d, r)
             # Y_c = Uᵀ S_c: Ū += Σ_b S_c Ȳ_cᵀ, S̄_c = U Ȳ_c.
-            U_bar = torch.addbmm(U_bar, S_c, Yc_bar.mT)
+            U_bar.addbmm_(S_c, Yc_bar.mT)
             Sc_bar = torch.bmm(U.expand(B, d, d), Yc_bar)  # (B, d, r)
             # x̄ = αg + P̄ Rᵀ + ā Uᵀ + Ω_e Ȳ_eᵀ + Ω_c S̄_cᵀ, accumulated in the working precision as the forward's
             # GEMM 2, in one kernel.

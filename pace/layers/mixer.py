@@ -103,7 +103,7 @@ def _diag_backward(g_x, xb, gb, gR, gU, a, P, pi, sq, root, g_pi, Q_c, keep, sca
     u = gU.to(wd) * a_w
     h = -(u @ _block_diag((1 - keep).unsqueeze(-1)))  # −Σ_p gU a (1 − keep), (B, N, K)
     grad_beta = (pi * h).sum()
-    pi_bar = g_pi.to(wd) + beta_w * h
+    pi_bar = beta_w * h if g_pi is None else g_pi.to(wd) + beta_w * h
     # Softmax, then ℓ = max(‖col‖², tiny)^½ / τ.
     l_bar = pi * (pi_bar - (pi_bar * pi).sum(-1, keepdim=True))
     grad_tau = -(l_bar * root).sum() / tau_w.square()
@@ -187,6 +187,7 @@ class _PACEMixer(torch.autograd.Function):
             extra, z,
         )  # fmt: skip
         ctx.dims = (K, ce, r, diag, eps)
+        ctx.set_materialize_grads(False)  # an unused π gets no zero cotangent written; see backward
         ctx.coefficient_dtypes = (tau.dtype, alpha.dtype, beta.dtype)
         return out, pi
 
@@ -200,6 +201,8 @@ class _PACEMixer(torch.autograd.Function):
         B, N, d = xb.shape
         p = d // K
         md, wd = xb.dtype, S_c.dtype
+        if g is None:  # only π was used
+            g = torch.zeros_like(x)
         with _no_autocast(g.device.type):
             tau_w, alpha_w, beta_w = scalars.unbind()
             U = subspaces.to(wd)

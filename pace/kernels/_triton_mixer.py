@@ -330,17 +330,9 @@ def mixer_memberships(P: Tensor, a: Tensor, M: Tensor, scalars: Tensor, out: tup
 
 
 def mixer_memberships_backward(
-    g_R: Tensor,
-    P: Tensor,
-    g_U: Tensor,
-    a: Tensor,
-    pi: Tensor,
-    sq: Tensor,
-    g_pi: Tensor | None,
-    M: Tensor,
-    scalars: Tensor,
-    out: tuple | None = None,
-) -> tuple:
+    g_R: Tensor, P: Tensor, g_U: Tensor, a: Tensor, pi: Tensor, sq: Tensor, g_pi: Tensor | None, M: Tensor,
+    scalars: Tensor, out: tuple | None = None,
+) -> tuple:  # fmt: skip
     """``(P̄, ā, P_c ⊙ ∂‖col‖², [α, β, τ partial sums])`` by the Triton kernel; see ``pace.kernels``."""
     B, N, _ = P.shape
     K, r = M.shape[1], M.shape[2]

@@ -65,16 +65,9 @@ def mixer_memberships_reference(
 
 
 def mixer_memberships_backward_reference(
-    g_R: Tensor,
-    P: Tensor,
-    g_U: Tensor,
-    a: Tensor,
-    pi: Tensor,
-    sq: Tensor,
-    g_pi: Tensor | None,
-    M: Tensor,
+    g_R: Tensor, P: Tensor, g_U: Tensor, a: Tensor, pi: Tensor, sq: Tensor, g_pi: Tensor | None, M: Tensor,
     scalars: Tensor,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """PyTorch backward of :func:`mixer_memberships_reference` (with ``Ps`` entering GEMM 2 and π an output).
 
     Args:
@@ -141,16 +134,9 @@ def _(P: Tensor, a: Tensor, M: Tensor, scalars: Tensor) -> tuple[Tensor, Tensor,
 
 @torch.library.custom_op("pace::mixer_memberships_backward", mutates_args=())
 def _mixer_memberships_backward_op(
-    g_R: Tensor,
-    P: Tensor,
-    g_U: Tensor,
-    a: Tensor,
-    pi: Tensor,
-    sq: Tensor,
-    g_pi: Tensor | None,
-    M: Tensor,
+    g_R: Tensor, P: Tensor, g_U: Tensor, a: Tensor, pi: Tensor, sq: Tensor, g_pi: Tensor | None, M: Tensor,
     scalars: Tensor,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     module = _triton(P, M)
     args = (g_R, P, g_U, a, pi, sq, g_pi, M, scalars)
     if module is None:
@@ -199,16 +185,9 @@ def mixer_memberships(P: Tensor, a: Tensor, M: Tensor, scalars: Tensor) -> tuple
 
 
 def mixer_memberships_backward(
-    g_R: Tensor,
-    P: Tensor,
-    g_U: Tensor,
-    a: Tensor,
-    pi: Tensor,
-    sq: Tensor,
-    g_pi: Tensor | None,
-    M: Tensor,
+    g_R: Tensor, P: Tensor, g_U: Tensor, a: Tensor, pi: Tensor, sq: Tensor, g_pi: Tensor | None, M: Tensor,
     scalars: Tensor,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """Backward of :func:`mixer_memberships` (custom op ``pace::mixer_memberships_backward``).
 
     Arguments and results as :func:`mixer_memberships_backward_reference`; the Triton kernel reads each input once

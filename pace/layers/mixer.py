@@ -258,24 +258,19 @@ class _PACEMixer(torch.autograd.Function):
         )
 
 
-def pace_mixer(
-    x: Tensor,
-    subspaces: Tensor,
-    tau: Tensor,
-    alpha: Tensor,
-    beta: Tensor,
-    expand_sketch: Tensor,
-    compress_sketch: Tensor,
-    *,
-    num_heads: int,
-    eps: float,
-    form: str = "full",
-) -> tuple[Tensor, Tensor]:
+def pace_mixer(*tensors: Tensor, num_heads: int, eps: float, form: str = "full") -> tuple[Tensor, Tensor]:
     """``α·expand(x) − β·compress(x)`` and π with ridge projectors, fused (forward and backward).
 
-    The arguments are those of :func:`pace.layers.pace_attention` (which calls this for ridge projectors); π
-    comes back in at least float32.
+    Args:
+        *tensors: ``x, subspaces, tau, alpha, beta, expand_sketch, compress_sketch``, in this order, as the
+            arguments of :func:`pace.layers.pace_attention` (which calls this for ridge projectors).
+        num_heads: K.
+        eps: Ridge ε of both bases.
+        form: Compress form, ``"full"`` or ``"diag"``.
+
+    Returns:
+        ``(update, π)``: the update in the dtype of x, π in at least float32.
     """
-    return _PACEMixer.apply(
-        x, subspaces, tau, alpha, beta, expand_sketch, compress_sketch, num_heads, eps, form == "diag"
-    )
+    if len(tensors) != 7:
+        raise TypeError(f"pace_mixer: x, subspaces, tau, alpha, beta and the two sketches expected, got {len(tensors)}")
+    return _PACEMixer.apply(*tensors, num_heads, eps, form == "diag")

@@ -197,3 +197,24 @@ def test_matmul_sum_on_cuda_matches_float64_at_s_sizes():
         got = matmul_sum(*cuda, scalars=scalars.cuda(), codes=codes).cpu().double()
         err = ((got - ref).abs().max() / ref.abs().max()).item()
         assert err < 1e-5, (name, err)
+
+
+@pytest.mark.parametrize(("batch", "c"), [(1024, 20), (128, 160)])
+def test_ridge_backward_kernels_on_cuda_match_float64(batch, c):
+    """The ridge backward's c × c work at the S model's sizes (Compress: register tile; Expand: row kernel)."""
+    from pace.kernels import ridge_gradient_matrix, ridge_radial_diagonal, symmetric_gradient
+    from pace.kernels.ridge import ridge_gradient_matrix_reference
+    from pace.layers.basis import scaled_ridge_factors
+
+    gen = torch.Generator().manual_seed(c)
+    Y = torch.randn(batch, 2 * c, c, generator=gen, dtype=torch.float64)
+    scale, G, F_s = scaled_ridge_factors(Y, EPS)
+    W = Y.mT @ torch.randn(batch, 2 * c, c, generator=gen, dtype=torch.float64)
+    ref = ridge_gradient_matrix_reference(W, F_s, G, scale, EPS)
+    args = [t.float().cuda() for t in (W, F_s, G, scale)]
+    if c <= 32:
+        got = ridge_gradient_matrix(*args, EPS)
+    else:
+        got = ridge_radial_diagonal(*args[:3], symmetric_gradient(*args[:2]), args[3], EPS)
+    err = ((got.cpu().double() - ref).abs().max() / ref.abs().max()).item()
+    assert err < 1e-4, err

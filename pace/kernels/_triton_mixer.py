@@ -184,10 +184,7 @@ def _memberships_bwd_kernel(
     off2 = (b * N + n2) * K + k2
     pi = tl.load(Pi_ptr + off2, mask=mask2, other=0.0)
     sq = tl.load(Sq_ptr + off2, mask=mask2, other=0.0)
-    if HAS_GPI:
-        g_pi = tl.load(Gpi_ptr + off2, mask=mask2, other=0.0).to(tl.float32)
-    else:  # π unused by the loss
-        g_pi = tl.zeros((BN, BK), dtype=tl.float32)
+    g_pi = tl.load(Gpi_ptr + off2, mask=mask2 & HAS_GPI, other=0.0).to(tl.float32)  # without: π unused, 0
     mask_r = (n3 < N) & (k3 < K) & (r3 < r)
     off = (b * N + n3) * (2 * Kr) + k3 * r + r3
     mask_p = (n3 < N) & (k3 < K) & (p3 < p)

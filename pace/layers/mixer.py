@@ -120,6 +120,17 @@ def _diag_backward(g_x, xb, gb, gR, gU, a, P, pi, sq, root, g_pi, Q_c, keep, sca
     return grad_alpha, grad_beta, grad_tau, Qe_bar, Qc_bar, a_bar
 
 
+def _subspace_grad(xb, gb, a_bar, z, U_parts, beta_w, K):
+    """``Ū = x̂ᵀā − β gᵀz`` (full form: ``+ Σ_b V̄_k Q_kᵀ`` in head k's columns), a new (d, d) matrix in β's dtype."""
+    B, N, d = xb.shape
+    x2, g2 = xb.reshape(B * N, d), gb.reshape(B * N, d)
+    U_bar = (x2.mT @ a_bar.reshape(B * N, d)).to(beta_w.dtype)
+    if U_parts is not None:  # Ū_k += Σ_b V̄_k Q_kᵀ into head k's columns (Ū viewed (d, K, p), no copy)
+        V_bar, Qc_heads = U_parts
+        U_bar.view(d, K, d // K).add_((V_bar @ Qc_heads.mT).transpose(0, 1))
+    return U_bar.addcmul_((g2.mT @ z.reshape(B * N, d)).to(beta_w.dtype), beta_w, value=-1)
+
+
 class _PACEMixer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, subspaces, tau, alpha, beta, expand_sketch, compress_sketch, num_heads, eps, diag):
@@ -221,13 +232,7 @@ class _PACEMixer(torch.autograd.Function):
                 grad_alpha, grad_beta, grad_tau, Pbar, Qe_bar, Qc_bar, U_parts, a_bar = _full_backward(
                     g_x, xb, gb, gR, gU, a, P, Ps, pi, sq, g_pi, Q_c, extra, scalars, U, K, ce
                 )
-            x2, g2 = xb.reshape(B * N, d), gb.reshape(B * N, d)
-            a_bar2 = a_bar.reshape(B * N, d)
-            U_bar = (x2.mT @ a_bar2).to(wd)  # Ū = x̂ᵀā − β gᵀz (+ the V and Y_c terms), (d, d)
-            if U_parts is not None:  # Ū_k += Σ_b V̄_k Q_kᵀ into head k's columns (Ū viewed (d, K, p), no copy)
-                V_bar, Qc_heads = U_parts
-                U_bar.view(d, K, p).add_((V_bar @ Qc_heads.mT).transpose(0, 1))
-            U_bar.addcmul_((g2.mT @ z.reshape(B * N, d)).to(wd), beta_w, value=-1)
+            U_bar = _subspace_grad(xb, gb, a_bar, z, U_parts, beta_w, K)
             Ye_bar = ridge_factors_backward(S[..., :ce], n_e, G_e, F_e, eps, Qe_bar)  # (B, d, c_e)
             Yc_bar = ridge_factors_backward(Y_c, n_c, G_c, F_c, eps, Qc_bar.reshape(B * K, p, r))  # (B·K, p, r)
             Yc_bar = Yc_bar.view(B, K * p, r)  # (B, d, r)

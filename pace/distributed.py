@@ -8,9 +8,11 @@ Launchers, in order of precedence:
 
 from __future__ import annotations
 
+import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -211,6 +213,35 @@ def destroy_distributed() -> None:
     """Leave the process group if this process joined one."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def process_group(
+    env: DistEnv, requested_device: str = "auto", timeout_s: float = 1800.0, rendezvous_timeout_s: float = 300.0
+) -> Iterator[torch.device]:
+    """This rank's device, inside the process group: what `pace-train` and `pace-eval` run their work in.
+
+    Selects the device (`select_device`), leaves ranks other than 0 logging warnings only (one progress log per
+    job, not one per rank), joins the process group (`init_distributed`) and leaves it when the block ends,
+    normally or by an exception.
+
+    Args:
+        env: this process's place in the job.
+        requested_device: as for `select_device`.
+        timeout_s: collective timeout, as for `init_distributed`.
+        rendezvous_timeout_s: how long to wait for every rank to join, as for `init_distributed`.
+
+    Yields:
+        The device this rank computes on.
+    """
+    device = select_device(env, requested_device)
+    if not env.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    init_distributed(env, device, timeout_s, rendezvous_timeout_s)
+    try:
+        yield device
+    finally:
+        destroy_distributed()
 
 
 def all_reduce_sum_values(values: list[float], env: DistEnv, device: torch.device) -> list[float]:

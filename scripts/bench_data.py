@@ -11,6 +11,7 @@ depend on what else the machine runs).
     python scripts/bench_data.py --quick                             # smoke test on generated images
     python scripts/bench_data.py --cifar ... --breakdown             # also: where each pipeline's time goes
     python scripts/bench_data.py --image-size 500x375 --decode cpu draft device   # the data.decode modes
+    python scripts/bench_data.py --image-size 500x375 --photo-like --decode device  # photo-sized files (60-100 kB)
 
 `--decode` chooses pace's paths (`data.decode`): `cpu` runs timm's transform per sample in the workers, `draft`
 decodes at reduced JPEG scale in the workers and finishes each batch (normalise, erase) in the main process,
@@ -19,6 +20,10 @@ The ImageFolder baseline always runs timm's transform; CPU-seconds count the mai
 there is not hidden. On CUDA (`--device cuda`) the rate is ready training batches on the GPU per second, and
 `--step-model` also measures the share of a training step spent waiting for data: the same steps timed on one
 fixed batch (compute only) and fed by the loader, `1 - compute / fed`.
+
+The generated images are smooth (a 500x375 file is about 22 kB at q90, where photos run to 60-100 kB, and a
+smooth JPEG decodes faster than a photo); `--photo-like` adds fine texture and grain to each re-encoded image
+(seeded by its file name), which brings a 500x375 q90 file to photo size, so the decode weighs as it does on photos.
 
 `--breakdown` times the steps of one sample in this process (CPU microseconds per sample, best of the repeats):
 both loaders with a no-op transform (everything but the augmentation), reading the shards (webdataset's tar
@@ -37,10 +42,12 @@ import statistics
 import tarfile
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
@@ -59,9 +66,16 @@ from pace.data.shards import read_shard
 
 
 def build_folder(
-    root: Path, *, cifar: str | None, num_images: int, image_size: tuple[int, int] | None, processes: int = 1
+    root: Path,
+    *,
+    cifar: str | None,
+    num_images: int,
+    image_size: tuple[int, int] | None,
+    processes: int = 1,
+    photo_like: bool = False,
 ) -> Path:
-    """An ImageFolder tree of num_images JPEGs: CIFAR-10 images, or generated ones; optionally resized (q90)."""
+    """An ImageFolder tree of num_images JPEGs: CIFAR-10 images, or generated ones; optionally resized (q90),
+    with photo-like texture (`photo_texture`)."""
     folder = root / "images"
     if cifar:
         per_class = num_images // 10
@@ -77,7 +91,7 @@ def build_folder(
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(render_jpeg(seed=0, split="train", index=index))
     if image_size:
-        paths = [(str(path), image_size) for path in folder.glob("*/*.jpg")]
+        paths = [(str(path), image_size, photo_like) for path in folder.glob("*/*.jpg")]
         if processes > 1:
             with multiprocessing.get_context("fork").Pool(processes) as pool:
                 pool.map(_resize_file, paths, chunksize=64)
@@ -87,13 +101,38 @@ def build_folder(
     return folder
 
 
-def _resize_file(item: tuple[str, tuple[int, int]]) -> None:
-    path, image_size = item
+def _resize_file(item: tuple[str, tuple[int, int], bool]) -> None:
+    path, image_size, photo_like = item
     with Image.open(path) as image:
         resized = image.convert("RGB").resize(image_size, Image.Resampling.BICUBIC)
+    if photo_like:
+        resized = photo_texture(resized, seed=zlib.crc32(Path(path).name.encode()))
     out = io.BytesIO()
     resized.save(out, format="JPEG", quality=90)
     Path(path).write_bytes(out.getvalue())
+
+
+def photo_texture(image: Image.Image, *, seed: int, strength: float = 14.0) -> Image.Image:
+    """The image with a fine random texture (a blurred noise field, the same in the three bands) and grain (per band)
+    added: the high-frequency detail that makes photos three to four times the size of smooth images at the same
+    JPEG quality, and slower to decode.
+
+    Args:
+        image: an RGB image.
+        seed: the noise seed.
+        strength: standard deviation of texture and grain together, in levels.
+
+    Returns:
+        The textured RGB image.
+    """
+    rng = np.random.default_rng(seed)
+    height, width = image.height, image.width
+    texture = Image.fromarray(rng.normal(128, 60, (height, width)).clip(0, 255).astype(np.uint8))
+    texture = np.asarray(texture.filter(ImageFilter.GaussianBlur(1.0)), np.float32)[..., None] - 128
+    grain = rng.normal(0, 1, (height, width, 3)).astype(np.float32)
+    detail = texture / max(1e-6, float(texture.std())) * 0.8 + grain * 0.6
+    pixels = np.asarray(image, np.float32) + strength * detail
+    return Image.fromarray(pixels.round().clip(0, 255).astype(np.uint8))
 
 
 def time_pass(batches, total: int) -> tuple[float, float]:
@@ -240,6 +279,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--cifar", help="CIFAR-10 JPEG tarball to take images from (default: generated images)")
     parser.add_argument("--num-images", type=int, default=2000)
     parser.add_argument("--image-size", help="re-encode the images at WxH (e.g. 500x375) before the benchmark")
+    parser.add_argument("--photo-like", action="store_true", help="add photo-like texture to re-encoded images")
     parser.add_argument("--input-size", type=int, default=224, help="transform output side")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="DataLoader worker counts")
@@ -263,7 +303,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = build_folder(
-            Path(tmp), cifar=args.cifar, num_images=args.num_images, image_size=image_size, processes=args.gen_processes
+            Path(tmp),
+            cifar=args.cifar,
+            num_images=args.num_images,
+            image_size=image_size,
+            processes=args.gen_processes,
+            photo_like=args.photo_like,
         )
         shards = Path(tmp) / "shards"
         shard_count = max(16, max(args.workers) * 4)
@@ -276,7 +321,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         transform = create_train_transform(input_size=args.input_size)
         baseline = ImageFolder(str(folder), transform=transform)
         total = len(baseline) // args.batch_size * args.batch_size
-        print(f"{len(baseline)} images from {folder}, input {args.input_size}px, batch {args.batch_size}")
+        sizes = [path.stat().st_size for path in folder.glob("*/*.jpg")]
+        print(
+            f"{len(baseline)} images from {folder} (mean {statistics.mean(sizes) / 1e3:.1f} kB), "
+            f"input {args.input_size}px, batch {args.batch_size}"
+        )
 
         def pace_loader(decode: str, workers: int, samples: int):
             return create_train_loader(

@@ -24,7 +24,8 @@
 # Every step has its own time limit and its output is appended to gpu_check.log; a failing or timed-out step is
 # recorded in steps.tsv and the next step still runs; the exit code is non-zero if any step failed. Results:
 # gpu_check.log, steps.tsv, summary.txt, bench_layer/, bench_model/, bench_model_graphs/ (results.csv, summary.json,
-# report.md each), bench_kernels.json, profile_pace/ and profile_deit/ (profile.txt, summary.json each).
+# report.md each), bench_kernels.json, profile_pace/ and profile_deit/ (profile.txt, summary.json each),
+# count_eager/ and count_compiled/ (the op counter on the device), compile_time/ (count_ops.json each).
 set -euo pipefail
 
 DRY_RUN=0
@@ -95,6 +96,9 @@ if [[ "$DRY_RUN" == 1 ]]; then
     COMPILED=(--compile eager)
     GRAPHS=(--compile eager)
     PROFILE_COMPILE=()
+    COUNT_ARGS=(--dim 64 --heads 4 --rank 4 --tokens 64)
+    COMPILED_BATCH=2
+    COMPILE_MODEL=pace_vit_test
     LIMIT_SCALE=4
 else
     DEVICE=cuda
@@ -112,11 +116,14 @@ else
     COMPILED=(--compile eager,compiled --regional)
     GRAPHS=(--compile compiled --regional --compile-mode reduce-overhead)
     PROFILE_COMPILE=(--compile default --regional)
+    COUNT_ARGS=()  # the S block at batch 128 (eager: extrapolated from small batches)
+    COMPILED_BATCH=128
+    COMPILE_MODEL=pace_vit_small_patch16_224
     LIMIT_SCALE=1
 fi
 
-# Step limits add up to 805 s, more than one call may run (600 s): a first call on a fresh machine selects
-# GPU_CHECK_STEPS=$CORE (limits 535 s; first measured 2026-12-04, docs/benchmarks.md), a second the rest.
+# Step limits add up to 1045 s, more than one call may run (600 s): a first call on a fresh machine selects
+# GPU_CHECK_STEPS=$CORE (limits 535 s; first measured 2026-12-04, docs/benchmarks.md), a second the rest (510 s).
 run_step environment 30 bash -c "date -u; uname -a; nvidia-smi || true; \"$PYTHON\" -c 'import torch, timm; \
 print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"available\", torch.cuda.is_available()); \
 print(\"gpu\", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None); print(\"timm\", timm.__version__)'"
@@ -160,6 +167,13 @@ run_step profile_pace 90 "$PYTHON" scripts/profile_step.py --device "$DEVICE" "$
     ${PROFILE_COMPILE[@]+"${PROFILE_COMPILE[@]}"} --out "$RESULTS/profile_pace"
 run_step profile_deit 90 "$PYTHON" scripts/profile_step.py --device "$DEVICE" "${PROFILE_DEIT[@]}" \
     ${PROFILE_COMPILE[@]+"${PROFILE_COMPILE[@]}"} --out "$RESULTS/profile_deit"
+# The counter on the device: the eager ops the CUDA path runs, and Inductor's own Triton schedule of a compiled
+# block (the CPU proxy in docs/perf_notes.md, "Compiled-path count"); then compile_blocks' compile time.
+run_step count_ops 90 bash -c "\"$PYTHON\" scripts/count_ops.py --device $DEVICE ${COUNT_ARGS[*]} \
+    --out \"$RESULTS/count_eager\" && \"$PYTHON\" scripts/count_ops.py --device $DEVICE ${COUNT_ARGS[*]} \
+    --batches $COMPILED_BATCH --target-batch $COMPILED_BATCH --compiled triton --out \"$RESULTS/count_compiled\""
+run_step compile_time 150 "$PYTHON" scripts/count_ops.py --device "$DEVICE" --no-blocks \
+    --compile-time "${COMPILE_MODEL}" --out "$RESULTS/compile_time"
 
 echo "results in $RESULTS"
 column -t "$STEPS" 2>/dev/null || cat "$STEPS"

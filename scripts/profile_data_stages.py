@@ -30,6 +30,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from pace.data import create_device_train_transform, create_train_transform, shard_image_folders
 from pace.data.augment_ops import apply_recorded
 from pace.data.device_augment import EncodedImage, apply_ops, resize_crops
+from pace.data.jpeg_check import jpeg_size
 from pace.data.quickstart import render_jpeg
 from pace.data.shards import read_shard
 from pace.data.writer import ShardPlan
@@ -123,17 +124,17 @@ def draft_path(blobs, batch, repeats) -> dict[str, float]:
     """`data.decode=draft`: torchvision decode, torch uint8 resize, RandAugment from timm's draws in the worker."""
     transform = create_device_train_transform(input_size=224, draft=True)
     sampler = transform.sampler
-    encoded = [EncodedImage(b, Image.open(io.BytesIO(b))) for b in blobs]
+    encoded = [_encoded(b) for b in blobs]
     payloads = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
     sample = seeded(sampler.sample)
-    params = [sample(e.header) for e in encoded]
+    params = [sample(e.sized()) for e in encoded]
     decoded = [decode_jpeg(p, mode=ImageReadMode.RGB) for p in payloads]
     crops = [resize_crops([d], [p], 224, uint8_kernel=True)[0] for d, p in zip(decoded, params)]
     worker = seeded(transform)
     items = [worker(e) for e in encoded]
     rows = {
-        "header parse (Image.open)": each(lambda b: Image.open(io.BytesIO(b)), blobs),
-        "random choices (timm's samplers, all steps)": each(seeded(sampler.sample), [e.header for e in encoded]),
+        "header parse (frame-header scan)": each(_encoded, blobs),
+        "random choices (timm's samplers, all steps)": each(seeded(sampler.sample), [e.sized() for e in encoded]),
         "decode (torchvision, full size)": each(lambda p: decode_jpeg(p, mode=ImageReadMode.RGB), payloads),
         "crop + resize (torch uint8 bicubic, antialiased)": each(
             lambda pair: resize_crops([pair[0]], [pair[1]], 224, uint8_kernel=True), list(zip(decoded, params))
@@ -156,7 +157,7 @@ def draft_path(blobs, batch, repeats) -> dict[str, float]:
 def device_path(blobs, batch, repeats) -> dict[str, float]:
     """`data.decode=device` on the CPU: bytes in the worker, decode and batched augmentation in the main process."""
     transform = create_device_train_transform(input_size=224)
-    encoded = [EncodedImage(b, Image.open(io.BytesIO(b))) for b in blobs]
+    encoded = [_encoded(b) for b in blobs]
     worker = seeded(transform)
     items = [worker(e) for e in encoded]
     params = [item[1] for item in items][:batch]
@@ -176,6 +177,11 @@ def device_path(blobs, batch, repeats) -> dict[str, float]:
     result = {name: best_per_item(body, repeats) for name, body in rows.items()}
     result.update(expected_randaugment(randaug_tensor_ops(transform, crops, repeats)))
     return result
+
+
+def _encoded(data: bytes) -> EncodedImage:
+    """A JPEG as the pipeline hands it to the deferred paths: the bytes and the size from the frame header."""
+    return EncodedImage(data, jpeg_size=jpeg_size(data))
 
 
 def _per_batch(function: Callable, batch: int) -> int:

@@ -114,3 +114,123 @@ def test_the_fused_block_runs_the_mixer_kernels_once_each():
         "ridge_gradient_matrix": 2,  # both ridge backwards: c = 16 and 4 fit the register tile (c ≤ 32)
     }
     assert fallback.ops > fused.ops + 40 and fallback.bytes > fused.bytes
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The compiled-path counter (scripts/_compiled_counter.py): Inductor's schedule, read without generating code.
+
+
+class _Fn(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+def _count_compiled(fn, *args, backend="cpp"):
+    from _compiled_counter import count_compiled
+
+    module = _Fn(fn)
+    return count_compiled(module, lambda: module(*args), backend)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_a_pointwise_chain_compiles_to_one_kernel_moving_its_input_and_output_once(backend):
+    x = torch.randn(4, 16, 8)  # 512 float32 elements
+    count, graphs = _count_compiled(lambda t: torch.exp(torch.relu(t * 2 + 1)).sin(), x, backend=backend)
+    # Five eager kernels (mul, add, relu, exp, sin) fuse into one: x read once, the result written once.
+    assert [r.category for r in count.records] == ["generated"]
+    assert count.bytes == 2 * 512 * 4
+    assert graphs == 1
+    eager = count_ops(lambda: torch.exp(torch.relu(x * 2 + 1)).sin())
+    assert eager.ops == 5 and eager.bytes == 5 * 2 * 512 * 4
+
+
+def test_a_matrix_product_is_an_extern_kernel_counted_with_its_inputs_and_outputs():
+    a, b = torch.randn(6, 5), torch.randn(5, 7)
+    count, _ = _count_compiled(lambda p, q: (p @ q).relu(), a, b)
+    gemm = [r for r in count.records if r.category == "extern GEMM"]
+    assert len(gemm) == 1 and gemm[0].name == "fwd: mm"
+    assert gemm[0].bytes == (6 * 5 + 5 * 7 + 6 * 7) * 4
+    assert gemm[0].flops == 2 * 6 * 5 * 7
+    # The relu epilogue is a generated kernel on the CPU: it reads the product and writes the result.
+    assert [(r.category, r.bytes) for r in count.records if r.category == "generated"] == [("generated", 2 * 42 * 4)]
+
+
+def test_forward_and_backward_graphs_are_both_counted_and_a_graph_break_is_seen():
+    from _compiled_counter import count_compiled
+
+    x = torch.randn(8, 32, requires_grad=True)
+    module = _Fn(lambda t: t.sin().sum())
+    count, graphs = count_compiled(module, lambda: module(x).backward())
+    fwd = [r for r in count.records if r.name.startswith("fwd")]
+    bwd = [r for r in count.records if r.name.startswith("bwd")]
+    # Forward: sin and sum fused, x read (256 floats), a scalar written. Backward: cos(x) * grad in one kernel,
+    # x and the scalar gradient read, x's gradient written (sin is recomputed, nothing saved but x itself).
+    assert [r.bytes for r in fwd] == [(256 + 1) * 4]
+    assert [r.bytes for r in bwd] == [(256 + 1 + 256) * 4]
+    assert graphs == 1
+
+    def broken(t):
+        y = t.exp()
+        torch._dynamo.graph_break()
+        return y.cos()
+
+    _, graphs = _count_compiled(broken, torch.randn(3))
+    assert graphs == 2
+
+
+@pytest.mark.slow
+def test_the_recorded_schedule_moves_the_bytes_inductor_reports_after_a_real_compile():
+    """Stopping Inductor before code generation changes nothing: a real C++ compile logs the same bytes (~15 s)."""
+    import torch._functorch.config as functorch_config
+    from _compiled_counter import count_compiled
+    from torch._inductor import config as inductor_config
+    from torch._inductor import metrics
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.lin = torch.nn.LayerNorm(32), torch.nn.Linear(32, 16)
+
+        def forward(self, x):
+            return torch.nn.functional.gelu(self.lin(self.norm(x))).square().sum()
+
+    net, x = Net(), torch.randn(8, 32, requires_grad=True)
+    recorded, _ = count_compiled(net, lambda: net(x).backward())
+    assert {r.category for r in recorded.records} == {"generated", "extern GEMM"}
+    torch._dynamo.reset()
+    metrics.reset()
+    torch._logging.set_logs(inductor_metrics=True)  # Inductor sums num_bytes_accessed only with this log on
+    try:
+        with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
+            net.compile(dynamic=False)
+            net(x).backward()
+    finally:
+        torch._logging.set_logs()
+        net._compiled_call_impl = None
+        torch._dynamo.reset()
+    assert metrics.num_bytes_accessed == recorded.bytes
+
+
+@pytest.mark.slow
+def test_count_ops_compiled_writes_each_block_case_whole_and_with_fewer_kernels_than_eager_ops(tmp_path):
+    """scripts/count_ops.py --compiled on a tiny block: one forward graph per case (no graph break), fused (~15 s)."""
+    import json
+
+    from count_ops import main
+
+    tiny = ["--dim", "32", "--heads", "4", "--rank", "4", "--tokens", "16", "--forms", "full"]
+    tiny += ["--batches", "4", "--target-batch", "4"]
+    main([*tiny, "--compiled", "--out", str(tmp_path / "compiled")])
+    main([*tiny, "--out", str(tmp_path / "eager")])
+    compiled = {r["case"]: r for r in json.loads((tmp_path / "compiled" / "count_ops.json").read_text())}
+    eager = {r["case"]: r for r in json.loads((tmp_path / "eager" / "count_ops.json").read_text())}
+    assert set(compiled) == set(eager) == {"PACEBlock full fused", "PACEBlock full unfused", "timm Block (SDPA + MLP)"}
+    for case, row in compiled.items():
+        assert row["kernels"] == "compiled (cpp scheduling)" and row["batch"] == 4
+        assert row["forward_graphs"] == 1, case  # Dynamo captured the whole block
+        assert 0 < row["ops"] < eager[case]["ops"], case
+        assert 0 < row["gbytes"] < eager[case]["gbytes"], case

@@ -59,6 +59,44 @@ def test_line_shift_ops_equal_pillows_bicubic_affine_including_edges_and_fill(na
     assert (difference > 0).mean() < 0.01, name
 
 
+@pytest.mark.parametrize(
+    "name, args",
+    [
+        ("invert", ()),
+        ("posterize", (0,)),
+        ("posterize", (3,)),
+        ("posterize", (8,)),
+        ("solarize", (0,)),
+        ("solarize", (100,)),
+        ("solarize", (256,)),
+        ("solarize_add", (60,)),
+        ("solarize_add", (110, 200)),
+        ("brightness", (0.1,)),
+        ("brightness", (1.9,)),
+        ("contrast", (0.1,)),
+        ("contrast", (1.0,)),
+        ("contrast", (1.9,)),
+        ("color", (0.1,)),
+        ("color", (1.9,)),
+        ("sharpness", (0.1,)),
+        ("sharpness", (1.9,)),
+        ("auto_contrast", ()),
+        ("equalize", ()),
+    ],
+)
+def test_point_and_enhance_ops_on_the_tensor_equal_timms_pillow_ops_exactly(name, args):
+    """Each op runs on the tensor without a trip through Pillow, and gives Pillow's exact levels."""
+    function = _posterize if name == "posterize" else getattr(auto_augment, name)
+    pictures = [noisy_picture(seed, size=(64, 50)) for seed in range(4)]
+    pictures.append(Image.fromarray((np.asarray(pictures[0]) // 3 + 40).astype(np.uint8)))  # a narrow range
+    pictures.append(Image.new("RGB", (64, 50), (7, 7, 200)))  # one level per band
+    for seed, picture in enumerate(pictures):
+        expected = np.asarray(function(picture, *args))
+        got = apply_recorded(pil_to_chw(picture), [(name, args, None)], FILL)
+        assert got.dtype == torch.uint8 and got.shape == (3, 50, 64)
+        assert np.array_equal(np.asarray(chw_to_pil(got)), expected), (name, args, seed)
+
+
 def test_recorded_randaugment_reproduces_timms_pillow_randaugment_draw_by_draw():
     """Same seed: the ops, magnitudes and results of timm's own RandAugment (rand-m9-mstd0.5-inc1), on noise."""
     transform = create_train_transform(input_size=48)

@@ -12,7 +12,7 @@ from data_helpers import fixed_transform, make_image_folder
 from PIL import Image
 
 from pace.data import create_eval_loader, read_info
-from pace.data.jpeg_check import jpeg_damage
+from pace.data.jpeg_check import jpeg_damage, jpeg_size
 from pace.data.make_shards import main
 
 
@@ -103,3 +103,35 @@ def test_zeros_inside_the_compressed_data_pass_as_documented(tmp_path, capsys):
     loader = create_eval_loader(out, split="train", batch_size=6, transform=fixed_transform(), num_workers=0)
     assert sorted(key for _, _, keys in loader for key in keys) == sorted(files)
     assert loader.stats.bad == 0
+
+
+@pytest.mark.parametrize(
+    "mode, options",
+    [
+        ("RGB", {}),
+        ("RGB", {"progressive": True}),
+        ("L", {}),
+        ("CMYK", {}),
+        ("RGB", {"exif": b"Exif\x00\x00" + bytes(2000), "icc_profile": bytes(3000)}),  # long segments first
+    ],
+)
+def test_the_frame_header_scan_reads_the_size_pillow_reads(mode, options):
+    data = _photo_jpeg_of(mode, **options)
+    assert jpeg_size(data) == Image.open(io.BytesIO(data)).size == (160, 120)
+
+
+def test_the_frame_header_scan_leaves_what_it_cannot_read_to_pillow():
+    data = _photo_jpeg()
+    frame = data.index(b"\xff\xc0")
+    assert jpeg_size(b"not a jpeg") is None
+    assert jpeg_size(data[: frame + 4]) is None  # cut inside the frame header
+    assert jpeg_size(data[:frame] + b"\xff\xda" + data[frame + 2 :]) is None  # a scan before any frame header
+    zero_height = bytearray(data)
+    zero_height[frame + 5 : frame + 7] = b"\x00\x00"  # height given later (DNL): Pillow's business
+    assert jpeg_size(bytes(zero_height)) is None
+
+
+def _photo_jpeg_of(mode: str, **save_options) -> bytes:
+    out = io.BytesIO()
+    Image.open(io.BytesIO(_photo_jpeg())).convert(mode).save(out, "JPEG", **save_options)
+    return out.getvalue()

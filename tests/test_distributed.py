@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
+import logging
+import socket
 
-from pace.distributed import DistEnv, first_slurm_host, resolve_dist_env
+import pytest
+import torch
+import torch.distributed as dist
+
+from pace.distributed import DistEnv, first_slurm_host, process_group, resolve_dist_env
 
 
 def test_single_process_without_launcher_variables():
@@ -61,3 +66,29 @@ def test_batch_script_itself_is_a_single_process():
 )
 def test_first_slurm_host(nodelist, host):
     assert first_slurm_host(nodelist) == host
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_process_group_quiets_other_ranks_and_leaves_the_group_on_error():
+    root = logging.getLogger()
+    level = root.level
+    # A one-process gloo group joined beforehand stands in for a job's group (init_distributed keeps an existing one).
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        with pytest.raises(RuntimeError, match="inside"), process_group(DistEnv(rank=1, world_size=2), "cpu") as device:
+            assert device == torch.device("cpu")
+            assert root.level == logging.WARNING  # rank 1 logs warnings only
+            raise RuntimeError("inside")
+        assert not dist.is_initialized()  # left on the way out of an error
+        root.setLevel(logging.INFO)
+        with process_group(DistEnv(), "cpu"):
+            assert root.level == logging.INFO  # rank 0 keeps its level
+    finally:
+        root.setLevel(level)
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -8,6 +8,7 @@ from eval_helpers import write_val_jpegs
 from PIL import Image
 from torchvision.transforms import PILToTensor
 
+from pace.distributed import DistEnv
 from pace.eval.datasets import detect_format
 from pace.eval.folders import folder_loader, image_folder, imagenet_val_folder
 
@@ -89,7 +90,8 @@ def test_ranks_split_the_folder_exactly_once(tmp_path, world_size):
     data = imagenet_val_folder(tmp_path)
     seen = []
     for rank in range(world_size):
-        loader = folder_loader(data, PILToTensor(), batch_size=2, num_workers=0, rank=rank, world_size=world_size)
+        env = DistEnv(rank=rank, world_size=world_size)
+        loader = folder_loader(data, PILToTensor(), batch_size=2, num_workers=0, env=env)
         for images, targets, keys in loader:
             assert images.shape[1:] == (3, 8, 8) and len(keys) == len(targets)
             seen += keys

@@ -142,15 +142,18 @@ _LINE_SHIFTS = {
     "translate_y_abs": "y",
 }
 
-# Ops that map each value through a table; on a tensor they are exact and cheaper than converting to Pillow.
-_POINT_OPS = {"invert", "posterize", "solarize", "solarize_add"}
+# Ops computed on the tensor with Pillow's own arithmetic (tests: equal to timm's Pillow ops): level tables, and
+# ImageEnhance's blends with a degenerate picture.
+_ON_TENSOR = {"auto_contrast", "equalize", "invert", "posterize", "solarize", "solarize_add"}
+_ON_TENSOR |= {"brightness", "contrast", "color", "sharpness"}
 
 
 def apply_recorded(picture: torch.Tensor, ops: list[tuple[str, tuple, str | None]], fill: tuple[int, ...]):
-    """Apply one sample's recorded RandAugment ops in order with timm's own Pillow functions, except the point ops
-    (invert, posterize, solarize, solarize_add: exact on the tensor), and shears and translations with bicubic
-    resampling, which move pixels along one axis: those run as `shift_lines` (Pillow's affine bicubic, at a third to
-    half its cost; equal up to one level of rounding).
+    """Apply one sample's recorded RandAugment ops in order, as timm's Pillow RandAugment does: level tables and
+    ImageEnhance ops on the tensor with Pillow's arithmetic (`pillow_op`, exact); shears and translations with
+    bicubic resampling, which move pixels along one axis, as `shift_lines` / `shift_all` (Pillow's affine bicubic
+    at a third to half its cost; equal up to one level of rounding); rotate (and geometric ops with other filters)
+    with timm's Pillow functions. An op that follows a Pillow op runs in Pillow (the picture is there already).
 
     Args:
         picture: (3, H, W) uint8.
@@ -162,30 +165,142 @@ def apply_recorded(picture: torch.Tensor, ops: list[tuple[str, tuple, str | None
     """
     image = None  # the PIL form of `picture` while Pillow ops run
     for name, args, interpolation in ops:
-        if name in _POINT_OPS or (name in _LINE_SHIFTS and interpolation == "bicubic"):
+        if name in _ON_TENSOR and image is None:
+            picture = pillow_op(picture, name, args)
+        elif name in _LINE_SHIFTS and interpolation == "bicubic":
             if image is not None:
                 picture, image = pil_to_chw(image), None
-            if name in _POINT_OPS:  # the batched op on a batch of one: exact, and no trip through Pillow
-                picture = _apply_group(name, picture[None], [args], None, fill)[0]
-            else:
-                picture = _line_shift_op(picture, name, args[0], fill)
+            picture = _line_shift_op(picture, name, args[0], fill)
         else:
             image = _pil_op(image if image is not None else chw_to_pil(picture), name, args, interpolation, fill)
     return pil_to_chw(image) if image is not None else picture
 
 
+def pillow_op(picture: torch.Tensor, name: str, args: tuple) -> torch.Tensor:
+    """A point or ImageEnhance op of timm's RandAugment on a (3, H, W) uint8 tensor, with Pillow's arithmetic.
+
+    auto_contrast and equalize map each band through a table made from its histogram, as ImageOps makes it
+    (auto_contrast without cutoff: from the band's lowest and highest level). invert, posterize, solarize and
+    solarize_add are Pillow's level tables written as bit operations. brightness,
+    contrast, color and sharpness are ImageEnhance's `Image.blend(degenerate, image, factor)` (float32, clipped,
+    truncated) with its degenerate pictures: black; the mean of Pillow's "L" levels, rounded; the "L" levels; the
+    SMOOTH filter (kernel 1 1 1 / 1 5 1 / 1 1 1 over 13, rounded), border pixels kept.
+
+    Args:
+        picture: (3, H, W) uint8.
+        name: the op.
+        args: its recorded arguments.
+
+    Returns:
+        (3, H, W) uint8.
+    """
+    levels = picture.numpy()
+    if name in ("auto_contrast", "equalize"):
+        return torch.from_numpy(
+            np.stack([np.take(table, band) for table, band in zip(_band_tables(name, levels), levels)])
+        )
+    if name == "invert":
+        return torch.from_numpy(~levels)
+    if name == "posterize":
+        bits = min(8, max(0, int(args[0])))
+        return torch.from_numpy(levels & np.uint8((0xFF << (8 - bits)) & 0xFF))  # 0 bits: black, as timm's
+    if name in ("solarize", "solarize_add"):
+        if name == "solarize":  # levels at or above the threshold inverted
+            changed, chosen = ~levels, levels >= args[0]
+        else:  # levels below the threshold raised by `add`, capped at 255
+            add = int(args[0])
+            changed, chosen = (
+                np.minimum(levels, 255 - add) + np.uint8(add),
+                levels < (args[1] if len(args) > 1 else 128),
+            )
+        return torch.from_numpy(levels ^ ((levels ^ changed) & (chosen.view(np.uint8) * np.uint8(255))))
+    if name == "brightness":
+        degenerate = np.zeros((1, 1, 1), np.float32)
+    elif name == "sharpness":
+        wide = levels.astype(np.int32)
+        inner = wide[:, :-2, :-2] + wide[:, :-2, 1:-1] + wide[:, :-2, 2:] + wide[:, 1:-1, :-2] + wide[:, 1:-1, 2:]
+        inner += wide[:, 2:, :-2] + wide[:, 2:, 1:-1] + wide[:, 2:, 2:] + 5 * wide[:, 1:-1, 1:-1]
+        wide[:, 1:-1, 1:-1] = (2 * inner + 13) // 26  # rounded sum / 13 (never a tie: 13 is odd)
+        degenerate = wide.astype(np.float32)
+    else:
+        red, green, blue = levels.astype(np.int32)
+        grey = (red * 19595 + green * 38470 + blue * 7471 + 0x8000) >> 16  # Pillow's RGB -> L, in fixed point
+        if name == "contrast":
+            degenerate = np.full((1, 1, 1), int(grey.sum() / grey.size + 0.5), np.float32)
+        else:  # color
+            degenerate = grey[None].astype(np.float32)
+    mixed = degenerate + np.float32(args[0]) * (levels.astype(np.float32) - degenerate)
+    return torch.from_numpy(mixed.clip(0, 255).astype(np.uint8))
+
+
+def _band_tables(name: str, levels: np.ndarray) -> list[np.ndarray]:
+    """Per band, ImageOps' table of `auto_contrast` (cutoff 0) or `equalize` for (3, H, W) uint8 `levels`."""
+    tables = []
+    for band in levels:
+        if name == "auto_contrast":
+            low, high = int(band.min()), int(band.max())
+            scale = 255.0 / max(1, high - low)
+            table = (np.arange(256) * scale - low * scale).astype(np.int64).clip(0, 255)  # int(): toward zero
+            tables.append(table.astype(np.uint8) if high > low else np.arange(256, dtype=np.uint8))
+            continue
+        histogram = np.bincount(band.reshape(-1), minlength=256)
+        used = histogram[histogram > 0]
+        step = (int(used.sum()) - int(used[-1])) // 255 if len(used) > 1 else 0
+        if not step:
+            tables.append(np.arange(256, dtype=np.uint8))
+            continue
+        below = np.concatenate([[0], np.cumsum(histogram)[:-1]])  # pixels below each level
+        tables.append(((step // 2 + below) // step).clip(0, 255).astype(np.uint8))
+    return tables
+
+
 def _line_shift_op(picture: torch.Tensor, name: str, value: float, fill: tuple[int, ...]) -> torch.Tensor:
     _, height, width = picture.shape
     along_x = _LINE_SHIFTS[name] == "x"
-    lines = height if along_x else width  # the lines that move: rows for x moves, columns for y moves
-    if name.startswith("shear"):
-        shifts = value * (torch.arange(lines, dtype=torch.float64) + 0.5)
-    else:
+    if name.startswith("translate"):
         pixels = value * (width if along_x else height) if name.endswith("_rel") else value
-        shifts = torch.full((lines,), float(pixels), dtype=torch.float64)
+        return shift_all(picture, float(pixels), fill, dim=2 if along_x else 1)
+    lines = height if along_x else width  # the lines that move: rows for x shears, columns for y shears
+    shifts = value * (torch.arange(lines, dtype=torch.float64) + 0.5)
     if along_x:
         return shift_lines(picture, shifts, fill)
-    return shift_lines(picture.transpose(1, 2), shifts, fill).transpose(1, 2).contiguous()
+    moved = shift_lines(picture.transpose(1, 2), shifts, fill).numpy()
+    return torch.from_numpy(np.ascontiguousarray(moved.transpose(0, 2, 1)))  # numpy's copy: twice torch's speed
+
+
+def shift_all(picture: torch.Tensor, shift: float, fill: tuple[int, ...], *, dim: int) -> torch.Tensor:
+    """`shift_lines` for a translation: every line moves by the same `shift` along `dim` (2: rows, x; 1: columns,
+    y), so one set of tap weights serves the whole picture and the taps are shifted slices (no gather, no
+    transpose). Pillow's rule as in `shift_lines`: fill where the source pixel centre `x + 0.5 + shift` lies outside
+    the picture, else the 4-tap cubic convolution (a = -1) with taps clamped to the ends, clipped and truncated.
+
+    Args:
+        picture: (C, H, W) uint8.
+        shift: source offset in pixels.
+        fill: fill colour (C values).
+        dim: 2 moves pixels along rows, 1 along columns.
+
+    Returns:
+        (C, H, W) uint8.
+    """
+    size = picture.shape[dim]
+    out = torch.tensor(fill, dtype=torch.uint8).view(-1, 1, 1).expand(picture.shape).clone()
+    # output positions whose source centre lies inside: 0 <= x + 0.5 + shift < size
+    first, stop = max(0, math.ceil(-0.5 - shift)), min(size, math.ceil(size - 0.5 - shift))
+    if first >= stop:
+        return out
+    whole = math.floor(shift)
+    weights = _cubic_weights(torch.tensor([shift - whole], dtype=torch.float64)).to(torch.float32).view(4).tolist()
+    # two edge copies on each side hold every clamped tap: an inside source centre puts the taps within [-2, size + 1]
+    edges = (picture.narrow(dim, 0, 1),) * 2, (picture.narrow(dim, size - 1, 1),) * 2
+    padded = torch.cat([*edges[0], picture, *edges[1]], dim).float()
+    count = stop - first
+    start = first + whole + 1  # padded position of tap 0 (source x + whole - 1) for output `first`
+    taps = padded.narrow(dim, start, count) * weights[0]
+    for k in range(1, 4):
+        taps.add_(padded.narrow(dim, start + k, count), alpha=weights[k])
+    out.narrow(dim, first, count).copy_(_truncated(taps.clamp_(0, 255)))
+    return out
 
 
 def shift_lines(picture: torch.Tensor, shifts: torch.Tensor, fill: tuple[int, ...]) -> torch.Tensor:
@@ -220,16 +335,20 @@ def shift_lines(picture: torch.Tensor, shifts: torch.Tensor, fill: tuple[int, ..
     taps = padded[:, :, first : first + span] * weights[0]  # taps[..., j]: the filter with tap 0 at column low + j
     for k in range(1, 4):
         taps.addcmul_(padded[:, :, first + k : first + k + span], weights[k])
-    taps = torch.cat(
-        [taps.clamp_(0, 255), torch.tensor(fill, dtype=torch.float32).view(channels, 1, 1).expand(channels, height, 1)],
-        2,
-    )
-    # Pillow's fill rule: the source pixel centre x + 0.5 + shift outside [0, W) takes the fill colour (the
-    # extra last column of `taps`).
-    source = torch.arange(width)[None, :] + 0.5 + shifts[:, None]  # (H, W)
-    index = (whole - 1 - low)[:, None] + torch.arange(width)[None, :]  # (H, W) column of `taps`
-    index = index.masked_fill_((source < 0) | (source >= width), span)
-    return taps.to(torch.uint8).gather(2, index.expand(channels, height, width))  # uint8: truncated, as Pillow's
+    fill_column = torch.tensor(fill, dtype=torch.uint8).view(channels, 1, 1).expand(channels, height, 1)
+    levels = torch.cat([_truncated(taps.clamp_(0, 255)), fill_column], 2)  # the last column: the fill colour
+    # Pillow's fill rule: the source pixel centre x + 0.5 + shift outside [0, W) takes the fill colour; per line
+    # that is x below ceil(-0.5 - shift) or from ceil(W - 0.5 - shift) on.
+    columns = torch.arange(width)[None, :]
+    outside = (columns < torch.ceil(-0.5 - shifts)[:, None]) | (columns >= torch.ceil(width - 0.5 - shifts)[:, None])
+    index = (whole - 1 - low)[:, None] + columns  # (H, W) column of `levels`
+    return levels.gather(2, index.masked_fill_(outside, span).expand(channels, height, width))
+
+
+def _truncated(values: torch.Tensor) -> torch.Tensor:
+    """float values in [0, 255] to uint8, truncated as Pillow's filters do (numpy's conversion: several times
+    faster than torch's on a CPU)."""
+    return torch.from_numpy(values.numpy().astype(np.uint8))
 
 
 def _cubic_weights(fraction: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ every choice of one sample into a `SampleParams`; the decode paths of `pace.data
 from __future__ import annotations
 
 import copy
+import io
 import math
 import random
 from collections.abc import Callable
@@ -59,20 +60,42 @@ class EncodedImage:
 
     Args:
         data: the file's bytes.
-        header: the image opened lazily by Pillow (size and format read, pixels not).
+        header: the image opened lazily by Pillow (size and format read, pixels not); None for a JPEG whose size
+            was read from its frame header (`jpeg_size`), opened by `opened` when needed.
         url: the shard it came from.
         key: the sample's key.
+        jpeg_size: (width, height) of a JPEG read from its frame header.
     """
 
     data: bytes
-    header: Image.Image
+    header: Image.Image | None = None
     url: str = ""
     key: str = ""
+    jpeg_size: tuple[int, int] | None = None
 
     @property
     def size(self) -> tuple[int, int]:
         """(width, height)."""
-        return self.header.size
+        return self.header.size if self.header is not None else self.jpeg_size
+
+    @property
+    def format(self) -> str | None:
+        """Pillow's format name (`JPEG`, `PNG`, ...)."""
+        return self.header.format if self.header is not None else "JPEG"
+
+    def opened(self) -> Image.Image:
+        """The image opened lazily by Pillow."""
+        if self.header is None:
+            self.header = Image.open(io.BytesIO(self.data))
+        return self.header
+
+    def sized(self) -> Image.Image | torch.Tensor:
+        """Something timm's and torchvision's size readers (`get_image_size`) take: the header, or a tensor of the
+        image's shape that holds no memory (a zero-dimensional tensor expanded)."""
+        if self.header is not None:
+            return self.header
+        width, height = self.jpeg_size
+        return torch.zeros(()).expand(height, width)
 
 
 @dataclass
@@ -117,11 +140,12 @@ class ParamSampler:
             raise ValueError(f"the device path does not support these train-transform steps: {unsupported}")
         self.output_size = self.crop.size[0]
 
-    def sample(self, header: Image.Image) -> SampleParams:
+    def sample(self, header: Image.Image | torch.Tensor) -> SampleParams:
         """All of one sample's choices.
 
         Args:
-            header: the lazily opened full-size image (timm's crop sampler reads its size only).
+            header: the lazily opened full-size image, or `EncodedImage.sized()` (timm's crop sampler reads the
+                size only).
         """
         params = SampleParams(crop=self.crop.get_params(header, self.crop.scale, self.crop.ratio))
         params.interpolation = self.sample_interpolation()

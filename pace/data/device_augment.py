@@ -12,7 +12,8 @@ epoch repeats them. The main process then runs a `DeviceStage` on each batch:
   `pace.data.augment_ops.apply_ops`; on a CPU per image, `apply_recorded`, several times cheaper there);
 * `decode="draft"` (`create_device_train_transform(draft=True)`): the workers decode at the largest JPEG DCT scale
   the drawn crop allows (`Image.draft`), crop and resize, flip, and run RandAugment per image (`apply_recorded`:
-  timm's Pillow ops, Pillow's bicubic shears and translations as 1-D filters); the stage gets uint8 crops.
+  Pillow's arithmetic on the tensor, shears and translations as 1-D filters, rotation in Pillow); the stage gets
+  uint8 crops.
 
 Modules: `augment_params` (the draws), `augment_ops` (RandAugment on tensors), `device_stage` (the main-process
 half); this one holds the worker halves and the builders.
@@ -111,9 +112,9 @@ class _Deferred:
 
 def _payload(image: EncodedImage) -> torch.Tensor:
     """JPEG bytes as a 1-D uint8 tensor for the device decoder; other formats decoded here, uint8 CHW."""
-    if image.header.format == "JPEG":
+    if image.format == "JPEG":
         return torch.frombuffer(bytearray(image.data), dtype=torch.uint8)
-    return pil_to_chw(image.header.convert("RGB"))
+    return pil_to_chw(image.opened().convert("RGB"))
 
 
 class DeviceTrainTransform(_Deferred):
@@ -125,13 +126,13 @@ class DeviceTrainTransform(_Deferred):
         self.erase_mode = erase_mode
 
     def __call__(self, image: EncodedImage) -> tuple[torch.Tensor, SampleParams, tuple[str, str]]:
-        return _payload(image), self.sampler.sample(image.header), (image.url, image.key)
+        return _payload(image), self.sampler.sample(image.sized()), (image.url, image.key)
 
 
 class DraftTrainTransform(_Deferred):
     """Worker half of `decode="draft"` training: decode at a reduced JPEG scale where the crop allows, crop and
-    resize, then flip and RandAugment with timm's draws (`apply_recorded`: timm's Pillow ops, shears and translations
-    as Pillow's bicubic along one axis); normalising, erasing and mixing run in the stage.
+    resize, then flip and RandAugment with timm's draws (`apply_recorded`: Pillow's results, mostly computed on the
+    tensor); normalising, erasing and mixing run in the stage.
 
     The DCT scale is the largest of 1/8, 1/4, 1/2 that keeps both sides of the drawn crop at or above the output
     side, so no pixel the full-size crop would have resampled from is lost to upsampling; there Pillow decodes
@@ -146,7 +147,7 @@ class DraftTrainTransform(_Deferred):
 
     def __call__(self, image: EncodedImage) -> tuple[torch.Tensor | BadData, SampleParams, tuple[str, str]]:
         sampler = self.sampler
-        crop = sampler.crop.get_params(image.header, sampler.crop.scale, sampler.crop.ratio)
+        crop = sampler.crop.get_params(image.sized(), sampler.crop.scale, sampler.crop.ratio)
         params = SampleParams(crop=crop, interpolation=sampler.sample_interpolation())
         try:
             picture = self.crop_resized(image, params)
@@ -165,7 +166,7 @@ class DraftTrainTransform(_Deferred):
         """The sample's crop, resized to the output side: (3, side, side) uint8."""
         top, left, height, width = params.crop
         side, headroom = self.output_size, min(height, width) / self.output_size
-        if headroom < 2 and image.header.format == "JPEG":
+        if headroom < 2 and image.format == "JPEG":
             # Full size: libjpeg-turbo through torchvision and torch's uint8 resampler, about twice as fast as
             # Pillow's decoder and resize here (same filter, antialiased; a level of rounding apart).
             return resize_crop(decode_jpeg(_payload(image), mode=ImageReadMode.RGB), params, side)

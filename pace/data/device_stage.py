@@ -134,8 +134,8 @@ class DeviceStage:
         self.seed = seed
         self.rank = rank
         self.prefetch = device.type == "cuda"
-        # RandAugment per image (timm's Pillow ops, shears and translations as 1-D filters) on a CPU, where that
-        # is several times cheaper than the batched tensor ops, which suit a GPU.
+        # RandAugment per image (`apply_recorded`: Pillow's results, mostly computed on the tensor) on a CPU, where
+        # that is several times cheaper than the batched tensor ops, which suit a GPU.
         self.per_image_ops = device.type == "cpu"
         self.buffers = BatchBuffers()
 
@@ -198,11 +198,14 @@ class DeviceStage:
         images = self._normalise(images)
         return self._erase(images, params, generator), targets
 
-    def _crop_flip_augment(self, pictures: list[torch.Tensor], params: list[SampleParams]) -> torch.Tensor:
-        if self.per_image_ops:  # one stack at the end: each batch-sized copy is page faults on a CPU
+    def _crop_flip_augment(
+        self, pictures: list[torch.Tensor], params: list[SampleParams]
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """uint8 crops: a batch tensor, or on a CPU a list (`_normalise` writes each into the batch)."""
+        if self.per_image_ops:
             crops = [resize_crop(picture, p, self.output_size) for picture, p in zip(pictures, params)]
             crops = [crop.flip(-1) if p.flip else crop for crop, p in zip(crops, params)]
-            return torch.stack([apply_recorded(crop, p.ops, self.fill) for crop, p in zip(crops, params)])
+            return [apply_recorded(crop, p.ops, self.fill) for crop, p in zip(crops, params)]
         images = resize_crops(pictures, params, self.output_size, uint8_kernel=self.device.type == "cpu")
         flips = torch.tensor([p.flip for p in params], device=images.device)
         images = torch.where(flips.view(-1, 1, 1, 1), images.flip(-1), images)
@@ -211,12 +214,17 @@ class DeviceStage:
             images = apply_ops(images, [p.ops[layer] if layer < len(p.ops) else None for p in params], self.fill)
         return images
 
-    def _normalise(self, images: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cpu":
-            out = self.buffers.take(images.shape).copy_(images)  # memory the pages of which are already in place
-        else:
-            out = images.float()
-        return out.sub_(self.mean).div_(self.std)  # in place: a third of the memory traffic on a CPU
+    def _normalise(self, images: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """(B, 3, S, S) float from uint8 images (a batch, or on a CPU also a list of (3, S, S))."""
+        if self.device.type != "cpu":
+            return (torch.stack(images) if isinstance(images, list) else images).float().sub_(self.mean).div_(self.std)
+        # Into memory whose pages are already in place, one image at a time: its float copy is still in the cache
+        # for the two passes after it (in place: a third of the memory traffic).
+        out = self.buffers.take(torch.Size([len(images), *images[0].shape]))
+        mean, std = self.mean[0], self.std[0]
+        for slot, image in zip(out, images):
+            slot.copy_(image).sub_(mean).div_(std)
+        return out
 
     def _erase(self, images: torch.Tensor, params: list[SampleParams], generator: torch.Generator) -> torch.Tensor:
         for index, p in enumerate(params):
@@ -247,7 +255,7 @@ class DeviceStage:
             mode = TF_INTERPOLATION.get(batch.params[k].interpolation, TF.InterpolationMode.BICUBIC)
             resized = TF.resize(pictures[k], [resize], interpolation=mode, antialias=True)
             images.append(TF.center_crop(resized, side))
-        images = self._normalise(torch.stack(images))
+        images = self._normalise(images)
         return images, targets[kept].to(self.device), [keys[k] for k in kept]
 
     # -- decoding ------------------------------------------------------------------------------------------

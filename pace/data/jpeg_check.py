@@ -52,6 +52,39 @@ def jpeg_damage(data: bytes) -> str | None:
     return "no end-of-image marker: the file was cut short or its end overwritten"
 
 
+# Start-of-frame markers (the frame header holds the image size): SOF0-SOF15 but DHT (C4), JPG (C8) and DAC (CC).
+_FRAMES = {*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC}
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's frame header, found by walking the segments before the first scan.
+
+    Args:
+        data: the file's bytes.
+
+    Returns:
+        The size, or None when the data does not start as a JPEG with a frame header of non-zero size before its
+        first scan (the caller then asks Pillow, which names the problem).
+    """
+    if data[:2] != b"\xff\xd8":
+        return None
+    pos, size = 2, len(data)
+    while pos + 4 <= size and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker in _FRAMES:
+            if pos + 9 > size:
+                return None
+            height, width = (data[pos + 5] << 8) | data[pos + 6], (data[pos + 7] << 8) | data[pos + 8]
+            return (width, height) if width and height else None
+        if marker in (_SOS, _EOI):
+            return None
+        pos += 2 if marker in _STANDALONE else 2 + ((data[pos + 2] << 8) | data[pos + 3])
+    return None
+
+
 def _end_of_scan(data: bytes, pos: int) -> int:
     """Position of the marker that ends the compressed data starting at pos (len(data) when there is none)."""
     while True:

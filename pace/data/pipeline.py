@@ -41,6 +41,7 @@ from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
 from pace.data.device_augment import EncodedImage
 from pace.data.info import ShardSet
+from pace.data.jpeg_check import jpeg_size
 from pace.data.lost import OncePerShard, shared_loss
 from pace.data.options import IMAGE_KEYS, ShardReading, TrainSampling  # noqa: F401  (IMAGE_KEYS: re-exported)
 from pace.data.shards import BadData, read_shard
@@ -280,9 +281,13 @@ class ShardDataset(IterableDataset):
             return BadData("bad_label", url, key, f"label {sample[reading.label_key][:20]!r} is not an integer")
         if reading.num_classes is not None and not 0 <= label < reading.num_classes:
             return BadData("bad_label", url, key, f"label {label} outside [0, {reading.num_classes})")
+        encoded = getattr(self.transform, "takes_encoded", False)  # decoded by the transform or on the device
+        size = jpeg_size(data) if encoded else None
+        if size is not None:  # a JPEG's frame header read in a byte scan, a twentieth of Pillow's open
+            return EncodedImage(data, None, url, key, jpeg_size=size), label, key
         try:
             image = Image.open(io.BytesIO(data))
-            if getattr(self.transform, "takes_encoded", False):  # header read; decoded by the transform or device
+            if encoded:  # other formats, and JPEGs whose header the scan could not read (Pillow names the problem)
                 return EncodedImage(data, image, url, key), label, key
             image = image.convert("RGB") if image.mode != "RGB" else _loaded(image)
         except Exception as exn:  # PIL raises many types for damaged files (OSError, SyntaxError, ValueError ...)

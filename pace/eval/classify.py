@@ -128,16 +128,13 @@ def predict(
     model: nn.Module,
     loader: Iterable,
     *,
-    device: torch.device | str,
-    amp_dtype: torch.dtype | str | None = None,
-    channels_last: bool = False,
     maxk: int = 5,
     keep_logits: bool = False,
     num_classes: int | None = None,
     env: DistEnv | None = None,
     log_every: int = 0,
-    limit_batches: int | None = None,
     class_subset: Sequence[int] | None = None,
+    **forward_options,
 ) -> tuple[Predictions, float]:
     """Run `model` over this rank's share of the data and gather every rank's predictions.
 
@@ -145,16 +142,14 @@ def predict(
         model: any classifier returning (B, num_classes) logits; DDP wrappers are looked through. It is put in eval
             mode for the pass and returned to its previous mode afterwards.
         loader: yields `(images, targets, keys)`; targets of -1 mark unlabelled samples.
-        device: where the forward pass runs.
-        amp_dtype: autocast dtype (torch.bfloat16 / torch.float16 / `"bf16"`), None for full precision.
-        channels_last: feed images in channels-last memory format (convert the model likewise, for speed).
         maxk: how many top classes to keep per sample.
         keep_logits: also keep the full logits (for a predictions file).
         num_classes: the number of classes the data has; a model with another number of logits is an error.
         env: this process's place in the job, whose ranks are gathered (None: `resolve_dist_env()`).
         log_every: log progress every this many batches on rank 0 (0: never).
-        limit_batches: stop after this many batches on each rank.
         class_subset: score only these classes (the other logits are masked to -inf), as for ImageNet-A/R.
+        **forward_options: `device` and optionally `amp_dtype`, `channels_last` (convert the model likewise, for
+            speed) and `limit_batches` (per rank), as `pace.eval.forward.forward_batches` takes them.
 
     Returns:
         The predictions of all ranks, concatenated in rank order (not yet sorted or checked for repeats), and the
@@ -165,8 +160,7 @@ def predict(
     parts: list[Predictions] = []
     wait = LoaderWait()
     with eval_mode(model) as net:
-        options = {"amp_dtype": amp_dtype, "channels_last": channels_last, "limit_batches": limit_batches}
-        for index, logits, targets, keys in forward_batches(net, loader, device=device, wait=wait, **options):
+        for index, logits, targets, keys in forward_batches(net, loader, wait=wait, **forward_options):
             check_logits(logits, num_classes)
             parts.append(
                 _batch_predictions(logits, targets, keys, maxk=maxk, keep_logits=keep_logits, class_subset=subset)

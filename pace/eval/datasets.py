@@ -81,8 +81,7 @@ def open_eval_data(
     loading = {
         "batch_size": batch_size,
         "num_workers": num_workers,
-        "rank": env.rank,
-        "world_size": env.world_size,
+        "env": env,
         "pin_memory": pin_memory,
     }
     if fmt == "webdataset":
@@ -139,7 +138,7 @@ def _open_shards(cfg: EvaluatorConfig, transform: Callable, loading: dict) -> Ev
         num_samples=cfg.num_samples,
         batch_size=loading["batch_size"],
         num_workers=loading["num_workers"],
-        env=DistEnv(rank=loading["rank"], world_size=loading["world_size"]),
+        env=loading["env"],
         reading=ShardReading(pin_memory=loading["pin_memory"]),
     )
     num_classes = len(shards.classes) if shards.classes else None

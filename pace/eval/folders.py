@@ -20,6 +20,7 @@ from pace.data.image_folders import (
     scan_flat_folder,
     scan_image_folder,
 )
+from pace.distributed import DistEnv
 from pace.eval.predictions import UNLABELLED
 
 log = logging.getLogger(__name__)
@@ -136,8 +137,7 @@ def folder_loader(
     *,
     batch_size: int,
     num_workers: int,
-    rank: int = 0,
-    world_size: int = 1,
+    env: DistEnv | None = None,
     pin_memory: bool = False,
 ) -> DataLoader:
     """A loader over this rank's share of the folder: samples `rank, rank + world_size, ...` (no padding, so each
@@ -148,11 +148,11 @@ def folder_loader(
         transform: the eval transform.
         batch_size: per-rank batch size.
         num_workers: loader worker processes.
-        rank: this process's rank.
-        world_size: number of processes.
+        env: this process's place in the job (default: a single process).
         pin_memory: pin host memory (for CUDA).
     """
-    share = data.samples[rank::world_size]
+    env = env or DistEnv()
+    share = data.samples[env.rank :: env.world_size]
     return DataLoader(
         KeyedImages(share, transform),
         batch_size=batch_size,

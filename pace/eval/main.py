@@ -20,14 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import pace
 from pace.data import create_eval_transform
-from pace.distributed import (
-    DistEnv,
-    capped_workers,
-    destroy_distributed,
-    init_distributed,
-    resolve_dist_env,
-    select_device,
-)
+from pace.distributed import DistEnv, capped_workers, process_group, resolve_dist_env
 from pace.errors import run_cli, user_errors
 from pace.eval.config import EvalConfig, register_configs, validate
 from pace.eval.evaluators import build_evaluators
@@ -194,14 +187,8 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     if config.rescore:
         record = _rescore(config)
     else:
-        device = select_device(env, config.device)
-        if not env.is_main:
-            logging.getLogger().setLevel(logging.WARNING)
-        init_distributed(env, device)
-        try:
+        with process_group(env, config.device) as device:
             record = _evaluate_model(config, env, device)
-        finally:
-            destroy_distributed()
     record["config"] = resolved
     if env.is_main:
         path = write_results(Path(config.output_dir) / "results.json", record)

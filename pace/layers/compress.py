@@ -32,7 +32,7 @@ def _membership_logits_from_squares(sq_norms: Tensor, tau: Tensor) -> Tensor:
     return work.clamp_min(torch.finfo(work.dtype).tiny).sqrt() / tau
 
 
-def compress_weights(
+def compress(
     x: Tensor,
     subspaces: Tensor,
     tau: Tensor,
@@ -42,16 +42,36 @@ def compress_weights(
     eps: float,
     exact: bool = False,
     form: str = "full",
+    scale: Tensor | None = None,
+    add_to: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """The per-head weighted null-space coordinates ``w_k = π_k ⊙ (a_k − col_k)`` and the memberships π.
+    """Compression update Σ_k U_k (π_k ⊙ (a_k − col_k)) for all heads at once, and the memberships π.
 
-    The compression update is ``w Uᵀ`` (see :func:`compress`); returning ``w`` lets a caller fold that last
-    product into its own output (:func:`pace.layers.pace_attention.pace_attention` adds it to the expansion term
-    in one matrix product). The arguments are those of :func:`compress`.
+    Per head k: ``a_k = U_kᵀx`` (p), ``Y_k = A_k Ω`` (p × r), ``Q_k = ridge_basis(Y_k)`` (one batched Cholesky over
+    images and heads). ``form="full"``: ``col_k = Q_k(Q_kᵀa_k)``, the paper's projection. ``form="diag"``:
+    ``col_k = diag(Q_kQ_kᵀ) ⊙ a_k``, what the reference code computes (its einsum repeats an index, which takes a
+    diagonal); the diagonal is the row-wise sum of squares of ``Q_k``. ``null_k = a_k − col_k``,
+    ``π = softmax_k(‖col_k‖ / τ)``. No p × p projector is formed and no Python loop runs over heads.
+
+    The update is ``w Uᵀ`` with the weighted null-space coordinates ``w_k = π_k ⊙ (a_k − col_k)``; ``scale`` and
+    ``add_to`` fold a step size and another term into that last product (one ``addmm``), as
+    :func:`pace.layers.pace_attention.pace_attention` does with ``−β`` and the expansion term.
+
+    Args:
+        x: Tokens, shape (B, N, C).
+        subspaces: ``U = [U_1 … U_K]``, shape (C, K·p).
+        tau: Temperature τ, a 0-dim tensor.
+        sketch: Ω, shape (N, r) with ``r <= p``, shared by all heads.
+        num_heads: K.
+        eps: Ridge ε of the basis.
+        exact: Use the exact (orthogonal) projector instead of the ridge one.
+        form: ``"full"`` or ``"diag"``.
+        scale: A 0-dim tensor multiplying the update (None: 1).
+        add_to: A (B, N, C) tensor the (scaled) update is added to (None: nothing).
 
     Returns:
-        ``(w, memberships)``: w of shape (B, N, K·p), heads side by side as in ``U``; memberships π of shape
-        (B, N, K) in at least float32, summing to 1 over K.
+        ``(out, memberships)``: out of shape (B, N, C) in the dtype of ``x``; memberships π of shape (B, N, K) in
+        the dtype of ``x``, summing to 1 over K.
     """
     validate_compress_form(form)
     B, N, C = x.shape
@@ -69,56 +89,24 @@ def compress_weights(
         pi = torch.softmax(_membership_logits_from_squares((a * a) @ blocks.view(B, K * p, K), tau), dim=-1)
         # null_k = (1 − diag) ⊙ a_k
         w = a.view(B, N, K, p) * pi.unsqueeze(-1).to(a.dtype) * (1 - keep).unsqueeze(1)  # (B, N, K, p)
-        return w.view(B, N, K * p), pi
-    a_h = a.view(B, N, K, p).transpose(1, 2).reshape(B * K, N, p)  # (B·K, N, p): one matrix per image and head
-    if exact:
-        Q = ridge_basis(a_h.mT @ sketch.to(a.dtype), eps=eps, exact=True).to(a.dtype)  # (B·K, p, r)
-        col = (a_h @ Q) @ Q.mT
+        w = w.view(B, N, K * p)
     else:
-        col = ridge_project(a_h, sketch, eps=eps)  # (B·K, N, p) = Q_kQ_kᵀ a_k
-    norms = torch.linalg.vector_norm(col, dim=-1, dtype=torch.promote_types(col.dtype, torch.float32))
-    pi = torch.softmax(norms.view(B, K, N) / tau, dim=1)  # (B, K, N)
-    null = (a_h - col).view(B, K, N, p)
-    w = (null * pi.unsqueeze(-1).to(null.dtype)).transpose(1, 2).reshape(B, N, K * p)  # (B, N, K·p)
-    return w, pi.transpose(1, 2)
-
-
-def compress(
-    x: Tensor,
-    subspaces: Tensor,
-    tau: Tensor,
-    sketch: Tensor,
-    *,
-    num_heads: int,
-    eps: float,
-    exact: bool = False,
-    form: str = "full",
-) -> tuple[Tensor, Tensor]:
-    """Compression update Σ_k U_k (π_k ⊙ (a_k − col_k)) for all heads at once, and the memberships π.
-
-    Per head k: ``a_k = U_kᵀx`` (p), ``Y_k = A_k Ω`` (p × r), ``Q_k = ridge_basis(Y_k)`` (one batched Cholesky over
-    images and heads). ``form="full"``: ``col_k = Q_k(Q_kᵀa_k)``, the paper's projection. ``form="diag"``:
-    ``col_k = diag(Q_kQ_kᵀ) ⊙ a_k``, what the reference code computes (its einsum repeats an index, which takes a
-    diagonal); the diagonal is the row-wise sum of squares of ``Q_k``. ``null_k = a_k − col_k``,
-    ``π = softmax_k(‖col_k‖ / τ)``. No p × p projector is formed and no Python loop runs over heads.
-
-    Args:
-        x: Tokens, shape (B, N, C).
-        subspaces: ``U = [U_1 … U_K]``, shape (C, K·p).
-        tau: Temperature τ, a 0-dim tensor.
-        sketch: Ω, shape (N, r) with ``r <= p``, shared by all heads.
-        num_heads: K.
-        eps: Ridge ε of the basis.
-        exact: Use the exact (orthogonal) projector instead of the ridge one.
-        form: ``"full"`` or ``"diag"``.
-
-    Returns:
-        ``(out, memberships)``: out of shape (B, N, C) in the dtype of ``x``; memberships π of shape (B, N, K),
-        summing to 1 over K.
-    """
-    w, pi = compress_weights(x, subspaces, tau, sketch, num_heads=num_heads, eps=eps, exact=exact, form=form)
-    B, N, C = x.shape
-    out = w.reshape(B * N, -1) @ subspaces.to(w.dtype).mT  # (B·N, C)
+        a_h = a.view(B, N, K, p).transpose(1, 2).reshape(B * K, N, p)  # (B·K, N, p): one matrix per image and head
+        if exact:
+            Q = ridge_basis(a_h.mT @ sketch.to(a.dtype), eps=eps, exact=True).to(a.dtype)  # (B·K, p, r)
+            col = (a_h @ Q) @ Q.mT
+        else:
+            col = ridge_project(a_h, sketch, eps=eps)  # (B·K, N, p) = Q_kQ_kᵀ a_k
+        norms = torch.linalg.vector_norm(col, dim=-1, dtype=torch.promote_types(col.dtype, torch.float32))
+        pi = torch.softmax(norms.view(B, K, N) / tau, dim=1)  # (B, K, N)
+        null = (a_h - col).view(B, K, N, p)
+        w = (null * pi.unsqueeze(-1).to(null.dtype)).transpose(1, 2).reshape(B, N, K * p)  # (B, N, K·p)
+        pi = pi.transpose(1, 2)
+    u = subspaces.to(w.dtype) if scale is None else subspaces.to(w.dtype) * scale.to(w.dtype)  # (C, K·p)
+    if add_to is None:
+        out = w.reshape(B * N, -1) @ u.mT  # (B·N, C)
+    else:
+        out = torch.addmm(add_to.reshape(B * N, C).to(w.dtype), w.reshape(B * N, -1), u.mT)  # (B·N, C)
     return out.view(B, N, C).to(x.dtype), pi.to(x.dtype)
 
 

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from pace.layers._validate import check_sizes
 from pace.layers.basis import ridge_project
-from pace.layers.compress import Compress, compress_weights, validate_compress_form
+from pace.layers.compress import Compress, compress, validate_compress_form
 from pace.layers.expand import Expand, expand
 from pace.layers.mixer import pace_mixer
 
@@ -81,15 +81,24 @@ def pace_attention(
             x, subspaces, tau, alpha, beta, expand_sketch, compress_sketch, num_heads=num_heads, eps=eps, form=form
         )
         return out, pi.to(x.dtype)
-    B, N, C = x.shape
     if exact:
         expanded = alpha * expand(x, expand_sketch, eps=eps, exact=True)
     else:
         expanded = ridge_project(x, expand_sketch, eps=eps, complement=True, scale=alpha)  # α(x − xΠ)
-    w, pi = compress_weights(x, subspaces, tau, compress_sketch, num_heads=num_heads, eps=eps, exact=exact, form=form)
-    neg_beta_u = subspaces.to(w.dtype) * -beta.to(w.dtype)  # (C, K·p)
-    out = torch.addmm(expanded.reshape(B * N, C).to(w.dtype), w.reshape(B * N, -1), neg_beta_u.mT)  # (B·N, C)
-    return out.view(B, N, C).to(x.dtype), pi.to(x.dtype)
+    # −β and the expansion term folded into the compression's last product: one addmm.
+    out, pi = compress(
+        x,
+        subspaces,
+        tau,
+        compress_sketch,
+        num_heads=num_heads,
+        eps=eps,
+        exact=exact,
+        form=form,
+        scale=-beta,
+        add_to=expanded,
+    )
+    return out, pi
 
 
 # A leaf for torch.fx / timm feature extraction: its forward manages the operators' sketches in Python.

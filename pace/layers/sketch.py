@@ -124,8 +124,10 @@ class SketchedModule(nn.Module):
 
     Under ``torch.compile`` a forward with a stored sketch reads only the buffer: no graph break. :meth:`set_epoch`
     draws the new epoch's sketch for the token count in use eagerly, so epoch changes neither break nor
-    recompile the graph. The first forward at a new token count draws inside the graph through one opaque custom
-    op (``pace::gaussian_sketch``), then recompiles once to the stored (or cached) path. A per-forward draw
+    recompile the graph. A draw that is not stored yet (the first forward at a new token count, and each
+    evaluation-sketch forward) happens outside the graph, one graph break per operator, because its seed mixes in
+    the layer index and would give every block its own frame; :meth:`store_sketch` (which
+    :meth:`pace.models.PACEViT.compile_blocks` calls for the nominal token count) draws beforehand. A per-forward draw
     (``"step"``, and ``"reference"`` from epoch 1) happens outside the graph (a graph break per operator), because
     a counter inside the graph would recompile it every step; ``"reference"`` recompiles once, when epoch 1 starts.
 
@@ -203,13 +205,14 @@ class SketchedModule(nn.Module):
         self._past_epoch_zero = epoch > 0
         self._derived.clear()
 
-    def _fresh_each_forward(self) -> bool:
-        # Whether this forward draws a new Ω (and advances a counter) rather than reusing one.
+    def _fresh_each_forward(self, training: bool | None = None) -> bool:
+        # Whether this forward (training or not; default: the module's mode) draws a new Ω and advances a counter.
+        training = self.training if training is None else training
         if self.sketch_schedule == "step":
-            return self.training
+            return training
         if self.sketch_schedule != "reference" or not self._past_epoch_zero:
             return False
-        return self.training or self.eval_sketch == "fresh"
+        return training or self.eval_sketch == "fresh"
 
     def _uses_evaluation_sketch(self) -> bool:
         return self.sketch_schedule == "reference" and not self.training and self.eval_sketch == "fixed"
@@ -286,11 +289,32 @@ class SketchedModule(nn.Module):
             return self._fresh_sketch(num_tokens)
         if not self._uses_evaluation_sketch() and self._stored_current and self.sketch.shape[0] == num_tokens:
             return self.sketch
+        return self._derive(num_tokens)
+
+    @torch.compiler.disable
+    def _derive(self, num_tokens: int) -> Tensor:
+        # Outside any compiled graph: the seed mixes in the layer index, so a draw inside the graph would compile
+        # one frame per block, and a deep model would exhaust Dynamo's recompile limit and run its blocks eagerly.
         omega = self.derived_sketch(num_tokens)
         if self.training:
             self._buffers["sketch"] = omega
             self._stored_current = True
         return omega
+
+    def store_sketch(self, num_tokens: int) -> None:
+        """Draw and store the training sketch for ``num_tokens`` now, as the next training forward would.
+
+        Called before compiling, so that the first compiled forward already reads the stored buffer (no graph
+        break). A schedule that draws on every training forward is left alone.
+
+        Args:
+            num_tokens: Rows n.
+        """
+        if self._fresh_each_forward(training=True) or (self._stored_current and self.sketch.shape[0] == num_tokens):
+            return
+        with torch.no_grad():
+            self._buffers["sketch"] = self.derived_sketch(num_tokens, training=True)
+        self._stored_current = True
 
     def get_extra_state(self) -> Tensor:
         """The schedule counters (epoch, training forwards, evaluation forwards), for exact resumption."""

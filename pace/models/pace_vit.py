@@ -236,6 +236,10 @@ class PACEViT(nn.Module):
             mode: A ``torch.compile`` mode (``None``, ``"reduce-overhead"``, ``"max-autotune"``, ...).
             **kwargs: Further ``torch.compile`` arguments (``fullgraph``, ``dynamic``, ``backend``, ...).
         """
+        # Sketches for the nominal grid drawn now, eagerly: the first compiled forward then reads stored buffers.
+        for module in self.blocks.modules():
+            if isinstance(module, SketchedModule):
+                module.store_sketch(self.patch_embed.num_patches)
         for blk in [*self.blocks, *(self.cls_attn_blocks or [])]:
             blk.compile(mode=mode, **kwargs)
 

@@ -16,14 +16,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from pace.distributed import (
-    DistEnv,
-    all_gather_object,
-    destroy_distributed,
-    init_distributed,
-    resolve_dist_env,
-    select_device,
-)
+from pace.distributed import DistEnv, all_gather_object, process_group, resolve_dist_env
 from pace.errors import RunError, describe, exit_on_stop_signals, run_cli, user_errors
 from pace.failed_start import discard_failed_start, remember_new_directories
 from pace.train.assemble import build_trainer
@@ -85,30 +78,26 @@ def _run(cfg: DictConfig, config: TrainConfig, lock: RunLock) -> int:
     if config.trainer.cpu_threads is not None:
         torch.set_num_threads(config.trainer.cpu_threads)
     env = resolve_dist_env()
-    device = select_device(env, config.trainer.device)
-    if not env.is_main:
-        logging.getLogger().setLevel(logging.WARNING)
     options = config.trainer
-    init_distributed(env, device, options.collective_timeout_s, options.rendezvous_timeout_s)
-    if device.type == "cuda":
-        # TF32 matmuls and cuDNN autotuning: the usual speed settings for vision training on Ampere and later.
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
-    resolved["run_dir"] = config.run_dir
-    trainer = None
-    try:
-        _take_run_dir(lock, env)
-        trainer = build_trainer(config, env=env, device=device, resolved=resolved)
-        results = trainer.fit()
-    except PreemptedError as stop:
-        log.warning("%s; exit %d, rerun the same command to resume", stop, EXIT_REQUEUE)
-        return EXIT_REQUEUE
-    finally:
-        if trainer is not None:
-            trainer.metrics.close()
-        destroy_distributed()
+    with process_group(env, options.device, options.collective_timeout_s, options.rendezvous_timeout_s) as device:
+        if device.type == "cuda":
+            # TF32 matmuls and cuDNN autotuning: the usual speed settings for vision training on Ampere and later.
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True
+        resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+        resolved["run_dir"] = config.run_dir
+        trainer = None
+        try:
+            _take_run_dir(lock, env)
+            trainer = build_trainer(config, env=env, device=device, resolved=resolved)
+            results = trainer.fit()
+        except PreemptedError as stop:
+            log.warning("%s; exit %d, rerun the same command to resume", stop, EXIT_REQUEUE)
+            return EXIT_REQUEUE
+        finally:
+            if trainer is not None:
+                trainer.metrics.close()
     chance = 100.0 / config.model.num_classes
     for key, value in results.items():
         if key.endswith("/top1"):

@@ -94,20 +94,13 @@ with use_backend("interpret"):
                 batch = max(t.shape[0] if t.dim() == 3 else 1 for t in (*lhs, *rhs))
                 out = torch.full((batch, lhs[0].shape[-2], rhs[0].shape[-1]), nan)
                 results[name] = gemm.matmul_sum(C, lhs, rhs, scalars, codes, batch, out=out)
-        elif kind == "ridge_grad":
-            W, F_s, G, scale, eps = args
+        elif kind in ("ridge_grad", "radial"):  # the op, or its launcher with a poisoned output (W's shape)
             if how == "op":
-                results[name] = ridge_gradient_matrix(*args)
+                results[name] = (ridge_gradient_matrix if kind == "ridge_grad" else ridge_radial_diagonal)(*args)
             else:
                 ridge_bwd = _dispatch.triton_module(torch.empty(0), "_triton_ridge_bwd")
-                results[name] = ridge_bwd.ridge_gradient_matrix(*args, out=torch.full(W.shape, nan))
-        elif kind == "radial":
-            W, F_s, G, G_s, scale, eps = args
-            if how == "op":
-                results[name] = ridge_radial_diagonal(*args)
-            else:
-                ridge_bwd = _dispatch.triton_module(torch.empty(0), "_triton_ridge_bwd")
-                results[name] = ridge_bwd.ridge_radial_diagonal(*args, out=torch.full(W.shape, nan))
+                launch = ridge_bwd.ridge_gradient_matrix if kind == "ridge_grad" else ridge_bwd.ridge_radial_diagonal
+                results[name] = launch(*args, out=torch.full(args[0].shape, nan))
         elif kind == "memberships":
             a, col, tau = args
             if how == "op":

@@ -16,6 +16,13 @@ COLUMN_NORM_FLOOR = 1e-12  # as pace.kernels.ridge
 
 
 @triton.jit
+def _load_matrices(W_ptr, F_ptr, G_ptr, off, mask):
+    """The same (rows, columns) tile of W, F_s and G."""
+    W = tl.load(W_ptr + off, mask=mask, other=0.0)
+    return W, tl.load(F_ptr + off, mask=mask, other=0.0), tl.load(G_ptr + off, mask=mask, other=0.0)
+
+
+@triton.jit
 def _with_radial_diagonal(W, F, G, Gs, s_j, s_k, diagonal, eps, FLOOR: tl.constexpr):
     """Rows j of ``Γ = G_s + 2 diag(ρ/s²)`` from the same rows of W, F_s, G, G_s (columns k), fp32.
 
@@ -34,9 +41,7 @@ def _ridge_gradient_kernel(W_ptr, F_ptr, G_ptr, S_ptr, O_ptr, c, eps, FLOOR: tl.
     i = tl.arange(0, BC)
     mask = (i[:, None] < c) & (i[None, :] < c)
     off = b * c * c + i[:, None] * c + i[None, :]
-    W = tl.load(W_ptr + off, mask=mask, other=0.0)
-    F = tl.load(F_ptr + off, mask=mask, other=0.0)
-    G = tl.load(G_ptr + off, mask=mask, other=0.0)
+    W, F, G = _load_matrices(W_ptr, F_ptr, G_ptr, off, mask)
     s = tl.load(S_ptr + b * c + i, mask=i < c, other=1.0)
     A = tl.dot(tl.trans(F), W, input_precision="ieee")
     Gs = tl.dot(tl.dot(F, A + tl.trans(A), input_precision="ieee"), tl.trans(F), input_precision="ieee")
@@ -54,9 +59,7 @@ def _radial_diagonal_kernel(
     k = tl.arange(0, BC)
     mask = (j[:, None] < c) & (k[None, :] < c)
     off = b * c * c + j[:, None] * c + k[None, :]
-    W = tl.load(W_ptr + off, mask=mask, other=0.0)
-    F = tl.load(F_ptr + off, mask=mask, other=0.0)
-    G = tl.load(G_ptr + off, mask=mask, other=0.0)
+    W, F, G = _load_matrices(W_ptr, F_ptr, G_ptr, off, mask)
     Gs = tl.load(Gs_ptr + off, mask=mask, other=0.0)
     s_j = tl.load(S_ptr + b * c + j, mask=j < c, other=1.0)
     s_k = tl.load(S_ptr + b * c + k, mask=k < c, other=1.0)

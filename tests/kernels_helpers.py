@@ -16,7 +16,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # Each case: ("factor", G) -> F, ("gram", Y, eps) -> (scale, G), ("memberships", a, col, tau) -> (w, π),
 # ("mixer_fwd", P, a, M, scalars) -> (Ps, z, π, ‖col‖²), ("mixer_bwd", g_R, P, g_U, a, π, ‖col‖², g_π, M, scalars)
-# -> (P̄, ā, P_c ⊙ ∂‖col‖², sums), ("cast_dot", g, x, dtype) -> (copy, <g, x>), ("pack", Y, F_s, U, Q_c, dtype) -> R
+# -> (P̄, ā, P_c ⊙ ∂‖col‖², sums), ("cast_dot", g, x, dtype) -> (copy, <g, x>), ("pack", Y, F_s, U, Q_c, dtype) -> R,
+# ("matmul_sum", C, lhs, rhs, scalars, codes) -> the fp32 sum, ("ridge_grad", W, F_s, G, scale, eps) -> Γ,
+# ("radial", W, F_s, G, G_s, scale, eps) -> Γ
 # or ("pace_mixer", x, U, τ, α, β,
 # Ω_e, Ω_c, g, g_π, K) -> (update, π, gradients of x, U, τ, α, β) with how = the Compress form; "poison" fills the
 # output buffers with NaN first, "tile16" too with 16 × 16 tiles, "op" goes through the public custom op under
@@ -26,7 +28,8 @@ import sys
 import torch
 torch.set_num_threads(1)
 from pace.kernels import _dispatch, use_backend, inverse_cholesky_factor, normalized_gram, compress_memberships
-from pace.kernels import cast_dot, mixer_memberships, mixer_memberships_backward, pack_bases
+from pace.kernels import cast_dot, mixer_memberships, mixer_memberships_backward, pack_bases, matmul_sum
+from pace.kernels import ridge_gradient_matrix, ridge_radial_diagonal
 cases = torch.load(sys.argv[1])
 with use_backend("interpret"):
     module = _dispatch.triton_module(torch.empty(0))
@@ -82,6 +85,22 @@ with use_backend("interpret"):
             out, pi = pace_mixer(*leaves, e_sketch, c_sketch, num_heads=heads, eps=0.01, form=how)
             grads = torch.autograd.grad((out * g).sum() + (pi * g_pi).sum(), leaves)
             results[name] = (out.detach(), pi.detach(), grads)
+        elif kind == "matmul_sum":
+            C, lhs, rhs, scalars, codes = args
+            if how == "op":
+                results[name] = matmul_sum(C, lhs, rhs, scalars=scalars, codes=codes)
+            else:
+                gemm = _dispatch.triton_module(torch.empty(0), "_triton_gemm")
+                batch = max(t.shape[0] if t.dim() == 3 else 1 for t in (*lhs, *rhs))
+                out = torch.full((batch, lhs[0].shape[-2], rhs[0].shape[-1]), nan)
+                results[name] = gemm.matmul_sum(C, lhs, rhs, scalars, codes, batch, out=out)
+        elif kind in ("ridge_grad", "radial"):  # the op, or its launcher with a poisoned output (W's shape)
+            if how == "op":
+                results[name] = (ridge_gradient_matrix if kind == "ridge_grad" else ridge_radial_diagonal)(*args)
+            else:
+                ridge_bwd = _dispatch.triton_module(torch.empty(0), "_triton_ridge_bwd")
+                launch = ridge_bwd.ridge_gradient_matrix if kind == "ridge_grad" else ridge_bwd.ridge_radial_diagonal
+                results[name] = launch(*args, out=torch.full(args[0].shape, nan))
         elif kind == "memberships":
             a, col, tau = args
             if how == "op":

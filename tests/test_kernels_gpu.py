@@ -169,3 +169,52 @@ def test_traced_fused_block_on_cuda_matches_eager(form):
         results.append([y.detach(), x.grad.clone()] + [p.grad.clone() for p in block.parameters()])
     for eager, traced in zip(*results):
         assert ((traced - eager).abs().max() / eager.abs().max().clamp_min(1e-6)).item() < 1e-4
+
+
+def test_matmul_sum_on_cuda_matches_float64_at_s_sizes():
+    """GEMM 2 and x̄ of the S model's fused mixer (B = 8, N = 196, d = 384, c = 160 + 160, r = 20) on CUDA: bf16
+    tiles exact with fp32 accumulation, fp32 tiles as 3xTF32; float64 of the same operands to 1e-5."""
+    from pace.kernels import matmul_sum
+
+    gen = torch.Generator().manual_seed(0)
+    B, N, d, c, r = 8, 196, 384, 320, 20
+    bf = torch.bfloat16
+    x, Ps = torch.randn(B, N, d, generator=gen), torch.randn(B, N, c, generator=gen).to(bf)
+    z, R = torch.randn(B, N, d, generator=gen).to(bf), torch.randn(B, d, c, generator=gen).to(bf)
+    U, omega = torch.randn(d, d, generator=gen), torch.randn(N, 180, generator=gen).to(bf)
+    Ye, Sc = torch.randn(B, d, 160, generator=gen), torch.randn(B, d, r, generator=gen)
+    scalars = torch.tensor([1.3, 0.7, 0.4])
+    cases = {
+        "gemm2": (x, [Ps, z], [R.mT, U.mT], [2, 0, -3]),
+        "grad_x": (x, [Ps, z, omega[:, :160], omega[:, 160:]], [R.mT, U.mT, Ye.mT, Sc.mT], [2, 0, 0, 0, 0]),
+    }
+    for name, (C, lhs, rhs, codes) in cases.items():
+        ref = matmul_sum(
+            C.double(), [t.double() for t in lhs], [t.double() for t in rhs], scalars=scalars.double(), codes=codes,
+            dtype=torch.float64,
+        )  # fmt: skip
+        cuda = [C.cuda(), [t.cuda() for t in lhs], [t.cuda() for t in rhs]]
+        got = matmul_sum(*cuda, scalars=scalars.cuda(), codes=codes).cpu().double()
+        err = ((got - ref).abs().max() / ref.abs().max()).item()
+        assert err < 1e-5, (name, err)
+
+
+@pytest.mark.parametrize(("batch", "c"), [(1024, 20), (128, 160)])
+def test_ridge_backward_kernels_on_cuda_match_float64(batch, c):
+    """The ridge backward's c × c work at the S model's sizes (Compress: register tile; Expand: row kernel)."""
+    from pace.kernels import ridge_gradient_matrix, ridge_radial_diagonal, symmetric_gradient
+    from pace.kernels.ridge import ridge_gradient_matrix_reference
+    from pace.layers.basis import scaled_ridge_factors
+
+    gen = torch.Generator().manual_seed(c)
+    Y = torch.randn(batch, 2 * c, c, generator=gen, dtype=torch.float64)
+    scale, G, F_s = scaled_ridge_factors(Y, EPS)
+    W = Y.mT @ torch.randn(batch, 2 * c, c, generator=gen, dtype=torch.float64)
+    ref = ridge_gradient_matrix_reference(W, F_s, G, scale, EPS)
+    args = [t.float().cuda() for t in (W, F_s, G, scale)]
+    if c <= 32:
+        got = ridge_gradient_matrix(*args, EPS)
+    else:
+        got = ridge_radial_diagonal(*args[:3], symmetric_gradient(*args[:2]), args[3], EPS)
+    err = ((got.cpu().double() - ref).abs().max() / ref.abs().max()).item()
+    assert err < 1e-4, err

@@ -64,6 +64,9 @@ def interpreted(tmp_path_factory):
     fwd, extra = inputs["small_f32"]
     cases["fwd_op"] = ("mixer_fwd", fwd, "op")
     cases["bwd_op"] = ("mixer_bwd", _bwd_args(*fwd, extra), "op")
+    no_g_pi = (*_bwd_args(*fwd, extra)[:6], None, *_bwd_args(*fwd, extra)[7:])  # π unused by the loss
+    cases["bwd_no_g_pi"] = ("mixer_bwd", no_g_pi, "poison")
+    cases["bwd_no_g_pi_op"] = ("mixer_bwd", no_g_pi, "op")
     # The whole fused mixer (full form), every pace.kernels op on the Triton interpreter, fp32.
     B, N, d, K, rank = 2, 21, 24, 3, 4
     x = torch.randn(B, N, d, generator=gen, dtype=torch.float64)
@@ -130,6 +133,23 @@ def test_backward_kernel_matches_float64(interpreted, name, dt):
     for what, o, r in zip(("P_bar", "a_bar", "Pc_w"), (P_bar, a_bar, Pc_w), ref):
         _close(o, r, rounding, what, seed)
     torch.testing.assert_close(sums.double(), ref[3], rtol=1e-4, atol=1e-4, msg=f"seed {seed}: partial sums")
+
+
+def test_backward_kernel_without_a_membership_cotangent(interpreted):
+    """g_pi = None (π unused) is a zero cotangent: kernel and op as the float64 reference with zeros."""
+    seed, inputs, out = interpreted
+    fwd, extra = inputs["small_f32"]
+    args = [t.double() for t in _bwd_args(*fwd, extra)]
+    args[6] = torch.zeros_like(args[6])
+    ref = mixer_memberships_backward_reference(*args)
+    for case in ("bwd_no_g_pi", "bwd_no_g_pi_op"):
+        for what, o, r in zip(("P_bar", "a_bar", "Pc_w"), out[case][:3], ref):
+            _close(o, r, 1e-5, what, seed)
+        torch.testing.assert_close(out[case][3].double(), ref[3], rtol=1e-4, atol=1e-4, msg=f"seed {seed}")
+    # The fallback takes None as well.
+    got = mixer_memberships_backward_reference(*args[:6], None, *args[7:])
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_public_ops_dispatch_to_interpreter_and_match_the_fallback(interpreted):
@@ -249,5 +269,7 @@ def test_kernels_compile_for_hopper_without_a_gpu(name):
         pointers = {"R_ptr": "*bf16"}
     else:
         constexprs = {"TINY_": TINY, "BN": 16, "BK": 8, "BR": 32, "BP": 64, "ROUND_BF16": False}
+        if name == "_memberships_bwd_kernel":
+            constexprs["HAS_GPI"] = False  # the training path: the block discards π
         pointers = dict(_BF16, Pcw_ptr="*bf16")
     assert len(build_for_hopper("_triton_mixer", name, constexprs, pointers, 4)) > 1000

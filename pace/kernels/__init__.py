@@ -1,8 +1,10 @@
 """Triton kernels of PACEAttention's small dense work, as torch custom ops with PyTorch fallbacks.
 
-Ridge step (``ridge``): normalised Gram, inverse Cholesky factor. Separate Compress operator (``memberships``).
+Ridge step (``ridge``): normalised Gram, inverse Cholesky factor, the backward's c × c chain
+(``ridge_gradient_matrix``, ``ridge_radial_diagonal``). Separate Compress operator (``memberships``).
 Fused mixer (``mixer_ops``): GEMM 1's right factor (``pack_bases``), the memberships with GEMM 2's left factors and
-their backward (``mixer_memberships``, ``mixer_memberships_backward``), the backward's prologue (``cast_dot``).
+their backward (``mixer_memberships``, ``mixer_memberships_backward``), the backward's prologue (``cast_dot``);
+GEMM 2 and x̄ as one fp32-accumulated sum of products (``gemm``: ``matmul_sum``).
 
 Importing this package registers the ``pace::`` ops and imports nothing else (Triton is imported on first use).
 Backend per call: Triton on CUDA tensors when it imports, PyTorch otherwise; ``PACE_TRITON=off`` or
@@ -11,6 +13,7 @@ Backend per call: Triton on CUDA tensors when it imports, PyTorch otherwise; ``P
 """
 
 from pace.kernels._dispatch import BACKENDS, current_backend, use_backend
+from pace.kernels.gemm import matmul_sum, matmul_sum_reference
 from pace.kernels.memberships import compress_memberships, compress_memberships_reference
 from pace.kernels.mixer_ops import (
     cast_dot,
@@ -27,6 +30,10 @@ from pace.kernels.ridge import (
     inverse_cholesky_factor_reference,
     normalized_gram,
     normalized_gram_reference,
+    ridge_gradient_matrix,
+    ridge_gradient_matrix_reference,
+    ridge_radial_diagonal,
+    symmetric_gradient,
 )
 
 __all__ = [
@@ -38,6 +45,8 @@ __all__ = [
     "current_backend",
     "inverse_cholesky_factor",
     "inverse_cholesky_factor_reference",
+    "matmul_sum",
+    "matmul_sum_reference",
     "mixer_memberships",
     "mixer_memberships_backward",
     "mixer_memberships_backward_reference",
@@ -46,5 +55,9 @@ __all__ = [
     "normalized_gram_reference",
     "pack_bases",
     "pack_bases_reference",
+    "ridge_gradient_matrix",
+    "ridge_gradient_matrix_reference",
+    "ridge_radial_diagonal",
+    "symmetric_gradient",
     "use_backend",
 ]

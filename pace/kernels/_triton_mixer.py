@@ -175,6 +175,7 @@ def _memberships_bwd_kernel(
     BR: tl.constexpr,
     BP: tl.constexpr,
     ROUND_BF16: tl.constexpr,
+    HAS_GPI: tl.constexpr,
 ):
     """Backward of the forward kernel for BN tokens; the three scalar partial sums go to this program's row."""
     b, n2, k2, n3, k3, r3, p3, tau, alpha, beta = _program_indices(S_ptr, BN, BK, BR, BP)
@@ -183,7 +184,7 @@ def _memberships_bwd_kernel(
     off2 = (b * N + n2) * K + k2
     pi = tl.load(Pi_ptr + off2, mask=mask2, other=0.0)
     sq = tl.load(Sq_ptr + off2, mask=mask2, other=0.0)
-    g_pi = tl.load(Gpi_ptr + off2, mask=mask2, other=0.0).to(tl.float32)
+    g_pi = tl.load(Gpi_ptr + off2, mask=mask2 & HAS_GPI, other=0.0).to(tl.float32)  # without: π unused, 0
     mask_r = (n3 < N) & (k3 < K) & (r3 < r)
     off = (b * N + n3) * (2 * Kr) + k3 * r + r3
     mask_p = (n3 < N) & (k3 < K) & (p3 < p)
@@ -326,17 +327,9 @@ def mixer_memberships(P: Tensor, a: Tensor, M: Tensor, scalars: Tensor, out: tup
 
 
 def mixer_memberships_backward(
-    g_R: Tensor,
-    P: Tensor,
-    g_U: Tensor,
-    a: Tensor,
-    pi: Tensor,
-    sq: Tensor,
-    g_pi: Tensor,
-    M: Tensor,
-    scalars: Tensor,
-    out: tuple | None = None,
-) -> tuple:
+    g_R: Tensor, P: Tensor, g_U: Tensor, a: Tensor, pi: Tensor, sq: Tensor, g_pi: Tensor | None, M: Tensor,
+    scalars: Tensor, out: tuple | None = None,
+) -> tuple:  # fmt: skip
     """``(P̄, ā, P_c ⊙ ∂‖col‖², [α, β, τ partial sums])`` by the Triton kernel; see ``pace.kernels``."""
     B, N, _ = P.shape
     K, r = M.shape[1], M.shape[2]
@@ -352,8 +345,9 @@ def mixer_memberships_backward(
     partials = torch.zeros((B * programs, 3), device=P.device, dtype=torch.float32)
     if B * N > 0:
         _memberships_bwd_kernel[(B, programs)](
-            g_R, P, g_U, a, pi, sq, g_pi, M, scalars, P_bar, a_bar, Pc_w, partials, N, K, r, p,
-            **_blocks(K, r, p), ROUND_BF16=_INTERPRETED and P.dtype == torch.bfloat16, num_warps=4,
+            g_R, P, g_U, a, pi, sq, pi if g_pi is None else g_pi, M, scalars, P_bar, a_bar, Pc_w, partials, N, K, r, p,
+            **_blocks(K, r, p), ROUND_BF16=_INTERPRETED and P.dtype == torch.bfloat16, HAS_GPI=g_pi is not None,
+            num_warps=4,
         )  # fmt: skip
     return P_bar, a_bar, Pc_w, partials.sum(0)
 

@@ -65,8 +65,9 @@ def mixer_memberships_reference(
 
 
 def mixer_memberships_backward_reference(
-    g_R: Tensor, P: Tensor, g_U: Tensor, a: Tensor, pi: Tensor, sq: Tensor, g_pi: Tensor, M: Tensor, scalars: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    g_R: Tensor, P: Tensor, g_U: Tensor, a: Tensor, pi: Tensor, sq: Tensor, g_pi: Tensor | None, M: Tensor,
+    scalars: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """PyTorch backward of :func:`mixer_memberships_reference` (with ``Ps`` entering GEMM 2 and π an output).
 
     Args:
@@ -76,7 +77,7 @@ def mixer_memberships_backward_reference(
         a: As in the forward.
         pi: π from the forward.
         sq: ``‖col‖²`` from the forward.
-        g_pi: π's cotangent, (B, N, K).
+        g_pi: π's cotangent, (B, N, K), or None for zero.
         M: As in the forward.
         scalars: ``[τ, α, β]``.
 
@@ -95,7 +96,7 @@ def mixer_memberships_backward_reference(
     a4, gU4 = a.view(B, N, K, -1), g_U.view(B, N, K, -1)
     h = (gV4 * Pc4).sum(-1, dtype=wd) - (gU4 * a4).sum(-1, dtype=wd)  # <gV_k, P_k> − <gU_k, a_k>
     beta_part = (pi * h).sum()
-    pi_bar = g_pi.to(wd) + beta * h
+    pi_bar = beta * h if g_pi is None else g_pi.to(wd) + beta * h
     # Softmax, then ℓ = max(‖col‖², tiny)^½ / τ.
     l_bar = pi * (pi_bar - (pi_bar * pi).sum(-1, keepdim=True))
     root = sq.clamp_min(_tiny(wd)).sqrt()
@@ -133,13 +134,14 @@ def _(P: Tensor, a: Tensor, M: Tensor, scalars: Tensor) -> tuple[Tensor, Tensor,
 
 @torch.library.custom_op("pace::mixer_memberships_backward", mutates_args=())
 def _mixer_memberships_backward_op(
-    g_R: Tensor, P: Tensor, g_U: Tensor, a: Tensor, pi: Tensor, sq: Tensor, g_pi: Tensor, M: Tensor, scalars: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    g_R: Tensor, P: Tensor, g_U: Tensor, a: Tensor, pi: Tensor, sq: Tensor, g_pi: Tensor | None, M: Tensor,
+    scalars: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     module = _triton(P, M)
     args = (g_R, P, g_U, a, pi, sq, g_pi, M, scalars)
     if module is None:
         return tuple(t.contiguous() for t in mixer_memberships_backward_reference(*args))
-    return module.mixer_memberships_backward(*(t.contiguous() for t in args))
+    return module.mixer_memberships_backward(*(None if t is None else t.contiguous() for t in args))
 
 
 @_mixer_memberships_backward_op.register_fake
@@ -183,17 +185,19 @@ def mixer_memberships(P: Tensor, a: Tensor, M: Tensor, scalars: Tensor) -> tuple
 
 
 def mixer_memberships_backward(
-    g_R: Tensor, P: Tensor, g_U: Tensor, a: Tensor, pi: Tensor, sq: Tensor, g_pi: Tensor, M: Tensor, scalars: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    g_R: Tensor, P: Tensor, g_U: Tensor, a: Tensor, pi: Tensor, sq: Tensor, g_pi: Tensor | None, M: Tensor,
+    scalars: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """Backward of :func:`mixer_memberships` (custom op ``pace::mixer_memberships_backward``).
 
     Arguments and results as :func:`mixer_memberships_backward_reference`; the Triton kernel reads each input once
     and writes each output once (fp32 arithmetic, one rounding per output; the scalar partial sums per program,
-    added up in fp32).
+    added up in fp32). ``g_pi`` may be None (π unused by the loss: a zero cotangent that is never written).
     """
     _check(P, a, M, scalars)
     per_head = P.shape[:2] + M.shape[1:2]  # (B, N, K)
-    if g_R.shape != P.shape or g_U.shape != a.shape or not pi.shape == sq.shape == g_pi.shape == per_head:
+    g_pi_shape = per_head if g_pi is None else g_pi.shape
+    if g_R.shape != P.shape or g_U.shape != a.shape or not pi.shape == sq.shape == g_pi_shape == per_head:
         raise ValueError("mixer_memberships_backward: cotangent or saved shapes do not match the forward's")
     return _mixer_memberships_backward_op(g_R, P, g_U, a, pi, sq, g_pi, M, scalars)
 

@@ -180,3 +180,119 @@ def normalized_gram(Y: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     if Y.dim() != 3:
         raise ValueError(f"normalized_gram: Y must have shape (B, m, c), got {tuple(Y.shape)}")
     return _normalized_gram_op(Y, float(eps))
+
+
+# ---- pace::ridge_gradient_matrix ---------------------------------------------------------------------------------
+
+
+def ridge_gradient_matrix_reference(W: Tensor, F_s: Tensor, G: Tensor, scale: Tensor, eps: float) -> Tensor:
+    """PyTorch ``Γ = G_s + 2 diag(ρ / s²)`` of the ridge backward (see :func:`ridge_gradient_matrix`).
+
+    Args:
+        W: ``YᵀQ̄``, shape (B, c, c).
+        F_s: ``D⁻¹F``, shape (B, c, c).
+        G: ``ŶᵀŶ + εI``, shape (B, c, c).
+        scale: Column norms clamped at 1e-12, shape (B, 1, c).
+        eps: The ε inside G.
+
+    Returns:
+        Γ, shape (B, c, c), in W's dtype.
+    """
+    return _add_radial_diagonal_(W, F_s, G, symmetric_gradient(W, F_s), scale, eps)
+
+
+def symmetric_gradient(W: Tensor, F_s: Tensor) -> Tensor:
+    """``G_s = F_s(A + Aᵀ)F_sᵀ`` with ``A = F_sᵀW`` (``D⁻¹ G̃ D⁻¹`` with ``G̃ = −4 ∂L/∂G``), four batched ATen ops."""
+    A = F_s.mT @ W
+    return (F_s @ (A + A.mT)) @ F_s.mT
+
+
+def _add_radial_diagonal_(W: Tensor, F_s: Tensor, G: Tensor, G_s: Tensor, scale: Tensor, eps: float) -> Tensor:
+    # G_s += 2 diag(ρ/s²), in place: ρ_j / s_j² from row-wise dot products (one batched product each).
+    s = scale.squeeze(-2)  # (B, c)
+    rows = torch.addcmul(
+        torch.einsum("bjk,bjk->bj", W, F_s), s.square(), G_s.diagonal(dim1=-2, dim2=-1), value=0.5 * eps
+    )
+    rows = torch.sub(rows / s, torch.einsum("bjk,bjk->bj", G, G_s * scale), alpha=0.5)
+    rho = torch.where(s > COLUMN_NORM_FLOOR, rows / s, 0.0)  # ρ / s², (B, c)
+    G_s.diagonal(dim1=-2, dim2=-1).add_(rho, alpha=2)
+    return G_s
+
+
+@torch.library.custom_op("pace::ridge_gradient_matrix", mutates_args=())
+def _ridge_gradient_matrix_op(W: Tensor, F_s: Tensor, G: Tensor, scale: Tensor, eps: float) -> Tensor:
+    supported = all(t.dtype == torch.float32 for t in (W, F_s, G, scale)) and W.shape[-1] <= 32
+    module = _dispatch.triton_module(W, "_triton_ridge_bwd") if supported else None
+    if module is None:
+        return ridge_gradient_matrix_reference(W, F_s, G, scale, eps)
+    return module.ridge_gradient_matrix(W.contiguous(), F_s.contiguous(), G.contiguous(), scale.contiguous(), eps)
+
+
+@_ridge_gradient_matrix_op.register_fake
+def _(W: Tensor, F_s: Tensor, G: Tensor, scale: Tensor, eps: float) -> Tensor:
+    return W.new_empty(W.shape)
+
+
+def ridge_gradient_matrix(W: Tensor, F_s: Tensor, G: Tensor, scale: Tensor, eps: float) -> Tensor:
+    """The c × c matrix ``Γ`` of the ridge backward ``∂L/∂Y = Q̄ F_sᵀ − ½ Y Γ`` (custom op ``pace::…``; no autograd).
+
+    ``Γ = G_s + 2 diag(ρ / s²)`` with ``A = F_sᵀW``, ``G_s = F_s(A + Aᵀ)F_sᵀ`` and the radial term
+    ``ρ_j / s_j² = ((Σ_k W_jk F_s,jk + ½ε s_j² G_s,jj) / s_j − ½ Σ_k G_jk G_s,jk s_k) / s_j`` (0 where ``s_j`` was
+    clamped); see :func:`pace.layers.basis.ridge_factors_backward`. The Triton kernel (float32, c ≤ 32: the Compress
+    ridge) keeps each matrix in one register tile, one program per matrix, fp32 products; elsewhere
+    :func:`ridge_gradient_matrix_reference` (about 17 ATen ops).
+
+    Args:
+        W: ``YᵀQ̄``, shape (B, c, c).
+        F_s: ``D⁻¹F``, shape (B, c, c).
+        G: ``ŶᵀŶ + εI``, shape (B, c, c).
+        scale: Column norms ``s`` clamped at 1e-12, shape (B, 1, c).
+        eps: The ε inside G.
+
+    Returns:
+        Γ, shape (B, c, c), in W's dtype.
+    """
+    B, c = (W.shape[0], W.shape[-1]) if W.dim() == 3 else (0, 0)
+    if not (W.shape == F_s.shape == G.shape == (B, c, c) and scale.shape == (B, 1, c)):
+        shapes = [tuple(t.shape) for t in (W, F_s, G, scale)]
+        raise ValueError(f"ridge_gradient_matrix: W, F_s, G (B, c, c) and scale (B, 1, c) expected, got {shapes}")
+    return _ridge_gradient_matrix_op(W, F_s, G, scale, float(eps))
+
+
+@torch.library.custom_op("pace::ridge_radial_diagonal", mutates_args=())
+def _ridge_radial_diagonal_op(W: Tensor, F_s: Tensor, G: Tensor, G_s: Tensor, scale: Tensor, eps: float) -> Tensor:
+    module = None
+    if all(t.dtype == torch.float32 for t in (W, F_s, G, G_s, scale)):
+        module = _dispatch.triton_module(W, "_triton_ridge_bwd")
+    if module is None:
+        return _add_radial_diagonal_(W, F_s, G, G_s.clone(), scale, eps)
+    tensors = (t.contiguous() for t in (W, F_s, G, G_s, scale))
+    return module.ridge_radial_diagonal(*tensors, eps)
+
+
+@_ridge_radial_diagonal_op.register_fake
+def _(W: Tensor, F_s: Tensor, G: Tensor, G_s: Tensor, scale: Tensor, eps: float) -> Tensor:
+    return W.new_empty(W.shape)
+
+
+def ridge_radial_diagonal(W: Tensor, F_s: Tensor, G: Tensor, G_s: Tensor, scale: Tensor, eps: float) -> Tensor:
+    """``Γ = G_s + 2 diag(ρ / s²)`` from a given ``G_s`` (custom op ``pace::…``; no autograd): the part of
+    :func:`ridge_gradient_matrix` after its products, for any c. The Triton kernel (float32) reads each matrix once
+    per block of 16 rows; elsewhere about 12 ATen ops.
+
+    Args:
+        W: ``YᵀQ̄``, shape (B, c, c).
+        F_s: ``D⁻¹F``, shape (B, c, c).
+        G: ``ŶᵀŶ + εI``, shape (B, c, c).
+        G_s: :func:`symmetric_gradient` of W and F_s, shape (B, c, c).
+        scale: Column norms clamped at 1e-12, shape (B, 1, c).
+        eps: The ε inside G.
+
+    Returns:
+        Γ, shape (B, c, c), a new tensor in W's dtype.
+    """
+    B, c = (W.shape[0], W.shape[-1]) if W.dim() == 3 else (0, 0)
+    if not (W.shape == F_s.shape == G.shape == G_s.shape == (B, c, c) and scale.shape == (B, 1, c)):
+        shapes = [tuple(t.shape) for t in (W, F_s, G, G_s, scale)]
+        raise ValueError(f"ridge_radial_diagonal: W, F_s, G, G_s (B, c, c), scale (B, 1, c) expected, got {shapes}")
+    return _ridge_radial_diagonal_op(W, F_s, G, G_s, scale, float(eps))

@@ -9,6 +9,7 @@ from torch import Tensor
 from pace import kernels
 
 PROJECTORS = ("ridge", "exact")
+_RIDGE_TILE = 32  # the largest c whose ridge backward chain pace.kernels runs in one register tile
 
 
 def validate_projector(projector: str) -> bool:
@@ -104,17 +105,13 @@ def ridge_factors_backward(Y: Tensor, scale: Tensor, G: Tensor, F_s: Tensor, eps
         ``∂L/∂Y``, shape (B, m, c).
     """
     W = Y.mT @ Q_bar  # (B, c, c)
-    A = F_s.mT @ W
-    G_s = (F_s @ (A + A.mT)) @ F_s.mT  # D⁻¹ G̃ D⁻¹ with G̃ = −4 ∂L/∂G
-    # ρ_j / s_j² from row-wise dot products (one batched product each, no c × c temporaries).
-    s = scale.squeeze(-2)  # (B, c)
-    rows = torch.addcmul(
-        torch.einsum("bjk,bjk->bj", W, F_s), s.square(), G_s.diagonal(dim1=-2, dim2=-1), value=0.5 * eps
-    )
-    rows = torch.sub(rows / s, torch.einsum("bjk,bjk->bj", G, G_s * scale), alpha=0.5)
-    rho = torch.where(s > 1e-12, rows / s, 0.0)  # ρ / s², (B, c)
-    G_s.diagonal(dim1=-2, dim2=-1).add_(rho, alpha=2)
-    return torch.baddbmm(Q_bar @ F_s.mT, Y, G_s, alpha=-0.5)
+    # Γ = G_s + 2 diag(ρ/s²): one register-tile Triton program per matrix where c fits (the Compress ridge); above,
+    # G_s's products in ATen and the radial term in one row kernel.
+    if Y.shape[-1] <= _RIDGE_TILE:
+        Gamma = kernels.ridge_gradient_matrix(W, F_s, G, scale, eps)
+    else:
+        Gamma = kernels.ridge_radial_diagonal(W, F_s, G, kernels.symmetric_gradient(W, F_s), scale, eps)
+    return torch.baddbmm(Q_bar @ F_s.mT, Y, Gamma, alpha=-0.5)
 
 
 def _normalisation_backward(Y_hat: Tensor, norms: Tensor, H: Tensor) -> Tensor:

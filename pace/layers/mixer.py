@@ -63,7 +63,8 @@ def _heads_major(t: Tensor, num_heads: int, dtype: torch.dtype) -> Tensor:
 
 
 def _full_backward(g_x, xb, gb, gR, gU, a, P, Ps, pi, sq, g_pi, Q_c, M, scalars, U, K, ce):
-    """The full form's part of the mixer backward, from GEMM 1's cotangent products to Q̄_e, Q̄_c and Ū."""
+    """The full form's part of the mixer backward, from GEMM 1's cotangent products to Q̄_e, Q̄_c and the factors
+    ``(V̄, Q_c)`` (head-major) of Ū's term ``Ū_k = Σ_b V̄_k Q_kᵀ``."""
     B, N, d = xb.shape
     p, r = d // K, Q_c.shape[-1]
     wd = U.dtype
@@ -71,8 +72,8 @@ def _full_backward(g_x, xb, gb, gR, gU, a, P, Ps, pi, sq, g_pi, Q_c, M, scalars,
     # α: <g, x − x̂Π_e> = <g, x> − <gQ_e, x̂Q_e>.
     grad_alpha = g_x.to(wd) + sums[0]
     grad_beta, grad_tau = sums[1], sums[2]
-    R_bar = torch.baddbmm(xb.mT @ Pbar, gb.mT, Ps)  # xᵀP̄ + gᵀ(P ⊙ s'), (B, d, c_e + K·r)
-    Qe_bar = R_bar[..., :ce].to(wd)
+    R_bar = kernels.matmul_sum(None, [xb.mT, gb.mT], [Pbar, Ps], dtype=wd)  # xᵀP̄ + gᵀ(P ⊙ s'), (B, d, c_e + K·r)
+    Qe_bar = R_bar[..., :ce]
     V_bar = _heads_major(R_bar[..., ce:], K, wd)  # (K, d, B·r)
     # ‖col‖² = P_k M_k P_kᵀ with M_k = Q_kᵀQ_k: M̄_k = Σ_n ∂‖col_k‖² P_kᵀ P_k.
     M_bar = _diag_blocks(Pc_w.mT @ P[..., ce:], K).to(wd)  # (B, K, r, r)
@@ -82,15 +83,18 @@ def _full_backward(g_x, xb, gb, gR, gU, a, P, Ps, pi, sq, g_pi, Q_c, M, scalars,
     Qc_heads = Qc4.permute(1, 2, 0, 3).reshape(K, p, B * r)  # (K, p, B·r)
     Qc_bar = (U_heads.mT @ V_bar).view(K, p, B, r).permute(2, 0, 1, 3)  # (B, K, p, r)
     Qc_bar = torch.baddbmm(Qc_bar.reshape(B * K, p, r), Q_c, M_bar.reshape(B * K, r, r), alpha=2)
-    U_bar = (V_bar @ Qc_heads.mT).transpose(0, 1).reshape(d, d)  # (K, d, p) → (d, K·p)
-    return grad_alpha, grad_beta, grad_tau, Pbar, Qe_bar, Qc_bar, U_bar, a_bar
+    return grad_alpha, grad_beta, grad_tau, Pbar, Qe_bar, Qc_bar, (V_bar, Qc_heads), a_bar
 
 
-def _diag_backward(g_x, xb, gb, gR, gU, a, P, Ps, pi, sq, root, g_pi, Q_c, keep, tau_w, alpha_w, beta_w, K):
-    """The diag form's part of the mixer backward, from GEMM 1's cotangent products to Q̄_e, Q̄_c and Ū."""
+def _diag_backward(g_x, xb, gb, gR, gU, a, P, pi, sq, root, g_pi, Q_c, keep, scalars, K):
+    """The diag form's part of the mixer backward, from GEMM 1's cotangent products to Q̄_e and Q̄_c.
+
+    ``P̄ = ∂L/∂(x̂Q_e) = −α gQ_e`` is not written: its products take −α as a coefficient.
+    """
     B, N, d = xb.shape
     p = d // K
-    md, wd = xb.dtype, tau_w.dtype
+    md, wd = xb.dtype, scalars.dtype
+    tau_w, alpha_w, beta_w = scalars.unbind()
     gQe, Pe = gR, P
     # α: <g, x − x̂Π_e> = <g, x> − <gQ_e, x̂Q_e>
     grad_alpha = g_x.to(wd) - (gQe * Pe).sum(dtype=wd)
@@ -99,23 +103,32 @@ def _diag_backward(g_x, xb, gb, gR, gU, a, P, Ps, pi, sq, root, g_pi, Q_c, keep,
     u = gU.to(wd) * a_w
     h = -(u @ _block_diag((1 - keep).unsqueeze(-1)))  # −Σ_p gU a (1 − keep), (B, N, K)
     grad_beta = (pi * h).sum()
-    pi_bar = g_pi.to(wd) + beta_w * h
+    pi_bar = beta_w * h if g_pi is None else g_pi.to(wd) + beta_w * h
     # Softmax, then ℓ = max(‖col‖², tiny)^½ / τ.
     l_bar = pi * (pi_bar - (pi_bar * pi).sum(-1, keepdim=True))
     grad_tau = -(l_bar * root).sum() / tau_w.square()
     sq_bar = l_bar * (sq >= torch.finfo(sq.dtype).tiny) / (2 * tau_w * root)  # (B, N, K)
     neg_beta_pi = (-beta_w * pi).unsqueeze(-1)  # (B, N, K, 1)
-    z = a4 * (pi.unsqueeze(-1) * (1 - keep).unsqueeze(1)).to(md)  # π ⊙ null, (B, N, K, p)
     a_bar = gU4 * (neg_beta_pi * (1 - keep).unsqueeze(1)).to(md)
     a_bar.addcmul_(a4, (2 * sq_bar.unsqueeze(-1) * keep.square().unsqueeze(1)).to(md))
     # keep enters null (through z) and ‖col‖² = Σ keep² a².
     keep_bar = beta_w * _per_head_sum(pi, u, K)
     keep_bar = keep_bar + 2 * keep * _per_head_sum(sq_bar, a_w.square(), K)
     Qc_bar = 2 * Q_c * keep_bar.view(B * K, p, 1)
-    Pbar = gQe * (-alpha_w).to(md)  # ∂L/∂(x̂Q_e), (B, N, c_e)
-    Qe_bar = torch.baddbmm(xb.mT @ Pbar, gb.mT, Ps).to(wd)  # xᵀP̄_e + gᵀ(−αP_e)
-    U_bar = torch.zeros(d, d, device=xb.device, dtype=wd)
-    return grad_alpha, grad_beta, grad_tau, Pbar, Qe_bar, Qc_bar, U_bar, a_bar, z
+    # xᵀP̄_e + gᵀ(−αP_e) = −α(xᵀ gQ_e + gᵀP_e), (B, d, c_e)
+    Qe_bar = kernels.matmul_sum(None, [xb.mT, gb.mT], [gQe, P], scalars=scalars, codes=[0, -2, -2], dtype=wd)
+    return grad_alpha, grad_beta, grad_tau, Qe_bar, Qc_bar, a_bar
+
+
+def _subspace_grad(xb, gb, a_bar, z, U_parts, beta_w, K):
+    """``Ū = x̂ᵀā − β gᵀz`` (full form: ``+ Σ_b V̄_k Q_kᵀ`` in head k's columns), a new (d, d) matrix in β's dtype."""
+    B, N, d = xb.shape
+    x2, g2 = xb.reshape(B * N, d), gb.reshape(B * N, d)
+    U_bar = (x2.mT @ a_bar.reshape(B * N, d)).to(beta_w.dtype)
+    if U_parts is not None:  # Ū_k += Σ_b V̄_k Q_kᵀ into head k's columns (Ū viewed (d, K, p), no copy)
+        V_bar, Qc_heads = U_parts
+        U_bar.view(d, K, d // K).add_((V_bar @ Qc_heads.mT).transpose(0, 1))
+    return U_bar.addcmul_((g2.mT @ z.reshape(B * N, d)).to(beta_w.dtype), beta_w, value=-1)
 
 
 class _PACEMixer(torch.autograd.Function):
@@ -149,6 +162,7 @@ class _PACEMixer(torch.autograd.Function):
             else:
                 a = (xb.reshape(B * N, d) @ Ub).view(B, N, d)  # a_k = U_kᵀ x̂, heads side by side
             tau_w, alpha_w, beta_w = tau.to(wd), alpha.to(wd), beta.to(wd)
+            scalars = torch.stack([tau_w, alpha_w, beta_w])  # the coefficients GEMM 2 and x̄ read on the device
             Qc4 = Q_c.view(B, K, p, r)
             if diag:
                 R = kernels.pack_bases(S[..., :ce], F_e, U, None, md)  # Q_e, (B, d, c_e)
@@ -158,8 +172,8 @@ class _PACEMixer(torch.autograd.Function):
                 root, logits = _sqrt_logits(sq, tau_w)
                 pi = torch.softmax(logits, dim=-1)  # (B, N, K)
                 z = a.view(B, N, K, p) * (pi.unsqueeze(-1) * (1 - keep).unsqueeze(1)).to(md)  # π ⊙ null
-                Ps = P * (-alpha_w).to(md)
-                extra, T = keep, None
+                Ps = P  # GEMM 2 scales it by −α (code −2)
+                extra = keep
             else:
                 # [Q_e | V] with V_k = U_k Q_k, formed in fp32 and written once in the product dtype.
                 R = kernels.pack_bases(S[..., :ce], F_e, U, Q_c, md)  # (B, d, c_e + K·r)
@@ -168,72 +182,79 @@ class _PACEMixer(torch.autograd.Function):
                 # update = αx + Ps[Q_e | V]ᵀ − β(π ⊙ a)Uᵀ; c_e = K·r: the Expand columns are K more groups of r, each
                 # scaled by −α) and z = π ⊙ a: one pass over P and a (pace.kernels).
                 M = Qc4.mT @ Qc4  # (B, K, r, r)
-                scalars = torch.stack([tau_w, alpha_w, beta_w])
                 Ps, z, pi, sq = kernels.mixer_memberships(P, a, M, scalars)
-                root, extra, T = scalars, M, z  # root's slot carries [τ, α, β] in this form
+                root, extra = None, M
             # GEMM 2 accumulates onto αx in the working precision: its bf16 operands are exact there (and in TF32),
             # and the update is not rounded to bf16, whose error (2⁻⁹ of |αx̂Π_e|) would otherwise dominate the
             # small difference αx − αx̂Π_e − … (on the tests' inputs 2.4e-2 of the update's largest entry, 1.5e-2
-            # with this; the rounding of x̂ itself leaves 1.2e-2).
-            out = torch.baddbmm(x.to(wd) * alpha_w, Ps.to(wd), R.to(wd).mT)  # αx + (P ⊙ s')[Q_e | V]ᵀ, (B, N, d)
-            out.view(B * N, d).addmm_(z.reshape(B * N, d).to(wd), (U * -beta_w).mT)  # −β(π ⊙ …)Uᵀ
+            # with this; the rounding of x̂ itself leaves 1.2e-2). One kernel (pace.kernels.matmul_sum): the
+            # operands are read in their own dtypes, α, −α (diag: Ps = P) and −β from `scalars`.
+            out = kernels.matmul_sum(
+                x, [Ps, z.view(B, N, d)], [R.mT, U.mT], scalars=scalars, codes=[2, -2 if diag else 0, -3], dtype=wd
+            )  # αx + (P ⊙ s')[Q_e | V]ᵀ − β(π ⊙ …)Uᵀ, (B, N, d)
             out = out.to(x.dtype)
         ctx.save_for_backward(
-            x, xb, omega, subspaces, S, n_e, G_e, F_e, Y_c, n_c, G_c, F_c, Q_c, a, R, P, Ps, pi, sq, root, tau, alpha,
-            beta, extra, T,
+            x, xb, omega, subspaces, Ub, S, n_e, G_e, F_e, Y_c, n_c, G_c, F_c, Q_c, a, R, P, Ps, pi, sq, root, scalars,
+            extra, z,
         )  # fmt: skip
         ctx.dims = (K, ce, r, diag, eps)
+        ctx.set_materialize_grads(False)  # an unused π gets no zero cotangent written; see backward
+        ctx.coefficient_dtypes = (tau.dtype, alpha.dtype, beta.dtype)
         return out, pi
 
     @staticmethod
     def backward(ctx, g, g_pi):
-        (x, xb, omega, subspaces, S, n_e, G_e, F_e, Y_c, n_c, G_c, F_c, Q_c, a, R, P, Ps, pi, sq, root, tau, alpha,
-         beta, keep, T) = ctx.saved_tensors  # fmt: skip
+        (x, xb, omega, subspaces, Ub, S, n_e, G_e, F_e, Y_c, n_c, G_c, F_c, Q_c, a, R, P, Ps, pi, sq, root, scalars,
+         extra, z) = ctx.saved_tensors  # fmt: skip
         K, ce, r, diag, eps = ctx.dims
+        tau_dtype, alpha_dtype, beta_dtype = ctx.coefficient_dtypes
         S_c = S[..., ce:]
         B, N, d = xb.shape
         p = d // K
         md, wd = xb.dtype, S_c.dtype
+        if g is None:  # only π was used
+            g = torch.zeros_like(x)
         with _no_autocast(g.device.type):
-            tau_w, alpha_w, beta_w = tau.to(wd), alpha.to(wd), beta.to(wd)
-            U, Ub = subspaces.to(wd), subspaces.to(md)
+            tau_w, alpha_w, beta_w = scalars.unbind()
+            U = subspaces.to(wd)
             if md == g.dtype:
                 gb, g_x = g, torch.dot(g.reshape(-1), x.reshape(-1))
             else:  # the low-precision copy of g and <g, x> (a term of ∂L/∂α) from one read of g and x
                 gb, g_x = kernels.cast_dot(g, x, md)
             gR = gb @ R  # [gQ_e | gV], (B, N, c_e [+ K·r])
             gU = (gb.reshape(B * N, d) @ Ub).view(B, N, d)
-            if diag:
-                grad_alpha, grad_beta, grad_tau, Pbar, Qe_bar, Qc_bar, U_bar, a_bar, z = _diag_backward(
-                    g_x, xb, gb, gR, gU, a, P, Ps, pi, sq, root, g_pi, Q_c, keep, tau_w, alpha_w, beta_w, K
+            if diag:  # P̄ = −α gQ_e: x̄ scales gR by −α (code −2)
+                grad_alpha, grad_beta, grad_tau, Qe_bar, Qc_bar, a_bar = _diag_backward(
+                    g_x, xb, gb, gR, gU, a, P, pi, sq, root, g_pi, Q_c, extra, scalars, K
                 )
+                Pbar, U_parts = gR, None
             else:
-                M, z, scalars = keep, T, root  # saved as (extra, T, root) by the forward
-                grad_alpha, grad_beta, grad_tau, Pbar, Qe_bar, Qc_bar, U_bar, a_bar = _full_backward(
-                    g_x, xb, gb, gR, gU, a, P, Ps, pi, sq, g_pi, Q_c, M, scalars, U, K, ce
+                grad_alpha, grad_beta, grad_tau, Pbar, Qe_bar, Qc_bar, U_parts, a_bar = _full_backward(
+                    g_x, xb, gb, gR, gU, a, P, Ps, pi, sq, g_pi, Q_c, extra, scalars, U, K, ce
                 )
-            x2, g2 = xb.reshape(B * N, d), gb.reshape(B * N, d)
-            a_bar2 = a_bar.reshape(B * N, d)
-            U_bar = U_bar + (x2.mT @ a_bar2).to(wd) - beta_w * (g2.mT @ z.reshape(B * N, d)).to(wd)
+            U_bar = _subspace_grad(xb, gb, a_bar, z, U_parts, beta_w, K)
             Ye_bar = ridge_factors_backward(S[..., :ce], n_e, G_e, F_e, eps, Qe_bar)  # (B, d, c_e)
             Yc_bar = ridge_factors_backward(Y_c, n_c, G_c, F_c, eps, Qc_bar.reshape(B * K, p, r))  # (B·K, p, r)
             Yc_bar = Yc_bar.view(B, K * p, r)  # (B, d, r)
             # Y_c = Uᵀ S_c: Ū += Σ_b S_c Ȳ_cᵀ, S̄_c = U Ȳ_c.
-            U_bar = torch.addbmm(U_bar, S_c, Yc_bar.mT)
-            S_bar = torch.empty(B, d, ce + r, device=g.device, dtype=wd)
-            S_bar[..., :ce].copy_(Ye_bar)
-            S_bar[..., ce:].copy_(torch.bmm(U.expand(B, d, d), Yc_bar))
-            # x̄ = αg + P̄ Rᵀ + ā Uᵀ + Ω S̄ᵀ, accumulated in the working precision as the forward's GEMM 2.
-            grad_x = torch.baddbmm(g.to(wd) * alpha_w, Pbar.to(wd), R.to(wd).mT)
-            grad_x.view(B * N, d).addmm_(a_bar2.to(wd), U.mT)
-            grad_x.baddbmm_(omega.to(wd).expand(B, N, -1), S_bar.mT)
-            grad_x = grad_x.to(x.dtype)
+            U_bar.addbmm_(S_c, Yc_bar.mT)
+            Sc_bar = torch.bmm(U.expand(B, d, d), Yc_bar)  # (B, d, r)
+            # x̄ = αg + P̄ Rᵀ + ā Uᵀ + Ω_e Ȳ_eᵀ + Ω_c S̄_cᵀ, accumulated in the working precision as the forward's
+            # GEMM 2, in one kernel.
+            grad_x = kernels.matmul_sum(
+                g,
+                [Pbar, a_bar.view(B, N, d), omega[:, :ce], omega[:, ce:]],
+                [R.mT, U.mT, Ye_bar.mT, Sc_bar.mT],
+                scalars=scalars,
+                codes=[2, -2 if diag else 0, 0, 0, 0],
+                dtype=wd,
+            ).to(x.dtype)
         return (
             grad_x,
             U_bar.to(subspaces.dtype),
-            grad_tau.to(tau.dtype),
-            grad_alpha.to(alpha.dtype),
-            grad_beta.to(beta.dtype),
+            grad_tau.to(tau_dtype),
+            grad_alpha.to(alpha_dtype),
+            grad_beta.to(beta_dtype),
             None,
             None,
             None,
@@ -242,24 +263,19 @@ class _PACEMixer(torch.autograd.Function):
         )
 
 
-def pace_mixer(
-    x: Tensor,
-    subspaces: Tensor,
-    tau: Tensor,
-    alpha: Tensor,
-    beta: Tensor,
-    expand_sketch: Tensor,
-    compress_sketch: Tensor,
-    *,
-    num_heads: int,
-    eps: float,
-    form: str = "full",
-) -> tuple[Tensor, Tensor]:
+def pace_mixer(*tensors: Tensor, num_heads: int, eps: float, form: str = "full") -> tuple[Tensor, Tensor]:
     """``α·expand(x) − β·compress(x)`` and π with ridge projectors, fused (forward and backward).
 
-    The arguments are those of :func:`pace.layers.pace_attention` (which calls this for ridge projectors); π
-    comes back in at least float32.
+    Args:
+        *tensors: ``x, subspaces, tau, alpha, beta, expand_sketch, compress_sketch``, in this order, as the
+            arguments of :func:`pace.layers.pace_attention` (which calls this for ridge projectors).
+        num_heads: K.
+        eps: Ridge ε of both bases.
+        form: Compress form, ``"full"`` or ``"diag"``.
+
+    Returns:
+        ``(update, π)``: the update in the dtype of x, π in at least float32.
     """
-    return _PACEMixer.apply(
-        x, subspaces, tau, alpha, beta, expand_sketch, compress_sketch, num_heads, eps, form == "diag"
-    )
+    if len(tensors) != 7:
+        raise TypeError(f"pace_mixer: x, subspaces, tau, alpha, beta and the two sketches expected, got {len(tensors)}")
+    return _PACEMixer.apply(*tensors, num_heads, eps, form == "diag")

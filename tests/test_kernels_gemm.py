@@ -1,0 +1,101 @@
+"""pace.kernels.matmul_sum: the Triton GEMM under the interpreter and the PyTorch fallback against float64."""
+
+import random
+
+import pytest
+import torch
+from kernels_helpers import build_for_hopper, run_interpreted
+
+from pace.kernels import matmul_sum, matmul_sum_reference
+
+
+def _direct(C, lhs, rhs, scalars, codes):
+    """float64 ``s₀C + Σ sᵢAᵢBᵢ`` written out term by term."""
+
+    def coef(code):
+        return 1.0 if code == 0 else (1 if code > 0 else -1) * scalars.double()[abs(code) - 1]
+
+    out = 0 if C is None else coef(codes[0]) * C.double()
+    for A, W, code in zip(lhs, rhs, codes[1:]):
+        out = out + coef(code) * (A.double() @ W.double())
+    return out
+
+
+def _cases(gen):
+    """The mixer's three uses at ragged sizes (tiles of 64 × 64 cut by every dimension): GEMM 2 (bf16 left factors,
+    R transposed, U shared and fp32), x̄ (four pairs, Ω's column slices shared) and R̄ (transposed left factors, no
+    C)."""
+    B, N, d, c, r = 2, 70, 67, 40, 5
+    bf = torch.bfloat16
+    x, g = torch.randn(B, N, d, generator=gen), torch.randn(B, N, d, generator=gen)
+    Ps, z = torch.randn(B, N, 2 * c, generator=gen).to(bf), torch.randn(B, N, d, generator=gen).to(bf)
+    R, U = torch.randn(B, d, 2 * c, generator=gen).to(bf), torch.randn(d, d, generator=gen)
+    omega = torch.randn(N, c + r, generator=gen).to(bf)
+    Ye_bar, Sc_bar = torch.randn(B, d, c, generator=gen), torch.randn(B, d, r, generator=gen)
+    xb = torch.randn(B, N, d, generator=gen).to(torch.float16)
+    scalars = torch.tensor([1.3, 0.7, 0.4])
+    return {
+        "gemm2": (x, [Ps, z], [R.mT, U.mT], scalars, [2, -2, -3]),
+        "grad_x": (
+            g,
+            [Ps, z, omega[:, :c], omega[:, c:]],
+            [R.mT, U.mT, Ye_bar.mT, Sc_bar.mT],
+            scalars,
+            [2, 0, 0, 0, 0],
+        ),
+        "r_bar": (None, [xb.mT, xb.mT], [Ps.half(), Ps.half()], scalars, [0, -1, 3]),
+    }
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    seed = random.SystemRandom().randrange(2**31)
+    cases = _cases(torch.Generator().manual_seed(seed))
+    jobs = {f"{name}_{how}": ("matmul_sum", args, how) for name, args in cases.items() for how in ("poison", "op")}
+    return seed, cases, run_interpreted(jobs, tmp_path_factory.mktemp("interp"))
+
+
+@pytest.mark.parametrize("name", ["gemm2", "grad_x", "r_bar"])
+def test_kernel_matches_float64(interpreted, name):
+    """Every output element written (NaN-poisoned buffer), fp32 accumulation of exact products: float64 to 1e-5."""
+    seed, cases, out = interpreted
+    ref = _direct(*cases[name])
+    for how in ("poison", "op"):
+        got = out[f"{name}_{how}"]
+        assert got.dtype == torch.float32 and got.shape == ref.shape and not got.isnan().any()
+        err = ((got.double() - ref).abs().max() / ref.abs().max()).item()
+        assert err < 1e-5, f"seed {seed}: {name} via {how} off by {err:.1e}"
+
+
+@pytest.mark.parametrize("name", ["gemm2", "grad_x", "r_bar"])
+def test_fallback_matches_float64_and_leaves_its_inputs_alone(name):
+    C, lhs, rhs, scalars, codes = _cases(torch.Generator().manual_seed(0))[name]
+    lhs64, rhs64 = [t.double() for t in lhs], [t.double() for t in rhs]
+    C64 = None if C is None else C.double()
+    before = None if C64 is None else C64.clone()
+    got = matmul_sum(C64, lhs64, rhs64, scalars=scalars.double(), codes=codes, dtype=torch.float64)
+    ref = _direct(C, lhs, rhs, scalars, codes)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    if before is not None:
+        assert torch.equal(C64, before)  # the addend is read, never written
+    # Without coefficients and with C: the plain sum (the fallback's first product goes onto C, not into it).
+    plain = matmul_sum_reference(C64, lhs64, rhs64, None, [0] * len(codes), 2, torch.float64)
+    torch.testing.assert_close(plain, _direct(C, lhs, rhs, scalars, [0] * len(codes)), rtol=1e-12, atol=1e-12)
+
+
+def test_bad_arguments_name_the_problem():
+    A, W = torch.randn(2, 3, 4), torch.randn(2, 4, 5)
+    with pytest.raises(ValueError, match="matmul_sum: C"):
+        matmul_sum(None, [A], [W.mT])
+    with pytest.raises(ValueError, match="matmul_sum: C"):
+        matmul_sum(torch.randn(2, 3, 6), [A], [W])
+    with pytest.raises(ValueError, match="need scalars"):
+        matmul_sum(None, [A], [W], codes=[0, 1])
+
+
+def test_kernel_compiles_for_hopper_without_a_gpu():
+    """The mixer's x̄ configuration (four pairs, bf16 and fp32 operand tiles) builds down to an sm_90 cubin."""
+    constexprs = {"HAS_C": True, "PAIRS": 4, "CODE_C": 2, "CODE0": 0, "CODE1": -3, "CODE2": 0, "CODE3": 0}
+    constexprs |= {"UP0": False, "UP1": True, "UP2": True, "UP3": True, "BM": 64, "BN": 64, "BK": 32}
+    pointers = {"A0_ptr": "*bf16", "B0_ptr": "*bf16", "A1_ptr": "*bf16", "A2_ptr": "*bf16", "A3_ptr": "*bf16"}
+    assert len(build_for_hopper("_triton_gemm", "_matmul_sum_kernel", constexprs, pointers, 4)) > 1000

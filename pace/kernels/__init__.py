@@ -4,6 +4,7 @@ Ridge step (``ridge``): normalised Gram, inverse Cholesky factor, the backward's
 (``ridge_gradient_matrix``, ``ridge_radial_diagonal``). Separate Compress operator (``memberships``).
 Fused mixer (``mixer_ops``): GEMM 1's right factor (``pack_bases``), the memberships with GEMM 2's left factors and
 their backward (``mixer_memberships``, ``mixer_memberships_backward``), the backward's prologue (``cast_dot``);
+the diag form's memberships and their backward (``diag_ops``: ``diag_memberships``, ``diag_memberships_backward``);
 GEMM 2 and x̄ as one fp32-accumulated sum of products (``gemm``: ``matmul_sum``).
 
 Importing this package registers the ``pace::`` ops and imports nothing else (Triton is imported on first use).
@@ -13,6 +14,12 @@ Backend per call: Triton on CUDA tensors when it imports, PyTorch otherwise; ``P
 """
 
 from pace.kernels._dispatch import BACKENDS, current_backend, use_backend
+from pace.kernels.diag_ops import (
+    diag_memberships,
+    diag_memberships_backward,
+    diag_memberships_backward_reference,
+    diag_memberships_reference,
+)
 from pace.kernels.gemm import matmul_sum, matmul_sum_reference
 from pace.kernels.memberships import compress_memberships, compress_memberships_reference
 from pace.kernels.mixer_ops import (
@@ -43,6 +50,10 @@ __all__ = [
     "compress_memberships",
     "compress_memberships_reference",
     "current_backend",
+    "diag_memberships",
+    "diag_memberships_backward",
+    "diag_memberships_backward_reference",
+    "diag_memberships_reference",
     "inverse_cholesky_factor",
     "inverse_cholesky_factor_reference",
     "matmul_sum",

@@ -24,21 +24,15 @@ step with ``∂L/∂G = −½ F sym(Fᵀ F̄) Fᵀ`` (:func:`pace.layers.basis.r
 The elementwise work between the products runs in ``pace.kernels`` custom ops (Triton where it runs, their
 PyTorch fallbacks elsewhere): the ridge Gram and factor, GEMM 1's right factor ``R = [Q_e | V]``
 (:func:`pace.kernels.pack_bases`), the full form's memberships and GEMM 2's left factors and their backward
-(:func:`pace.kernels.mixer_memberships`), and the backward's prologue (:func:`pace.kernels.cast_dot`).
+(:func:`pace.kernels.mixer_memberships`), the diag form's memberships and their backward
+(:func:`pace.kernels.diag_memberships`), and the backward's prologue (:func:`pace.kernels.cast_dot`).
 """
 
 import torch
 from torch import Tensor
 
 from pace import kernels
-from pace.kernels.mixer_ops import block_diag as _block_diag
 from pace.layers.basis import _matmul_dtype, _no_autocast, ridge_factors_backward, scaled_ridge_factors, wide_matmul
-
-
-def _sqrt_logits(sq: Tensor, tau: Tensor) -> tuple[Tensor, Tensor]:
-    # ‖col‖ / τ from ‖col‖²; the clamp at the smallest normal keeps the square root's gradient finite (see compress).
-    root = sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt()
-    return root, root / tau
 
 
 def _diag_blocks(full: Tensor, num_heads: int) -> Tensor:
@@ -46,11 +40,6 @@ def _diag_blocks(full: Tensor, num_heads: int) -> Tensor:
     B, Km, Kn = full.shape
     K = num_heads
     return full.view(B, K, Km // K, K, Kn // K).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)
-
-
-def _per_head_sum(weights: Tensor, rows: Tensor, num_heads: int) -> Tensor:
-    """``Σ_n weights[b, n, k] · rows[b, n, k, :]`` for every image and head: (B, N, K), (B, N, K·p) → (B, K, p)."""
-    return _diag_blocks(weights.mT @ rows, num_heads).squeeze(2)  # (B, K, K·p) → (B, K, 1, p)
 
 
 def _heads_major(t: Tensor, num_heads: int, dtype: torch.dtype) -> Tensor:
@@ -86,35 +75,20 @@ def _full_backward(g_x, xb, gb, gR, gU, a, P, Ps, pi, sq, g_pi, Q_c, M, scalars,
     return grad_alpha, grad_beta, grad_tau, Pbar, Qe_bar, Qc_bar, (V_bar, Qc_heads), a_bar
 
 
-def _diag_backward(g_x, xb, gb, gR, gU, a, P, pi, sq, root, g_pi, Q_c, keep, scalars, K):
+def _diag_backward(g_x, xb, gb, gR, gU, a, P, pi, sq, g_pi, Q_c, keep, scalars, K):
     """The diag form's part of the mixer backward, from GEMM 1's cotangent products to Q̄_e and Q̄_c.
 
     ``P̄ = ∂L/∂(x̂Q_e) = −α gQ_e`` is not written: its products take −α as a coefficient.
     """
     B, N, d = xb.shape
     p = d // K
-    md, wd = xb.dtype, scalars.dtype
-    tau_w, alpha_w, beta_w = scalars.unbind()
+    wd = scalars.dtype
     gQe, Pe = gR, P
+    a_bar, keep_bar, sums = kernels.diag_memberships_backward(gQe, Pe, gU, a, pi, sq, g_pi, keep, scalars)
     # α: <g, x − x̂Π_e> = <g, x> − <gQ_e, x̂Q_e>
-    grad_alpha = g_x.to(wd) - (gQe * Pe).sum(dtype=wd)
-    a4, gU4 = a.view(B, N, K, p), gU.view(B, N, K, p)
-    a_w = a.to(wd)
-    u = gU.to(wd) * a_w
-    h = -(u @ _block_diag((1 - keep).unsqueeze(-1)))  # −Σ_p gU a (1 − keep), (B, N, K)
-    grad_beta = (pi * h).sum()
-    pi_bar = beta_w * h if g_pi is None else g_pi.to(wd) + beta_w * h
-    # Softmax, then ℓ = max(‖col‖², tiny)^½ / τ.
-    l_bar = pi * (pi_bar - (pi_bar * pi).sum(-1, keepdim=True))
-    grad_tau = -(l_bar * root).sum() / tau_w.square()
-    sq_bar = l_bar * (sq >= torch.finfo(sq.dtype).tiny) / (2 * tau_w * root)  # (B, N, K)
-    neg_beta_pi = (-beta_w * pi).unsqueeze(-1)  # (B, N, K, 1)
-    a_bar = gU4 * (neg_beta_pi * (1 - keep).unsqueeze(1)).to(md)
-    a_bar.addcmul_(a4, (2 * sq_bar.unsqueeze(-1) * keep.square().unsqueeze(1)).to(md))
-    # keep enters null (through z) and ‖col‖² = Σ keep² a².
-    keep_bar = beta_w * _per_head_sum(pi, u, K)
-    keep_bar = keep_bar + 2 * keep * _per_head_sum(sq_bar, a_w.square(), K)
-    Qc_bar = 2 * Q_c * keep_bar.view(B * K, p, 1)
+    grad_alpha = g_x.to(wd) + sums[0]
+    grad_beta, grad_tau = sums[1], sums[2]
+    Qc_bar = 2 * Q_c * keep_bar.view(B * K, p, 1)  # keep = diag(Q_kQ_kᵀ)
     # xᵀP̄_e + gᵀ(−αP_e) = −α(xᵀ gQ_e + gᵀP_e), (B, d, c_e)
     Qe_bar = kernels.matmul_sum(None, [xb.mT, gb.mT], [gQe, P], scalars=scalars, codes=[0, -2, -2], dtype=wd)
     return grad_alpha, grad_beta, grad_tau, Qe_bar, Qc_bar, a_bar
@@ -156,9 +130,8 @@ class _PACEMixer(torch.autograd.Function):
             if diag:
                 # ‖col_k‖² = Σ keep² a² from a product in the working precision (bf16 operands are exact there):
                 # with a and its squares rounded to bf16 the τ gradient's error was 2e-2 of its scale σ on the
-                # tests' inputs, 7e-3 this way.
+                # tests' inputs, 7e-3 this way. pace.kernels.diag_memberships writes a's product-dtype copy.
                 a_w = wide_matmul(xb.reshape(B * N, d), U).view(B, N, d)  # a_k = U_kᵀ x̂, heads side by side
-                a = a_w.to(md)
             else:
                 a = (xb.reshape(B * N, d) @ Ub).view(B, N, d)  # a_k = U_kᵀ x̂, heads side by side
             tau_w, alpha_w, beta_w = tau.to(wd), alpha.to(wd), beta.to(wd)
@@ -168,10 +141,8 @@ class _PACEMixer(torch.autograd.Function):
                 R = kernels.pack_bases(S[..., :ce], F_e, U, None, md)  # Q_e, (B, d, c_e)
                 P = xb @ R  # P_e, (B, N, c_e)
                 keep = Qc4.square().sum(-1)  # diag(Q_kQ_kᵀ), (B, K, p)
-                sq = a_w.square() @ _block_diag(keep.square().unsqueeze(-1))  # Σ_p keep² a², (B, N, K)
-                root, logits = _sqrt_logits(sq, tau_w)
-                pi = torch.softmax(logits, dim=-1)  # (B, N, K)
-                z = a.view(B, N, K, p) * (pi.unsqueeze(-1) * (1 - keep).unsqueeze(1)).to(md)  # π ⊙ null
+                # a in the product dtype, z = π ⊙ null, π and ‖col‖² = Σ_p keep² a²: one pass over a_w.
+                a, z, pi, sq = kernels.diag_memberships(a_w, keep, scalars, md)
                 Ps = P  # GEMM 2 scales it by −α (code −2)
                 extra = keep
             else:
@@ -183,7 +154,7 @@ class _PACEMixer(torch.autograd.Function):
                 # scaled by −α) and z = π ⊙ a: one pass over P and a (pace.kernels).
                 M = Qc4.mT @ Qc4  # (B, K, r, r)
                 Ps, z, pi, sq = kernels.mixer_memberships(P, a, M, scalars)
-                root, extra = None, M
+                extra = M
             # GEMM 2 accumulates onto αx in the working precision: its bf16 operands are exact there (and in TF32),
             # and the update is not rounded to bf16, whose error (2⁻⁹ of |αx̂Π_e|) would otherwise dominate the
             # small difference αx − αx̂Π_e − … (on the tests' inputs 2.4e-2 of the update's largest entry, 1.5e-2
@@ -194,8 +165,8 @@ class _PACEMixer(torch.autograd.Function):
             )  # αx + (P ⊙ s')[Q_e | V]ᵀ − β(π ⊙ …)Uᵀ, (B, N, d)
             out = out.to(x.dtype)
         ctx.save_for_backward(
-            x, xb, omega, subspaces, Ub, S, n_e, G_e, F_e, Y_c, n_c, G_c, F_c, Q_c, a, R, P, Ps, pi, sq, root, scalars,
-            extra, z,
+            x, xb, omega, subspaces, Ub, S, n_e, G_e, F_e, Y_c, n_c, G_c, F_c, Q_c, a, R, P, Ps, pi, sq, scalars, extra,
+            z,
         )  # fmt: skip
         ctx.dims = (K, ce, r, diag, eps)
         ctx.set_materialize_grads(False)  # an unused π gets no zero cotangent written; see backward
@@ -204,8 +175,8 @@ class _PACEMixer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, g_pi):
-        (x, xb, omega, subspaces, Ub, S, n_e, G_e, F_e, Y_c, n_c, G_c, F_c, Q_c, a, R, P, Ps, pi, sq, root, scalars,
-         extra, z) = ctx.saved_tensors  # fmt: skip
+        (x, xb, omega, subspaces, Ub, S, n_e, G_e, F_e, Y_c, n_c, G_c, F_c, Q_c, a, R, P, Ps, pi, sq, scalars, extra,
+         z) = ctx.saved_tensors  # fmt: skip
         K, ce, r, diag, eps = ctx.dims
         tau_dtype, alpha_dtype, beta_dtype = ctx.coefficient_dtypes
         S_c = S[..., ce:]
@@ -225,7 +196,7 @@ class _PACEMixer(torch.autograd.Function):
             gU = (gb.reshape(B * N, d) @ Ub).view(B, N, d)
             if diag:  # P̄ = −α gQ_e: x̄ scales gR by −α (code −2)
                 grad_alpha, grad_beta, grad_tau, Qe_bar, Qc_bar, a_bar = _diag_backward(
-                    g_x, xb, gb, gR, gU, a, P, pi, sq, root, g_pi, Q_c, extra, scalars, K
+                    g_x, xb, gb, gR, gU, a, P, pi, sq, g_pi, Q_c, extra, scalars, K
                 )
                 Pbar, U_parts = gR, None
             else:

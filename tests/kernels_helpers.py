@@ -16,7 +16,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # Each case: ("factor", G) -> F, ("gram", Y, eps) -> (scale, G), ("memberships", a, col, tau) -> (w, π),
 # ("mixer_fwd", P, a, M, scalars) -> (Ps, z, π, ‖col‖²), ("mixer_bwd", g_R, P, g_U, a, π, ‖col‖², g_π, M, scalars)
-# -> (P̄, ā, P_c ⊙ ∂‖col‖², sums), ("cast_dot", g, x, dtype) -> (copy, <g, x>), ("pack", Y, F_s, U, Q_c, dtype) -> R,
+# -> (P̄, ā, P_c ⊙ ∂‖col‖², sums), ("diag_fwd", a_w, keep, scalars, dtype) -> (a, z, π, ‖col‖²), ("diag_bwd", gQ_e,
+# P_e, gU, a, π, ‖col‖², g_π, keep, scalars) -> (ā, ∂keep, sums), ("cast_dot", g, x, dtype) -> (copy, <g, x>),
+# ("pack", Y, F_s, U, Q_c, dtype) -> R,
 # ("matmul_sum", C, lhs, rhs, scalars, codes) -> the fp32 sum, ("ridge_grad", W, F_s, G, scale, eps) -> Γ,
 # ("radial", W, F_s, G, G_s, scale, eps) -> Γ
 # or ("pace_mixer", x, U, τ, α, β,
@@ -29,7 +31,7 @@ import torch
 torch.set_num_threads(1)
 from pace.kernels import _dispatch, use_backend, inverse_cholesky_factor, normalized_gram, compress_memberships
 from pace.kernels import cast_dot, mixer_memberships, mixer_memberships_backward, pack_bases, matmul_sum
-from pace.kernels import ridge_gradient_matrix, ridge_radial_diagonal
+from pace.kernels import ridge_gradient_matrix, ridge_radial_diagonal, diag_memberships, diag_memberships_backward
 cases = torch.load(sys.argv[1])
 with use_backend("interpret"):
     module = _dispatch.triton_module(torch.empty(0))
@@ -63,6 +65,18 @@ with use_backend("interpret"):
                 Pc_w = torch.full(P.shape[:2] + (M.shape[1] * M.shape[2],), nan, dtype=P.dtype)
                 out = (torch.full_like(P, nan), torch.full_like(a, nan), Pc_w)
                 results[name] = mixer.mixer_memberships_backward(*args, out=out)
+        elif kind in ("diag_fwd", "diag_bwd"):
+            if how == "op":
+                results[name] = (diag_memberships if kind == "diag_fwd" else diag_memberships_backward)(*args)
+            else:  # the launcher with poisoned outputs: (a, z, π, ‖col‖²) forward, ā backward
+                diag = _dispatch.triton_module(torch.empty(0), "_triton_diag")
+                if kind == "diag_fwd":
+                    a_w, keep, scalars, dtype = args
+                    per_head = torch.full(a_w.shape[:2] + keep.shape[1:2], nan)
+                    copies = (torch.full(a_w.shape, nan, dtype=dtype), torch.full(a_w.shape, nan, dtype=dtype))
+                    results[name] = diag.diag_memberships(*args, out=(*copies, per_head, per_head.clone()))
+                else:
+                    results[name] = diag.diag_memberships_backward(*args, out=torch.full_like(args[3], nan))
         elif kind == "cast_dot":
             g, x, dtype = args
             if how == "op":

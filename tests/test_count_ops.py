@@ -84,14 +84,21 @@ def test_a_custom_op_counts_as_its_fused_kernel_or_as_its_fallback():
         count_ops(lambda: None, kernels="triton")
 
 
-def test_the_fused_block_runs_the_mixer_kernels_once_each():
-    """The counter's GPU-path proxy: each pace:: op of the fused block (full form) once per step, bf16 autocast."""
+_FORM_KERNELS = {
+    "full": {"mixer_memberships": 1, "mixer_memberships_backward": 1},
+    "diag": {"diag_memberships": 1, "diag_memberships_backward": 1},
+}
+
+
+@pytest.mark.parametrize("form", ["full", "diag"])
+def test_the_fused_block_runs_the_mixer_kernels_once_each(form):
+    """The counter's GPU-path proxy: each pace:: op of the fused block once per step, bf16 autocast."""
     from collections import Counter
     from functools import partial
 
     from pace.layers import PACEAttention, PACEBlock
 
-    block = PACEBlock(32, 4, attn_layer=partial(PACEAttention, rank=4, fused=True))
+    block = PACEBlock(32, 4, attn_layer=partial(PACEAttention, rank=4, fused=True, compress_form=form))
     x = torch.randn(2, 16, 32, requires_grad=True)
 
     def step():
@@ -107,10 +114,9 @@ def test_the_fused_block_runs_the_mixer_kernels_once_each():
         "normalized_gram": 2,
         "inverse_cholesky_factor": 2,
         "pack_bases": 1,
-        "mixer_memberships": 1,
-        "mixer_memberships_backward": 1,
+        **_FORM_KERNELS[form],
         "cast_dot": 1,
-        "matmul_sum": 3,  # GEMM 2, R̄ and x̄
+        "matmul_sum": 3,  # GEMM 2, R̄ (diag: Q̄_e) and x̄
         "ridge_gradient_matrix": 2,  # both ridge backwards: c = 16 and 4 fit the register tile (c ≤ 32)
     }
     assert fallback.ops > fused.ops + 40 and fallback.bytes > fused.bytes

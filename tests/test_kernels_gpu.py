@@ -124,6 +124,42 @@ def test_mixer_memberships_on_cuda_match_float64(dtype):
     torch.testing.assert_close(got[3].cpu().double(), want[3], rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_diag_memberships_on_cuda_match_float64(dtype):
+    """The diag form's membership kernels (forward and backward) at the S model's sizes, against float64."""
+    from pace.kernels import (
+        diag_memberships,
+        diag_memberships_backward,
+        diag_memberships_backward_reference,
+        diag_memberships_reference,
+    )
+
+    gen = torch.Generator().manual_seed(4)
+    B, N, K, p, ce = 16, 196, 8, 48, 160
+    a_w = torch.randn(B, N, K * p, generator=gen)
+    keep = (torch.randn(B, K, p, 20, generator=gen) / 20).square().sum(-1)  # diag(Q_kQ_kᵀ)
+    scalars = torch.tensor([0.7, 0.3, 0.6])
+    a, z, pi, sq = diag_memberships(a_w.cuda(), keep.cuda(), scalars.cuda(), dtype)
+    ref = diag_memberships_reference(a_w.double(), keep.double(), scalars.double(), torch.float64)
+    rel = 2**-8 if dtype == torch.bfloat16 else 1e-5
+    assert torch.equal(a.cpu(), a_w.to(dtype))
+    for got, want, tol in zip((z, pi, sq), ref[1:], (rel, 1e-5, 1e-5)):
+        got = got.cpu().double()
+        assert ((got - want).abs() <= tol * want.abs() + 1e-5 * want.abs().max()).all()
+    g_Qe, P_e = (torch.randn(B, N, ce, generator=gen).to(dtype) for _ in range(2))
+    g_U = torch.randn(a_w.shape, generator=gen).to(dtype)
+    g_pi = torch.randn(B, N, K, generator=gen)
+    args = (g_Qe, P_e, g_U, a_w.to(dtype), ref[2].float(), ref[3].float(), g_pi, keep, scalars)
+    for pi_cot in (g_pi, None):  # None: π unused, the training path
+        args = (*args[:6], pi_cot, *args[7:])
+        a_bar, keep_bar, sums = diag_memberships_backward(*(None if t is None else t.cuda() for t in args))
+        want = diag_memberships_backward_reference(*(None if t is None else t.double() for t in args))
+        a_bar = a_bar.cpu().double()
+        assert ((a_bar - want[0]).abs() <= 2 * rel * want[0].abs() + 1e-5 * want[0].abs().max()).all()
+        torch.testing.assert_close(keep_bar.cpu().double(), want[1], rtol=1e-4, atol=1e-4 * want[1].abs().max().item())
+        torch.testing.assert_close(sums.cpu().double(), want[2], rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.parametrize("with_v", [True, False], ids=["full", "diag"])
 def test_pack_bases_on_cuda_matches_float64(with_v):
     """R = [Y F_s | U_k Q_k] at the S model's sizes (B = 32): fp32 products, one rounding to bf16."""

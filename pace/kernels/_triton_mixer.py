@@ -24,7 +24,9 @@ def _rounded(x, ROUND_BF16: tl.constexpr):
     """``x`` (fp32) with its bits pre-rounded so that the interpreter's truncation to bf16 rounds to nearest even."""
     if ROUND_BF16:
         bits = x.to(tl.uint32, bitcast=True)
-        x = (bits + 0x7FFF + ((bits >> 16) & 1)).to(tl.float32, bitcast=True)
+        up = (bits + 0x7FFF + ((bits >> 16) & 1)).to(tl.float32, bitcast=True)
+        # Zeros and subnormals stay as they are: 0 + 0x7FFF is a subnormal the interpreter would not truncate to 0.
+        x = tl.where((bits & 0x7F800000) == 0, x, up)
     return x
 
 

@@ -30,6 +30,8 @@ import torch  # noqa: E402
 from pace.kernels import (  # noqa: E402
     _dispatch,
     cast_dot_reference,
+    diag_memberships_backward_reference,
+    diag_memberships_reference,
     inverse_cholesky_factor_reference,
     mixer_memberships_backward_reference,
     mixer_memberships_reference,
@@ -160,8 +162,13 @@ def main() -> None:
     if args.dry_run:
         with _dispatch.use_backend("interpret"):
             mixer_module = _dispatch.triton_module(torch.empty(0), "_triton_mixer")
+    diag_module = _dispatch.triton_module(torch.empty(0, device=device), "_triton_diag")
+    if args.dry_run:
+        with _dispatch.use_backend("interpret"):
+            diag_module = _dispatch.triton_module(torch.empty(0), "_triton_diag")
     for batch, n, k, r, p, dt in cases["mixer"]:
         rows.extend(_mixer_cases(mixer_module, batch, n, k, r, p, DTYPES[dt], device))
+        rows.extend(_diag_cases(diag_module, batch, n, k, r, p, DTYPES[dt], device))
 
     print(f"{'case':34s} {'triton ms':>10s} {'torch ms':>10s} {'torch/triton':>12s} {'rel diff':>10s}")
     for row in rows:
@@ -220,6 +227,36 @@ def _mixer_cases(module, batch: int, n: int, k: int, r: int, p: int, dtype: torc
             f"mixer memberships bwd {name}",
             lambda: module.mixer_memberships_backward(*bwd),
             lambda: mixer_memberships_backward_reference(*bwd),
+            device,
+            tol=1e-2,
+        ),
+    ]
+
+
+def _diag_cases(module, batch: int, n: int, k: int, r: int, p: int, dtype: torch.dtype, device) -> list[dict]:
+    """The fused mixer's diag-form membership ops (forward, backward) against their PyTorch fallbacks."""
+    a_w = torch.randn(batch, n, k * p, device=device)
+    keep = (torch.randn(batch, k, p, r, device=device) / r).square().sum(-1)
+    scalars = torch.tensor([0.7, 0.3, 0.6], device=device)
+    a, _, pi, sq = diag_memberships_reference(a_w, keep, scalars, dtype)
+    g_Qe, P_e = (
+        torch.randn(batch, n, k * r, device=device).to(dtype),
+        torch.randn(batch, n, k * r, device=device).to(dtype),
+    )
+    bwd = (g_Qe, P_e, torch.randn_like(a), a, pi, sq, None, keep, scalars)
+    name = f"B={batch} N={n} K={k} p={p}"
+    return [
+        _compare(
+            f"diag memberships {name}",
+            lambda: module.diag_memberships(a_w, keep, scalars, dtype),
+            lambda: diag_memberships_reference(a_w, keep, scalars, dtype),
+            device,
+            tol=1e-2,  # one bf16 rounding of z in the kernel, three in the fallback
+        ),
+        _compare(
+            f"diag memberships bwd {name}",
+            lambda: module.diag_memberships_backward(*bwd),
+            lambda: diag_memberships_backward_reference(*bwd),
             device,
             tol=1e-2,
         ),

@@ -14,6 +14,13 @@ from pace.kernels import _dispatch
 from pace.kernels.mixer_ops import _tiny, block_diag
 
 
+def _per_head_sum(weights: Tensor, rows: Tensor) -> Tensor:
+    """``Σ_n weights[b, n, k] · rows[b, n, k, :]``: (B, N, K), (B, N, K·p) → (B, K, p), from one product."""
+    B, K = weights.shape[0], weights.shape[2]
+    full = (weights.mT @ rows).view(B, K, K, -1)  # (B, K, K, p): head j's weights against head k's columns
+    return full.diagonal(dim1=1, dim2=2).mT  # (B, p, K) → (B, K, p)
+
+
 def diag_memberships_reference(
     a_w: Tensor, keep: Tensor, scalars: Tensor, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -81,9 +88,7 @@ def diag_memberships_backward_reference(
     a_bar = gU4 * (neg_beta_pi * (1 - keep).unsqueeze(1)).to(md)
     a_bar.addcmul_(a4, (2 * sq_bar.unsqueeze(-1) * keep.square().unsqueeze(1)).to(md))
     # keep enters z (through 1 − keep) and ‖col‖² = Σ keep² a²: Σ_n per head.
-    per_head = block_diag(torch.ones_like(keep).unsqueeze(-1)).mT  # (B, K, K·p): head k's columns
-    keep_bar = beta * (pi.mT @ u * per_head).sum(1).view(B, K, p)
-    keep_bar = keep_bar + 2 * keep * (sq_bar.mT @ a_w.square() * per_head).sum(1).view(B, K, p)
+    keep_bar = beta * _per_head_sum(pi, u) + 2 * keep * _per_head_sum(sq_bar, a_w.square())
     return a_bar.view(B, N, d), keep_bar, torch.stack([alpha_part, beta_part, tau_part])
 
 

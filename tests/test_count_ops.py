@@ -238,5 +238,10 @@ def test_count_ops_compiled_writes_each_block_case_whole_and_with_fewer_kernels_
     for case, row in compiled.items():
         assert row["kernels"] == "compiled (cpp scheduling)" and row["batch"] == 4
         assert row["forward_graphs"] == 1, case  # Dynamo captured the whole block
-        assert 0 < row["ops"] < eager[case]["ops"], case
         assert 0 < row["gbytes"] < eager[case]["gbytes"], case
+        if case == "PACEBlock full fused":
+            # Its eager sequence is already kernels (pace:: ops, GEMMs, one op per remaining pointwise step, 56 at
+            # this size since the mixer's Version 3): Inductor may not launch fewer, but never more.
+            assert 0 < row["ops"] <= eager[case]["ops"], case
+        else:
+            assert 0 < row["ops"] < eager[case]["ops"], case

@@ -1,16 +1,15 @@
 """bf16 autocast numerics of the PACE mixer on the CPU: the twin of ``tests/test_layers_mixer_gpu.py``.
 
 On the H200 (2026-12-04, docs/benchmarks.md) and on the CPU the bf16 errors of the same inputs agreed to two
-digits, so the precision of the formulation can be held here. The fused path (the default on CUDA) keeps every
-output and gradient within the issue's bf16 limit (2e-2); the separate path's τ gradient reaches 2.3e-2 of its scale
-σ on these inputs (its ‖col_k‖ goes through the ridge projector's bf16 coordinates), so it is held at 3e-2.
+digits, so the precision of the formulation can be held here. Both paths keep every output and gradient within the
+issue's bf16 limit (2e-2) on these inputs (seed 1). The τ gradient has a floor set by the bf16 tokens and U alone:
+float64 arithmetic on bf16-rounded x and U errs by up to 2.8e-2 of σ on seed 0 (docs/benchmarks.md), so no path
+that rounds the tokens once holds 2e-2 on τ for every seed.
 """
 
 import pytest
 import torch
 from test_layers_mixer_gpu import LIMITS, NAMES, _case, _grads, _sigma
-
-SEPARATE_TAU_LIMIT = 3e-2
 
 
 def _errors(form: str, fused: bool, seed: int) -> dict[str, float]:
@@ -32,7 +31,6 @@ def _errors(form: str, fused: bool, seed: int) -> dict[str, float]:
 def test_bf16_outputs_and_gradients_match_float64(form, fused):
     errors = _errors(form, fused, seed=1)
     for name, error in errors.items():
-        limit = SEPARATE_TAU_LIMIT if (name == "tau" and not fused) else LIMITS["bf16"]
-        assert error <= limit, (name, error, errors)
+        assert error <= LIMITS["bf16"], (name, error, errors)
     # Not vacuous: bf16 rounding of the tokens alone leaves errors above float32's.
     assert max(errors.values()) > LIMITS["fp32"]

@@ -5,7 +5,7 @@ from timm.layers import register_notrace_module
 from torch import Tensor, nn
 
 from pace.layers._validate import check_sizes
-from pace.layers.basis import ridge_basis, ridge_project, validate_projector, wide_matmul
+from pace.layers.basis import _no_autocast, ridge_basis, ridge_project, validate_projector, wide_matmul
 from pace.layers.sketch import SketchedModule
 
 COMPRESS_FORMS = ("full", "diag")
@@ -79,29 +79,33 @@ def compress(
     p = subspaces.shape[1] // K
     # a in (at least) float32 even under autocast: ‖col_k‖, the softmax and the τ gradient need more than bf16.
     a = wide_matmul(x.reshape(B * N, C), subspaces).view(B, N, K * p)  # a_k = U_kᵀx, heads side by side
-    if form == "diag":
-        # Token-major throughout: diag(Q_kQ_kᵀ) scales coordinates, so no head needs its own matrix product.
-        Y = (a.mT @ sketch.to(a.dtype)).view(B * K, p, -1)  # Y_k = A_k Ω: (B·K, p, r)
-        Q = ridge_basis(Y, eps=eps, exact=exact)  # (B·K, p, r), float32
-        keep = Q.square().sum(-1).view(B, K, p).to(a.dtype)  # diag(Q_kQ_kᵀ)
-        # ‖col_k‖² = Σ_p diag² a², for all heads in one product with a block-diagonal (K·p × K) matrix per image.
-        blocks = keep.square().unsqueeze(-1) * torch.eye(K, device=a.device, dtype=a.dtype).unsqueeze(1)
-        pi = torch.softmax(_membership_logits_from_squares((a * a) @ blocks.view(B, K * p, K), tau), dim=-1)
-        # null_k = (1 − diag) ⊙ a_k
-        w = a.view(B, N, K, p) * pi.unsqueeze(-1).to(a.dtype) * (1 - keep).unsqueeze(1)  # (B, N, K, p)
-        w = w.view(B, N, K * p)
-    else:
-        a_h = a.view(B, N, K, p).transpose(1, 2).reshape(B * K, N, p)  # (B·K, N, p): one matrix per image and head
-        if exact:
-            Q = ridge_basis(a_h.mT @ sketch.to(a.dtype), eps=eps, exact=True).to(a.dtype)  # (B·K, p, r)
-            col = (a_h @ Q) @ Q.mT
+    # The per-head work runs on the float32 coordinates a without autocast: ‖col_k‖ feeds the softmax and the τ
+    # gradient, and rounding a, Y_k, Q_k or a_kQ_k to bf16 on the way there doubled the τ gradient's error over
+    # the floor that the bf16 tokens set (docs/benchmarks.md). Only the last product runs in autocast's dtype.
+    with _no_autocast(a.device.type):
+        if form == "diag":
+            # Token-major throughout: diag(Q_kQ_kᵀ) scales coordinates, so no head needs its own matrix product.
+            Y = (a.mT @ sketch.to(a.dtype)).view(B * K, p, -1)  # Y_k = A_k Ω: (B·K, p, r)
+            Q = ridge_basis(Y, eps=eps, exact=exact)  # (B·K, p, r), float32
+            keep = Q.square().sum(-1).view(B, K, p).to(a.dtype)  # diag(Q_kQ_kᵀ)
+            # ‖col_k‖² = Σ_p diag² a², for all heads in one product with a block-diagonal (K·p × K) matrix per image.
+            blocks = keep.square().unsqueeze(-1) * torch.eye(K, device=a.device, dtype=a.dtype).unsqueeze(1)
+            pi = torch.softmax(_membership_logits_from_squares((a * a) @ blocks.view(B, K * p, K), tau), dim=-1)
+            # null_k = (1 − diag) ⊙ a_k
+            w = a.view(B, N, K, p) * pi.unsqueeze(-1).to(a.dtype) * (1 - keep).unsqueeze(1)  # (B, N, K, p)
+            w = w.view(B, N, K * p)
         else:
-            col = ridge_project(a_h, sketch, eps=eps)  # (B·K, N, p) = Q_kQ_kᵀ a_k
-        norms = torch.linalg.vector_norm(col, dim=-1, dtype=torch.promote_types(col.dtype, torch.float32))
-        pi = torch.softmax(norms.view(B, K, N) / tau, dim=1)  # (B, K, N)
-        null = (a_h - col).view(B, K, N, p)
-        w = (null * pi.unsqueeze(-1).to(null.dtype)).transpose(1, 2).reshape(B, N, K * p)  # (B, N, K·p)
-        pi = pi.transpose(1, 2)
+            a_h = a.view(B, N, K, p).transpose(1, 2).reshape(B * K, N, p)  # (B·K, N, p): one matrix per image and head
+            if exact:
+                Q = ridge_basis(a_h.mT @ sketch.to(a.dtype), eps=eps, exact=True).to(a.dtype)  # (B·K, p, r)
+                col = (a_h @ Q) @ Q.mT
+            else:
+                col = ridge_project(a_h, sketch, eps=eps)  # (B·K, N, p) = Q_kQ_kᵀ a_k
+            norms = torch.linalg.vector_norm(col, dim=-1, dtype=torch.promote_types(col.dtype, torch.float32))
+            pi = torch.softmax(norms.view(B, K, N) / tau, dim=1)  # (B, K, N)
+            null = (a_h - col).view(B, K, N, p)
+            w = (null * pi.unsqueeze(-1).to(null.dtype)).transpose(1, 2).reshape(B, N, K * p)  # (B, N, K·p)
+            pi = pi.transpose(1, 2)
     u = subspaces.to(w.dtype) if scale is None else subspaces.to(w.dtype) * scale.to(w.dtype)  # (C, K·p)
     if add_to is None:
         out = w.reshape(B * N, -1) @ u.mT  # (B·N, C)

@@ -213,3 +213,39 @@ def build_for_hopper(module: str, name: str, constexprs: dict, pointers: dict, n
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     return compiled.asm["cubin"]
+
+
+def assert_close_elementwise(out: torch.Tensor, ref: torch.Tensor, rel: float, what: str, seed: int) -> None:
+    """Elementwise |out − ref| ≤ rel·|ref| + 1e-5·max|ref| (NaN fails), naming the output and the seed."""
+    out, ref = out.double(), ref.double()
+    bound = rel * ref.abs() + 1e-5 * ref.abs().max().clamp_min(1e-30)
+    bad = ~((out - ref).abs() <= bound)
+    assert not bad.any(), f"seed {seed}: {what}: {bad.sum().item()} elements off, worst {(out - ref).abs().max():.2e}"
+
+
+def pace_mixer_case(gen: torch.Generator, form: str) -> tuple[tuple, tuple]:
+    """A small fused-mixer case: (float64 inputs, the "pace_mixer" runner case on their float32 copies)."""
+    B, N, d, K, rank = 2, 21, 24, 3, 4
+    x = torch.randn(B, N, d, generator=gen, dtype=torch.float64)
+    U = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64)).Q
+    coefficients = [torch.tensor(v, dtype=torch.float64) for v in (0.8, 0.3, 0.6)]
+    sketches = [torch.randn(N, c, generator=gen, dtype=torch.float64) for c in (rank * K, rank)]
+    cot = (torch.randn(B, N, d, generator=gen, dtype=torch.float64), torch.randn(B, N, K, generator=gen).double())
+    inputs = (x, U, *coefficients, *sketches, *cot, K)
+    return inputs, ("pace_mixer", tuple(t.float() if torch.is_tensor(t) else t for t in inputs), form)
+
+
+def assert_pace_mixer_matches_float64(inputs: tuple, result: tuple, form: str, seed: int) -> None:
+    """The interpreted fp32 mixer's (update, π, gradients) against pace_mixer in float64 on the same inputs."""
+    from pace.layers.mixer import pace_mixer
+
+    x, U, tau, alpha, beta, e_sketch, c_sketch, g, g_pi, K = inputs
+    leaves = [t.clone().requires_grad_() for t in (x, U, tau, alpha, beta)]
+    ref, ref_pi = pace_mixer(*leaves, e_sketch, c_sketch, num_heads=K, eps=0.01, form=form)
+    ref_grads = torch.autograd.grad((ref * g).sum() + (ref_pi * g_pi).sum(), leaves)
+    got, got_pi, got_grads = result
+    torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    torch.testing.assert_close(got_pi.double(), ref_pi, rtol=1e-4, atol=1e-5)
+    for name, a, b in zip(("x", "U", "tau", "alpha", "beta"), got_grads, ref_grads):
+        err = ((a.double() - b).abs().max() / b.abs().max()).item()
+        assert err < 1e-3, f"seed {seed}: gradient of {name} off by {err:.1e} of its scale"

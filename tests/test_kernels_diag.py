@@ -5,7 +5,13 @@ import random
 
 import pytest
 import torch
-from kernels_helpers import build_for_hopper, run_interpreted
+from kernels_helpers import (
+    assert_close_elementwise,
+    assert_pace_mixer_matches_float64,
+    build_for_hopper,
+    pace_mixer_case,
+    run_interpreted,
+)
 
 from pace.kernels import (
     diag_memberships,
@@ -13,7 +19,6 @@ from pace.kernels import (
     diag_memberships_backward_reference,
     diag_memberships_reference,
 )
-from pace.layers.mixer import pace_mixer
 
 # (B, N, K, p, c_e): ragged (N crosses the 16-token blocks, K, p and c_e below their padded sizes) and the S model's.
 SHAPES = {"small": (2, 20, 3, 6, 15), "s": (1, 17, 8, 48, 160)}
@@ -58,23 +63,8 @@ def interpreted(tmp_path_factory):
     cases["bwd_no_g_pi"] = ("diag_bwd", no_g_pi, "poison")
     cases["bwd_no_g_pi_op"] = ("diag_bwd", no_g_pi, "op")
     # The whole fused mixer (diag form), every pace.kernels op on the Triton interpreter, fp32.
-    B, N, d, K, rank = 2, 21, 24, 3, 4
-    x = torch.randn(B, N, d, generator=gen, dtype=torch.float64)
-    U = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64)).Q
-    coefficients = [torch.tensor(v, dtype=torch.float64) for v in (0.8, 0.3, 0.6)]
-    sketches = [torch.randn(N, c, generator=gen, dtype=torch.float64) for c in (rank * K, rank)]
-    cot = (torch.randn(B, N, d, generator=gen, dtype=torch.float64), torch.randn(B, N, K, generator=gen).double())
-    inputs["mixer"] = (x, U, *coefficients, *sketches, *cot, K)
-    cases["mixer"] = ("pace_mixer", tuple(t.float() if torch.is_tensor(t) else t for t in inputs["mixer"]), "diag")
+    inputs["mixer"], cases["mixer"] = pace_mixer_case(gen, "diag")
     return seed, inputs, run_interpreted(cases, tmp_path_factory.mktemp("interp"))
-
-
-def _close(out, ref, rel, what, seed):
-    """Elementwise |out − ref| ≤ rel·|ref| + 1e-5·max|ref| (NaN fails)."""
-    out, ref = out.double(), ref.double()
-    bound = rel * ref.abs() + 1e-5 * ref.abs().max().clamp_min(1e-30)
-    bad = ~((out - ref).abs() <= bound)
-    assert not bad.any(), f"seed {seed}: {what}: {bad.sum().item()} elements off, worst {(out - ref).abs().max():.2e}"
 
 
 @pytest.mark.parametrize("name", SHAPES)
@@ -89,7 +79,7 @@ def test_forward_kernel_matches_float64(interpreted, name, dt):
     assert torch.equal(a, a_w.to(dtype)), f"seed {seed}: a not rounded to nearest even"
     rounding = 2**-8 if dt == "bf16" else 1e-6
     for what, o, r, rel in zip(("z", "pi", "sq"), (z, pi, sq), ref[1:], (rounding, 1e-5, 1e-5)):
-        _close(o, r, rel, what, seed)
+        assert_close_elementwise(o, r, rel, what, seed)
     K = SHAPES[name][2]
     assert sq[0, 1].abs().max() == 0 and torch.allclose(pi[0, 1].double(), torch.full_like(ref[2][0, 1], 1 / K))
 
@@ -102,8 +92,8 @@ def test_backward_kernel_matches_float64(interpreted, name, dt):
     a_bar, keep_bar, sums = out[f"bwd_{name}_{dt}"]
     assert a_bar.dtype == DTYPES[dt] and keep_bar.dtype == torch.float32 and sums.shape == (3,)
     ref = diag_memberships_backward_reference(*(t.double() for t in bwd))
-    _close(a_bar, ref[0], 2**-8 if dt == "bf16" else 1e-5, "a_bar", seed)
-    _close(keep_bar, ref[1], 1e-5, "keep_bar", seed)  # fp32 sums of exact (bf16) products
+    assert_close_elementwise(a_bar, ref[0], 2**-8 if dt == "bf16" else 1e-5, "a_bar", seed)
+    assert_close_elementwise(keep_bar, ref[1], 1e-5, "keep_bar", seed)  # fp32 sums of exact (bf16) products
     torch.testing.assert_close(sums.double(), ref[2], rtol=1e-4, atol=1e-4, msg=f"seed {seed}: partial sums")
 
 
@@ -115,8 +105,8 @@ def test_backward_kernel_without_a_membership_cotangent(interpreted):
     args[6] = torch.zeros_like(args[6])
     ref = diag_memberships_backward_reference(*args)
     for case in ("bwd_no_g_pi", "bwd_no_g_pi_op"):
-        _close(out[case][0], ref[0], 2**-8, "a_bar", seed)
-        _close(out[case][1], ref[1], 1e-5, "keep_bar", seed)
+        assert_close_elementwise(out[case][0], ref[0], 2**-8, "a_bar", seed)
+        assert_close_elementwise(out[case][1], ref[1], 1e-5, "keep_bar", seed)
         torch.testing.assert_close(out[case][2].double(), ref[2], rtol=1e-4, atol=1e-4, msg=f"seed {seed}")
     got = diag_memberships_backward_reference(*args[:6], None, *args[7:])  # the fallback takes None as well
     for a, b in zip(got, ref):
@@ -145,16 +135,7 @@ def test_public_ops_dispatch_to_interpreter_and_match_the_fallback(interpreted):
 def test_fused_mixer_on_the_interpreted_kernels_matches_float64(interpreted):
     """Every pace.kernels op of the diag form (the two diag kernels included) inside pace_mixer, fp32."""
     seed, inputs, out = interpreted
-    x, U, tau, alpha, beta, e_sketch, c_sketch, g, g_pi, K = inputs["mixer"]
-    leaves = [t.clone().requires_grad_() for t in (x, U, tau, alpha, beta)]
-    ref, ref_pi = pace_mixer(*leaves, e_sketch, c_sketch, num_heads=K, eps=0.01, form="diag")
-    ref_grads = torch.autograd.grad((ref * g).sum() + (ref_pi * g_pi).sum(), leaves)
-    got, got_pi, got_grads = out["mixer"]
-    torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
-    torch.testing.assert_close(got_pi.double(), ref_pi, rtol=1e-4, atol=1e-5)
-    for name, a, b in zip(("x", "U", "tau", "alpha", "beta"), got_grads, ref_grads):
-        err = ((a.double() - b).abs().max() / b.abs().max()).item()
-        assert err < 1e-3, f"seed {seed}: gradient of {name} off by {err:.1e} of its scale"
+    assert_pace_mixer_matches_float64(inputs["mixer"], out["mixer"], "diag", seed)
 
 
 def test_reference_backward_equals_autograd_through_the_reference_forward():

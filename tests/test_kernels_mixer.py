@@ -5,7 +5,13 @@ import random
 
 import pytest
 import torch
-from kernels_helpers import build_for_hopper, run_interpreted
+from kernels_helpers import (
+    assert_close_elementwise,
+    assert_pace_mixer_matches_float64,
+    build_for_hopper,
+    pace_mixer_case,
+    run_interpreted,
+)
 
 from pace.kernels import (
     cast_dot,
@@ -17,7 +23,6 @@ from pace.kernels import (
     pack_bases_reference,
 )
 from pace.kernels.mixer_ops import block_diag
-from pace.layers.mixer import pace_mixer
 
 # (B, N, K, r, p): ragged (N crosses the 16-token blocks, K, r and p below their padded sizes) and the S model's.
 SHAPES = {"small": (2, 20, 3, 5, 6), "s": (1, 17, 8, 20, 48)}
@@ -68,15 +73,7 @@ def interpreted(tmp_path_factory):
     cases["bwd_no_g_pi"] = ("mixer_bwd", no_g_pi, "poison")
     cases["bwd_no_g_pi_op"] = ("mixer_bwd", no_g_pi, "op")
     # The whole fused mixer (full form), every pace.kernels op on the Triton interpreter, fp32.
-    B, N, d, K, rank = 2, 21, 24, 3, 4
-    x = torch.randn(B, N, d, generator=gen, dtype=torch.float64)
-    U = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64)).Q
-    scalars = [torch.tensor(v, dtype=torch.float64) for v in (0.8, 0.3, 0.6)]
-    sketches = [torch.randn(N, c, generator=gen, dtype=torch.float64) for c in (rank * K, rank)]
-    cot = (torch.randn(B, N, d, generator=gen, dtype=torch.float64), torch.randn(B, N, K, generator=gen))
-    mixer_args = (x, U, *scalars, *sketches, cot[0], cot[1].double(), K)
-    inputs["mixer"] = mixer_args
-    cases["mixer"] = ("pace_mixer", tuple(t.float() if torch.is_tensor(t) else t for t in mixer_args), "full")
+    inputs["mixer"], cases["mixer"] = pace_mixer_case(gen, "full")
     g = torch.randn(2, 3, 1000, generator=gen)  # 6000 elements: a full block of 4096 and a ragged one
     x = torch.randn(2, 3, 1000, generator=gen)
     inputs["cast_dot"] = (g, x)
@@ -97,14 +94,6 @@ def interpreted(tmp_path_factory):
     return seed, inputs, run_interpreted(cases, tmp_path_factory.mktemp("interp"))
 
 
-def _close(out, ref, rel, what, seed):
-    """Elementwise |out − ref| ≤ rel·|ref| + 1e-5·max|ref| (NaN fails)."""
-    out, ref = out.double(), ref.double()
-    bound = rel * ref.abs() + 1e-5 * ref.abs().max().clamp_min(1e-30)
-    bad = ~((out - ref).abs() <= bound)
-    assert not bad.any(), f"seed {seed}: {what}: {bad.sum().item()} elements off, worst {(out - ref).abs().max():.2e}"
-
-
 @pytest.mark.parametrize("name", SHAPES)
 @pytest.mark.parametrize("dt", DTYPES)
 def test_forward_kernel_matches_float64(interpreted, name, dt):
@@ -115,7 +104,7 @@ def test_forward_kernel_matches_float64(interpreted, name, dt):
     ref = mixer_memberships_reference(*(t.double() for t in fwd))  # float64 from the same (rounded) inputs
     rounding = 2**-8 if dt == "bf16" else 1e-6  # one rounding to the output dtype
     for what, o, r, rel in zip(("Ps", "z", "pi", "sq"), (Ps, z, pi, sq), ref, (rounding, rounding, 1e-5, 1e-5)):
-        _close(o, r, rel, what, seed)
+        assert_close_elementwise(o, r, rel, what, seed)
     assert sq[0, 1].abs().max() == 0 and torch.allclose(
         pi[0, 1].double(), torch.full_like(ref[2][0, 1], 1 / SHAPES[name][2])
     )
@@ -131,7 +120,7 @@ def test_backward_kernel_matches_float64(interpreted, name, dt):
     ref = mixer_memberships_backward_reference(*(t.double() for t in _bwd_args(*fwd, extra)))
     rounding = 2**-8 if dt == "bf16" else 1e-5
     for what, o, r in zip(("P_bar", "a_bar", "Pc_w"), (P_bar, a_bar, Pc_w), ref):
-        _close(o, r, rounding, what, seed)
+        assert_close_elementwise(o, r, rounding, what, seed)
     torch.testing.assert_close(sums.double(), ref[3], rtol=1e-4, atol=1e-4, msg=f"seed {seed}: partial sums")
 
 
@@ -144,7 +133,7 @@ def test_backward_kernel_without_a_membership_cotangent(interpreted):
     ref = mixer_memberships_backward_reference(*args)
     for case in ("bwd_no_g_pi", "bwd_no_g_pi_op"):
         for what, o, r in zip(("P_bar", "a_bar", "Pc_w"), out[case][:3], ref):
-            _close(o, r, 1e-5, what, seed)
+            assert_close_elementwise(o, r, 1e-5, what, seed)
         torch.testing.assert_close(out[case][3].double(), ref[3], rtol=1e-4, atol=1e-4, msg=f"seed {seed}")
     # The fallback takes None as well.
     got = mixer_memberships_backward_reference(*args[:6], None, *args[7:])
@@ -164,16 +153,7 @@ def test_public_ops_dispatch_to_interpreter_and_match_the_fallback(interpreted):
 def test_fused_mixer_on_the_interpreted_kernels_matches_float64(interpreted):
     """normalized_gram, inverse_cholesky_factor and both membership kernels inside pace_mixer, fp32."""
     seed, inputs, out = interpreted
-    x, U, tau, alpha, beta, e_sketch, c_sketch, g, g_pi, K = inputs["mixer"]
-    leaves = [t.clone().requires_grad_() for t in (x, U, tau, alpha, beta)]
-    ref, ref_pi = pace_mixer(*leaves, e_sketch, c_sketch, num_heads=K, eps=0.01, form="full")
-    ref_grads = torch.autograd.grad((ref * g).sum() + (ref_pi * g_pi).sum(), leaves)
-    got, got_pi, got_grads = out["mixer"]
-    torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
-    torch.testing.assert_close(got_pi.double(), ref_pi, rtol=1e-4, atol=1e-5)
-    for name, a, b in zip(("x", "U", "tau", "alpha", "beta"), got_grads, ref_grads):
-        err = ((a.double() - b).abs().max() / b.abs().max()).item()
-        assert err < 1e-3, f"seed {seed}: gradient of {name} off by {err:.1e} of its scale"
+    assert_pace_mixer_matches_float64(inputs["mixer"], out["mixer"], "full", seed)
 
 
 @pytest.mark.parametrize("case", ["cast_dot_torch.bfloat16", "cast_dot_torch.float16", "cast_dot_op"])
@@ -198,7 +178,9 @@ def test_pack_bases_kernel_matches_float64(interpreted, name, kind):
         Y.double(), F_s.double(), U.double(), None if kind == "diag" else Q_c.double(), torch.float64
     )
     assert R.shape == ref.shape and R.dtype == (torch.float32 if kind == "torch.float32" else torch.bfloat16)
-    _close(R, ref, 2**-8 if R.dtype == torch.bfloat16 else 1e-5, "R", seed)  # fp32 products, one rounding
+    assert_close_elementwise(
+        R, ref, 2**-8 if R.dtype == torch.bfloat16 else 1e-5, "R", seed
+    )  # fp32 products, one rounding
 
 
 def test_pack_bases_op_and_fallback(interpreted):

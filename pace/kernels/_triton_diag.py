@@ -11,7 +11,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from pace.kernels._triton_mixer import _INTERPRETED, BLOCK_TOKENS, TINY, _program_indices, _rounded, _store_partials
+from pace.kernels._triton_mixer import (
+    _INTERPRETED,
+    BLOCK_TOKENS,
+    TINY,
+    _load_memberships,
+    _program_indices,
+    _rounded,
+    _softmax_backward,
+    _softmax_store,
+    _store_partials,
+)
 
 
 @triton.jit
@@ -46,13 +56,7 @@ def _diag_fwd_kernel(
     mask, off, keep = _head_tiles(Keep_ptr, b, n3, k3, p3, N, K, p)
     a = tl.load(Aw_ptr + off, mask=mask, other=0.0)
     sq = tl.sum(a * a * (keep * keep), axis=2)  # (BN, BK)
-    root = tl.sqrt(tl.maximum(sq, TINY_))
-    logits = tl.where(k2 < K, root / tau, float("-inf"))
-    e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
-    pi = e / tl.sum(e, axis=1)[:, None]
-    mask2 = (n2 < N) & (k2 < K)
-    tl.store(Pi_ptr + (b * N + n2) * K + k2, pi, mask=mask2)
-    tl.store(Sq_ptr + (b * N + n2) * K + k2, sq, mask=mask2)
+    pi = _softmax_store(Pi_ptr, Sq_ptr, sq, b, n2, k2, N, K, tau, TINY_)
     tl.store(A_ptr + off, _rounded(a, ROUND_BF16).to(A_ptr.dtype.element_ty), mask=mask)
     z = _rounded(a * pi[:, :, None] * (1 - keep), ROUND_BF16)
     tl.store(Z_ptr + off, z.to(Z_ptr.dtype.element_ty), mask=mask)
@@ -87,11 +91,7 @@ def _diag_bwd_kernel(
     """Backward of the forward kernel for BN tokens: ā, and this program's partial sums of ∂L/∂keep and α, β, τ."""
     b, n2, k2, n3, k3, _, p3, tau, _, beta = _program_indices(S_ptr, BN, BK, 16, BP)
     mask, off, keep = _head_tiles(Keep_ptr, b, n3, k3, p3, N, K, p)
-    mask2 = (n2 < N) & (k2 < K)
-    off2 = (b * N + n2) * K + k2
-    pi = tl.load(Pi_ptr + off2, mask=mask2, other=0.0)
-    sq = tl.load(Sq_ptr + off2, mask=mask2, other=0.0)
-    g_pi = tl.load(Gpi_ptr + off2, mask=mask2 & HAS_GPI, other=0.0).to(tl.float32)  # without: π unused, 0
+    pi, sq, g_pi = _load_memberships(Pi_ptr, Sq_ptr, Gpi_ptr, b, n2, k2, N, K, HAS_GPI)
     # α: −<gQ_e, x̂Q_e> over the program's tokens.
     jc = tl.arange(0, BC)[None, :]
     mask_c = (n2 < N) & (jc < ce)
@@ -103,12 +103,7 @@ def _diag_bwd_kernel(
     u = g_u * a
     # ∂L/∂π_k through −β zUᵀ: h_k = −Σ_p gU a (1 − keep).
     h = -tl.sum(u * (1 - keep), axis=2)
-    beta_part = tl.sum(tl.sum(pi * h, axis=1), axis=0)
-    pi_bar = g_pi + beta * h
-    l_bar = pi * (pi_bar - tl.sum(pi_bar * pi, axis=1)[:, None])  # softmax backward
-    root = tl.sqrt(tl.maximum(sq, TINY_))
-    tau_part = -tl.sum(tl.sum(l_bar * root, axis=1), axis=0) / (tau * tau)  # ∂L/∂τ = −Σ ∂ℓ ‖col‖ / τ²
-    sq_bar = tl.where(sq >= TINY_, l_bar / (2 * tau * root), 0.0)
+    beta_part, tau_part, sq_bar = _softmax_backward(pi, sq, h, g_pi, tau, beta, TINY_)
     # ā = −βπ (1 − keep) gU + 2 ∂‖col‖² keep² a; ∂keep = β Σ_n π gU a + 2 keep Σ_n ∂‖col‖² a².
     a_bar = g_u * (-beta * pi)[:, :, None] * (1 - keep) + a * (2 * sq_bar)[:, :, None] * (keep * keep)
     tl.store(Abar_ptr + off, _rounded(a_bar, ROUND_BF16).to(Abar_ptr.dtype.element_ty), mask=mask)

@@ -58,6 +58,42 @@ def _program_indices(S_ptr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr
 
 
 @triton.jit
+def _softmax_store(Pi_ptr, Sq_ptr, sq, b, n2, k2, N, K, tau, TINY_: tl.constexpr):
+    """π = softmax_k(max(‖col_k‖², tiny)^½ / τ) of the program's (BN, BK) ‖col‖²; π and ‖col‖² stored, π returned."""
+    root = tl.sqrt(tl.maximum(sq, TINY_))
+    logits = tl.where(k2 < K, root / tau, float("-inf"))
+    e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+    pi = e / tl.sum(e, axis=1)[:, None]
+    mask2 = (n2 < N) & (k2 < K)
+    tl.store(Pi_ptr + (b * N + n2) * K + k2, pi, mask=mask2)
+    tl.store(Sq_ptr + (b * N + n2) * K + k2, sq, mask=mask2)
+    return pi
+
+
+@triton.jit
+def _load_memberships(Pi_ptr, Sq_ptr, Gpi_ptr, b, n2, k2, N, K, HAS_GPI: tl.constexpr):
+    """The program's (BN, BK) π, ‖col‖² and π's cotangent (0 without one)."""
+    mask2 = (n2 < N) & (k2 < K)
+    off2 = (b * N + n2) * K + k2
+    pi = tl.load(Pi_ptr + off2, mask=mask2, other=0.0)
+    sq = tl.load(Sq_ptr + off2, mask=mask2, other=0.0)
+    g_pi = tl.load(Gpi_ptr + off2, mask=mask2 & HAS_GPI, other=0.0).to(tl.float32)  # without: π unused, 0
+    return pi, sq, g_pi
+
+
+@triton.jit
+def _softmax_backward(pi, sq, h, g_pi, tau, beta, TINY_: tl.constexpr):
+    """From h_k = ∂(update)/∂(βπ_k): the β and τ partial sums and ∂L/∂‖col‖² (softmax, then ℓ = ‖col‖/τ)."""
+    beta_part = tl.sum(tl.sum(pi * h, axis=1), axis=0)
+    pi_bar = g_pi + beta * h
+    l_bar = pi * (pi_bar - tl.sum(pi_bar * pi, axis=1)[:, None])  # softmax backward
+    root = tl.sqrt(tl.maximum(sq, TINY_))
+    tau_part = -tl.sum(tl.sum(l_bar * root, axis=1), axis=0) / (tau * tau)  # ∂L/∂τ = −Σ ∂ℓ ‖col‖ / τ²
+    sq_bar = tl.where(sq >= TINY_, l_bar / (2 * tau * root), 0.0)
+    return beta_part, tau_part, sq_bar
+
+
+@triton.jit
 def _memberships_fwd_kernel(
     P_ptr,
     A_ptr,
@@ -85,13 +121,7 @@ def _memberships_fwd_kernel(
     for k in range(K):
         pc, t = _head_quadratic(P_ptr, M_ptr, b, k, n2, N, K, r, BR)
         sq = tl.where(k2 == k, tl.sum(t * pc, axis=1)[:, None], sq)
-    root = tl.sqrt(tl.maximum(sq, TINY_))
-    logits = tl.where(k2 < K, root / tau, float("-inf"))
-    e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
-    pi = e / tl.sum(e, axis=1)[:, None]
-    mask2 = (n2 < N) & (k2 < K)
-    tl.store(Pi_ptr + (b * N + n2) * K + k2, pi, mask=mask2)
-    tl.store(Sq_ptr + (b * N + n2) * K + k2, sq, mask=mask2)
+    pi = _softmax_store(Pi_ptr, Sq_ptr, sq, b, n2, k2, N, K, tau, TINY_)
     # Ps: the Expand columns scaled by −α, head k's Compress columns by βπ_k.
     mask_r = (n3 < N) & (k3 < K) & (r3 < r)
     off = (b * N + n3) * (2 * Kr) + k3 * r + r3
@@ -182,11 +212,7 @@ def _memberships_bwd_kernel(
     """Backward of the forward kernel for BN tokens; the three scalar partial sums go to this program's row."""
     b, n2, k2, n3, k3, r3, p3, tau, alpha, beta = _program_indices(S_ptr, BN, BK, BR, BP)
     Kr = K * r
-    mask2 = (n2 < N) & (k2 < K)
-    off2 = (b * N + n2) * K + k2
-    pi = tl.load(Pi_ptr + off2, mask=mask2, other=0.0)
-    sq = tl.load(Sq_ptr + off2, mask=mask2, other=0.0)
-    g_pi = tl.load(Gpi_ptr + off2, mask=mask2 & HAS_GPI, other=0.0).to(tl.float32)  # without: π unused, 0
+    pi, sq, g_pi = _load_memberships(Pi_ptr, Sq_ptr, Gpi_ptr, b, n2, k2, N, K, HAS_GPI)
     mask_r = (n3 < N) & (k3 < K) & (r3 < r)
     off = (b * N + n3) * (2 * Kr) + k3 * r + r3
     mask_p = (n3 < N) & (k3 < K) & (p3 < p)
@@ -200,12 +226,7 @@ def _memberships_bwd_kernel(
     # ∂L/∂π_k through the update: h_k = <gV_k, P_k> − <gU_k, a_k>; α: −<gQ_e, x̂Q_e>.
     h = tl.sum(g_v * p_c, axis=2) - tl.sum(g_u * a, axis=2)
     alpha_part = -tl.sum(tl.sum(tl.sum(g_qe * p_e, axis=2), axis=1), axis=0)
-    beta_part = tl.sum(tl.sum(pi * h, axis=1), axis=0)
-    pi_bar = g_pi + beta * h
-    l_bar = pi * (pi_bar - tl.sum(pi_bar * pi, axis=1)[:, None])  # softmax backward
-    root = tl.sqrt(tl.maximum(sq, TINY_))
-    tau_part = -tl.sum(tl.sum(l_bar * root, axis=1), axis=0) / (tau * tau)  # ∂L/∂τ = −Σ ∂ℓ ‖col‖ / τ²
-    sq_bar = tl.where(sq >= TINY_, l_bar / (2 * tau * root), 0.0)
+    beta_part, tau_part, sq_bar = _softmax_backward(pi, sq, h, g_pi, tau, beta, TINY_)
     tl.store(Pbar_ptr + off, _rounded(g_qe * -alpha, ROUND_BF16).to(Pbar_ptr.dtype.element_ty), mask=mask_r)
     a_bar = _rounded(g_u * (-beta * pi)[:, :, None], ROUND_BF16)
     tl.store(Abar_ptr + off_a, a_bar.to(Abar_ptr.dtype.element_ty), mask=mask_p)

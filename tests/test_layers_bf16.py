@@ -1,10 +1,10 @@
 """bf16 autocast numerics of the PACE mixer on the CPU: the twin of ``tests/test_layers_mixer_gpu.py``.
 
 On the H200 (2026-12-04, docs/benchmarks.md) and on the CPU the bf16 errors of the same inputs agreed to two
-digits, so the precision of the formulation can be held here. Both paths keep every output and gradient within the
-issue's bf16 limit (2e-2) on these inputs (seed 1). The τ gradient has a floor set by the bf16 tokens and U alone:
-float64 arithmetic on bf16-rounded x and U errs by up to 2.8e-2 of σ on seed 0 (docs/benchmarks.md), so no path
-that rounds the tokens once holds 2e-2 on τ for every seed.
+digits, so the precision of the formulation can be held here, on the GPU test's three seeds. Scalar gradients are
+compared with their scale σ = ‖∂(out, π)/∂θ‖, as the GPU test defines it (the gradient compared is that of
+⟨g, out⟩ + ⟨g_π, π⟩). On seeds 0–5 every path stays within 1.7e-2 except the fused full form's β on seed 5
+(2.2e-2); the τ gradient has a floor set by the bf16 tokens and U alone (docs/benchmarks.md).
 """
 
 import pytest
@@ -26,10 +26,11 @@ def _errors(form: str, fused: bool, seed: int) -> dict[str, float]:
     return errors
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("form", ["full", "diag"])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "separate"])
-def test_bf16_outputs_and_gradients_match_float64(form, fused):
-    errors = _errors(form, fused, seed=1)
+def test_bf16_outputs_and_gradients_match_float64(form, fused, seed):
+    errors = _errors(form, fused, seed=seed)
     for name, error in errors.items():
         assert error <= LIMITS["bf16"], (name, error, errors)
     # Not vacuous: bf16 rounding of the tokens alone leaves errors above float32's.

@@ -41,10 +41,13 @@ def _grads(leaves, sketches, cotangents, *, form, fused, device, dtype, autocast
 
 
 def _sigma(leaves, sketches, index, form, h=1e-6):
-    # ‖∂y/∂θ‖ of a scalar θ by a central difference in float64.
+    # ‖∂y/∂θ‖ of a scalar θ by a central difference in float64, where y = (out, π): the gradient compared is that of
+    # ⟨g, out⟩ + ⟨g_π, π⟩ (both cotangents standard normal), whose typical size is the norm over both outputs.
+    # π depends on τ only (∂π/∂α = ∂π/∂β = 0); for τ it is about twice the output's part.
     def y(delta):
         moved = [t + delta if i == index else t for i, t in enumerate(leaves)]
-        return pace_attention(*moved, *sketches, num_heads=K, eps=0.01, form=form, fused=False)[0]
+        out, pi = pace_attention(*moved, *sketches, num_heads=K, eps=0.01, form=form, fused=False)
+        return torch.cat([out.flatten(), pi.flatten()])
 
     return ((y(h) - y(-h)) / (2 * h)).norm().item()
 

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from pace.kernels import _dispatch
-from pace.kernels.mixer_ops import _tiny, block_diag
+from pace.kernels.mixer_ops import _tiny, block_diag, membership_backward
 
 
 def _per_head_sum(weights: Tensor, rows: Tensor) -> Tensor:
@@ -58,11 +58,8 @@ def diag_memberships_backward_reference(
         P_e: ``x̂Q_e``, shape (B, N, c_e).
         g_U: ``gU``, shape (B, N, K·p).
         a: ``x̂U`` in the product dtype, shape (B, N, K·p).
-        pi: π from the forward.
-        sq: ``‖col‖²`` from the forward.
-        g_pi: π's cotangent, (B, N, K), or None for zero.
+        pi, sq, g_pi, scalars: As for :func:`pace.kernels.mixer_ops.mixer_memberships_backward_reference`.
         keep: As in the forward.
-        scalars: ``[τ, α, β]``.
 
     Returns:
         ``ā`` (through z and ‖col‖²) in a's dtype, ``∂L/∂keep`` (B, K, p) in keep's dtype (through z and ‖col‖²)
@@ -77,13 +74,7 @@ def diag_memberships_backward_reference(
     a_w = a.to(wd)
     u = g_U.to(wd) * a_w
     h = -(u @ block_diag((1 - keep).unsqueeze(-1)))  # −Σ_p gU a (1 − keep), (B, N, K)
-    beta_part = (pi * h).sum()
-    pi_bar = beta * h if g_pi is None else g_pi.to(wd) + beta * h
-    # Softmax, then ℓ = max(‖col‖², tiny)^½ / τ.
-    l_bar = pi * (pi_bar - (pi_bar * pi).sum(-1, keepdim=True))
-    root = sq.clamp_min(_tiny(wd)).sqrt()
-    tau_part = -(l_bar * root).sum() / tau.square()
-    sq_bar = l_bar * (sq >= _tiny(wd)) / (2 * tau * root)  # (B, N, K)
+    beta_part, tau_part, sq_bar = membership_backward(h, pi, sq, g_pi, tau, beta)
     neg_beta_pi = (-beta * pi).unsqueeze(-1)  # (B, N, K, 1)
     a_bar = gU4 * (neg_beta_pi * (1 - keep).unsqueeze(1)).to(md)
     a_bar.addcmul_(a4, (2 * sq_bar.unsqueeze(-1) * keep.square().unsqueeze(1)).to(md))

@@ -36,6 +36,33 @@ def _tiny(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).tiny
 
 
+def membership_backward(
+    h: Tensor, pi: Tensor, sq: Tensor, g_pi: Tensor | None, tau: Tensor, beta: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward of π = softmax_k(max(‖col_k‖², tiny)^½ / τ) where π also scales β's term, in PyTorch (both forms).
+
+    Args:
+        h: ∂(update)/∂π_k / β per token and head, (B, N, K), in the working dtype.
+        pi: π from the forward.
+        sq: ``‖col‖²`` from the forward.
+        g_pi: π's cotangent, (B, N, K), or None for zero.
+        tau: τ (0-dim).
+        beta: β (0-dim).
+
+    Returns:
+        ``∂L/∂β``'s part ``Σ π h``, ``∂L/∂τ = −Σ ∂ℓ·‖col‖ / τ²`` and ``∂L/∂‖col‖²`` (B, N, K).
+    """
+    wd = h.dtype
+    beta_part = (pi * h).sum()
+    pi_bar = beta * h if g_pi is None else g_pi.to(wd) + beta * h
+    # Softmax, then ℓ = max(‖col‖², tiny)^½ / τ.
+    l_bar = pi * (pi_bar - (pi_bar * pi).sum(-1, keepdim=True))
+    root = sq.clamp_min(_tiny(wd)).sqrt()
+    tau_part = -(l_bar * root).sum() / tau.square()
+    sq_bar = l_bar * (sq >= _tiny(wd)) / (2 * tau * root)  # (B, N, K)
+    return beta_part, tau_part, sq_bar
+
+
 def mixer_memberships_reference(
     P: Tensor, a: Tensor, M: Tensor, scalars: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -95,13 +122,7 @@ def mixer_memberships_backward_reference(
     gV4, Pc4 = g_R[..., Kr:].view(B, N, K, r), P[..., Kr:].view(B, N, K, r)
     a4, gU4 = a.view(B, N, K, -1), g_U.view(B, N, K, -1)
     h = (gV4 * Pc4).sum(-1, dtype=wd) - (gU4 * a4).sum(-1, dtype=wd)  # <gV_k, P_k> − <gU_k, a_k>
-    beta_part = (pi * h).sum()
-    pi_bar = beta * h if g_pi is None else g_pi.to(wd) + beta * h
-    # Softmax, then ℓ = max(‖col‖², tiny)^½ / τ.
-    l_bar = pi * (pi_bar - (pi_bar * pi).sum(-1, keepdim=True))
-    root = sq.clamp_min(_tiny(wd)).sqrt()
-    tau_part = -(l_bar * root).sum() / tau.square()
-    sq_bar = l_bar * (sq >= _tiny(wd)) / (2 * tau * root)  # (B, N, K)
+    beta_part, tau_part, sq_bar = membership_backward(h, pi, sq, g_pi, tau, beta)
     a_bar = gU4 * (-beta * pi).unsqueeze(-1).to(md)
     # P̄ = [−α gQ_e | βπ_k gV_k + 2 ∂‖col_k‖² P_k M_k]
     P_bar = g_R.view(B, N, 2 * K, r) * _head_scale(pi, alpha, beta, md)

@@ -124,7 +124,11 @@ def test_public_ops_dispatch_to_interpreter_and_match_the_fallback(interpreted):
     for what, got, want, tol in zip(("a", "z", "pi", "sq"), out["fwd_op"], ref, (0, 2**-6, 1e-5, 1e-5)):
         torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=1e-5, msg=f"seed {seed}: {what}")
     ref = diag_memberships_backward_reference(*bwd)
-    torch.testing.assert_close(out["bwd_op"][0].float(), ref[0].float(), rtol=2**-6, atol=1e-3, msg=f"seed {seed}")
+    # ā = −βπ(1 − keep)gU + 2∂‖col‖² keep² a: the fallback rounds both terms (and their sum) to bf16, so where they
+    # cancel its error is a bf16 rounding of the terms (up to max|ā|), not of ā (seed 550899204: 1.1e-3 at ā ≈ 2e-3).
+    # The kernel itself is held to float64 in test_backward_kernel_matches_float64.
+    atol = 2**-7 * ref[0].float().abs().max().item()
+    torch.testing.assert_close(out["bwd_op"][0].float(), ref[0].float(), rtol=2**-6, atol=atol, msg=f"seed {seed}")
     torch.testing.assert_close(out["bwd_op"][1], ref[1], rtol=1e-4, atol=1e-4, msg=f"seed {seed}")
     # The fallback's α term sums bf16-rounded products gQ_e ⊙ P_e, the kernel fp32 ones.
     scale = (bwd[0].double() * bwd[1].double()).abs().sum().item()

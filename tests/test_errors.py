@@ -29,6 +29,12 @@ def _error_line(out: subprocess.CompletedProcess) -> str:
         ("optim.lrr=0.1", 2, "unknown config key optim.lrr (did you mean optim.lr?)"),
         ("trainer.precision=fp8", 2, "trainer.precision='fp8'"),
         ("data.source=webdataset data.root=/nonexistent/shards", 1, "/nonexistent/shards"),
+        (
+            "model.name=pace_vit_smal_patch16_224",
+            2,
+            "model.name='pace_vit_smal_patch16_224' is invalid: expected a timm model name (did you mean "
+            "pace_vit_small_patch16_224",
+        ),
         # Each case starts a process (seconds each): the rest run with -m slow.
         pytest.param("+trainer.epochz=3", 2, "trainer.epochz (did you mean sched.epochs?)", marks=pytest.mark.slow),
         pytest.param("trainer.lr=0.1", 2, "did you mean optim.lr?", marks=pytest.mark.slow),
@@ -173,3 +179,16 @@ def test_pace_eval_user_error_is_one_line_and_leaves_no_output_directory(tmp_pat
     assert line == "pace-eval: error: checkpoint /nonexistent/ckpt.pt does not exist", line
     # no .hydra, no main.log, no runs/eval/<name>, no empty runs/eval/; the user's runs/ is kept
     assert [p.relative_to(tmp_path) for p in tmp_path.rglob("*")] == [Path("runs")]
+
+
+def test_pace_eval_unknown_model_name_is_one_line_before_any_work(tmp_path: Path):
+    cmd = [sys.executable, "-m", "pace.eval.main", "model.name=no_such_model", f"data.root={tmp_path}"]
+    out = subprocess.run(
+        cmd, cwd=tmp_path, env=train_env(full_errors=False), capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 1, out.stderr[-3000:]  # pace-eval's code for a config value (as model.weights)
+    line = _error_line(out)
+    assert line == "pace-eval: error: config key model.name='no_such_model' is invalid: expected a timm model name", (
+        line
+    )
+    assert list(tmp_path.iterdir()) == []  # no runs/, no .hydra, no main.log

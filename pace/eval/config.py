@@ -107,6 +107,9 @@ class ModelSourceConfig:
 
     def __post_init__(self) -> None:
         _require(self.weights in ("auto", "ema", "raw"), "model.weights", self.weights, "auto, ema or raw")
+        from pace.models.names import require_known_model  # registers PACE-ViT with timm first
+
+        require_known_model("model.name", self.name)
 
 
 @dataclass

@@ -50,6 +50,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "model.name", self.name, "a timm model name")
+        from pace.models.names import require_known_model  # registers PACE-ViT with timm first
+
+        require_known_model("model.name", self.name)
         # Stochastic depth would perturb the frozen features the probe is meant to measure.
         ok = not self.linear_probe or self.drop_path_rate == 0
         _require(ok, "model.drop_path_rate", self.drop_path_rate, "0 for a linear probe (model.linear_probe=true)")

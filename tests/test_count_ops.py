@@ -84,6 +84,16 @@ def test_a_custom_op_counts_as_its_fused_kernel_or_as_its_fallback():
         count_ops(lambda: None, kernels="triton")
 
 
+def test_matmul_sum_counts_the_flops_of_each_product():
+    from pace.kernels import matmul_sum
+
+    A, B = torch.randn(3, 7, 5), torch.randn(5, 4)  # B shared by the 3 batch entries
+    A2, B2 = torch.randn(7, 6), torch.randn(3, 6, 4)  # A2 shared
+    count = count_ops(lambda: matmul_sum(torch.randn(3, 7, 4), [A, A2], [B, B2]))
+    [record] = [r for r in count.records if r.name == "matmul_sum"]
+    assert record.flops == 2 * 3 * 7 * 4 * (5 + 6)
+
+
 _FORM_KERNELS = {
     "full": {"mixer_memberships": 1, "mixer_memberships_backward": 1},
     "diag": {"diag_memberships": 1, "diag_memberships_backward": 1},

@@ -26,6 +26,7 @@ _METADATA_OPS = {
     aten.lift_fresh.default,
     aten.detach.default,
     aten.empty.memory_format,
+    aten.new_empty.default,
     aten.empty_like.default,
     aten.empty_strided.default,
 }

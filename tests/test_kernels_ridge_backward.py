@@ -46,6 +46,14 @@ def interpreted(tmp_path_factory):
         args = (W.float(), F_s.float(), G.float(), symmetric_gradient(W, F_s).float(), scale.float(), eps)
         for how in ("poison", "op"):
             jobs[f"radial_{c}_{how}"] = ("radial", args, how)
+    # The factor of the result the layers use (−½), through launcher and op, on a tile size and a row-kernel size.
+    W, F_s, G, scale, eps = inputs[20]
+    for how in ("poison", "op"):
+        jobs[f"coef_20_{how}"] = ("ridge_grad", (W.float(), F_s.float(), G.float(), scale.float(), eps, -0.5), how)
+        W, F_s, G, scale, eps = inputs["radial_160"]
+        args = (W.float(), F_s.float(), G.float(), symmetric_gradient(W, F_s).float(), scale.float(), eps, -0.5)
+        jobs[f"coef_radial_160_{how}"] = ("radial", args, how)
+        W, F_s, G, scale, eps = inputs[20]
     return seed, inputs, run_interpreted(jobs, tmp_path_factory.mktemp("interp"))
 
 
@@ -76,6 +84,23 @@ def test_radial_kernel_matches_float64(interpreted, c):
         assert got.dtype == torch.float32 and not got.isnan().any()
         err = ((got.double() - ref).abs().max() / ref.abs().max()).item()
         assert err < 1e-5, f"seed {seed}: c = {c} via {how} off by {err:.1e}"
+
+
+def test_kernels_scale_their_result_by_coef(interpreted):
+    seed, _, out = interpreted
+    for name in ("20", "radial_160"):
+        for how in ("poison", "op"):
+            unscaled, scaled = out[f"{name}_{how}"], out[f"coef_{name}_{how}"]
+            # A factor of −½ is exact in binary floating point: the same arithmetic, then the factor.
+            assert torch.equal(scaled, -0.5 * unscaled), f"seed {seed}: {name} via {how}"
+
+
+def test_references_scale_their_result_by_coef():
+    W, F_s, G, scale, eps = _inputs(20, torch.Generator().manual_seed(5))
+    gamma = ridge_gradient_matrix_reference(W, F_s, G, scale, eps)
+    assert torch.equal(ridge_gradient_matrix(W, F_s, G, scale, eps, coef=-0.5), -0.5 * gamma)
+    G_s = symmetric_gradient(W, F_s)
+    assert torch.equal(ridge_radial_diagonal(W, F_s, G, G_s, scale, eps, coef=-0.5), -0.5 * gamma)
 
 
 def test_layer_backward_equals_autograd_through_the_ridge_step():

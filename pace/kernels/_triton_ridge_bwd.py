@@ -35,8 +35,8 @@ def _with_radial_diagonal(W, F, G, Gs, s_j, s_k, diagonal, eps, FLOOR: tl.conste
 
 
 @triton.jit
-def _ridge_gradient_kernel(W_ptr, F_ptr, G_ptr, S_ptr, O_ptr, c, eps, FLOOR: tl.constexpr, BC: tl.constexpr):
-    """Γ = G_s + 2 diag(ρ/s²) with G_s = F_s(A + Aᵀ)F_sᵀ, A = F_sᵀW, for one matrix (fp32 products)."""
+def _ridge_gradient_kernel(W_ptr, F_ptr, G_ptr, S_ptr, O_ptr, c, eps, coef, FLOOR: tl.constexpr, BC: tl.constexpr):
+    """coef·Γ, Γ = G_s + 2 diag(ρ/s²) with G_s = F_s(A + Aᵀ)F_sᵀ, A = F_sᵀW, for one matrix (fp32 products)."""
     b = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, BC)
     mask = (i[:, None] < c) & (i[None, :] < c)
@@ -46,14 +46,14 @@ def _ridge_gradient_kernel(W_ptr, F_ptr, G_ptr, S_ptr, O_ptr, c, eps, FLOOR: tl.
     A = tl.dot(tl.trans(F), W, input_precision="ieee")
     Gs = tl.dot(tl.dot(F, A + tl.trans(A), input_precision="ieee"), tl.trans(F), input_precision="ieee")
     out = _with_radial_diagonal(W, F, G, Gs, s, s, i[:, None] == i[None, :], eps, FLOOR)
-    tl.store(O_ptr + off, out, mask=mask)
+    tl.store(O_ptr + off, coef * out, mask=mask)
 
 
 @triton.jit
 def _radial_diagonal_kernel(
-    W_ptr, F_ptr, G_ptr, Gs_ptr, S_ptr, O_ptr, c, eps, FLOOR: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr
+    W_ptr, F_ptr, G_ptr, Gs_ptr, S_ptr, O_ptr, c, eps, coef, FLOOR: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr
 ):
-    """BR rows of Γ = G_s + 2 diag(ρ/s²) of one matrix, G_s given (any c: a row block of BC ≥ c columns)."""
+    """BR rows of coef·Γ, Γ = G_s + 2 diag(ρ/s²) of one matrix, G_s given (any c: a row block of BC ≥ c columns)."""
     b = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1) * BR + tl.arange(0, BR)
     k = tl.arange(0, BC)
@@ -64,21 +64,21 @@ def _radial_diagonal_kernel(
     s_j = tl.load(S_ptr + b * c + j, mask=j < c, other=1.0)
     s_k = tl.load(S_ptr + b * c + k, mask=k < c, other=1.0)
     out = _with_radial_diagonal(W, F, G, Gs, s_j, s_k, j[:, None] == k[None, :], eps, FLOOR)
-    tl.store(O_ptr + off, out, mask=mask)
+    tl.store(O_ptr + off, coef * out, mask=mask)
 
 
 PROBE_KERNEL = _ridge_gradient_kernel  # how pace.kernels._dispatch tells compiled from interpreted
 
 
 def ridge_gradient_matrix(
-    W: Tensor, F_s: Tensor, G: Tensor, scale: Tensor, eps: float, out: Tensor | None = None
+    W: Tensor, F_s: Tensor, G: Tensor, scale: Tensor, eps: float, coef: float = 1.0, out: Tensor | None = None
 ) -> Tensor:
-    """Γ by the Triton kernel; see ``pace.kernels.ridge_gradient_matrix``."""
+    """coef·Γ by the Triton kernel; see ``pace.kernels.ridge_gradient_matrix``."""
     B, c, _ = W.shape
     out = torch.empty((B, c, c), device=W.device, dtype=torch.float32) if out is None else out
     if out.numel():
         _ridge_gradient_kernel[(B,)](
-            W, F_s, G, scale, out, c, eps, FLOOR=COLUMN_NORM_FLOOR, BC=max(16, triton.next_power_of_2(c)),
+            W, F_s, G, scale, out, c, eps, coef, FLOOR=COLUMN_NORM_FLOOR, BC=max(16, triton.next_power_of_2(c)),
             num_warps=1 if c <= 16 else 2,
         )  # fmt: skip
     return out
@@ -88,14 +88,21 @@ RADIAL_ROWS = 16
 
 
 def ridge_radial_diagonal(
-    W: Tensor, F_s: Tensor, G: Tensor, G_s: Tensor, scale: Tensor, eps: float, out: Tensor | None = None
+    W: Tensor,
+    F_s: Tensor,
+    G: Tensor,
+    G_s: Tensor,
+    scale: Tensor,
+    eps: float,
+    coef: float = 1.0,
+    out: Tensor | None = None,
 ) -> Tensor:
-    """Γ from a given G_s by the Triton row kernel; see ``pace.kernels.ridge_radial_diagonal``."""
+    """coef·Γ from a given G_s by the Triton row kernel; see ``pace.kernels.ridge_radial_diagonal``."""
     B, c, _ = W.shape
     out = torch.empty((B, c, c), device=W.device, dtype=torch.float32) if out is None else out
     if out.numel():
         _radial_diagonal_kernel[(B, triton.cdiv(c, RADIAL_ROWS))](
-            W, F_s, G, G_s, scale, out, c, eps, FLOOR=COLUMN_NORM_FLOOR, BR=RADIAL_ROWS,
+            W, F_s, G, G_s, scale, out, c, eps, coef, FLOOR=COLUMN_NORM_FLOOR, BR=RADIAL_ROWS,
             BC=max(16, triton.next_power_of_2(c)), num_warps=4,
         )  # fmt: skip
     return out

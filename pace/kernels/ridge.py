@@ -185,8 +185,10 @@ def normalized_gram(Y: Tensor, eps: float) -> tuple[Tensor, Tensor]:
 # ---- pace::ridge_gradient_matrix ---------------------------------------------------------------------------------
 
 
-def ridge_gradient_matrix_reference(W: Tensor, F_s: Tensor, G: Tensor, scale: Tensor, eps: float) -> Tensor:
-    """PyTorch ``Γ = G_s + 2 diag(ρ / s²)`` of the ridge backward (see :func:`ridge_gradient_matrix`).
+def ridge_gradient_matrix_reference(
+    W: Tensor, F_s: Tensor, G: Tensor, scale: Tensor, eps: float, coef: float = 1.0
+) -> Tensor:
+    """PyTorch ``coef·Γ``, ``Γ = G_s + 2 diag(ρ / s²)`` of the ridge backward (see :func:`ridge_gradient_matrix`).
 
     Args:
         W: ``YᵀQ̄``, shape (B, c, c).
@@ -194,11 +196,16 @@ def ridge_gradient_matrix_reference(W: Tensor, F_s: Tensor, G: Tensor, scale: Te
         G: ``ŶᵀŶ + εI``, shape (B, c, c).
         scale: Column norms clamped at 1e-12, shape (B, 1, c).
         eps: The ε inside G.
+        coef: A factor of the result.
 
     Returns:
-        Γ, shape (B, c, c), in W's dtype.
+        coef·Γ, shape (B, c, c), in W's dtype.
     """
-    return _add_radial_diagonal_(W, F_s, G, symmetric_gradient(W, F_s), scale, eps)
+    return _scaled_(_add_radial_diagonal_(W, F_s, G, symmetric_gradient(W, F_s), scale, eps), coef)
+
+
+def _scaled_(t: Tensor, coef: float) -> Tensor:
+    return t if coef == 1 else t.mul_(coef)
 
 
 def symmetric_gradient(W: Tensor, F_s: Tensor) -> Tensor:
@@ -220,21 +227,23 @@ def _add_radial_diagonal_(W: Tensor, F_s: Tensor, G: Tensor, G_s: Tensor, scale:
 
 
 @torch.library.custom_op("pace::ridge_gradient_matrix", mutates_args=())
-def _ridge_gradient_matrix_op(W: Tensor, F_s: Tensor, G: Tensor, scale: Tensor, eps: float) -> Tensor:
+def _ridge_gradient_matrix_op(W: Tensor, F_s: Tensor, G: Tensor, scale: Tensor, eps: float, coef: float) -> Tensor:
     supported = all(t.dtype == torch.float32 for t in (W, F_s, G, scale)) and W.shape[-1] <= 32
     module = _dispatch.triton_module(W, "_triton_ridge_bwd") if supported else None
     if module is None:
-        return ridge_gradient_matrix_reference(W, F_s, G, scale, eps)
-    return module.ridge_gradient_matrix(W.contiguous(), F_s.contiguous(), G.contiguous(), scale.contiguous(), eps)
+        return ridge_gradient_matrix_reference(W, F_s, G, scale, eps, coef)
+    tensors = (t.contiguous() for t in (W, F_s, G, scale))
+    return module.ridge_gradient_matrix(*tensors, eps, coef)
 
 
 @_ridge_gradient_matrix_op.register_fake
-def _(W: Tensor, F_s: Tensor, G: Tensor, scale: Tensor, eps: float) -> Tensor:
+def _(W: Tensor, F_s: Tensor, G: Tensor, scale: Tensor, eps: float, coef: float) -> Tensor:
     return W.new_empty(W.shape)
 
 
-def ridge_gradient_matrix(W: Tensor, F_s: Tensor, G: Tensor, scale: Tensor, eps: float) -> Tensor:
-    """The c × c matrix ``Γ`` of the ridge backward ``∂L/∂Y = Q̄ F_sᵀ − ½ Y Γ`` (custom op ``pace::…``; no autograd).
+def ridge_gradient_matrix(W: Tensor, F_s: Tensor, G: Tensor, scale: Tensor, eps: float, coef: float = 1.0) -> Tensor:
+    """``coef·Γ``, the c × c matrix of the ridge backward ``∂L/∂Y = Q̄ F_sᵀ − ½ Y Γ`` (custom op ``pace::…``; no
+    autograd). Γ is linear in W; the layers take coef = −½, so that ∂L/∂Y is one sum of products.
 
     ``Γ = G_s + 2 diag(ρ / s²)`` with ``A = F_sᵀW``, ``G_s = F_s(A + Aᵀ)F_sᵀ`` and the radial term
     ``ρ_j / s_j² = ((Σ_k W_jk F_s,jk + ½ε s_j² G_s,jj) / s_j − ½ Σ_k G_jk G_s,jk s_k) / s_j`` (0 where ``s_j`` was
@@ -248,35 +257,40 @@ def ridge_gradient_matrix(W: Tensor, F_s: Tensor, G: Tensor, scale: Tensor, eps:
         G: ``ŶᵀŶ + εI``, shape (B, c, c).
         scale: Column norms ``s`` clamped at 1e-12, shape (B, 1, c).
         eps: The ε inside G.
+        coef: A factor of the result.
 
     Returns:
-        Γ, shape (B, c, c), in W's dtype.
+        coef·Γ, shape (B, c, c), in W's dtype.
     """
     B, c = (W.shape[0], W.shape[-1]) if W.dim() == 3 else (0, 0)
     if not (W.shape == F_s.shape == G.shape == (B, c, c) and scale.shape == (B, 1, c)):
         shapes = [tuple(t.shape) for t in (W, F_s, G, scale)]
         raise ValueError(f"ridge_gradient_matrix: W, F_s, G (B, c, c) and scale (B, 1, c) expected, got {shapes}")
-    return _ridge_gradient_matrix_op(W, F_s, G, scale, float(eps))
+    return _ridge_gradient_matrix_op(W, F_s, G, scale, float(eps), float(coef))
 
 
 @torch.library.custom_op("pace::ridge_radial_diagonal", mutates_args=())
-def _ridge_radial_diagonal_op(W: Tensor, F_s: Tensor, G: Tensor, G_s: Tensor, scale: Tensor, eps: float) -> Tensor:
+def _ridge_radial_diagonal_op(
+    W: Tensor, F_s: Tensor, G: Tensor, G_s: Tensor, scale: Tensor, eps: float, coef: float
+) -> Tensor:
     module = None
     if all(t.dtype == torch.float32 for t in (W, F_s, G, G_s, scale)):
         module = _dispatch.triton_module(W, "_triton_ridge_bwd")
     if module is None:
-        return _add_radial_diagonal_(W, F_s, G, G_s.clone(), scale, eps)
+        return _scaled_(_add_radial_diagonal_(W, F_s, G, G_s.clone(), scale, eps), coef)
     tensors = (t.contiguous() for t in (W, F_s, G, G_s, scale))
-    return module.ridge_radial_diagonal(*tensors, eps)
+    return module.ridge_radial_diagonal(*tensors, eps, coef)
 
 
 @_ridge_radial_diagonal_op.register_fake
-def _(W: Tensor, F_s: Tensor, G: Tensor, G_s: Tensor, scale: Tensor, eps: float) -> Tensor:
+def _(W: Tensor, F_s: Tensor, G: Tensor, G_s: Tensor, scale: Tensor, eps: float, coef: float) -> Tensor:
     return W.new_empty(W.shape)
 
 
-def ridge_radial_diagonal(W: Tensor, F_s: Tensor, G: Tensor, G_s: Tensor, scale: Tensor, eps: float) -> Tensor:
-    """``Γ = G_s + 2 diag(ρ / s²)`` from a given ``G_s`` (custom op ``pace::…``; no autograd): the part of
+def ridge_radial_diagonal(
+    W: Tensor, F_s: Tensor, G: Tensor, G_s: Tensor, scale: Tensor, eps: float, coef: float = 1.0
+) -> Tensor:
+    """``coef·Γ``, ``Γ = G_s + 2 diag(ρ / s²)`` from a given ``G_s`` (custom op ``pace::…``; no autograd): the part of
     :func:`ridge_gradient_matrix` after its products, for any c. The Triton kernel (float32) reads each matrix once
     per block of 16 rows; elsewhere about 12 ATen ops.
 
@@ -287,12 +301,13 @@ def ridge_radial_diagonal(W: Tensor, F_s: Tensor, G: Tensor, G_s: Tensor, scale:
         G_s: :func:`symmetric_gradient` of W and F_s, shape (B, c, c).
         scale: Column norms clamped at 1e-12, shape (B, 1, c).
         eps: The ε inside G.
+        coef: A factor of the result.
 
     Returns:
-        Γ, shape (B, c, c), a new tensor in W's dtype.
+        coef·Γ, shape (B, c, c), a new tensor in W's dtype.
     """
     B, c = (W.shape[0], W.shape[-1]) if W.dim() == 3 else (0, 0)
     if not (W.shape == F_s.shape == G.shape == G_s.shape == (B, c, c) and scale.shape == (B, 1, c)):
         shapes = [tuple(t.shape) for t in (W, F_s, G, G_s, scale)]
         raise ValueError(f"ridge_radial_diagonal: W, F_s, G, G_s (B, c, c), scale (B, 1, c) expected, got {shapes}")
-    return _ridge_radial_diagonal_op(W, F_s, G, G_s, scale, float(eps))
+    return _ridge_radial_diagonal_op(W, F_s, G, G_s, scale, float(eps), float(coef))

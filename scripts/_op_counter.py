@@ -26,6 +26,7 @@ _METADATA_OPS = {
     aten.lift_fresh.default,
     aten.detach.default,
     aten.empty.memory_format,
+    aten.new_empty.default,
     aten.empty_like.default,
     aten.empty_strided.default,
 }
@@ -50,6 +51,9 @@ def _flops(name: str, args: tuple, out: object) -> int:
         return _mm_flops(tensors[0], tensors[1])
     if name in ("addmm", "baddbmm", "addbmm", "addmm_", "baddbmm_"):
         return _mm_flops(tensors[1], tensors[2])
+    if name == "matmul_sum":  # pace::matmul_sum(C, lhs, rhs, scalars, codes, batch, dtype): Σᵢ AᵢBᵢ per batch entry
+        lhs, rhs, batch = args[1], args[2], args[5]
+        return sum(2 * batch * a.shape[-2] * a.shape[-1] * b.shape[-1] for a, b in zip(lhs, rhs))
     if name == "linalg_cholesky_ex":
         a = tensors[0]
         return math.prod(a.shape[:-2]) * a.shape[-1] ** 3 // 3

@@ -46,6 +46,7 @@ import pace  # noqa: F401  (registers the pace_vit_* models with timm)
 from pace.models import compile_blocks
 
 PAIRS = "pace_vit_tiny_patch16_224:deit_tiny_patch16_224,pace_vit_small_patch16_224:deit_small_patch16_224"
+GRAD_TOLERANCE = 0.05  # compiled vs eager under bf16 autocast: reordered sums, not a different model
 TRAIN_TARGET_GPU = 1.5  # PACE-ViT-S / DeiT-S training throughput at 224 px, bf16, compiled
 
 
@@ -63,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile-modes", default=None, help="modes that also run compiled (CPU default infer)")
     parser.add_argument("--compile-pairs", default=None, help="our models that also run compiled (CPU: first)")
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode (default, reduce-overhead, ...)")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (tests: aot_eager)")
     parser.add_argument("--regional", action="store_true", help="compile each block in place, not the whole model")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per model (CPU 5, GPU 20)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (CPU 1, GPU 5; compiled 3+)")
@@ -119,6 +121,32 @@ def train_step(model: nn.Module, images, labels, device: torch.device):
     return step
 
 
+def loss_gradients(model: nn.Module, images, labels, device: torch.device) -> list[torch.Tensor]:
+    """The float32 gradients of one training step's loss, in parameter order (no optimizer step).
+
+    Copies: under CUDA graphs a gradient may live in the graph's memory pool, which the next replay overwrites.
+    """
+    model.train()
+    with autocast(device):
+        logits = model(images)
+    F.cross_entropy(logits.float(), labels).backward()
+    grads = [
+        torch.zeros_like(p, dtype=torch.float32) if p.grad is None else p.grad.to(torch.float32, copy=True)
+        for p in model.parameters()
+    ]
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def gradient_disagreement(reference: list[torch.Tensor], other: list[torch.Tensor]) -> float:
+    """The largest ``‖g_other − g_ref‖ / ‖g_ref‖`` over the parameters (the norm is clamped at 1e-12).
+
+    A compiled graph can train something other than the model (torch 2.11's Dynamo once dropped the fused PACE
+    mixer's gradient: every block parameter got zero, a disagreement of 1); its throughput would then be meaningless.
+    """
+    return max(((o - r).norm() / r.norm().clamp_min(1e-12)).item() for r, o in zip(reference, other, strict=True))
+
+
 def infer_step(model: nn.Module, images, device: torch.device):
     model.eval()
 
@@ -150,8 +178,10 @@ def compile_model(model: nn.Module, args) -> nn.Module:
     """``torch.compile`` in ``--compile-mode``: the whole model, or with ``--regional`` each block in place."""
     mode = None if args.compile_mode == "default" else args.compile_mode
     if not args.regional:
-        return torch.compile(model, mode=mode)
-    compile_blocks(model, mode=mode)  # PACE-ViT: its PACE and class-attention blocks; DeiT: its blocks
+        return torch.compile(model, mode=mode, backend=args.compile_backend)
+    compile_blocks(
+        model, mode=mode, backend=args.compile_backend
+    )  # PACE-ViT: its PACE and class-attention blocks; DeiT: its blocks
     return model
 
 
@@ -163,7 +193,14 @@ def run_case(args, device, pair, size: int, mode: str, compiled: bool) -> list[d
     labels = torch.randint(0, args.num_classes, (batch,), device=device)
     models = {name: build(name, size, args.num_classes, device) for name in pair}
     flops = {name: gflops_per_image(m, size, mode, device, args.num_classes) for name, m in models.items()}
+    # Compiled training is checked against eager gradients first (same batch, sketches and weights).
+    check = compiled and mode == "train"
+    reference = {name: loss_gradients(m, images, labels, device) for name, m in models.items()} if check else {}
     runnable = {name: compile_model(m, args) if compiled else m for name, m in models.items()}
+    disagreement = {
+        name: gradient_disagreement(reference[name], loss_gradients(runnable[name], images, labels, device))
+        for name in reference
+    }
     steps = {
         name: train_step(m, images, labels, device) if mode == "train" else infer_step(m, images, device)
         for name, m in runnable.items()
@@ -190,6 +227,8 @@ def run_case(args, device, pair, size: int, mode: str, compiled: bool) -> list[d
             "images_per_cpu_s": batch / (median_ms(times[name]["cpu"]) / 1e3),
             "gflop_per_image": flops[name],
         }
+        if name in disagreement:
+            row["grad_disagreement"] = disagreement[name]
         if device.type == "cuda":
             row["peak_mib"] = peak_memory_bytes(steps[name], device) / MIB
         rows.append(row)
@@ -200,7 +239,10 @@ def run_case(args, device, pair, size: int, mode: str, compiled: bool) -> list[d
     print(
         f"{mode} {'compiled' if compiled else 'eager'} {size}px batch {batch}: {pair[0]} "
         f"{ours['images_per_s']:.1f} img/s, {pair[1]} {base['images_per_s']:.1f} img/s -> "
-        f"{ours['throughput_vs_baseline']:.2f}x",
+        f"{ours['throughput_vs_baseline']:.2f}x"
+        + "".join(
+            f"; gradients vs eager {r['model']} {r['grad_disagreement']:.1e}" for r in rows if "grad_disagreement" in r
+        ),
         flush=True,
     )
     return rows
@@ -230,6 +272,13 @@ def summarise(rows: list[dict], device: torch.device) -> dict:
             "target": f">= {TRAIN_TARGET_GPU}" if gpu else "> 1.0 (ahead)",
             "holds": ratio >= TRAIN_TARGET_GPU if gpu else ratio > 1.0,
         }
+    for r in rows:
+        if "grad_disagreement" in r:
+            checks[f"gradients_{r['model']}_{r['size']}_compiled_vs_eager"] = {
+                "value": r["grad_disagreement"],
+                "target": f"<= {GRAD_TOLERANCE} (max over parameters of ‖Δg‖/‖g‖, bf16 autocast)",
+                "holds": r["grad_disagreement"] <= GRAD_TOLERANCE,
+            }
     return checks
 
 
@@ -247,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
         checks = summarise(rows, device)
         columns = ["model", "size", "mode", "compiled", "batch", "step_ms", "images_per_s", "throughput_vs_baseline"]
         columns += ["peak_mib"] if device.type == "cuda" else ["images_per_cpu_s", "cpu_throughput_vs_baseline"]
-        columns += ["gflop_per_image"]
+        columns += ["gflop_per_image"] + (["grad_disagreement"] if any("grad_disagreement" in r for r in rows) else [])
         report = "\n\n".join(
             [
                 "# Model throughput",

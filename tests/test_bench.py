@@ -65,6 +65,27 @@ def test_bench_layer_quick_reports_every_candidate(tmp_path):
     assert "faster" in proc.stdout
 
 
+def test_bench_model_checks_compiled_training_gradients_against_eager(tmp_path):
+    _run("bench_model.py", tmp_path, "--compile", "compiled", "--compile-modes", "train", "--compile-sizes", "64",
+         "--modes", "train", "--regional", "--compile-backend", "aot_eager")  # fmt: skip
+    rows = _rows(tmp_path)
+    assert {r["model"] for r in rows} == {"pace_vit_test", "test_vit"}
+    # aot_eager runs eager's ops: the same gradients up to summation order.
+    assert all(0 <= float(r["grad_disagreement"]) < 1e-5 for r in rows), rows
+    targets = json.loads((tmp_path / "summary.json").read_text())["targets"]
+    checks = {k: v for k, v in targets.items() if k.startswith("gradients_")}
+    assert len(checks) == 2 and all(v["holds"] for v in checks.values()), targets
+
+
+def test_gradient_disagreement_flags_a_graph_that_drops_a_gradient():
+    import bench_model
+
+    g = [torch.randn(3, 4), torch.randn(5)]
+    assert bench_model.gradient_disagreement(g, [t.clone() for t in g]) == 0
+    assert bench_model.gradient_disagreement(g, [g[0], torch.zeros(5)]) == pytest.approx(1.0)
+    assert bench_model.gradient_disagreement(g, [g[0] * 1.01, g[1]]) == pytest.approx(0.01, rel=1e-3)
+
+
 def test_bench_model_quick_reports_both_models(tmp_path):
     _run("bench_model.py", tmp_path)
     rows = _rows(tmp_path)

@@ -84,6 +84,16 @@ def test_a_custom_op_counts_as_its_fused_kernel_or_as_its_fallback():
         count_ops(lambda: None, kernels="triton")
 
 
+def test_matmul_sum_counts_the_flops_of_each_product():
+    from pace.kernels import matmul_sum
+
+    A, B = torch.randn(3, 7, 5), torch.randn(5, 4)  # B shared by the 3 batch entries
+    A2, B2 = torch.randn(7, 6), torch.randn(3, 6, 4)  # A2 shared
+    count = count_ops(lambda: matmul_sum(torch.randn(3, 7, 4), [A, A2], [B, B2]))
+    [record] = [r for r in count.records if r.name == "matmul_sum"]
+    assert record.flops == 2 * 3 * 7 * 4 * (5 + 6)
+
+
 _FORM_KERNELS = {
     "full": {"mixer_memberships": 1, "mixer_memberships_backward": 1},
     "diag": {"diag_memberships": 1, "diag_memberships_backward": 1},
@@ -116,7 +126,7 @@ def test_the_fused_block_runs_the_mixer_kernels_once_each(form):
         "pack_bases": 1,
         **_FORM_KERNELS[form],
         "cast_dot": 1,
-        "matmul_sum": 3,  # GEMM 2, R̄ (diag: Q̄_e) and x̄
+        "matmul_sum": 5,  # GEMM 2, R̄ (diag: Q̄_e), x̄ and the two ridge backwards' Ȳ = Q̄F_sᵀ + YΓ
         "ridge_gradient_matrix": 2,  # both ridge backwards: c = 16 and 4 fit the register tile (c ≤ 32)
     }
     assert fallback.ops > fused.ops + 40 and fallback.bytes > fused.bytes

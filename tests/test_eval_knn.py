@@ -113,7 +113,13 @@ def test_knn_needs_its_memory_bank(tmp_path):
     from pace.eval.config import validate
 
     cfg = compose_eval(
-        ["model.name=pace_vit_test", "eval=knn", "data.root=/data", "eval.knn.knn_train_path=null", f"output_dir={tmp_path}"]
+        [
+            "model.name=pace_vit_test",
+            "eval=knn",
+            "data.root=/data",
+            "eval.knn.knn_train_path=null",
+            f"output_dir={tmp_path}",
+        ]
     )
     with pytest.raises(ValueError, match="knn_train_path=None"):
         validate(cfg)

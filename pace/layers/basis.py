@@ -104,14 +104,16 @@ def ridge_factors_backward(Y: Tensor, scale: Tensor, G: Tensor, F_s: Tensor, eps
     Returns:
         ``∂L/∂Y``, shape (B, m, c).
     """
-    W = Y.mT @ Q_bar  # (B, c, c)
+    # Γ is linear in W, so W is taken as −½YᵀQ̄ (a free coefficient of the product) and the two tall products of
+    # the result are one kernel without a coefficient: ∂L/∂Y = Q̄F_sᵀ + YΓ(−½W).
+    W = torch.baddbmm(Y.new_empty(()), Y.mT, Q_bar, beta=0, alpha=-0.5)  # (B, c, c)
     # Γ = G_s + 2 diag(ρ/s²): one register-tile Triton program per matrix where c fits (the Compress ridge); above,
     # G_s's products in ATen and the radial term in one row kernel.
     if Y.shape[-1] <= _RIDGE_TILE:
         Gamma = kernels.ridge_gradient_matrix(W, F_s, G, scale, eps)
     else:
         Gamma = kernels.ridge_radial_diagonal(W, F_s, G, kernels.symmetric_gradient(W, F_s), scale, eps)
-    return torch.baddbmm(Q_bar @ F_s.mT, Y, Gamma, alpha=-0.5)
+    return kernels.matmul_sum(None, [Q_bar, Y], [F_s.mT, Gamma], dtype=Y.dtype)
 
 
 def _normalisation_backward(Y_hat: Tensor, norms: Tensor, H: Tensor) -> Tensor:

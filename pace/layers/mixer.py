@@ -163,7 +163,9 @@ class _PACEMixer(torch.autograd.Function):
             out = kernels.matmul_sum(
                 x, [Ps, z.view(B, N, d)], [R.mT, U.mT], scalars=scalars, codes=[2, -2 if diag else 0, -3], dtype=wd
             )  # αx + (P ⊙ s')[Q_e | V]ᵀ − β(π ⊙ …)Uᵀ, (B, N, d)
-            out = out.to(x.dtype)
+            # Never a no-op .to(): when the returned tensor is an alias of an intermediate, torch 2.11's Dynamo loses
+            # its cotangent, and the compiled block's parameters got zero gradients (2.14 is not affected).
+            out = out if out.dtype == x.dtype else out.to(x.dtype)
         ctx.save_for_backward(
             x, xb, omega, subspaces, Ub, S, n_e, G_e, F_e, Y_c, n_c, G_c, F_c, Q_c, a, R, P, Ps, pi, sq, scalars, extra,
             z,

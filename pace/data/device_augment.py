@@ -95,19 +95,7 @@ class _Deferred:
         self, *, train: bool, seed: int, rank: int, mixup: Callable | None = None, device: torch.device | None = None
     ) -> DeviceStage:
         """The main-process half (see `DeviceStage`); `device` overrides the transform's."""
-        return DeviceStage(
-            device=device or self.device,
-            train=train,
-            output_size=self.output_size,
-            mean=self.mean,
-            std=self.std,
-            fill=self.fill,
-            erase_mode=self.erase_mode,
-            crop_pct=self.crop_pct,
-            mixup=mixup,
-            seed=seed,
-            rank=rank,
-        )
+        return DeviceStage(self, device=device or self.device, train=train, mixup=mixup, seed=seed, rank=rank)
 
 
 def _payload(image: EncodedImage) -> torch.Tensor:

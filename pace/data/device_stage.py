@@ -15,6 +15,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,9 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from pace.data.augment_ops import apply_ops, apply_recorded
 from pace.data.augment_params import TF_INTERPOLATION, SampleParams
 from pace.data.shards import BadData
+
+if TYPE_CHECKING:  # device_augment builds the stage (`make_stage`): a runtime import would be circular
+    from pace.data.device_augment import _Deferred
 
 # Marks an image that `EncodedBatch.pack` moved into the batch's packed tensor.
 _PACKED = "packed"
@@ -92,14 +96,11 @@ class DeviceStage:
     """Turns worker batches of `EncodedBatch`es into ready batches on the device, in the main process.
 
     Args:
+        transform: the worker-side transform (`pace.data.device_augment`) whose batches it finishes; the stage
+            takes its output size, normalisation mean and std, RandAugment fill, random-erasing fill and
+            centre-crop fraction.
         device: the device.
         train: training (crop, flip, RandAugment, erase, mix) or evaluation (resize, centre crop).
-        output_size: output side.
-        mean: normalisation mean.
-        std: normalisation std.
-        fill: RandAugment fill colour (uint8 RGB).
-        erase_mode: random-erasing fill (`pixel`, `rand`, `const`).
-        crop_pct: evaluation centre-crop fraction.
         mixup: timm Mixup (or any `(images, targets) -> (images, targets)`), run under a per-batch seed.
         seed: the run's seed.
         rank: this process's rank.
@@ -109,27 +110,22 @@ class DeviceStage:
 
     def __init__(
         self,
+        transform: _Deferred,
         *,
         device: torch.device,
         train: bool,
-        output_size: int,
-        mean,
-        std,
-        fill: tuple[int, ...],
-        erase_mode: str,
-        crop_pct: float,
         mixup: Callable | None,
         seed: int,
         rank: int,
     ):
         self.device = device
         self.train = train
-        self.output_size = output_size
-        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
-        self.fill = fill
-        self.erase_mode = erase_mode
-        self.crop_pct = crop_pct
+        self.output_size = transform.output_size
+        self.mean = torch.tensor(transform.mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(transform.std, device=device).view(1, 3, 1, 1) * 255
+        self.fill = transform.fill
+        self.erase_mode = transform.erase_mode
+        self.crop_pct = transform.crop_pct
         self.mixup = mixup
         self.seed = seed
         self.rank = rank

@@ -15,6 +15,7 @@ from pace.kernels._triton_mixer import (
     _INTERPRETED,
     BLOCK_TOKENS,
     TINY,
+    _head_columns,
     _load_memberships,
     _program_indices,
     _rounded,
@@ -27,30 +28,18 @@ from pace.kernels._triton_mixer import (
 @triton.jit
 def _head_tiles(Keep_ptr, b, n3, k3, p3, N, K, p):
     """The program's (BN, BK, BP) mask and offsets into (B, N, K·p), and keep (1, BK, BP) of image b."""
-    mask = (n3 < N) & (k3 < K) & (p3 < p)
-    off = (b * N + n3) * (K * p) + k3 * p + p3
+    mask, off = _head_columns(b, n3, k3, p3, N, K, p, K * p)
     keep = tl.load(Keep_ptr + (b * K + k3) * p + p3, mask=(k3 < K) & (p3 < p), other=0.0)
     return mask, off, keep
 
 
 @triton.jit
 def _diag_fwd_kernel(
-    Aw_ptr,
-    Keep_ptr,
-    S_ptr,
-    A_ptr,
-    Z_ptr,
-    Pi_ptr,
-    Sq_ptr,
-    N,
-    K,
-    p,
-    TINY_: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    BP: tl.constexpr,
-    ROUND_BF16: tl.constexpr,
-):
+    Aw_ptr, Keep_ptr, S_ptr,  # in: a_w (B, N, Kp), keep (B, K, p), [τ, α, β]
+    A_ptr, Z_ptr, Pi_ptr, Sq_ptr,  # out: a and z like a_w, π and ‖col‖² (B, N, K)
+    N, K, p,
+    TINY_: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, ROUND_BF16: tl.constexpr,
+):  # fmt: skip
     """‖col_k‖² = Σ_p keep² a², π = softmax_k(‖col_k‖/τ), a rounded, z = π_k (1 − keep_k) a_k for BN tokens."""
     b, n2, k2, n3, k3, _, p3, tau, _, _ = _program_indices(S_ptr, BN, BK, 16, BP)
     mask, off, keep = _head_tiles(Keep_ptr, b, n3, k3, p3, N, K, p)
@@ -64,30 +53,13 @@ def _diag_fwd_kernel(
 
 @triton.jit
 def _diag_bwd_kernel(
-    GQ_ptr,
-    Pe_ptr,
-    GU_ptr,
-    A_ptr,
-    Pi_ptr,
-    Sq_ptr,
-    Gpi_ptr,
-    Keep_ptr,
-    S_ptr,
-    Abar_ptr,
-    Kbar_ptr,
-    Part_ptr,
-    N,
-    K,
-    p,
-    ce,
-    TINY_: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    BP: tl.constexpr,
-    BC: tl.constexpr,
-    ROUND_BF16: tl.constexpr,
-    HAS_GPI: tl.constexpr,
-):
+    GQ_ptr, Pe_ptr, GU_ptr, A_ptr,  # in: ∂L/∂Q_e and x̂Q_e (B, N, c_e), ∂L/∂U and a (B, N, Kp)
+    Pi_ptr, Sq_ptr, Gpi_ptr, Keep_ptr, S_ptr,  # in: π, ‖col‖², ∂L/∂π (B, N, K), keep (B, K, p), [τ, α, β]
+    Abar_ptr, Kbar_ptr, Part_ptr,  # out: ā, per-program ∂L/∂keep (B, programs, K, p), (programs, 3) partial sums
+    N, K, p, ce,
+    TINY_: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr,
+    ROUND_BF16: tl.constexpr, HAS_GPI: tl.constexpr,
+):  # fmt: skip
     """Backward of the forward kernel for BN tokens: ā, and this program's partial sums of ∂L/∂keep and α, β, τ."""
     b, n2, k2, n3, k3, _, p3, tau, _, beta = _program_indices(S_ptr, BN, BK, 16, BP)
     mask, off, keep = _head_tiles(Keep_ptr, b, n3, k3, p3, N, K, p)

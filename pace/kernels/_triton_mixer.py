@@ -58,6 +58,12 @@ def _program_indices(S_ptr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr
 
 
 @triton.jit
+def _head_columns(b, n3, k3, j3, N, K, width, row):
+    """Mask and offsets of the program's (BN, BK, BJ) tile of head k's columns k·width + j, rows of ``row`` elements."""
+    return (n3 < N) & (k3 < K) & (j3 < width), (b * N + n3) * row + k3 * width + j3
+
+
+@triton.jit
 def _softmax_store(Pi_ptr, Sq_ptr, sq, b, n2, k2, N, K, tau, TINY_: tl.constexpr):
     """π = softmax_k(max(‖col_k‖², tiny)^½ / τ) of the program's (BN, BK) ‖col‖²; π and ‖col‖² stored, π returned."""
     root = tl.sqrt(tl.maximum(sq, TINY_))
@@ -95,25 +101,12 @@ def _softmax_backward(pi, sq, h, g_pi, tau, beta, TINY_: tl.constexpr):
 
 @triton.jit
 def _memberships_fwd_kernel(
-    P_ptr,
-    A_ptr,
-    M_ptr,
-    S_ptr,
-    Ps_ptr,
-    Z_ptr,
-    Pi_ptr,
-    Sq_ptr,
-    N,
-    K,
-    r,
-    p,
-    TINY_: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    BR: tl.constexpr,
-    BP: tl.constexpr,
+    P_ptr, A_ptr, M_ptr, S_ptr,  # in: P (B, N, 2Kr), a (B, N, Kp), M (B, K, r, r), [τ, α, β]
+    Ps_ptr, Z_ptr, Pi_ptr, Sq_ptr,  # out: Ps like P, z like a, π and ‖col‖² (B, N, K)
+    N, K, r, p,
+    TINY_: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr,
     ROUND_BF16: tl.constexpr,
-):
+):  # fmt: skip
     """‖col_k‖² = P_k M_k P_kᵀ, π = softmax_k(‖col_k‖/τ), Ps = P ⊙ [−α | βπ_k], z = π_k a_k for BN tokens."""
     b, n2, k2, n3, k3, r3, p3, tau, alpha, beta = _program_indices(S_ptr, BN, BK, BR, BP)
     Kr = K * r
@@ -123,16 +116,14 @@ def _memberships_fwd_kernel(
         sq = tl.where(k2 == k, tl.sum(t * pc, axis=1)[:, None], sq)
     pi = _softmax_store(Pi_ptr, Sq_ptr, sq, b, n2, k2, N, K, tau, TINY_)
     # Ps: the Expand columns scaled by −α, head k's Compress columns by βπ_k.
-    mask_r = (n3 < N) & (k3 < K) & (r3 < r)
-    off = (b * N + n3) * (2 * Kr) + k3 * r + r3
+    mask_r, off = _head_columns(b, n3, k3, r3, N, K, r, 2 * Kr)
     pe = tl.load(P_ptr + off, mask=mask_r, other=0.0).to(tl.float32)
     tl.store(Ps_ptr + off, _rounded(pe * -alpha, ROUND_BF16).to(Ps_ptr.dtype.element_ty), mask=mask_r)
     pc3 = tl.load(P_ptr + off + Kr, mask=mask_r, other=0.0).to(tl.float32)
     ps = _rounded(pc3 * (beta * pi)[:, :, None], ROUND_BF16)
     tl.store(Ps_ptr + off + Kr, ps.to(Ps_ptr.dtype.element_ty), mask=mask_r)
     # z = π ⊙ a, head k's p columns scaled by π_k.
-    mask_p = (n3 < N) & (k3 < K) & (p3 < p)
-    off_a = (b * N + n3) * (K * p) + k3 * p + p3
+    mask_p, off_a = _head_columns(b, n3, k3, p3, N, K, p, K * p)
     a = tl.load(A_ptr + off_a, mask=mask_p, other=0.0).to(tl.float32)
     tl.store(Z_ptr + off_a, _rounded(a * pi[:, :, None], ROUND_BF16).to(Z_ptr.dtype.element_ty), mask=mask_p)
 
@@ -184,39 +175,18 @@ def _store_partials(Part_ptr, b, alpha_part, beta_part, tau_part):
 
 @triton.jit
 def _memberships_bwd_kernel(
-    GR_ptr,
-    P_ptr,
-    GU_ptr,
-    A_ptr,
-    Pi_ptr,
-    Sq_ptr,
-    Gpi_ptr,
-    M_ptr,
-    S_ptr,
-    Pbar_ptr,
-    Abar_ptr,
-    Pcw_ptr,
-    Part_ptr,
-    N,
-    K,
-    r,
-    p,
-    TINY_: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    BR: tl.constexpr,
-    BP: tl.constexpr,
-    ROUND_BF16: tl.constexpr,
-    HAS_GPI: tl.constexpr,
-):
+    GR_ptr, P_ptr, GU_ptr, A_ptr, Pi_ptr, Sq_ptr, Gpi_ptr, M_ptr, S_ptr,  # in: ∂L/∂R, P, ∂L/∂U, a, π, ‖col‖², ∂L/∂π
+    Pbar_ptr, Abar_ptr, Pcw_ptr, Part_ptr,  # out: P̄, ā, P_c ⊙ ∂‖col‖², (programs, 3) partial sums
+    N, K, r, p,
+    TINY_: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr,
+    ROUND_BF16: tl.constexpr, HAS_GPI: tl.constexpr,
+):  # fmt: skip
     """Backward of the forward kernel for BN tokens; the three scalar partial sums go to this program's row."""
     b, n2, k2, n3, k3, r3, p3, tau, alpha, beta = _program_indices(S_ptr, BN, BK, BR, BP)
     Kr = K * r
     pi, sq, g_pi = _load_memberships(Pi_ptr, Sq_ptr, Gpi_ptr, b, n2, k2, N, K, HAS_GPI)
-    mask_r = (n3 < N) & (k3 < K) & (r3 < r)
-    off = (b * N + n3) * (2 * Kr) + k3 * r + r3
-    mask_p = (n3 < N) & (k3 < K) & (p3 < p)
-    off_a = (b * N + n3) * (K * p) + k3 * p + p3
+    mask_r, off = _head_columns(b, n3, k3, r3, N, K, r, 2 * Kr)
+    mask_p, off_a = _head_columns(b, n3, k3, p3, N, K, p, K * p)
     g_qe = tl.load(GR_ptr + off, mask=mask_r, other=0.0).to(tl.float32)
     p_e = tl.load(P_ptr + off, mask=mask_r, other=0.0).to(tl.float32)
     g_v = tl.load(GR_ptr + off + Kr, mask=mask_r, other=0.0).to(tl.float32)

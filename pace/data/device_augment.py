@@ -29,6 +29,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from PIL import Image
@@ -203,57 +204,34 @@ class DeviceEvalTransform(_Deferred):
 
 def create_device_train_transform(
     *,
-    input_size: int = 224,
-    scale: tuple[float, float] = (0.08, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-    hflip: float = 0.5,
-    auto_augment: str | None = "rand-m9-mstd0.5-inc1",
-    interpolation: str = "bicubic",
-    re_prob: float = 0.25,
-    re_mode: str = "pixel",
-    re_count: int = 1,
     mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
     std: tuple[float, float, float] = IMAGENET_DEFAULT_STD,
+    re_mode: str = "pixel",
     device: torch.device | str = "cpu",
     draft: bool = False,
+    **options: Any,
 ) -> DeviceTrainTransform | DraftTrainTransform:
     """timm's train transform split into worker-side choices and a device-side batch stage.
 
-    The arguments mean what they mean for `create_train_transform` (colour jitter is not offered: timm drops it
-    under RandAugment, the recipe's setting). Pass the result to `create_train_loader(transform=...)`; the loader
-    then yields normalised, erased (and, with a batch transform, mixed) batches on `device`.
+    Pass the result to `create_train_loader(transform=...)`; the loader then yields normalised, erased (and, with a
+    batch transform, mixed) batches on `device`.
 
     Args:
-        input_size: output side in pixels.
-        scale: RandomResizedCrop area range.
-        ratio: RandomResizedCrop aspect-ratio range.
-        hflip: horizontal flip probability.
-        auto_augment: timm RandAugment spec (`rand-...`); None: off.
-        interpolation: resize interpolation (`bicubic`, `bilinear`, `random`).
-        re_prob: random-erasing probability.
-        re_mode: random-erasing fill (`pixel`, `rand`, `const`).
-        re_count: random-erasing regions.
         mean: normalisation mean.
         std: normalisation std.
+        re_mode: random-erasing fill (`pixel`, `rand`, `const`).
         device: where the stage decodes (`decode="device"`) and finishes the batches.
         draft: decode in the workers at a reduced JPEG scale where the crop allows (`decode="draft"`).
+        **options: the recipe, keywords of `create_train_transform` (which holds their defaults: DeiT's), but colour
+            jitter, which timm drops under RandAugment (the recipe's setting), and `normalize`.
     """
+    refused = sorted({"color_jitter", "normalize"} & options.keys())
+    if refused:
+        raise ValueError(f"create_device_train_transform: {', '.join(refused)} not offered (RandAugment, normalised)")
+    auto_augment = options.get("auto_augment", "rand")
     if auto_augment and not auto_augment.startswith("rand"):
         raise ValueError(f"aug.auto_augment={auto_augment!r}: the device path supports RandAugment (rand-...) only")
-    timm_transform = create_train_transform(
-        input_size=input_size,
-        scale=scale,
-        ratio=ratio,
-        hflip=hflip,
-        color_jitter=None,
-        auto_augment=auto_augment,
-        interpolation=interpolation,
-        re_prob=re_prob,
-        re_mode=re_mode,
-        re_count=re_count,
-        mean=mean,
-        std=std,
-    )
+    timm_transform = create_train_transform(**options, color_jitter=None, re_mode=re_mode, mean=mean, std=std)
     sampler = ParamSampler(timm_transform)
     kind = DraftTrainTransform if draft else DeviceTrainTransform
     return kind(sampler, erase_mode=re_mode, mean=mean, std=std, device=device, fill=_fill(mean))

@@ -117,7 +117,9 @@ def _shard_transforms(
     mean, std = eval_config["mean"], eval_config["std"]
     eval_transform = create_eval_transform(**eval_config)
     if cfg.decode == "cpu":
-        train_transform = create_train_transform(**_train_options(cfg, aug), color_jitter=aug.color_jitter or None)
+        train_transform = create_train_transform(
+            **_train_options(cfg, aug), color_jitter=aug.color_jitter or None, mean=mean, std=std
+        )
         return train_transform, eval_transform
     if aug.color_jitter and not aug.auto_augment:
         raise ValueError(f"data.decode={cfg.decode} offers RandAugment, not colour jitter: set aug.color_jitter=0")

@@ -67,6 +67,17 @@ def test_usage_errors_name_the_path_and_exit_2(tmp_path, capsys):
         _nothing_left(tmp_path, out, before)
 
 
+def test_a_file_that_is_no_image_is_named_without_pillows_buffer(tmp_path, capsys):
+    src = tmp_path / "src"
+    files = make_image_folder(src, classes=2, per_class=2)
+    bad = sorted(path for _, path in files.values())[0]
+    bad.write_bytes(b"plain text, no image")
+    result = _main(capsys, str(tmp_path / "out"), "--split", f"train={src}", "--workers", "1")
+    assert result.returncode == 1, result.stderr
+    line = _error_line(result)
+    assert f"cannot read image {bad}: not an image format Pillow reads" in line and "BytesIO" not in line, line
+
+
 def test_an_unreadable_image_fails_cleanly_and_the_rerun_after_the_fix_succeeds(tmp_path, capsys):
     src = tmp_path / "src"
     files = make_image_folder(src, classes=2, per_class=20)

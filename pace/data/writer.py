@@ -20,7 +20,7 @@ from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from webdataset import TarWriter
 
 from pace.data.info import INFO_FORMAT, INFO_NAME, read_info, write_info
@@ -293,6 +293,8 @@ def _encode(image: SourceImage, options: EncodeOptions) -> tuple[str, bytes, dic
         fmt = decoded.format
         if options.verify:
             decoded.load()
+    except UnidentifiedImageError as exn:  # its message names the in-memory buffer, not the file
+        raise BadImageError(f"cannot read image {where}: not an image format Pillow reads") from exn
     except Exception as exn:  # PIL raises many types for damaged files
         raise BadImageError(f"cannot read image {where}: {exn!r}") from exn
     damage = jpeg_damage(data) if options.verify and fmt == "JPEG" else None

@@ -166,6 +166,8 @@ def describe(exc: BaseException, schema: type | None = None) -> tuple[str, int] 
 
 # Set by the first stop signal during start-up (see `exit_on_stop_signals`).
 _stopping = False
+# When outside the training loop such a signal arrived, for its one line (see `set_stop_phase`).
+_phase = "during start-up, before training began"
 
 
 def _stop_during_startup(signum: int, frame: Any) -> None:
@@ -177,8 +179,18 @@ def _stop_during_startup(signum: int, frame: Any) -> None:
     _stopping = True
     name = signal.Signals(signum).name
     # os.write, not print: the signal may arrive while the main thread holds sys.stderr's buffer lock.
-    os.write(2, f"pace-train: stopped by {name} during start-up, before training began: exit {EXIT_REQUEUE}\n".encode())
+    os.write(2, f"pace-train: stopped by {name} {_phase}: exit {EXIT_REQUEUE}\n".encode())
     sys.exit(EXIT_REQUEUE)
+
+
+def set_stop_phase(phase: str) -> None:
+    """Say what a stop signal outside the training loop interrupts (the loop's own handler saves a checkpoint).
+
+    Args:
+        phase: completes "pace-train: stopped by SIGTERM ...", e.g. "after the last checkpoint".
+    """
+    global _phase
+    _phase = phase
 
 
 def exit_on_stop_signals() -> None:
@@ -187,8 +199,9 @@ def exit_on_stop_signals() -> None:
     A job pre-empted while it starts has nothing to save, but the launcher must still see "requeue me". The
     console script (`pace_cli.train`) installs the same behaviour before `pace` and torch are imported.
     """
-    global _stopping
+    global _stopping, _phase
     _stopping = False
+    _phase = "during start-up, before training began"
     for signum in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, _stop_during_startup)
 

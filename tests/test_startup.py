@@ -117,3 +117,37 @@ def test_a_rank_lost_before_rendezvous_stops_the_other_with_a_message(tmp_path: 
     line = out.stderr.strip().splitlines()[-1]
     assert "rank 0 of 2: not every rank joined the rendezvous" in line and "within 3 s" in line, line
     assert time.monotonic() - start < 100
+
+
+def test_a_stop_signal_after_the_training_loop_names_that_phase(tmp_path: Path, capfd):
+    # After the loop's checkpointing handler is gone, a SIGTERM (during the final evaluation or the release export)
+    # exits 75 at once; its line must not claim that training never began.
+    import torch
+    from omegaconf import OmegaConf
+    from test_configs import compose_train
+
+    from pace.distributed import DistEnv
+    from pace.train.assemble import build_trainer
+    from pace.train.config import validate
+
+    composed = compose_train(*FAST)
+    composed.run_dir = str(tmp_path / "run")
+    cfg = validate(composed)
+    resolved = OmegaConf.to_container(composed, resolve=True)
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1)}
+    exit_on_stop_signals()
+    try:
+        build_trainer(cfg, env=DistEnv(), device=torch.device("cpu"), resolved=resolved).fit()
+        with pytest.raises(SystemExit) as stopped:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+        assert stopped.value.code == EXIT_REQUEUE
+        line = capfd.readouterr().err.splitlines()[-1]
+        assert line == (
+            "pace-train: stopped by SIGTERM after the last checkpoint, before the run finished (a restart evaluates "
+            "and exports again): exit 75"
+        ), line
+    finally:
+        exit_on_stop_signals()  # back to the start-up wording for the other tests
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

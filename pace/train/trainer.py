@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from pace.distributed import DistEnv, all_gather_object, all_reduce_sum_values, broadcast_buffers
 from pace.errors import EXIT_REQUEUE as EXIT_REQUEUE
-from pace.errors import RunError
+from pace.errors import RunError, set_stop_phase
 from pace.eval import Evaluator
 from pace.layers import sync_sketches
 from pace.train.checkpoint import CheckpointManager, export_release, load_checkpoint, rng_state, set_rng_state
@@ -393,6 +393,8 @@ class Trainer:
                 log.info(self.progress.epoch_line(done - 1, self.state.step, time.monotonic() - started, results))
                 self.state.epoch, self.state.batch = done, 0
                 self.save_checkpoint(results.get(self.options.best_metric))
+        # The loop's handler is gone: a stop signal now exits 75 at once, and a restart finds the last checkpoint.
+        set_stop_phase("after the last checkpoint, before the run finished (a restart evaluates and exports again)")
         if not results:
             # Restarted after the final checkpoint: there was nothing left to train, evaluate it again.
             results = self.evaluate()

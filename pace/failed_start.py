@@ -17,6 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 
 # The log files Hydra opens in the output directory (`<task>.log`: pace-train and pace-eval set the name).
 HYDRA_LOGS = ("train.log", "main.log")
+# What Hydra writes into a sweep directory when a multirun starts.
+SWEEP_RECORD = "multirun.yaml"
 
 # Directories this process created for its output, absolute (see `remember_new_directories`).
 _created: set[Path] = set()
@@ -51,8 +53,11 @@ def discard_failed_start(run_dir: Path) -> None:
         (run_dir / name).unlink(missing_ok=True)
     run_dir.rmdir()
     for parent in run_dir.parents:
-        if parent not in _created or not parent.is_dir() or any(parent.iterdir()):
+        if parent not in _created or not parent.is_dir() or {p.name for p in parent.iterdir()} - {SWEEP_RECORD}:
             break
+        # A sweep directory this command created, holding only Hydra's record of the sweep: the sweep's first job
+        # failed before it wrote anything, which ends the sweep (a finished job's directory would keep it).
+        (parent / SWEEP_RECORD).unlink(missing_ok=True)
         parent.rmdir()
         _created.discard(parent)
 

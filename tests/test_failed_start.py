@@ -43,3 +43,26 @@ def test_a_run_dir_holding_more_than_the_log_is_kept_with_its_parents(tmp_path: 
     (run_dir / "metrics.jsonl").write_text("{}\n")
     discard_failed_start(run_dir)
     assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl", "train.log"]
+
+
+def test_a_failed_sweep_takes_its_sweep_record_along(tmp_path: Path):
+    # `pace-train -m ...` whose first job fails at start: Hydra created the sweep directory and wrote multirun.yaml.
+    sweep = tmp_path / "multirun" / "s"
+    remember_new_directories(sweep)
+    sweep.mkdir(parents=True)
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    run_dir = sweep / "0"
+    _start(run_dir)
+    discard_failed_start(run_dir)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_sweep_with_a_finished_job_keeps_its_record(tmp_path: Path):
+    sweep = tmp_path / "s"
+    remember_new_directories(sweep)
+    sweep.mkdir()
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    (sweep / "0").mkdir()  # the first job's results
+    _start(sweep / "1")
+    discard_failed_start(sweep / "1")
+    assert sorted(p.name for p in sweep.iterdir()) == ["0", "multirun.yaml"]

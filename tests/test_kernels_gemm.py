@@ -47,10 +47,20 @@ def _cases(gen):
     }
 
 
+def _sketch_case(gen):
+    """The mixer's sketch product ``S = x̂ᵀΩ`` (bf16 operands, x̂ transposed, Ω shared), rounded to bf16 and stored in
+    fp32 (truncating instead would miss the nearest value in about half of the entries)."""
+    B, N, d, c = 2, 70, 67, 45
+    xb = torch.randn(B, N, d, generator=gen).to(torch.bfloat16)
+    omega = torch.randn(N, c, generator=gen).to(torch.bfloat16)
+    return None, [xb.mT], [omega], None, [0, 0], torch.bfloat16
+
+
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory):
     seed = random.SystemRandom().randrange(2**31)
     cases = _cases(torch.Generator().manual_seed(seed))
+    cases["sketch"] = _sketch_case(torch.Generator().manual_seed(seed))
     jobs = {f"{name}_{how}": ("matmul_sum", args, how) for name, args in cases.items() for how in ("poison", "op")}
     return seed, cases, run_interpreted(jobs, tmp_path_factory.mktemp("interp"))
 
@@ -65,6 +75,37 @@ def test_kernel_matches_float64(interpreted, name):
         assert got.dtype == torch.float32 and got.shape == ref.shape and not got.isnan().any()
         err = ((got.double() - ref).abs().max() / ref.abs().max()).item()
         assert err < 1e-5, f"seed {seed}: {name} via {how} off by {err:.1e}"
+
+
+def _check_rounded_to_bf16(got, ref, label):
+    """``got`` (fp32) holds bf16 values, each the float64 ``ref`` rounded to nearest (one bf16 step at most off,
+    where fp32 accumulation lands on the other side of a rounding boundary) and at most a few of them not equal."""
+    assert got.dtype == torch.float32 and got.shape == ref.shape and not got.isnan().any(), label
+    assert torch.equal(got, got.to(torch.bfloat16).float()), f"{label}: not bf16 values"
+    nearest = ref.to(torch.bfloat16).double()  # float64 → bf16 rounds to nearest, ties to even
+    off = got.double() != nearest
+    step = (nearest.abs() * 2.0**-7).clamp_min(1e-30)
+    assert ((got.double() - nearest).abs() <= step * 1.0001).all(), f"{label}: more than one step from nearest"
+    assert off.float().mean() < 0.01, f"{label}: {int(off.sum())} of {off.numel()} not the nearest bf16 value"
+
+
+def test_kernel_rounds_to_bf16_as_torch_does(interpreted):
+    """``round_to=bfloat16``: the stored fp32 values are the sum rounded to nearest bf16 (the rounding a bf16
+    product's result gets), through launcher and op; the interpreter's own fp32 → bf16 cast truncates."""
+    seed, cases, out = interpreted
+    ref = _direct(*cases["sketch"][:5])
+    for how in ("poison", "op"):
+        _check_rounded_to_bf16(out[f"sketch_{how}"], ref, f"seed {seed}, {how}")
+
+
+def test_fallback_rounds_to_bf16():
+    C, lhs, rhs, scalars, codes, round_to = _sketch_case(torch.Generator().manual_seed(0))
+    got = matmul_sum(C, lhs, rhs, round_to=round_to)
+    _check_rounded_to_bf16(got, _direct(C, lhs, rhs, scalars, codes), "fallback")
+    assert torch.equal(got, (lhs[0].float() @ rhs[0].float()).to(round_to).float())
+    # Rounding to the result's own dtype is no rounding.
+    wide = matmul_sum(None, [lhs[0].double()], [rhs[0].double()], dtype=torch.float64, round_to=torch.float64)
+    torch.testing.assert_close(wide, _direct(C, lhs, rhs, scalars, codes), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", ["gemm2", "grad_x", "r_bar"])
@@ -93,9 +134,17 @@ def test_bad_arguments_name_the_problem():
         matmul_sum(None, [A], [W], codes=[0, 1])
 
 
-def test_kernel_compiles_for_hopper_without_a_gpu():
-    """The mixer's x̄ configuration (four pairs, bf16 and fp32 operand tiles) builds down to an sm_90 cubin."""
-    constexprs = {"HAS_C": True, "PAIRS": 4, "CODE_C": 2, "CODE0": 0, "CODE1": -3, "CODE2": 0, "CODE3": 0}
-    constexprs |= {"UP0": False, "UP1": True, "UP2": True, "UP3": True, "BM": 64, "BN": 64, "BK": 32}
-    pointers = {"A0_ptr": "*bf16", "B0_ptr": "*bf16", "A1_ptr": "*bf16", "A2_ptr": "*bf16", "A3_ptr": "*bf16"}
+@pytest.mark.parametrize("use", ["grad_x", "sketch"])
+def test_kernel_compiles_for_hopper_without_a_gpu(use):
+    """The mixer's x̄ configuration (four pairs, bf16 and fp32 operand tiles) and its sketch product's (one bf16
+    pair, the result rounded to bf16) build down to sm_90 cubins."""
+    if use == "grad_x":
+        constexprs = {"HAS_C": True, "PAIRS": 4, "ROUND_BF16": False, "CODE_C": 2, "CODE0": 0, "CODE1": -3}
+        constexprs |= {"CODE2": 0, "CODE3": 0, "UP0": False, "UP1": True, "UP2": True, "UP3": True}
+        pointers = {"A0_ptr": "*bf16", "B0_ptr": "*bf16", "A1_ptr": "*bf16", "A2_ptr": "*bf16", "A3_ptr": "*bf16"}
+    else:
+        constexprs = {"HAS_C": False, "PAIRS": 1, "ROUND_BF16": True, "CODE_C": 0, "CODE0": 0, "CODE1": 0}
+        constexprs |= {"CODE2": 0, "CODE3": 0, "UP0": False, "UP1": False, "UP2": False, "UP3": False}
+        pointers = {"A0_ptr": "*bf16", "B0_ptr": "*bf16"}
+    constexprs |= {"BM": 64, "BN": 64, "BK": 32}
     assert len(build_for_hopper("_triton_gemm", "_matmul_sum_kernel", constexprs, pointers, 4)) > 1000

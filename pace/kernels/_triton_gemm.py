@@ -33,6 +33,15 @@ def _coefficient(S_ptr, CODE: tl.constexpr):
 
 
 @triton.jit
+def _round_to_bf16(x):
+    """fp32 ``x`` rounded to bf16 (to nearest, ties to even), kept in fp32. Bit arithmetic rather than a cast: the
+    interpreter's fp32 → bf16 cast truncates, so tests would not check the rounding a GPU does."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))  # NaN stays NaN
+
+
+@triton.jit
 def _pair_product(
     A_ptr, B_ptr, b, m, n, M, Nn, Kd, sab, sam, sak, sbb, sbk, sbn,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr,
@@ -65,7 +74,7 @@ def _matmul_sum_kernel(
     s1ab, s1am, s1ak, s1bb, s1bk, s1bn,
     s2ab, s2am, s2ak, s2bb, s2bk, s2bn,
     s3ab, s3am, s3ak, s3bb, s3bk, s3bn,
-    HAS_C: tl.constexpr, PAIRS: tl.constexpr,
+    HAS_C: tl.constexpr, PAIRS: tl.constexpr, ROUND_BF16: tl.constexpr,
     CODE_C: tl.constexpr, CODE0: tl.constexpr, CODE1: tl.constexpr, CODE2: tl.constexpr, CODE3: tl.constexpr,
     UP0: tl.constexpr, UP1: tl.constexpr, UP2: tl.constexpr, UP3: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -93,6 +102,8 @@ def _matmul_sum_kernel(
     if HAS_C:
         c = tl.load(C_ptr + b * scb + m[:, None] * scm + n[None, :] * scn, mask=mask, other=0.0).to(tl.float32)
         acc += _coefficient(S_ptr, CODE_C) * c
+    if ROUND_BF16:
+        acc = _round_to_bf16(acc)
     tl.store(O_ptr + (b * M + m[:, None]) * Nn + n[None, :], acc, mask=mask)
 
 
@@ -112,6 +123,7 @@ def matmul_sum(
     codes: list[int],
     batch: int,
     out: Tensor | None = None,
+    round_bf16: bool = False,
 ) -> Tensor:
     """``s₀C + Σᵢ sᵢ AᵢBᵢ`` in fp32 by the Triton kernel; see ``pace.kernels.matmul_sum`` (which checks shapes)."""
     M, Nn = lhs[0].shape[-2], rhs[0].shape[-1]
@@ -133,7 +145,7 @@ def matmul_sum(
         C if C is not None else out, S, out,
         A[0], B[0], A[1], B[1], A[2], B[2], A[3], B[3],
         M, Nn, *ks, *c_strides, *strides,
-        HAS_C=C is not None, PAIRS=pairs, CODE_C=codes[0], CODE0=codes[1],
+        HAS_C=C is not None, PAIRS=pairs, ROUND_BF16=round_bf16, CODE_C=codes[0], CODE0=codes[1],
         CODE1=codes[2] if pairs > 1 else 0, CODE2=codes[3] if pairs > 2 else 0, CODE3=codes[4] if pairs > 3 else 0,
         UP0=up[0], UP1=up[1], UP2=up[2], UP3=up[3], BM=BM, BN=BN, BK=BK, num_warps=4,
     )  # fmt: skip

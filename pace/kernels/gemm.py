@@ -28,15 +28,20 @@ def _coefficient(scalars: Tensor | None, code: int, dtype: torch.dtype) -> Tenso
 
 def matmul_sum_reference(
     C: Tensor | None, lhs: list[Tensor], rhs: list[Tensor], scalars: Tensor | None, codes: list[int], batch: int,
-    dtype: torch.dtype,
+    dtype: torch.dtype, round_to: torch.dtype | None = None,
 ) -> Tensor:  # fmt: skip
     """PyTorch ``s₀C + Σᵢ sᵢ AᵢBᵢ``: operands converted to ``dtype``, each coefficient on the smallest operand.
 
     Arguments as :func:`matmul_sum`.
 
     Returns:
-        The sum, shape (batch, M, Nn), in ``dtype``.
+        The sum, shape (batch, M, Nn), in ``dtype`` (rounded through ``round_to`` when given).
     """
+    out = _sum_of_products(C, lhs, rhs, scalars, codes, batch, dtype)
+    return out if round_to is None else out.to(round_to).to(dtype)
+
+
+def _sum_of_products(C, lhs, rhs, scalars, codes, batch, dtype):
     Nn = rhs[0].shape[-1]
     out, addend = None, None  # out: a fresh tensor written in place; addend: C in dtype, only read (it may be C)
     if C is not None:
@@ -68,18 +73,19 @@ def matmul_sum_reference(
 @torch.library.custom_op("pace::matmul_sum", mutates_args=())
 def _matmul_sum_op(
     C: Tensor | None, lhs: list[Tensor], rhs: list[Tensor], scalars: Tensor | None, codes: list[int], batch: int,
-    dtype: torch.dtype,
+    dtype: torch.dtype, round_to: torch.dtype | None,
 ) -> Tensor:  # fmt: skip
     operands = [*lhs, *rhs] + ([C] if C is not None else [])
     supported = dtype == torch.float32 and all(t.dtype in _TRITON_DTYPES for t in operands)
+    supported = supported and round_to in (None, torch.bfloat16)
     module = _dispatch.triton_module(lhs[0], "_triton_gemm") if supported else None
     if module is None:
-        return matmul_sum_reference(C, lhs, rhs, scalars, codes, batch, dtype)
-    return module.matmul_sum(C, lhs, rhs, scalars, codes, batch)
+        return matmul_sum_reference(C, lhs, rhs, scalars, codes, batch, dtype, round_to)
+    return module.matmul_sum(C, lhs, rhs, scalars, codes, batch, round_bf16=round_to is not None)
 
 
 @_matmul_sum_op.register_fake
-def _(C, lhs, rhs, scalars, codes, batch, dtype):
+def _(C, lhs, rhs, scalars, codes, batch, dtype, round_to):
     return lhs[0].new_empty((batch, lhs[0].shape[-2], rhs[0].shape[-1]), dtype=dtype)
 
 
@@ -91,6 +97,7 @@ def matmul_sum(
     scalars: Tensor | None = None,
     codes: list[int] | None = None,
     dtype: torch.dtype = torch.float32,
+    round_to: torch.dtype | None = None,
 ) -> Tensor:
     """``s₀C + Σᵢ sᵢ Aᵢ Bᵢ`` per batch entry, products and sum in ``dtype`` (custom op ``pace::matmul_sum``).
 
@@ -106,6 +113,9 @@ def matmul_sum(
         scalars: 0-dim coefficients live on the device, a 1-D tensor (needed if a code is not 0).
         codes: One per term, C's first: 0 for a coefficient of 1, ``±(j + 1)`` for ``±scalars[j]``; default all 0.
         dtype: The result's dtype (float32 or float64).
+        round_to: A narrower dtype to round the result to (round-to-nearest-even) before it is stored in ``dtype``:
+            the value a product written in ``round_to`` has, without a second pass to widen it. The kernel rounds to
+            bfloat16; any other dtype runs the fallback.
 
     Returns:
         The sum, shape (batch, M, Nn), contiguous, in ``dtype``.
@@ -124,4 +134,6 @@ def matmul_sum(
         )
     if any(codes) and scalars is None:
         raise ValueError(f"matmul_sum: codes {codes} need scalars")
-    return _matmul_sum_op(C, list(lhs), list(rhs), scalars, codes, batches.pop() if batches else 1, dtype)
+    if round_to == dtype:
+        round_to = None
+    return _matmul_sum_op(C, list(lhs), list(rhs), scalars, codes, batches.pop() if batches else 1, dtype, round_to)

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from pace import kernels
-from pace.layers.basis import _matmul_dtype, _no_autocast, ridge_factors_backward, scaled_ridge_factors, wide_matmul
+from pace.layers.basis import _matmul_dtype, _no_autocast, ridge_factors_backward, scaled_ridge_factors
 
 
 def _diag_blocks(full: Tensor, num_heads: int) -> Tensor:
@@ -118,7 +118,9 @@ class _PACEMixer(torch.autograd.Function):
         with _no_autocast(x.device.type):
             xb = x.to(md)  # the one low-precision copy of the tokens, (B, N, d)
             omega = torch.cat([expand_sketch, compress_sketch], dim=1).to(md)  # (N, c_e + r)
-            S = (xb.mT @ omega).to(wd)  # (B, d, c_e + r)
+            # (B, d, c_e + r): rounded to the product dtype, as a product written there would be, but stored once in
+            # the working precision (no widening pass); keeping that rounding keeps the path's numerics.
+            S = kernels.matmul_sum(None, [xb.mT], [omega], dtype=wd, round_to=md)
             U = subspaces.to(wd)
             Ub = subspaces.to(md)
             # Y_k = U_kᵀ x̂ᵀ Ω_c for all heads: Uᵀ S_c per image (U broadcast, not copied), (B, K·p, r).
@@ -131,7 +133,9 @@ class _PACEMixer(torch.autograd.Function):
                 # ‖col_k‖² = Σ keep² a² from a product in the working precision (bf16 operands are exact there):
                 # with a and its squares rounded to bf16 the τ gradient's error was 2e-2 of its scale σ on the
                 # tests' inputs, 7e-3 this way. pace.kernels.diag_memberships writes a's product-dtype copy.
-                a_w = wide_matmul(xb.reshape(B * N, d), U).view(B, N, d)  # a_k = U_kᵀ x̂, heads side by side
+                # a_k = U_kᵀ x̂, heads side by side, from the product dtype's operands in the working precision (as
+                # pace.layers.basis.wide_matmul, in one kernel that reads the bf16 operands as they are).
+                a_w = kernels.matmul_sum(None, [xb.reshape(B * N, d)], [Ub], dtype=wd).view(B, N, d)
             else:
                 a = (xb.reshape(B * N, d) @ Ub).view(B, N, d)  # a_k = U_kᵀ x̂, heads side by side
             tau_w, alpha_w, beta_w = tau.to(wd), alpha.to(wd), beta.to(wd)

@@ -138,13 +138,13 @@ def test_bad_arguments_name_the_problem():
 def test_kernel_compiles_for_hopper_without_a_gpu(use):
     """The mixer's x̄ configuration (four pairs, bf16 and fp32 operand tiles) and its sketch product's (one bf16
     pair, the result rounded to bf16) build down to sm_90 cubins."""
+    constexprs = {"INTERPRETED": False, "BM": 64, "BN": 64, "BK": 32}
     if use == "grad_x":
-        constexprs = {"HAS_C": True, "PAIRS": 4, "ROUND_BF16": False, "CODE_C": 2, "CODE0": 0, "CODE1": -3}
+        constexprs |= {"HAS_C": True, "PAIRS": 4, "ROUND_BF16": False, "CODE_C": 2, "CODE0": 0, "CODE1": -3}
         constexprs |= {"CODE2": 0, "CODE3": 0, "UP0": False, "UP1": True, "UP2": True, "UP3": True}
         pointers = {"A0_ptr": "*bf16", "B0_ptr": "*bf16", "A1_ptr": "*bf16", "A2_ptr": "*bf16", "A3_ptr": "*bf16"}
     else:
-        constexprs = {"HAS_C": False, "PAIRS": 1, "ROUND_BF16": True, "CODE_C": 0, "CODE0": 0, "CODE1": 0}
+        constexprs |= {"HAS_C": False, "PAIRS": 1, "ROUND_BF16": True, "CODE_C": 0, "CODE0": 0, "CODE1": 0}
         constexprs |= {"CODE2": 0, "CODE3": 0, "UP0": False, "UP1": False, "UP2": False, "UP3": False}
         pointers = {"A0_ptr": "*bf16", "B0_ptr": "*bf16"}
-    constexprs |= {"BM": 64, "BN": 64, "BK": 32}
     assert len(build_for_hopper("_triton_gemm", "_matmul_sum_kernel", constexprs, pointers, 4)) > 1000

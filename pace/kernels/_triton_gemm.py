@@ -13,6 +13,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from pace.kernels._triton_mixer import _rounded
+
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_PAIRS = 4
 # Products of fp32 operand tiles: three TF32 tensor-core products (hi·hi + hi·lo + lo·hi), fp32-accurate to about
@@ -30,15 +32,6 @@ def _coefficient(S_ptr, CODE: tl.constexpr):
     else:
         s = 1.0
     return s
-
-
-@triton.jit
-def _round_to_bf16(x):
-    """fp32 ``x`` rounded to bf16 (to nearest, ties to even), kept in fp32. Bit arithmetic rather than a cast: the
-    interpreter's fp32 → bf16 cast truncates, so tests would not check the rounding a GPU does."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))  # NaN stays NaN
 
 
 @triton.jit
@@ -74,7 +67,7 @@ def _matmul_sum_kernel(
     s1ab, s1am, s1ak, s1bb, s1bk, s1bn,
     s2ab, s2am, s2ak, s2bb, s2bk, s2bn,
     s3ab, s3am, s3ak, s3bb, s3bk, s3bn,
-    HAS_C: tl.constexpr, PAIRS: tl.constexpr, ROUND_BF16: tl.constexpr,
+    HAS_C: tl.constexpr, PAIRS: tl.constexpr, ROUND_BF16: tl.constexpr, INTERPRETED: tl.constexpr,
     CODE_C: tl.constexpr, CODE0: tl.constexpr, CODE1: tl.constexpr, CODE2: tl.constexpr, CODE3: tl.constexpr,
     UP0: tl.constexpr, UP1: tl.constexpr, UP2: tl.constexpr, UP3: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -102,8 +95,8 @@ def _matmul_sum_kernel(
     if HAS_C:
         c = tl.load(C_ptr + b * scb + m[:, None] * scm + n[None, :] * scn, mask=mask, other=0.0).to(tl.float32)
         acc += _coefficient(S_ptr, CODE_C) * c
-    if ROUND_BF16:
-        acc = _round_to_bf16(acc)
+    if ROUND_BF16:  # to nearest even on a GPU; the interpreter truncates, so its bits are pre-rounded
+        acc = _rounded(acc, INTERPRETED).to(tl.bfloat16).to(tl.float32)
     tl.store(O_ptr + (b * M + m[:, None]) * Nn + n[None, :], acc, mask=mask)
 
 
@@ -145,7 +138,8 @@ def matmul_sum(
         C if C is not None else out, S, out,
         A[0], B[0], A[1], B[1], A[2], B[2], A[3], B[3],
         M, Nn, *ks, *c_strides, *strides,
-        HAS_C=C is not None, PAIRS=pairs, ROUND_BF16=round_bf16, CODE_C=codes[0], CODE0=codes[1],
+        HAS_C=C is not None, PAIRS=pairs, ROUND_BF16=round_bf16, INTERPRETED=_INTERPRETED,
+        CODE_C=codes[0], CODE0=codes[1],
         CODE1=codes[2] if pairs > 1 else 0, CODE2=codes[3] if pairs > 2 else 0, CODE3=codes[4] if pairs > 3 else 0,
         UP0=up[0], UP1=up[1], UP2=up[2], UP3=up[3], BM=BM, BN=BN, BK=BK, num_warps=4,
     )  # fmt: skip

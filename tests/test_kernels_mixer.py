@@ -80,6 +80,7 @@ def interpreted(tmp_path_factory):
     for dtype in (torch.bfloat16, torch.float16):
         cases[f"cast_dot_{dtype}"] = ("cast_dot", (g, x, dtype), "poison")
     cases["cast_dot_op"] = ("cast_dot", (g, x, torch.bfloat16), "op")
+    cases["cast_dot_op_bf16_x"] = ("cast_dot", (g, x.to(torch.bfloat16), torch.bfloat16), "op")  # the mixer's x̂
     for name, (B, K, p, r) in PACK_SHAPES.items():
         d, c = K * p, K * r
         S = torch.randn(B, d, c + r, generator=gen)  # Y is a strided view, as the mixer's S[..., :c_e]
@@ -156,10 +157,13 @@ def test_fused_mixer_on_the_interpreted_kernels_matches_float64(interpreted):
     assert_pace_mixer_matches_float64(inputs["mixer"], out["mixer"], "full", seed)
 
 
-@pytest.mark.parametrize("case", ["cast_dot_torch.bfloat16", "cast_dot_torch.float16", "cast_dot_op"])
+@pytest.mark.parametrize(
+    "case", ["cast_dot_torch.bfloat16", "cast_dot_torch.float16", "cast_dot_op", "cast_dot_op_bf16_x"]
+)
 def test_cast_dot_kernel_rounds_like_torch_and_sums_in_fp32(interpreted, case):
     seed, inputs, out = interpreted
     g, x = inputs["cast_dot"]
+    x = x.to(torch.bfloat16) if case.endswith("bf16_x") else x  # read as bf16, summed with fp32 g in fp32
     copy, dot = out[case]
     dtype = torch.float16 if case.endswith(".float16") else torch.bfloat16
     assert copy.dtype == dtype and torch.equal(copy, g.to(dtype)), f"seed {seed}: not rounded to nearest even"

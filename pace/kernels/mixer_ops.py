@@ -241,7 +241,7 @@ def cast_dot_reference(g: Tensor, x: Tensor, dtype: torch.dtype) -> tuple[Tensor
 
 @torch.library.custom_op("pace::cast_dot", mutates_args=())
 def _cast_dot_op(g: Tensor, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    supported = g.dtype == x.dtype == torch.float32 and dtype in (torch.bfloat16, torch.float16)
+    supported = g.dtype == torch.float32 and x.dtype in _TRITON_DTYPES and dtype in (torch.bfloat16, torch.float16)
     module = _dispatch.triton_module(g, "_triton_mixer") if supported else None
     if module is None:
         copy, dot = cast_dot_reference(g, x, dtype)
@@ -258,12 +258,13 @@ def cast_dot(g: Tensor, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """``g`` in ``dtype`` and ``<g, x>`` from one read of each (custom op ``pace::cast_dot``; no autograd).
 
     The fused mixer's backward needs the cotangent g in the matrix-product dtype and ``<g, x>`` (a term of ∂L/∂α).
-    The Triton kernel (float32 g and x, bfloat16/float16 copy) reads both once, writes the copy once (rounded to
-    nearest even) and sums the products in fp32 per block, then over blocks; elsewhere :func:`cast_dot_reference`.
+    The Triton kernel (float32 g, float32/bfloat16/float16 x, bfloat16/float16 copy) reads both once, writes the
+    copy once (rounded to nearest even) and sums the products in fp32 per block, then over blocks; elsewhere
+    :func:`cast_dot_reference`.
 
     Args:
         g: Cotangent, any shape.
-        x: Tokens, g's shape.
+        x: Tokens, g's shape (the mixer passes its bf16 copy).
         dtype: The copy's dtype.
 
     Returns:

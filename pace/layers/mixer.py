@@ -17,12 +17,14 @@ The price of no head-major copy: ``x̂V`` has K·r columns where the per-head pr
 14 % more matrix FLOPs per block at ViT-S sizes; hence :func:`pace.layers.pace_attention` keeps the separate
 operators on the (FLOP-bound) CPU by default.
 
-The tokens are cast once to the matrix-product dtype (bf16 under autocast) and that copy serves every product of
-the forward and the backward. The backward reuses ``P``, ``a``, ``z`` and the factors, and goes through the ridge
-step with ``∂L/∂G = −½ F sym(Fᵀ F̄) Fᵀ`` (:func:`pace.layers.basis.ridge_factors_backward`).
+The tokens are cast once to the matrix-product dtype (bf16 under autocast) and that copy serves every product of the
+forward and the backward, and the αx term and ``<g, x>`` too: the projection's complement ``x − xΠ`` is then taken
+of one vector (and x's float32 copy is neither read again nor kept for the backward). The backward reuses ``P``,
+``a``, ``z`` and the factors, and goes through the ridge step with ``∂L/∂G = −½ F sym(Fᵀ F̄) Fᵀ``
+(:func:`pace.layers.basis.ridge_factors_backward`).
 
-The elementwise work between the products runs in ``pace.kernels`` custom ops (Triton where it runs, their
-PyTorch fallbacks elsewhere): the ridge Gram and factor, GEMM 1's right factor ``R = [Q_e | V]``
+The elementwise work between the products runs in ``pace.kernels`` custom ops (Triton where it runs, their PyTorch
+fallbacks elsewhere): the ridge Gram and factor, GEMM 1's right factor ``R = [Q_e | V]``
 (:func:`pace.kernels.pack_bases`), the full form's memberships and GEMM 2's left factors and their backward
 (:func:`pace.kernels.mixer_memberships`), the diag form's memberships and their backward
 (:func:`pace.kernels.diag_memberships`), and the backward's prologue (:func:`pace.kernels.cast_dot`).
@@ -159,29 +161,32 @@ class _PACEMixer(torch.autograd.Function):
                 M = Qc4.mT @ Qc4  # (B, K, r, r)
                 Ps, z, pi, sq = kernels.mixer_memberships(P, a, M, scalars)
                 extra = M
-            # GEMM 2 accumulates onto αx in the working precision: its bf16 operands are exact there (and in TF32),
+            # GEMM 2 accumulates onto αx̂ in the working precision: its bf16 operands are exact there (and in TF32),
             # and the update is not rounded to bf16, whose error (2⁻⁹ of |αx̂Π_e|) would otherwise dominate the
-            # small difference αx − αx̂Π_e − … (on the tests' inputs 2.4e-2 of the update's largest entry, 1.5e-2
-            # with this; the rounding of x̂ itself leaves 1.2e-2). One kernel (pace.kernels.matmul_sum): the
-            # operands are read in their own dtypes, α, −α (diag: Ps = P) and −β from `scalars`.
+            # small difference αx̂ − αx̂Π_e − … (on the tests' inputs 2.4e-2 of the update's largest entry, 1.5e-2
+            # with this). x̂ is the bf16 copy the products read, so that difference is of one vector: with the
+            # float32 x in the αx term the rounding of x̂ in x̂Π_e alone left 1.7e-2 (seeds 0–5), 1.3e-2 this way.
+            # One kernel (pace.kernels.matmul_sum): the operands are read in their own dtypes, α, −α (diag: Ps = P)
+            # and −β from `scalars`.
             out = kernels.matmul_sum(
-                x, [Ps, z.view(B, N, d)], [R.mT, U.mT], scalars=scalars, codes=[2, -2 if diag else 0, -3], dtype=wd
+                xb, [Ps, z.view(B, N, d)], [R.mT, U.mT], scalars=scalars, codes=[2, -2 if diag else 0, -3], dtype=wd
             )  # αx + (P ⊙ s')[Q_e | V]ᵀ − β(π ⊙ …)Uᵀ, (B, N, d)
             # Never a no-op .to(): when the returned tensor is an alias of an intermediate, torch 2.11's Dynamo loses
             # its cotangent, and the compiled block's parameters got zero gradients (2.14 is not affected).
             out = out if out.dtype == x.dtype else out.to(x.dtype)
         ctx.save_for_backward(
-            x, xb, omega, subspaces, Ub, S, n_e, G_e, F_e, Y_c, n_c, G_c, F_c, Q_c, a, R, P, Ps, pi, sq, scalars, extra,
+            xb, omega, subspaces, Ub, S, n_e, G_e, F_e, Y_c, n_c, G_c, F_c, Q_c, a, R, P, Ps, pi, sq, scalars, extra,
             z,
         )  # fmt: skip
         ctx.dims = (K, ce, r, diag, eps)
         ctx.set_materialize_grads(False)  # an unused π gets no zero cotangent written; see backward
         ctx.coefficient_dtypes = (tau.dtype, alpha.dtype, beta.dtype)
+        ctx.x_dtype = x.dtype
         return out, pi
 
     @staticmethod
     def backward(ctx, g, g_pi):
-        (x, xb, omega, subspaces, Ub, S, n_e, G_e, F_e, Y_c, n_c, G_c, F_c, Q_c, a, R, P, Ps, pi, sq, scalars, extra,
+        (xb, omega, subspaces, Ub, S, n_e, G_e, F_e, Y_c, n_c, G_c, F_c, Q_c, a, R, P, Ps, pi, sq, scalars, extra,
          z) = ctx.saved_tensors  # fmt: skip
         K, ce, r, diag, eps = ctx.dims
         tau_dtype, alpha_dtype, beta_dtype = ctx.coefficient_dtypes
@@ -190,14 +195,14 @@ class _PACEMixer(torch.autograd.Function):
         p = d // K
         md, wd = xb.dtype, S_c.dtype
         if g is None:  # only π was used
-            g = torch.zeros_like(x)
+            g = torch.zeros_like(xb, dtype=ctx.x_dtype)
         with _no_autocast(g.device.type):
             tau_w, alpha_w, beta_w = scalars.unbind()
             U = subspaces.to(wd)
             if md == g.dtype:
-                gb, g_x = g, torch.dot(g.reshape(-1), x.reshape(-1))
-            else:  # the low-precision copy of g and <g, x> (a term of ∂L/∂α) from one read of g and x
-                gb, g_x = kernels.cast_dot(g, x, md)
+                gb, g_x = g, torch.dot(g.reshape(-1), xb.reshape(-1))
+            else:  # the low-precision copy of g and <g, x̂> (a term of ∂L/∂α) from one read of g and x̂
+                gb, g_x = kernels.cast_dot(g, xb, md)
             gR = gb @ R  # [gQ_e | gV], (B, N, c_e [+ K·r])
             gU = (gb.reshape(B * N, d) @ Ub).view(B, N, d)
             if diag:  # P̄ = −α gQ_e: x̄ scales gR by −α (code −2)
@@ -225,7 +230,7 @@ class _PACEMixer(torch.autograd.Function):
                 scalars=scalars,
                 codes=[2, -2 if diag else 0, 0, 0, 0],
                 dtype=wd,
-            ).to(x.dtype)
+            ).to(ctx.x_dtype)
         return (
             grad_x,
             U_bar.to(subspaces.dtype),

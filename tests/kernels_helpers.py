@@ -19,8 +19,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # -> (P̄, ā, P_c ⊙ ∂‖col‖², sums), ("diag_fwd", a_w, keep, scalars, dtype) -> (a, z, π, ‖col‖²), ("diag_bwd", gQ_e,
 # P_e, gU, a, π, ‖col‖², g_π, keep, scalars) -> (ā, ∂keep, sums), ("cast_dot", g, x, dtype) -> (copy, <g, x>),
 # ("pack", Y, F_s, U, Q_c, dtype) -> R,
-# ("matmul_sum", C, lhs, rhs, scalars, codes[, round_to]) -> the fp32 sum, ("ridge_grad", W, F_s, G, scale, eps) -> Γ,
-# ("radial", W, F_s, G, G_s, scale, eps) -> Γ
+# ("matmul_sum", C, lhs, rhs, scalars, codes[, round_to, out_dtype]) -> the sum,
+# ("ridge_grad", W, F_s, G, scale, eps) -> Γ, ("radial", W, F_s, G, G_s, scale, eps) -> Γ
 # or ("pace_mixer", x, U, τ, α, β,
 # Ω_e, Ω_c, g, g_π, K) -> (update, π, gradients of x, U, τ, α, β) with how = the Compress form; "poison" fills the
 # output buffers with NaN first, "tile16" too with 16 × 16 tiles, "op" goes through the public custom op under
@@ -100,14 +100,16 @@ with use_backend("interpret"):
             grads = torch.autograd.grad((out * g).sum() + (pi * g_pi).sum(), leaves)
             results[name] = (out.detach(), pi.detach(), grads)
         elif kind == "matmul_sum":
-            C, lhs, rhs, scalars, codes, *round_to = args  # round_to: optional, a dtype
-            round_to = round_to[0] if round_to else None
+            C, lhs, rhs, scalars, codes, *dtypes = args  # dtypes: optional round_to and out_dtype
+            round_to, out_dtype = (*dtypes, None, None)[:2]
             if how == "op":
-                results[name] = matmul_sum(C, lhs, rhs, scalars=scalars, codes=codes, round_to=round_to)
+                results[name] = matmul_sum(
+                    C, lhs, rhs, scalars=scalars, codes=codes, round_to=round_to, out_dtype=out_dtype
+                )
             else:
                 gemm = _dispatch.triton_module(torch.empty(0), "_triton_gemm")
                 batch = max(t.shape[0] if t.dim() == 3 else 1 for t in (*lhs, *rhs))
-                out = torch.full((batch, lhs[0].shape[-2], rhs[0].shape[-1]), nan)
+                out = torch.full((batch, lhs[0].shape[-2], rhs[0].shape[-1]), nan, dtype=out_dtype or torch.float32)
                 results[name] = gemm.matmul_sum(
                     C, lhs, rhs, scalars, codes, batch, out=out, round_bf16=round_to is not None
                 )

@@ -56,11 +56,20 @@ def _sketch_case(gen):
     return None, [xb.mT], [omega], None, [0, 0], torch.bfloat16
 
 
+def _ridge_case(gen):
+    """The Expand ridge backward's ``Ȳ = Q̄F_sᵀ + YΓ`` (fp32 operands, F_s transposed), written in bf16."""
+    B, m, c = 2, 70, 45
+    Q_bar, Y = torch.randn(B, m, c, generator=gen), torch.randn(B, m, c, generator=gen)
+    F_s, Gamma = torch.randn(B, c, c, generator=gen), torch.randn(B, c, c, generator=gen)
+    return None, [Q_bar, Y], [F_s.mT, Gamma], None, [0, 0, 0], None, torch.bfloat16
+
+
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory):
     seed = random.SystemRandom().randrange(2**31)
     cases = _cases(torch.Generator().manual_seed(seed))
     cases["sketch"] = _sketch_case(torch.Generator().manual_seed(seed))
+    cases["ridge_bf16"] = _ridge_case(torch.Generator().manual_seed(seed))
     jobs = {f"{name}_{how}": ("matmul_sum", args, how) for name, args in cases.items() for how in ("poison", "op")}
     return seed, cases, run_interpreted(jobs, tmp_path_factory.mktemp("interp"))
 
@@ -78,9 +87,10 @@ def test_kernel_matches_float64(interpreted, name):
 
 
 def _check_rounded_to_bf16(got, ref, label):
-    """``got`` (fp32) holds bf16 values, each the float64 ``ref`` rounded to nearest (one bf16 step at most off,
-    where fp32 accumulation lands on the other side of a rounding boundary) and at most a few of them not equal."""
-    assert got.dtype == torch.float32 and got.shape == ref.shape and not got.isnan().any(), label
+    """``got`` holds bf16 values, each the float64 ``ref`` rounded to nearest (one bf16 step at most off, where fp32
+    accumulation lands on the other side of a rounding boundary) and at most a few of them not equal."""
+    assert got.shape == ref.shape and not got.isnan().any(), label
+    got = got.float()
     assert torch.equal(got, got.to(torch.bfloat16).float()), f"{label}: not bf16 values"
     nearest = ref.to(torch.bfloat16).double()  # float64 → bf16 rounds to nearest, ties to even
     off = got.double() != nearest
@@ -95,17 +105,33 @@ def test_kernel_rounds_to_bf16_as_torch_does(interpreted):
     seed, cases, out = interpreted
     ref = _direct(*cases["sketch"][:5])
     for how in ("poison", "op"):
+        assert out[f"sketch_{how}"].dtype == torch.float32
         _check_rounded_to_bf16(out[f"sketch_{how}"], ref, f"seed {seed}, {how}")
+
+
+def test_kernel_writes_bf16_rounded_to_nearest(interpreted):
+    """``out_dtype=bfloat16``: the result is written in bf16, rounded to nearest even from the fp32 sum (the
+    interpreter's own fp32 → bf16 store truncates); launcher (a poisoned bf16 buffer) and op."""
+    seed, cases, out = interpreted
+    ref = _direct(*cases["ridge_bf16"][:5])
+    for how in ("poison", "op"):
+        assert out[f"ridge_bf16_{how}"].dtype == torch.bfloat16
+        _check_rounded_to_bf16(out[f"ridge_bf16_{how}"], ref, f"seed {seed}, {how}")
 
 
 def test_fallback_rounds_to_bf16():
     C, lhs, rhs, scalars, codes, round_to = _sketch_case(torch.Generator().manual_seed(0))
     got = matmul_sum(C, lhs, rhs, round_to=round_to)
+    assert got.dtype == torch.float32
     _check_rounded_to_bf16(got, _direct(C, lhs, rhs, scalars, codes), "fallback")
     assert torch.equal(got, (lhs[0].float() @ rhs[0].float()).to(round_to).float())
     # Rounding to the result's own dtype is no rounding.
     wide = matmul_sum(None, [lhs[0].double()], [rhs[0].double()], dtype=torch.float64, round_to=torch.float64)
     torch.testing.assert_close(wide, _direct(C, lhs, rhs, scalars, codes), rtol=1e-12, atol=1e-12)
+    C, lhs, rhs, scalars, codes, _, out_dtype = _ridge_case(torch.Generator().manual_seed(0))
+    narrow = matmul_sum(C, lhs, rhs, out_dtype=out_dtype)
+    assert narrow.dtype == torch.bfloat16
+    _check_rounded_to_bf16(narrow, _direct(C, lhs, rhs, scalars, codes), "fallback, out_dtype")
 
 
 @pytest.mark.parametrize("name", ["gemm2", "grad_x", "r_bar"])
@@ -134,17 +160,21 @@ def test_bad_arguments_name_the_problem():
         matmul_sum(None, [A], [W], codes=[0, 1])
 
 
-@pytest.mark.parametrize("use", ["grad_x", "sketch"])
+@pytest.mark.parametrize("use", ["grad_x", "sketch", "ridge_bf16"])
 def test_kernel_compiles_for_hopper_without_a_gpu(use):
-    """The mixer's x̄ configuration (four pairs, bf16 and fp32 operand tiles) and its sketch product's (one bf16
-    pair, the result rounded to bf16) build down to sm_90 cubins."""
+    """The mixer's x̄ configuration (four pairs, bf16 and fp32 operand tiles), its sketch product's (one bf16 pair,
+    the result rounded to bf16) and the Expand ridge backward's (fp32 pairs, a bf16 result) build to sm_90 cubins."""
     constexprs = {"INTERPRETED": False, "BM": 64, "BN": 64, "BK": 32}
     if use == "grad_x":
         constexprs |= {"HAS_C": True, "PAIRS": 4, "ROUND_BF16": False, "CODE_C": 2, "CODE0": 0, "CODE1": -3}
         constexprs |= {"CODE2": 0, "CODE3": 0, "UP0": False, "UP1": True, "UP2": True, "UP3": True}
         pointers = {"A0_ptr": "*bf16", "B0_ptr": "*bf16", "A1_ptr": "*bf16", "A2_ptr": "*bf16", "A3_ptr": "*bf16"}
-    else:
+    elif use == "sketch":
         constexprs |= {"HAS_C": False, "PAIRS": 1, "ROUND_BF16": True, "CODE_C": 0, "CODE0": 0, "CODE1": 0}
         constexprs |= {"CODE2": 0, "CODE3": 0, "UP0": False, "UP1": False, "UP2": False, "UP3": False}
         pointers = {"A0_ptr": "*bf16", "B0_ptr": "*bf16"}
+    else:  # two fp32 pairs, the result written in bf16
+        constexprs |= {"HAS_C": False, "PAIRS": 2, "ROUND_BF16": True, "CODE_C": 0, "CODE0": 0, "CODE1": 0}
+        constexprs |= {"CODE2": 0, "CODE3": 0, "UP0": True, "UP1": True, "UP2": True, "UP3": True}
+        pointers = {"O_ptr": "*bf16"}
     assert len(build_for_hopper("_triton_gemm", "_matmul_sum_kernel", constexprs, pointers, 4)) > 1000

@@ -28,17 +28,18 @@ def _coefficient(scalars: Tensor | None, code: int, dtype: torch.dtype) -> Tenso
 
 def matmul_sum_reference(
     C: Tensor | None, lhs: list[Tensor], rhs: list[Tensor], scalars: Tensor | None, codes: list[int], batch: int,
-    dtype: torch.dtype, round_to: torch.dtype | None = None,
+    dtype: torch.dtype, round_to: torch.dtype | None = None, out_dtype: torch.dtype | None = None,
 ) -> Tensor:  # fmt: skip
     """PyTorch ``s₀C + Σᵢ sᵢ AᵢBᵢ``: operands converted to ``dtype``, each coefficient on the smallest operand.
 
     Arguments as :func:`matmul_sum`.
 
     Returns:
-        The sum, shape (batch, M, Nn), in ``dtype`` (rounded through ``round_to`` when given).
+        The sum, shape (batch, M, Nn), in ``out_dtype`` (default ``dtype``), rounded through ``round_to`` when given.
     """
     out = _sum_of_products(C, lhs, rhs, scalars, codes, batch, dtype)
-    return out if round_to is None else out.to(round_to).to(dtype)
+    out = out if round_to is None else out.to(round_to).to(dtype)
+    return out if out_dtype is None else out.to(out_dtype)
 
 
 def _sum_of_products(C, lhs, rhs, scalars, codes, batch, dtype):
@@ -73,20 +74,21 @@ def _sum_of_products(C, lhs, rhs, scalars, codes, batch, dtype):
 @torch.library.custom_op("pace::matmul_sum", mutates_args=())
 def _matmul_sum_op(
     C: Tensor | None, lhs: list[Tensor], rhs: list[Tensor], scalars: Tensor | None, codes: list[int], batch: int,
-    dtype: torch.dtype, round_to: torch.dtype | None,
+    dtype: torch.dtype, round_to: torch.dtype | None, out_dtype: torch.dtype | None,
 ) -> Tensor:  # fmt: skip
     operands = [*lhs, *rhs] + ([C] if C is not None else [])
     supported = dtype == torch.float32 and all(t.dtype in _TRITON_DTYPES for t in operands)
-    supported = supported and round_to in (None, torch.bfloat16)
+    supported = supported and round_to in (None, torch.bfloat16) and out_dtype in (None, torch.bfloat16)
     module = _dispatch.triton_module(lhs[0], "_triton_gemm") if supported else None
     if module is None:
-        return matmul_sum_reference(C, lhs, rhs, scalars, codes, batch, dtype, round_to)
-    return module.matmul_sum(C, lhs, rhs, scalars, codes, batch, round_bf16=round_to is not None)
+        return matmul_sum_reference(C, lhs, rhs, scalars, codes, batch, dtype, round_to, out_dtype)
+    return module.matmul_sum(C, lhs, rhs, scalars, codes, batch, round_bf16=round_to is not None, out_dtype=out_dtype)
 
 
 @_matmul_sum_op.register_fake
-def _(C, lhs, rhs, scalars, codes, batch, dtype, round_to):
-    return lhs[0].new_empty((batch, lhs[0].shape[-2], rhs[0].shape[-1]), dtype=dtype)
+def _(C, lhs, rhs, scalars, codes, batch, dtype, round_to, out_dtype):
+    shape = (batch, lhs[0].shape[-2], rhs[0].shape[-1])
+    return lhs[0].new_empty(shape, dtype=dtype if out_dtype is None else out_dtype)
 
 
 def matmul_sum(
@@ -98,6 +100,7 @@ def matmul_sum(
     codes: list[int] | None = None,
     dtype: torch.dtype = torch.float32,
     round_to: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """``s₀C + Σᵢ sᵢ Aᵢ Bᵢ`` per batch entry, products and sum in ``dtype`` (custom op ``pace::matmul_sum``).
 
@@ -116,9 +119,12 @@ def matmul_sum(
         round_to: A narrower dtype to round the result to (round-to-nearest-even) before it is stored in ``dtype``:
             the value a product written in ``round_to`` has, without a second pass to widen it. The kernel rounds to
             bfloat16; any other dtype runs the fallback.
+        out_dtype: The dtype the result is written in, if not ``dtype``: a narrower one it is rounded to (nearest
+            even) as it is stored, with no second pass. The kernel writes bfloat16; any other dtype runs the
+            fallback.
 
     Returns:
-        The sum, shape (batch, M, Nn), contiguous, in ``dtype``.
+        The sum, shape (batch, M, Nn), contiguous, in ``out_dtype`` (default ``dtype``).
     """
     codes = [0] * (len(lhs) + 1) if codes is None else list(codes)
     batches = {t.shape[0] for t in (C, *lhs, *rhs) if t is not None and t.dim() == 3}
@@ -134,6 +140,6 @@ def matmul_sum(
         )
     if any(codes) and scalars is None:
         raise ValueError(f"matmul_sum: codes {codes} need scalars")
-    if round_to == dtype:
-        round_to = None
-    return _matmul_sum_op(C, list(lhs), list(rhs), scalars, codes, batches.pop() if batches else 1, dtype, round_to)
+    round_to, out_dtype = (None if t == dtype else t for t in (round_to, out_dtype))
+    batch = batches.pop() if batches else 1
+    return _matmul_sum_op(C, list(lhs), list(rhs), scalars, codes, batch, dtype, round_to, out_dtype)

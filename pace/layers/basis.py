@@ -82,7 +82,9 @@ def scaled_ridge_factors(Y: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]
     return scale, G, kernels.inverse_cholesky_factor(G).to(G.dtype).div_(scale.mT)  # D⁻¹F, F Fᵀ = G⁻¹
 
 
-def ridge_factors_backward(Y: Tensor, scale: Tensor, G: Tensor, F_s: Tensor, eps: float, Q_bar: Tensor) -> Tensor:
+def ridge_factors_backward(
+    Y: Tensor, scale: Tensor, G: Tensor, F_s: Tensor, eps: float, Q_bar: Tensor, out_dtype: torch.dtype | None = None
+) -> Tensor:
     """Gradient with respect to the sketches ``Y`` of the ridge basis ``Q = Ŷ F = Y F_s``, given ``∂L/∂Q``.
 
     Valid whenever the loss depends on ``F`` only through ``F Fᵀ = G⁻¹`` (every use of the basis here goes through
@@ -100,6 +102,7 @@ def ridge_factors_backward(Y: Tensor, scale: Tensor, G: Tensor, F_s: Tensor, eps
         F_s: ``D⁻¹F`` from :func:`scaled_ridge_factors`, shape (B, c, c).
         eps: The ε inside ``G``.
         Q_bar: ``∂L/∂Q``, shape (B, m, c).
+        out_dtype: The result's dtype if not Y's (a narrower one, rounded to as it is written).
 
     Returns:
         ``∂L/∂Y``, shape (B, m, c).
@@ -112,7 +115,7 @@ def ridge_factors_backward(Y: Tensor, scale: Tensor, G: Tensor, F_s: Tensor, eps
         Gamma = kernels.ridge_gradient_matrix(W, F_s, G, scale, eps, coef=-0.5)
     else:
         Gamma = kernels.ridge_radial_diagonal(W, F_s, G, kernels.symmetric_gradient(W, F_s), scale, eps, coef=-0.5)
-    return kernels.matmul_sum(None, [Q_bar, Y], [F_s.mT, Gamma], dtype=Y.dtype)
+    return kernels.matmul_sum(None, [Q_bar, Y], [F_s.mT, Gamma], dtype=Y.dtype, out_dtype=out_dtype)
 
 
 def _normalisation_backward(Y_hat: Tensor, norms: Tensor, H: Tensor) -> Tensor:

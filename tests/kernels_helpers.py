@@ -19,7 +19,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # -> (P̄, ā, P_c ⊙ ∂‖col‖², sums), ("diag_fwd", a_w, keep, scalars, dtype) -> (a, z, π, ‖col‖²), ("diag_bwd", gQ_e,
 # P_e, gU, a, π, ‖col‖², g_π, keep, scalars) -> (ā, ∂keep, sums), ("cast_dot", g, x, dtype) -> (copy, <g, x>),
 # ("pack", Y, F_s, U, Q_c, dtype) -> R,
-# ("matmul_sum", C, lhs, rhs, scalars, codes[, round_to, out_dtype]) -> the sum,
+# ("matmul_sum", C, lhs, rhs, scalars, codes[, keywords]) -> the sum,
 # ("ridge_grad", W, F_s, G, scale, eps) -> Γ, ("radial", W, F_s, G, G_s, scale, eps) -> Γ
 # or ("pace_mixer", x, U, τ, α, β,
 # Ω_e, Ω_c, g, g_π, K) -> (update, π, gradients of x, U, τ, α, β) with how = the Compress form; "poison" fills the
@@ -100,19 +100,18 @@ with use_backend("interpret"):
             grads = torch.autograd.grad((out * g).sum() + (pi * g_pi).sum(), leaves)
             results[name] = (out.detach(), pi.detach(), grads)
         elif kind == "matmul_sum":
-            C, lhs, rhs, scalars, codes, *dtypes = args  # dtypes: optional round_to and out_dtype
-            round_to, out_dtype = (*dtypes, None, None)[:2]
+            C, lhs, rhs, scalars, codes, *options = args  # options: a dict of matmul_sum's keywords
+            options = options[0] if options else {}
             if how == "op":
-                results[name] = matmul_sum(
-                    C, lhs, rhs, scalars=scalars, codes=codes, round_to=round_to, out_dtype=out_dtype
-                )
+                results[name] = matmul_sum(C, lhs, rhs, scalars=scalars, codes=codes, **options)
             else:
                 gemm = _dispatch.triton_module(torch.empty(0), "_triton_gemm")
                 batch = max(t.shape[0] if t.dim() == 3 else 1 for t in (*lhs, *rhs))
-                out = torch.full((batch, lhs[0].shape[-2], rhs[0].shape[-1]), nan, dtype=out_dtype or torch.float32)
-                results[name] = gemm.matmul_sum(
-                    C, lhs, rhs, scalars, codes, batch, out=out, round_bf16=round_to is not None
-                )
+                dtype = options.get("out_dtype") or torch.float32
+                out = torch.full((batch, lhs[0].shape[-2], rhs[0].shape[-1]), nan, dtype=dtype)
+                kw = {"D": options.get("D"), "batch_scale": options.get("batch_scale")}
+                kw["round_bf16"] = options.get("round_to") is not None
+                results[name] = gemm.matmul_sum(C, lhs, rhs, scalars, codes, batch, out=out, **kw)
         elif kind in ("ridge_grad", "radial"):  # the op, or its launcher with a poisoned output (W's shape)
             if how == "op":
                 results[name] = (ridge_gradient_matrix if kind == "ridge_grad" else ridge_radial_diagonal)(*args)

@@ -53,7 +53,7 @@ def _sketch_case(gen):
     B, N, d, c = 2, 70, 67, 45
     xb = torch.randn(B, N, d, generator=gen).to(torch.bfloat16)
     omega = torch.randn(N, c, generator=gen).to(torch.bfloat16)
-    return None, [xb.mT], [omega], None, [0, 0], torch.bfloat16
+    return None, [xb.mT], [omega], None, [0, 0], {"round_to": torch.bfloat16}
 
 
 def _ridge_case(gen):
@@ -61,7 +61,15 @@ def _ridge_case(gen):
     B, m, c = 2, 70, 45
     Q_bar, Y = torch.randn(B, m, c, generator=gen), torch.randn(B, m, c, generator=gen)
     F_s, Gamma = torch.randn(B, c, c, generator=gen), torch.randn(B, c, c, generator=gen)
-    return None, [Q_bar, Y], [F_s.mT, Gamma], None, [0, 0, 0], None, torch.bfloat16
+    return None, [Q_bar, Y], [F_s.mT, Gamma], None, [0, 0, 0], {"out_dtype": torch.bfloat16}
+
+
+def _residual_case(gen):
+    """GEMM 2 with the block's residual and stochastic depth: ``x_in + t_b(αx̂ + Ps Rᵀ − β z Uᵀ)``, one image's
+    branch dropped (t = 0) and the other's kept and scaled (t = 1/0.9)."""
+    C, lhs, rhs, scalars, codes = _cases(gen)["gemm2"]
+    residual = torch.randn(C.shape, generator=gen)
+    return C, lhs, rhs, scalars, codes, {"D": residual, "batch_scale": torch.tensor([0.0, 1 / 0.9])}
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +78,7 @@ def interpreted(tmp_path_factory):
     cases = _cases(torch.Generator().manual_seed(seed))
     cases["sketch"] = _sketch_case(torch.Generator().manual_seed(seed))
     cases["ridge_bf16"] = _ridge_case(torch.Generator().manual_seed(seed))
+    cases["residual"] = _residual_case(torch.Generator().manual_seed(seed))
     jobs = {f"{name}_{how}": ("matmul_sum", args, how) for name, args in cases.items() for how in ("poison", "op")}
     return seed, cases, run_interpreted(jobs, tmp_path_factory.mktemp("interp"))
 
@@ -119,8 +128,22 @@ def test_kernel_writes_bf16_rounded_to_nearest(interpreted):
         _check_rounded_to_bf16(out[f"ridge_bf16_{how}"], ref, f"seed {seed}, {how}")
 
 
+def test_kernel_adds_the_residual_and_scales_each_branch(interpreted):
+    """``D + t_b(…)``: a dropped branch (t = 0) leaves exactly the residual, a kept one is scaled; float64 to 1e-5."""
+    seed, cases, out = interpreted
+    C, lhs, rhs, scalars, codes, options = cases["residual"]
+    t, D = options["batch_scale"].double(), options["D"].double()
+    ref = D + t.view(-1, 1, 1) * _direct(C, lhs, rhs, scalars, codes)
+    for how in ("poison", "op"):
+        got = out[f"residual_{how}"]
+        assert torch.equal(got[0], options["D"][0]), f"seed {seed}: {how}: a dropped branch is not the residual"
+        err = ((got.double() - ref).abs().max() / ref.abs().max()).item()
+        assert err < 1e-5, f"seed {seed}: residual via {how} off by {err:.1e}"
+
+
 def test_fallback_rounds_to_bf16():
-    C, lhs, rhs, scalars, codes, round_to = _sketch_case(torch.Generator().manual_seed(0))
+    C, lhs, rhs, scalars, codes, options = _sketch_case(torch.Generator().manual_seed(0))
+    round_to = options["round_to"]
     got = matmul_sum(C, lhs, rhs, round_to=round_to)
     assert got.dtype == torch.float32
     _check_rounded_to_bf16(got, _direct(C, lhs, rhs, scalars, codes), "fallback")
@@ -128,8 +151,8 @@ def test_fallback_rounds_to_bf16():
     # Rounding to the result's own dtype is no rounding.
     wide = matmul_sum(None, [lhs[0].double()], [rhs[0].double()], dtype=torch.float64, round_to=torch.float64)
     torch.testing.assert_close(wide, _direct(C, lhs, rhs, scalars, codes), rtol=1e-12, atol=1e-12)
-    C, lhs, rhs, scalars, codes, _, out_dtype = _ridge_case(torch.Generator().manual_seed(0))
-    narrow = matmul_sum(C, lhs, rhs, out_dtype=out_dtype)
+    C, lhs, rhs, scalars, codes, options = _ridge_case(torch.Generator().manual_seed(0))
+    narrow = matmul_sum(C, lhs, rhs, **options)
     assert narrow.dtype == torch.bfloat16
     _check_rounded_to_bf16(narrow, _direct(C, lhs, rhs, scalars, codes), "fallback, out_dtype")
 
@@ -158,13 +181,28 @@ def test_bad_arguments_name_the_problem():
         matmul_sum(torch.randn(2, 3, 6), [A], [W])
     with pytest.raises(ValueError, match="need scalars"):
         matmul_sum(None, [A], [W], codes=[0, 1])
+    with pytest.raises(ValueError, match="matmul_sum: C and D"):
+        matmul_sum(None, [A], [W], D=torch.randn(3, 3, 5))
+    with pytest.raises(ValueError, match=r"batch_scale of shape \(2,\)"):
+        matmul_sum(None, [A], [W], batch_scale=torch.ones(3))
 
 
-@pytest.mark.parametrize("use", ["grad_x", "sketch", "ridge_bf16"])
+def test_fallback_adds_the_residual_and_scales_each_branch():
+    C, lhs, rhs, scalars, codes, options = _residual_case(torch.Generator().manual_seed(0))
+    t, D = options["batch_scale"].double(), options["D"].double()
+    got = matmul_sum(C.double(), [a.double() for a in lhs], [w.double() for w in rhs], scalars=scalars.double(),
+                     codes=codes, dtype=torch.float64, D=D, batch_scale=t)  # fmt: skip
+    ref = D + t.view(-1, 1, 1) * _direct(C, lhs, rhs, scalars, codes)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("use", ["grad_x", "sketch", "ridge_bf16", "residual"])
 def test_kernel_compiles_for_hopper_without_a_gpu(use):
     """The mixer's x̄ configuration (four pairs, bf16 and fp32 operand tiles), its sketch product's (one bf16 pair,
-    the result rounded to bf16) and the Expand ridge backward's (fp32 pairs, a bf16 result) build to sm_90 cubins."""
-    constexprs = {"INTERPRETED": False, "BM": 64, "BN": 64, "BK": 32}
+    the result rounded to bf16), the Expand ridge backward's (fp32 pairs, a bf16 result) and GEMM 2 with the block's
+    residual and stochastic-depth scales build to sm_90 cubins."""
+    constexprs = {"INTERPRETED": False, "BM": 64, "BN": 64, "BK": 32, "HAS_D": use == "residual"}
+    constexprs |= {"HAS_BS": use == "residual"}
     if use == "grad_x":
         constexprs |= {"HAS_C": True, "PAIRS": 4, "ROUND_BF16": False, "CODE_C": 2, "CODE0": 0, "CODE1": -3}
         constexprs |= {"CODE2": 0, "CODE3": 0, "UP0": False, "UP1": True, "UP2": True, "UP3": True}
@@ -173,6 +211,10 @@ def test_kernel_compiles_for_hopper_without_a_gpu(use):
         constexprs |= {"HAS_C": False, "PAIRS": 1, "ROUND_BF16": True, "CODE_C": 0, "CODE0": 0, "CODE1": 0}
         constexprs |= {"CODE2": 0, "CODE3": 0, "UP0": False, "UP1": False, "UP2": False, "UP3": False}
         pointers = {"A0_ptr": "*bf16", "B0_ptr": "*bf16"}
+    elif use == "residual":  # GEMM 2: bf16 x̂ (C), (Ps, Rᵀ) bf16, (z, Uᵀ) bf16 and fp32
+        constexprs |= {"HAS_C": True, "PAIRS": 2, "ROUND_BF16": False, "CODE_C": 2, "CODE0": -2, "CODE1": -3}
+        constexprs |= {"CODE2": 0, "CODE3": 0, "UP0": False, "UP1": True, "UP2": True, "UP3": True}
+        pointers = {"C_ptr": "*bf16", "A0_ptr": "*bf16", "B0_ptr": "*bf16", "A1_ptr": "*bf16"}
     else:  # two fp32 pairs, the result written in bf16
         constexprs |= {"HAS_C": False, "PAIRS": 2, "ROUND_BF16": True, "CODE_C": 0, "CODE0": 0, "CODE1": 0}
         constexprs |= {"CODE2": 0, "CODE3": 0, "UP0": True, "UP1": True, "UP2": True, "UP3": True}

@@ -59,20 +59,22 @@ def _pair_product(
 
 @triton.jit
 def _matmul_sum_kernel(
-    C_ptr, S_ptr, O_ptr,
+    C_ptr, S_ptr, O_ptr, D_ptr, BS_ptr,
     A0_ptr, B0_ptr, A1_ptr, B1_ptr, A2_ptr, B2_ptr, A3_ptr, B3_ptr,
     M, Nn, K0, K1, K2, K3,
-    scb, scm, scn,
+    scb, scm, scn, sdb, sdm, sdn,
     s0ab, s0am, s0ak, s0bb, s0bk, s0bn,
     s1ab, s1am, s1ak, s1bb, s1bk, s1bn,
     s2ab, s2am, s2ak, s2bb, s2bk, s2bn,
     s3ab, s3am, s3ak, s3bb, s3bk, s3bn,
-    HAS_C: tl.constexpr, PAIRS: tl.constexpr, ROUND_BF16: tl.constexpr, INTERPRETED: tl.constexpr,
+    HAS_C: tl.constexpr, HAS_D: tl.constexpr, HAS_BS: tl.constexpr, PAIRS: tl.constexpr,
+    ROUND_BF16: tl.constexpr, INTERPRETED: tl.constexpr,
     CODE_C: tl.constexpr, CODE0: tl.constexpr, CODE1: tl.constexpr, CODE2: tl.constexpr, CODE3: tl.constexpr,
     UP0: tl.constexpr, UP1: tl.constexpr, UP2: tl.constexpr, UP3: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
-    """Tile (m, n) of ``s₀C[b] + Σᵢ sᵢ Aᵢ[b] Bᵢ[b]``, each pair's product accumulated in fp32, written once."""
+    """Tile (m, n) of ``D[b] + t_b(s₀C[b] + Σᵢ sᵢ Aᵢ[b] Bᵢ[b])`` (D and the batch scales t optional), each pair's
+    product accumulated in fp32, written once."""
     b = tl.program_id(0).to(tl.int64)
     m = tl.program_id(1) * BM + tl.arange(0, BM)
     n = tl.program_id(2) * BN + tl.arange(0, BN)
@@ -95,6 +97,10 @@ def _matmul_sum_kernel(
     if HAS_C:
         c = tl.load(C_ptr + b * scb + m[:, None] * scm + n[None, :] * scn, mask=mask, other=0.0).to(tl.float32)
         acc += _coefficient(S_ptr, CODE_C) * c
+    if HAS_BS:
+        acc *= tl.load(BS_ptr + b).to(tl.float32)
+    if HAS_D:
+        acc += tl.load(D_ptr + b * sdb + m[:, None] * sdm + n[None, :] * sdn, mask=mask, other=0.0).to(tl.float32)
     if ROUND_BF16:  # to nearest even on a GPU; the interpreter truncates, so its bits are pre-rounded
         acc = _rounded(acc, INTERPRETED).to(tl.bfloat16).to(tl.float32)
     tl.store(O_ptr + (b * M + m[:, None]) * Nn + n[None, :], acc.to(O_ptr.dtype.element_ty), mask=mask)
@@ -118,6 +124,8 @@ def matmul_sum(
     out: Tensor | None = None,
     round_bf16: bool = False,
     out_dtype: torch.dtype | None = None,
+    D: Tensor | None = None,
+    batch_scale: Tensor | None = None,
 ) -> Tensor:
     """``s₀C + Σᵢ sᵢ AᵢBᵢ`` accumulated in fp32 by the Triton kernel, written in fp32 (rounded to bf16 values with
     ``round_bf16``) or in ``out_dtype`` (bf16); see ``pace.kernels.matmul_sum`` (which checks shapes)."""
@@ -135,14 +143,15 @@ def matmul_sum(
     # interpreter multiplies 16-bit tiles as raw bits, so there everything does).
     up = [_INTERPRETED or a.dtype != w.dtype or a.dtype == torch.float32 for a, w in zip(A, B)]
     c_strides = _batch_strides(C) if C is not None else (0, 0, 0)
+    d_strides = _batch_strides(D) if D is not None else (0, 0, 0)
     S = scalars if scalars is not None else out
     BM, BN, BK = 64, 64, 32
     _matmul_sum_kernel[(batch, triton.cdiv(M, BM), triton.cdiv(Nn, BN))](
-        C if C is not None else out, S, out,
+        C if C is not None else out, S, out, D if D is not None else out, batch_scale if batch_scale is not None else S,
         A[0], B[0], A[1], B[1], A[2], B[2], A[3], B[3],
-        M, Nn, *ks, *c_strides, *strides,
-        HAS_C=C is not None, PAIRS=pairs, ROUND_BF16=round_bf16 or out.dtype == torch.bfloat16,
-        INTERPRETED=_INTERPRETED, CODE_C=codes[0], CODE0=codes[1],
+        M, Nn, *ks, *c_strides, *d_strides, *strides,
+        HAS_C=C is not None, HAS_D=D is not None, HAS_BS=batch_scale is not None, PAIRS=pairs,
+        ROUND_BF16=round_bf16 or out.dtype == torch.bfloat16, INTERPRETED=_INTERPRETED, CODE_C=codes[0], CODE0=codes[1],
         CODE1=codes[2] if pairs > 1 else 0, CODE2=codes[3] if pairs > 2 else 0, CODE3=codes[4] if pairs > 3 else 0,
         UP0=up[0], UP1=up[1], UP2=up[2], UP3=up[3], BM=BM, BN=BN, BK=BK, num_warps=4,
     )  # fmt: skip

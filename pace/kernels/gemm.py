@@ -29,6 +29,7 @@ def _coefficient(scalars: Tensor | None, code: int, dtype: torch.dtype) -> Tenso
 def matmul_sum_reference(
     C: Tensor | None, lhs: list[Tensor], rhs: list[Tensor], scalars: Tensor | None, codes: list[int], batch: int,
     dtype: torch.dtype, round_to: torch.dtype | None = None, out_dtype: torch.dtype | None = None,
+    D: Tensor | None = None, batch_scale: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
     """PyTorch ``s₀C + Σᵢ sᵢ AᵢBᵢ``: operands converted to ``dtype``, each coefficient on the smallest operand.
 
@@ -38,6 +39,10 @@ def matmul_sum_reference(
         The sum, shape (batch, M, Nn), in ``out_dtype`` (default ``dtype``), rounded through ``round_to`` when given.
     """
     out = _sum_of_products(C, lhs, rhs, scalars, codes, batch, dtype)
+    if batch_scale is not None:
+        out = out * batch_scale.to(dtype).view(-1, 1, 1)
+    if D is not None:
+        out = out + D.to(dtype)
     out = out if round_to is None else out.to(round_to).to(dtype)
     return out if out_dtype is None else out.to(out_dtype)
 
@@ -74,19 +79,21 @@ def _sum_of_products(C, lhs, rhs, scalars, codes, batch, dtype):
 @torch.library.custom_op("pace::matmul_sum", mutates_args=())
 def _matmul_sum_op(
     C: Tensor | None, lhs: list[Tensor], rhs: list[Tensor], scalars: Tensor | None, codes: list[int], batch: int,
-    dtype: torch.dtype, round_to: torch.dtype | None, out_dtype: torch.dtype | None,
+    dtype: torch.dtype, round_to: torch.dtype | None, out_dtype: torch.dtype | None, D: Tensor | None,
+    batch_scale: Tensor | None,
 ) -> Tensor:  # fmt: skip
-    operands = [*lhs, *rhs] + ([C] if C is not None else [])
+    operands = [*lhs, *rhs] + [t for t in (C, D, batch_scale) if t is not None]
     supported = dtype == torch.float32 and all(t.dtype in _TRITON_DTYPES for t in operands)
     supported = supported and round_to in (None, torch.bfloat16) and out_dtype in (None, torch.bfloat16)
     module = _dispatch.triton_module(lhs[0], "_triton_gemm") if supported else None
     if module is None:
-        return matmul_sum_reference(C, lhs, rhs, scalars, codes, batch, dtype, round_to, out_dtype)
-    return module.matmul_sum(C, lhs, rhs, scalars, codes, batch, round_bf16=round_to is not None, out_dtype=out_dtype)
+        return matmul_sum_reference(C, lhs, rhs, scalars, codes, batch, dtype, round_to, out_dtype, D, batch_scale)
+    rounding = {"round_bf16": round_to is not None, "out_dtype": out_dtype}
+    return module.matmul_sum(C, lhs, rhs, scalars, codes, batch, D=D, batch_scale=batch_scale, **rounding)
 
 
 @_matmul_sum_op.register_fake
-def _(C, lhs, rhs, scalars, codes, batch, dtype, round_to, out_dtype):
+def _(C, lhs, rhs, scalars, codes, batch, dtype, round_to, out_dtype, D, batch_scale):
     shape = (batch, lhs[0].shape[-2], rhs[0].shape[-1])
     return lhs[0].new_empty(shape, dtype=dtype if out_dtype is None else out_dtype)
 
@@ -101,8 +108,11 @@ def matmul_sum(
     dtype: torch.dtype = torch.float32,
     round_to: torch.dtype | None = None,
     out_dtype: torch.dtype | None = None,
+    D: Tensor | None = None,
+    batch_scale: Tensor | None = None,
 ) -> Tensor:
-    """``s₀C + Σᵢ sᵢ Aᵢ Bᵢ`` per batch entry, products and sum in ``dtype`` (custom op ``pace::matmul_sum``).
+    """``D + t_b(s₀C + Σᵢ sᵢ Aᵢ Bᵢ)`` per batch entry b, products and sum in ``dtype`` (custom op
+    ``pace::matmul_sum``); D and the scales t optional (a residual and a branch's stochastic-depth scales).
 
     The Triton kernel (float32 result; bf16/fp16/fp32 operands) reads every operand once in its own dtype and
     accumulates in fp32; 16-bit products are exact there. Elsewhere :func:`matmul_sum_reference` converts the
@@ -122,24 +132,29 @@ def matmul_sum(
         out_dtype: The dtype the result is written in, if not ``dtype``: a narrower one it is rounded to (nearest
             even) as it is stored, with no second pass. The kernel writes bfloat16; any other dtype runs the
             fallback.
+        D: Optional addend that no coefficient scales, (batch, M, Nn) or (M, Nn), any strides.
+        batch_scale: Optional scales ``t``, shape (batch,): batch entry b's sum (all but D) is multiplied by t_b.
 
     Returns:
         The sum, shape (batch, M, Nn), contiguous, in ``out_dtype`` (default ``dtype``).
     """
     codes = [0] * (len(lhs) + 1) if codes is None else list(codes)
-    batches = {t.shape[0] for t in (C, *lhs, *rhs) if t is not None and t.dim() == 3}
+    batches = {t.shape[0] for t in (C, D, *lhs, *rhs) if t is not None and t.dim() == 3}
     M, Nn = lhs[0].shape[-2] if lhs else 0, rhs[0].shape[-1] if rhs else 0
     ok = 0 < len(lhs) == len(rhs) <= MAX_PAIRS and len(codes) == len(lhs) + 1 and len(batches) <= 1
     ok = ok and all(a.dim() in (2, 3) and w.dim() in (2, 3) for a, w in zip(lhs, rhs))
     ok = ok and all(a.shape[-2] == M and w.shape[-1] == Nn and a.shape[-1] == w.shape[-2] for a, w in zip(lhs, rhs))
-    ok = ok and (C is None or (C.dim() in (2, 3) and C.shape[-2:] == (M, Nn)))
+    ok = ok and all(t is None or (t.dim() in (2, 3) and t.shape[-2:] == (M, Nn)) for t in (C, D))
     if not ok:
-        shapes = [None if C is None else tuple(C.shape), [tuple(a.shape) for a in lhs], [tuple(w.shape) for w in rhs]]
+        shapes = [None if t is None else tuple(t.shape) for t in (C, D)]
+        shapes += [[tuple(a.shape) for a in lhs], [tuple(w.shape) for w in rhs]]
         raise ValueError(
-            f"matmul_sum: C (b, M, N), Aᵢ (b, M, Kᵢ), Bᵢ (b, Kᵢ, N), ≤ {MAX_PAIRS} pairs expected, got {shapes}"
+            f"matmul_sum: C and D (b, M, N), Aᵢ (b, M, Kᵢ), Bᵢ (b, Kᵢ, N), ≤ {MAX_PAIRS} pairs expected, got {shapes}"
         )
     if any(codes) and scalars is None:
         raise ValueError(f"matmul_sum: codes {codes} need scalars")
     round_to, out_dtype = (None if t == dtype else t for t in (round_to, out_dtype))
     batch = batches.pop() if batches else 1
-    return _matmul_sum_op(C, list(lhs), list(rhs), scalars, codes, batch, dtype, round_to, out_dtype)
+    if batch_scale is not None and tuple(batch_scale.shape) != (batch,):
+        raise ValueError(f"matmul_sum: batch_scale of shape ({batch},) expected, got {tuple(batch_scale.shape)}")
+    return _matmul_sum_op(C, list(lhs), list(rhs), scalars, codes, batch, dtype, round_to, out_dtype, D, batch_scale)

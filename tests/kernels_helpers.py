@@ -17,7 +17,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # Each case: ("factor", G) -> F, ("gram", Y, eps) -> (scale, G), ("memberships", a, col, tau) -> (w, π),
 # ("mixer_fwd", P, a, M, scalars) -> (Ps, z, π, ‖col‖²), ("mixer_bwd", g_R, P, g_U, a, π, ‖col‖², g_π, M, scalars)
 # -> (P̄, ā, P_c ⊙ ∂‖col‖², sums), ("diag_fwd", a_w, keep, scalars, dtype) -> (a, z, π, ‖col‖²), ("diag_bwd", gQ_e,
-# P_e, gU, a, π, ‖col‖², g_π, keep, scalars) -> (ā, ∂keep, sums), ("cast_dot", g, x, dtype) -> (copy, <g, x>),
+# P_e, gU, a, π, ‖col‖², g_π, keep, scalars) -> (ā, ∂keep, sums), ("cast_dot", g, x, dtype[, scale]) -> (copy, <g, x>),
 # ("pack", Y, F_s, U, Q_c, dtype) -> R,
 # ("matmul_sum", C, lhs, rhs, scalars, codes[, keywords]) -> the sum,
 # ("ridge_grad", W, F_s, G, scale, eps) -> Γ, ("radial", W, F_s, G, G_s, scale, eps) -> Γ
@@ -78,11 +78,12 @@ with use_backend("interpret"):
                 else:
                     results[name] = diag.diag_memberships_backward(*args, out=torch.full_like(args[3], nan))
         elif kind == "cast_dot":
-            g, x, dtype = args
+            g, x, dtype, *scale = args  # scale: optional per-batch scales of g
+            scale = scale[0] if scale else None
             if how == "op":
-                results[name] = cast_dot(g, x, dtype)
+                results[name] = cast_dot(g, x, dtype, scale)
             else:
-                results[name] = mixer.cast_dot(g, x, dtype, out=torch.full(g.shape, nan, dtype=dtype))
+                results[name] = mixer.cast_dot(g, x, dtype, out=torch.full(g.shape, nan, dtype=dtype), scale=scale)
         elif kind == "pack":
             Y, F_s, U, Q_c, dtype = args
             if how == "op":

@@ -220,19 +220,29 @@ def test_matmul_sum_on_cuda_matches_float64_at_s_sizes():
     U, omega = torch.randn(d, d, generator=gen), torch.randn(N, 180, generator=gen).to(bf)
     Ye, Sc = torch.randn(B, d, 160, generator=gen), torch.randn(B, d, r, generator=gen)
     scalars = torch.tensor([1.3, 0.7, 0.4])
+    residual, t = torch.randn(B, N, d, generator=gen), torch.tensor([0.0, 1 / 0.9] * (B // 2))
     cases = {
-        "gemm2": (x, [Ps, z], [R.mT, U.mT], [2, 0, -3]),
-        "grad_x": (x, [Ps, z, omega[:, :160], omega[:, 160:]], [R.mT, U.mT, Ye.mT, Sc.mT], [2, 0, 0, 0, 0]),
+        "gemm2": (x, [Ps, z], [R.mT, U.mT], [2, 0, -3], {}),
+        "gemm2_residual": (x.to(bf), [Ps, z], [R.mT, U.mT], [2, 0, -3], {"D": residual, "batch_scale": t}),
+        "grad_x": (x, [Ps, z, omega[:, :160], omega[:, 160:]], [R.mT, U.mT, Ye.mT, Sc.mT], [2, 0, 0, 0, 0], {}),
     }
-    for name, (C, lhs, rhs, codes) in cases.items():
+    for name, (C, lhs, rhs, codes, options) in cases.items():
         ref = matmul_sum(
             C.double(), [t.double() for t in lhs], [t.double() for t in rhs], scalars=scalars.double(), codes=codes,
-            dtype=torch.float64,
+            dtype=torch.float64, **{k: v.double() for k, v in options.items()},
         )  # fmt: skip
         cuda = [C.cuda(), [t.cuda() for t in lhs], [t.cuda() for t in rhs]]
-        got = matmul_sum(*cuda, scalars=scalars.cuda(), codes=codes).cpu().double()
-        err = ((got - ref).abs().max() / ref.abs().max()).item()
+        got = matmul_sum(*cuda, scalars=scalars.cuda(), codes=codes, **{k: v.cuda() for k, v in options.items()})
+        err = ((got.cpu().double() - ref).abs().max() / ref.abs().max()).item()
         assert err < 1e-5, (name, err)
+    # The sketch product S rounded to bf16 but kept in fp32 and the Expand ridge's Ȳ_e written in bf16: each entry
+    # the float64 value rounded to nearest (one bf16 step off where fp32 accumulation crosses a boundary, rarely).
+    S_lhs, S_rhs = z.mT, omega  # (B, d, N) @ (N, 180)
+    for options in ({"round_to": bf}, {"out_dtype": bf}):
+        got = matmul_sum(None, [S_lhs.cuda()], [S_rhs.cuda()], **options).cpu()
+        assert got.dtype == (bf if "out_dtype" in options else torch.float32)
+        nearest = (S_lhs.double() @ S_rhs.double()).to(bf)
+        assert (got.to(bf) != nearest).float().mean() < 0.01, options
 
 
 @pytest.mark.parametrize(("batch", "c"), [(1024, 20), (128, 160)])
@@ -254,3 +264,34 @@ def test_ridge_backward_kernels_on_cuda_match_float64(batch, c):
         got = ridge_radial_diagonal(*args[:3], symmetric_gradient(*args[:2]), args[3], EPS)
     err = ((got.cpu().double() - ref).abs().max() / ref.abs().max()).item()
     assert err < 1e-4, err
+
+
+@pytest.mark.parametrize("form", ["full", "diag"])
+def test_block_residual_and_stochastic_depth_on_cuda(form):
+    """An S block on CUDA under bf16 autocast, training with stochastic depth: the residual and DropPath's scales
+    added in GEMM 2's epilogue (and g scaled in cast_dot) give what the mixer gives with DropPath and the residual
+    added outside it, to float32 rounding (output and every gradient)."""
+    from functools import partial
+
+    from pace.layers import PACEAttention, PACEBlock
+
+    torch.manual_seed(0)
+    attn = partial(PACEAttention, rank=20, compress_form=form)
+    block = PACEBlock(384, 8, attn_layer=attn, drop_path=0.5).cuda().train()
+    x = torch.randn(8, 196, 384, device="cuda", requires_grad=True)
+    g = torch.randn_like(x)
+
+    def run(fn):
+        for p in (x, *block.parameters()):
+            p.grad = None
+        torch.manual_seed(1)  # the same images dropped in both runs
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = fn(x)
+        y.backward(g)
+        return [y.detach()] + [t.grad.clone() for t in (x, *block.parameters())]
+
+    fused = run(block)
+    separate = run(lambda t: t + block.drop_path(block.attn(block.norm(t))))
+    assert (fused[0] == x.detach()).flatten(1).all(1).any()  # seed 1 drops an image: both branches are checked
+    for got, ref in zip(fused, separate):
+        assert ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item() < 1e-4

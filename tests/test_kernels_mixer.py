@@ -81,6 +81,10 @@ def interpreted(tmp_path_factory):
         cases[f"cast_dot_{dtype}"] = ("cast_dot", (g, x, dtype), "poison")
     cases["cast_dot_op"] = ("cast_dot", (g, x, torch.bfloat16), "op")
     cases["cast_dot_op_bf16_x"] = ("cast_dot", (g, x.to(torch.bfloat16), torch.bfloat16), "op")  # the mixer's x̂
+    scale = torch.tensor([0.0, 1 / 0.9])  # a dropped and a kept branch (stochastic depth)
+    inputs["cast_dot_scale"] = scale
+    for how in ("poison", "op"):
+        cases[f"cast_dot_scaled_{how}"] = ("cast_dot", (g, x.to(torch.bfloat16), torch.bfloat16, scale), how)
     for name, (B, K, p, r) in PACK_SHAPES.items():
         d, c = K * p, K * r
         S = torch.randn(B, d, c + r, generator=gen)  # Y is a strided view, as the mixer's S[..., :c_e]
@@ -172,6 +176,19 @@ def test_cast_dot_kernel_rounds_like_torch_and_sums_in_fp32(interpreted, case):
     assert dot.dtype == torch.float32 and (dot.double() - ref).abs() <= 1e-6 * scale, f"seed {seed}"
 
 
+@pytest.mark.parametrize("how", ["poison", "op"])
+def test_cast_dot_kernel_scales_each_batch_entry(interpreted, how):
+    """With per-image scales t: the copy of t_b·g (a dropped image's is exactly zero) and <t_b·g, x>."""
+    seed, inputs, out = interpreted
+    g, x = inputs["cast_dot"]
+    t = inputs["cast_dot_scale"].view(-1, 1, 1)
+    x = x.to(torch.bfloat16).double()
+    copy, dot = out[f"cast_dot_scaled_{how}"]
+    assert torch.equal(copy, (g * t).to(torch.bfloat16)) and not copy[0].any(), f"seed {seed}"
+    ref = (g.double() * t.double() * x).sum()
+    assert (dot.double() - ref).abs() <= 1e-6 * (g.double() * x).abs().sum(), f"seed {seed}"
+
+
 @pytest.mark.parametrize("name", PACK_SHAPES)
 @pytest.mark.parametrize("kind", ["torch.bfloat16", "torch.float32", "diag"])
 def test_pack_bases_kernel_matches_float64(interpreted, name, kind):
@@ -209,6 +226,12 @@ def test_cast_dot_fallback_and_bad_shapes():
     assert torch.equal(copy, g.float().bfloat16()) and dot.dtype == torch.float32
     with pytest.raises(ValueError, match=r"one shape, got \(3, 5\) and \(5, 3\)"):
         cast_dot(g, x.mT, torch.float32)
+    t = torch.tensor([2.0, 0.0, -1.0], dtype=torch.float64)
+    copy, dot = cast_dot(g, x, torch.float64, t)
+    torch.testing.assert_close(copy, g * t[:, None], rtol=0, atol=0)
+    torch.testing.assert_close(dot, (g * t[:, None] * x).sum(), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"scale of shape \(g.shape\[0\],\) expected, got \(5,\)"):
+        cast_dot(g, x, torch.float64, torch.ones(5))
 
 
 def test_reference_backward_equals_autograd_through_the_reference_forward():

@@ -181,3 +181,67 @@ def test_ridge_project_gradients_under_bf16_autocast_stay_close_to_float32(compl
     for a, b in zip(low, reference):
         assert a.dtype == torch.float32
         assert (a - b).abs().max() < 0.03 * b.abs().max()
+
+
+@pytest.mark.parametrize("form", ["full", "diag"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "separate"])
+def test_block_residual_and_stochastic_depth_equal_timms_order_of_operations(form, fused):
+    """PACEBlock hands its input and DropPath's per-image scales to the mixer, which adds them in GEMM 2's epilogue
+    (fused) or after the operators (separate): output and every gradient equal ``x + DropPath(attn(norm(x)))``
+    written out with timm's DropPath, in float64, with the same images dropped from the same seed."""
+    torch.manual_seed(0)
+    attn = partial(PACEAttention, rank=4, compress_form=form, fused=fused)
+    block = PACEBlock(32, 4, attn_layer=attn, drop_path=0.5).double().train()
+    x = torch.randn(8, 10, 32, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(8, 10, 32, dtype=torch.float64)
+
+    def run(fn):
+        for p in (x, *block.parameters()):
+            p.grad = None
+        torch.manual_seed(1)  # the draw of the dropped images
+        y = fn(x)
+        y.backward(g)
+        return y.detach(), [t.grad.clone() for t in (x, *block.parameters())]
+
+    y, grads = run(block)
+    y_ref, grads_ref = run(lambda t: t + block.drop_path(block.attn(block.norm(t))))
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+    for got, ref in zip(grads, grads_ref):
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    dropped = (y == x.detach()).flatten(1).all(1)
+    assert 0 < int(dropped.sum()) < 8  # seed 1 drops some images and keeps others: both branches are checked
+    # Outside training (and with no stochastic depth) the branch is added unscaled.
+    block.eval()
+    torch.testing.assert_close(block(x), x + block.attn(block.norm(x)), rtol=1e-10, atol=1e-12)
+
+
+def test_branch_scale_needs_a_residual():
+    block = PACEBlock(32, 4, attn_layer=partial(PACEAttention, rank=4, fused=True))
+    x = torch.randn(2, 10, 32)
+    with pytest.raises(ValueError, match="branch_scale scales the update added to a residual"):
+        block.attn(x, branch_scale=torch.ones(2))
+
+
+@pytest.mark.parametrize("form", ["full", "diag"])
+def test_block_residual_under_bf16_autocast_matches_the_separate_sum(form):
+    """Under bf16 autocast the fused residual and scales (cast_dot scaling g as it copies it) give what the mixer
+    gives with DropPath and the residual added outside it, to float32 rounding."""
+    torch.manual_seed(0)
+    block = PACEBlock(32, 4, attn_layer=partial(PACEAttention, rank=4, compress_form=form, fused=True), drop_path=0.5)
+    x = torch.randn(8, 10, 32, requires_grad=True)
+    g = torch.randn(8, 10, 32)
+
+    def run(fn):
+        for p in (x, *block.parameters()):
+            p.grad = None
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = fn(x)
+        y.backward(g)
+        return y.detach(), [t.grad.clone() for t in (x, *block.parameters())]
+
+    y, grads = run(block)
+    y_ref, grads_ref = run(lambda t: t + block.drop_path(block.attn(block.norm(t))))
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for got, ref in zip(grads, grads_ref):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

@@ -207,11 +207,17 @@ def _memberships_bwd_kernel(
 
 
 @triton.jit
-def _cast_dot_kernel(G_ptr, X_ptr, Out_ptr, Part_ptr, n, BLOCK: tl.constexpr, ROUND_BF16: tl.constexpr):
-    """One block of ``g``: its copy in Out's dtype and its part of ``<g, x>`` (fp32)."""
+def _cast_dot_kernel(
+    G_ptr, X_ptr, T_ptr, Out_ptr, Part_ptr, n, per_batch,
+    BLOCK: tl.constexpr, ROUND_BF16: tl.constexpr, HAS_T: tl.constexpr,
+):  # fmt: skip
+    """One block of ``g`` (times its batch entry's scale t_b with HAS_T): its copy in Out's dtype and its part of
+    ``<g, x>`` (fp32)."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = i < n
     g = tl.load(G_ptr + i, mask=mask, other=0.0).to(tl.float32)
+    if HAS_T:
+        g *= tl.load(T_ptr + i // per_batch, mask=mask, other=0.0).to(tl.float32)
     x = tl.load(X_ptr + i, mask=mask, other=0.0).to(tl.float32)
     tl.store(Out_ptr + i, _rounded(g, ROUND_BF16).to(Out_ptr.dtype.element_ty), mask=mask)
     tl.store(Part_ptr + tl.program_id(0), tl.sum(g * x, axis=0))
@@ -351,16 +357,20 @@ CAST_DOT_BLOCK = 4096
 PACK_PRECISION = "tf32x3"
 
 
-def cast_dot(g: Tensor, x: Tensor, dtype: torch.dtype, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """``(g in dtype, <g, x> in fp32)`` by the Triton kernel; see ``pace.kernels.cast_dot``."""
+def cast_dot(
+    g: Tensor, x: Tensor, dtype: torch.dtype, out: Tensor | None = None, scale: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """``(g in dtype, <g, x> in fp32)`` (g scaled per batch entry by ``scale``) by the Triton kernel; see
+    ``pace.kernels.cast_dot``."""
     out = torch.empty(g.shape, device=g.device, dtype=dtype) if out is None else out
     n = g.numel()
     programs = triton.cdiv(n, CAST_DOT_BLOCK)
     partials = torch.zeros(max(programs, 1), device=g.device, dtype=torch.float32)
     if n:
+        per_batch = n // scale.numel() if scale is not None else n
         _cast_dot_kernel[(programs,)](
-            g, x, out, partials, n, BLOCK=CAST_DOT_BLOCK, ROUND_BF16=_INTERPRETED and dtype == torch.bfloat16,
-            num_warps=8,
+            g, x, scale if scale is not None else g, out, partials, n, per_batch, BLOCK=CAST_DOT_BLOCK,
+            ROUND_BF16=_INTERPRETED and dtype == torch.bfloat16, HAS_T=scale is not None, num_warps=8,
         )  # fmt: skip
     return out, partials.sum()
 

@@ -223,39 +223,46 @@ def mixer_memberships_backward(
     return _mixer_memberships_backward_op(g_R, P, g_U, a, pi, sq, g_pi, M, scalars)
 
 
-def cast_dot_reference(g: Tensor, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """PyTorch ``(g.to(dtype), <g, x>)``, the dot product in (at least) float32.
+def cast_dot_reference(
+    g: Tensor, x: Tensor, dtype: torch.dtype, scale: Tensor | None = None
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """PyTorch ``(g'.to(dtype), <g', x>)`` with ``g' = g`` or g scaled per batch entry, the dot product in (at least)
+    float32.
 
     Args:
-        g: Any tensor.
+        g: Any tensor, batch first.
         x: A tensor of g's shape.
         dtype: The copy's dtype.
+        scale: Optional per-batch-entry scales of g, shape (g.shape[0],).
 
     Returns:
         The copy (a new tensor) and a 0-dim dot product in float32 (float64 for float64 input).
     """
     acc = torch.promote_types(g.dtype, torch.float32)
+    if scale is not None:
+        g = g * scale.to(g.dtype).view(-1, *[1] * (g.dim() - 1))
     copy = g.to(dtype, copy=True)
     return copy, torch.dot(g.reshape(-1).to(acc), x.reshape(-1).to(acc))
 
 
 @torch.library.custom_op("pace::cast_dot", mutates_args=())
-def _cast_dot_op(g: Tensor, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def _cast_dot_op(g: Tensor, x: Tensor, dtype: torch.dtype, scale: Tensor | None) -> tuple[Tensor, Tensor]:
     supported = g.dtype == torch.float32 and x.dtype in _TRITON_DTYPES and dtype in (torch.bfloat16, torch.float16)
     module = _dispatch.triton_module(g, "_triton_mixer") if supported else None
     if module is None:
-        copy, dot = cast_dot_reference(g, x, dtype)
+        copy, dot = cast_dot_reference(g, x, dtype, scale)
         return copy.contiguous(), dot
-    return module.cast_dot(g.contiguous(), x.contiguous(), dtype)
+    return module.cast_dot(g.contiguous(), x.contiguous(), dtype, scale=scale)
 
 
 @_cast_dot_op.register_fake
-def _(g: Tensor, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def _(g: Tensor, x: Tensor, dtype: torch.dtype, scale: Tensor | None) -> tuple[Tensor, Tensor]:
     return g.new_empty(g.shape, dtype=dtype), g.new_empty((), dtype=torch.promote_types(g.dtype, torch.float32))
 
 
-def cast_dot(g: Tensor, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """``g`` in ``dtype`` and ``<g, x>`` from one read of each (custom op ``pace::cast_dot``; no autograd).
+def cast_dot(g: Tensor, x: Tensor, dtype: torch.dtype, scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``g`` in ``dtype`` and ``<g, x>`` from one read of each (custom op ``pace::cast_dot``; no autograd); with
+    ``scale``, ``g`` is first multiplied by its batch entry's scale (a branch's stochastic depth).
 
     The fused mixer's backward needs the cotangent g in the matrix-product dtype and ``<g, x>`` (a term of ∂L/∂α).
     The Triton kernel (float32 g, float32/bfloat16/float16 x, bfloat16/float16 copy) reads both once, writes the
@@ -266,6 +273,7 @@ def cast_dot(g: Tensor, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         g: Cotangent, any shape.
         x: Tokens, g's shape (the mixer passes its bf16 copy).
         dtype: The copy's dtype.
+        scale: Optional scales, shape (g.shape[0],).
 
     Returns:
         ``(copy, dot)``: the copy in ``dtype`` (contiguous, never g itself), the dot product 0-dim in float32
@@ -273,7 +281,9 @@ def cast_dot(g: Tensor, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """
     if g.shape != x.shape:
         raise ValueError(f"cast_dot: g and x must have one shape, got {tuple(g.shape)} and {tuple(x.shape)}")
-    return _cast_dot_op(g, x, dtype)
+    if scale is not None and (g.dim() == 0 or tuple(scale.shape) != (g.shape[0],)):
+        raise ValueError(f"cast_dot: scale of shape (g.shape[0],) expected, got {tuple(scale.shape)}")
+    return _cast_dot_op(g, x, dtype, scale)
 
 
 def pack_bases_reference(Y: Tensor, F_s: Tensor, U: Tensor, Q_c: Tensor | None, dtype: torch.dtype) -> Tensor:

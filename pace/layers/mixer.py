@@ -109,7 +109,10 @@ def _subspace_grad(xb, gb, a_bar, z, U_parts, beta_w, K):
 
 class _PACEMixer(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, subspaces, tau, alpha, beta, expand_sketch, compress_sketch, num_heads, eps, diag):
+    def forward(
+        ctx, x, subspaces, tau, alpha, beta, expand_sketch, compress_sketch, residual, branch_scale, num_heads, eps,
+        diag,
+    ):  # fmt: skip
         B, N, d = x.shape
         K, ce, r = num_heads, expand_sketch.shape[1], compress_sketch.shape[1]
         if ce != K * r:
@@ -167,42 +170,48 @@ class _PACEMixer(torch.autograd.Function):
             # with this). x̂ is the bf16 copy the products read, so that difference is of one vector: with the
             # float32 x in the αx term the rounding of x̂ in x̂Π_e alone left 1.7e-2 (seeds 0–5), 1.3e-2 this way.
             # One kernel (pace.kernels.matmul_sum): the operands are read in their own dtypes, α, −α (diag: Ps = P)
-            # and −β from `scalars`.
+            # and −β from `scalars`; the block's residual and stochastic-depth scales, if given, in its epilogue.
+            # [residual +] [t_b ·] (αx̂ + (P ⊙ s')[Q_e | V]ᵀ − β(π ⊙ …)Uᵀ), (B, N, d)
             out = kernels.matmul_sum(
-                xb, [Ps, z.view(B, N, d)], [R.mT, U.mT], scalars=scalars, codes=[2, -2 if diag else 0, -3], dtype=wd
-            )  # αx + (P ⊙ s')[Q_e | V]ᵀ − β(π ⊙ …)Uᵀ, (B, N, d)
+                xb, [Ps, z.view(B, N, d)], [R.mT, U.mT], scalars=scalars, codes=[2, -2 if diag else 0, -3], dtype=wd,
+                D=residual, batch_scale=branch_scale,
+            )  # fmt: skip
+            out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
             # Never a no-op .to(): when the returned tensor is an alias of an intermediate, torch 2.11's Dynamo loses
             # its cotangent, and the compiled block's parameters got zero gradients (2.14 is not affected).
-            out = out if out.dtype == x.dtype else out.to(x.dtype)
+            out = out if out.dtype == out_dtype else out.to(out_dtype)
         ctx.save_for_backward(
             xb, omega, subspaces, Ub, S, n_e, G_e, F_e, Y_c, n_c, G_c, F_c, Q_c, a, R, P, Ps, pi, sq, scalars, extra,
-            z,
+            z, branch_scale,
         )  # fmt: skip
         ctx.dims = (K, ce, r, diag, eps)
         ctx.set_materialize_grads(False)  # an unused π gets no zero cotangent written; see backward
         ctx.coefficient_dtypes = (tau.dtype, alpha.dtype, beta.dtype)
-        ctx.x_dtype = x.dtype
+        ctx.x_dtype, ctx.has_residual = x.dtype, residual is not None
         return out, pi
 
     @staticmethod
     def backward(ctx, g, g_pi):
         (xb, omega, subspaces, Ub, S, n_e, G_e, F_e, Y_c, n_c, G_c, F_c, Q_c, a, R, P, Ps, pi, sq, scalars, extra,
-         z) = ctx.saved_tensors  # fmt: skip
+         z, branch_scale) = ctx.saved_tensors  # fmt: skip
         K, ce, r, diag, eps = ctx.dims
         tau_dtype, alpha_dtype, beta_dtype = ctx.coefficient_dtypes
         S_c = S[..., ce:]
         B, N, d = xb.shape
         p = d // K
         md, wd = xb.dtype, S_c.dtype
+        # The residual's gradient is g itself; the update's is t_b·g (cast_dot scales g as it copies it).
+        grad_residual = g if ctx.has_residual else None
         if g is None:  # only π was used
             g = torch.zeros_like(xb, dtype=ctx.x_dtype)
         with _no_autocast(g.device.type):
             tau_w, alpha_w, beta_w = scalars.unbind()
             U = subspaces.to(wd)
             if md == g.dtype:
-                gb, g_x = g, torch.dot(g.reshape(-1), xb.reshape(-1))
+                gb = g if branch_scale is None else g * branch_scale.to(g.dtype).view(B, 1, 1)
+                g_x = torch.dot(gb.reshape(-1), xb.reshape(-1))
             else:  # the low-precision copy of g and <g, x̂> (a term of ∂L/∂α) from one read of g and x̂
-                gb, g_x = kernels.cast_dot(g, xb, md)
+                gb, g_x = kernels.cast_dot(g, xb, md, branch_scale)
             gR = gb @ R  # [gQ_e | gV], (B, N, c_e [+ K·r])
             gU = (gb.reshape(B * N, d) @ Ub).view(B, N, d)
             if diag:  # P̄ = −α gQ_e: x̄ scales gR by −α (code −2)
@@ -242,14 +251,26 @@ class _PACEMixer(torch.autograd.Function):
             grad_beta.to(beta_dtype),
             None,
             None,
+            grad_residual,
+            None,
             None,
             None,
             None,
         )
 
 
-def pace_mixer(*tensors: Tensor, num_heads: int, eps: float, form: str = "full") -> tuple[Tensor, Tensor]:
+def pace_mixer(
+    *tensors: Tensor,
+    num_heads: int,
+    eps: float,
+    form: str = "full",
+    residual: Tensor | None = None,
+    branch_scale: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """``α·expand(x) − β·compress(x)`` and π with ridge projectors, fused (forward and backward).
+
+    With ``residual`` the first output is ``residual + t_b·update`` (t_b from ``branch_scale``, else 1), added in
+    GEMM 2's epilogue: the block's residual connection and stochastic depth without a pass of their own.
 
     Args:
         *tensors: ``x, subspaces, tau, alpha, beta, expand_sketch, compress_sketch``, in this order, as the
@@ -257,10 +278,16 @@ def pace_mixer(*tensors: Tensor, num_heads: int, eps: float, form: str = "full")
         num_heads: K.
         eps: Ridge ε of both bases.
         form: Compress form, ``"full"`` or ``"diag"``.
+        residual: Optional tokens the update is added to, x's shape.
+        branch_scale: Optional per-image scales of the update, shape (B,) (stochastic depth: 0 or 1/keep); only
+            with ``residual``.
 
     Returns:
-        ``(update, π)``: the update in the dtype of x, π in at least float32.
+        ``(update, π)`` or ``(residual + t_b·update, π)``: the first in the dtype of x (promoted with the
+        residual's), π in at least float32.
     """
     if len(tensors) != 7:
         raise TypeError(f"pace_mixer: x, subspaces, tau, alpha, beta and the two sketches expected, got {len(tensors)}")
-    return _PACEMixer.apply(*tensors, num_heads, eps, form == "diag")
+    if branch_scale is not None and residual is None:
+        raise ValueError("pace_mixer: branch_scale scales the update added to a residual; pass residual too")
+    return _PACEMixer.apply(*tensors, residual, branch_scale, num_heads, eps, form == "diag")

@@ -42,6 +42,8 @@ def pace_attention(
     exact: bool = False,
     form: str = "full",
     fused: bool | None = None,
+    residual: Tensor | None = None,
+    branch_scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``α·expand(x) − β·compress(x)`` and the memberships π, with the two terms sharing their work.
 
@@ -68,18 +70,25 @@ def pace_attention(
         exact: Use exact (orthogonal) projectors instead of the ridge ones.
         form: Compress form, ``"full"`` or ``"diag"``.
         fused: Use the fused mixer for ridge projectors: True, False, or None (fused except on the CPU).
+        residual: Optional tokens to add the update to (the block's input): the first output is then
+            ``residual + t_b·update``, which the fused mixer adds in its last product's epilogue.
+        branch_scale: Optional per-image scales ``t`` of the update, shape (B,) (stochastic depth); needs
+            ``residual``.
 
     Returns:
-        ``(update, memberships)``: update of shape (B, N, C) in the dtype of ``x``; memberships π of shape
-        (B, N, K) in the dtype of ``x``.
+        ``(update, memberships)``: update of shape (B, N, C) in the dtype of ``x`` (or ``residual + t_b·update``);
+        memberships π of shape (B, N, K) in the dtype of ``x``.
     """
+    if branch_scale is not None and residual is None:
+        raise ValueError("pace_attention: branch_scale scales the update added to a residual; pass residual too")
     if fused is None:
         fused = x.device.type != "cpu"
     if fused and not exact:
         validate_compress_form(form)
         out, pi = pace_mixer(
-            x, subspaces, tau, alpha, beta, expand_sketch, compress_sketch, num_heads=num_heads, eps=eps, form=form
-        )
+            x, subspaces, tau, alpha, beta, expand_sketch, compress_sketch, num_heads=num_heads, eps=eps, form=form,
+            residual=residual, branch_scale=branch_scale,
+        )  # fmt: skip
         return out, pi.to(x.dtype)
     if exact:
         expanded = alpha * expand(x, expand_sketch, eps=eps, exact=True)
@@ -98,6 +107,8 @@ def pace_attention(
         scale=-beta,
         add_to=expanded,
     )
+    if residual is not None:  # as x + DropPath(update): the update times its image's scale, then the sum
+        out = residual + (out if branch_scale is None else out * branch_scale.to(out.dtype).view(-1, 1, 1))
     return out, pi
 
 
@@ -217,14 +228,17 @@ class PACEAttention(nn.Module):
         """
         return self.compress.forward_with_memberships(x)[1]
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Apply α·Expand(x) − β·Compress(x).
+    def forward(self, x: Tensor, residual: Tensor | None = None, branch_scale: Tensor | None = None) -> Tensor:
+        """Apply α·Expand(x) − β·Compress(x), optionally added to a residual.
 
         Args:
             x: Tokens (B, N, C) (already normalised).
+            residual: Optional tokens (B, N, C) to add the update to; :class:`pace.layers.PACEBlock` passes its input
+                so that the fused mixer adds it in its last product instead of a pass of its own.
+            branch_scale: Optional per-image scales (B,) of the update (stochastic depth), with ``residual``.
 
         Returns:
-            The update, shape (B, N, C).
+            The update, shape (B, N, C), or ``residual + branch_scale·update``.
         """
         n = x.shape[1]
         return pace_attention(
@@ -240,4 +254,6 @@ class PACEAttention(nn.Module):
             exact=self.compress.exact,
             form=self.compress.form,
             fused=self.fused,
+            residual=residual,
+            branch_scale=branch_scale,
         )[0]

@@ -126,8 +126,9 @@ def test_the_fused_block_runs_the_mixer_kernels_once_each(form):
         "pack_bases": 1,
         **_FORM_KERNELS[form],
         "cast_dot": 1,
-        # The sketch product S, GEMM 2, R̄ (diag: Q̄_e), x̄ and the two ridge backwards' Ȳ = Q̄F_sᵀ + YΓ (diag: a too)
-        "matmul_sum": 6 + (form == "diag"),
+        # The sketch product S, GEMM 2, R̄ (diag: Q̄_e), x̄ and the two ridge backwards' W = YᵀQ̄ and
+        # Ȳ = Q̄F_sᵀ + YΓ (diag: a too)
+        "matmul_sum": 8 + (form == "diag"),
         "ridge_gradient_matrix": 2,  # both ridge backwards: c = 16 and 4 fit the register tile (c ≤ 32)
     }
     assert fallback.ops > fused.ops + 40 and fallback.bytes > fused.bytes

@@ -107,7 +107,7 @@ def ridge_factors_backward(
     Returns:
         ``∂L/∂Y``, shape (B, m, c).
     """
-    W = Y.mT @ Q_bar  # (B, c, c)
+    W = kernels.matmul_sum(None, [Y.mT], [Q_bar], dtype=Y.dtype)  # (B, c, c); Q̄ may be narrower than Y
     # −½Γ, Γ = G_s + 2 diag(ρ/s²): one register-tile Triton program per matrix where c fits (the Compress ridge);
     # above, G_s's products in ATen and the radial term in one row kernel. The kernels write −½Γ, so that the two
     # tall products of the result are one kernel with no coefficient: ∂L/∂Y = Q̄F_sᵀ + Y(−½Γ).

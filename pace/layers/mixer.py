@@ -63,7 +63,7 @@ def _full_backward(g_x, xb, gb, gR, gU, a, P, Ps, pi, sq, g_pi, Q_c, M, scalars,
     # α: <g, x − x̂Π_e> = <g, x> − <gQ_e, x̂Q_e>.
     grad_alpha = g_x.to(wd) + sums[0]
     grad_beta, grad_tau = sums[1], sums[2]
-    R_bar = kernels.matmul_sum(None, [xb.mT, gb.mT], [Pbar, Ps], dtype=wd)  # xᵀP̄ + gᵀ(P ⊙ s'), (B, d, c_e + K·r)
+    R_bar = kernels.matmul_sum(None, [xb.mT, gb.mT], [Pbar, Ps], dtype=wd, out_dtype=xb.dtype)  # xᵀP̄ + gᵀ(P ⊙ s')
     Qe_bar = R_bar[..., :ce]
     V_bar = _heads_major(R_bar[..., ce:], K, wd)  # (K, d, B·r)
     # ‖col‖² = P_k M_k P_kᵀ with M_k = Q_kᵀQ_k: M̄_k = Σ_n ∂‖col_k‖² P_kᵀ P_k.
@@ -92,7 +92,9 @@ def _diag_backward(g_x, xb, gb, gR, gU, a, P, pi, sq, g_pi, Q_c, keep, scalars, 
     grad_beta, grad_tau = sums[1], sums[2]
     Qc_bar = 2 * Q_c * keep_bar.view(B * K, p, 1)  # keep = diag(Q_kQ_kᵀ)
     # xᵀP̄_e + gᵀ(−αP_e) = −α(xᵀ gQ_e + gᵀP_e), (B, d, c_e)
-    Qe_bar = kernels.matmul_sum(None, [xb.mT, gb.mT], [gQe, P], scalars=scalars, codes=[0, -2, -2], dtype=wd)
+    Qe_bar = kernels.matmul_sum(
+        None, [xb.mT, gb.mT], [gQe, P], scalars=scalars, codes=[0, -2, -2], dtype=wd, out_dtype=xb.dtype
+    )
     return grad_alpha, grad_beta, grad_tau, Qe_bar, Qc_bar, a_bar
 
 

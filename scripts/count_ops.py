@@ -95,6 +95,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.compiled and args.model:
         parser.error("--compiled counts blocks only; drop --model")
+    for name in args.model + ([args.compile_time] if args.compile_time else []):
+        if not timm.is_model(name):
+            parser.error(f"{name!r} is not a timm model (timm.list_models() lists them)")
     if args.compiled and args.kernels == "fallback":
         parser.error(
             "--compiled counts each pace:: op as one extern kernel (Inductor cannot see inside it); "

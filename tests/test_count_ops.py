@@ -257,3 +257,12 @@ def test_count_ops_compiled_writes_each_block_case_whole_and_with_fewer_kernels_
             assert 0 < row["ops"] <= eager[case]["ops"], case
         else:
             assert 0 < row["ops"] < eager[case]["ops"], case
+
+
+def test_count_ops_names_an_unknown_model_in_one_line(capsys):
+    from count_ops import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "not_a_model", "--no-blocks"])
+    assert exit_info.value.code == 2
+    assert "'not_a_model' is not a timm model" in capsys.readouterr().err

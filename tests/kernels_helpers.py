@@ -14,7 +14,8 @@ import torch
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-# Each case: ("factor", G) -> F, ("gram", Y, eps) -> (scale, G), ("memberships", a, col, tau) -> (w, π),
+# Each case: ("factor", G[, row_scale]) -> F (D⁻¹F), ("gram", Y, eps) -> (scale, G),
+# ("memberships", a, col, tau) -> (w, π),
 # ("mixer_fwd", P, a, M, scalars) -> (Ps, z, π, ‖col‖²), ("mixer_bwd", g_R, P, g_U, a, π, ‖col‖², g_π, M, scalars)
 # -> (P̄, ā, P_c ⊙ ∂‖col‖², sums), ("diag_fwd", a_w, keep, scalars, dtype) -> (a, z, π, ‖col‖²), ("diag_bwd", gQ_e,
 # P_e, gU, a, π, ‖col‖², g_π, keep, scalars) -> (ā, ∂keep, sums), ("cast_dot", g, x, dtype[, scale]) -> (copy, <g, x>),
@@ -42,13 +43,14 @@ with use_backend("interpret"):
     results = {}
     for name, (kind, args, how) in cases.items():
         if kind == "factor":
-            (G,) = args
+            G, *row_scale = args  # row_scale: optional, (B, c)
+            row_scale = row_scale[0] if row_scale else None
             if how == "op":
-                results[name] = inverse_cholesky_factor(G)
+                results[name] = inverse_cholesky_factor(G, row_scale)
             else:
                 out = torch.full(G.shape, float("nan"))
                 tile = int(how[4:]) if how.startswith("tile") else None
-                results[name] = module.inverse_cholesky_factor(G, out=out, tile=tile)
+                results[name] = module.inverse_cholesky_factor(G, out=out, tile=tile, row_scale=row_scale)
         elif kind == "mixer_fwd":
             P, a, M, scalars = args
             if how == "op":

@@ -62,6 +62,11 @@ def interpreted(tmp_path_factory):
     G = ridge_gram(2, 30, 24, EPS, gen)
     inputs["op_factor"] = G
     cases["op_factor"] = ("factor", (G.float(),), "op")
+    for c in (20, 80):  # D⁻¹F: one register tile, and 3 × 3 blocked tiles (the scaling pass after the inversion)
+        G, scale = ridge_gram(2, c + 8, c, EPS, gen), 0.5 + torch.rand(2, c, generator=gen, dtype=torch.float64)
+        inputs[f"scaled{c}"] = (G, scale)
+        cases[f"scaled{c}"] = ("factor", (G.float(), scale.float()), "poison")
+        cases[f"scaled{c}_op"] = ("factor", (G.float(), scale.float()), "op")
     for B, m, c in GRAM_SHAPES:
         Y = torch.randn(B, m, c, generator=gen)
         Y[0, :, c // 2] = 0  # a zero column: scale clamps at 1e-12, G gets ε on its diagonal
@@ -102,6 +107,29 @@ def test_factor_matches_float64(interpreted, c, tiles):
     residual = F.double() @ F.double().mT @ G - torch.eye(c, dtype=torch.float64)
     kappa = torch.linalg.cond(G).max().item()
     assert _worst(residual.abs().amax(dim=(-2, -1))) <= 1e-6 * kappa, f"seed {seed}: c={c} ‖FFᵀG − I‖ too large"
+
+
+@pytest.mark.parametrize("how", ["", "_op"])
+@pytest.mark.parametrize("c", (20, 80))
+def test_factor_with_row_scales_is_the_scaled_factor(interpreted, c, how):
+    """``row_scale``: the kernel's F with row j divided by s_j, every element written, as float64's D⁻¹F."""
+    seed, inputs, out = interpreted
+    G, scale = inputs[f"scaled{c}"]
+    F_s = out[f"scaled{c}{how}"]
+    assert torch.isfinite(F_s).all() and (F_s.tril(-1) == 0).all(), f"seed {seed}"
+    ref = inverse_cholesky_factor_reference(G) / scale.unsqueeze(-1)
+    assert _worst(_rel_err(F_s, ref)) <= 1e-5, f"seed {seed}: c={c}{how}"
+
+
+def test_factor_with_row_scales_gradients_pass_gradcheck():
+    """The op's backward through D⁻¹F (float64, the PyTorch path): gradients of G and of the scales."""
+    gen = torch.Generator().manual_seed(0)
+    G = ridge_gram(2, 9, 6, EPS, gen).requires_grad_()
+    scale = (0.5 + torch.rand(2, 6, generator=gen, dtype=torch.float64)).requires_grad_()
+    # G symmetrised inside, as test_factor_backward_gradcheck does (the factor reads one triangle)
+    assert torch.autograd.gradcheck(lambda X, s: inverse_cholesky_factor((X + X.mT) / 2, s), (G, scale))
+    with pytest.raises(ValueError, match=r"row_scale must have shape \(2, 6\), got \(6,\)"):
+        inverse_cholesky_factor(G, scale[0])
 
 
 @pytest.mark.parametrize("c", (20, 40))
@@ -345,11 +373,12 @@ def test_factor_large_sizes_match_float64(tmp_path):
         assert (out[str(c)].tril(-1) == 0).all()
 
 
-# (kernel, constexprs, pointer dtypes, num_warps): the Compress and Expand factor configurations, a bf16 Gram and
-# the S model's memberships (K = 8, p = 48).
+# (kernel, constexprs, pointer dtypes, num_warps): the factor unscaled and the Compress and Expand configurations of
+# the mixer's scaled one, a bf16 Gram and the S model's memberships (K = 8, p = 48).
 _SM90_BUILDS = [
-    ("inverse_cholesky_factor_kernel", {"BS": 16, "NB": 1}, {}, 1),
-    ("inverse_cholesky_factor_kernel", {"BS": 32, "NB": 5}, {}, 4),
+    ("inverse_cholesky_factor_kernel", {"BS": 16, "NB": 1, "HAS_SCALE": False}, {}, 1),
+    ("inverse_cholesky_factor_kernel", {"BS": 32, "NB": 1, "HAS_SCALE": True}, {}, 2),  # the mixer's D⁻¹F
+    ("inverse_cholesky_factor_kernel", {"BS": 32, "NB": 5, "HAS_SCALE": True}, {}, 4),
     ("_normalized_gram_kernel", {"BT": 32, "BM": 64, "IEEE": False, "UPCAST": False}, {"Y_ptr": "*bf16"}, 4),
     (
         "_memberships_kernel",

@@ -82,6 +82,7 @@ def _invert_lower_blocks(F_ptr, n, stride_fr, stride_fc, rows, cols, BS: tl.cons
 def inverse_cholesky_factor_kernel(
     G_ptr,
     F_ptr,
+    S_ptr,
     n,
     stride_gb,
     stride_gr,
@@ -91,6 +92,7 @@ def inverse_cholesky_factor_kernel(
     stride_fc,
     BS: tl.constexpr,
     NB: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
 ):
     """One program per matrix. ``NB == 1``: the whole (padded) matrix is one register tile.
 
@@ -98,6 +100,9 @@ def inverse_cholesky_factor_kernel(
     the only scratch: the off-diagonal blocks L_ik (i > k) of L go to F's lower blocks, the blocks X_ik of
     X = L⁻¹ to F's upper blocks (transposed, F = Xᵀ), and the lower blocks are zeroed at the end. Every write
     that a later step reads is followed by a barrier (a block-wide __syncthreads orders global memory too).
+
+    ``HAS_SCALE``: a last pass divides row j of F by ``S[b, j]`` (``D⁻¹F``), over the program's own matrix, which it
+    has just written (from L2, not another pass over memory).
     """
     b = tl.program_id(0)
     G_ptr += b.to(tl.int64) * stride_gb
@@ -134,6 +139,16 @@ def inverse_cholesky_factor_kernel(
         tl.debug_barrier()
 
     _invert_lower_blocks(F_ptr, n, stride_fr, stride_fc, rows, cols, BS, NB)
+    if HAS_SCALE:
+        tl.debug_barrier()
+        S_ptr += b.to(tl.int64) * n
+        for i in range(NB):
+            ri = i * BS + rows
+            s = tl.load(S_ptr + ri, mask=ri < n, other=1.0)  # (BS, 1): the scales of these rows
+            for j in range(i, NB):  # the upper blocks; the lower ones are zero
+                cj = j * BS + cols
+                F_ij = _tile(F_ptr, ri, cj, stride_fr, stride_fc, n)
+                tl.store(F_ptr + ri * stride_fr + cj * stride_fc, F_ij / s, mask=(ri < n) & (cj < n))
 
 
 PROBE_KERNEL = inverse_cholesky_factor_kernel  # how pace.kernels._dispatch tells compiled from interpreted
@@ -157,8 +172,10 @@ def inverse_cholesky_factor(
     tile: int | None = None,
     num_warps: int | None = None,
     num_stages: int = 1,
+    row_scale: Tensor | None = None,
 ) -> Tensor:
-    """``F = chol(G)⁻ᵀ`` of float32 SPD matrices G (B, c, c) by the Triton kernel; see ``pace.kernels``.
+    """``F = chol(G)⁻ᵀ`` of float32 SPD matrices G (B, c, c) by the Triton kernel, or ``D⁻¹F`` with ``D`` the
+    contiguous float32 ``row_scale`` (B, c) on its diagonal; see ``pace.kernels``.
 
     ``tile`` (a power of two >= 16) and ``num_warps`` override :func:`factor_tiling`; a tile >= c means one
     register tile per matrix. ``num_stages`` > 1 lets Triton prefetch the tiles of the inner tile loops (they
@@ -173,11 +190,13 @@ def inverse_cholesky_factor(
     inverse_cholesky_factor_kernel[(batch,)](
         G,
         F,
+        row_scale if row_scale is not None else G,
         c,
         *G.stride(),
         *F.stride(),
         BS=BS,
         NB=triton.cdiv(c, BS),
+        HAS_SCALE=row_scale is not None,
         num_warps=num_warps or default_warps,
         num_stages=num_stages,
     )

@@ -22,11 +22,12 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def inverse_cholesky_factor_reference(G: Tensor) -> Tensor:
+def inverse_cholesky_factor_reference(G: Tensor, row_scale: Tensor | None = None) -> Tensor:
     """PyTorch ``F = chol(G)⁻ᵀ``: ``cholesky_ex`` and one triangular solve against I (no status check, no sync).
 
     Args:
         G: Symmetric positive definite matrices, shape (..., c, c); only the lower triangle is read.
+        row_scale: Optional (..., c): then ``D⁻¹F`` with ``D = diag(row_scale)``.
 
     Returns:
         Upper-triangular F, same shape, in float32 (float64 for float64 input), with ``F Fᵀ = G⁻¹``.
@@ -34,7 +35,8 @@ def inverse_cholesky_factor_reference(G: Tensor) -> Tensor:
     G = G.to(_work_dtype(G.dtype))
     L = torch.linalg.cholesky_ex(G).L
     eye = torch.eye(G.shape[-1], device=G.device, dtype=G.dtype)
-    return torch.linalg.solve_triangular(L.mT, eye, upper=True)  # Lᵀ F = I
+    F = torch.linalg.solve_triangular(L.mT, eye, upper=True)  # Lᵀ F = I
+    return F if row_scale is None else F / row_scale.to(F.dtype).unsqueeze(-1)
 
 
 def normalized_gram_reference(Y: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -61,33 +63,41 @@ def normalized_gram_reference(Y: Tensor, eps: float) -> tuple[Tensor, Tensor]:
 
 
 @torch.library.custom_op("pace::inverse_cholesky_factor", mutates_args=())
-def _inverse_cholesky_factor_op(G: Tensor) -> Tensor:
+def _inverse_cholesky_factor_op(G: Tensor, row_scale: Tensor | None) -> Tensor:
     c = G.shape[-1]
     module = _dispatch.triton_module(G) if G.dtype != torch.float64 and c <= MAX_TRITON_FACTOR_SIZE else None
     if module is None:
-        return inverse_cholesky_factor_reference(G).contiguous()
+        return inverse_cholesky_factor_reference(G, row_scale).contiguous()
     flat = G.reshape(-1, c, c).to(torch.float32)  # (B, c, c)
-    return module.inverse_cholesky_factor(flat).reshape(G.shape)
+    scale = None if row_scale is None else row_scale.reshape(-1, c).to(torch.float32).contiguous()  # (B, c)
+    return module.inverse_cholesky_factor(flat, row_scale=scale).reshape(G.shape)
 
 
 @_inverse_cholesky_factor_op.register_fake
-def _(G: Tensor) -> Tensor:
+def _(G: Tensor, row_scale: Tensor | None) -> Tensor:
     return G.new_empty(G.shape, dtype=_work_dtype(G.dtype))
 
 
 def _inverse_cholesky_factor_setup(ctx, inputs, output) -> None:
-    ctx.save_for_backward(output)
+    ctx.save_for_backward(output, inputs[1])
 
 
-def _inverse_cholesky_factor_backward(ctx, F_bar: Tensor) -> Tensor:
+def _inverse_cholesky_factor_backward(ctx, F_bar: Tensor) -> tuple[Tensor, Tensor | None]:
     # dF = −F Φ(Fᵀ dG F)ᵀ with Φ = lower triangle, diagonal halved. Its adjoint, symmetrised (G is symmetric):
     # Ḡ = −½ F Ψ Fᵀ, Ψ the symmetric matrix with the upper triangle (and diagonal) of M = Fᵀ F̄. When the loss
-    # depends on F only through F Fᵀ, M is symmetric and this is −½ F M Fᵀ.
-    (F,) = ctx.saved_tensors
-    M = F.mT @ F_bar.to(F.dtype)  # (..., c, c)
+    # depends on F only through F Fᵀ, M is symmetric and this is −½ F M Fᵀ. With row scales s the output is
+    # F_s = D⁻¹F: F̄ = D⁻¹F̄_s and s̄_j = −Σ_k F̄_s,jk F_s,jk / s_j.
+    F, s = ctx.saved_tensors
+    F_bar = F_bar.to(F.dtype)
+    s_bar = None
+    if s is not None:
+        s_w = s.to(F.dtype).unsqueeze(-1)
+        s_bar = (-(F_bar * F).sum(-1, keepdim=True) / s_w).squeeze(-1).to(s.dtype)
+        F, F_bar = F * s_w, F_bar / s_w
+    M = F.mT @ F_bar  # (..., c, c)
     upper = M.triu(1)
     Psi = upper + upper.mT + torch.diag_embed(M.diagonal(dim1=-2, dim2=-1))
-    return -0.5 * (F @ Psi @ F.mT)
+    return -0.5 * (F @ Psi @ F.mT), s_bar
 
 
 _inverse_cholesky_factor_op.register_autograd(
@@ -95,7 +105,7 @@ _inverse_cholesky_factor_op.register_autograd(
 )
 
 
-def inverse_cholesky_factor(G: Tensor) -> Tensor:
+def inverse_cholesky_factor(G: Tensor, row_scale: Tensor | None = None) -> Tensor:
     """Explicit inverse Cholesky factor ``F = L⁻ᵀ`` of SPD matrices ``G = L Lᵀ`` (the custom op ``pace::…``).
 
     ``F`` is upper triangular with ``F Fᵀ = G⁻¹``, so the ridge basis ``Q = Ŷ L⁻ᵀ`` is the product ``Ŷ F`` and
@@ -103,17 +113,23 @@ def inverse_cholesky_factor(G: Tensor) -> Tensor:
     ``c <= 512``: one program per matrix, a register tile up to c = 32 and 32 × 32 tiles merged with fp32
     ``tl.dot`` above; elsewhere ``cholesky_ex`` + ``solve_triangular``. No status check: G must be SPD (the ridge
     Gram ``ŶᵀŶ + εI`` is); a non-SPD input gives NaN or garbage, never an exception or a host sync.
-    Differentiable (backward in PyTorch).
+    Differentiable (backward in PyTorch). With ``row_scale`` it returns ``D⁻¹F`` (the ridge step's ``F_s``, whose
+    row j is divided by ``row_scale[..., j]``), divided in the kernel's last pass rather than in a pass of its own.
 
     Args:
         G: Shape (..., c, c), float32 (float64 and lower precisions go through PyTorch; low precision is promoted).
+        row_scale: Optional positive scales of F's rows, shape (..., c).
 
     Returns:
-        F, same shape, float32 (float64 for float64 input), contiguous, exact zeros below the diagonal.
+        F (or D⁻¹F), same shape, float32 (float64 for float64 input), contiguous, exact zeros below the diagonal.
     """
     if G.dim() < 2 or G.shape[-1] != G.shape[-2]:
         raise ValueError(f"inverse_cholesky_factor: G must have shape (..., c, c), got {tuple(G.shape)}")
-    return _inverse_cholesky_factor_op(G)
+    if row_scale is not None and row_scale.shape != G.shape[:-1]:
+        raise ValueError(
+            f"inverse_cholesky_factor: row_scale must have shape {tuple(G.shape[:-1])}, got {tuple(row_scale.shape)}"
+        )
+    return _inverse_cholesky_factor_op(G, row_scale)
 
 
 # ---- pace::normalized_gram ---------------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ def scaled_ridge_factors(Y: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]
         dtype.
     """
     scale, G = kernels.normalized_gram(Y, eps)
-    return scale, G, kernels.inverse_cholesky_factor(G).to(G.dtype).div_(scale.mT)  # D⁻¹F, F Fᵀ = G⁻¹
+    return scale, G, kernels.inverse_cholesky_factor(G, row_scale=scale.squeeze(-2)).to(G.dtype)  # D⁻¹F, FFᵀ = G⁻¹
 
 
 def ridge_factors_backward(

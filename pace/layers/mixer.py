@@ -65,14 +65,15 @@ def _full_backward(g_x, xb, gb, gR, gU, a, P, Ps, pi, sq, g_pi, Q_c, M, scalars,
     grad_beta, grad_tau = sums[1], sums[2]
     R_bar = kernels.matmul_sum(None, [xb.mT, gb.mT], [Pbar, Ps], dtype=wd, out_dtype=xb.dtype)  # xᵀP̄ + gᵀ(P ⊙ s')
     Qe_bar = R_bar[..., :ce]
-    V_bar = _heads_major(R_bar[..., ce:], K, wd)  # (K, d, B·r)
+    V_bar = _heads_major(R_bar[..., ce:], K, R_bar.dtype)  # (K, d, B·r), kept in R̄'s (product) dtype
     # ‖col‖² = P_k M_k P_kᵀ with M_k = Q_kᵀQ_k: M̄_k = Σ_n ∂‖col_k‖² P_kᵀ P_k.
     M_bar = _diag_blocks(Pc_w.mT @ P[..., ce:], K).to(wd)  # (B, K, r, r)
     Qc4 = Q_c.view(B, K, p, r)
     U_heads = U.view(d, K, p).transpose(0, 1)  # (K, d, p)
     # Through V_k = U_kQ_k: Q̄_k = U_kᵀ V̄_k, Ū_k = Σ_b V̄_k Q_kᵀ (images side by side).
     Qc_heads = Qc4.permute(1, 2, 0, 3).reshape(K, p, B * r)  # (K, p, B·r)
-    Qc_bar = (U_heads.mT @ V_bar).view(K, p, B, r).permute(2, 0, 1, 3)  # (B, K, p, r)
+    # (the products read V̄ as it is and accumulate in the working precision: V̄'s bf16 values are exact there)
+    Qc_bar = kernels.matmul_sum(None, [U_heads.mT], [V_bar], dtype=wd).view(K, p, B, r).permute(2, 0, 1, 3)
     Qc_bar = torch.baddbmm(Qc_bar.reshape(B * K, p, r), Q_c, M_bar.reshape(B * K, r, r), alpha=2)
     return grad_alpha, grad_beta, grad_tau, Pbar, Qe_bar, Qc_bar, (V_bar, Qc_heads), a_bar
 
@@ -105,7 +106,9 @@ def _subspace_grad(xb, gb, a_bar, z, U_parts, beta_w, K):
     U_bar = (x2.mT @ a_bar.reshape(B * N, d)).to(beta_w.dtype)
     if U_parts is not None:  # Ū_k += Σ_b V̄_k Q_kᵀ into head k's columns (Ū viewed (d, K, p), no copy)
         V_bar, Qc_heads = U_parts
-        U_bar.view(d, K, d // K).add_((V_bar @ Qc_heads.mT).transpose(0, 1))
+        U_bar.view(d, K, d // K).add_(
+            kernels.matmul_sum(None, [V_bar], [Qc_heads.mT], dtype=U_bar.dtype).transpose(0, 1)
+        )
     return U_bar.addcmul_((g2.mT @ z.reshape(B * N, d)).to(beta_w.dtype), beta_w, value=-1)
 
 

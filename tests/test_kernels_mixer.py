@@ -268,12 +268,18 @@ def test_block_diag_and_bad_shapes():
 _BF16 = dict.fromkeys(("P_ptr", "A_ptr", "Ps_ptr", "Z_ptr", "GR_ptr", "GU_ptr", "Pbar_ptr", "Abar_ptr"), "*bf16")
 
 
-@pytest.mark.parametrize("name", ["_memberships_fwd_kernel", "_memberships_bwd_kernel", "_pack_bases_kernel"])
+@pytest.mark.parametrize(
+    "name", ["_memberships_fwd_kernel", "_memberships_bwd_kernel", "_pack_bases_kernel", "_cast_dot_kernel"]
+)
 def test_kernels_compile_for_hopper_without_a_gpu(name):
-    """The S model's configuration (K = 8, r = 20, p = 48, bf16 activations) builds down to an sm_90 cubin."""
-    from pace.kernels._triton_mixer import TINY
+    """The S model's configuration (K = 8, r = 20, p = 48, bf16 activations) builds down to an sm_90 cubin;
+    cast_dot as the mixer calls it (bf16 x̂ and copy, per-image scales)."""
+    from pace.kernels._triton_mixer import CAST_DOT_BLOCK, TINY
 
-    if name == "_pack_bases_kernel":
+    if name == "_cast_dot_kernel":
+        constexprs = {"BLOCK": CAST_DOT_BLOCK, "ROUND_BF16": False, "HAS_T": True}
+        pointers = {"X_ptr": "*bf16", "Out_ptr": "*bf16"}
+    elif name == "_pack_bases_kernel":
         constexprs = {"BM": 32, "BN": 32, "BK": 32, "ROUND_BF16": False, "PRECISION": "tf32x3"}
         pointers = {"R_ptr": "*bf16"}
     else:

@@ -21,7 +21,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # P_e, gU, a, π, ‖col‖², g_π, keep, scalars) -> (ā, ∂keep, sums), ("cast_dot", g, x, dtype[, scale]) -> (copy, <g, x>),
 # ("pack", Y, F_s, U, Q_c, dtype) -> R,
 # ("matmul_sum", C, lhs, rhs, scalars, codes[, keywords]) -> the sum,
-# ("ridge_grad", W, F_s, G, scale, eps) -> Γ, ("radial", W, F_s, G, G_s, scale, eps) -> Γ
+# ("ridge_grad", W, F_s, G, scale, eps) -> Γ, ("radial", W, F_s, G, G_s, scale, eps[, coef][, {"half": True}]) -> Γ
 # or ("pace_mixer", x, U, τ, α, β,
 # Ω_e, Ω_c, g, g_π, K) -> (update, π, gradients of x, U, τ, α, β) with how = the Compress form; "poison" fills the
 # output buffers with NaN first, "tile16" too with 16 × 16 tiles, "op" goes through the public custom op under
@@ -116,12 +116,13 @@ with use_backend("interpret"):
                 kw["round_bf16"] = options.get("round_to") is not None
                 results[name] = gemm.matmul_sum(C, lhs, rhs, scalars, codes, batch, out=out, **kw)
         elif kind in ("ridge_grad", "radial"):  # the op, or its launcher with a poisoned output (W's shape)
+            *args, kw = args if isinstance(args[-1], dict) else (*args, {})  # a last dict: keywords (half=)
             if how == "op":
-                results[name] = (ridge_gradient_matrix if kind == "ridge_grad" else ridge_radial_diagonal)(*args)
+                results[name] = (ridge_gradient_matrix if kind == "ridge_grad" else ridge_radial_diagonal)(*args, **kw)
             else:
                 ridge_bwd = _dispatch.triton_module(torch.empty(0), "_triton_ridge_bwd")
                 launch = ridge_bwd.ridge_gradient_matrix if kind == "ridge_grad" else ridge_bwd.ridge_radial_diagonal
-                results[name] = launch(*args, out=torch.full(args[0].shape, nan))
+                results[name] = launch(*args, out=torch.full(args[0].shape, nan), **kw)
         elif kind == "memberships":
             a, col, tau = args
             if how == "op":

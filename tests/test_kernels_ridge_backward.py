@@ -44,8 +44,10 @@ def interpreted(tmp_path_factory):
     for c in RADIAL_SIZES:
         W, F_s, G, scale, eps = inputs[f"radial_{c}"] = _inputs(c, gen)
         args = (W.float(), F_s.float(), G.float(), symmetric_gradient(W, F_s).float(), scale.float(), eps)
+        H = symmetric_gradient(W, F_s, half=True).float()  # G_s = H + Hᵀ, summed by the kernel
         for how in ("poison", "op"):
             jobs[f"radial_{c}_{how}"] = ("radial", args, how)
+            jobs[f"half_radial_{c}_{how}"] = ("radial", (*args[:3], H, *args[4:], {"half": True}), how)
     # The factor of the result the layers use (−½), through launcher and op, on a tile size and a row-kernel size.
     W, F_s, G, scale, eps = inputs[20]
     for how in ("poison", "op"):
@@ -84,6 +86,22 @@ def test_radial_kernel_matches_float64(interpreted, c):
         assert got.dtype == torch.float32 and not got.isnan().any()
         err = ((got.double() - ref).abs().max() / ref.abs().max()).item()
         assert err < 1e-5, f"seed {seed}: c = {c} via {how} off by {err:.1e}"
+        # G_s given as its half H (G_s = H + Hᵀ), the layers' way: the same Γ to fp32 rounding.
+        half = out[f"half_radial_{c}_{how}"]
+        assert not half.isnan().any()
+        err = ((half.double() - ref).abs().max() / ref.abs().max()).item()
+        assert err < 1e-5, f"seed {seed}: c = {c}, H given, via {how} off by {err:.1e}"
+
+
+def test_half_of_the_symmetric_gradient_sums_to_it():
+    W, F_s, *_ = _inputs(40, torch.Generator().manual_seed(6))
+    H = symmetric_gradient(W, F_s, half=True)
+    torch.testing.assert_close(H + H.mT, symmetric_gradient(W, F_s), rtol=1e-12, atol=1e-12)
+    W, F_s, G, scale, eps = _inputs(40, torch.Generator().manual_seed(7))
+    H, G_s = symmetric_gradient(W, F_s, half=True), symmetric_gradient(W, F_s)
+    torch.testing.assert_close(
+        ridge_radial_diagonal(W, F_s, G, H, scale, eps, half=True), ridge_radial_diagonal(W, F_s, G, G_s, scale, eps)
+    )
 
 
 def test_kernels_scale_their_result_by_coef(interpreted):
@@ -129,7 +147,7 @@ def test_bad_shapes_name_the_problem():
     ("name", "constexprs", "warps"),
     [
         ("_ridge_gradient_kernel", {"FLOOR": 1e-12, "BC": 32}, 2),
-        ("_radial_diagonal_kernel", {"FLOOR": 1e-12, "BR": 16, "BC": 256}, 4),  # the Expand ridge, c = 160
+        ("_radial_diagonal_kernel", {"FLOOR": 1e-12, "BR": 16, "BC": 256, "HALF": True}, 4),  # Expand, c = 160
     ],
 )
 def test_kernels_compile_for_hopper_without_a_gpu(name, constexprs, warps):

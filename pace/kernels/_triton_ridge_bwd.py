@@ -51,9 +51,11 @@ def _ridge_gradient_kernel(W_ptr, F_ptr, G_ptr, S_ptr, O_ptr, c, eps, coef, FLOO
 
 @triton.jit
 def _radial_diagonal_kernel(
-    W_ptr, F_ptr, G_ptr, Gs_ptr, S_ptr, O_ptr, c, eps, coef, FLOOR: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr
-):
-    """BR rows of coef·Γ, Γ = G_s + 2 diag(ρ/s²) of one matrix, G_s given (any c: a row block of BC ≥ c columns)."""
+    W_ptr, F_ptr, G_ptr, Gs_ptr, S_ptr, O_ptr, c, eps, coef,
+    FLOOR: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, HALF: tl.constexpr,
+):  # fmt: skip
+    """BR rows of coef·Γ, Γ = G_s + 2 diag(ρ/s²) of one matrix, G_s given (any c: a row block of BC ≥ c columns);
+    with HALF, G_s = H + Hᵀ from H given (its rows and its columns read)."""
     b = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1) * BR + tl.arange(0, BR)
     k = tl.arange(0, BC)
@@ -61,6 +63,8 @@ def _radial_diagonal_kernel(
     off = b * c * c + j[:, None] * c + k[None, :]
     W, F, G = _load_matrices(W_ptr, F_ptr, G_ptr, off, mask)
     Gs = tl.load(Gs_ptr + off, mask=mask, other=0.0)
+    if HALF:
+        Gs += tl.load(Gs_ptr + b * c * c + k[None, :] * c + j[:, None], mask=mask, other=0.0)
     s_j = tl.load(S_ptr + b * c + j, mask=j < c, other=1.0)
     s_k = tl.load(S_ptr + b * c + k, mask=k < c, other=1.0)
     out = _with_radial_diagonal(W, F, G, Gs, s_j, s_k, j[:, None] == k[None, :], eps, FLOOR)
@@ -96,13 +100,15 @@ def ridge_radial_diagonal(
     eps: float,
     coef: float = 1.0,
     out: Tensor | None = None,
+    half: bool = False,
 ) -> Tensor:
-    """coef·Γ from a given G_s by the Triton row kernel; see ``pace.kernels.ridge_radial_diagonal``."""
+    """coef·Γ from a given G_s (or its half H, G_s = H + Hᵀ) by the Triton row kernel; see
+    ``pace.kernels.ridge_radial_diagonal``."""
     B, c, _ = W.shape
     out = torch.empty((B, c, c), device=W.device, dtype=torch.float32) if out is None else out
     if out.numel():
         _radial_diagonal_kernel[(B, triton.cdiv(c, RADIAL_ROWS))](
             W, F_s, G, G_s, scale, out, c, eps, coef, FLOOR=COLUMN_NORM_FLOOR, BR=RADIAL_ROWS,
-            BC=max(16, triton.next_power_of_2(c)), num_warps=4,
+            BC=max(16, triton.next_power_of_2(c)), HALF=half, num_warps=4,
         )  # fmt: skip
     return out

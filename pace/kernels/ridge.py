@@ -224,10 +224,11 @@ def _scaled_(t: Tensor, coef: float) -> Tensor:
     return t if coef == 1 else t.mul_(coef)
 
 
-def symmetric_gradient(W: Tensor, F_s: Tensor) -> Tensor:
-    """``G_s = F_s(A + Aᵀ)F_sᵀ`` with ``A = F_sᵀW`` (``D⁻¹ G̃ D⁻¹`` with ``G̃ = −4 ∂L/∂G``), four batched ATen ops."""
+def symmetric_gradient(W: Tensor, F_s: Tensor, half: bool = False) -> Tensor:
+    """``G_s = F_s(A + Aᵀ)F_sᵀ`` with ``A = F_sᵀW`` (``D⁻¹ G̃ D⁻¹`` with ``G̃ = −4 ∂L/∂G``), four batched ATen ops;
+    with ``half``, ``H = F_s A F_sᵀ`` (``G_s = H + Hᵀ``), three products and no sum."""
     A = F_s.mT @ W
-    return (F_s @ (A + A.mT)) @ F_s.mT
+    return (F_s @ A) @ F_s.mT if half else (F_s @ (A + A.mT)) @ F_s.mT
 
 
 def _add_radial_diagonal_(W: Tensor, F_s: Tensor, G: Tensor, G_s: Tensor, scale: Tensor, eps: float) -> Tensor:
@@ -287,24 +288,25 @@ def ridge_gradient_matrix(W: Tensor, F_s: Tensor, G: Tensor, scale: Tensor, eps:
 
 @torch.library.custom_op("pace::ridge_radial_diagonal", mutates_args=())
 def _ridge_radial_diagonal_op(
-    W: Tensor, F_s: Tensor, G: Tensor, G_s: Tensor, scale: Tensor, eps: float, coef: float
+    W: Tensor, F_s: Tensor, G: Tensor, G_s: Tensor, scale: Tensor, eps: float, coef: float, half: bool
 ) -> Tensor:
     module = None
     if all(t.dtype == torch.float32 for t in (W, F_s, G, G_s, scale)):
         module = _dispatch.triton_module(W, "_triton_ridge_bwd")
     if module is None:
-        return _scaled_(_add_radial_diagonal_(W, F_s, G, G_s.clone(), scale, eps), coef)
+        G_s = G_s + G_s.mT if half else G_s.clone()
+        return _scaled_(_add_radial_diagonal_(W, F_s, G, G_s, scale, eps), coef)
     tensors = (t.contiguous() for t in (W, F_s, G, G_s, scale))
-    return module.ridge_radial_diagonal(*tensors, eps, coef)
+    return module.ridge_radial_diagonal(*tensors, eps, coef, half=half)
 
 
 @_ridge_radial_diagonal_op.register_fake
-def _(W: Tensor, F_s: Tensor, G: Tensor, G_s: Tensor, scale: Tensor, eps: float, coef: float) -> Tensor:
+def _(W: Tensor, F_s: Tensor, G: Tensor, G_s: Tensor, scale: Tensor, eps: float, coef: float, half: bool) -> Tensor:
     return W.new_empty(W.shape)
 
 
 def ridge_radial_diagonal(
-    W: Tensor, F_s: Tensor, G: Tensor, G_s: Tensor, scale: Tensor, eps: float, coef: float = 1.0
+    W: Tensor, F_s: Tensor, G: Tensor, G_s: Tensor, scale: Tensor, eps: float, coef: float = 1.0, half: bool = False
 ) -> Tensor:
     """``coef·Γ``, ``Γ = G_s + 2 diag(ρ / s²)`` from a given ``G_s`` (custom op ``pace::…``; no autograd): the part of
     :func:`ridge_gradient_matrix` after its products, for any c. The Triton kernel (float32) reads each matrix once
@@ -314,10 +316,13 @@ def ridge_radial_diagonal(
         W: ``YᵀQ̄``, shape (B, c, c).
         F_s: ``D⁻¹F``, shape (B, c, c).
         G: ``ŶᵀŶ + εI``, shape (B, c, c).
-        G_s: :func:`symmetric_gradient` of W and F_s, shape (B, c, c).
+        G_s: :func:`symmetric_gradient` of W and F_s, shape (B, c, c); with ``half``, its half H (G_s = H + Hᵀ,
+            ``symmetric_gradient(W, F_s, half=True)``), which the kernel reads by rows and by columns (no pass to
+            form the sum).
         scale: Column norms clamped at 1e-12, shape (B, 1, c).
         eps: The ε inside G.
         coef: A factor of the result.
+        half: G_s is given as H.
 
     Returns:
         coef·Γ, shape (B, c, c), a new tensor in W's dtype.
@@ -326,4 +331,4 @@ def ridge_radial_diagonal(
     if not (W.shape == F_s.shape == G.shape == G_s.shape == (B, c, c) and scale.shape == (B, 1, c)):
         shapes = [tuple(t.shape) for t in (W, F_s, G, G_s, scale)]
         raise ValueError(f"ridge_radial_diagonal: W, F_s, G, G_s (B, c, c), scale (B, 1, c) expected, got {shapes}")
-    return _ridge_radial_diagonal_op(W, F_s, G, G_s, scale, float(eps), float(coef))
+    return _ridge_radial_diagonal_op(W, F_s, G, G_s, scale, float(eps), float(coef), bool(half))

@@ -114,7 +114,8 @@ def ridge_factors_backward(
     if Y.shape[-1] <= _RIDGE_TILE:
         Gamma = kernels.ridge_gradient_matrix(W, F_s, G, scale, eps, coef=-0.5)
     else:
-        Gamma = kernels.ridge_radial_diagonal(W, F_s, G, kernels.symmetric_gradient(W, F_s), scale, eps, coef=-0.5)
+        H = kernels.symmetric_gradient(W, F_s, half=True)  # G_s = H + Hᵀ, summed in the radial kernel
+        Gamma = kernels.ridge_radial_diagonal(W, F_s, G, H, scale, eps, coef=-0.5, half=True)
     return kernels.matmul_sum(None, [Q_bar, Y], [F_s.mT, Gamma], dtype=Y.dtype, out_dtype=out_dtype)
 
 

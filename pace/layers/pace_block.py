@@ -96,13 +96,8 @@ class PACEBlock(nn.Module):
         return self.attn(self.norm(x), residual=x, branch_scale=self._branch_scale(x))
 
     def _branch_scale(self, x: Tensor) -> Tensor | None:
-        """Per-image scales (B,) of the residual branch, as timm's ``DropPath`` draws them (0 or 1/keep, from the
-        same RNG calls, so a seeded run drops the same images); None where it is the identity."""
-        drop = self.drop_path
-        if not isinstance(drop, DropPath) or not self.training or drop.drop_prob == 0.0:
+        """Per-image scales (B,) of the residual branch, 0 or 1/keep: timm's DropPath applied to ones (the same RNG
+        calls, so a seeded run drops the same images); None where it is the identity."""
+        if not isinstance(self.drop_path, DropPath) or not self.training:
             return None
-        keep = 1.0 - drop.drop_prob
-        scale = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)  # DropPath's (B, 1, 1) draw
-        if keep > 0.0 and drop.scale_by_keep:
-            scale.div_(keep)
-        return scale.view(-1)
+        return self.drop_path(x.new_ones((x.shape[0], 1))).view(-1)  # DropPath draws one number per image

@@ -108,24 +108,16 @@ def _check_rounded_to_bf16(got, ref, label):
     assert off.float().mean() < 0.01, f"{label}: {int(off.sum())} of {off.numel()} not the nearest bf16 value"
 
 
-def test_kernel_rounds_to_bf16_as_torch_does(interpreted):
-    """``round_to=bfloat16``: the stored fp32 values are the sum rounded to nearest bf16 (the rounding a bf16
-    product's result gets), through launcher and op; the interpreter's own fp32 → bf16 cast truncates."""
+@pytest.mark.parametrize(("case", "stored"), [("sketch", torch.float32), ("ridge_bf16", torch.bfloat16)])
+def test_kernel_rounds_to_bf16_as_torch_does(interpreted, case, stored):
+    """``round_to=bfloat16`` (the sketch product: fp32 storage) and ``out_dtype=bfloat16`` (the ridge backward's Ȳ:
+    bf16 storage): the values are the fp32 sum rounded to nearest even bf16, through launcher (a poisoned buffer)
+    and op; the interpreter's own fp32 → bf16 cast truncates."""
     seed, cases, out = interpreted
-    ref = _direct(*cases["sketch"][:5])
+    ref = _direct(*cases[case][:5])
     for how in ("poison", "op"):
-        assert out[f"sketch_{how}"].dtype == torch.float32
-        _check_rounded_to_bf16(out[f"sketch_{how}"], ref, f"seed {seed}, {how}")
-
-
-def test_kernel_writes_bf16_rounded_to_nearest(interpreted):
-    """``out_dtype=bfloat16``: the result is written in bf16, rounded to nearest even from the fp32 sum (the
-    interpreter's own fp32 → bf16 store truncates); launcher (a poisoned bf16 buffer) and op."""
-    seed, cases, out = interpreted
-    ref = _direct(*cases["ridge_bf16"][:5])
-    for how in ("poison", "op"):
-        assert out[f"ridge_bf16_{how}"].dtype == torch.bfloat16
-        _check_rounded_to_bf16(out[f"ridge_bf16_{how}"], ref, f"seed {seed}, {how}")
+        assert out[f"{case}_{how}"].dtype == stored
+        _check_rounded_to_bf16(out[f"{case}_{how}"], ref, f"seed {seed}, {case} via {how}")
 
 
 def test_kernel_adds_the_residual_and_scales_each_branch(interpreted):

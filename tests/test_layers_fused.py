@@ -183,6 +183,22 @@ def test_ridge_project_gradients_under_bf16_autocast_stay_close_to_float32(compl
         assert (a - b).abs().max() < 0.03 * b.abs().max()
 
 
+def _block_and_written_out(block, x, g, autocast=False):
+    """Output and gradients (x, then every parameter) of ``block(x)`` and of ``x + DropPath(attn(norm(x)))`` written
+    out with timm's DropPath, each run from the same seed (the same images dropped)."""
+
+    def run(fn):
+        for p in (x, *block.parameters()):
+            p.grad = None
+        torch.manual_seed(1)  # the draw of the dropped images
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = fn(x)
+        y.backward(g)
+        return [y.detach()] + [t.grad.clone() for t in (x, *block.parameters())]
+
+    return run(block), run(lambda t: t + block.drop_path(block.attn(block.norm(t))))
+
+
 @pytest.mark.parametrize("form", ["full", "diag"])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "separate"])
 def test_block_residual_and_stochastic_depth_equal_timms_order_of_operations(form, fused):
@@ -194,21 +210,10 @@ def test_block_residual_and_stochastic_depth_equal_timms_order_of_operations(for
     block = PACEBlock(32, 4, attn_layer=attn, drop_path=0.5).double().train()
     x = torch.randn(8, 10, 32, dtype=torch.float64, requires_grad=True)
     g = torch.randn(8, 10, 32, dtype=torch.float64)
-
-    def run(fn):
-        for p in (x, *block.parameters()):
-            p.grad = None
-        torch.manual_seed(1)  # the draw of the dropped images
-        y = fn(x)
-        y.backward(g)
-        return y.detach(), [t.grad.clone() for t in (x, *block.parameters())]
-
-    y, grads = run(block)
-    y_ref, grads_ref = run(lambda t: t + block.drop_path(block.attn(block.norm(t))))
-    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
-    for got, ref in zip(grads, grads_ref):
-        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
-    dropped = (y == x.detach()).flatten(1).all(1)
+    got, ref = _block_and_written_out(block, x, g)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    dropped = (got[0] == x.detach()).flatten(1).all(1)
     assert 0 < int(dropped.sum()) < 8  # seed 1 drops some images and keeps others: both branches are checked
     # Outside training (and with no stochastic depth) the branch is added unscaled.
     block.eval()
@@ -230,18 +235,6 @@ def test_block_residual_under_bf16_autocast_matches_the_separate_sum(form):
     block = PACEBlock(32, 4, attn_layer=partial(PACEAttention, rank=4, compress_form=form, fused=True), drop_path=0.5)
     x = torch.randn(8, 10, 32, requires_grad=True)
     g = torch.randn(8, 10, 32)
-
-    def run(fn):
-        for p in (x, *block.parameters()):
-            p.grad = None
-        torch.manual_seed(1)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = fn(x)
-        y.backward(g)
-        return y.detach(), [t.grad.clone() for t in (x, *block.parameters())]
-
-    y, grads = run(block)
-    y_ref, grads_ref = run(lambda t: t + block.drop_path(block.attn(block.norm(t))))
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
-    for got, ref in zip(grads, grads_ref):
-        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    got, ref = _block_and_written_out(block, x, g, autocast=True)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -21,6 +21,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # P_e, gU, a, π, ‖col‖², g_π, keep, scalars) -> (ā, ∂keep, sums), ("cast_dot", g, x, dtype[, scale]) -> (copy, <g, x>),
 # ("pack", Y, F_s, U, Q_c, dtype) -> R,
 # ("matmul_sum", C, lhs, rhs, scalars, codes[, keywords]) -> the sum,
+# ("norm_fwd", x, w, b, eps, dtype) -> (y, μ, rstd), ("norm_bwd", dy, x, μ, rstd, w, residual_grad) -> (dx, dw, db),
 # ("ridge_grad", W, F_s, G, scale, eps) -> Γ, ("radial", W, F_s, G, G_s, scale, eps[, coef][, {"half": True}]) -> Γ
 # or ("pace_mixer", x, U, τ, α, β,
 # Ω_e, Ω_c, g, g_π, K) -> (update, π, gradients of x, U, τ, α, β) with how = the Compress form; "poison" fills the
@@ -97,9 +98,10 @@ with use_backend("interpret"):
         elif kind == "pace_mixer":
             from pace.layers.mixer import pace_mixer
 
-            *leaves, e_sketch, c_sketch, g, g_pi, heads = args
-            leaves = [t.clone().requires_grad_() for t in leaves]
-            out, pi = pace_mixer(*leaves, e_sketch, c_sketch, num_heads=heads, eps=0.01, form=how)
+            x, U, tau, alpha, beta, e_sketch, c_sketch, g, g_pi, heads, *norm = args  # norm: LayerNorm's (w, b)
+            leaves = [t.clone().requires_grad_() for t in (x, U, tau, alpha, beta, *norm)]
+            kw = {"residual": leaves[0], "layer_norm": (*leaves[5:], 1e-6)} if norm else {}
+            out, pi = pace_mixer(*leaves[:5], e_sketch, c_sketch, num_heads=heads, eps=0.01, form=how, **kw)
             grads = torch.autograd.grad((out * g).sum() + (pi * g_pi).sum(), leaves)
             results[name] = (out.detach(), pi.detach(), grads)
         elif kind == "matmul_sum":
@@ -123,6 +125,21 @@ with use_backend("interpret"):
                 ridge_bwd = _dispatch.triton_module(torch.empty(0), "_triton_ridge_bwd")
                 launch = ridge_bwd.ridge_gradient_matrix if kind == "ridge_grad" else ridge_bwd.ridge_radial_diagonal
                 results[name] = launch(*args, out=torch.full(args[0].shape, nan), **kw)
+        elif kind in ("norm_fwd", "norm_bwd"):  # the op, or its launcher with poisoned outputs
+            from pace.kernels import layer_norm_backward, layer_norm_cast
+
+            norm = _dispatch.triton_module(torch.empty(0), "_triton_norm")
+            if how == "op":
+                results[name] = (layer_norm_cast if kind == "norm_fwd" else layer_norm_backward)(*args)
+            elif kind == "norm_fwd":
+                x, w, b, eps, dtype = args
+                stats = (torch.full(x.shape[:1], nan), torch.full(x.shape[:1], nan))
+                out = (torch.full(x.shape, nan, dtype=dtype), *stats)
+                results[name] = norm.layer_norm_cast(x, w, b, eps, dtype, out=out)
+            else:  # how = "partialsP": P programs, each summing several row blocks
+                dy, x, mean, rstd, w, r = args
+                out = torch.full(x.shape, nan, dtype=x.dtype)
+                results[name] = norm.layer_norm_backward(dy, x, mean, rstd, w, r, out=out, partials=int(how[8:]))
         elif kind == "memberships":
             a, col, tau = args
             if how == "op":
@@ -231,8 +248,9 @@ def assert_close_elementwise(out: torch.Tensor, ref: torch.Tensor, rel: float, w
     assert not bad.any(), f"seed {seed}: {what}: {bad.sum().item()} elements off, worst {(out - ref).abs().max():.2e}"
 
 
-def pace_mixer_case(gen: torch.Generator, form: str) -> tuple[tuple, tuple]:
-    """A small fused-mixer case: (float64 inputs, the "pace_mixer" runner case on their float32 copies)."""
+def pace_mixer_case(gen: torch.Generator, form: str, norm: bool = False) -> tuple[tuple, tuple]:
+    """A small fused-mixer case: (float64 inputs, the "pace_mixer" runner case on their float32 copies); with
+    ``norm``, a LayerNorm's weight and bias too (the mixer normalises x and adds the update to x)."""
     B, N, d, K, rank = 2, 21, 24, 3, 4
     x = torch.randn(B, N, d, generator=gen, dtype=torch.float64)
     U = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64)).Q
@@ -240,20 +258,25 @@ def pace_mixer_case(gen: torch.Generator, form: str) -> tuple[tuple, tuple]:
     sketches = [torch.randn(N, c, generator=gen, dtype=torch.float64) for c in (rank * K, rank)]
     cot = (torch.randn(B, N, d, generator=gen, dtype=torch.float64), torch.randn(B, N, K, generator=gen).double())
     inputs = (x, U, *coefficients, *sketches, *cot, K)
+    if norm:
+        inputs += (torch.rand(d, generator=gen, dtype=torch.float64) + 0.5, torch.randn(d, generator=gen).double())
     return inputs, ("pace_mixer", tuple(t.float() if torch.is_tensor(t) else t for t in inputs), form)
 
 
 def assert_pace_mixer_matches_float64(inputs: tuple, result: tuple, form: str, seed: int) -> None:
-    """The interpreted fp32 mixer's (update, π, gradients) against pace_mixer in float64 on the same inputs."""
+    """The interpreted fp32 mixer's (update, π, gradients) against pace_mixer in float64 on the same inputs; with
+    a norm's weight and bias in the inputs, against ``x + pace_mixer(F.layer_norm(x))`` written out."""
     from pace.layers.mixer import pace_mixer
 
-    x, U, tau, alpha, beta, e_sketch, c_sketch, g, g_pi, K = inputs
-    leaves = [t.clone().requires_grad_() for t in (x, U, tau, alpha, beta)]
-    ref, ref_pi = pace_mixer(*leaves, e_sketch, c_sketch, num_heads=K, eps=0.01, form=form)
+    x, U, tau, alpha, beta, e_sketch, c_sketch, g, g_pi, K, *norm = inputs
+    leaves = [t.clone().requires_grad_() for t in (x, U, tau, alpha, beta, *norm)]
+    x_in = torch.nn.functional.layer_norm(leaves[0], x.shape[-1:], *leaves[5:], 1e-6) if norm else leaves[0]
+    ref, ref_pi = pace_mixer(x_in, *leaves[1:5], e_sketch, c_sketch, num_heads=K, eps=0.01, form=form)
+    ref = leaves[0] + ref if norm else ref
     ref_grads = torch.autograd.grad((ref * g).sum() + (ref_pi * g_pi).sum(), leaves)
     got, got_pi, got_grads = result
     torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
     torch.testing.assert_close(got_pi.double(), ref_pi, rtol=1e-4, atol=1e-5)
-    for name, a, b in zip(("x", "U", "tau", "alpha", "beta"), got_grads, ref_grads):
+    for name, a, b in zip(("x", "U", "tau", "alpha", "beta", "norm weight", "norm bias"), got_grads, ref_grads):
         err = ((a.double() - b).abs().max() / b.abs().max()).item()
         assert err < 1e-3, f"seed {seed}: gradient of {name} off by {err:.1e} of its scale"

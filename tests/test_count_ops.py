@@ -130,6 +130,8 @@ def test_the_fused_block_runs_the_mixer_kernels_once_each(form):
         # Ȳ = Q̄F_sᵀ + YΓ; diag: a = x̂U too; full: V̄'s two head-wise products (Q̄_c and Ū's term)
         "matmul_sum": 10 if form == "full" else 9,
         "ridge_gradient_matrix": 2,  # both ridge backwards: c = 16 and 4 fit the register tile (c ≤ 32)
+        "layer_norm_cast": 1,  # the block's norm, run by the mixer
+        "layer_norm_backward": 1,  # with the residual's cotangent added
     }
     assert fallback.ops > fused.ops + 40 and fallback.bytes > fused.bytes
 

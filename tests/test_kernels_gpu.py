@@ -269,8 +269,9 @@ def test_ridge_backward_kernels_on_cuda_match_float64(batch, c):
 @pytest.mark.parametrize("form", ["full", "diag"])
 def test_block_residual_and_stochastic_depth_on_cuda(form):
     """An S block on CUDA under bf16 autocast, training with stochastic depth: the residual and DropPath's scales
-    added in GEMM 2's epilogue (and g scaled in cast_dot) give what the mixer gives with DropPath and the residual
-    added outside it, to float32 rounding (output and every gradient)."""
+    added in GEMM 2's epilogue (and g scaled in cast_dot, the residual's cotangent added in the norm's backward)
+    give what the mixer (with the norm inside) gives with DropPath and the residual added outside it, to float32
+    rounding (output and every gradient)."""
     from functools import partial
 
     from pace.layers import PACEAttention, PACEBlock
@@ -291,7 +292,32 @@ def test_block_residual_and_stochastic_depth_on_cuda(form):
         return [y.detach()] + [t.grad.clone() for t in (x, *block.parameters())]
 
     fused = run(block)
-    separate = run(lambda t: t + block.drop_path(block.attn(block.norm(t))))
+    separate = run(lambda t: t + block.drop_path(block.attn(t, norm=block.norm)))
     assert (fused[0] == x.detach()).flatten(1).all(1).any()  # seed 1 drops an image: both branches are checked
     for got, ref in zip(fused, separate):
         assert ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item() < 1e-4
+
+
+def test_layer_norm_kernels_on_cuda_match_float64():
+    """The block's LayerNorm kernels at S sizes (128 × 196 tokens, C = 384): the bf16 normalised tokens within one
+    rounding of float64, μ and rstd, and the backward (bf16 x̄, a residual cotangent) against float64 autograd."""
+    import torch.nn.functional as F
+
+    from pace.kernels import layer_norm_backward, layer_norm_cast
+
+    assert _dispatch.triton_module(torch.empty(0, device="cuda"), "_triton_norm") is not None
+    torch.manual_seed(0)
+    x = torch.randn(128, 196, 384, device="cuda") * 2 + 0.5
+    w, b = torch.rand(384, device="cuda") + 0.5, torch.randn(384, device="cuda")
+    dy, r = torch.randn_like(x).bfloat16(), torch.randn_like(x)
+    y, mean, rstd = layer_norm_cast(x, w, b, 1e-6, torch.bfloat16)
+    dx, dw, db = layer_norm_backward(dy, x, mean, rstd, w, r)
+    x64, w64, b64 = (t.double().requires_grad_() for t in (x, w, b))
+    y64 = F.layer_norm(x64, (384,), w64, b64, 1e-6)
+    y64.backward(dy.double())
+    assert y.dtype == torch.bfloat16 and ((y.double() - y64).abs() <= 2**-8 * y64.abs() + 1e-6).all()
+    var, mu = torch.var_mean(x.double(), dim=-1, unbiased=False)
+    assert (mean.double() - mu).abs().max() < 1e-6 * mu.abs().max()
+    assert ((rstd.double() - (var + 1e-6).rsqrt()).abs() / (var + 1e-6).rsqrt()).max() < 1e-5
+    for got, ref in ((dx, x64.grad + r.double()), (dw, w64.grad), (db, b64.grad)):
+        assert ((got.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5

@@ -5,6 +5,7 @@ from functools import partial
 import pytest
 import torch
 import torch._dynamo
+import torch.nn.functional as F
 from reference_pace import dense_compress, dense_expand
 
 from pace.layers import ConvStem, PACEAttention, PACEBlock, pace_attention, ridge_basis, ridge_project
@@ -183,9 +184,10 @@ def test_ridge_project_gradients_under_bf16_autocast_stay_close_to_float32(compl
         assert (a - b).abs().max() < 0.03 * b.abs().max()
 
 
-def _block_and_written_out(block, x, g, autocast=False):
+def _block_and_written_out(block, x, g, autocast=False, norm_in_mixer=False):
     """Output and gradients (x, then every parameter) of ``block(x)`` and of ``x + DropPath(attn(norm(x)))`` written
-    out with timm's DropPath, each run from the same seed (the same images dropped)."""
+    out with timm's DropPath, each run from the same seed (the same images dropped); with ``norm_in_mixer`` the
+    written-out sum hands the norm to the mixer (``attn(x, norm=norm)``) and adds the residual outside."""
 
     def run(fn):
         for p in (x, *block.parameters()):
@@ -196,6 +198,8 @@ def _block_and_written_out(block, x, g, autocast=False):
         y.backward(g)
         return [y.detach()] + [t.grad.clone() for t in (x, *block.parameters())]
 
+    if norm_in_mixer:
+        return run(block), run(lambda t: t + block.drop_path(block.attn(t, norm=block.norm)))
     return run(block), run(lambda t: t + block.drop_path(block.attn(block.norm(t))))
 
 
@@ -229,12 +233,48 @@ def test_branch_scale_needs_a_residual():
 
 @pytest.mark.parametrize("form", ["full", "diag"])
 def test_block_residual_under_bf16_autocast_matches_the_separate_sum(form):
-    """Under bf16 autocast the fused residual and scales (cast_dot scaling g as it copies it) give what the mixer
-    gives with DropPath and the residual added outside it, to float32 rounding."""
+    """Under bf16 autocast the fused residual and scales (cast_dot scaling g as it copies it, the norm's backward
+    adding the residual's cotangent) give what the mixer gives with DropPath and the residual added outside it, to
+    float32 rounding."""
     torch.manual_seed(0)
     block = PACEBlock(32, 4, attn_layer=partial(PACEAttention, rank=4, compress_form=form, fused=True), drop_path=0.5)
     x = torch.randn(8, 10, 32, requires_grad=True)
     g = torch.randn(8, 10, 32)
-    got, ref = _block_and_written_out(block, x, g, autocast=True)
+    got, ref = _block_and_written_out(block, x, g, autocast=True, norm_in_mixer=True)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("form", ["full", "diag"])
+def test_block_norm_in_the_mixer_under_bf16_autocast(form):
+    """Under bf16 autocast the mixer runs the block's LayerNorm itself: the output is the block written out with
+    the norm outside (to float32 rounding), and the norm's backward takes the mixer's x̄ rounded to bf16, as
+    autocast's cast before a product would hand it: x's gradient is g + LayerNorm's float64 backward of that
+    rounded x̄, and the norm's weight and bias get the float64 gradients of the same."""
+    torch.manual_seed(0)
+    block = PACEBlock(32, 4, attn_layer=partial(PACEAttention, rank=4, compress_form=form, fused=True)).train()
+    with torch.no_grad():  # a norm that is not the identity
+        block.norm.weight.uniform_(0.5, 1.5)
+        block.norm.bias.normal_()
+    x = torch.randn(8, 10, 32, requires_grad=True)
+    g = torch.randn(8, 10, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = block(x)
+    y.backward(g)
+    got = (x.grad.clone(), block.norm.weight.grad.clone(), block.norm.bias.grad.clone())
+    with torch.no_grad():
+        h = block.norm(x).requires_grad_()  # the norm outside: x̄ is h's gradient
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref = x.detach() + block.attn(h)
+    y_ref.backward(g)
+    torch.testing.assert_close(y.detach(), y_ref.detach(), rtol=1e-5, atol=1e-5)
+    x64 = x.detach().double().requires_grad_()
+    w64, b64 = (p.detach().double().requires_grad_() for p in (block.norm.weight, block.norm.bias))
+    F.layer_norm(x64, (32,), w64, b64, block.norm.eps).backward(h.grad.bfloat16().double())
+    for what, a, b in zip(("x", "weight", "bias"), got, (x64.grad + g.double(), w64.grad, b64.grad)):
+        scale = b.abs().max()
+        assert (a.double() - b).abs().max() <= 1e-5 * scale, what
+    # x̄ not rounded (float32) would differ by more than the tolerance: the test sees the rounding.
+    x32 = x.detach().double().requires_grad_()
+    F.layer_norm(x32, (32,), w64.detach(), b64.detach(), block.norm.eps).backward(h.grad.double())
+    assert (x32.grad + g.double() - got[0].double()).abs().max() > 1e-5 * x32.grad.abs().max()

@@ -5,7 +5,8 @@ Ridge step (``ridge``): normalised Gram, inverse Cholesky factor, the backward's
 Fused mixer (``mixer_ops``): GEMM 1's right factor (``pack_bases``), the memberships with GEMM 2's left factors and
 their backward (``mixer_memberships``, ``mixer_memberships_backward``), the backward's prologue (``cast_dot``);
 the diag form's memberships and their backward (``diag_ops``: ``diag_memberships``, ``diag_memberships_backward``);
-GEMM 2 and x̄ as one fp32-accumulated sum of products (``gemm``: ``matmul_sum``).
+GEMM 2 and x̄ as one fp32-accumulated sum of products (``gemm``: ``matmul_sum``); the block's LayerNorm as its
+prologue and epilogue (``norm_ops``: ``layer_norm_cast``, ``layer_norm_backward``).
 
 Importing this package registers the ``pace::`` ops and imports nothing else (Triton is imported on first use).
 Backend per call: Triton on CUDA tensors when it imports, PyTorch otherwise; ``PACE_TRITON=off`` or
@@ -32,6 +33,12 @@ from pace.kernels.mixer_ops import (
     pack_bases,
     pack_bases_reference,
 )
+from pace.kernels.norm_ops import (
+    layer_norm_backward,
+    layer_norm_backward_reference,
+    layer_norm_cast,
+    layer_norm_cast_reference,
+)
 from pace.kernels.ridge import (
     inverse_cholesky_factor,
     inverse_cholesky_factor_reference,
@@ -56,6 +63,10 @@ __all__ = [
     "diag_memberships_reference",
     "inverse_cholesky_factor",
     "inverse_cholesky_factor_reference",
+    "layer_norm_backward",
+    "layer_norm_backward_reference",
+    "layer_norm_cast",
+    "layer_norm_cast_reference",
     "matmul_sum",
     "matmul_sum_reference",
     "mixer_memberships",

@@ -115,8 +115,8 @@ def _subspace_grad(xb, gb, a_bar, z, U_parts, beta_w, K):
 class _PACEMixer(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, x, subspaces, tau, alpha, beta, expand_sketch, compress_sketch, residual, branch_scale, num_heads, eps,
-        diag,
+        ctx, x, subspaces, tau, alpha, beta, expand_sketch, compress_sketch, residual, branch_scale, norm_weight,
+        norm_bias, num_heads, eps, diag, norm_eps, residual_is_x,
     ):  # fmt: skip
         B, N, d = x.shape
         K, ce, r = num_heads, expand_sketch.shape[1], compress_sketch.shape[1]
@@ -125,8 +125,18 @@ class _PACEMixer(torch.autograd.Function):
         p = d // K
         md = _matmul_dtype(x)
         wd = torch.promote_types(x.dtype, torch.float32)
+        # With the block's LayerNorm (norm_eps given), x is the block's input and the norm is this function's first
+        # pass: it writes the normalised tokens only in the product dtype. With `residual_is_x` the residual is x
+        # itself (passed once: Dynamo does not trace one tensor given as two inputs), and the norm's backward adds
+        # the residual's cotangent in its own pass.
+        norm = norm_eps is not None
+        fold_residual = norm and residual_is_x
+        residual = x if fold_residual else residual
         with _no_autocast(x.device.type):
-            xb = x.to(md)  # the one low-precision copy of the tokens, (B, N, d)
+            if norm:  # the one low-precision copy of the normalised tokens, (B, N, d), and μ, rstd (B, N)
+                xb, mu, rstd = kernels.layer_norm_cast(x, norm_weight, norm_bias, norm_eps, md)
+            else:
+                xb = x.to(md)  # the one low-precision copy of the tokens, (B, N, d)
             omega = torch.cat([expand_sketch, compress_sketch], dim=1).to(md)  # (N, c_e + r)
             # (B, d, c_e + r): rounded to the product dtype, as a product written there would be, but stored once in
             # the working precision (no widening pass); keeping that rounding keeps the path's numerics.
@@ -187,9 +197,10 @@ class _PACEMixer(torch.autograd.Function):
             out = out if out.dtype == out_dtype else out.to(out_dtype)
         ctx.save_for_backward(
             xb, omega, subspaces, Ub, S, n_e, G_e, F_e, Y_c, n_c, G_c, F_c, Q_c, a, R, P, Ps, pi, sq, scalars, extra,
-            z, branch_scale,
+            z, branch_scale, *((x, mu, rstd, norm_weight) if norm else ()),
         )  # fmt: skip
         ctx.dims = (K, ce, r, diag, eps)
+        ctx.norm, ctx.fold_residual = norm, fold_residual
         ctx.set_materialize_grads(False)  # an unused π gets no zero cotangent written; see backward
         ctx.coefficient_dtypes = (tau.dtype, alpha.dtype, beta.dtype)
         ctx.x_dtype, ctx.has_residual = x.dtype, residual is not None
@@ -198,7 +209,7 @@ class _PACEMixer(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g, g_pi):
         (xb, omega, subspaces, Ub, S, n_e, G_e, F_e, Y_c, n_c, G_c, F_c, Q_c, a, R, P, Ps, pi, sq, scalars, extra,
-         z, branch_scale) = ctx.saved_tensors  # fmt: skip
+         z, branch_scale, *norm_saved) = ctx.saved_tensors  # fmt: skip
         K, ce, r, diag, eps = ctx.dims
         tau_dtype, alpha_dtype, beta_dtype = ctx.coefficient_dtypes
         S_c = S[..., ce:]
@@ -206,7 +217,7 @@ class _PACEMixer(torch.autograd.Function):
         p = d // K
         md, wd = xb.dtype, S_c.dtype
         # The residual's gradient is g itself; the update's is t_b·g (cast_dot scales g as it copies it).
-        grad_residual = g if ctx.has_residual else None
+        grad_residual = g if ctx.has_residual else None  # with fold_residual, added to x's below
         if g is None:  # only π was used
             g = torch.zeros_like(xb, dtype=ctx.x_dtype)
         with _no_autocast(g.device.type):
@@ -240,6 +251,7 @@ class _PACEMixer(torch.autograd.Function):
             # x̄ = αg + P̄ Rᵀ + ā Uᵀ + Ω_e Ȳ_eᵀ + Ω_c S̄_cᵀ, accumulated in the working precision as the forward's
             # GEMM 2, in one kernel. As there, the αg term reads g's bf16 copy, which the other terms come from (x̄'s
             # error over seeds 0–5: 1.15e-2 with the float32 g, 1.16e-2 this way), so float32 g is read once.
+            # Into the block's norm x̄ goes in the product dtype, as autocast's cast before a product would hand it.
             grad_x = kernels.matmul_sum(
                 gb,
                 [Pbar, a_bar.view(B, N, d), omega[:, :ce], omega[:, ce:]],
@@ -247,7 +259,17 @@ class _PACEMixer(torch.autograd.Function):
                 scalars=scalars,
                 codes=[2, -2 if diag else 0, 0, 0, 0],
                 dtype=wd,
-            ).to(ctx.x_dtype)
+                out_dtype=md if ctx.norm else None,
+            )
+            grad_norm_weight = grad_norm_bias = None
+            if ctx.norm:  # the norm's backward, with the residual's cotangent added in its pass when it is x's
+                x, mu, rstd, norm_weight = norm_saved
+                residual_grad = grad_residual if ctx.fold_residual else None
+                grad_residual = None if ctx.fold_residual else grad_residual
+                grad_x, grad_norm_weight, grad_norm_bias = kernels.layer_norm_backward(
+                    grad_x, x, mu, rstd, norm_weight, residual_grad
+                )
+            grad_x = grad_x.to(ctx.x_dtype)
         return (
             grad_x,
             U_bar.to(subspaces.dtype),
@@ -257,6 +279,10 @@ class _PACEMixer(torch.autograd.Function):
             None,
             None,
             grad_residual,
+            None,
+            grad_norm_weight,
+            grad_norm_bias,
+            None,
             None,
             None,
             None,
@@ -271,11 +297,14 @@ def pace_mixer(
     form: str = "full",
     residual: Tensor | None = None,
     branch_scale: Tensor | None = None,
+    layer_norm: tuple[Tensor, Tensor, float] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``α·expand(x) − β·compress(x)`` and π with ridge projectors, fused (forward and backward).
 
     With ``residual`` the first output is ``residual + t_b·update`` (t_b from ``branch_scale``, else 1), added in
-    GEMM 2's epilogue: the block's residual connection and stochastic depth without a pass of their own.
+    GEMM 2's epilogue: the block's residual connection and stochastic depth without a pass of their own. With
+    ``layer_norm`` the mixer's input is ``LayerNorm(x)``, normalised in its first pass (written only in the product
+    dtype); when ``residual`` is x itself, the norm's backward adds the residual's cotangent in its own pass.
 
     Args:
         *tensors: ``x, subspaces, tau, alpha, beta, expand_sketch, compress_sketch``, in this order, as the
@@ -286,6 +315,8 @@ def pace_mixer(
         residual: Optional tokens the update is added to, x's shape.
         branch_scale: Optional per-image scales of the update, shape (B,) (stochastic depth: 0 or 1/keep); only
             with ``residual``.
+        layer_norm: Optional ``(weight, bias, eps)`` of a LayerNorm over the last dimension applied to x first
+            (a pre-norm block's norm; weight and bias of shape (C,)).
 
     Returns:
         ``(update, π)`` or ``(residual + t_b·update, π)``: the first in the dtype of x (promoted with the
@@ -295,4 +326,9 @@ def pace_mixer(
         raise TypeError(f"pace_mixer: x, subspaces, tau, alpha, beta and the two sketches expected, got {len(tensors)}")
     if branch_scale is not None and residual is None:
         raise ValueError("pace_mixer: branch_scale scales the update added to a residual; pass residual too")
-    return _PACEMixer.apply(*tensors, residual, branch_scale, num_heads, eps, form == "diag")
+    weight, bias, norm_eps = layer_norm if layer_norm is not None else (None, None, None)
+    residual_is_x = layer_norm is not None and residual is tensors[0]
+    return _PACEMixer.apply(
+        *tensors, None if residual_is_x else residual, branch_scale, weight, bias, num_heads, eps, form == "diag",
+        norm_eps, residual_is_x,
+    )  # fmt: skip

@@ -2,6 +2,7 @@
 
 import torch
 import torch.nn.functional as F
+from timm.layers import LayerNorm as TimmLayerNorm
 from timm.layers import register_notrace_module
 from torch import Tensor, nn
 
@@ -44,6 +45,7 @@ def pace_attention(
     fused: bool | None = None,
     residual: Tensor | None = None,
     branch_scale: Tensor | None = None,
+    layer_norm: tuple[Tensor, Tensor, float] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``α·expand(x) − β·compress(x)`` and the memberships π, with the two terms sharing their work.
 
@@ -58,7 +60,7 @@ def pace_attention(
     accumulated onto the expansion term in one ``addmm``.
 
     Args:
-        x: Tokens, shape (B, N, C) (already normalised).
+        x: Tokens, shape (B, N, C) (already normalised, unless ``layer_norm`` is given).
         subspaces: ``U``, shape (C, C).
         tau: Temperature τ, a 0-dim tensor.
         alpha: Effective α, a 0-dim tensor.
@@ -74,6 +76,9 @@ def pace_attention(
             ``residual + t_b·update``, which the fused mixer adds in its last product's epilogue.
         branch_scale: Optional per-image scales ``t`` of the update, shape (B,) (stochastic depth); needs
             ``residual``.
+        layer_norm: Optional ``(weight, bias, eps)`` of a LayerNorm over C to apply to x first (the block's
+            pre-norm): the fused mixer runs it as its first pass and, with ``residual`` x itself, adds the
+            residual's cotangent in the norm's backward pass.
 
     Returns:
         ``(update, memberships)``: update of shape (B, N, C) in the dtype of ``x`` (or ``residual + t_b·update``);
@@ -81,15 +86,16 @@ def pace_attention(
     """
     if branch_scale is not None and residual is None:
         raise ValueError("pace_attention: branch_scale scales the update added to a residual; pass residual too")
-    if fused is None:
-        fused = x.device.type != "cpu"
-    if fused and not exact:
+    if _runs_fused(fused, exact, x):
         validate_compress_form(form)
         out, pi = pace_mixer(
             x, subspaces, tau, alpha, beta, expand_sketch, compress_sketch, num_heads=num_heads, eps=eps, form=form,
-            residual=residual, branch_scale=branch_scale,
+            residual=residual, branch_scale=branch_scale, layer_norm=layer_norm,
         )  # fmt: skip
         return out, pi.to(x.dtype)
+    if layer_norm is not None:
+        weight, bias, norm_eps = layer_norm
+        x = F.layer_norm(x, x.shape[-1:], weight, bias, norm_eps)
     if exact:
         expanded = alpha * expand(x, expand_sketch, eps=eps, exact=True)
     else:
@@ -110,6 +116,17 @@ def pace_attention(
     if residual is not None:  # as x + DropPath(update): the update times its image's scale, then the sum
         out = residual + (out if branch_scale is None else out * branch_scale.to(out.dtype).view(-1, 1, 1))
     return out, pi
+
+
+def _runs_fused(fused: bool | None, exact: bool, x: Tensor) -> bool:
+    # The fused mixer: ridge projectors, and fused=True, or fused=None on any device but the CPU.
+    return not exact and (x.device.type != "cpu" if fused is None else fused)
+
+
+def _plain_layer_norm(norm: nn.Module, dim: int) -> bool:
+    # Exactly these classes: subclasses may normalise other axes (timm's LayerNorm2d normalises channels first).
+    plain = type(norm) in (nn.LayerNorm, TimmLayerNorm) and tuple(norm.normalized_shape) == (dim,)
+    return plain and norm.weight is not None and norm.bias is not None
 
 
 # A leaf for torch.fx / timm feature extraction: its forward manages the operators' sketches in Python.
@@ -228,18 +245,36 @@ class PACEAttention(nn.Module):
         """
         return self.compress.forward_with_memberships(x)[1]
 
-    def forward(self, x: Tensor, residual: Tensor | None = None, branch_scale: Tensor | None = None) -> Tensor:
-        """Apply α·Expand(x) − β·Compress(x), optionally added to a residual.
+    def forward(
+        self,
+        x: Tensor,
+        residual: Tensor | None = None,
+        branch_scale: Tensor | None = None,
+        norm: nn.Module | None = None,
+    ) -> Tensor:
+        """Apply α·Expand(x) − β·Compress(x), optionally to ``norm(x)`` and added to a residual.
 
         Args:
-            x: Tokens (B, N, C) (already normalised).
+            x: Tokens (B, N, C) (already normalised, unless ``norm`` is given).
             residual: Optional tokens (B, N, C) to add the update to; :class:`pace.layers.PACEBlock` passes its input
                 so that the fused mixer adds it in its last product instead of a pass of its own.
             branch_scale: Optional per-image scales (B,) of the update (stochastic depth), with ``residual``.
+            norm: Optional norm to apply to x first (the block's pre-norm). Where the fused mixer runs, a LayerNorm
+                over C with weight and bias (``nn.LayerNorm``, timm's ``LayerNorm``) runs inside it, as its first
+                pass (the module's forward and its hooks are not called); otherwise the module is called here.
 
         Returns:
             The update, shape (B, N, C), or ``residual + branch_scale·update``.
         """
+        layer_norm = None
+        if (
+            norm is not None
+            and _runs_fused(self.fused, self.compress.exact, x)
+            and _plain_layer_norm(norm, x.shape[-1])
+        ):
+            layer_norm = (norm.weight, norm.bias, norm.eps)
+        elif norm is not None:
+            x = norm(x)
         n = x.shape[1]
         return pace_attention(
             x,
@@ -256,4 +291,5 @@ class PACEAttention(nn.Module):
             fused=self.fused,
             residual=residual,
             branch_scale=branch_scale,
+            layer_norm=layer_norm,
         )[0]

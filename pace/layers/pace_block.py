@@ -91,9 +91,10 @@ class PACEBlock(nn.Module):
         """
         if not isinstance(self.attn, PACEAttention):
             return x + self.drop_path(self.attn(self.norm(x)))
-        # x + DropPath(attn(norm(x))), with the residual and the branch's scales handed to the mixer, which adds
-        # them in its last product (no pass of its own over (B, N, C)).
-        return self.attn(self.norm(x), residual=x, branch_scale=self._branch_scale(x))
+        # x + DropPath(attn(norm(x))), with the norm, the residual and the branch's scales handed to the mixer, which
+        # normalises in its first pass and adds the residual in its last product (no pass of their own over
+        # (B, N, C)), and adds the residual's gradient in the norm's backward pass.
+        return self.attn(x, residual=x, branch_scale=self._branch_scale(x), norm=self.norm)
 
     def _branch_scale(self, x: Tensor) -> Tensor | None:
         """Per-image scales (B,) of the residual branch, 0 or 1/keep: timm's DropPath applied to ones (the same RNG

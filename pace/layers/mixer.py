@@ -112,6 +112,17 @@ def _subspace_grad(xb, gb, a_bar, z, U_parts, beta_w, K):
     return U_bar.addcmul_((g2.mT @ z.reshape(B * N, d)).to(beta_w.dtype), beta_w, value=-1)
 
 
+def _low_precision_tokens(
+    x: Tensor, layer_norm: tuple[Tensor, Tensor, float] | None, dtype: torch.dtype
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """x (or its LayerNorm, ``layer_norm = (weight, bias, eps)``) written once in ``dtype``, and the norm's (μ, rstd)
+    (an empty tuple without one)."""
+    if layer_norm is None:
+        return x.to(dtype), ()
+    xb, mu, rstd = kernels.layer_norm_cast(x, *layer_norm, dtype)
+    return xb, (mu, rstd)
+
+
 class _PACEMixer(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -130,13 +141,10 @@ class _PACEMixer(torch.autograd.Function):
         # itself (passed once: Dynamo does not trace one tensor given as two inputs), and the norm's backward adds
         # the residual's cotangent in its own pass.
         norm = norm_eps is not None
-        fold_residual = norm and residual_is_x
-        residual = x if fold_residual else residual
+        residual = x if residual_is_x else residual  # residual_is_x only with a norm
         with _no_autocast(x.device.type):
-            if norm:  # the one low-precision copy of the normalised tokens, (B, N, d), and μ, rstd (B, N)
-                xb, mu, rstd = kernels.layer_norm_cast(x, norm_weight, norm_bias, norm_eps, md)
-            else:
-                xb = x.to(md)  # the one low-precision copy of the tokens, (B, N, d)
+            # the one low-precision copy of the (normalised) tokens, (B, N, d), and the norm's μ, rstd (B, N)
+            xb, norm_stats = _low_precision_tokens(x, (norm_weight, norm_bias, norm_eps) if norm else None, md)
             omega = torch.cat([expand_sketch, compress_sketch], dim=1).to(md)  # (N, c_e + r)
             # (B, d, c_e + r): rounded to the product dtype, as a product written there would be, but stored once in
             # the working precision (no widening pass); keeping that rounding keeps the path's numerics.
@@ -197,10 +205,9 @@ class _PACEMixer(torch.autograd.Function):
             out = out if out.dtype == out_dtype else out.to(out_dtype)
         ctx.save_for_backward(
             xb, omega, subspaces, Ub, S, n_e, G_e, F_e, Y_c, n_c, G_c, F_c, Q_c, a, R, P, Ps, pi, sq, scalars, extra,
-            z, branch_scale, *((x, mu, rstd, norm_weight) if norm else ()),
+            z, branch_scale, *((x, *norm_stats, norm_weight) if norm else ()),
         )  # fmt: skip
-        ctx.dims = (K, ce, r, diag, eps)
-        ctx.norm, ctx.fold_residual = norm, fold_residual
+        ctx.dims, ctx.norm, ctx.fold_residual = (K, ce, r, diag, eps), norm, residual_is_x
         ctx.set_materialize_grads(False)  # an unused π gets no zero cotangent written; see backward
         ctx.coefficient_dtypes = (tau.dtype, alpha.dtype, beta.dtype)
         ctx.x_dtype, ctx.has_residual = x.dtype, residual is not None
@@ -261,33 +268,16 @@ class _PACEMixer(torch.autograd.Function):
                 dtype=wd,
                 out_dtype=md if ctx.norm else None,
             )
-            grad_norm_weight = grad_norm_bias = None
+            grad_norm = (None, None)
             if ctx.norm:  # the norm's backward, with the residual's cotangent added in its pass when it is x's
-                x, mu, rstd, norm_weight = norm_saved
-                residual_grad = grad_residual if ctx.fold_residual else None
-                grad_residual = None if ctx.fold_residual else grad_residual
-                grad_x, grad_norm_weight, grad_norm_bias = kernels.layer_norm_backward(
-                    grad_x, x, mu, rstd, norm_weight, residual_grad
-                )
+                residual_grad, grad_residual = (grad_residual, None) if ctx.fold_residual else (None, grad_residual)
+                grad_x, *grad_norm = kernels.layer_norm_backward(grad_x, *norm_saved, residual_grad)
             grad_x = grad_x.to(ctx.x_dtype)
+        # x, U, τ, α, β, the sketches, residual, branch scales, the norm's weight and bias, then the non-tensors
         return (
-            grad_x,
-            U_bar.to(subspaces.dtype),
-            grad_tau.to(tau_dtype),
-            grad_alpha.to(alpha_dtype),
-            grad_beta.to(beta_dtype),
-            None,
-            None,
-            grad_residual,
-            None,
-            grad_norm_weight,
-            grad_norm_bias,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+            grad_x, U_bar.to(subspaces.dtype), grad_tau.to(tau_dtype), grad_alpha.to(alpha_dtype),
+            grad_beta.to(beta_dtype), None, None, grad_residual, None, *grad_norm, *[None] * 6,
+        )  # fmt: skip
 
 
 def pace_mixer(

@@ -95,6 +95,11 @@ def interpreted(tmp_path_factory):
         for dtype in (torch.bfloat16, torch.float32):
             cases[f"pack_{name}_{dtype}"] = ("pack", (S[..., :c], F_s, U, Q_c, dtype), "poison")
         cases[f"pack_{name}_diag"] = ("pack", (S[..., :c], F_s, U, None, torch.bfloat16), "poison")
+        # The mixer's Expand sketches: bf16 numbers stored in bf16, a strided view of the sketch product.
+        S_bf16 = S.to(torch.bfloat16)
+        inputs[f"pack_{name}_bf16_y"] = S_bf16[..., :c]
+        cases[f"pack_{name}_bf16_y"] = ("pack", (S_bf16[..., :c], F_s, U, Q_c, torch.bfloat16), "poison")
+        cases[f"pack_{name}_bf16_y_op"] = ("pack", (S_bf16[..., :c], F_s, U, Q_c, torch.bfloat16), "op")
     cases["pack_op"] = ("pack", (*inputs["pack_small"], torch.bfloat16), "op")
     return seed, inputs, run_interpreted(cases, tmp_path_factory.mktemp("interp"))
 
@@ -202,6 +207,20 @@ def test_pack_bases_kernel_matches_float64(interpreted, name, kind):
     assert_close_elementwise(
         R, ref, 2**-8 if R.dtype == torch.bfloat16 else 1e-5, "R", seed
     )  # fp32 products, one rounding
+
+
+@pytest.mark.parametrize("name", PACK_SHAPES)
+@pytest.mark.parametrize("how", ["", "_op"])
+def test_pack_bases_kernel_reads_bf16_sketches(interpreted, name, how):
+    """Y stored in bf16 (the mixer's sketch product) is read as it is and converted exactly: R is the float64
+    product of the same bf16 numbers, rounded once."""
+    seed, inputs, out = interpreted
+    _, F_s, U, Q_c = inputs[f"pack_{name}"]
+    Y = inputs[f"pack_{name}_bf16_y"]
+    R = out[f"pack_{name}_bf16_y{how}"]
+    ref = pack_bases_reference(Y.double(), F_s.double(), U.double(), Q_c.double(), torch.float64)
+    assert R.dtype == torch.bfloat16 and R.shape == ref.shape
+    assert_close_elementwise(R, ref, 2**-8, "R", seed)
 
 
 def test_pack_bases_op_and_fallback(interpreted):

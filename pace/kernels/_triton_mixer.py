@@ -265,7 +265,7 @@ def _pack_bases_kernel(
                 Y_ptr + b * stride_yb + m[:, None] * stride_ym + k[None, :] * stride_yc,
                 mask=(m[:, None] < d) & (k[None, :] < c),
                 other=0.0,
-            )
+            ).to(tl.float32)  # a bf16 Y converts exactly
             f = tl.load(
                 F_ptr + (b * c + k[:, None]) * c + n[None, :], mask=(k[:, None] < c) & (n[None, :] < c), other=0.0
             )

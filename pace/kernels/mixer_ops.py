@@ -287,12 +287,12 @@ def cast_dot(g: Tensor, x: Tensor, dtype: torch.dtype, scale: Tensor | None = No
 
 
 def pack_bases_reference(Y: Tensor, F_s: Tensor, U: Tensor, Q_c: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """PyTorch ``R = [Y F_s | U_k Q_k]``: products in Y's dtype, then one conversion into R.
+    """PyTorch ``R = [Y F_s | U_k Q_k]``: products in F_s's dtype, then one conversion into R.
 
     Args:
-        Y: Expand sketches, shape (B, d, c) (any strides).
+        Y: Expand sketches, shape (B, d, c) (any strides), in F_s's dtype or narrower (converted).
         F_s: Their scaled factors ``D⁻¹F``, shape (B, c, c).
-        U: Subspaces, shape (d, K·p), in Y's dtype.
+        U: Subspaces, shape (d, K·p), in F_s's dtype.
         Q_c: Compress bases, shape (B·K, p, r), or None for ``R = Y F_s`` alone (diag form).
         dtype: R's dtype.
 
@@ -300,7 +300,7 @@ def pack_bases_reference(Y: Tensor, F_s: Tensor, U: Tensor, Q_c: Tensor | None, 
         R, shape (B, d, c + K·r), in ``dtype``.
     """
     B, d, c = Y.shape
-    Q_e = Y @ F_s  # (B, d, c)
+    Q_e = Y.to(F_s.dtype) @ F_s  # (B, d, c)
     if Q_c is None:
         return Q_e.to(dtype)
     K, p, r = Q_c.shape[0] // B, Q_c.shape[1], Q_c.shape[2]
@@ -315,8 +315,8 @@ def pack_bases_reference(Y: Tensor, F_s: Tensor, U: Tensor, Q_c: Tensor | None, 
 
 @torch.library.custom_op("pace::pack_bases", mutates_args=())
 def _pack_bases_op(Y: Tensor, F_s: Tensor, U: Tensor, Q_c: Tensor | None, dtype: torch.dtype) -> Tensor:
-    tensors = (Y, F_s, U) if Q_c is None else (Y, F_s, U, Q_c)
-    supported = all(t.dtype == torch.float32 for t in tensors) and dtype in _TRITON_DTYPES
+    tensors = (F_s, U) if Q_c is None else (F_s, U, Q_c)
+    supported = all(t.dtype == torch.float32 for t in tensors) and Y.dtype in _TRITON_DTYPES and dtype in _TRITON_DTYPES
     module = _dispatch.triton_module(Y, "_triton_mixer") if supported else None
     if module is None:
         return pack_bases_reference(Y, F_s, U, Q_c, dtype)
@@ -334,12 +334,13 @@ def pack_bases(Y: Tensor, F_s: Tensor, U: Tensor, Q_c: Tensor | None, dtype: tor
     """GEMM 1's right factor ``R = [Y F_s | U_k Q_k]`` in ``dtype`` (custom op ``pace::pack_bases``; no autograd).
 
     ``Q_e = Y F_s`` is the Expand basis and ``V_k = U_k Q_k`` head k's Compress basis in token space; both must be
-    formed to fp32 accuracy and only then rounded (GPU_PERF.md §2b). The Triton kernel (float32 inputs) computes
-    each tile of R with fp32 products (``input_precision="ieee"``) and writes it once, rounded; the fallback
-    (:func:`pack_bases_reference`) forms Q_e and V in fp32 and copies them into R.
+    formed to fp32 accuracy and only then rounded (GPU_PERF.md §2b). The Triton kernel (float32 F_s, U and Q_c; Y
+    in float32 or, read as it is and converted in registers, bfloat16/float16) computes each tile of R with
+    fp32-accurate products and writes it once, rounded; the fallback (:func:`pack_bases_reference`) forms Q_e and
+    V in fp32 and copies them into R.
 
     Args:
-        Y: Expand sketches, shape (B, d, c) (any strides).
+        Y: Expand sketches, shape (B, d, c) (any strides); the mixer's are bf16 numbers, stored in bf16.
         F_s: Their scaled factors ``D⁻¹F``, shape (B, c, c).
         U: Subspaces, shape (d, K·p).
         Q_c: Compress bases, shape (B·K, p, r), or None (diag form: R = Y F_s).

@@ -71,12 +71,12 @@ def scaled_ridge_factors(Y: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]
     up to rounding.
 
     Args:
-        Y: Sketches, shape (B, m, c), float32 or float64.
+        Y: Sketches, shape (B, m, c), float32 or float64, or bfloat16/float16 (read as they are).
         eps: Ridge ε.
 
     Returns:
         ``scale`` (B, 1, c) (column norms clamped at 1e-12), ``G`` (B, c, c) and ``F_s = D⁻¹F`` (B, c, c), in Y's
-        dtype.
+        dtype (float32 for a narrower Y).
     """
     scale, G = kernels.normalized_gram(Y, eps)
     return scale, G, kernels.inverse_cholesky_factor(G, row_scale=scale.squeeze(-2)).to(G.dtype)  # D⁻¹F, FFᵀ = G⁻¹
@@ -96,18 +96,18 @@ def ridge_factors_backward(
     ``ρ_j = Σ_k W_jk F_s,jk − ½ s_j Σ_k (G − εI)_jk s_k G_s,jk``. ``Ŷ`` and ``H`` are never written.
 
     Args:
-        Y: Sketches, shape (B, m, c).
+        Y: Sketches, shape (B, m, c), in F_s's dtype or narrower.
         scale: Their column norms ``s`` clamped at 1e-12, shape (B, 1, c).
         G: ``ŶᵀŶ + εI``, shape (B, c, c).
         F_s: ``D⁻¹F`` from :func:`scaled_ridge_factors`, shape (B, c, c).
         eps: The ε inside ``G``.
         Q_bar: ``∂L/∂Q``, shape (B, m, c).
-        out_dtype: The result's dtype if not Y's (a narrower one, rounded to as it is written).
+        out_dtype: The result's dtype if not F_s's (a narrower one, rounded to as it is written).
 
     Returns:
-        ``∂L/∂Y``, shape (B, m, c).
+        ``∂L/∂Y``, shape (B, m, c), accumulated in F_s's dtype.
     """
-    W = kernels.matmul_sum(None, [Y.mT], [Q_bar], dtype=Y.dtype)  # (B, c, c); Q̄ may be narrower than Y
+    W = kernels.matmul_sum(None, [Y.mT], [Q_bar], dtype=F_s.dtype)  # (B, c, c); Y and Q̄ may be narrower
     # −½Γ, Γ = G_s + 2 diag(ρ/s²): one register-tile Triton program per matrix where c fits (the Compress ridge);
     # above, G_s's products in ATen and the radial term in one row kernel. The kernels write −½Γ, so that the two
     # tall products of the result are one kernel with no coefficient: ∂L/∂Y = Q̄F_sᵀ + Y(−½Γ).
@@ -116,7 +116,7 @@ def ridge_factors_backward(
     else:
         H = kernels.symmetric_gradient(W, F_s, half=True)  # G_s = H + Hᵀ, summed in the radial kernel
         Gamma = kernels.ridge_radial_diagonal(W, F_s, G, H, scale, eps, coef=-0.5, half=True)
-    return kernels.matmul_sum(None, [Q_bar, Y], [F_s.mT, Gamma], dtype=Y.dtype, out_dtype=out_dtype)
+    return kernels.matmul_sum(None, [Q_bar, Y], [F_s.mT, Gamma], dtype=F_s.dtype, out_dtype=out_dtype)
 
 
 def _normalisation_backward(Y_hat: Tensor, norms: Tensor, H: Tensor) -> Tensor:

@@ -146,14 +146,15 @@ class _PACEMixer(torch.autograd.Function):
             # the one low-precision copy of the (normalised) tokens, (B, N, d), and the norm's μ, rstd (B, N)
             xb, norm_stats = _low_precision_tokens(x, (norm_weight, norm_bias, norm_eps) if norm else None, md)
             omega = torch.cat([expand_sketch, compress_sketch], dim=1).to(md)  # (N, c_e + r)
-            # (B, d, c_e + r): rounded to the product dtype, as a product written there would be, but stored once in
-            # the working precision (no widening pass); keeping that rounding keeps the path's numerics.
-            S = kernels.matmul_sum(None, [xb.mT], [omega], dtype=wd, round_to=md)
+            # (B, d, c_e + r), accumulated in the working precision and written in the product dtype, as a product
+            # written there would be: its readers read bf16 numbers and convert them exactly (their products
+            # accumulate in the working precision).
+            S = kernels.matmul_sum(None, [xb.mT], [omega], dtype=wd, out_dtype=md)
             U = subspaces.to(wd)
             Ub = subspaces.to(md)
             # Y_k = U_kᵀ x̂ᵀ Ω_c for all heads: Uᵀ S_c per image (U broadcast, not copied), (B, K·p, r).
             S_c = S[..., ce:]
-            Y_c = torch.bmm(U.mT.expand(B, d, d), S_c).view(B * K, p, r)
+            Y_c = kernels.matmul_sum(None, [U.mT], [S_c], dtype=wd).view(B * K, p, r)
             n_e, G_e, F_e = scaled_ridge_factors(S[..., :ce], eps)  # Q_e = S_e F_e, (B, d, c_e)
             n_c, G_c, F_c = scaled_ridge_factors(Y_c, eps)
             Q_c = Y_c @ F_c  # (B·K, p, r)
@@ -222,7 +223,7 @@ class _PACEMixer(torch.autograd.Function):
         S_c = S[..., ce:]
         B, N, d = xb.shape
         p = d // K
-        md, wd = xb.dtype, S_c.dtype
+        md, wd = xb.dtype, scalars.dtype
         # The residual's gradient is g itself; the update's is t_b·g (cast_dot scales g as it copies it).
         grad_residual = g if ctx.has_residual else None  # with fold_residual, added to x's below
         if g is None:  # only π was used
@@ -253,7 +254,7 @@ class _PACEMixer(torch.autograd.Function):
             Yc_bar = ridge_factors_backward(Y_c, n_c, G_c, F_c, eps, Qc_bar.reshape(B * K, p, r))  # (B·K, p, r)
             Yc_bar = Yc_bar.view(B, K * p, r)  # (B, d, r)
             # Y_c = Uᵀ S_c: Ū += Σ_b S_c Ȳ_cᵀ, S̄_c = U Ȳ_c.
-            U_bar.addbmm_(S_c, Yc_bar.mT)
+            U_bar.addbmm_(S_c.to(wd), Yc_bar.mT)
             Sc_bar = torch.bmm(U.expand(B, d, d), Yc_bar)  # (B, d, r)
             # x̄ = αg + P̄ Rᵀ + ā Uᵀ + Ω_e Ȳ_eᵀ + Ω_c S̄_cᵀ, accumulated in the working precision as the forward's
             # GEMM 2, in one kernel. As there, the αg term reads g's bf16 copy, which the other terms come from (x̄'s

@@ -115,7 +115,6 @@ with use_backend("interpret"):
                 dtype = options.get("out_dtype") or torch.float32
                 out = torch.full((batch, lhs[0].shape[-2], rhs[0].shape[-1]), nan, dtype=dtype)
                 kw = {"D": options.get("D"), "batch_scale": options.get("batch_scale")}
-                kw["round_bf16"] = options.get("round_to") is not None
                 results[name] = gemm.matmul_sum(C, lhs, rhs, scalars, codes, batch, out=out, **kw)
         elif kind in ("ridge_grad", "radial"):  # the op, or its launcher with a poisoned output (W's shape)
             *args, kw = args if isinstance(args[-1], dict) else (*args, {})  # a last dict: keywords (half=)

@@ -48,12 +48,12 @@ def _cases(gen):
 
 
 def _sketch_case(gen):
-    """The mixer's sketch product ``S = x̂ᵀΩ`` (bf16 operands, x̂ transposed, Ω shared), rounded to bf16 and stored in
-    fp32 (truncating instead would miss the nearest value in about half of the entries)."""
+    """The mixer's sketch product ``S = x̂ᵀΩ`` (bf16 operands, x̂ transposed, Ω shared), written in bf16 (truncating
+    instead would miss the nearest value in about half of the entries)."""
     B, N, d, c = 2, 70, 67, 45
     xb = torch.randn(B, N, d, generator=gen).to(torch.bfloat16)
     omega = torch.randn(N, c, generator=gen).to(torch.bfloat16)
-    return None, [xb.mT], [omega], None, [0, 0], {"round_to": torch.bfloat16}
+    return None, [xb.mT], [omega], None, [0, 0], {"out_dtype": torch.bfloat16}
 
 
 def _ridge_case(gen):
@@ -108,15 +108,15 @@ def _check_rounded_to_bf16(got, ref, label):
     assert off.float().mean() < 0.01, f"{label}: {int(off.sum())} of {off.numel()} not the nearest bf16 value"
 
 
-@pytest.mark.parametrize(("case", "stored"), [("sketch", torch.float32), ("ridge_bf16", torch.bfloat16)])
-def test_kernel_rounds_to_bf16_as_torch_does(interpreted, case, stored):
-    """``round_to=bfloat16`` (the sketch product: fp32 storage) and ``out_dtype=bfloat16`` (the ridge backward's Ȳ:
-    bf16 storage): the values are the fp32 sum rounded to nearest even bf16, through launcher (a poisoned buffer)
-    and op; the interpreter's own fp32 → bf16 cast truncates."""
+@pytest.mark.parametrize("case", ["sketch", "ridge_bf16"])
+def test_kernel_rounds_to_bf16_as_torch_does(interpreted, case):
+    """``out_dtype=bfloat16`` (the sketch product from bf16 operands; the ridge backward's Ȳ from fp32 ones): the
+    values are the fp32 sum rounded to nearest even bf16, through launcher (a poisoned buffer) and op; the
+    interpreter's own fp32 → bf16 cast truncates."""
     seed, cases, out = interpreted
     ref = _direct(*cases[case][:5])
     for how in ("poison", "op"):
-        assert out[f"{case}_{how}"].dtype == stored
+        assert out[f"{case}_{how}"].dtype == torch.bfloat16
         _check_rounded_to_bf16(out[f"{case}_{how}"], ref, f"seed {seed}, {case} via {how}")
 
 
@@ -135,13 +135,12 @@ def test_kernel_adds_the_residual_and_scales_each_branch(interpreted):
 
 def test_fallback_rounds_to_bf16():
     C, lhs, rhs, scalars, codes, options = _sketch_case(torch.Generator().manual_seed(0))
-    round_to = options["round_to"]
-    got = matmul_sum(C, lhs, rhs, round_to=round_to)
-    assert got.dtype == torch.float32
+    got = matmul_sum(C, lhs, rhs, **options)
+    assert got.dtype == torch.bfloat16
     _check_rounded_to_bf16(got, _direct(C, lhs, rhs, scalars, codes), "fallback")
-    assert torch.equal(got, (lhs[0].float() @ rhs[0].float()).to(round_to).float())
-    # Rounding to the result's own dtype is no rounding.
-    wide = matmul_sum(None, [lhs[0].double()], [rhs[0].double()], dtype=torch.float64, round_to=torch.float64)
+    assert torch.equal(got, (lhs[0].float() @ rhs[0].float()).to(torch.bfloat16))
+    # Writing in the result's own dtype is no rounding.
+    wide = matmul_sum(None, [lhs[0].double()], [rhs[0].double()], dtype=torch.float64, out_dtype=torch.float64)
     torch.testing.assert_close(wide, _direct(C, lhs, rhs, scalars, codes), rtol=1e-12, atol=1e-12)
     C, lhs, rhs, scalars, codes, options = _ridge_case(torch.Generator().manual_seed(0))
     narrow = matmul_sum(C, lhs, rhs, **options)
@@ -191,7 +190,7 @@ def test_fallback_adds_the_residual_and_scales_each_branch():
 @pytest.mark.parametrize("use", ["grad_x", "sketch", "ridge_bf16", "residual"])
 def test_kernel_compiles_for_hopper_without_a_gpu(use):
     """The mixer's x̄ configuration (four pairs, bf16 and fp32 operand tiles), its sketch product's (one bf16 pair,
-    the result rounded to bf16), the Expand ridge backward's (fp32 pairs, a bf16 result) and GEMM 2 with the block's
+    the result written in bf16), the Expand ridge backward's (fp32 pairs, a bf16 result) and GEMM 2 with the block's
     residual and stochastic-depth scales build to sm_90 cubins."""
     constexprs = {"INTERPRETED": False, "BM": 64, "BN": 64, "BK": 32, "HAS_D": use == "residual"}
     constexprs |= {"HAS_BS": use == "residual"}
@@ -202,7 +201,7 @@ def test_kernel_compiles_for_hopper_without_a_gpu(use):
     elif use == "sketch":
         constexprs |= {"HAS_C": False, "PAIRS": 1, "ROUND_BF16": True, "CODE_C": 0, "CODE0": 0, "CODE1": 0}
         constexprs |= {"CODE2": 0, "CODE3": 0, "UP0": False, "UP1": False, "UP2": False, "UP3": False}
-        pointers = {"A0_ptr": "*bf16", "B0_ptr": "*bf16"}
+        pointers = {"A0_ptr": "*bf16", "B0_ptr": "*bf16", "O_ptr": "*bf16"}
     elif use == "residual":  # GEMM 2: bf16 x̂ (C), (Ps, Rᵀ) bf16, (z, Uᵀ) bf16 and fp32
         constexprs |= {"HAS_C": True, "PAIRS": 2, "ROUND_BF16": False, "CODE_C": 2, "CODE0": -2, "CODE1": -3}
         constexprs |= {"CODE2": 0, "CODE3": 0, "UP0": False, "UP1": True, "UP2": True, "UP3": True}

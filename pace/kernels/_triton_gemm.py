@@ -122,13 +122,12 @@ def matmul_sum(
     codes: list[int],
     batch: int,
     out: Tensor | None = None,
-    round_bf16: bool = False,
     out_dtype: torch.dtype | None = None,
     D: Tensor | None = None,
     batch_scale: Tensor | None = None,
 ) -> Tensor:
-    """``s₀C + Σᵢ sᵢ AᵢBᵢ`` accumulated in fp32 by the Triton kernel, written in fp32 (rounded to bf16 values with
-    ``round_bf16``) or in ``out_dtype`` (bf16); see ``pace.kernels.matmul_sum`` (which checks shapes)."""
+    """``s₀C + Σᵢ sᵢ AᵢBᵢ`` accumulated in fp32 by the Triton kernel, written in fp32 or in ``out_dtype`` (bf16,
+    rounded to nearest even); see ``pace.kernels.matmul_sum`` (which checks shapes)."""
     M, Nn = lhs[0].shape[-2], rhs[0].shape[-1]
     out_dtype = torch.float32 if out_dtype is None else out_dtype
     out = torch.empty((batch, M, Nn), device=lhs[0].device, dtype=out_dtype) if out is None else out
@@ -151,7 +150,7 @@ def matmul_sum(
         A[0], B[0], A[1], B[1], A[2], B[2], A[3], B[3],
         M, Nn, *ks, *c_strides, *d_strides, *strides,
         HAS_C=C is not None, HAS_D=D is not None, HAS_BS=batch_scale is not None, PAIRS=pairs,
-        ROUND_BF16=round_bf16 or out.dtype == torch.bfloat16, INTERPRETED=_INTERPRETED, CODE_C=codes[0], CODE0=codes[1],
+        ROUND_BF16=out.dtype == torch.bfloat16, INTERPRETED=_INTERPRETED, CODE_C=codes[0], CODE0=codes[1],
         CODE1=codes[2] if pairs > 1 else 0, CODE2=codes[3] if pairs > 2 else 0, CODE3=codes[4] if pairs > 3 else 0,
         UP0=up[0], UP1=up[1], UP2=up[2], UP3=up[3], BM=BM, BN=BN, BK=BK, num_warps=4,
     )  # fmt: skip

@@ -28,22 +28,21 @@ def _coefficient(scalars: Tensor | None, code: int, dtype: torch.dtype) -> Tenso
 
 def matmul_sum_reference(
     C: Tensor | None, lhs: list[Tensor], rhs: list[Tensor], scalars: Tensor | None, codes: list[int], batch: int,
-    dtype: torch.dtype, round_to: torch.dtype | None = None, out_dtype: torch.dtype | None = None,
-    D: Tensor | None = None, batch_scale: Tensor | None = None,
+    dtype: torch.dtype, out_dtype: torch.dtype | None = None, D: Tensor | None = None,
+    batch_scale: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
     """PyTorch ``s₀C + Σᵢ sᵢ AᵢBᵢ``: operands converted to ``dtype``, each coefficient on the smallest operand.
 
     Arguments as :func:`matmul_sum`.
 
     Returns:
-        The sum, shape (batch, M, Nn), in ``out_dtype`` (default ``dtype``), rounded through ``round_to`` when given.
+        The sum, shape (batch, M, Nn), in ``out_dtype`` (default ``dtype``).
     """
     out = _sum_of_products(C, lhs, rhs, scalars, codes, batch, dtype)
     if batch_scale is not None:
         out = out * batch_scale.to(dtype).view(-1, 1, 1)
     if D is not None:
         out = out + D.to(dtype)
-    out = out if round_to is None else out.to(round_to).to(dtype)
     return out if out_dtype is None else out.to(out_dtype)
 
 
@@ -79,21 +78,19 @@ def _sum_of_products(C, lhs, rhs, scalars, codes, batch, dtype):
 @torch.library.custom_op("pace::matmul_sum", mutates_args=())
 def _matmul_sum_op(
     C: Tensor | None, lhs: list[Tensor], rhs: list[Tensor], scalars: Tensor | None, codes: list[int], batch: int,
-    dtype: torch.dtype, round_to: torch.dtype | None, out_dtype: torch.dtype | None, D: Tensor | None,
-    batch_scale: Tensor | None,
+    dtype: torch.dtype, out_dtype: torch.dtype | None, D: Tensor | None, batch_scale: Tensor | None,
 ) -> Tensor:  # fmt: skip
     operands = [*lhs, *rhs] + [t for t in (C, D, batch_scale) if t is not None]
     supported = dtype == torch.float32 and all(t.dtype in _TRITON_DTYPES for t in operands)
-    supported = supported and round_to in (None, torch.bfloat16) and out_dtype in (None, torch.bfloat16)
+    supported = supported and out_dtype in (None, torch.bfloat16)
     module = _dispatch.triton_module(lhs[0], "_triton_gemm") if supported else None
     if module is None:
-        return matmul_sum_reference(C, lhs, rhs, scalars, codes, batch, dtype, round_to, out_dtype, D, batch_scale)
-    rounding = {"round_bf16": round_to is not None, "out_dtype": out_dtype}
-    return module.matmul_sum(C, lhs, rhs, scalars, codes, batch, D=D, batch_scale=batch_scale, **rounding)
+        return matmul_sum_reference(C, lhs, rhs, scalars, codes, batch, dtype, out_dtype, D, batch_scale)
+    return module.matmul_sum(C, lhs, rhs, scalars, codes, batch, out_dtype=out_dtype, D=D, batch_scale=batch_scale)
 
 
 @_matmul_sum_op.register_fake
-def _(C, lhs, rhs, scalars, codes, batch, dtype, round_to, out_dtype, D, batch_scale):
+def _(C, lhs, rhs, scalars, codes, batch, dtype, out_dtype, D, batch_scale):
     shape = (batch, lhs[0].shape[-2], rhs[0].shape[-1])
     return lhs[0].new_empty(shape, dtype=dtype if out_dtype is None else out_dtype)
 
@@ -106,7 +103,6 @@ def matmul_sum(
     scalars: Tensor | None = None,
     codes: list[int] | None = None,
     dtype: torch.dtype = torch.float32,
-    round_to: torch.dtype | None = None,
     out_dtype: torch.dtype | None = None,
     D: Tensor | None = None,
     batch_scale: Tensor | None = None,
@@ -126,9 +122,6 @@ def matmul_sum(
         scalars: 0-dim coefficients live on the device, a 1-D tensor (needed if a code is not 0).
         codes: One per term, C's first: 0 for a coefficient of 1, ``±(j + 1)`` for ``±scalars[j]``; default all 0.
         dtype: The result's dtype (float32 or float64).
-        round_to: A narrower dtype to round the result to (round-to-nearest-even) before it is stored in ``dtype``:
-            the value a product written in ``round_to`` has, without a second pass to widen it. The kernel rounds to
-            bfloat16; any other dtype runs the fallback.
         out_dtype: The dtype the result is written in, if not ``dtype``: a narrower one it is rounded to (nearest
             even) as it is stored, with no second pass. The kernel writes bfloat16; any other dtype runs the
             fallback.
@@ -153,8 +146,8 @@ def matmul_sum(
         )
     if any(codes) and scalars is None:
         raise ValueError(f"matmul_sum: codes {codes} need scalars")
-    round_to, out_dtype = (None if t == dtype else t for t in (round_to, out_dtype))
+    out_dtype = None if out_dtype == dtype else out_dtype
     batch = batches.pop() if batches else 1
     if batch_scale is not None and tuple(batch_scale.shape) != (batch,):
         raise ValueError(f"matmul_sum: batch_scale of shape ({batch},) expected, got {tuple(batch_scale.shape)}")
-    return _matmul_sum_op(C, list(lhs), list(rhs), scalars, codes, batch, dtype, round_to, out_dtype, D, batch_scale)
+    return _matmul_sum_op(C, list(lhs), list(rhs), scalars, codes, batch, dtype, out_dtype, D, batch_scale)

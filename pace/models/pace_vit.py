@@ -42,12 +42,30 @@ def _check_pool(global_pool: str, has_class_token: bool) -> None:
         raise AssertionError("PACEViT: global_pool='token' needs the class token, which was pruned")
 
 
+class _ClassAttentionBlock(ClassAttentionBlock):
+    """timm's (XCiT's) class-attention block, which can also compute the class token alone (same parameters)."""
+
+    def forward(self, x: torch.Tensor, class_token_only: bool = False) -> torch.Tensor:
+        """Tokens (B, 1 + N, C) after the block, or with ``class_token_only`` the class token (B, 1, C) alone.
+
+        timm's block norms every token after the attention (``tokens_norm``) and returns the patch tokens too;
+        only the class token depends on its attention, and norm, MLP and residual are per token, so computing them
+        for the class token alone gives the same numbers. A flag of the block's own forward, so that a compiled
+        block (``compile_blocks``) runs this path compiled too.
+        """
+        if not class_token_only:
+            return super().forward(x)
+        cls = x[:, :1] + self.drop_path1(self.gamma1 * self.attn(self.norm1(x)))  # class attention: (B, 1, C)
+        cls = self.norm2(cls)  # normed with or without tokens_norm
+        return cls + self.drop_path2(self.gamma2 * self.mlp(cls))
+
+
 def _class_attention_blocks(
     dim: int, num_heads: int, count: int, *, mlp_ratio: float, drop_rate: float, norm_layer: Callable, **dd
 ) -> nn.ModuleList:
     # The reference's class attention (XCiT's): biased qkv, dropout after the projections, every token normed.
     return nn.ModuleList(
-        ClassAttentionBlock(
+        _ClassAttentionBlock(
             dim,
             num_heads,
             mlp_ratio=mlp_ratio,
@@ -327,18 +345,6 @@ class PACEViT(nn.Module):
             x = x[:, 0]
         return x if pre_logits else self.head(x)
 
-    def _class_token_of_last_block(self, x: torch.Tensor) -> torch.Tensor:
-        """The class token (B, 1, C) after the last class-attention block, computing nothing else.
-
-        timm's block norms every token after the attention (``tokens_norm``) and returns the patch tokens too;
-        only the class token depends on its attention, and norm, MLP and residual are per token, so computing them
-        for the class token alone gives the same numbers.
-        """
-        blk = self.cls_attn_blocks[-1]
-        cls = x[:, :1] + blk.drop_path1(blk.gamma1 * blk.attn(blk.norm1(x)))  # class attention: (B, 1, C)
-        cls = blk.norm2(cls)  # normed with or without tokens_norm
-        return cls + blk.drop_path2(blk.gamma2 * blk.mlp(cls))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, num_classes) for images (B, in_chans, H, W).
 
@@ -354,10 +360,8 @@ class PACEViT(nn.Module):
         x = self._prepend_cls(x)
         for blk in self.cls_attn_blocks[:-1]:
             x = self._run_block(blk, x)
-        if self.grad_checkpointing:
-            cls = checkpoint(self._class_token_of_last_block, x)
-        else:
-            cls = self._class_token_of_last_block(x)
+        last = self.cls_attn_blocks[-1]
+        cls = checkpoint(last, x, True) if self.grad_checkpointing else last(x, class_token_only=True)  # (B, 1, C)
         return self.head(self.norm(cls[:, 0]))
 
     def forward_intermediates(

@@ -11,9 +11,10 @@ c = 20; Expand: 128 of c = 80 / 160 / 320), the normalised Gram (Compress: (1024
 (128, 384, 160) bf16 and fp32) and the whole ridge basis Q = Ŷ F (Gram + factor + one product) against
 ``pace.layers.basis.ridge_basis``, and the Compress memberships and weights (S model: B = 128, N = 196, K = 8,
 p = 48, bf16) against pace.layers.compress's op sequence, and the fused mixer's ops (memberships forward and backward,
-pack_bases, cast_dot; S model, bf16) against their PyTorch fallbacks (which rounds twice to bf16: agreement within 1e-2
-there, 1e-3 elsewhere). The dry run only checks that every case runs and agrees; its timings mean nothing.
-Exit code 1 when the two disagree.
+pack_bases from fp32 and from bf16 sketches, cast_dot; S model, bf16) and the block's LayerNorm around it
+(layer_norm_cast, layer_norm_backward: S model, 128 × 196 tokens of 384) against their PyTorch fallbacks (which round
+twice to bf16: agreement within 1e-2 there, 1e-3 elsewhere). The dry run only checks that every case runs and
+agrees; its timings mean nothing. Exit code 1 when the two disagree.
 """
 
 import argparse
@@ -33,6 +34,8 @@ from pace.kernels import (  # noqa: E402
     diag_memberships_backward_reference,
     diag_memberships_reference,
     inverse_cholesky_factor_reference,
+    layer_norm_backward_reference,
+    layer_norm_cast_reference,
     mixer_memberships_backward_reference,
     mixer_memberships_reference,
     normalized_gram_reference,
@@ -47,6 +50,7 @@ FULL = {
     "basis": [(1024, 48, 20, "bf16"), (128, 384, 160, "bf16")],
     "memberships": [(128, 196, 8, 48, "bf16")],
     "mixer": [(128, 196, 8, 20, 48, "bf16")],
+    "norm": [(128, 196, 384)],
 }
 DRY = {
     "factor": [(4, 20), (2, 40)],
@@ -54,6 +58,7 @@ DRY = {
     "basis": [(2, 48, 20, "bf16")],
     "memberships": [(2, 10, 8, 48, "bf16")],
     "mixer": [(2, 20, 3, 5, 6, "bf16")],
+    "norm": [(2, 21, 48)],
 }
 # (tile, num_warps, num_stages)
 SWEEP = [(16, 1, 1), (16, 2, 1), (16, 4, 1), (32, 1, 1), (32, 2, 1), (32, 4, 1), (32, 4, 2), (64, 4, 1), (64, 8, 1)]
@@ -169,6 +174,12 @@ def main() -> None:
     for batch, n, k, r, p, dt in cases["mixer"]:
         rows.extend(_mixer_cases(mixer_module, batch, n, k, r, p, DTYPES[dt], device))
         rows.extend(_diag_cases(diag_module, batch, n, k, r, p, DTYPES[dt], device))
+    norm_module = _dispatch.triton_module(torch.empty(0, device=device), "_triton_norm")
+    if args.dry_run:
+        with _dispatch.use_backend("interpret"):
+            norm_module = _dispatch.triton_module(torch.empty(0), "_triton_norm")
+    for batch, n, d in cases["norm"]:
+        rows.extend(_norm_cases(norm_module, batch, n, d, device))
 
     print(f"{'case':34s} {'triton ms':>10s} {'torch ms':>10s} {'torch/triton':>12s} {'rel diff':>10s}")
     for row in rows:
@@ -198,6 +209,7 @@ def _mixer_cases(module, batch: int, n: int, k: int, r: int, p: int, dtype: torc
     name = f"B={batch} N={n} K={k} r={r} p={p}"
     d, c = k * p, k * r
     S = torch.randn(batch, d, c + r, device=device)
+    S_bf16 = S.bfloat16()  # the mixer's sketch product
     F_s = torch.randn(batch, c, c, device=device).triu() / c**0.5
     U = torch.linalg.qr(torch.randn(d, d, device=device)).Q.contiguous()
     Q_c = torch.randn(batch * k, p, r, device=device)
@@ -207,6 +219,13 @@ def _mixer_cases(module, batch: int, n: int, k: int, r: int, p: int, dtype: torc
             f"pack bases {name}",
             lambda: module.pack_bases(S[..., :c], F_s, U, Q_c, dtype),
             lambda: pack_bases_reference(S[..., :c], F_s, U, Q_c, dtype),
+            device,
+            tol=1e-2,
+        ),
+        _compare(
+            f"pack bases, bf16 sketches {name}",
+            lambda: module.pack_bases(S_bf16[..., :c], F_s, U, Q_c, dtype),
+            lambda: pack_bases_reference(S_bf16[..., :c], F_s, U, Q_c, dtype),
             device,
             tol=1e-2,
         ),
@@ -229,6 +248,31 @@ def _mixer_cases(module, batch: int, n: int, k: int, r: int, p: int, dtype: torc
             lambda: mixer_memberships_backward_reference(*bwd),
             device,
             tol=1e-2,
+        ),
+    ]
+
+
+def _norm_cases(module, batch: int, n: int, d: int, device) -> list[dict]:
+    """The block's LayerNorm kernels (forward to bf16, backward from a bf16 x̄ with the residual's cotangent added)
+    against ATen's LayerNorm, its copy to bf16, its backward and the add."""
+    x = torch.randn(batch * n, d, device=device) * 2 + 0.5
+    w, b = torch.rand(d, device=device) + 0.5, torch.randn(d, device=device)
+    _, mean, rstd = layer_norm_cast_reference(x, w, b, 1e-6, torch.bfloat16)
+    dy, r = torch.randn_like(x).bfloat16(), torch.randn_like(x)
+    name = f"T={batch * n} C={d}"
+    return [
+        _compare(
+            f"layer norm cast {name}",
+            lambda: module.layer_norm_cast(x, w, b, 1e-6, torch.bfloat16),
+            lambda: layer_norm_cast_reference(x, w, b, 1e-6, torch.bfloat16),
+            device,
+            tol=1e-2,  # one bf16 rounding of the normalised tokens each
+        ),
+        _compare(
+            f"layer norm bwd {name}",
+            lambda: module.layer_norm_backward(dy, x, mean, rstd, w, r),
+            lambda: layer_norm_backward_reference(dy, x, mean, rstd, w, r),
+            device,
         ),
     ]
 

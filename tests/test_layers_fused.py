@@ -224,6 +224,27 @@ def test_block_residual_and_stochastic_depth_equal_timms_order_of_operations(for
     torch.testing.assert_close(block(x), x + block.attn(block.norm(x)), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "separate"])
+def test_memberships_false_returns_the_same_update_and_no_memberships(fused):
+    """``pace_attention(..., memberships=False)`` (what PACEAttention.forward asks for): the same update and
+    gradients, and None for π (the fused mixer then does not output it)."""
+    torch.manual_seed(0)
+    attn = PACEAttention(32, 4, rank=4, fused=fused).double()
+    x = torch.randn(2, 10, 32, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 10, 32, dtype=torch.float64)
+    args = (attn.compress.subspaces, attn.compress.tau, attn.alpha, attn.beta)
+    sketches = (attn.expand.current_sketch(10), attn.compress.current_sketch(10))
+    runs = []
+    for memberships in (True, False):
+        out, pi = pace_attention(
+            x, *args, *sketches, num_heads=4, eps=0.01, fused=fused, memberships=memberships
+        )  # fmt: skip
+        assert (pi is None) == (not memberships)
+        runs.append((out, *torch.autograd.grad((out * g).sum(), (x, *args))))
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_branch_scale_needs_a_residual():
     block = PACEBlock(32, 4, attn_layer=partial(PACEAttention, rank=4, fused=True))
     x = torch.randn(2, 10, 32)

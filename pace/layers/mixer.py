@@ -127,7 +127,7 @@ class _PACEMixer(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, x, subspaces, tau, alpha, beta, expand_sketch, compress_sketch, residual, branch_scale, norm_weight,
-        norm_bias, num_heads, eps, diag, norm_eps, residual_is_x,
+        norm_bias, num_heads, eps, diag, norm_eps, residual_is_x, with_pi,
     ):  # fmt: skip
         B, N, d = x.shape
         K, ce, r = num_heads, expand_sketch.shape[1], compress_sketch.shape[1]
@@ -209,13 +209,15 @@ class _PACEMixer(torch.autograd.Function):
             z, branch_scale, *((x, *norm_stats, norm_weight) if norm else ()),
         )  # fmt: skip
         ctx.dims, ctx.norm, ctx.fold_residual = (K, ce, r, diag, eps), norm, residual_is_x
-        ctx.set_materialize_grads(False)  # an unused π gets no zero cotangent written; see backward
+        # An unused π gets no zero cotangent written (see backward); without `with_pi` it is not an output at all,
+        # so that a compiled graph does not write one either.
+        ctx.set_materialize_grads(False)
         ctx.coefficient_dtypes = (tau.dtype, alpha.dtype, beta.dtype)
         ctx.x_dtype, ctx.has_residual = x.dtype, residual is not None
-        return out, pi
+        return (out, pi) if with_pi else out
 
     @staticmethod
-    def backward(ctx, g, g_pi):
+    def backward(ctx, g, g_pi=None):
         (xb, omega, subspaces, Ub, S, n_e, G_e, F_e, Y_c, n_c, G_c, F_c, Q_c, a, R, P, Ps, pi, sq, scalars, extra,
          z, branch_scale, *norm_saved) = ctx.saved_tensors  # fmt: skip
         K, ce, r, diag, eps = ctx.dims
@@ -277,7 +279,7 @@ class _PACEMixer(torch.autograd.Function):
         # x, U, τ, α, β, the sketches, residual, branch scales, the norm's weight and bias, then the non-tensors
         return (
             grad_x, U_bar.to(subspaces.dtype), grad_tau.to(tau_dtype), grad_alpha.to(alpha_dtype),
-            grad_beta.to(beta_dtype), None, None, grad_residual, None, *grad_norm, *[None] * 6,
+            grad_beta.to(beta_dtype), None, None, grad_residual, None, *grad_norm, *[None] * 7,
         )  # fmt: skip
 
 
@@ -289,7 +291,8 @@ def pace_mixer(
     residual: Tensor | None = None,
     branch_scale: Tensor | None = None,
     layer_norm: tuple[Tensor, Tensor, float] | None = None,
-) -> tuple[Tensor, Tensor]:
+    memberships: bool = True,
+) -> tuple[Tensor, Tensor | None]:
     """``α·expand(x) − β·compress(x)`` and π with ridge projectors, fused (forward and backward).
 
     With ``residual`` the first output is ``residual + t_b·update`` (t_b from ``branch_scale``, else 1), added in
@@ -308,10 +311,12 @@ def pace_mixer(
             with ``residual``.
         layer_norm: Optional ``(weight, bias, eps)`` of a LayerNorm over the last dimension applied to x first
             (a pre-norm block's norm; weight and bias of shape (C,)).
+        memberships: Return π; with False π is None and no output of the autograd function (a compiled graph then
+            writes no zero cotangent for it).
 
     Returns:
         ``(update, π)`` or ``(residual + t_b·update, π)``: the first in the dtype of x (promoted with the
-        residual's), π in at least float32.
+        residual's), π in at least float32 (None with ``memberships=False``).
     """
     if len(tensors) != 7:
         raise TypeError(f"pace_mixer: x, subspaces, tau, alpha, beta and the two sketches expected, got {len(tensors)}")
@@ -319,7 +324,8 @@ def pace_mixer(
         raise ValueError("pace_mixer: branch_scale scales the update added to a residual; pass residual too")
     weight, bias, norm_eps = layer_norm if layer_norm is not None else (None, None, None)
     residual_is_x = layer_norm is not None and residual is tensors[0]
-    return _PACEMixer.apply(
+    out = _PACEMixer.apply(
         *tensors, None if residual_is_x else residual, branch_scale, weight, bias, num_heads, eps, form == "diag",
-        norm_eps, residual_is_x,
+        norm_eps, residual_is_x, memberships,
     )  # fmt: skip
+    return out if memberships else (out, None)

@@ -46,7 +46,8 @@ def pace_attention(
     residual: Tensor | None = None,
     branch_scale: Tensor | None = None,
     layer_norm: tuple[Tensor, Tensor, float] | None = None,
-) -> tuple[Tensor, Tensor]:
+    memberships: bool = True,
+) -> tuple[Tensor, Tensor | None]:
     """``α·expand(x) − β·compress(x)`` and the memberships π, with the two terms sharing their work.
 
     The same function as the separate operators (:func:`pace.layers.expand`, :func:`pace.layers.compress`). With
@@ -79,10 +80,12 @@ def pace_attention(
         layer_norm: Optional ``(weight, bias, eps)`` of a LayerNorm over C to apply to x first (the block's
             pre-norm): the fused mixer runs it as its first pass and, with ``residual`` x itself, adds the
             residual's cotangent in the norm's backward pass.
+        memberships: Return π (else None: the fused mixer then does not output it, and a compiled graph writes no
+            zero cotangent for it).
 
     Returns:
         ``(update, memberships)``: update of shape (B, N, C) in the dtype of ``x`` (or ``residual + t_b·update``);
-        memberships π of shape (B, N, K) in the dtype of ``x``.
+        memberships π of shape (B, N, K) in the dtype of ``x`` (None with ``memberships=False``).
     """
     if branch_scale is not None and residual is None:
         raise ValueError("pace_attention: branch_scale scales the update added to a residual; pass residual too")
@@ -90,9 +93,9 @@ def pace_attention(
         validate_compress_form(form)
         out, pi = pace_mixer(
             x, subspaces, tau, alpha, beta, expand_sketch, compress_sketch, num_heads=num_heads, eps=eps, form=form,
-            residual=residual, branch_scale=branch_scale, layer_norm=layer_norm,
+            residual=residual, branch_scale=branch_scale, layer_norm=layer_norm, memberships=memberships,
         )  # fmt: skip
-        return out, pi.to(x.dtype)
+        return out, None if pi is None else pi.to(x.dtype)
     if layer_norm is not None:
         weight, bias, norm_eps = layer_norm
         x = F.layer_norm(x, x.shape[-1:], weight, bias, norm_eps)
@@ -115,7 +118,7 @@ def pace_attention(
     )
     if residual is not None:  # as x + DropPath(update): the update times its image's scale, then the sum
         out = residual + (out if branch_scale is None else out * branch_scale.to(out.dtype).view(-1, 1, 1))
-    return out, pi
+    return out, pi if memberships else None
 
 
 def _runs_fused(fused: bool | None, exact: bool, x: Tensor) -> bool:
@@ -292,4 +295,5 @@ class PACEAttention(nn.Module):
             residual=residual,
             branch_scale=branch_scale,
             layer_norm=layer_norm,
+            memberships=False,
         )[0]

@@ -75,7 +75,9 @@ def _sum_of_products(C, lhs, rhs, scalars, codes, batch, dtype):
     return out
 
 
-@torch.library.custom_op("pace::matmul_sum", mutates_args=())
+# flexible_layout: the kernel reads its matrices through their strides, so Inductor hands them over as they are laid
+# out; without it, it copied an input that two of these ops read, once for each (V̄'s head-major copy, 15.7 MB).
+@torch.library.custom_op("pace::matmul_sum", mutates_args=(), tags=(torch.Tag.flexible_layout,))
 def _matmul_sum_op(
     C: Tensor | None, lhs: list[Tensor], rhs: list[Tensor], scalars: Tensor | None, codes: list[int], batch: int,
     dtype: torch.dtype, out_dtype: torch.dtype | None, D: Tensor | None, batch_scale: Tensor | None,
@@ -86,7 +88,8 @@ def _matmul_sum_op(
     module = _dispatch.triton_module(lhs[0], "_triton_gemm") if supported else None
     if module is None:
         return matmul_sum_reference(C, lhs, rhs, scalars, codes, batch, dtype, out_dtype, D, batch_scale)
-    return module.matmul_sum(C, lhs, rhs, scalars, codes, batch, out_dtype=out_dtype, D=D, batch_scale=batch_scale)
+    vectors = [None if t is None else t.contiguous() for t in (scalars, batch_scale)]  # read by index, not strides
+    return module.matmul_sum(C, lhs, rhs, vectors[0], codes, batch, out_dtype=out_dtype, D=D, batch_scale=vectors[1])
 
 
 @_matmul_sum_op.register_fake

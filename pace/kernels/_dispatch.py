@@ -8,8 +8,10 @@ The choice is made per call from the tensor's device and one setting, ``PACE_TRI
   ``TRITON_INTERPRET=1`` in the environment means the same.
 
 The setting is read from the environment at each call, or overridden in-process with :func:`use_backend`.
-The Triton kernels live in ``_triton_ridge.py`` (ridge step, Compress memberships) and ``_triton_mixer.py`` (the
-fused mixer's elementwise work), loaded lazily on first use. Triton decides between compiling
+The Triton kernels live in ``_triton_ridge.py`` (ridge step, Compress memberships), ``_triton_ridge_bwd.py`` (its
+backward's c × c work), ``_triton_mixer.py`` and ``_triton_diag.py`` (the fused mixer's elementwise work, both
+forms), ``_triton_gemm.py`` (its sums of products) and ``_triton_norm.py`` (the block's LayerNorm around it), loaded
+lazily on first use. Triton decides between compiling
 and interpreting when a function is decorated, for its own standard library (``tl.sum``, ``tl.zeros``) when
 ``triton`` is first imported, which torch and pace do early. So the interpreter works only in a process that had
 ``TRITON_INTERPRET=1`` in its environment before ``triton`` was imported (start Python with it, as the tests do

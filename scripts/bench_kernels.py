@@ -209,26 +209,22 @@ def _mixer_cases(module, batch: int, n: int, k: int, r: int, p: int, dtype: torc
     name = f"B={batch} N={n} K={k} r={r} p={p}"
     d, c = k * p, k * r
     S = torch.randn(batch, d, c + r, device=device)
-    S_bf16 = S.bfloat16()  # the mixer's sketch product
     F_s = torch.randn(batch, c, c, device=device).triu() / c**0.5
     U = torch.linalg.qr(torch.randn(d, d, device=device)).Q.contiguous()
     Q_c = torch.randn(batch * k, p, r, device=device)
     g, x = torch.randn(batch, n, d, device=device), torch.randn(batch, n, d, device=device)
-    return [
+    # Sketches in fp32 and in bf16 (the mixer's sketch product), each a strided view.
+    packs = [
         _compare(
-            f"pack bases {name}",
-            lambda: module.pack_bases(S[..., :c], F_s, U, Q_c, dtype),
-            lambda: pack_bases_reference(S[..., :c], F_s, U, Q_c, dtype),
+            f"pack bases{label} {name}",
+            lambda Y=Y: module.pack_bases(Y, F_s, U, Q_c, dtype),
+            lambda Y=Y: pack_bases_reference(Y, F_s, U, Q_c, dtype),
             device,
             tol=1e-2,
-        ),
-        _compare(
-            f"pack bases, bf16 sketches {name}",
-            lambda: module.pack_bases(S_bf16[..., :c], F_s, U, Q_c, dtype),
-            lambda: pack_bases_reference(S_bf16[..., :c], F_s, U, Q_c, dtype),
-            device,
-            tol=1e-2,
-        ),
+        )
+        for label, Y in (("", S[..., :c]), (", bf16 sketches", S.bfloat16()[..., :c]))
+    ]
+    return packs + [
         _compare(
             f"cast dot {name}",
             lambda: module.cast_dot(g, x, dtype),

@@ -16,10 +16,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # Each case: ("factor", G[, row_scale]) -> F (D⁻¹F), ("gram", Y, eps) -> (scale, G),
 # ("memberships", a, col, tau) -> (w, π),
-# ("mixer_fwd", P, a, M, scalars) -> (Ps, z, π, ‖col‖²), ("mixer_bwd", g_R, P, g_U, a, π, ‖col‖², g_π, M, scalars)
-# -> (P̄, ā, P_c ⊙ ∂‖col‖², sums), ("diag_fwd", a_w, keep, scalars, dtype) -> (a, z, π, ‖col‖²), ("diag_bwd", gQ_e,
+# ("mixer_fwd", a, Q_c, scalars) -> (z, π, ‖col‖²), ("mixer_bwd", gQ_e, P, g_U, a, π, ‖col‖², g_π, Q_c, scalars)
+# -> (P̄, Ps, ā, ∂‖col‖² ⊙ c, c, sums), ("diag_fwd", a_w, keep, scalars, dtype) -> (a, z, π, ‖col‖²), ("diag_bwd", gQ_e,
 # P_e, gU, a, π, ‖col‖², g_π, keep, scalars) -> (ā, ∂keep, sums), ("cast_dot", g, x, dtype[, scale]) -> (copy, <g, x>),
-# ("pack", Y, F_s, U, Q_c, dtype) -> R,
+# ("pack", Y, F_s, dtype) -> Q_e,
 # ("matmul_sum", C, lhs, rhs, scalars, codes[, keywords]) -> the sum,
 # ("norm_fwd", x, w, b, eps, dtype) -> (y, μ, rstd), ("norm_bwd", dy, x, μ, rstd, w, residual_grad) -> (dx, dw, db),
 # ("ridge_grad", W, F_s, G, scale, eps) -> Γ, ("radial", W, F_s, G, G_s, scale, eps[, coef][, {"half": True}]) -> Γ
@@ -32,7 +32,7 @@ import sys
 import torch
 torch.set_num_threads(1)
 from pace.kernels import _dispatch, use_backend, inverse_cholesky_factor, normalized_gram, compress_memberships
-from pace.kernels import cast_dot, mixer_memberships, mixer_memberships_backward, pack_bases, matmul_sum
+from pace.kernels import cast_dot, mixer_memberships, mixer_memberships_backward, expand_basis, matmul_sum
 from pace.kernels import ridge_gradient_matrix, ridge_radial_diagonal, diag_memberships, diag_memberships_backward
 cases = torch.load(sys.argv[1])
 with use_backend("interpret"):
@@ -53,20 +53,22 @@ with use_backend("interpret"):
                 tile = int(how[4:]) if how.startswith("tile") else None
                 results[name] = module.inverse_cholesky_factor(G, out=out, tile=tile, row_scale=row_scale)
         elif kind == "mixer_fwd":
-            P, a, M, scalars = args
+            a, Q_c, scalars = args
             if how == "op":
                 results[name] = mixer_memberships(*args)
             else:
-                per_head = torch.full(P.shape[:2] + M.shape[1:2], nan)
-                out = (torch.full_like(P, nan), torch.full_like(a, nan), per_head, per_head.clone())
+                per_head = torch.full(a.shape[:2] + Q_c.shape[1:2], nan)
+                out = (torch.full_like(a, nan), per_head, per_head.clone())
                 results[name] = mixer.mixer_memberships(*args, out=out)
         elif kind == "mixer_bwd":
-            P, a, M = args[1], args[3], args[7]
+            P, a, Q_c = args[1], args[3], args[7]
             if how == "op":
                 results[name] = mixer_memberships_backward(*args)
             else:
-                Pc_w = torch.full(P.shape[:2] + (M.shape[1] * M.shape[2],), nan, dtype=P.dtype)
-                out = (torch.full_like(P, nan), torch.full_like(a, nan), Pc_w)
+                Kr = Q_c.shape[1] * Q_c.shape[3]
+                wide = [torch.full(P.shape[:2] + (P.shape[2] + Kr,), nan, dtype=P.dtype) for _ in range(2)]
+                narrow = [torch.full(P.shape[:2] + (Kr,), nan, dtype=P.dtype) for _ in range(2)]
+                out = (*wide, torch.full_like(a, nan), *narrow)
                 results[name] = mixer.mixer_memberships_backward(*args, out=out)
         elif kind in ("diag_fwd", "diag_bwd"):
             if how == "op":
@@ -88,13 +90,11 @@ with use_backend("interpret"):
             else:
                 results[name] = mixer.cast_dot(g, x, dtype, out=torch.full(g.shape, nan, dtype=dtype), scale=scale)
         elif kind == "pack":
-            Y, F_s, U, Q_c, dtype = args
+            Y, F_s, dtype = args
             if how == "op":
-                results[name] = pack_bases(*args)
+                results[name] = expand_basis(*args)
             else:
-                extra = 0 if Q_c is None else Q_c.shape[0] // Y.shape[0] * Q_c.shape[2]
-                out = torch.full(Y.shape[:2] + (Y.shape[2] + extra,), nan, dtype=dtype)
-                results[name] = mixer.pack_bases(*args, out=out)
+                results[name] = mixer.expand_basis(*args, out=torch.full(Y.shape, nan, dtype=dtype))
         elif kind == "pace_mixer":
             from pace.layers.mixer import pace_mixer
 

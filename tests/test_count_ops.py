@@ -123,12 +123,12 @@ def test_the_fused_block_runs_the_mixer_kernels_once_each(form):
     assert kernels == {
         "normalized_gram": 2,
         "inverse_cholesky_factor": 2,
-        "pack_bases": 1,
+        "expand_basis": 1,
         **_FORM_KERNELS[form],
         "cast_dot": 1,
         # The sketch product S, Y_c = UᵀS_c, GEMM 2, R̄ (diag: Q̄_e), x̄ and the two ridge backwards' W = YᵀQ̄ and
-        # Ȳ = Q̄F_sᵀ + YΓ; diag: a = x̂U too; full: V̄'s two head-wise products (Q̄_c and Ū's term)
-        "matmul_sum": 11 if form == "full" else 10,
+        # Ȳ = Q̄F_sᵀ + YΓ; diag: a = x̂U too; full: V̄'s head-wise product Q̄_k = U_kᵀV̄_k
+        "matmul_sum": 10,
         "ridge_gradient_matrix": 2,  # both ridge backwards: c = 16 and 4 fit the register tile (c ≤ 32)
         "layer_norm_cast": 1,  # the block's norm, run by the mixer
         "layer_norm_backward": 1,  # with the residual's cotangent added

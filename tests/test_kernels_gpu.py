@@ -101,27 +101,26 @@ def test_mixer_memberships_on_cuda_match_float64(dtype):
 
     gen = torch.Generator().manual_seed(3)
     B, N, K, r, p = 16, 196, 8, 20, 48
-    P = torch.randn(B, N, 2 * K * r, generator=gen).to(dtype)
     a = torch.randn(B, N, K * p, generator=gen).to(dtype)
-    Q = torch.randn(B, K, p, r, generator=gen) / p**0.5
-    M, scalars = Q.mT @ Q, torch.tensor([0.7, 0.3, 0.6])
-    out = mixer_memberships(P.cuda(), a.cuda(), M.cuda(), scalars.cuda())
-    ref = mixer_memberships_reference(P.double(), a.double(), M.double(), scalars.double())
+    Q_c = torch.randn(B, K, p, r, generator=gen) / p**0.5
+    scalars = torch.tensor([0.7, 0.3, 0.6])
+    out = mixer_memberships(a.cuda(), Q_c.cuda(), scalars.cuda())
+    ref = mixer_memberships_reference(a.double(), Q_c.double(), scalars.double())
     rel = 2**-8 if dtype == torch.bfloat16 else 1e-5
-    for got, want, tol in zip(out, ref, (rel, rel, 1e-5, 1e-5)):
+    for got, want, tol in zip(out, ref, (rel, 1e-5, 1e-5)):
         got = got.cpu().double()
         assert ((got - want).abs() <= tol * want.abs() + 1e-5 * want.abs().max()).all()
-    g_R = torch.randn(P.shape, generator=gen).to(dtype)
+    g_Qe, P = (torch.randn(B, N, K * r, generator=gen).to(dtype) for _ in range(2))
     g_U = torch.randn(a.shape, generator=gen).to(dtype)
     g_pi = torch.randn(B, N, K, generator=gen)
-    pi, sq = ref[2].float(), ref[3].float()
-    args = (g_R, P, g_U, a, pi, sq, g_pi, M, scalars)
-    got = mixer_memberships_backward(*(t.cuda() for t in args))
-    want = mixer_memberships_backward_reference(*(t.double() for t in args))
-    for o, w in zip(got[:3], want[:3]):
-        o = o.cpu().double()
-        assert ((o - w).abs() <= 2 * rel * w.abs() + 1e-5 * w.abs().max()).all()
-    torch.testing.assert_close(got[3].cpu().double(), want[3], rtol=1e-4, atol=1e-3)
+    for pi_cot in (g_pi, None):  # None: π unused, the training path
+        args = (g_Qe, P, g_U, a, ref[1].float(), ref[2].float(), pi_cot, Q_c, scalars)
+        got = mixer_memberships_backward(*(None if t is None else t.cuda() for t in args))
+        want = mixer_memberships_backward_reference(*(None if t is None else t.double() for t in args))
+        for o, w in zip(got[:5], want[:5]):
+            o = o.cpu().double()
+            assert ((o - w).abs() <= 2 * rel * w.abs() + 1e-5 * w.abs().max()).all()
+        torch.testing.assert_close(got[5].cpu().double(), want[5], rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -160,22 +159,19 @@ def test_diag_memberships_on_cuda_match_float64(dtype):
         torch.testing.assert_close(sums.cpu().double(), want[2], rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("with_v", [True, False], ids=["full", "diag"])
-def test_pack_bases_on_cuda_matches_float64(with_v):
-    """R = [Y F_s | U_k Q_k] at the S model's sizes (B = 32): fp32 products, one rounding to bf16."""
-    from pace.kernels import pack_bases, pack_bases_reference
+@pytest.mark.parametrize("sketch_dtype", [torch.float32, torch.bfloat16])
+def test_expand_basis_on_cuda_matches_float64(sketch_dtype):
+    """Q_e = Y F_s at the S model's sizes (B = 32), from fp32 and from bf16 sketches (the mixer's): fp32-accurate
+    products (3xTF32), one rounding to bf16."""
+    from pace.kernels import expand_basis, expand_basis_reference
 
     gen = torch.Generator().manual_seed(5)
-    B, K, p, r = 32, 8, 48, 20
-    d, c = K * p, K * r
-    S = torch.randn(B, d, c + r, generator=gen)
+    B, d, c = 32, 384, 160
+    S = torch.randn(B, d, c + 20, generator=gen).to(sketch_dtype)
     F_s = torch.randn(B, c, c, generator=gen).triu() / c**0.5
-    U = torch.linalg.qr(torch.randn(d, d, generator=gen)).Q
-    Q_c = torch.randn(B * K, p, r, generator=gen) if with_v else None
-    R = pack_bases(S.cuda()[..., :c], F_s.cuda(), U.cuda(), None if Q_c is None else Q_c.cuda(), torch.bfloat16)
-    ref = pack_bases_reference(S[..., :c].double(), F_s.double(), U.double(), None if Q_c is None else Q_c.double(),
-                               torch.float64)  # fmt: skip
-    err = (R.cpu().double() - ref).abs()
+    Q = expand_basis(S.cuda()[..., :c], F_s.cuda(), torch.bfloat16)
+    ref = expand_basis_reference(S[..., :c].double(), F_s.double(), torch.float64)
+    err = (Q.cpu().double() - ref).abs()
     assert (err <= 2**-8 * ref.abs() + 1e-5 * ref.abs().max()).all(), err.max().item()
 
 

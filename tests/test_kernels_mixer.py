@@ -15,40 +15,41 @@ from kernels_helpers import (
 
 from pace.kernels import (
     cast_dot,
+    expand_basis,
+    expand_basis_reference,
     mixer_memberships,
     mixer_memberships_backward,
     mixer_memberships_backward_reference,
     mixer_memberships_reference,
-    pack_bases,
-    pack_bases_reference,
 )
 from pace.kernels.mixer_ops import block_diag
 
 # (B, N, K, r, p): ragged (N crosses the 16-token blocks, K, r and p below their padded sizes) and the S model's.
 SHAPES = {"small": (2, 20, 3, 5, 6), "s": (1, 17, 8, 20, 48)}
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
-PACK_SHAPES = {"small": (2, 3, 6, 5), "s": (1, 8, 48, 20)}  # (B, K, p, r): ragged tiles; the S model's
+BASIS_SHAPES = {"small": (2, 18, 15), "s": (1, 384, 160)}  # (B, d, c): ragged tiles; the S model's
 
 
 def _forward_inputs(B, N, K, r, p, gen, dtype=torch.float64):
-    P = torch.randn(B, N, 2 * K * r, generator=gen, dtype=dtype)
     a = torch.randn(B, N, K * p, generator=gen, dtype=dtype)
-    Q = torch.randn(B, K, p, r, generator=gen, dtype=dtype) / p**0.5
-    M = Q.mT @ Q  # Q_kᵀQ_k
+    Q_c = torch.randn(B, K, p, r, generator=gen, dtype=dtype) / p**0.5
     scalars = torch.tensor([0.5 + torch.rand((), generator=gen).item(), 0.3, 0.7], dtype=dtype)
-    return P, a, M, scalars
+    return a, Q_c, scalars
 
 
-def _backward_inputs(P, a, M, scalars, gen):
-    _, _, pi, sq = mixer_memberships_reference(P.double(), a.double(), M.double(), scalars.double())
-    g_R, g_U = torch.randn(P.shape, generator=gen), torch.randn(a.shape, generator=gen)
+def _backward_inputs(a, Q_c, scalars, gen):
+    _, pi, sq = mixer_memberships_reference(a.double(), Q_c.double(), scalars.double())
+    B, N, _ = a.shape
+    K, r = Q_c.shape[1], Q_c.shape[3]
+    g_Qe, P = (torch.randn(B, N, K * r, generator=gen).to(a.dtype) for _ in range(2))
+    g_U = torch.randn(a.shape, generator=gen).to(a.dtype)
     g_pi = torch.randn(pi.shape, generator=gen)
-    return g_R.to(P.dtype), g_U.to(a.dtype), pi.float(), sq.float(), g_pi
+    return g_Qe, P, g_U, pi.float(), sq.float(), g_pi
 
 
-def _bwd_args(P, a, M, scalars, extra):
-    g_R, g_U, pi, sq, g_pi = extra
-    return (g_R, P, g_U, a, pi, sq, g_pi, M, scalars)
+def _bwd_args(a, Q_c, scalars, extra):
+    g_Qe, P, g_U, pi, sq, g_pi = extra
+    return (g_Qe, P, g_U, a, pi, sq, g_pi, Q_c, scalars)
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +59,10 @@ def interpreted(tmp_path_factory):
     gen = torch.Generator().manual_seed(seed)
     cases, inputs = {}, {}
     for name, shape in SHAPES.items():
-        P, a, M, scalars = _forward_inputs(*shape, gen)
-        P[0, 1, shape[2] * shape[3] :] = 0  # a token with no component in any sketched space: ‖col‖ = 0
+        a, Q_c, scalars = _forward_inputs(*shape, gen)
+        a[0, 1] = 0  # a token with no component in any head's subspace: ‖col‖ = 0
         for dt, dtype in DTYPES.items():
-            fwd = (P.to(dtype), a.to(dtype), M.float(), scalars.float())
+            fwd = (a.to(dtype), Q_c.float(), scalars.float())
             extra = _backward_inputs(*fwd, gen)
             inputs[f"{name}_{dt}"] = (fwd, extra)
             cases[f"fwd_{name}_{dt}"] = ("mixer_fwd", fwd, "poison")
@@ -85,22 +86,18 @@ def interpreted(tmp_path_factory):
     inputs["cast_dot_scale"] = scale
     for how in ("poison", "op"):
         cases[f"cast_dot_scaled_{how}"] = ("cast_dot", (g, x.to(torch.bfloat16), torch.bfloat16, scale), how)
-    for name, (B, K, p, r) in PACK_SHAPES.items():
-        d, c = K * p, K * r
-        S = torch.randn(B, d, c + r, generator=gen)  # Y is a strided view, as the mixer's S[..., :c_e]
+    for name, (B, d, c) in BASIS_SHAPES.items():
+        S = torch.randn(B, d, c + 7, generator=gen)  # Y is a strided view, as the mixer's S[..., :c_e]
         F_s = torch.randn(B, c, c, generator=gen).triu() / c**0.5
-        U = torch.linalg.qr(torch.randn(d, d, generator=gen)).Q
-        Q_c = torch.randn(B * K, p, r, generator=gen)
-        inputs[f"pack_{name}"] = (S[..., :c], F_s, U, Q_c)
+        inputs[f"basis_{name}"] = (S[..., :c], F_s)
         for dtype in (torch.bfloat16, torch.float32):
-            cases[f"pack_{name}_{dtype}"] = ("pack", (S[..., :c], F_s, U, Q_c, dtype), "poison")
-        cases[f"pack_{name}_diag"] = ("pack", (S[..., :c], F_s, U, None, torch.bfloat16), "poison")
+            cases[f"basis_{name}_{dtype}"] = ("pack", (S[..., :c], F_s, dtype), "poison")
         # The mixer's Expand sketches: bf16 numbers stored in bf16, a strided view of the sketch product.
         S_bf16 = S.to(torch.bfloat16)
-        inputs[f"pack_{name}_bf16_y"] = S_bf16[..., :c]
-        cases[f"pack_{name}_bf16_y"] = ("pack", (S_bf16[..., :c], F_s, U, Q_c, torch.bfloat16), "poison")
-        cases[f"pack_{name}_bf16_y_op"] = ("pack", (S_bf16[..., :c], F_s, U, Q_c, torch.bfloat16), "op")
-    cases["pack_op"] = ("pack", (*inputs["pack_small"], torch.bfloat16), "op")
+        inputs[f"basis_{name}_bf16_y"] = S_bf16[..., :c]
+        for how in ("poison", "op"):
+            cases[f"basis_{name}_bf16_y_{how}"] = ("pack", (S_bf16[..., :c], F_s, torch.bfloat16), how)
+    cases["basis_op"] = ("pack", (*inputs["basis_small"], torch.bfloat16), "op")
     return seed, inputs, run_interpreted(cases, tmp_path_factory.mktemp("interp"))
 
 
@@ -109,15 +106,18 @@ def interpreted(tmp_path_factory):
 def test_forward_kernel_matches_float64(interpreted, name, dt):
     seed, inputs, out = interpreted
     fwd, _ = inputs[f"{name}_{dt}"]
-    Ps, z, pi, sq = out[f"fwd_{name}_{dt}"]
-    assert Ps.dtype == z.dtype == DTYPES[dt] and pi.dtype == sq.dtype == torch.float32
+    z, pi, sq = out[f"fwd_{name}_{dt}"]
+    assert z.dtype == DTYPES[dt] and pi.dtype == sq.dtype == torch.float32
     ref = mixer_memberships_reference(*(t.double() for t in fwd))  # float64 from the same (rounded) inputs
     rounding = 2**-8 if dt == "bf16" else 1e-6  # one rounding to the output dtype
-    for what, o, r, rel in zip(("Ps", "z", "pi", "sq"), (Ps, z, pi, sq), ref, (rounding, rounding, 1e-5, 1e-5)):
+    for what, o, r, rel in zip(("z", "pi", "sq"), (z, pi, sq), ref, (rounding, 1e-5, 1e-5)):
         assert_close_elementwise(o, r, rel, what, seed)
     assert sq[0, 1].abs().max() == 0 and torch.allclose(
-        pi[0, 1].double(), torch.full_like(ref[2][0, 1], 1 / SHAPES[name][2])
+        pi[0, 1].double(), torch.full_like(ref[1][0, 1], 1 / SHAPES[name][2])
     )
+
+
+_BWD_OUTPUTS = ("P_bar", "Ps", "a_bar", "C_w", "C")
 
 
 @pytest.mark.parametrize("name", SHAPES)
@@ -125,13 +125,14 @@ def test_forward_kernel_matches_float64(interpreted, name, dt):
 def test_backward_kernel_matches_float64(interpreted, name, dt):
     seed, inputs, out = interpreted
     fwd, extra = inputs[f"{name}_{dt}"]
-    P_bar, a_bar, Pc_w, sums = out[f"bwd_{name}_{dt}"]
-    assert P_bar.dtype == a_bar.dtype == Pc_w.dtype == DTYPES[dt] and sums.shape == (3,)
+    *tensors, sums = out[f"bwd_{name}_{dt}"]
+    assert all(t.dtype == DTYPES[dt] for t in tensors) and sums.shape == (3,)
     ref = mixer_memberships_backward_reference(*(t.double() for t in _bwd_args(*fwd, extra)))
     rounding = 2**-8 if dt == "bf16" else 1e-5
-    for what, o, r in zip(("P_bar", "a_bar", "Pc_w"), (P_bar, a_bar, Pc_w), ref):
+    for what, o, r in zip(_BWD_OUTPUTS, tensors, ref):
+        assert o.shape == r.shape, what
         assert_close_elementwise(o, r, rounding, what, seed)
-    torch.testing.assert_close(sums.double(), ref[3], rtol=1e-4, atol=1e-4, msg=f"seed {seed}: partial sums")
+    torch.testing.assert_close(sums.double(), ref[5], rtol=1e-4, atol=1e-4, msg=f"seed {seed}: partial sums")
 
 
 def test_backward_kernel_without_a_membership_cotangent(interpreted):
@@ -142,9 +143,9 @@ def test_backward_kernel_without_a_membership_cotangent(interpreted):
     args[6] = torch.zeros_like(args[6])
     ref = mixer_memberships_backward_reference(*args)
     for case in ("bwd_no_g_pi", "bwd_no_g_pi_op"):
-        for what, o, r in zip(("P_bar", "a_bar", "Pc_w"), out[case][:3], ref):
+        for what, o, r in zip(_BWD_OUTPUTS, out[case][:5], ref):
             assert_close_elementwise(o, r, 1e-5, what, seed)
-        torch.testing.assert_close(out[case][3].double(), ref[3], rtol=1e-4, atol=1e-4, msg=f"seed {seed}")
+        torch.testing.assert_close(out[case][5].double(), ref[5], rtol=1e-4, atol=1e-4, msg=f"seed {seed}")
     # The fallback takes None as well.
     got = mixer_memberships_backward_reference(*args[:6], None, *args[7:])
     for a, b in zip(got, ref):
@@ -194,47 +195,42 @@ def test_cast_dot_kernel_scales_each_batch_entry(interpreted, how):
     assert (dot.double() - ref).abs() <= 1e-6 * (g.double() * x).abs().sum(), f"seed {seed}"
 
 
-@pytest.mark.parametrize("name", PACK_SHAPES)
-@pytest.mark.parametrize("kind", ["torch.bfloat16", "torch.float32", "diag"])
-def test_pack_bases_kernel_matches_float64(interpreted, name, kind):
+@pytest.mark.parametrize("name", BASIS_SHAPES)
+@pytest.mark.parametrize("dtype", ["torch.bfloat16", "torch.float32"])
+def test_expand_basis_kernel_matches_float64(interpreted, name, dtype):
     seed, inputs, out = interpreted
-    Y, F_s, U, Q_c = inputs[f"pack_{name}"]
-    R = out[f"pack_{name}_{kind}"]
-    ref = pack_bases_reference(
-        Y.double(), F_s.double(), U.double(), None if kind == "diag" else Q_c.double(), torch.float64
-    )
-    assert R.shape == ref.shape and R.dtype == (torch.float32 if kind == "torch.float32" else torch.bfloat16)
-    assert_close_elementwise(
-        R, ref, 2**-8 if R.dtype == torch.bfloat16 else 1e-5, "R", seed
-    )  # fp32 products, one rounding
+    Y, F_s = inputs[f"basis_{name}"]
+    Q = out[f"basis_{name}_{dtype}"]
+    ref = expand_basis_reference(Y.double(), F_s.double(), torch.float64)
+    assert Q.shape == ref.shape and str(Q.dtype) == dtype
+    assert_close_elementwise(Q, ref, 2**-8 if Q.dtype == torch.bfloat16 else 1e-5, "Q_e", seed)  # one rounding
 
 
-@pytest.mark.parametrize("name", PACK_SHAPES)
-@pytest.mark.parametrize("how", ["", "_op"])
-def test_pack_bases_kernel_reads_bf16_sketches(interpreted, name, how):
-    """Y stored in bf16 (the mixer's sketch product) is read as it is and converted exactly: R is the float64
+@pytest.mark.parametrize("name", BASIS_SHAPES)
+@pytest.mark.parametrize("how", ["poison", "op"])
+def test_expand_basis_kernel_reads_bf16_sketches(interpreted, name, how):
+    """Y stored in bf16 (the mixer's sketch product) is read as it is and converted exactly: Q_e is the float64
     product of the same bf16 numbers, rounded once."""
     seed, inputs, out = interpreted
-    _, F_s, U, Q_c = inputs[f"pack_{name}"]
-    Y = inputs[f"pack_{name}_bf16_y"]
-    R = out[f"pack_{name}_bf16_y{how}"]
-    ref = pack_bases_reference(Y.double(), F_s.double(), U.double(), Q_c.double(), torch.float64)
-    assert R.dtype == torch.bfloat16 and R.shape == ref.shape
-    assert_close_elementwise(R, ref, 2**-8, "R", seed)
+    _, F_s = inputs[f"basis_{name}"]
+    Y = inputs[f"basis_{name}_bf16_y"]
+    Q = out[f"basis_{name}_bf16_y_{how}"]
+    ref = expand_basis_reference(Y.double(), F_s.double(), torch.float64)
+    assert Q.dtype == torch.bfloat16 and Q.shape == ref.shape
+    assert_close_elementwise(Q, ref, 2**-8, "Q_e", seed)
 
 
-def test_pack_bases_op_and_fallback(interpreted):
+def test_expand_basis_op_and_fallback(interpreted):
     seed, inputs, out = interpreted
-    Y, F_s, U, Q_c = inputs["pack_small"]
-    ref = pack_bases_reference(Y, F_s, U, Q_c, torch.bfloat16)  # fp32 products, then rounded: the same numbers
-    torch.testing.assert_close(out["pack_op"].float(), ref.float(), rtol=2**-7, atol=1e-5, msg=f"seed {seed}")
-    # The fallback against a direct construction: R = [Y F_s | U_k Q_k], head by head.
-    B, K = Y.shape[0], U.shape[1] // Q_c.shape[1]
-    heads = [U[:, k * Q_c.shape[1] : (k + 1) * Q_c.shape[1]] @ Q_c.view(B, K, *Q_c.shape[1:])[:, k] for k in range(K)]
-    direct = torch.cat([Y @ F_s, *heads], dim=-1)
-    torch.testing.assert_close(pack_bases(Y, F_s, U, Q_c, torch.float32), direct, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="pack_bases: Y"):
-        pack_bases(Y, F_s, U, Q_c[:, :-1], torch.float32)
+    Y, F_s = inputs["basis_small"]
+    ref = expand_basis_reference(Y, F_s, torch.bfloat16)  # an fp32 product, then rounded: the same numbers
+    torch.testing.assert_close(out["basis_op"].float(), ref.float(), rtol=2**-7, atol=1e-5, msg=f"seed {seed}")
+    direct = torch.stack([Y[b] @ F_s[b] for b in range(Y.shape[0])])  # image by image
+    got = expand_basis(Y, F_s, torch.float32)
+    assert got.is_contiguous()
+    torch.testing.assert_close(got, direct, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"expand_basis: Y \(B, d, c\) and F_s \(B, c, c\) expected, got"):
+        expand_basis(Y, F_s[:, :-1], torch.float32)
 
 
 def test_cast_dot_fallback_and_bad_shapes():
@@ -254,41 +250,76 @@ def test_cast_dot_fallback_and_bad_shapes():
 
 
 def test_reference_backward_equals_autograd_through_the_reference_forward():
-    """The backward's formulas against autograd in float64, M̄ from P_c ⊙ ∂‖col‖² included."""
+    """The backward's formulas against autograd in float64: ā, the scalars, and Q̄_c assembled as the mixer does,
+    from the products of P̄ and Ps with x̂ and g (``Q̄_k = U_kᵀV̄_k + 2Q_kM̄_k``)."""
     gen = torch.Generator().manual_seed(0)
     B, N, K, r, p = 2, 7, 3, 4, 5
-    P, a, M, scalars = (t.requires_grad_() for t in _forward_inputs(B, N, K, r, p, gen))
-    g_R, g_U = torch.randn(P.shape, dtype=torch.float64), torch.randn(a.shape, dtype=torch.float64)
-    g_pi = torch.randn(B, N, K, dtype=torch.float64)
-    Ps, z, pi, sq = mixer_memberships_reference(P, a, M, scalars)
-    # The loss the mixer's backward sees: Ps enters GEMM 2 (cotangent g[Q_e | V]), z enters −β zUᵀ.
-    loss = (g_R * Ps).sum() - scalars[2] * (g_U * z).sum() + (g_pi * pi).sum()
-    dP, da, dM, dS = torch.autograd.grad(loss, (P, a, M, scalars))
+    d = K * p
+    x = torch.randn(B, N, d, generator=gen, dtype=torch.float64)
+    U = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64)).Q
+    _, Q_c, scalars = (t.requires_grad_() for t in _forward_inputs(B, N, K, r, p, gen))
+    a = (x @ U).requires_grad_()
+    g, g_pi = torch.randn(B, N, d, dtype=torch.float64), torch.randn(B, N, K, dtype=torch.float64)
+    g_Qe, P = torch.randn(B, N, K * r, dtype=torch.float64), torch.randn(B, N, K * r, dtype=torch.float64)
+    z, pi, sq = mixer_memberships_reference(a, Q_c, scalars)
+    # The loss the mixer's backward sees: z enters −β zUᵀ (cotangent g), π is an output; the Expand columns enter
+    # −α (x̂Q_e)Q_eᵀ, whose α part is −α<gQ_e, x̂Q_e>.
+    loss = -scalars[2] * (g * (z @ U.mT)).sum() + (g_pi * pi).sum() - scalars[1] * (g_Qe * P).sum()
+    da, dQ, dS = torch.autograd.grad(loss, (a, Q_c, scalars))
     with torch.no_grad():
-        P_bar, a_bar, Pc_w, sums = mixer_memberships_backward_reference(g_R, P, g_U, a, pi, sq, g_pi, M, scalars)
-        M_bar = (Pc_w.mT @ P[..., K * r :]).view(B, K, r, K, r).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)
-    torch.testing.assert_close(P_bar, dP, rtol=1e-10, atol=1e-12)
+        P_bar, Ps, a_bar, C_w, C, sums = mixer_memberships_backward_reference(
+            g_Qe, P, g @ U, a, pi, sq, g_pi, Q_c, scalars
+        )
+        torch.testing.assert_close(P_bar[..., : K * r], -scalars[1] * g_Qe, rtol=0, atol=0)
+        torch.testing.assert_close(Ps[..., : K * r], -scalars[1] * P, rtol=0, atol=0)
+        V_bar = (x.mT @ P_bar + g.mT @ Ps)[..., K * r :].view(B, d, K, r)
+        Qc_bar = torch.einsum("dkp,bdkr->bkpr", U.view(d, K, p), V_bar)
+        M_bar = torch.einsum("bnkr,bnks->bkrs", C_w.view(B, N, K, r), C.view(B, N, K, r))
+        Qc_bar = Qc_bar + 2 * Q_c @ M_bar
     torch.testing.assert_close(a_bar, da, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(M_bar, dM, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(Qc_bar, dQ, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(torch.stack([sums[2], sums[0], sums[1]]), dS, rtol=1e-10, atol=1e-12)
+
+
+def test_reference_forward_is_the_paper_compress_term():
+    """−β zUᵀ is −β Σ_k π_k U_k(I − Q_kQ_kᵀ)U_kᵀx̂ per token, with ‖col_k‖ = ‖Q_kQ_kᵀU_kᵀx̂‖, head by head."""
+    gen = torch.Generator().manual_seed(1)
+    B, N, K, r, p = 2, 5, 3, 2, 4
+    d = K * p
+    x = torch.randn(B, N, d, generator=gen, dtype=torch.float64)
+    U = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64)).Q
+    _, Q_c, scalars = _forward_inputs(B, N, K, r, p, gen)
+    z, pi, sq = mixer_memberships_reference(x @ U, Q_c, scalars)
+    want = torch.zeros(B, N, d, dtype=torch.float64)
+    for b in range(B):
+        for k in range(K):
+            U_k, Q_k = U[:, k * p : (k + 1) * p], Q_c[b, k]
+            col = x[b] @ U_k @ Q_k @ Q_k.T  # (N, p)
+            torch.testing.assert_close(sq[b, :, k], col.square().sum(-1))
+            want[b] += pi[b, :, k, None] * (x[b] @ U_k - col) @ U_k.T
+    torch.testing.assert_close(z @ U.mT, want)
+    torch.testing.assert_close(pi, torch.softmax(sq.sqrt() / scalars[0], -1))
 
 
 def test_block_diag_and_bad_shapes():
     blocks = torch.randn(2, 3, 2, 4)
     full = block_diag(blocks)
     assert full.shape == (2, 6, 12) and torch.equal(full[1, 2:4, 4:8], blocks[1, 1]) and full[0, :2, 4:].eq(0).all()
-    P, a, M, scalars = _forward_inputs(1, 4, 2, 3, 5, torch.Generator().manual_seed(0))
-    with pytest.raises(ValueError, match=r"P \(B, N, 2·K·r\).*got \(1, 4, 11\)"):
-        mixer_memberships(P[..., :11], a, M, scalars)
-    with pytest.raises(ValueError, match="cotangent or saved shapes"):
-        mixer_memberships_backward(P, P, a, a, P[..., :2], P[..., :2], P[..., :3], M, scalars)
+    a, Q_c, scalars = _forward_inputs(1, 4, 2, 3, 5, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"a \(B, N, K·p\).*got \(1, 4, 9\), \(1, 2, 5, 3\)"):
+        mixer_memberships(a[..., :9], Q_c, scalars)
+    P, pi = a[..., :6], a[..., :2]
+    with pytest.raises(ValueError, match=r"cotangent or saved shapes.*g_Qe \(1, 4, 5\)"):
+        mixer_memberships_backward(P[..., :5], P, a, a, pi, pi, pi, Q_c, scalars)
 
 
-_BF16 = dict.fromkeys(("P_ptr", "A_ptr", "Ps_ptr", "Z_ptr", "GR_ptr", "GU_ptr", "Pbar_ptr", "Abar_ptr"), "*bf16")
+_BF16 = dict.fromkeys(
+    ("P_ptr", "A_ptr", "Ps_ptr", "Z_ptr", "GQ_ptr", "GU_ptr", "Pbar_ptr", "Abar_ptr", "Cw_ptr", "C_ptr"), "*bf16"
+)
 
 
 @pytest.mark.parametrize(
-    "name", ["_memberships_fwd_kernel", "_memberships_bwd_kernel", "_pack_bases_kernel", "_cast_dot_kernel"]
+    "name", ["_memberships_fwd_kernel", "_memberships_bwd_kernel", "_expand_basis_kernel", "_cast_dot_kernel"]
 )
 def test_kernels_compile_for_hopper_without_a_gpu(name):
     """The S model's configuration (K = 8, r = 20, p = 48, bf16 activations) builds down to an sm_90 cubin;
@@ -298,12 +329,12 @@ def test_kernels_compile_for_hopper_without_a_gpu(name):
     if name == "_cast_dot_kernel":
         constexprs = {"BLOCK": CAST_DOT_BLOCK, "ROUND_BF16": False, "HAS_T": True}
         pointers = {"X_ptr": "*bf16", "Out_ptr": "*bf16"}
-    elif name == "_pack_bases_kernel":
+    elif name == "_expand_basis_kernel":
         constexprs = {"BM": 32, "BN": 32, "BK": 32, "ROUND_BF16": False, "PRECISION": "tf32x3"}
-        pointers = {"R_ptr": "*bf16"}
+        pointers = {"Y_ptr": "*bf16", "Q_ptr": "*bf16"}  # the mixer's bf16 sketch product and Q_e
     else:
-        constexprs = {"TINY_": TINY, "BN": 16, "BK": 8, "BR": 32, "BP": 64, "ROUND_BF16": False}
+        constexprs = {"TINY_": TINY, "BN": 16, "BK": 8, "BR": 32, "BP": 64, "ROUND_BF16": False, "PRECISION": "tf32x3"}
         if name == "_memberships_bwd_kernel":
             constexprs["HAS_GPI"] = False  # the training path: the block discards π
-        pointers = dict(_BF16, Pcw_ptr="*bf16")
+        pointers = _BF16
     assert len(build_for_hopper("_triton_mixer", name, constexprs, pointers, 4)) > 1000

@@ -2,7 +2,7 @@
 
 Ridge step (``ridge``): normalised Gram, inverse Cholesky factor, the backward's c × c chain
 (``ridge_gradient_matrix``, ``ridge_radial_diagonal``). Separate Compress operator (``memberships``).
-Fused mixer (``mixer_ops``): GEMM 1's right factor (``pack_bases``), the memberships with GEMM 2's left factors and
+Fused mixer (``mixer_ops``): GEMM 1's right factor (``expand_basis``), the memberships with GEMM 2's left factor and
 their backward (``mixer_memberships``, ``mixer_memberships_backward``), the backward's prologue (``cast_dot``);
 the diag form's memberships and their backward (``diag_ops``: ``diag_memberships``, ``diag_memberships_backward``);
 GEMM 2 and x̄ as one fp32-accumulated sum of products (``gemm``: ``matmul_sum``); the block's LayerNorm as its
@@ -26,12 +26,12 @@ from pace.kernels.memberships import compress_memberships, compress_memberships_
 from pace.kernels.mixer_ops import (
     cast_dot,
     cast_dot_reference,
+    expand_basis,
+    expand_basis_reference,
     mixer_memberships,
     mixer_memberships_backward,
     mixer_memberships_backward_reference,
     mixer_memberships_reference,
-    pack_bases,
-    pack_bases_reference,
 )
 from pace.kernels.norm_ops import (
     layer_norm_backward,
@@ -61,6 +61,8 @@ __all__ = [
     "diag_memberships_backward",
     "diag_memberships_backward_reference",
     "diag_memberships_reference",
+    "expand_basis",
+    "expand_basis_reference",
     "inverse_cholesky_factor",
     "inverse_cholesky_factor_reference",
     "layer_norm_backward",
@@ -75,8 +77,6 @@ __all__ = [
     "mixer_memberships_reference",
     "normalized_gram",
     "normalized_gram_reference",
-    "pack_bases",
-    "pack_bases_reference",
     "ridge_gradient_matrix",
     "ridge_gradient_matrix_reference",
     "ridge_radial_diagonal",

@@ -1,9 +1,10 @@
-"""Triton kernels of the fused PACE mixer's elementwise work (full Compress form): memberships forward and backward.
+"""Triton kernels of the fused PACE mixer (full Compress form): memberships forward and backward, the Expand basis
+and the backward's prologue (``cast_dot``).
 
-Imported lazily by ``pace.kernels._dispatch`` (importing it imports Triton). One program per (image, 16 tokens).
-The launchers assume what the custom ops in ``pace.kernels.mixer_ops`` check: contiguous (B, N, ·) activations
-in bfloat16/float16/float32, float32 ``M`` (B, K, r, r) and float32 scalars ``[τ, α, β]``. ``out`` arguments exist
-so that tests can hand in poisoned buffers and check that every element is written.
+Imported lazily by ``pace.kernels._dispatch`` (importing it imports Triton). The membership kernels run one program
+per (image, 16 tokens). The launchers assume what the custom ops in ``pace.kernels.mixer_ops`` check: contiguous
+(B, N, ·) activations in bfloat16/float16/float32, float32 ``Q_c`` (B, K, p, r) and float32 scalars ``[τ, α, β]``.
+``out`` arguments exist so that tests can hand in poisoned buffers and check that every element is written.
 """
 
 import os
@@ -31,16 +32,18 @@ def _rounded(x, ROUND_BF16: tl.constexpr):
 
 
 @triton.jit
-def _head_quadratic(P_ptr, M_ptr, b, k, n2, N, K, r, BR: tl.constexpr):
-    """``(P_k, P_k M_k)`` for head k of BN tokens: P_k (BN, BR) from P's Compress columns, M_k (r × r), fp32."""
-    jr = tl.arange(0, BR)
-    Kr = K * r
-    cols = Kr + k * r + jr[None, :]
-    pc = tl.load(P_ptr + (b * N + n2) * (2 * Kr) + cols, mask=(n2 < N) & (jr[None, :] < r), other=0.0).to(tl.float32)
-    m = tl.load(
-        M_ptr + ((b * K + k) * r + jr[:, None]) * r + jr[None, :], mask=(jr[:, None] < r) & (jr[None, :] < r), other=0.0
-    )
-    return pc, tl.dot(pc, m, input_precision="ieee")
+def _head_rows(X_ptr, b, k, n2, N, K, p, BP: tl.constexpr):
+    """Head k's p columns of the program's tokens of a (B, N, K·p) activation, (BN, BP) in fp32."""
+    jp = tl.arange(0, BP)[None, :]
+    return tl.load(X_ptr + (b * N + n2) * (K * p) + k * p + jp, mask=(n2 < N) & (jp < p), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _head_basis(Q_ptr, b, k, K, r, p, BR: tl.constexpr, BP: tl.constexpr):
+    """Head k's Compress basis Q_k of image b, (BP, BR) in fp32 (zero outside p × r)."""
+    jp = tl.arange(0, BP)[:, None]
+    jr = tl.arange(0, BR)[None, :]
+    return tl.load(Q_ptr + ((b * K + k) * p + jp) * r + jr, mask=(jp < p) & (jr < r), other=0.0)
 
 
 @triton.jit
@@ -61,6 +64,12 @@ def _program_indices(S_ptr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr
 def _head_columns(b, n3, k3, j3, N, K, width, row):
     """Mask and offsets of the program's (BN, BK, BJ) tile of head k's columns k·width + j, rows of ``row`` elements."""
     return (n3 < N) & (k3 < K) & (j3 < width), (b * N + n3) * row + k3 * width + j3
+
+
+@triton.jit
+def _pick(t, k2, k):
+    """Column k of the program's (BN, BK) per-head values, as (BN, 1)."""
+    return tl.sum(tl.where(k2 == k, t, 0.0), axis=1)[:, None]
 
 
 @triton.jit
@@ -101,67 +110,58 @@ def _softmax_backward(pi, sq, h, g_pi, tau, beta, TINY_: tl.constexpr):
 
 @triton.jit
 def _memberships_fwd_kernel(
-    P_ptr, A_ptr, M_ptr, S_ptr,  # in: P (B, N, 2Kr), a (B, N, Kp), M (B, K, r, r), [τ, α, β]
-    Ps_ptr, Z_ptr, Pi_ptr, Sq_ptr,  # out: Ps like P, z like a, π and ‖col‖² (B, N, K)
+    A_ptr, Q_ptr, S_ptr,  # in: a (B, N, Kp), Q_c (B, K, p, r), [τ, α, β]
+    Z_ptr, Pi_ptr, Sq_ptr,  # out: z like a, π and ‖col‖² (B, N, K)
     N, K, r, p,
     TINY_: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr,
-    ROUND_BF16: tl.constexpr,
+    ROUND_BF16: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """‖col_k‖² = P_k M_k P_kᵀ, π = softmax_k(‖col_k‖/τ), Ps = P ⊙ [−α | βπ_k], z = π_k a_k for BN tokens."""
-    b, n2, k2, n3, k3, r3, p3, tau, alpha, beta = _program_indices(S_ptr, BN, BK, BR, BP)
-    Kr = K * r
+    """c_k = a_kQ_k, col_k = c_kQ_kᵀ, π = softmax_k(‖col_k‖/τ), z_k = π_k(a_k − col_k) for BN tokens."""
+    b, n2, k2, _, _, _, _, tau, _, _ = _program_indices(S_ptr, BN, BK, BR, BP)
     sq = tl.zeros((BN, BK), dtype=tl.float32)
     for k in range(K):
-        pc, t = _head_quadratic(P_ptr, M_ptr, b, k, n2, N, K, r, BR)
-        sq = tl.where(k2 == k, tl.sum(t * pc, axis=1)[:, None], sq)
+        q = _head_basis(Q_ptr, b, k, K, r, p, BR, BP)
+        c = tl.dot(_head_rows(A_ptr, b, k, n2, N, K, p, BP), q, input_precision=PRECISION)
+        col = tl.dot(c, tl.trans(q), input_precision=PRECISION)
+        sq = tl.where(k2 == k, tl.sum(col * col, axis=1)[:, None], sq)
     pi = _softmax_store(Pi_ptr, Sq_ptr, sq, b, n2, k2, N, K, tau, TINY_)
-    # Ps: the Expand columns scaled by −α, head k's Compress columns by βπ_k.
-    mask_r, off = _head_columns(b, n3, k3, r3, N, K, r, 2 * Kr)
-    pe = tl.load(P_ptr + off, mask=mask_r, other=0.0).to(tl.float32)
-    tl.store(Ps_ptr + off, _rounded(pe * -alpha, ROUND_BF16).to(Ps_ptr.dtype.element_ty), mask=mask_r)
-    pc3 = tl.load(P_ptr + off + Kr, mask=mask_r, other=0.0).to(tl.float32)
-    ps = _rounded(pc3 * (beta * pi)[:, :, None], ROUND_BF16)
-    tl.store(Ps_ptr + off + Kr, ps.to(Ps_ptr.dtype.element_ty), mask=mask_r)
-    # z = π ⊙ a, head k's p columns scaled by π_k.
-    mask_p, off_a = _head_columns(b, n3, k3, p3, N, K, p, K * p)
-    a = tl.load(A_ptr + off_a, mask=mask_p, other=0.0).to(tl.float32)
-    tl.store(Z_ptr + off_a, _rounded(a * pi[:, :, None], ROUND_BF16).to(Z_ptr.dtype.element_ty), mask=mask_p)
+    jp = tl.arange(0, BP)[None, :]
+    for k in range(K):  # the products again: a second pass over a_k (in cache) instead of a (B, N, K·p) buffer
+        q = _head_basis(Q_ptr, b, k, K, r, p, BR, BP)
+        a = _head_rows(A_ptr, b, k, n2, N, K, p, BP)
+        col = tl.dot(tl.dot(a, q, input_precision=PRECISION), tl.trans(q), input_precision=PRECISION)
+        z = _rounded(_pick(pi, k2, k) * (a - col), ROUND_BF16)
+        tl.store(Z_ptr + (b * N + n2) * (K * p) + k * p + jp, z.to(Z_ptr.dtype.element_ty), mask=(n2 < N) & (jp < p))
 
 
 @triton.jit
 def _store_head_cotangents(
-    P_ptr,
-    M_ptr,
-    GR_ptr,
-    Pbar_ptr,
-    Pcw_ptr,
-    b,
-    n2,
-    k2,
-    N,
-    K,
-    r,
-    pi,
-    sq_bar,
-    beta,
-    BR: tl.constexpr,
-    ROUND_BF16: tl.constexpr,
-):
-    """The Compress columns of P̄ and the weighted coordinates for M̄, head by head, for the program's tokens."""
-    jr = tl.arange(0, BR)
+    Q_ptr, A_ptr, GU_ptr, Pbar_ptr, Ps_ptr, Abar_ptr, Cw_ptr, C_ptr, b, k, n2, k2, N, K, r, p, pi, sq_bar, beta,
+    BR: tl.constexpr, BP: tl.constexpr, ROUND_BF16: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Head k's Compress cotangents for the program's tokens: W₁ (P̄'s), W₂ (Ps'), ā_k, ∂‖col_k‖² c_k and c_k."""
+    q = _head_basis(Q_ptr, b, k, K, r, p, BR, BP)
+    a = _head_rows(A_ptr, b, k, n2, N, K, p, BP)
+    g_u = _head_rows(GU_ptr, b, k, n2, N, K, p, BP)
+    c = tl.dot(a, q, input_precision=PRECISION)
+    g_v = tl.dot(g_u, q, input_precision=PRECISION)
+    m = tl.dot(tl.trans(q), q, input_precision=PRECISION)  # M_k = Q_kᵀQ_k, (BR, BR)
+    bpi = beta * _pick(pi, k2, k)
+    sqb = _pick(sq_bar, k2, k)
+    w1 = bpi * g_v + 2 * sqb * tl.dot(c, m, input_precision=PRECISION)  # ∂L/∂c_k
+    a_bar = tl.dot(w1, tl.trans(q), input_precision=PRECISION) - bpi * g_u  # through c_k = a_kQ_k and z_k
+    jr = tl.arange(0, BR)[None, :]
+    jp = tl.arange(0, BP)[None, :]
+    mask_r, mask_p = (n2 < N) & (jr < r), (n2 < N) & (jp < p)
     Kr = K * r
-    # Head k's Compress columns: P̄_k = βπ_k gV_k + 2 ∂‖col_k‖² (P_k M_k); P_k ∂‖col_k‖² for M̄.
-    for k in range(K):
-        pc, t = _head_quadratic(P_ptr, M_ptr, b, k, n2, N, K, r, BR)
-        col = (b * N + n2) * (2 * Kr) + Kr + k * r + jr[None, :]
-        mask_k = (n2 < N) & (jr[None, :] < r)
-        gv = tl.load(GR_ptr + col, mask=mask_k, other=0.0).to(tl.float32)
-        pi_k = tl.sum(tl.where(k2 == k, pi, 0.0), axis=1)[:, None]
-        sqb_k = tl.sum(tl.where(k2 == k, sq_bar, 0.0), axis=1)[:, None]
-        pbar = _rounded(beta * pi_k * gv + 2 * sqb_k * t, ROUND_BF16)
-        tl.store(Pbar_ptr + col, pbar.to(Pbar_ptr.dtype.element_ty), mask=mask_k)
-        pcw = _rounded(pc * sqb_k, ROUND_BF16)
-        tl.store(Pcw_ptr + (b * N + n2) * Kr + k * r + jr[None, :], pcw.to(Pcw_ptr.dtype.element_ty), mask=mask_k)
+    wide = (b * N + n2) * (2 * Kr) + Kr + k * r + jr  # head k's Compress columns of P̄ and Ps
+    tl.store(Pbar_ptr + wide, _rounded(w1, ROUND_BF16).to(Pbar_ptr.dtype.element_ty), mask=mask_r)
+    tl.store(Ps_ptr + wide, _rounded(bpi * c, ROUND_BF16).to(Ps_ptr.dtype.element_ty), mask=mask_r)
+    narrow = (b * N + n2) * Kr + k * r + jr
+    tl.store(Cw_ptr + narrow, _rounded(sqb * c, ROUND_BF16).to(Cw_ptr.dtype.element_ty), mask=mask_r)
+    tl.store(C_ptr + narrow, _rounded(c, ROUND_BF16).to(C_ptr.dtype.element_ty), mask=mask_r)
+    off_a = (b * N + n2) * (K * p) + k * p + jp
+    tl.store(Abar_ptr + off_a, _rounded(a_bar, ROUND_BF16).to(Abar_ptr.dtype.element_ty), mask=mask_p)
 
 
 @triton.jit
@@ -175,34 +175,40 @@ def _store_partials(Part_ptr, b, alpha_part, beta_part, tau_part):
 
 @triton.jit
 def _memberships_bwd_kernel(
-    GR_ptr, P_ptr, GU_ptr, A_ptr, Pi_ptr, Sq_ptr, Gpi_ptr, M_ptr, S_ptr,  # in: ∂L/∂R, P, ∂L/∂U, a, π, ‖col‖², ∂L/∂π
-    Pbar_ptr, Abar_ptr, Pcw_ptr, Part_ptr,  # out: P̄, ā, P_c ⊙ ∂‖col‖², (programs, 3) partial sums
+    GQ_ptr, P_ptr, GU_ptr, A_ptr, Pi_ptr, Sq_ptr, Gpi_ptr, Q_ptr, S_ptr,  # in: gQ_e, x̂Q_e, gU, a, π, ‖col‖², ∂L/∂π
+    Pbar_ptr, Ps_ptr, Abar_ptr, Cw_ptr, C_ptr, Part_ptr,  # out: P̄, Ps, ā, ∂‖col‖² ⊙ c, c, partial sums
     N, K, r, p,
     TINY_: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr,
-    ROUND_BF16: tl.constexpr, HAS_GPI: tl.constexpr,
+    ROUND_BF16: tl.constexpr, HAS_GPI: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Backward of the forward kernel for BN tokens; the three scalar partial sums go to this program's row."""
-    b, n2, k2, n3, k3, r3, p3, tau, alpha, beta = _program_indices(S_ptr, BN, BK, BR, BP)
+    """Backward of the forward kernel for BN tokens, with the Expand columns of P̄ and Ps; the three scalar partial
+    sums go to this program's row."""
+    b, n2, k2, n3, k3, r3, _, tau, alpha, beta = _program_indices(S_ptr, BN, BK, BR, BP)
     Kr = K * r
     pi, sq, g_pi = _load_memberships(Pi_ptr, Sq_ptr, Gpi_ptr, b, n2, k2, N, K, HAS_GPI)
-    mask_r, off = _head_columns(b, n3, k3, r3, N, K, r, 2 * Kr)
-    mask_p, off_a = _head_columns(b, n3, k3, p3, N, K, p, K * p)
-    g_qe = tl.load(GR_ptr + off, mask=mask_r, other=0.0).to(tl.float32)
+    # The Expand columns (c_e = K·r, read as K groups of r): P̄_e = −α gQ_e, Ps_e = −α x̂Q_e; α: −<gQ_e, x̂Q_e>.
+    mask_r, off = _head_columns(b, n3, k3, r3, N, K, r, Kr)
+    _, wide = _head_columns(b, n3, k3, r3, N, K, r, 2 * Kr)
+    g_qe = tl.load(GQ_ptr + off, mask=mask_r, other=0.0).to(tl.float32)
     p_e = tl.load(P_ptr + off, mask=mask_r, other=0.0).to(tl.float32)
-    g_v = tl.load(GR_ptr + off + Kr, mask=mask_r, other=0.0).to(tl.float32)
-    p_c = tl.load(P_ptr + off + Kr, mask=mask_r, other=0.0).to(tl.float32)
-    g_u = tl.load(GU_ptr + off_a, mask=mask_p, other=0.0).to(tl.float32)
-    a = tl.load(A_ptr + off_a, mask=mask_p, other=0.0).to(tl.float32)
-    # ∂L/∂π_k through the update: h_k = <gV_k, P_k> − <gU_k, a_k>; α: −<gQ_e, x̂Q_e>.
-    h = tl.sum(g_v * p_c, axis=2) - tl.sum(g_u * a, axis=2)
     alpha_part = -tl.sum(tl.sum(tl.sum(g_qe * p_e, axis=2), axis=1), axis=0)
+    tl.store(Pbar_ptr + wide, _rounded(g_qe * -alpha, ROUND_BF16).to(Pbar_ptr.dtype.element_ty), mask=mask_r)
+    tl.store(Ps_ptr + wide, _rounded(p_e * -alpha, ROUND_BF16).to(Ps_ptr.dtype.element_ty), mask=mask_r)
+    # ∂L/∂π_k through the update: h_k = <gU_kQ_k, c_k> − <gU_k, a_k>.
+    h = tl.zeros((BN, BK), dtype=tl.float32)
+    for k in range(K):
+        q = _head_basis(Q_ptr, b, k, K, r, p, BR, BP)
+        a = _head_rows(A_ptr, b, k, n2, N, K, p, BP)
+        g_u = _head_rows(GU_ptr, b, k, n2, N, K, p, BP)
+        c = tl.dot(a, q, input_precision=PRECISION)
+        g_v = tl.dot(g_u, q, input_precision=PRECISION)
+        h = tl.where(k2 == k, (tl.sum(g_v * c, axis=1) - tl.sum(g_u * a, axis=1))[:, None], h)
     beta_part, tau_part, sq_bar = _softmax_backward(pi, sq, h, g_pi, tau, beta, TINY_)
-    tl.store(Pbar_ptr + off, _rounded(g_qe * -alpha, ROUND_BF16).to(Pbar_ptr.dtype.element_ty), mask=mask_r)
-    a_bar = _rounded(g_u * (-beta * pi)[:, :, None], ROUND_BF16)
-    tl.store(Abar_ptr + off_a, a_bar.to(Abar_ptr.dtype.element_ty), mask=mask_p)
-    _store_head_cotangents(
-        P_ptr, M_ptr, GR_ptr, Pbar_ptr, Pcw_ptr, b, n2, k2, N, K, r, pi, sq_bar, beta, BR, ROUND_BF16
-    )
+    for k in range(K):
+        _store_head_cotangents(
+            Q_ptr, A_ptr, GU_ptr, Pbar_ptr, Ps_ptr, Abar_ptr, Cw_ptr, C_ptr, b, k, n2, k2, N, K, r, p, pi, sq_bar,
+            beta, BR, BP, ROUND_BF16, PRECISION,
+        )  # fmt: skip
     _store_partials(Part_ptr, b, alpha_part, beta_part, tau_part)
 
 
@@ -224,73 +230,34 @@ def _cast_dot_kernel(
 
 
 @triton.jit
-def _pack_bases_kernel(
-    Y_ptr,
-    F_ptr,
-    U_ptr,
-    Qc_ptr,
-    R_ptr,
-    d,
-    c,
-    K,
-    r,
-    p,
-    stride_yb,
-    stride_ym,
-    stride_yc,
-    stride_um,
-    stride_ut,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    ROUND_BF16: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """Tile (m, n) of R = [Y F_s | U_k Q_k] for one image, fp32-accurate products, one rounding to R's dtype.
-
-    Columns below c: ``Σ_j Y[m, j] F_s[j, n]``. Column c + k·r + i: ``Σ_q U[m, k·p + q] Q_k[q, i]``, a product with
-    the block-diagonal matrix of the Q_k over the rows of the heads the tile's columns belong to.
-    """
+def _expand_basis_kernel(
+    Y_ptr, F_ptr, Q_ptr, d, c, stride_yb, stride_ym, stride_yc,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ROUND_BF16: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Tile (m, n) of Q_e = Y F_s for one image: ``Σ_j Y[m, j] F_s[j, n]``, fp32-accurate, one rounding to Q's dtype."""
     b = tl.program_id(0).to(tl.int64)
     m = tl.program_id(1) * BM + tl.arange(0, BM)
-    n0 = tl.program_id(2) * BN
-    n = n0 + tl.arange(0, BN)
+    n = tl.program_id(2) * BN + tl.arange(0, BN)
     kk = tl.arange(0, BK)
-    ncols = c + K * r
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    if n0 < c:
-        for k0 in range(0, c, BK):
-            k = k0 + kk
-            y = tl.load(
-                Y_ptr + b * stride_yb + m[:, None] * stride_ym + k[None, :] * stride_yc,
-                mask=(m[:, None] < d) & (k[None, :] < c),
-                other=0.0,
-            ).to(tl.float32)  # a bf16 Y converts exactly
-            f = tl.load(
-                F_ptr + (b * c + k[:, None]) * c + n[None, :], mask=(k[:, None] < c) & (n[None, :] < c), other=0.0
-            )
-            acc += tl.dot(y, f, input_precision=PRECISION)
-    if n0 + BN > c:
-        j = tl.maximum(n - c, 0)  # (BN,) column within V (0 for Expand columns, masked below)
-        head = j // r
-        valid = (n >= c) & (n < ncols)
-        first = tl.maximum(n0 - c, 0) // r
-        last = (tl.minimum(n0 + BN, ncols) - c - 1) // r
-        for t0 in range(first * p, (last + 1) * p, BK):
-            t = t0 + kk  # rows of U's columns, i.e. head·p + q
-            t_ok = t < (last + 1) * p
-            u_off = m[:, None] * stride_um + t[None, :] * stride_ut
-            u = tl.load(U_ptr + u_off, mask=(m[:, None] < d) & t_ok[None, :], other=0.0)
-            same = ((t // p)[:, None] == head[None, :]) & valid[None, :] & t_ok[:, None]
-            q = tl.load(
-                Qc_ptr + ((b * K + head[None, :]) * p + (t % p)[:, None]) * r + (j % r)[None, :], mask=same, other=0.0
-            )
-            acc += tl.dot(u, q, input_precision=PRECISION)
-    out = _rounded(acc, ROUND_BF16).to(R_ptr.dtype.element_ty)
-    tl.store(R_ptr + (b * d + m[:, None]) * ncols + n[None, :], out, mask=(m[:, None] < d) & (n[None, :] < ncols))
+    for k0 in range(0, c, BK):
+        k = k0 + kk
+        y = tl.load(
+            Y_ptr + b * stride_yb + m[:, None] * stride_ym + k[None, :] * stride_yc,
+            mask=(m[:, None] < d) & (k[None, :] < c),
+            other=0.0,
+        ).to(tl.float32)  # a bf16 Y converts exactly
+        f = tl.load(F_ptr + (b * c + k[:, None]) * c + n[None, :], mask=(k[:, None] < c) & (n[None, :] < c), other=0.0)
+        acc += tl.dot(y, f, input_precision=PRECISION)
+    out = _rounded(acc, ROUND_BF16).to(Q_ptr.dtype.element_ty)
+    tl.store(Q_ptr + (b * d + m[:, None]) * c + n[None, :], out, mask=(m[:, None] < d) & (n[None, :] < c))
 
 
 PROBE_KERNEL = _memberships_fwd_kernel  # how pace.kernels._dispatch tells compiled from interpreted
+# The products with the fp32 bases (expand_basis' and the memberships' c_k = a_kQ_k, col_k = c_kQ_kᵀ and their
+# backward): three TF32 tensor-core products per tile (hi·hi + hi·lo + lo·hi), fp32-accurate to about 1e-6
+# relative, where "ieee" (fp32 FMA, no tensor cores) would make these small products compute-bound.
+PRECISION = "tf32x3"
 
 
 def _blocks(K: int, r: int, p: int) -> dict:
@@ -298,63 +265,52 @@ def _blocks(K: int, r: int, p: int) -> dict:
         "TINY_": TINY,
         "BN": BLOCK_TOKENS,
         "BK": triton.next_power_of_2(K),
-        "BR": max(16, triton.next_power_of_2(r)),
-        "BP": triton.next_power_of_2(p),
+        "BR": max(16, triton.next_power_of_2(r)),  # tl.dot's dimensions: at least 16
+        "BP": max(16, triton.next_power_of_2(p)),
+        "PRECISION": PRECISION,
     }
 
 
-def mixer_memberships(P: Tensor, a: Tensor, M: Tensor, scalars: Tensor, out: tuple | None = None) -> tuple:
-    """``(Ps, z, π, ‖col‖²)`` by the Triton kernel; see ``pace.kernels.mixer_memberships``."""
-    B, N, _ = P.shape
-    K, r = M.shape[1], M.shape[2]
-    p = a.shape[-1] // K
+def mixer_memberships(a: Tensor, Q_c: Tensor, scalars: Tensor, out: tuple | None = None) -> tuple:
+    """``(z, π, ‖col‖²)`` by the Triton kernel; see ``pace.kernels.mixer_memberships``."""
+    B, N, _ = a.shape
+    K, p, r = Q_c.shape[1:]
     if out is None:
-        out = (
-            torch.empty_like(P),
-            torch.empty_like(a),
-            torch.empty((B, N, K), device=P.device, dtype=torch.float32),
-            torch.empty((B, N, K), device=P.device, dtype=torch.float32),
-        )
-    Ps, z, pi, sq = out
+        # (separate buffers: a custom op's outputs may not alias one another)
+        out = (torch.empty_like(a), *(torch.empty((B, N, K), device=a.device, dtype=torch.float32) for _ in range(2)))
+    z, pi, sq = out
     if B * N == 0:
         return out
     _memberships_fwd_kernel[(B, triton.cdiv(N, BLOCK_TOKENS))](
-        P, a, M, scalars, Ps, z, pi, sq, N, K, r, p,
-        **_blocks(K, r, p), ROUND_BF16=_INTERPRETED and P.dtype == torch.bfloat16, num_warps=4,
+        a, Q_c, scalars, z, pi, sq, N, K, r, p,
+        **_blocks(K, r, p), ROUND_BF16=_INTERPRETED and a.dtype == torch.bfloat16, num_warps=4,
     )  # fmt: skip
     return out
 
 
 def mixer_memberships_backward(
-    g_R: Tensor, P: Tensor, g_U: Tensor, a: Tensor, pi: Tensor, sq: Tensor, g_pi: Tensor | None, M: Tensor,
+    g_Qe: Tensor, P: Tensor, g_U: Tensor, a: Tensor, pi: Tensor, sq: Tensor, g_pi: Tensor | None, Q_c: Tensor,
     scalars: Tensor, out: tuple | None = None,
 ) -> tuple:  # fmt: skip
-    """``(P̄, ā, P_c ⊙ ∂‖col‖², [α, β, τ partial sums])`` by the Triton kernel; see ``pace.kernels``."""
-    B, N, _ = P.shape
-    K, r = M.shape[1], M.shape[2]
-    p = a.shape[-1] // K
+    """``(P̄, Ps, ā, ∂‖col‖² ⊙ c, c, [α, β, τ partial sums])`` by the Triton kernel; see ``pace.kernels``."""
+    B, N, ce = P.shape
+    K, p, r = Q_c.shape[1:]
     programs = triton.cdiv(N, BLOCK_TOKENS)
     if out is None:
-        out = (
-            torch.empty_like(P),
-            torch.empty_like(a),
-            torch.empty((B, N, K * r), device=P.device, dtype=P.dtype),
-        )
-    P_bar, a_bar, Pc_w = out
+        wide = [torch.empty((B, N, ce + K * r), device=P.device, dtype=P.dtype) for _ in range(2)]
+        narrow = [torch.empty((B, N, K * r), device=P.device, dtype=P.dtype) for _ in range(2)]
+        out = (*wide, torch.empty_like(a), *narrow)
     partials = torch.zeros((B * programs, 3), device=P.device, dtype=torch.float32)
     if B * N > 0:
         _memberships_bwd_kernel[(B, programs)](
-            g_R, P, g_U, a, pi, sq, pi if g_pi is None else g_pi, M, scalars, P_bar, a_bar, Pc_w, partials, N, K, r, p,
+            g_Qe, P, g_U, a, pi, sq, pi if g_pi is None else g_pi, Q_c, scalars, *out, partials, N, K, r, p,
             **_blocks(K, r, p), ROUND_BF16=_INTERPRETED and P.dtype == torch.bfloat16, HAS_GPI=g_pi is not None,
             num_warps=4,
         )  # fmt: skip
-    return P_bar, a_bar, Pc_w, partials.sum(0)
+    return (*out, partials.sum(0))
 
 
 CAST_DOT_BLOCK = 4096
-# pack_bases' products: three TF32 tensor-core products per tile (hi·hi + hi·lo + lo·hi), fp32-accurate to about
-# 1e-6 relative, where "ieee" (fp32 FMA, no tensor cores) would make this small GEMM compute-bound.
-PACK_PRECISION = "tf32x3"
 
 
 def cast_dot(
@@ -375,21 +331,18 @@ def cast_dot(
     return out, partials.sum()
 
 
-def pack_bases(Y: Tensor, F_s: Tensor, U: Tensor, Q_c: Tensor | None, dtype: torch.dtype, out: Tensor | None = None):
-    """``R = [Y F_s | U_k Q_k]`` in ``dtype`` by the Triton kernel; see ``pace.kernels.pack_bases``.
+def expand_basis(Y: Tensor, F_s: Tensor, dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
+    """``Q_e = Y F_s`` in ``dtype`` by the Triton kernel; see ``pace.kernels.expand_basis``.
 
-    Y and U may have any strides; F_s and Q_c must be contiguous.
+    Y may have any strides; F_s must be contiguous.
     """
     B, d, c = Y.shape
-    K, r, p = (Q_c.shape[0] // B, Q_c.shape[2], Q_c.shape[1]) if Q_c is not None else (0, 1, 1)
-    ncols = c + K * r
-    R = torch.empty((B, d, ncols), device=Y.device, dtype=dtype) if out is None else out
-    if R.numel() == 0:
-        return R
+    Q = torch.empty((B, d, c), device=Y.device, dtype=dtype) if out is None else out
+    if Q.numel() == 0:
+        return Q
     BM, BN, BK = 32, 32, 32
-    _pack_bases_kernel[(B, triton.cdiv(d, BM), triton.cdiv(ncols, BN))](
-        Y, F_s, U, Q_c if Q_c is not None else F_s, R, d, c, K, r, p, *Y.stride(), *U.stride(),
-        BM=BM, BN=BN, BK=BK, ROUND_BF16=_INTERPRETED and dtype == torch.bfloat16, PRECISION=PACK_PRECISION,
-        num_warps=4,
+    _expand_basis_kernel[(B, triton.cdiv(d, BM), triton.cdiv(c, BN))](
+        Y, F_s, Q, d, c, *Y.stride(),
+        BM=BM, BN=BN, BK=BK, ROUND_BF16=_INTERPRETED and dtype == torch.bfloat16, PRECISION=PRECISION, num_warps=4,
     )  # fmt: skip
-    return R
+    return Q

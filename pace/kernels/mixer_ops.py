@@ -1,14 +1,15 @@
-"""The fused PACE mixer's membership work (full Compress form) as torch custom ops: Triton where it runs.
+"""The fused PACE mixer's work between its matrix products (full Compress form) as torch custom ops: Triton where it
+runs.
 
-``mixer_memberships``: from GEMM 1's ``P = x̂[Q_e | V]`` and ``a = x̂U``, the squared column norms
-``‖col_k‖² = P_k M_k P_kᵀ`` (``M_k = Q_kᵀQ_k``), the memberships π, GEMM 2's left factor ``Ps = P ⊙ [−α | βπ_k]``
-and ``z = π ⊙ a``. ``mixer_memberships_backward``: its backward, from GEMM 1's cotangent products. Each is one pass
-over its (B, N, ·) tensors in the Triton kernel, where the PyTorch fallback (the op sequence the mixer ran before)
-takes about ten. The ops have no autograd formula: ``pace.layers.mixer`` calls them inside its own
-``autograd.Function``. ``cast_dot``: the backward's prologue, the cotangent's low-precision copy and its dot product
-with the tokens (∂L/∂α) from one read of each. ``pack_bases``: GEMM 1's right factor ``R = [Q_e | V]`` in the
-matrix-product dtype, written once from fp32 products (``Q_e = Y F_s``, ``V_k = U_k Q_k``). Backend per call as in
-``pace.kernels._dispatch``.
+``mixer_memberships``: from ``a = x̂U`` and the Compress bases Q_k, per token and head ``c_k = a_kQ_k``,
+``col_k = c_kQ_kᵀ``, the memberships π and ``z_k = π_k(a_k − col_k)``, Compress's update being ``−β zUᵀ``: the
+products with Q_k run in registers, so that the mixer never forms the token-space bases ``U_kQ_k``.
+``mixer_memberships_backward``: its backward, with the cotangents of the Expand coordinates ``x̂Q_e``. Each is one
+pass over its (B, N, ·) tensors in the Triton kernel, where the PyTorch fallback takes about ten ops. The ops have no
+autograd formula: ``pace.layers.mixer`` calls them inside its own ``autograd.Function``. ``cast_dot``: the
+backward's prologue, the cotangent's low-precision copy and its dot product with the tokens (∂L/∂α) from one read of
+each. ``expand_basis``: GEMM 1's right factor, the Expand basis ``Q_e = Y F_s``, in the matrix-product dtype, written
+once from fp32-accurate products. Backend per call as in ``pace.kernels._dispatch``.
 """
 
 import torch
@@ -24,12 +25,6 @@ def block_diag(blocks: Tensor) -> Tensor:
     B, K, m, n = blocks.shape
     eye = torch.eye(K, device=blocks.device, dtype=blocks.dtype).view(1, K, K, 1, 1)
     return (blocks.unsqueeze(2) * eye).transpose(2, 3).reshape(B, K * m, K * n)  # (B, K, m, K, n) → (B, K·m, K·n)
-
-
-def _head_scale(pi: Tensor, alpha: Tensor, beta: Tensor, dtype: torch.dtype) -> Tensor:
-    # [−α (K groups of the Expand columns) | βπ_k (head k's Compress columns)], (B, N, 2K, 1).
-    B, N, K = pi.shape
-    return torch.cat([(-alpha).expand(B, N, K), beta * pi], dim=-1).unsqueeze(-1).to(dtype)
 
 
 def _tiny(dtype: torch.dtype) -> float:
@@ -63,164 +58,172 @@ def membership_backward(
     return beta_part, tau_part, sq_bar
 
 
-def mixer_memberships_reference(
-    P: Tensor, a: Tensor, M: Tensor, scalars: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """PyTorch ``(Ps, z, π, ‖col‖²)``; products in P's dtype, the softmax in M's.
+def _head_products(a: Tensor, Q_c: Tensor) -> tuple[Tensor, Tensor]:
+    """``a`` per head (B, N, K, p) and ``c_k = a_kQ_k`` (B, N, K, r), both in Q_c's dtype."""
+    B, N, _ = a.shape
+    K, p, _ = Q_c.shape[1:]
+    a4 = a.view(B, N, K, p).to(Q_c.dtype)
+    return a4, torch.einsum("bnkp,bkpr->bnkr", a4, Q_c)
+
+
+def mixer_memberships_reference(a: Tensor, Q_c: Tensor, scalars: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """PyTorch ``(z, π, ‖col‖²)``, computed in Q_c's dtype.
 
     Args:
-        P: ``x̂[Q_e | V]``, shape (B, N, 2·K·r): the Expand columns, then head k's r Compress columns at K·r + k·r.
         a: ``x̂U``, shape (B, N, K·p).
-        M: ``Q_kᵀQ_k``, shape (B, K, r, r), float32 or float64 (the work dtype).
-        scalars: ``[τ, α, β]`` in M's dtype.
+        Q_c: Compress bases, shape (B, K, p, r), float32 or float64 (the work dtype).
+        scalars: ``[τ, α, β]`` in Q_c's dtype.
 
     Returns:
-        ``Ps = P ⊙ [−α | βπ_k]`` and ``z = π ⊙ a`` in P's dtype, π and ``‖col‖²`` (B, N, K) in M's dtype.
+        ``z = π ⊙ (a − col)`` in a's dtype (col_k = a_kQ_kQ_kᵀ), π and ``‖col‖²`` (B, N, K) in Q_c's dtype.
     """
-    B, N, _ = P.shape
-    K, r = M.shape[1], M.shape[2]
-    md, wd = P.dtype, M.dtype
-    tau, alpha, beta = scalars.unbind()
-    Pc = P[..., K * r :]
-    T = Pc @ block_diag(M).to(md)  # P_k M_k for every head, (B, N, K·r)
-    sq = (T * Pc).view(B, N, K, r).sum(-1, dtype=wd)  # (B, N, K)
-    root = sq.clamp_min(_tiny(wd)).sqrt()  # the clamp keeps the square root's gradient finite
-    pi = torch.softmax(root / tau, dim=-1)
-    Ps = (P.view(B, N, 2 * K, r) * _head_scale(pi, alpha, beta, md)).view(B, N, 2 * K * r)
-    z = a.view(B, N, K, -1) * pi.unsqueeze(-1).to(md)
-    return Ps, z.view(a.shape), pi, sq
+    a4, c = _head_products(a, Q_c)
+    col = torch.einsum("bnkr,bkpr->bnkp", c, Q_c)  # a_k's component in span(Q_k)
+    sq = col.square().sum(-1)  # (B, N, K)
+    root = sq.clamp_min(_tiny(sq.dtype)).sqrt()  # the clamp keeps the square root's gradient finite
+    pi = torch.softmax(root / scalars[0], dim=-1)
+    z = pi.unsqueeze(-1) * (a4 - col)
+    return z.to(a.dtype).view(a.shape), pi, sq
 
 
 def mixer_memberships_backward_reference(
-    g_R: Tensor, P: Tensor, g_U: Tensor, a: Tensor, pi: Tensor, sq: Tensor, g_pi: Tensor | None, M: Tensor,
+    g_Qe: Tensor, P: Tensor, g_U: Tensor, a: Tensor, pi: Tensor, sq: Tensor, g_pi: Tensor | None, Q_c: Tensor,
     scalars: Tensor,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """PyTorch backward of :func:`mixer_memberships_reference` (with ``Ps`` entering GEMM 2 and π an output).
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """PyTorch backward of :func:`mixer_memberships_reference` (z entering ``−β zUᵀ``, π an output), with the
+    Expand columns of the cotangent products.
 
     Args:
-        g_R: ``g[Q_e | V]``, shape (B, N, 2·K·r) (g: the update's cotangent).
-        P: As in the forward.
+        g_Qe: ``gQ_e``, shape (B, N, c_e) (g: the update's cotangent).
+        P: ``x̂Q_e``, shape (B, N, c_e).
         g_U: ``gU``, shape (B, N, K·p).
         a: As in the forward.
         pi: π from the forward.
         sq: ``‖col‖²`` from the forward.
         g_pi: π's cotangent, (B, N, K), or None for zero.
-        M: As in the forward.
+        Q_c: As in the forward.
         scalars: ``[τ, α, β]``.
 
     Returns:
-        ``P̄`` (the cotangent of P through Ps and ‖col‖²), ``ā = −βπ ⊙ gU`` (through z), ``P_c ⊙ ∂‖col‖²``
-        (B, N, K·r) (for ``M̄_k = Σ_n ∂‖col_k‖² P_kᵀP_k``), all in P's dtype, and the partial scalar gradients
-        ``[−<gQ_e, x̂Q_e>, ∂L/∂β, ∂L/∂τ = −Σ ∂ℓ·‖col‖ / τ²]`` in M's dtype.
+        In P's dtype: ``P̄ = [−α gQ_e | W₁]`` and ``Ps = [−α x̂Q_e | W₂]`` (B, N, c_e + K·r), with head k's
+        ``W₁ = ∂L/∂c_k = βπ_k gU_kQ_k + 2 ∂‖col_k‖² c_kQ_kᵀQ_k`` and ``W₂ = βπ_k c_k`` (so that
+        ``x̂ᵀP̄ + gᵀPs = [Q̄_e | V̄]`` and ``Q̄_k = U_kᵀV̄_k + 2Q_kM̄_k``), ``ā = W₁Q_kᵀ − βπ_k gU_k`` (B, N, K·p),
+        ``∂‖col‖² ⊙ c`` and c (B, N, K·r) (``M̄_k = Σ_n ∂‖col_k‖² c_kᵀc_k``); in Q_c's dtype the partial scalar
+        gradients ``[−<gQ_e, x̂Q_e>, ∂L/∂β, ∂L/∂τ]``.
     """
     B, N, _ = P.shape
-    K, r = M.shape[1], M.shape[2]
-    Kr = K * r
-    md, wd = P.dtype, M.dtype
+    K, r = Q_c.shape[1], Q_c.shape[3]
+    md, wd = P.dtype, Q_c.dtype
     tau, alpha, beta = scalars.unbind()
-    alpha_part = -(g_R[..., :Kr] * P[..., :Kr]).sum(dtype=wd)
-    gV4, Pc4 = g_R[..., Kr:].view(B, N, K, r), P[..., Kr:].view(B, N, K, r)
-    a4, gU4 = a.view(B, N, K, -1), g_U.view(B, N, K, -1)
-    h = (gV4 * Pc4).sum(-1, dtype=wd) - (gU4 * a4).sum(-1, dtype=wd)  # <gV_k, P_k> − <gU_k, a_k>
+    alpha_part = -(g_Qe.to(wd) * P.to(wd)).sum()
+    a4, c = _head_products(a, Q_c)
+    gU4, gV = _head_products(g_U, Q_c)
+    h = (gV * c).sum(-1) - (gU4 * a4).sum(-1)  # <gV_k, c_k> − <gU_k, a_k>
     beta_part, tau_part, sq_bar = membership_backward(h, pi, sq, g_pi, tau, beta)
-    a_bar = gU4 * (-beta * pi).unsqueeze(-1).to(md)
-    # P̄ = [−α gQ_e | βπ_k gV_k + 2 ∂‖col_k‖² P_k M_k]
-    P_bar = g_R.view(B, N, 2 * K, r) * _head_scale(pi, alpha, beta, md)
-    T = P[..., Kr:] @ block_diag(M).to(md)
-    P_bar[:, :, K:].addcmul_(T.view(B, N, K, r), (2 * sq_bar).unsqueeze(-1).to(md))
-    Pc_w = (Pc4 * sq_bar.unsqueeze(-1).to(md)).view(B, N, Kr)
+    bpi, sqb = (beta * pi).unsqueeze(-1), sq_bar.unsqueeze(-1)
+    w1 = bpi * gV + 2 * sqb * torch.einsum("bnkr,bkrs->bnks", c, Q_c.mT @ Q_c)  # c_k M_k, M_k = Q_kᵀQ_k
+    a_bar = torch.einsum("bnkr,bkpr->bnkp", w1, Q_c) - bpi * gU4
+    P_bar = torch.cat([-alpha * g_Qe.to(wd), w1.reshape(B, N, K * r)], dim=-1)
+    Ps = torch.cat([-alpha * P.to(wd), (bpi * c).reshape(B, N, K * r)], dim=-1)
     partials = torch.stack([alpha_part, beta_part, tau_part])
-    return P_bar.view(P.shape), a_bar.view(a.shape), Pc_w, partials
+    c_w = (sqb * c).reshape(B, N, K * r)
+    return P_bar.to(md), Ps.to(md), a_bar.reshape(a.shape).to(md), c_w.to(md), c.reshape(c_w.shape).to(md), partials
 
 
-def _triton(P: Tensor, M: Tensor):
-    supported = P.dtype in _TRITON_DTYPES and M.dtype == torch.float32
-    return _dispatch.triton_module(P, "_triton_mixer") if supported else None
+def _triton(a: Tensor, Q_c: Tensor):
+    supported = a.dtype in _TRITON_DTYPES and Q_c.dtype == torch.float32
+    return _dispatch.triton_module(a, "_triton_mixer") if supported else None
 
 
 @torch.library.custom_op("pace::mixer_memberships", mutates_args=())
-def _mixer_memberships_op(P: Tensor, a: Tensor, M: Tensor, scalars: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    module = _triton(P, M)
+def _mixer_memberships_op(a: Tensor, Q_c: Tensor, scalars: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    module = _triton(a, Q_c)
     if module is None:
-        return tuple(t.contiguous() for t in mixer_memberships_reference(P, a, M, scalars))
-    return module.mixer_memberships(P.contiguous(), a.contiguous(), M.contiguous(), scalars.contiguous())
+        return tuple(t.contiguous() for t in mixer_memberships_reference(a, Q_c, scalars))
+    return module.mixer_memberships(a.contiguous(), Q_c.contiguous(), scalars.contiguous())
 
 
 @_mixer_memberships_op.register_fake
-def _(P: Tensor, a: Tensor, M: Tensor, scalars: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    B, N, _ = P.shape
-    K = M.shape[1]
-    return P.new_empty(P.shape), a.new_empty(a.shape), M.new_empty((B, N, K)), M.new_empty((B, N, K))
+def _(a: Tensor, Q_c: Tensor, scalars: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    B, N, _ = a.shape
+    K = Q_c.shape[1]
+    return a.new_empty(a.shape), Q_c.new_empty((B, N, K)), Q_c.new_empty((B, N, K))
 
 
 @torch.library.custom_op("pace::mixer_memberships_backward", mutates_args=())
 def _mixer_memberships_backward_op(
-    g_R: Tensor, P: Tensor, g_U: Tensor, a: Tensor, pi: Tensor, sq: Tensor, g_pi: Tensor | None, M: Tensor,
+    g_Qe: Tensor, P: Tensor, g_U: Tensor, a: Tensor, pi: Tensor, sq: Tensor, g_pi: Tensor | None, Q_c: Tensor,
     scalars: Tensor,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    module = _triton(P, M)
-    args = (g_R, P, g_U, a, pi, sq, g_pi, M, scalars)
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    module = _triton(a, Q_c)
+    args = (g_Qe, P, g_U, a, pi, sq, g_pi, Q_c, scalars)
     if module is None:
         return tuple(t.contiguous() for t in mixer_memberships_backward_reference(*args))
     return module.mixer_memberships_backward(*(None if t is None else t.contiguous() for t in args))
 
 
 @_mixer_memberships_backward_op.register_fake
-def _(g_R, P, g_U, a, pi, sq, g_pi, M, scalars) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    B, N, _ = P.shape
-    K, r = M.shape[1], M.shape[2]
-    return P.new_empty(P.shape), a.new_empty(a.shape), P.new_empty((B, N, K * r)), M.new_empty((3,))
+def _(g_Qe, P, g_U, a, pi, sq, g_pi, Q_c, scalars) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    B, N, ce = P.shape
+    Kr = Q_c.shape[1] * Q_c.shape[3]
+    wide, narrow = P.new_empty((B, N, ce + Kr)), P.new_empty((B, N, Kr))
+    return wide, wide.clone(), a.new_empty(a.shape), narrow, narrow.clone(), Q_c.new_empty((3,))
 
 
-def _check(P: Tensor, a: Tensor, M: Tensor, scalars: Tensor) -> None:
-    ok = P.dim() == 3 and a.dim() == 3 and M.dim() == 4 and M.shape[2] == M.shape[3] and scalars.shape == (3,)
-    if ok:
-        B, N, _ = P.shape
-        K, r = M.shape[1], M.shape[2]
-        ok = P.shape[2] == 2 * K * r and a.shape[:2] == (B, N) and a.shape[2] % K == 0 and M.shape[0] == B
+def _check(a: Tensor, Q_c: Tensor, scalars: Tensor) -> None:
+    ok = a.dim() == 3 and Q_c.dim() == 4 and scalars.shape == (3,)
+    ok = ok and a.shape[0] == Q_c.shape[0] and a.shape[2] == Q_c.shape[1] * Q_c.shape[2]
     if not ok:
         raise ValueError(
-            "mixer_memberships: P (B, N, 2·K·r), a (B, N, K·p), M (B, K, r, r) and scalars (3,) expected, got "
-            f"{tuple(P.shape)}, {tuple(a.shape)}, {tuple(M.shape)}, {tuple(scalars.shape)}"
+            "mixer_memberships: a (B, N, K·p), Q_c (B, K, p, r) and scalars (3,) expected, got "
+            f"{tuple(a.shape)}, {tuple(Q_c.shape)}, {tuple(scalars.shape)}"
         )
 
 
-def mixer_memberships(P: Tensor, a: Tensor, M: Tensor, scalars: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Memberships and GEMM 2's factors of the fused mixer (custom op ``pace::mixer_memberships``).
+def mixer_memberships(a: Tensor, Q_c: Tensor, scalars: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The full Compress form's memberships and GEMM 2's left factor (custom op ``pace::mixer_memberships``).
 
-    ``‖col_k‖² = P_k M_k P_kᵀ``, ``π = softmax_k(max(‖col_k‖², tiny)^½ / τ)``, ``Ps = P ⊙ [−α | βπ_k]`` and
-    ``z = π ⊙ a``. The Triton kernel (CUDA, or the interpreter when forced; float32 M) reads P, a and M once and
-    computes in fp32 with one rounding per output; the fallback is :func:`mixer_memberships_reference`.
+    Per token and head: ``c_k = a_kQ_k``, ``col_k = c_kQ_kᵀ`` (a_k's component in span(Q_k), head k's
+    coordinates of ``x̂U_kQ_kQ_kᵀU_kᵀ``), ``π = softmax_k(max(‖col_k‖², tiny)^½ / τ)`` and
+    ``z_k = π_k(a_k − col_k)``, so that Compress's update is ``−β zUᵀ``: no (B, d, K·r) basis ``V_k = U_kQ_k``
+    and no product with it. The Triton kernel (CUDA, or the interpreter when forced; float32 Q_c) reads a once,
+    forms c and col in registers (3xTF32 products, fp32-accurate) and rounds z once; the fallback is
+    :func:`mixer_memberships_reference`.
 
     Args:
-        P: ``x̂[Q_e | V]``, shape (B, N, 2·K·r).
         a: ``x̂U``, shape (B, N, K·p).
-        M: ``Q_kᵀQ_k``, shape (B, K, r, r).
-        scalars: ``[τ, α, β]`` in M's dtype.
+        Q_c: Compress bases, shape (B, K, p, r).
+        scalars: ``[τ, α, β]`` in Q_c's dtype.
 
     Returns:
-        ``(Ps, z, π, ‖col‖²)``: Ps and z in P's dtype, π and ‖col‖² (B, N, K) in M's dtype.
+        ``(z, π, ‖col‖²)``: z in a's dtype, π and ‖col‖² (B, N, K) in Q_c's dtype.
     """
-    _check(P, a, M, scalars)
-    return _mixer_memberships_op(P, a, M, scalars)
+    _check(a, Q_c, scalars)
+    return _mixer_memberships_op(a, Q_c, scalars)
 
 
 def mixer_memberships_backward(
-    g_R: Tensor, P: Tensor, g_U: Tensor, a: Tensor, pi: Tensor, sq: Tensor, g_pi: Tensor | None, M: Tensor,
+    g_Qe: Tensor, P: Tensor, g_U: Tensor, a: Tensor, pi: Tensor, sq: Tensor, g_pi: Tensor | None, Q_c: Tensor,
     scalars: Tensor,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """Backward of :func:`mixer_memberships` (custom op ``pace::mixer_memberships_backward``).
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """Backward of :func:`mixer_memberships`, with the Expand columns of the mixer's cotangent products (custom op
+    ``pace::mixer_memberships_backward``).
 
     Arguments and results as :func:`mixer_memberships_backward_reference`; the Triton kernel reads each input once
-    and writes each output once (fp32 arithmetic, one rounding per output; the scalar partial sums per program,
-    added up in fp32). ``g_pi`` may be None (π unused by the loss: a zero cotangent that is never written).
+    (a, gU and Q_c twice, the second time from cache), forms c_k and gU_kQ_k in registers and writes each output once
+    (fp32 arithmetic, one rounding per output; the scalar partial sums per program, added up in fp32). ``g_pi`` may
+    be None (π unused by the loss: a zero cotangent that is never written).
     """
-    _check(P, a, M, scalars)
-    per_head = P.shape[:2] + M.shape[1:2]  # (B, N, K)
-    g_pi_shape = per_head if g_pi is None else g_pi.shape
-    if g_R.shape != P.shape or g_U.shape != a.shape or not pi.shape == sq.shape == g_pi_shape == per_head:
-        raise ValueError("mixer_memberships_backward: cotangent or saved shapes do not match the forward's")
-    return _mixer_memberships_backward_op(g_R, P, g_U, a, pi, sq, g_pi, M, scalars)
+    _check(a, Q_c, scalars)
+    B, N, K = a.shape[0], a.shape[1], Q_c.shape[1]
+    g_pi_shape = (B, N, K) if g_pi is None else g_pi.shape
+    expand = P.dim() == 3 and P.shape[:2] == (B, N) and P.shape[2] == K * Q_c.shape[3] and g_Qe.shape == P.shape
+    if not expand or g_U.shape != a.shape or not pi.shape == sq.shape == g_pi_shape == (B, N, K):
+        raise ValueError(
+            "mixer_memberships_backward: cotangent or saved shapes do not match the forward's (c_e = K·r Expand "
+            f"columns): g_Qe {tuple(g_Qe.shape)}, P {tuple(P.shape)}, g_U {tuple(g_U.shape)}, π {tuple(pi.shape)}"
+        )
+    return _mixer_memberships_backward_op(g_Qe, P, g_U, a, pi, sq, g_pi, Q_c, scalars)
 
 
 def cast_dot_reference(
@@ -286,74 +289,53 @@ def cast_dot(g: Tensor, x: Tensor, dtype: torch.dtype, scale: Tensor | None = No
     return _cast_dot_op(g, x, dtype, scale)
 
 
-def pack_bases_reference(Y: Tensor, F_s: Tensor, U: Tensor, Q_c: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """PyTorch ``R = [Y F_s | U_k Q_k]``: products in F_s's dtype, then one conversion into R.
+def expand_basis_reference(Y: Tensor, F_s: Tensor, dtype: torch.dtype) -> Tensor:
+    """PyTorch ``Q_e = Y F_s``: the product in F_s's dtype, then one conversion.
 
     Args:
         Y: Expand sketches, shape (B, d, c) (any strides), in F_s's dtype or narrower (converted).
         F_s: Their scaled factors ``D⁻¹F``, shape (B, c, c).
-        U: Subspaces, shape (d, K·p), in F_s's dtype.
-        Q_c: Compress bases, shape (B·K, p, r), or None for ``R = Y F_s`` alone (diag form).
-        dtype: R's dtype.
+        dtype: The result's dtype.
 
     Returns:
-        R, shape (B, d, c + K·r), in ``dtype``.
+        Q_e, shape (B, d, c), in ``dtype``.
     """
-    B, d, c = Y.shape
-    Q_e = Y.to(F_s.dtype) @ F_s  # (B, d, c)
-    if Q_c is None:
-        return Q_e.to(dtype)
-    K, p, r = Q_c.shape[0] // B, Q_c.shape[1], Q_c.shape[2]
-    # V_k = U_k Q_k for all heads at once: (K, d, p) @ (K, p, B·r).
-    U_heads = U.view(d, K, p).transpose(0, 1)
-    V_heads = U_heads @ Q_c.view(B, K, p, r).permute(1, 2, 0, 3).reshape(K, p, B * r)  # (K, d, B·r)
-    R = torch.empty(B, d, c + K * r, device=Y.device, dtype=dtype)
-    R[..., :c].copy_(Q_e)
-    R[..., c:].view(B, d, K, r).copy_(V_heads.view(K, d, B, r).permute(2, 1, 0, 3))
-    return R
+    return (Y.to(F_s.dtype) @ F_s).to(dtype)
 
 
-@torch.library.custom_op("pace::pack_bases", mutates_args=())
-def _pack_bases_op(Y: Tensor, F_s: Tensor, U: Tensor, Q_c: Tensor | None, dtype: torch.dtype) -> Tensor:
-    tensors = (F_s, U) if Q_c is None else (F_s, U, Q_c)
-    supported = all(t.dtype == torch.float32 for t in tensors) and Y.dtype in _TRITON_DTYPES and dtype in _TRITON_DTYPES
+@torch.library.custom_op("pace::expand_basis", mutates_args=())
+def _expand_basis_op(Y: Tensor, F_s: Tensor, dtype: torch.dtype) -> Tensor:
+    supported = F_s.dtype == torch.float32 and Y.dtype in _TRITON_DTYPES and dtype in _TRITON_DTYPES
     module = _dispatch.triton_module(Y, "_triton_mixer") if supported else None
     if module is None:
-        return pack_bases_reference(Y, F_s, U, Q_c, dtype)
-    return module.pack_bases(Y, F_s.contiguous(), U, None if Q_c is None else Q_c.contiguous(), dtype)
+        return expand_basis_reference(Y, F_s, dtype).contiguous()
+    return module.expand_basis(Y, F_s.contiguous(), dtype)
 
 
-@_pack_bases_op.register_fake
-def _(Y: Tensor, F_s: Tensor, U: Tensor, Q_c: Tensor | None, dtype: torch.dtype) -> Tensor:
-    B, d, c = Y.shape
-    extra = 0 if Q_c is None else (Q_c.shape[0] // B) * Q_c.shape[2]
-    return Y.new_empty((B, d, c + extra), dtype=dtype)
+@_expand_basis_op.register_fake
+def _(Y: Tensor, F_s: Tensor, dtype: torch.dtype) -> Tensor:
+    return Y.new_empty(Y.shape, dtype=dtype)
 
 
-def pack_bases(Y: Tensor, F_s: Tensor, U: Tensor, Q_c: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """GEMM 1's right factor ``R = [Y F_s | U_k Q_k]`` in ``dtype`` (custom op ``pace::pack_bases``; no autograd).
+def expand_basis(Y: Tensor, F_s: Tensor, dtype: torch.dtype) -> Tensor:
+    """GEMM 1's right factor, the Expand basis ``Q_e = Y F_s``, in ``dtype`` (custom op ``pace::expand_basis``; no
+    autograd).
 
-    ``Q_e = Y F_s`` is the Expand basis and ``V_k = U_k Q_k`` head k's Compress basis in token space; both must be
-    formed to fp32 accuracy and only then rounded (GPU_PERF.md §2b). The Triton kernel (float32 F_s, U and Q_c; Y
-    in float32 or, read as it is and converted in registers, bfloat16/float16) computes each tile of R with
-    fp32-accurate products and writes it once, rounded; the fallback (:func:`pack_bases_reference`) forms Q_e and
-    V in fp32 and copies them into R.
+    Q_e must be formed to fp32 accuracy and only then rounded (GPU_PERF.md §2b). The Triton kernel (float32 F_s;
+    Y in float32 or, read as it is and converted in registers, bfloat16/float16) computes each tile with 3xTF32
+    products and writes it once, rounded; the fallback (:func:`expand_basis_reference`) multiplies in fp32 and
+    converts.
 
     Args:
         Y: Expand sketches, shape (B, d, c) (any strides); the mixer's are bf16 numbers, stored in bf16.
         F_s: Their scaled factors ``D⁻¹F``, shape (B, c, c).
-        U: Subspaces, shape (d, K·p).
-        Q_c: Compress bases, shape (B·K, p, r), or None (diag form: R = Y F_s).
-        dtype: R's dtype.
+        dtype: The result's dtype.
 
     Returns:
-        R, shape (B, d, c + K·r) (K·r = 0 without Q_c), contiguous.
+        Q_e, shape (B, d, c), contiguous.
     """
-    B, d, c = Y.shape if Y.dim() == 3 else (0, 0, 0)
-    ok = Y.dim() == 3 and F_s.shape == (B, c, c) and U.dim() == 2 and U.shape[0] == d
-    if ok and Q_c is not None:
-        ok = Q_c.dim() == 3 and B > 0 and Q_c.shape[0] % B == 0 and Q_c.shape[0] // B * Q_c.shape[1] == U.shape[1]
-    if not ok:
-        shapes = [None if t is None else tuple(t.shape) for t in (Y, F_s, U, Q_c)]
-        raise ValueError(f"pack_bases: Y (B, d, c), F_s (B, c, c), U (d, K·p), Q_c (B·K, p, r) expected, got {shapes}")
-    return _pack_bases_op(Y, F_s, U, Q_c, dtype)
+    if Y.dim() != 3 or F_s.shape != (Y.shape[0], Y.shape[2], Y.shape[2]):
+        raise ValueError(
+            f"expand_basis: Y (B, d, c) and F_s (B, c, c) expected, got {tuple(Y.shape)}, {tuple(F_s.shape)}"
+        )
+    return _expand_basis_op(Y, F_s, dtype)

@@ -6,28 +6,26 @@ Shared work of the two operators (ridge projectors; both Compress forms):
   ``Y_k = U_kᵀ S_c`` (no head-major copy of ``a = x̂U``);
 * the small ridge factors ``F = chol(ŶᵀŶ + εI)⁻ᵀ``, kept as ``F_s = D⁻¹F`` so that ``Q = Ŷ F = Y F_s`` and ``Ŷ``
   is never written (:func:`pace.layers.basis.scaled_ridge_factors`), in float32 (float64 for float64 input);
-* full form: ``V_k = U_k Q_k`` (d × r per head), then GEMM 1: ``a = x̂U`` and ``P = x̂[Q_e | V]``, where
-  ``P_{c,k} = Q_kᵀ a_k`` are the coordinates of ``col_k`` and ``‖col_k‖² = P_{c,k} (Q_kᵀQ_k) P_{c,k}ᵀ`` is an r × r
-  quadratic form; GEMM 2: ``update = αx + (P ⊙ s)[Q_e | V]ᵀ − β(π ⊙ a)Uᵀ`` with ``s = −α`` on the Expand columns
-  and ``βπ_k`` on head k's columns. No (B, N, d) ``col`` or ``null`` tensor and no head-major copy;
-* diag form: ``keep_k = diag(Q_kQ_kᵀ)``, ``‖col_k‖² = Σ keep_k² a_k²``,
-  ``update = αx − αP_eQ_eᵀ − β(π ⊙ (1 − keep) ⊙ a)Uᵀ``.
-
-The price of no head-major copy: ``x̂V`` has K·r columns where the per-head products ``a_kQ_k`` have r each, about
-14 % more matrix FLOPs per block at ViT-S sizes; hence :func:`pace.layers.pace_attention` keeps the separate
-operators on the (FLOP-bound) CPU by default.
+* GEMM 1: ``a = x̂U`` and ``P = x̂Q_e``; GEMM 2: ``update = αx̂ − αPQ_eᵀ − βzUᵀ``, where z carries Compress:
+* full form: per token and head ``c_k = a_kQ_k`` (the coordinates of ``col_k = c_kQ_kᵀ``, a_k's component in
+  span(Q_k)), ``‖col_k‖²``, π and ``z_k = π_k(a_k − col_k)``, all in registers of one kernel over a
+  (:func:`pace.kernels.mixer_memberships`): −βzUᵀ is the paper's ``−β Σ_k π_k U_k(I − Q_kQ_kᵀ)U_kᵀx̂`` with no
+  token-space basis ``U_kQ_k`` (B, d, K·r) and no product with one;
+* diag form: ``keep_k = diag(Q_kQ_kᵀ)``, ``‖col_k‖² = Σ keep_k² a_k²``, ``z = π ⊙ (1 − keep) ⊙ a``.
 
 The tokens are cast once to the matrix-product dtype (bf16 under autocast) and that copy serves every product of the
 forward and the backward, and the αx term and ``<g, x>`` too: the projection's complement ``x − xΠ`` is then taken
 of one vector (and x's float32 copy is neither read again nor kept for the backward). The backward reuses ``P``,
 ``a``, ``z`` and the factors, and goes through the ridge step with ``∂L/∂G = −½ F sym(Fᵀ F̄) Fᵀ``
-(:func:`pace.layers.basis.ridge_factors_backward`).
+(:func:`pace.layers.basis.ridge_factors_backward`). The full form's Q̄_k comes from one product over the tokens,
+``V̄ = x̂ᵀW₁ + gᵀW₂`` (B, d, K·r) with per-token factors from the memberships' backward, then ``Q̄_k = U_kᵀV̄_k``.
 
-The elementwise work between the products runs in ``pace.kernels`` custom ops (Triton where it runs, their PyTorch
-fallbacks elsewhere): the ridge Gram and factor, GEMM 1's right factor ``R = [Q_e | V]``
-(:func:`pace.kernels.pack_bases`), the full form's memberships and GEMM 2's left factors and their backward
-(:func:`pace.kernels.mixer_memberships`), the diag form's memberships and their backward
-(:func:`pace.kernels.diag_memberships`), and the backward's prologue (:func:`pace.kernels.cast_dot`).
+The work between the products runs in ``pace.kernels`` custom ops (Triton where it runs, their PyTorch fallbacks
+elsewhere): the ridge Gram and factor, GEMM 1's right factor Q_e (:func:`pace.kernels.expand_basis`), the
+memberships and their backward (:func:`pace.kernels.mixer_memberships`, :func:`pace.kernels.diag_memberships`),
+the sums of products in fp32 (:func:`pace.kernels.matmul_sum`) and the backward's prologue
+(:func:`pace.kernels.cast_dot`). On the (FLOP-bound) CPU :func:`pace.layers.pace_attention` keeps the separate
+operators by default.
 """
 
 import torch
@@ -53,29 +51,29 @@ def _heads_major(t: Tensor, num_heads: int, dtype: torch.dtype) -> Tensor:
     return heads.to(dtype, memory_format=torch.contiguous_format).contiguous().view(num_heads, m, -1)
 
 
-def _full_backward(g_x, xb, gb, gR, gU, a, P, Ps, pi, sq, g_pi, Q_c, M, scalars, U, K, ce):
-    """The full form's part of the mixer backward, from GEMM 1's cotangent products to Q̄_e, Q̄_c and the factors
-    ``(V̄, Q_c)`` (head-major) of Ū's term ``Ū_k = Σ_b V̄_k Q_kᵀ``."""
+def _full_backward(g_x, xb, gb, gQe, gU, a, P, pi, sq, g_pi, Q_c, scalars, U, K, ce):
+    """The full form's part of the mixer backward, from GEMM 1's cotangent products to Q̄_e, Q̄_c and ā."""
     B, N, d = xb.shape
     p, r = d // K, Q_c.shape[-1]
     wd = U.dtype
-    Pbar, a_bar, Pc_w, sums = kernels.mixer_memberships_backward(gR, P, gU, a, pi, sq, g_pi, M, scalars)
+    Qc4 = Q_c.view(B, K, p, r)
+    Pbar, Ps, a_bar, C_w, C, sums = kernels.mixer_memberships_backward(gQe, P, gU, a, pi, sq, g_pi, Qc4, scalars)
     # α: <g, x − x̂Π_e> = <g, x> − <gQ_e, x̂Q_e>.
     grad_alpha = g_x.to(wd) + sums[0]
     grad_beta, grad_tau = sums[1], sums[2]
-    R_bar = kernels.matmul_sum(None, [xb.mT, gb.mT], [Pbar, Ps], dtype=wd, out_dtype=xb.dtype)  # xᵀP̄ + gᵀ(P ⊙ s')
+    # [Q̄_e | V̄] = x̂ᵀ[−α gQ_e | W₁] + gᵀ[−α x̂Q_e | W₂], (B, d, c_e + K·r): V̄_k = x̂ᵀW₁,k + gᵀW₂,k gives
+    # Q̄_k's terms through c_k = a_kQ_k (a_kᵀW₁ = U_kᵀx̂ᵀW₁) and through col_k = c_kQ_kᵀ in z (gU_kᵀW₂), heads side by
+    # side: one product over the tokens where per-head products would read a and gU in place of x̂ and g.
+    R_bar = kernels.matmul_sum(None, [xb.mT, gb.mT], [Pbar, Ps], dtype=wd, out_dtype=xb.dtype)
     Qe_bar = R_bar[..., :ce]
     V_bar = _heads_major(R_bar[..., ce:], K, R_bar.dtype)  # (K, d, B·r), kept in R̄'s (product) dtype
-    # ‖col‖² = P_k M_k P_kᵀ with M_k = Q_kᵀQ_k: M̄_k = Σ_n ∂‖col_k‖² P_kᵀ P_k.
-    M_bar = _diag_blocks(Pc_w.mT @ P[..., ce:], K).to(wd)  # (B, K, r, r)
-    Qc4 = Q_c.view(B, K, p, r)
+    # ‖col_k‖² = c_k M_k c_kᵀ with M_k = Q_kᵀQ_k: M̄_k = Σ_n ∂‖col_k‖² c_kᵀ c_k.
+    M_bar = _diag_blocks(C_w.mT @ C, K).to(wd)  # (B, K, r, r)
     U_heads = U.view(d, K, p).transpose(0, 1)  # (K, d, p)
-    # Through V_k = U_kQ_k: Q̄_k = U_kᵀ V̄_k, Ū_k = Σ_b V̄_k Q_kᵀ (images side by side).
-    Qc_heads = Qc4.permute(1, 2, 0, 3).reshape(K, p, B * r)  # (K, p, B·r)
-    # (the products read V̄ as it is and accumulate in the working precision: V̄'s bf16 values are exact there)
+    # Q̄_k = U_kᵀ V̄_k (images side by side; the product reads V̄ as it is and accumulates in the working precision)
     Qc_bar = kernels.matmul_sum(None, [U_heads.mT], [V_bar], dtype=wd).view(K, p, B, r).permute(2, 0, 1, 3)
     Qc_bar = torch.baddbmm(Qc_bar.reshape(B * K, p, r), Q_c, M_bar.reshape(B * K, r, r), alpha=2)
-    return grad_alpha, grad_beta, grad_tau, Pbar, Qe_bar, Qc_bar, (V_bar, Qc_heads), a_bar
+    return grad_alpha, grad_beta, grad_tau, Qe_bar, Qc_bar, a_bar
 
 
 def _diag_backward(g_x, xb, gb, gR, gU, a, P, pi, sq, g_pi, Q_c, keep, scalars, K):
@@ -99,16 +97,11 @@ def _diag_backward(g_x, xb, gb, gR, gU, a, P, pi, sq, g_pi, Q_c, keep, scalars, 
     return grad_alpha, grad_beta, grad_tau, Qe_bar, Qc_bar, a_bar
 
 
-def _subspace_grad(xb, gb, a_bar, z, U_parts, beta_w, K):
-    """``Ū = x̂ᵀā − β gᵀz`` (full form: ``+ Σ_b V̄_k Q_kᵀ`` in head k's columns), a new (d, d) matrix in β's dtype."""
+def _subspace_grad(xb, gb, a_bar, z, beta_w):
+    """``Ū = x̂ᵀā − β gᵀz``, a new (d, d) matrix in β's dtype."""
     B, N, d = xb.shape
     x2, g2 = xb.reshape(B * N, d), gb.reshape(B * N, d)
     U_bar = (x2.mT @ a_bar.reshape(B * N, d)).to(beta_w.dtype)
-    if U_parts is not None:  # Ū_k += Σ_b V̄_k Q_kᵀ into head k's columns (Ū viewed (d, K, p), no copy)
-        V_bar, Qc_heads = U_parts
-        U_bar.view(d, K, d // K).add_(
-            kernels.matmul_sum(None, [V_bar], [Qc_heads.mT], dtype=U_bar.dtype).transpose(0, 1)
-        )
     return U_bar.addcmul_((g2.mT @ z.reshape(B * N, d)).to(beta_w.dtype), beta_w, value=-1)
 
 
@@ -170,34 +163,29 @@ class _PACEMixer(torch.autograd.Function):
             tau_w, alpha_w, beta_w = tau.to(wd), alpha.to(wd), beta.to(wd)
             scalars = torch.stack([tau_w, alpha_w, beta_w])  # the coefficients GEMM 2 and x̄ read on the device
             Qc4 = Q_c.view(B, K, p, r)
+            R = kernels.expand_basis(S[..., :ce], F_e, md)  # Q_e, (B, d, c_e)
+            P = xb @ R  # x̂Q_e, (B, N, c_e); GEMM 2 scales it by −α (code −2)
             if diag:
-                R = kernels.pack_bases(S[..., :ce], F_e, U, None, md)  # Q_e, (B, d, c_e)
-                P = xb @ R  # P_e, (B, N, c_e)
                 keep = Qc4.square().sum(-1)  # diag(Q_kQ_kᵀ), (B, K, p)
                 # a in the product dtype, z = π ⊙ null, π and ‖col‖² = Σ_p keep² a²: one pass over a_w.
                 a, z, pi, sq = kernels.diag_memberships(a_w, keep, scalars, md)
-                Ps = P  # GEMM 2 scales it by −α (code −2)
                 extra = keep
             else:
-                # [Q_e | V] with V_k = U_k Q_k, formed in fp32 and written once in the product dtype.
-                R = kernels.pack_bases(S[..., :ce], F_e, U, Q_c, md)  # (B, d, c_e + K·r)
-                P = xb @ R  # [x̂Q_e | x̂V], (B, N, c_e + K·r); x̂V_k = Q_kᵀ a_k
-                # ‖col_k‖² = P_k M_k P_kᵀ with M_k = Q_kᵀQ_k, π, GEMM 2's left factor Ps = P ⊙ [−α | βπ_k] (so that
-                # update = αx + Ps[Q_e | V]ᵀ − β(π ⊙ a)Uᵀ; c_e = K·r: the Expand columns are K more groups of r, each
-                # scaled by −α) and z = π ⊙ a: one pass over P and a (pace.kernels).
-                M = Qc4.mT @ Qc4  # (B, K, r, r)
-                Ps, z, pi, sq = kernels.mixer_memberships(P, a, M, scalars)
-                extra = M
+                # c_k = a_kQ_k, col_k = c_kQ_kᵀ, ‖col_k‖², π and z_k = π_k(a_k − col_k): one pass over a, the
+                # products in registers. Compress's update, −β Σ_k π_k U_k(I − Q_kQ_kᵀ)U_kᵀx̂ per token, is then
+                # −β zUᵀ (pace.kernels.mixer_memberships).
+                z, pi, sq = kernels.mixer_memberships(a, Qc4, scalars)
+                extra = None
             # GEMM 2 accumulates onto αx̂ in the working precision: its bf16 operands are exact there (and in TF32),
             # and the update is not rounded to bf16, whose error (2⁻⁹ of |αx̂Π_e|) would otherwise dominate the
             # small difference αx̂ − αx̂Π_e − … (on the tests' inputs 2.4e-2 of the update's largest entry, 1.5e-2
             # with this). x̂ is the bf16 copy the products read, so that difference is of one vector: with the
             # float32 x in the αx term the rounding of x̂ in x̂Π_e alone left 1.7e-2 (seeds 0–5), 1.3e-2 this way.
-            # One kernel (pace.kernels.matmul_sum): the operands are read in their own dtypes, α, −α (diag: Ps = P)
+            # One kernel (pace.kernels.matmul_sum): the operands are read in their own dtypes, α, −α
             # and −β from `scalars`; the block's residual and stochastic-depth scales, if given, in its epilogue.
-            # [residual +] [t_b ·] (αx̂ + (P ⊙ s')[Q_e | V]ᵀ − β(π ⊙ …)Uᵀ), (B, N, d)
+            # [residual +] [t_b ·] (αx̂ − α(x̂Q_e)Q_eᵀ − βzUᵀ), (B, N, d)
             out = kernels.matmul_sum(
-                xb, [Ps, z.view(B, N, d)], [R.mT, U.mT], scalars=scalars, codes=[2, -2 if diag else 0, -3], dtype=wd,
+                xb, [P, z.view(B, N, d)], [R.mT, U.mT], scalars=scalars, codes=[2, -2, -3], dtype=wd,
                 D=residual, batch_scale=branch_scale,
             )  # fmt: skip
             out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
@@ -205,8 +193,8 @@ class _PACEMixer(torch.autograd.Function):
             # its cotangent, and the compiled block's parameters got zero gradients (2.14 is not affected).
             out = out if out.dtype == out_dtype else out.to(out_dtype)
         ctx.save_for_backward(
-            xb, omega, subspaces, Ub, S, n_e, G_e, F_e, Y_c, n_c, G_c, F_c, Q_c, a, R, P, Ps, pi, sq, scalars, extra,
-            z, branch_scale, *((x, *norm_stats, norm_weight) if norm else ()),
+            xb, omega, subspaces, Ub, S, n_e, G_e, F_e, Y_c, n_c, G_c, F_c, Q_c, a, R, P, pi, sq, scalars, extra, z,
+            branch_scale, *((x, *norm_stats, norm_weight) if norm else ()),
         )  # fmt: skip
         ctx.dims, ctx.norm, ctx.fold_residual = (K, ce, r, diag, eps), norm, residual_is_x
         # An unused π gets no zero cotangent written (see backward); without `with_pi` it is not an output at all,
@@ -218,8 +206,8 @@ class _PACEMixer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, g_pi=None):
-        (xb, omega, subspaces, Ub, S, n_e, G_e, F_e, Y_c, n_c, G_c, F_c, Q_c, a, R, P, Ps, pi, sq, scalars, extra,
-         z, branch_scale, *norm_saved) = ctx.saved_tensors  # fmt: skip
+        (xb, omega, subspaces, Ub, S, n_e, G_e, F_e, Y_c, n_c, G_c, F_c, Q_c, a, R, P, pi, sq, scalars, extra, z,
+         branch_scale, *norm_saved) = ctx.saved_tensors  # fmt: skip
         K, ce, r, diag, eps = ctx.dims
         tau_dtype, alpha_dtype, beta_dtype = ctx.coefficient_dtypes
         S_c = S[..., ce:]
@@ -238,18 +226,17 @@ class _PACEMixer(torch.autograd.Function):
                 g_x = torch.dot(gb.reshape(-1), xb.reshape(-1))
             else:  # the low-precision copy of g and <g, x̂> (a term of ∂L/∂α) from one read of g and x̂
                 gb, g_x = kernels.cast_dot(g, xb, md, branch_scale)
-            gR = gb @ R  # [gQ_e | gV], (B, N, c_e [+ K·r])
+            gR = gb @ R  # gQ_e, (B, N, c_e)
             gU = (gb.reshape(B * N, d) @ Ub).view(B, N, d)
-            if diag:  # P̄ = −α gQ_e: x̄ scales gR by −α (code −2)
+            if diag:
                 grad_alpha, grad_beta, grad_tau, Qe_bar, Qc_bar, a_bar = _diag_backward(
                     g_x, xb, gb, gR, gU, a, P, pi, sq, g_pi, Q_c, extra, scalars, K
                 )
-                Pbar, U_parts = gR, None
             else:
-                grad_alpha, grad_beta, grad_tau, Pbar, Qe_bar, Qc_bar, U_parts, a_bar = _full_backward(
-                    g_x, xb, gb, gR, gU, a, P, Ps, pi, sq, g_pi, Q_c, extra, scalars, U, K, ce
+                grad_alpha, grad_beta, grad_tau, Qe_bar, Qc_bar, a_bar = _full_backward(
+                    g_x, xb, gb, gR, gU, a, P, pi, sq, g_pi, Q_c, scalars, U, K, ce
                 )
-            U_bar = _subspace_grad(xb, gb, a_bar, z, U_parts, beta_w, K)
+            U_bar = _subspace_grad(xb, gb, a_bar, z, beta_w)
             # Ȳ_e only feeds x̄'s Ω_e Ȳ_eᵀ, whose Ω_e is bf16: written in the product dtype (x̄'s error over seeds
             # 0–5: 1.16e-2 in float32, 1.18e-2 this way).
             Ye_bar = ridge_factors_backward(S[..., :ce], n_e, G_e, F_e, eps, Qe_bar, out_dtype=md)  # (B, d, c_e)
@@ -258,16 +245,16 @@ class _PACEMixer(torch.autograd.Function):
             # Y_c = Uᵀ S_c: Ū += Σ_b S_c Ȳ_cᵀ, S̄_c = U Ȳ_c.
             U_bar.addbmm_(S_c.to(wd), Yc_bar.mT)
             Sc_bar = torch.bmm(U.expand(B, d, d), Yc_bar)  # (B, d, r)
-            # x̄ = αg + P̄ Rᵀ + ā Uᵀ + Ω_e Ȳ_eᵀ + Ω_c S̄_cᵀ, accumulated in the working precision as the forward's
+            # x̄ = αg − α gQ_eQ_eᵀ + ā Uᵀ + Ω_e Ȳ_eᵀ + Ω_c S̄_cᵀ, accumulated in the working precision as the forward's
             # GEMM 2, in one kernel. As there, the αg term reads g's bf16 copy, which the other terms come from (x̄'s
             # error over seeds 0–5: 1.15e-2 with the float32 g, 1.16e-2 this way), so float32 g is read once.
             # Into the block's norm x̄ goes in the product dtype, as autocast's cast before a product would hand it.
             grad_x = kernels.matmul_sum(
                 gb,
-                [Pbar, a_bar.view(B, N, d), omega[:, :ce], omega[:, ce:]],
+                [gR, a_bar.view(B, N, d), omega[:, :ce], omega[:, ce:]],
                 [R.mT, U.mT, Ye_bar.mT, Sc_bar.mT],
                 scalars=scalars,
-                codes=[2, -2 if diag else 0, 0, 0, 0],
+                codes=[2, -2, 0, 0, 0],
                 dtype=wd,
                 out_dtype=md if ctx.norm else None,
             )

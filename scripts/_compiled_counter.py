@@ -13,7 +13,7 @@ Code generation is skipped: the post-fusion hook records the schedule and stops 
 eagerly instead (same values), so counting a block costs seconds, not a C++ or Triton build. Because no code is
 generated, the schedule can be read for either Inductor backend on CPU tensors: ``"cpp"`` (what a CPU compile
 runs) or ``"triton"`` (Inductor's Triton scheduling and fusion rules, what a GPU compile uses; lowering itself
-still sees CPU tensors).
+still sees CPU tensors, except that a cat is lowered as on a GPU, one pointwise kernel).
 
 :func:`time_compile` compiles a model's blocks for real and times its first training steps (compile time, frames,
 graph breaks).
@@ -100,6 +100,11 @@ class ScheduleRecorder:
             raise _ScheduledStopError
 
         patch = {"_post_fusion_custom_pass": record, "fx_graph_cache": False, "cpu_backend": self.backend}
+        if self.backend == "triton":
+            # A cat of a few small inputs ([τ, α, β], the two sketches) is one pointwise kernel on a GPU, fused with
+            # its inputs' conversions; on CPU tensors Inductor always lowers cat as one copy kernel per input
+            # (lowering.cat: pointwise cat is disabled on the CPU for speed), so the GPU's choice is forced here.
+            patch["force_pointwise_cat"] = True
         try:
             with inductor_config.patch(patch):
                 compile_fx_inner(gm, example_inputs, **kwargs)

@@ -10,11 +10,11 @@ the two relative to the largest torch entry. Cases: the inverse Cholesky factor 
 c = 20; Expand: 128 of c = 80 / 160 / 320), the normalised Gram (Compress: (1024, 48, 20) bf16; Expand:
 (128, 384, 160) bf16 and fp32) and the whole ridge basis Q = Ŷ F (Gram + factor + one product) against
 ``pace.layers.basis.ridge_basis``, and the Compress memberships and weights (S model: B = 128, N = 196, K = 8,
-p = 48, bf16) against pace.layers.compress's op sequence, and the fused mixer's ops (memberships forward and backward,
-expand_basis from fp32 and from bf16 sketches, cast_dot; S model, bf16) and the block's LayerNorm around it
-(layer_norm_cast, layer_norm_backward: S model, 128 × 196 tokens of 384) against their PyTorch fallbacks (which round
-twice to bf16: agreement within 1e-2 there, 1e-3 elsewhere). The dry run only checks that every case runs and
-agrees; its timings mean nothing. Exit code 1 when the two disagree.
+p = 48, bf16) against pace.layers.compress's op sequence, and the fused mixer's ops (memberships forward, their
+backward through π and per head, expand_basis from fp32 and from bf16 sketches, cast_dot; S model, bf16) and the
+block's LayerNorm around it (layer_norm_cast, layer_norm_backward: S model, 128 × 196 tokens of 384) against their
+PyTorch fallbacks (bf16 outputs may round to neighbouring values: agreement within 1e-2 there, 1e-3 elsewhere).
+The dry run only checks that every case runs and agrees; its timings mean nothing. Exit code 1 when the two disagree.
 """
 
 import argparse
@@ -37,6 +37,7 @@ from pace.kernels import (  # noqa: E402
     inverse_cholesky_factor_reference,
     layer_norm_backward_reference,
     layer_norm_cast_reference,
+    mixer_heads_backward_reference,
     mixer_memberships_backward_reference,
     mixer_memberships_reference,
     normalized_gram_reference,
@@ -198,14 +199,16 @@ def main() -> None:
 
 
 def _mixer_cases(module, batch: int, n: int, k: int, r: int, p: int, dtype: torch.dtype, device) -> list[dict]:
-    """The fused mixer's membership ops (forward, backward), expand_basis and cast_dot against their PyTorch
-    fallbacks."""
+    """The fused mixer's membership ops (forward, the backward's two), expand_basis and cast_dot against their
+    PyTorch fallbacks."""
     a = torch.randn(batch, n, k * p, device=device).to(dtype)
     Q_c = torch.randn(batch, k, p, r, device=device) / p**0.5
     scalars = torch.tensor([0.7, 0.3, 0.6], device=device)
     _, pi, sq = mixer_memberships_reference(a, Q_c, scalars)
     g_Qe, P = (torch.randn(batch, n, k * r, device=device).to(dtype) for _ in range(2))
-    bwd = (g_Qe, P, torch.randn_like(a), a, pi, sq, None, Q_c, scalars)  # π unused: the training path
+    g_U = torch.randn_like(a)
+    bwd = (g_Qe, P, g_U, a, pi, sq, None, Q_c, scalars)  # π unused: the training path
+    heads = (a, g_U, pi, mixer_memberships_backward_reference(*bwd)[0], Q_c, scalars)
     name = f"B={batch} N={n} K={k} r={r} p={p}"
     d, c = k * p, k * r
     S = torch.randn(batch, d, c + r, device=device)
@@ -222,28 +225,32 @@ def _mixer_cases(module, batch: int, n: int, k: int, r: int, p: int, dtype: torc
         )
         for label, Y in (("", S[..., :c]), (", bf16 sketches", S.bfloat16()[..., :c]))
     ]
-    return packs + [
-        _compare(
-            f"cast dot {name}",
-            lambda: module.cast_dot(g, x, dtype),
-            lambda: cast_dot_reference(g, x, dtype),
-            device,
-        ),
-        _compare(
-            f"mixer memberships {name}",
-            lambda: module.mixer_memberships(a, Q_c, scalars),
-            lambda: mixer_memberships_reference(a, Q_c, scalars),
-            device,
-            tol=1e-2,  # both round once to bf16, from fp32 sums in different orders: one ulp apart at most
-        ),
-        _compare(
-            f"mixer memberships bwd {name}",
-            lambda: module.mixer_memberships_backward(*bwd),
-            lambda: mixer_memberships_backward_reference(*bwd),
-            device,
-            tol=1e-2,
-        ),
-    ]
+    return (
+        packs
+        + [
+            _compare(
+                f"cast dot {name}",
+                lambda: module.cast_dot(g, x, dtype),
+                lambda: cast_dot_reference(g, x, dtype),
+                device,
+            ),
+        ]
+        + [
+            # Each rounds once to bf16 (the kernel from fp32 sums in another order): one ulp apart at most.
+            _compare(
+                f"mixer {label} {name}",
+                lambda f=f, args=args: f(*args),
+                lambda r=r, args=args: r(*args),
+                device,
+                tol=1e-2,
+            )
+            for label, f, r, args in (
+                ("memberships", module.mixer_memberships, mixer_memberships_reference, (a, Q_c, scalars)),
+                ("memberships bwd", module.mixer_memberships_backward, mixer_memberships_backward_reference, bwd),
+                ("heads bwd", module.mixer_heads_backward, mixer_heads_backward_reference, heads),
+            )
+        ]
+    )
 
 
 def _norm_cases(module, batch: int, n: int, d: int, device) -> list[dict]:

@@ -17,9 +17,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # Each case: ("factor", G[, row_scale]) -> F (D⁻¹F), ("gram", Y, eps) -> (scale, G),
 # ("memberships", a, col, tau) -> (w, π),
 # ("mixer_fwd", a, Q_c, scalars) -> (z, π, ‖col‖²), ("mixer_bwd", gQ_e, P, g_U, a, π, ‖col‖², g_π, Q_c, scalars)
-# -> (P̄, Ps, ā, ∂‖col‖² ⊙ c, c, sums), ("diag_fwd", a_w, keep, scalars, dtype) -> (a, z, π, ‖col‖²), ("diag_bwd", gQ_e,
+# -> (∂‖col‖², sums), ("mixer_heads", a, g_U, π, ∂‖col‖², Q_c, scalars) -> (ā, Q̄_c),
+# ("diag_fwd", a_w, keep, scalars, dtype) -> (a, z, π, ‖col‖²), ("diag_bwd", gQ_e,
 # P_e, gU, a, π, ‖col‖², g_π, keep, scalars) -> (ā, ∂keep, sums), ("cast_dot", g, x, dtype[, scale]) -> (copy, <g, x>),
-# ("pack", Y, F_s, dtype) -> Q_e,
+# ("pack", Y, F_s, dtype) -> Q_e (expand_basis),
 # ("matmul_sum", C, lhs, rhs, scalars, codes[, keywords]) -> the sum,
 # ("norm_fwd", x, w, b, eps, dtype) -> (y, μ, rstd), ("norm_bwd", dy, x, μ, rstd, w, residual_grad) -> (dx, dw, db),
 # ("ridge_grad", W, F_s, G, scale, eps) -> Γ, ("radial", W, F_s, G, G_s, scale, eps[, coef][, {"half": True}]) -> Γ
@@ -33,6 +34,7 @@ import torch
 torch.set_num_threads(1)
 from pace.kernels import _dispatch, use_backend, inverse_cholesky_factor, normalized_gram, compress_memberships
 from pace.kernels import cast_dot, mixer_memberships, mixer_memberships_backward, expand_basis, matmul_sum
+from pace.kernels import mixer_heads_backward
 from pace.kernels import ridge_gradient_matrix, ridge_radial_diagonal, diag_memberships, diag_memberships_backward
 cases = torch.load(sys.argv[1])
 with use_backend("interpret"):
@@ -61,15 +63,17 @@ with use_backend("interpret"):
                 out = (torch.full_like(a, nan), per_head, per_head.clone())
                 results[name] = mixer.mixer_memberships(*args, out=out)
         elif kind == "mixer_bwd":
-            P, a, Q_c = args[1], args[3], args[7]
             if how == "op":
                 results[name] = mixer_memberships_backward(*args)
             else:
-                Kr = Q_c.shape[1] * Q_c.shape[3]
-                wide = [torch.full(P.shape[:2] + (P.shape[2] + Kr,), nan, dtype=P.dtype) for _ in range(2)]
-                narrow = [torch.full(P.shape[:2] + (Kr,), nan, dtype=P.dtype) for _ in range(2)]
-                out = (*wide, torch.full_like(a, nan), *narrow)
-                results[name] = mixer.mixer_memberships_backward(*args, out=out)
+                results[name] = mixer.mixer_memberships_backward(*args, out=torch.full_like(args[4], nan))
+        elif kind == "mixer_heads":
+            a, Q_c = args[0], args[4]
+            if how == "op":
+                results[name] = mixer_heads_backward(*args)
+            else:
+                out = (torch.full_like(a, nan), torch.full_like(Q_c, nan))
+                results[name] = mixer.mixer_heads_backward(*args, out=out)
         elif kind in ("diag_fwd", "diag_bwd"):
             if how == "op":
                 results[name] = (diag_memberships if kind == "diag_fwd" else diag_memberships_backward)(*args)

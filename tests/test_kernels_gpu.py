@@ -91,8 +91,11 @@ def test_the_layers_factor_dispatches_to_the_kernel_on_cuda():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_mixer_memberships_on_cuda_match_float64(dtype):
-    """The fused mixer's membership kernels (forward and backward) at the S model's sizes, against float64."""
+    """The fused mixer's membership kernels (forward, backward through π, backward per head) at the S model's
+    sizes, against float64."""
     from pace.kernels import (
+        mixer_heads_backward,
+        mixer_heads_backward_reference,
         mixer_memberships,
         mixer_memberships_backward,
         mixer_memberships_backward_reference,
@@ -115,12 +118,16 @@ def test_mixer_memberships_on_cuda_match_float64(dtype):
     g_pi = torch.randn(B, N, K, generator=gen)
     for pi_cot in (g_pi, None):  # None: π unused, the training path
         args = (g_Qe, P, g_U, a, ref[1].float(), ref[2].float(), pi_cot, Q_c, scalars)
-        got = mixer_memberships_backward(*(None if t is None else t.cuda() for t in args))
+        sq_bar, sums = mixer_memberships_backward(*(None if t is None else t.cuda() for t in args))
         want = mixer_memberships_backward_reference(*(None if t is None else t.double() for t in args))
-        for o, w in zip(got[:5], want[:5]):
+        torch.testing.assert_close(sq_bar.cpu().double(), want[0], rtol=1e-4, atol=1e-4 * want[0].abs().max().item())
+        torch.testing.assert_close(sums.cpu().double(), want[1], rtol=1e-4, atol=1e-3)
+        heads = (a, g_U, ref[1].float(), want[0].float(), Q_c, scalars)
+        a_bar, Qc_bar = mixer_heads_backward(*(t.cuda() for t in heads))
+        want = mixer_heads_backward_reference(*(t.double() for t in heads))
+        for o, w, tol in zip((a_bar, Qc_bar), want, (2 * rel, 1e-5)):  # Q̄_c: summed over 196 tokens in fp32
             o = o.cpu().double()
-            assert ((o - w).abs() <= 2 * rel * w.abs() + 1e-5 * w.abs().max()).all()
-        torch.testing.assert_close(got[5].cpu().double(), want[5], rtol=1e-4, atol=1e-3)
+            assert ((o - w).abs() <= tol * w.abs() + 1e-5 * w.abs().max()).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

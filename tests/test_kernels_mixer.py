@@ -17,6 +17,8 @@ from pace.kernels import (
     cast_dot,
     expand_basis,
     expand_basis_reference,
+    mixer_heads_backward,
+    mixer_heads_backward_reference,
     mixer_memberships,
     mixer_memberships_backward,
     mixer_memberships_backward_reference,
@@ -43,13 +45,18 @@ def _backward_inputs(a, Q_c, scalars, gen):
     K, r = Q_c.shape[1], Q_c.shape[3]
     g_Qe, P = (torch.randn(B, N, K * r, generator=gen).to(a.dtype) for _ in range(2))
     g_U = torch.randn(a.shape, generator=gen).to(a.dtype)
-    g_pi = torch.randn(pi.shape, generator=gen)
-    return g_Qe, P, g_U, pi.float(), sq.float(), g_pi
+    g_pi, sq_bar = torch.randn(pi.shape, generator=gen), torch.randn(pi.shape, generator=gen)
+    return g_Qe, P, g_U, pi.float(), sq.float(), g_pi, sq_bar
 
 
 def _bwd_args(a, Q_c, scalars, extra):
-    g_Qe, P, g_U, pi, sq, g_pi = extra
+    g_Qe, P, g_U, pi, sq, g_pi, _ = extra
     return (g_Qe, P, g_U, a, pi, sq, g_pi, Q_c, scalars)
+
+
+def _heads_args(a, Q_c, scalars, extra):
+    _, _, g_U, pi, _, _, sq_bar = extra
+    return (a, g_U, pi, sq_bar, Q_c, scalars)
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +74,14 @@ def interpreted(tmp_path_factory):
             inputs[f"{name}_{dt}"] = (fwd, extra)
             cases[f"fwd_{name}_{dt}"] = ("mixer_fwd", fwd, "poison")
             cases[f"bwd_{name}_{dt}"] = ("mixer_bwd", _bwd_args(*fwd, extra), "poison")
+            cases[f"heads_{name}_{dt}"] = ("mixer_heads", _heads_args(*fwd, extra), "poison")
     fwd, extra = inputs["small_f32"]
     cases["fwd_op"] = ("mixer_fwd", fwd, "op")
     cases["bwd_op"] = ("mixer_bwd", _bwd_args(*fwd, extra), "op")
     no_g_pi = (*_bwd_args(*fwd, extra)[:6], None, *_bwd_args(*fwd, extra)[7:])  # π unused by the loss
     cases["bwd_no_g_pi"] = ("mixer_bwd", no_g_pi, "poison")
     cases["bwd_no_g_pi_op"] = ("mixer_bwd", no_g_pi, "op")
+    cases["heads_op"] = ("mixer_heads", _heads_args(*fwd, extra), "op")
     # The whole fused mixer (full form), every pace.kernels op on the Triton interpreter, fp32.
     inputs["mixer"], cases["mixer"] = pace_mixer_case(gen, "full")
     g = torch.randn(2, 3, 1000, generator=gen)  # 6000 elements: a full block of 4096 and a ragged one
@@ -117,22 +126,21 @@ def test_forward_kernel_matches_float64(interpreted, name, dt):
     )
 
 
-_BWD_OUTPUTS = ("P_bar", "Ps", "a_bar", "C_w", "C")
-
-
 @pytest.mark.parametrize("name", SHAPES)
 @pytest.mark.parametrize("dt", DTYPES)
-def test_backward_kernel_matches_float64(interpreted, name, dt):
+def test_backward_kernels_match_float64(interpreted, name, dt):
+    """Through π: ∂L/∂‖col‖² and the partial sums; per head: ā (one rounding) and Q̄_c summed over every token
+    block (the small shape has two) in fp32."""
     seed, inputs, out = interpreted
     fwd, extra = inputs[f"{name}_{dt}"]
-    *tensors, sums = out[f"bwd_{name}_{dt}"]
-    assert all(t.dtype == DTYPES[dt] for t in tensors) and sums.shape == (3,)
+    (sq_bar, sums), (a_bar, Qc_bar) = out[f"bwd_{name}_{dt}"], out[f"heads_{name}_{dt}"]
+    assert sq_bar.dtype == Qc_bar.dtype == torch.float32 and a_bar.dtype == DTYPES[dt] and sums.shape == (3,)
     ref = mixer_memberships_backward_reference(*(t.double() for t in _bwd_args(*fwd, extra)))
-    rounding = 2**-8 if dt == "bf16" else 1e-5
-    for what, o, r in zip(_BWD_OUTPUTS, tensors, ref):
-        assert o.shape == r.shape, what
-        assert_close_elementwise(o, r, rounding, what, seed)
-    torch.testing.assert_close(sums.double(), ref[5], rtol=1e-4, atol=1e-4, msg=f"seed {seed}: partial sums")
+    assert_close_elementwise(sq_bar, ref[0], 1e-5, "sq_bar", seed)
+    torch.testing.assert_close(sums.double(), ref[1], rtol=1e-4, atol=1e-4, msg=f"seed {seed}: partial sums")
+    ref = mixer_heads_backward_reference(*(t.double() for t in _heads_args(*fwd, extra)))
+    assert_close_elementwise(a_bar, ref[0], 2**-8 if dt == "bf16" else 1e-5, "a_bar", seed)
+    assert_close_elementwise(Qc_bar, ref[1], 1e-5, "Qc_bar", seed)
 
 
 def test_backward_kernel_without_a_membership_cotangent(interpreted):
@@ -143,9 +151,8 @@ def test_backward_kernel_without_a_membership_cotangent(interpreted):
     args[6] = torch.zeros_like(args[6])
     ref = mixer_memberships_backward_reference(*args)
     for case in ("bwd_no_g_pi", "bwd_no_g_pi_op"):
-        for what, o, r in zip(_BWD_OUTPUTS, out[case][:5], ref):
-            assert_close_elementwise(o, r, 1e-5, what, seed)
-        torch.testing.assert_close(out[case][5].double(), ref[5], rtol=1e-4, atol=1e-4, msg=f"seed {seed}")
+        assert_close_elementwise(out[case][0], ref[0], 1e-5, "sq_bar", seed)
+        torch.testing.assert_close(out[case][1].double(), ref[1], rtol=1e-4, atol=1e-4, msg=f"seed {seed}")
     # The fallback takes None as well.
     got = mixer_memberships_backward_reference(*args[:6], None, *args[7:])
     for a, b in zip(got, ref):
@@ -158,6 +165,8 @@ def test_public_ops_dispatch_to_interpreter_and_match_the_fallback(interpreted):
     for got, ref in zip(out["fwd_op"], mixer_memberships_reference(*fwd)):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
     for got, ref in zip(out["bwd_op"], mixer_memberships_backward_reference(*_bwd_args(*fwd, extra))):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4, msg=f"seed {seed}")
+    for got, ref in zip(out["heads_op"], mixer_heads_backward_reference(*_heads_args(*fwd, extra))):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4, msg=f"seed {seed}")
 
 
@@ -250,8 +259,7 @@ def test_cast_dot_fallback_and_bad_shapes():
 
 
 def test_reference_backward_equals_autograd_through_the_reference_forward():
-    """The backward's formulas against autograd in float64: ā, the scalars, and Q̄_c assembled as the mixer does,
-    from the products of P̄ and Ps with x̂ and g (``Q̄_k = U_kᵀV̄_k + 2Q_kM̄_k``)."""
+    """The backward's formulas (both ops) against autograd in float64: ā, Q̄_c and the scalars."""
     gen = torch.Generator().manual_seed(0)
     B, N, K, r, p = 2, 7, 3, 4, 5
     d = K * p
@@ -262,20 +270,13 @@ def test_reference_backward_equals_autograd_through_the_reference_forward():
     g, g_pi = torch.randn(B, N, d, dtype=torch.float64), torch.randn(B, N, K, dtype=torch.float64)
     g_Qe, P = torch.randn(B, N, K * r, dtype=torch.float64), torch.randn(B, N, K * r, dtype=torch.float64)
     z, pi, sq = mixer_memberships_reference(a, Q_c, scalars)
-    # The loss the mixer's backward sees: z enters −β zUᵀ (cotangent g), π is an output; the Expand columns enter
-    # −α (x̂Q_e)Q_eᵀ, whose α part is −α<gQ_e, x̂Q_e>.
+    # The loss the mixer's backward sees: z enters −β zUᵀ (cotangent g), π is an output; the Expand term
+    # −α (x̂Q_e)Q_eᵀ adds −α<gQ_e, x̂Q_e> to α's.
     loss = -scalars[2] * (g * (z @ U.mT)).sum() + (g_pi * pi).sum() - scalars[1] * (g_Qe * P).sum()
     da, dQ, dS = torch.autograd.grad(loss, (a, Q_c, scalars))
     with torch.no_grad():
-        P_bar, Ps, a_bar, C_w, C, sums = mixer_memberships_backward_reference(
-            g_Qe, P, g @ U, a, pi, sq, g_pi, Q_c, scalars
-        )
-        torch.testing.assert_close(P_bar[..., : K * r], -scalars[1] * g_Qe, rtol=0, atol=0)
-        torch.testing.assert_close(Ps[..., : K * r], -scalars[1] * P, rtol=0, atol=0)
-        V_bar = (x.mT @ P_bar + g.mT @ Ps)[..., K * r :].view(B, d, K, r)
-        Qc_bar = torch.einsum("dkp,bdkr->bkpr", U.view(d, K, p), V_bar)
-        M_bar = torch.einsum("bnkr,bnks->bkrs", C_w.view(B, N, K, r), C.view(B, N, K, r))
-        Qc_bar = Qc_bar + 2 * Q_c @ M_bar
+        sq_bar, sums = mixer_memberships_backward_reference(g_Qe, P, g @ U, a, pi, sq, g_pi, Q_c, scalars)
+        a_bar, Qc_bar = mixer_heads_backward_reference(a, g @ U, pi, sq_bar, Q_c, scalars)
     torch.testing.assert_close(a_bar, da, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(Qc_bar, dQ, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(torch.stack([sums[2], sums[0], sums[1]]), dS, rtol=1e-10, atol=1e-12)
@@ -311,15 +312,22 @@ def test_block_diag_and_bad_shapes():
     P, pi = a[..., :6], a[..., :2]
     with pytest.raises(ValueError, match=r"cotangent or saved shapes.*g_Qe \(1, 4, 5\)"):
         mixer_memberships_backward(P[..., :5], P, a, a, pi, pi, pi, Q_c, scalars)
+    with pytest.raises(ValueError, match=r"mixer_heads_backward: g_U \(1, 4, 9\) must be a's \(1, 4, 10\)"):
+        mixer_heads_backward(a, a[..., :9], pi, pi, Q_c, scalars)
 
 
-_BF16 = dict.fromkeys(
-    ("P_ptr", "A_ptr", "Ps_ptr", "Z_ptr", "GQ_ptr", "GU_ptr", "Pbar_ptr", "Abar_ptr", "Cw_ptr", "C_ptr"), "*bf16"
-)
+_BF16 = dict.fromkeys(("P_ptr", "A_ptr", "Z_ptr", "GQ_ptr", "GU_ptr", "Abar_ptr"), "*bf16")
 
 
 @pytest.mark.parametrize(
-    "name", ["_memberships_fwd_kernel", "_memberships_bwd_kernel", "_expand_basis_kernel", "_cast_dot_kernel"]
+    "name",
+    [
+        "_memberships_fwd_kernel",
+        "_memberships_bwd_kernel",
+        "_heads_bwd_kernel",
+        "_expand_basis_kernel",
+        "_cast_dot_kernel",
+    ],
 )
 def test_kernels_compile_for_hopper_without_a_gpu(name):
     """The S model's configuration (K = 8, r = 20, p = 48, bf16 activations) builds down to an sm_90 cubin;
@@ -333,8 +341,12 @@ def test_kernels_compile_for_hopper_without_a_gpu(name):
         constexprs = {"BM": 32, "BN": 32, "BK": 32, "ROUND_BF16": False, "PRECISION": "tf32x3"}
         pointers = {"Y_ptr": "*bf16", "Q_ptr": "*bf16"}  # the mixer's bf16 sketch product and Q_e
     else:
-        constexprs = {"TINY_": TINY, "BN": 16, "BK": 8, "BR": 32, "BP": 64, "ROUND_BF16": False, "PRECISION": "tf32x3"}
+        constexprs = {"BN": 16, "BR": 32, "BP": 64, "PRECISION": "tf32x3"}
+        if name != "_heads_bwd_kernel":
+            constexprs.update(TINY_=TINY, BK=8)
         if name == "_memberships_bwd_kernel":
             constexprs["HAS_GPI"] = False  # the training path: the block discards π
+        else:
+            constexprs["ROUND_BF16"] = False
         pointers = _BF16
     assert len(build_for_hopper("_triton_mixer", name, constexprs, pointers, 4)) > 1000

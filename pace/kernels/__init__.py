@@ -3,7 +3,8 @@
 Ridge step (``ridge``): normalised Gram, inverse Cholesky factor, the backward's c × c chain
 (``ridge_gradient_matrix``, ``ridge_radial_diagonal``). Separate Compress operator (``memberships``).
 Fused mixer (``mixer_ops``): GEMM 1's right factor (``expand_basis``), the memberships with GEMM 2's left factor and
-their backward (``mixer_memberships``, ``mixer_memberships_backward``), the backward's prologue (``cast_dot``);
+their backward (``mixer_memberships``, ``mixer_memberships_backward``, ``mixer_heads_backward``), the backward's
+prologue (``cast_dot``);
 the diag form's memberships and their backward (``diag_ops``: ``diag_memberships``, ``diag_memberships_backward``);
 GEMM 2 and x̄ as one fp32-accumulated sum of products (``gemm``: ``matmul_sum``); the block's LayerNorm as its
 prologue and epilogue (``norm_ops``: ``layer_norm_cast``, ``layer_norm_backward``).
@@ -28,6 +29,8 @@ from pace.kernels.mixer_ops import (
     cast_dot_reference,
     expand_basis,
     expand_basis_reference,
+    mixer_heads_backward,
+    mixer_heads_backward_reference,
     mixer_memberships,
     mixer_memberships_backward,
     mixer_memberships_backward_reference,
@@ -71,6 +74,8 @@ __all__ = [
     "layer_norm_cast_reference",
     "matmul_sum",
     "matmul_sum_reference",
+    "mixer_heads_backward",
+    "mixer_heads_backward_reference",
     "mixer_memberships",
     "mixer_memberships_backward",
     "mixer_memberships_backward_reference",

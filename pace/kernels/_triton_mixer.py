@@ -135,36 +135,6 @@ def _memberships_fwd_kernel(
 
 
 @triton.jit
-def _store_head_cotangents(
-    Q_ptr, A_ptr, GU_ptr, Pbar_ptr, Ps_ptr, Abar_ptr, Cw_ptr, C_ptr, b, k, n2, k2, N, K, r, p, pi, sq_bar, beta,
-    BR: tl.constexpr, BP: tl.constexpr, ROUND_BF16: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
-    """Head k's Compress cotangents for the program's tokens: W₁ (P̄'s), W₂ (Ps'), ā_k, ∂‖col_k‖² c_k and c_k."""
-    q = _head_basis(Q_ptr, b, k, K, r, p, BR, BP)
-    a = _head_rows(A_ptr, b, k, n2, N, K, p, BP)
-    g_u = _head_rows(GU_ptr, b, k, n2, N, K, p, BP)
-    c = tl.dot(a, q, input_precision=PRECISION)
-    g_v = tl.dot(g_u, q, input_precision=PRECISION)
-    m = tl.dot(tl.trans(q), q, input_precision=PRECISION)  # M_k = Q_kᵀQ_k, (BR, BR)
-    bpi = beta * _pick(pi, k2, k)
-    sqb = _pick(sq_bar, k2, k)
-    w1 = bpi * g_v + 2 * sqb * tl.dot(c, m, input_precision=PRECISION)  # ∂L/∂c_k
-    a_bar = tl.dot(w1, tl.trans(q), input_precision=PRECISION) - bpi * g_u  # through c_k = a_kQ_k and z_k
-    jr = tl.arange(0, BR)[None, :]
-    jp = tl.arange(0, BP)[None, :]
-    mask_r, mask_p = (n2 < N) & (jr < r), (n2 < N) & (jp < p)
-    Kr = K * r
-    wide = (b * N + n2) * (2 * Kr) + Kr + k * r + jr  # head k's Compress columns of P̄ and Ps
-    tl.store(Pbar_ptr + wide, _rounded(w1, ROUND_BF16).to(Pbar_ptr.dtype.element_ty), mask=mask_r)
-    tl.store(Ps_ptr + wide, _rounded(bpi * c, ROUND_BF16).to(Ps_ptr.dtype.element_ty), mask=mask_r)
-    narrow = (b * N + n2) * Kr + k * r + jr
-    tl.store(Cw_ptr + narrow, _rounded(sqb * c, ROUND_BF16).to(Cw_ptr.dtype.element_ty), mask=mask_r)
-    tl.store(C_ptr + narrow, _rounded(c, ROUND_BF16).to(C_ptr.dtype.element_ty), mask=mask_r)
-    off_a = (b * N + n2) * (K * p) + k * p + jp
-    tl.store(Abar_ptr + off_a, _rounded(a_bar, ROUND_BF16).to(Abar_ptr.dtype.element_ty), mask=mask_p)
-
-
-@triton.jit
 def _store_partials(Part_ptr, b, alpha_part, beta_part, tau_part):
     """This program's partial sums of the α, β and τ gradients, in its row of the partials buffer."""
     row = (b * tl.num_programs(1) + tl.program_id(1)) * 3
@@ -176,24 +146,20 @@ def _store_partials(Part_ptr, b, alpha_part, beta_part, tau_part):
 @triton.jit
 def _memberships_bwd_kernel(
     GQ_ptr, P_ptr, GU_ptr, A_ptr, Pi_ptr, Sq_ptr, Gpi_ptr, Q_ptr, S_ptr,  # in: gQ_e, x̂Q_e, gU, a, π, ‖col‖², ∂L/∂π
-    Pbar_ptr, Ps_ptr, Abar_ptr, Cw_ptr, C_ptr, Part_ptr,  # out: P̄, Ps, ā, ∂‖col‖² ⊙ c, c, partial sums
+    Sqb_ptr, Part_ptr,  # out: ∂L/∂‖col‖² (B, N, K), (programs, 3) partial sums
     N, K, r, p,
     TINY_: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr,
-    ROUND_BF16: tl.constexpr, HAS_GPI: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_GPI: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Backward of the forward kernel for BN tokens, with the Expand columns of P̄ and Ps; the three scalar partial
-    sums go to this program's row."""
+    """∂L/∂‖col‖² of BN tokens, through π (softmax over the heads, so every head's h_k first), and this program's
+    partial sums of the α, β and τ gradients."""
     b, n2, k2, n3, k3, r3, _, tau, alpha, beta = _program_indices(S_ptr, BN, BK, BR, BP)
-    Kr = K * r
     pi, sq, g_pi = _load_memberships(Pi_ptr, Sq_ptr, Gpi_ptr, b, n2, k2, N, K, HAS_GPI)
-    # The Expand columns (c_e = K·r, read as K groups of r): P̄_e = −α gQ_e, Ps_e = −α x̂Q_e; α: −<gQ_e, x̂Q_e>.
-    mask_r, off = _head_columns(b, n3, k3, r3, N, K, r, Kr)
-    _, wide = _head_columns(b, n3, k3, r3, N, K, r, 2 * Kr)
+    # α through the Expand term (c_e = K·r columns, read as K groups of r): −<gQ_e, x̂Q_e>.
+    mask_r, off = _head_columns(b, n3, k3, r3, N, K, r, K * r)
     g_qe = tl.load(GQ_ptr + off, mask=mask_r, other=0.0).to(tl.float32)
     p_e = tl.load(P_ptr + off, mask=mask_r, other=0.0).to(tl.float32)
     alpha_part = -tl.sum(tl.sum(tl.sum(g_qe * p_e, axis=2), axis=1), axis=0)
-    tl.store(Pbar_ptr + wide, _rounded(g_qe * -alpha, ROUND_BF16).to(Pbar_ptr.dtype.element_ty), mask=mask_r)
-    tl.store(Ps_ptr + wide, _rounded(p_e * -alpha, ROUND_BF16).to(Ps_ptr.dtype.element_ty), mask=mask_r)
     # ∂L/∂π_k through the update: h_k = <gU_kQ_k, c_k> − <gU_k, a_k>.
     h = tl.zeros((BN, BK), dtype=tl.float32)
     for k in range(K):
@@ -204,12 +170,45 @@ def _memberships_bwd_kernel(
         g_v = tl.dot(g_u, q, input_precision=PRECISION)
         h = tl.where(k2 == k, (tl.sum(g_v * c, axis=1) - tl.sum(g_u * a, axis=1))[:, None], h)
     beta_part, tau_part, sq_bar = _softmax_backward(pi, sq, h, g_pi, tau, beta, TINY_)
-    for k in range(K):
-        _store_head_cotangents(
-            Q_ptr, A_ptr, GU_ptr, Pbar_ptr, Ps_ptr, Abar_ptr, Cw_ptr, C_ptr, b, k, n2, k2, N, K, r, p, pi, sq_bar,
-            beta, BR, BP, ROUND_BF16, PRECISION,
-        )  # fmt: skip
+    tl.store(Sqb_ptr + (b * N + n2) * K + k2, sq_bar, mask=(n2 < N) & (k2 < K))
     _store_partials(Part_ptr, b, alpha_part, beta_part, tau_part)
+
+
+@triton.jit
+def _heads_bwd_kernel(
+    A_ptr, GU_ptr, Pi_ptr, Sqb_ptr, Q_ptr, S_ptr,  # in: a, gU, π, ∂L/∂‖col‖², Q_c, [τ, α, β]
+    Abar_ptr, Qbar_ptr,  # out: ā like a, Q̄_c (B, K, p, r) fp32
+    N, K, r, p,
+    BN: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, ROUND_BF16: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Head k of image b, all its tokens, BN at a time: ā_k = W₁Q_kᵀ − βπ_k gU_k per token, and
+    Q̄_k = Σ_n a_kᵀW₁ + col̄_kᵀc_k summed in registers, with W₁ = ∂L/∂c_k = βπ_k gU_kQ_k + 2∂‖col_k‖² c_kQ_kᵀQ_k and
+    col̄_k = βπ_k gU_k + 2∂‖col_k‖² col_k (through z_k = π_k(a_k − col_k) and ‖col_k‖²)."""
+    b = tl.program_id(0).to(tl.int64)
+    k = tl.program_id(1)
+    beta = tl.load(S_ptr + 2)
+    q = _head_basis(Q_ptr, b, k, K, r, p, BR, BP)
+    m = tl.dot(tl.trans(q), q, input_precision=PRECISION)  # M_k = Q_kᵀQ_k, (BR, BR)
+    jp = tl.arange(0, BP)[None, :]
+    acc = tl.zeros((BP, BR), dtype=tl.float32)
+    for n0 in range(0, N, BN):  # a fixed order over the tokens: the sum does not depend on the GPU
+        n2 = n0 + tl.arange(0, BN)[:, None]
+        a = _head_rows(A_ptr, b, k, n2, N, K, p, BP)
+        g_u = _head_rows(GU_ptr, b, k, n2, N, K, p, BP)
+        row = (b * N + n2) * K + k
+        bpi = beta * tl.load(Pi_ptr + row, mask=n2 < N, other=0.0)
+        sqb = tl.load(Sqb_ptr + row, mask=n2 < N, other=0.0)
+        c = tl.dot(a, q, input_precision=PRECISION)
+        w1 = bpi * tl.dot(g_u, q, input_precision=PRECISION) + 2 * sqb * tl.dot(c, m, input_precision=PRECISION)
+        a_bar = _rounded(tl.dot(w1, tl.trans(q), input_precision=PRECISION) - bpi * g_u, ROUND_BF16)
+        off_a = (b * N + n2) * (K * p) + k * p + jp
+        tl.store(Abar_ptr + off_a, a_bar.to(Abar_ptr.dtype.element_ty), mask=(n2 < N) & (jp < p))
+        col_bar = bpi * g_u + 2 * sqb * tl.dot(c, tl.trans(q), input_precision=PRECISION)
+        acc += tl.dot(tl.trans(a), w1, input_precision=PRECISION)
+        acc += tl.dot(tl.trans(col_bar), c, input_precision=PRECISION)
+    jq = tl.arange(0, BP)[:, None]
+    jr = tl.arange(0, BR)[None, :]
+    tl.store(Qbar_ptr + ((b * K + k) * p + jq) * r + jr, acc, mask=(jq < p) & (jr < r))
 
 
 @triton.jit
@@ -290,24 +289,40 @@ def mixer_memberships(a: Tensor, Q_c: Tensor, scalars: Tensor, out: tuple | None
 
 def mixer_memberships_backward(
     g_Qe: Tensor, P: Tensor, g_U: Tensor, a: Tensor, pi: Tensor, sq: Tensor, g_pi: Tensor | None, Q_c: Tensor,
-    scalars: Tensor, out: tuple | None = None,
-) -> tuple:  # fmt: skip
-    """``(P̄, Ps, ā, ∂‖col‖² ⊙ c, c, [α, β, τ partial sums])`` by the Triton kernel; see ``pace.kernels``."""
-    B, N, ce = P.shape
+    scalars: Tensor, out: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """``(∂L/∂‖col‖², [α, β, τ partial sums])`` by the Triton kernel; see ``pace.kernels``."""
+    B, N, _ = P.shape
     K, p, r = Q_c.shape[1:]
     programs = triton.cdiv(N, BLOCK_TOKENS)
-    if out is None:
-        wide = [torch.empty((B, N, ce + K * r), device=P.device, dtype=P.dtype) for _ in range(2)]
-        narrow = [torch.empty((B, N, K * r), device=P.device, dtype=P.dtype) for _ in range(2)]
-        out = (*wide, torch.empty_like(a), *narrow)
+    sq_bar = torch.empty((B, N, K), device=P.device, dtype=torch.float32) if out is None else out
     partials = torch.zeros((B * programs, 3), device=P.device, dtype=torch.float32)
     if B * N > 0:
+        blocks = _blocks(K, r, p)
         _memberships_bwd_kernel[(B, programs)](
-            g_Qe, P, g_U, a, pi, sq, pi if g_pi is None else g_pi, Q_c, scalars, *out, partials, N, K, r, p,
-            **_blocks(K, r, p), ROUND_BF16=_INTERPRETED and P.dtype == torch.bfloat16, HAS_GPI=g_pi is not None,
-            num_warps=4,
+            g_Qe, P, g_U, a, pi, sq, pi if g_pi is None else g_pi, Q_c, scalars, sq_bar, partials, N, K, r, p,
+            **blocks, HAS_GPI=g_pi is not None, num_warps=4,
         )  # fmt: skip
-    return (*out, partials.sum(0))
+    return sq_bar, partials.sum(0)
+
+
+def mixer_heads_backward(
+    a: Tensor, g_U: Tensor, pi: Tensor, sq_bar: Tensor, Q_c: Tensor, scalars: Tensor, out: tuple | None = None
+) -> tuple[Tensor, Tensor]:
+    """``(ā, Q̄_c)`` by the Triton kernel (one program per image and head); see ``pace.kernels``."""
+    B, N, _ = a.shape
+    K, p, r = Q_c.shape[1:]
+    if out is None:
+        out = (torch.empty_like(a), torch.empty((B, K, p, r), device=a.device, dtype=torch.float32))
+    a_bar, Qc_bar = out
+    if B * K > 0:
+        blocks = _blocks(K, r, p)
+        _heads_bwd_kernel[(B, K)](
+            a, g_U, pi, sq_bar, Q_c, scalars, a_bar, Qc_bar, N, K, r, p,
+            BN=blocks["BN"], BR=blocks["BR"], BP=blocks["BP"], ROUND_BF16=_INTERPRETED and a.dtype == torch.bfloat16,
+            PRECISION=PRECISION, num_warps=4,
+        )  # fmt: skip
+    return out
 
 
 CAST_DOT_BLOCK = 4096

@@ -89,9 +89,9 @@ def mixer_memberships_reference(a: Tensor, Q_c: Tensor, scalars: Tensor) -> tupl
 def mixer_memberships_backward_reference(
     g_Qe: Tensor, P: Tensor, g_U: Tensor, a: Tensor, pi: Tensor, sq: Tensor, g_pi: Tensor | None, Q_c: Tensor,
     scalars: Tensor,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """PyTorch backward of :func:`mixer_memberships_reference` (z entering ``−β zUᵀ``, π an output), with the
-    Expand columns of the cotangent products.
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """PyTorch backward of :func:`mixer_memberships_reference` through π (z entering ``−β zUᵀ``, π an output): the
+    cotangent of ‖col‖² and the scalar gradients' partial sums.
 
     Args:
         g_Qe: ``gQ_e``, shape (B, N, c_e) (g: the update's cotangent).
@@ -105,29 +105,46 @@ def mixer_memberships_backward_reference(
         scalars: ``[τ, α, β]``.
 
     Returns:
-        In P's dtype: ``P̄ = [−α gQ_e | W₁]`` and ``Ps = [−α x̂Q_e | W₂]`` (B, N, c_e + K·r), with head k's
-        ``W₁ = ∂L/∂c_k = βπ_k gU_kQ_k + 2 ∂‖col_k‖² c_kQ_kᵀQ_k`` and ``W₂ = βπ_k c_k`` (so that
-        ``x̂ᵀP̄ + gᵀPs = [Q̄_e | V̄]`` and ``Q̄_k = U_kᵀV̄_k + 2Q_kM̄_k``), ``ā = W₁Q_kᵀ − βπ_k gU_k`` (B, N, K·p),
-        ``∂‖col‖² ⊙ c`` and c (B, N, K·r) (``M̄_k = Σ_n ∂‖col_k‖² c_kᵀc_k``); in Q_c's dtype the partial scalar
-        gradients ``[−<gQ_e, x̂Q_e>, ∂L/∂β, ∂L/∂τ]``.
+        ``∂L/∂‖col‖²`` (B, N, K) and the partial scalar gradients ``[−<gQ_e, x̂Q_e>, ∂L/∂β, ∂L/∂τ]``, in Q_c's dtype.
     """
-    B, N, _ = P.shape
-    K, r = Q_c.shape[1], Q_c.shape[3]
-    md, wd = P.dtype, Q_c.dtype
-    tau, alpha, beta = scalars.unbind()
+    wd = Q_c.dtype
+    tau, _, beta = scalars.unbind()
     alpha_part = -(g_Qe.to(wd) * P.to(wd)).sum()
     a4, c = _head_products(a, Q_c)
     gU4, gV = _head_products(g_U, Q_c)
     h = (gV * c).sum(-1) - (gU4 * a4).sum(-1)  # <gV_k, c_k> − <gU_k, a_k>
     beta_part, tau_part, sq_bar = membership_backward(h, pi, sq, g_pi, tau, beta)
-    bpi, sqb = (beta * pi).unsqueeze(-1), sq_bar.unsqueeze(-1)
+    return sq_bar, torch.stack([alpha_part, beta_part, tau_part])
+
+
+def mixer_heads_backward_reference(
+    a: Tensor, g_U: Tensor, pi: Tensor, sq_bar: Tensor, Q_c: Tensor, scalars: Tensor
+) -> tuple[Tensor, Tensor]:
+    """PyTorch backward of :func:`mixer_memberships_reference` to a and Q_c, given ``∂L/∂‖col‖²``.
+
+    Per token and head, ``W₁ = ∂L/∂c_k = βπ_k gU_kQ_k + 2 ∂‖col_k‖² c_kQ_kᵀQ_k`` and
+    ``col̄_k = βπ_k gU_k + 2 ∂‖col_k‖² col_k``; then ``ā_k = W₁Q_kᵀ − βπ_k gU_k`` and
+    ``Q̄_k = Σ_n a_kᵀW₁ + col̄_kᵀc_k``.
+
+    Args:
+        a: As in the forward.
+        g_U: ``gU``, shape (B, N, K·p).
+        pi: π from the forward.
+        sq_bar: ``∂L/∂‖col‖²`` (:func:`mixer_memberships_backward_reference`).
+        Q_c: As in the forward.
+        scalars: ``[τ, α, β]``.
+
+    Returns:
+        ā in a's dtype and Q̄_c (B, K, p, r) in Q_c's dtype.
+    """
+    a4, c = _head_products(a, Q_c)
+    gU4, gV = _head_products(g_U, Q_c)
+    bpi, sqb = (scalars[2] * pi).unsqueeze(-1), sq_bar.unsqueeze(-1)
     w1 = bpi * gV + 2 * sqb * torch.einsum("bnkr,bkrs->bnks", c, Q_c.mT @ Q_c)  # c_k M_k, M_k = Q_kᵀQ_k
     a_bar = torch.einsum("bnkr,bkpr->bnkp", w1, Q_c) - bpi * gU4
-    P_bar = torch.cat([-alpha * g_Qe.to(wd), w1.reshape(B, N, K * r)], dim=-1)
-    Ps = torch.cat([-alpha * P.to(wd), (bpi * c).reshape(B, N, K * r)], dim=-1)
-    partials = torch.stack([alpha_part, beta_part, tau_part])
-    c_w = (sqb * c).reshape(B, N, K * r)
-    return P_bar.to(md), Ps.to(md), a_bar.reshape(a.shape).to(md), c_w.to(md), c.reshape(c_w.shape).to(md), partials
+    col_bar = bpi * gU4 + 2 * sqb * torch.einsum("bnkr,bkpr->bnkp", c, Q_c)
+    Qc_bar = torch.einsum("bnkp,bnkr->bkpr", a4, w1) + torch.einsum("bnkp,bnkr->bkpr", col_bar, c)
+    return a_bar.reshape(a.shape).to(a.dtype), Qc_bar
 
 
 def _triton(a: Tensor, Q_c: Tensor):
@@ -154,7 +171,7 @@ def _(a: Tensor, Q_c: Tensor, scalars: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def _mixer_memberships_backward_op(
     g_Qe: Tensor, P: Tensor, g_U: Tensor, a: Tensor, pi: Tensor, sq: Tensor, g_pi: Tensor | None, Q_c: Tensor,
     scalars: Tensor,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     module = _triton(a, Q_c)
     args = (g_Qe, P, g_U, a, pi, sq, g_pi, Q_c, scalars)
     if module is None:
@@ -163,11 +180,24 @@ def _mixer_memberships_backward_op(
 
 
 @_mixer_memberships_backward_op.register_fake
-def _(g_Qe, P, g_U, a, pi, sq, g_pi, Q_c, scalars) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    B, N, ce = P.shape
-    Kr = Q_c.shape[1] * Q_c.shape[3]
-    wide, narrow = P.new_empty((B, N, ce + Kr)), P.new_empty((B, N, Kr))
-    return wide, wide.clone(), a.new_empty(a.shape), narrow, narrow.clone(), Q_c.new_empty((3,))
+def _(g_Qe, P, g_U, a, pi, sq, g_pi, Q_c, scalars) -> tuple[Tensor, Tensor]:
+    return Q_c.new_empty(pi.shape), Q_c.new_empty((3,))
+
+
+@torch.library.custom_op("pace::mixer_heads_backward", mutates_args=())
+def _mixer_heads_backward_op(
+    a: Tensor, g_U: Tensor, pi: Tensor, sq_bar: Tensor, Q_c: Tensor, scalars: Tensor
+) -> tuple[Tensor, Tensor]:
+    module = _triton(a, Q_c)
+    args = (a, g_U, pi, sq_bar, Q_c, scalars)
+    if module is None:
+        return tuple(t.contiguous() for t in mixer_heads_backward_reference(*args))
+    return module.mixer_heads_backward(*(t.contiguous() for t in args))
+
+
+@_mixer_heads_backward_op.register_fake
+def _(a, g_U, pi, sq_bar, Q_c, scalars) -> tuple[Tensor, Tensor]:
+    return a.new_empty(a.shape), Q_c.new_empty(Q_c.shape)
 
 
 def _check(a: Tensor, Q_c: Tensor, scalars: Tensor) -> None:
@@ -205,14 +235,14 @@ def mixer_memberships(a: Tensor, Q_c: Tensor, scalars: Tensor) -> tuple[Tensor, 
 def mixer_memberships_backward(
     g_Qe: Tensor, P: Tensor, g_U: Tensor, a: Tensor, pi: Tensor, sq: Tensor, g_pi: Tensor | None, Q_c: Tensor,
     scalars: Tensor,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """Backward of :func:`mixer_memberships`, with the Expand columns of the mixer's cotangent products (custom op
-    ``pace::mixer_memberships_backward``).
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Backward of :func:`mixer_memberships` through π: ``∂L/∂‖col‖²`` and the scalar gradients' partial sums
+    (custom op ``pace::mixer_memberships_backward``; the rest of the backward is :func:`mixer_heads_backward`).
 
-    Arguments and results as :func:`mixer_memberships_backward_reference`; the Triton kernel reads each input once
-    (a, gU and Q_c twice, the second time from cache), forms c_k and gU_kQ_k in registers and writes each output once
-    (fp32 arithmetic, one rounding per output; the scalar partial sums per program, added up in fp32). ``g_pi`` may
-    be None (π unused by the loss: a zero cotangent that is never written).
+    Arguments and results as :func:`mixer_memberships_backward_reference`. The Triton kernel runs one program per
+    (image, 16 tokens), since the softmax over the heads needs every head's ``h_k`` of a token; it reads each input
+    once, forms c_k and gU_kQ_k in registers and sums the partial sums per program in fp32, then over programs.
+    ``g_pi`` may be None (π unused by the loss: a zero cotangent that is never written).
     """
     _check(a, Q_c, scalars)
     B, N, K = a.shape[0], a.shape[1], Q_c.shape[1]
@@ -224,6 +254,26 @@ def mixer_memberships_backward(
             f"columns): g_Qe {tuple(g_Qe.shape)}, P {tuple(P.shape)}, g_U {tuple(g_U.shape)}, π {tuple(pi.shape)}"
         )
     return _mixer_memberships_backward_op(g_Qe, P, g_U, a, pi, sq, g_pi, Q_c, scalars)
+
+
+def mixer_heads_backward(
+    a: Tensor, g_U: Tensor, pi: Tensor, sq_bar: Tensor, Q_c: Tensor, scalars: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Backward of :func:`mixer_memberships` to a and to the Compress bases (custom op ``pace::mixer_heads_backward``),
+    given ``∂L/∂‖col‖²`` from :func:`mixer_memberships_backward`.
+
+    Arguments and results as :func:`mixer_heads_backward_reference`. The Triton kernel runs one program per (image,
+    head) over all the tokens, 16 at a time in a fixed order: it writes ā once and sums Q̄_k in fp32 registers, so that
+    no per-token factor of Q̄_k is written and no product over the tokens runs outside it (3xTF32 products, fp32
+    arithmetic, one rounding of ā).
+    """
+    _check(a, Q_c, scalars)
+    if g_U.shape != a.shape or not pi.shape == sq_bar.shape == (a.shape[0], a.shape[1], Q_c.shape[1]):
+        raise ValueError(
+            f"mixer_heads_backward: g_U {tuple(g_U.shape)} must be a's {tuple(a.shape)}, π {tuple(pi.shape)} and "
+            f"∂L/∂‖col‖² {tuple(sq_bar.shape)} (B, N, K)"
+        )
+    return _mixer_heads_backward_op(a, g_U, pi, sq_bar, Q_c, scalars)
 
 
 def cast_dot_reference(

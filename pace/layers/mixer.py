@@ -35,45 +35,27 @@ from pace import kernels
 from pace.layers.basis import _matmul_dtype, _no_autocast, ridge_factors_backward, scaled_ridge_factors
 
 
-def _diag_blocks(full: Tensor, num_heads: int) -> Tensor:
-    """The K diagonal blocks (B, K, m, n) of matrices (B, K·m, K·n)."""
-    B, Km, Kn = full.shape
-    K = num_heads
-    return full.view(B, K, Km // K, K, Kn // K).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)
+def _expand_backward(xb, gb, gQe, P, scalars):
+    """Q̄_e = x̂ᵀP̄_e + gᵀ(−αP) = −α(x̂ᵀgQ_e + gᵀx̂Q_e), (B, d, c_e), in the product dtype (P̄_e = −α gQ_e is not written:
+    the products take −α as a coefficient, as x̄ does)."""
+    return kernels.matmul_sum(
+        None, [xb.mT, gb.mT], [gQe, P], scalars=scalars, codes=[0, -2, -2], dtype=scalars.dtype, out_dtype=xb.dtype
+    )
 
 
-def _heads_major(t: Tensor, num_heads: int, dtype: torch.dtype) -> Tensor:
-    """(B, m, K·n) → (K, m, B·n) in ``dtype``: one matrix per head with the images side by side (for head-wise
-    products), from one copy that also converts."""
-    B, m, Kn = t.shape
-    heads = t.view(B, m, num_heads, Kn // num_heads).permute(2, 1, 0, 3)  # (K, m, B, n)
-    # One copy either way: a conversion writes a contiguous result, .contiguous() then has nothing to do.
-    return heads.to(dtype, memory_format=torch.contiguous_format).contiguous().view(num_heads, m, -1)
-
-
-def _full_backward(g_x, xb, gb, gQe, gU, a, P, pi, sq, g_pi, Q_c, scalars, U, K, ce):
+def _full_backward(g_x, xb, gb, gQe, gU, a, P, pi, sq, g_pi, Q_c, scalars, K):
     """The full form's part of the mixer backward, from GEMM 1's cotangent products to Q̄_e, Q̄_c and ā."""
     B, N, d = xb.shape
     p, r = d // K, Q_c.shape[-1]
-    wd = U.dtype
     Qc4 = Q_c.view(B, K, p, r)
-    Pbar, Ps, a_bar, C_w, C, sums = kernels.mixer_memberships_backward(gQe, P, gU, a, pi, sq, g_pi, Qc4, scalars)
+    # ∂L/∂‖col‖² through π (every head of a token at once), then per (image, head) over the tokens: ā and Q̄_k summed
+    # in registers (pace.kernels).
+    sq_bar, sums = kernels.mixer_memberships_backward(gQe, P, gU, a, pi, sq, g_pi, Qc4, scalars)
+    a_bar, Qc_bar = kernels.mixer_heads_backward(a, gU, pi, sq_bar, Qc4, scalars)
     # α: <g, x − x̂Π_e> = <g, x> − <gQ_e, x̂Q_e>.
-    grad_alpha = g_x.to(wd) + sums[0]
-    grad_beta, grad_tau = sums[1], sums[2]
-    # [Q̄_e | V̄] = x̂ᵀ[−α gQ_e | W₁] + gᵀ[−α x̂Q_e | W₂], (B, d, c_e + K·r): V̄_k = x̂ᵀW₁,k + gᵀW₂,k gives
-    # Q̄_k's terms through c_k = a_kQ_k (a_kᵀW₁ = U_kᵀx̂ᵀW₁) and through col_k = c_kQ_kᵀ in z (gU_kᵀW₂), heads side by
-    # side: one product over the tokens where per-head products would read a and gU in place of x̂ and g.
-    R_bar = kernels.matmul_sum(None, [xb.mT, gb.mT], [Pbar, Ps], dtype=wd, out_dtype=xb.dtype)
-    Qe_bar = R_bar[..., :ce]
-    V_bar = _heads_major(R_bar[..., ce:], K, R_bar.dtype)  # (K, d, B·r), kept in R̄'s (product) dtype
-    # ‖col_k‖² = c_k M_k c_kᵀ with M_k = Q_kᵀQ_k: M̄_k = Σ_n ∂‖col_k‖² c_kᵀ c_k.
-    M_bar = _diag_blocks(C_w.mT @ C, K).to(wd)  # (B, K, r, r)
-    U_heads = U.view(d, K, p).transpose(0, 1)  # (K, d, p)
-    # Q̄_k = U_kᵀ V̄_k (images side by side; the product reads V̄ as it is and accumulates in the working precision)
-    Qc_bar = kernels.matmul_sum(None, [U_heads.mT], [V_bar], dtype=wd).view(K, p, B, r).permute(2, 0, 1, 3)
-    Qc_bar = torch.baddbmm(Qc_bar.reshape(B * K, p, r), Q_c, M_bar.reshape(B * K, r, r), alpha=2)
-    return grad_alpha, grad_beta, grad_tau, Qe_bar, Qc_bar, a_bar
+    grad_alpha = g_x.to(scalars.dtype) + sums[0]
+    Qe_bar = _expand_backward(xb, gb, gQe, P, scalars)
+    return grad_alpha, sums[1], sums[2], Qe_bar, Qc_bar.view(B * K, p, r), a_bar
 
 
 def _diag_backward(g_x, xb, gb, gR, gU, a, P, pi, sq, g_pi, Q_c, keep, scalars, K):
@@ -90,10 +72,7 @@ def _diag_backward(g_x, xb, gb, gR, gU, a, P, pi, sq, g_pi, Q_c, keep, scalars, 
     grad_alpha = g_x.to(wd) + sums[0]
     grad_beta, grad_tau = sums[1], sums[2]
     Qc_bar = 2 * Q_c * keep_bar.view(B * K, p, 1)  # keep = diag(Q_kQ_kᵀ)
-    # xᵀP̄_e + gᵀ(−αP_e) = −α(xᵀ gQ_e + gᵀP_e), (B, d, c_e)
-    Qe_bar = kernels.matmul_sum(
-        None, [xb.mT, gb.mT], [gQe, P], scalars=scalars, codes=[0, -2, -2], dtype=wd, out_dtype=xb.dtype
-    )
+    Qe_bar = _expand_backward(xb, gb, gQe, P, scalars)
     return grad_alpha, grad_beta, grad_tau, Qe_bar, Qc_bar, a_bar
 
 
@@ -234,7 +213,7 @@ class _PACEMixer(torch.autograd.Function):
                 )
             else:
                 grad_alpha, grad_beta, grad_tau, Qe_bar, Qc_bar, a_bar = _full_backward(
-                    g_x, xb, gb, gR, gU, a, P, pi, sq, g_pi, Q_c, scalars, U, K, ce
+                    g_x, xb, gb, gR, gU, a, P, pi, sq, g_pi, Q_c, scalars, K
                 )
             U_bar = _subspace_grad(xb, gb, a_bar, z, beta_w)
             # Ȳ_e only feeds x̄'s Ω_e Ȳ_eᵀ, whose Ω_e is bf16: written in the product dtype (x̄'s error over seeds

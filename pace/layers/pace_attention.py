@@ -53,10 +53,11 @@ def pace_attention(
     The same function as the separate operators (:func:`pace.layers.expand`, :func:`pace.layers.compress`). With
     ridge projectors and ``fused`` it runs :func:`pace.layers.mixer.pace_mixer`: one autograd function sharing
     the sketch product, the U products and the small factors between the operators, with a hand-written backward;
-    it moves fewer bytes in fewer kernels but does more matrix FLOPs (its backward's product over the tokens for
-    Q̄_c is K-fold wider than per-head products would be, and the membership kernels recompute c_k = a_kQ_k),
-    about 10 % more at ViT-S sizes. ``fused=None`` therefore picks it where memory
-    traffic dominates (any device but the CPU) and the separate operators on the CPU, which is FLOP-bound.
+    it moves about a quarter of their bytes in a third of their kernels, with about 2 % more matrix FLOPs at ViT-S
+    sizes (its membership kernels recompute c_k = a_kQ_k), but its small ops run as PyTorch fallbacks where Triton
+    does not (on one CPU thread, an S block's step took 1.12× the separate operators' time). ``fused=None``
+    therefore picks it where memory traffic dominates (any device but the CPU) and the separate operators on the
+    CPU.
     Otherwise (exact projectors, or ``fused=False``) the operators run separately, with α
     folded into the expansion's small basis and −β into ``U``, and the compression's last product ``w Uᵀ``
     accumulated onto the expansion term in one ``addmm``.

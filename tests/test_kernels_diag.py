@@ -19,6 +19,7 @@ from pace.kernels import (
     diag_memberships_backward_reference,
     diag_memberships_reference,
 )
+from pace.kernels.diag_ops import block_diag
 
 # (B, N, K, p, c_e): ragged (N crosses the 16-token blocks, K, p and c_e below their padded sizes) and the S model's.
 SHAPES = {"small": (2, 20, 3, 6, 15), "s": (1, 17, 8, 48, 160)}
@@ -159,6 +160,12 @@ def test_reference_backward_equals_autograd_through_the_reference_forward():
     torch.testing.assert_close(a_bar, da, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(keep_bar, dkeep, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(torch.stack([sums[2], sums[0], sums[1]]), dS, rtol=1e-10, atol=1e-12)
+
+
+def test_block_diag_puts_each_head_block_on_the_diagonal():
+    blocks = torch.randn(2, 3, 2, 4)
+    full = block_diag(blocks)
+    assert full.shape == (2, 6, 12) and torch.equal(full[1, 2:4, 4:8], blocks[1, 1]) and full[0, :2, 4:].eq(0).all()
 
 
 def test_bad_shapes_name_the_problem():

@@ -11,7 +11,14 @@ import torch
 from torch import Tensor
 
 from pace.kernels import _dispatch
-from pace.kernels.mixer_ops import _tiny, block_diag, membership_backward
+from pace.kernels.mixer_ops import _tiny, membership_backward
+
+
+def block_diag(blocks: Tensor) -> Tensor:
+    """Block-diagonal matrices (B, K·m, K·n) from per-head blocks (B, K, m, n): all heads in one product."""
+    B, K, m, n = blocks.shape
+    eye = torch.eye(K, device=blocks.device, dtype=blocks.dtype).view(1, K, K, 1, 1)
+    return (blocks.unsqueeze(2) * eye).transpose(2, 3).reshape(B, K * m, K * n)  # (B, K, m, K, n) → (B, K·m, K·n)
 
 
 def _per_head_sum(weights: Tensor, rows: Tensor) -> Tensor:

@@ -20,13 +20,6 @@ from pace.kernels import _dispatch
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def block_diag(blocks: Tensor) -> Tensor:
-    """Block-diagonal matrices (B, K·m, K·n) from per-head blocks (B, K, m, n): all heads in one product."""
-    B, K, m, n = blocks.shape
-    eye = torch.eye(K, device=blocks.device, dtype=blocks.dtype).view(1, K, K, 1, 1)
-    return (blocks.unsqueeze(2) * eye).transpose(2, 3).reshape(B, K * m, K * n)  # (B, K, m, K, n) → (B, K·m, K·n)
-
-
 def _tiny(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).tiny
 

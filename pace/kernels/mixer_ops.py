@@ -71,7 +71,7 @@ def mixer_memberships_reference(a: Tensor, Q_c: Tensor, scalars: Tensor) -> tupl
         ``z = π ⊙ (a − col)`` in a's dtype (col_k = a_kQ_kQ_kᵀ), π and ``‖col‖²`` (B, N, K) in Q_c's dtype.
     """
     a4, c = _head_products(a, Q_c)
-    col = torch.einsum("bnkr,bkpr->bnkp", c, Q_c)  # a_k's component in span(Q_k)
+    col = torch.einsum("bnkr,bkpr->bnkp", c, Q_c)  # a_k through the soft projector Q_kQ_kᵀ
     sq = col.square().sum(-1)  # (B, N, K)
     root = sq.clamp_min(_tiny(sq.dtype)).sqrt()  # the clamp keeps the square root's gradient finite
     pi = torch.softmax(root / scalars[0], dim=-1)
@@ -206,8 +206,8 @@ def _check(a: Tensor, Q_c: Tensor, scalars: Tensor) -> None:
 def mixer_memberships(a: Tensor, Q_c: Tensor, scalars: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The full Compress form's memberships and GEMM 2's left factor (custom op ``pace::mixer_memberships``).
 
-    Per token and head: ``c_k = a_kQ_k``, ``col_k = c_kQ_kᵀ`` (a_k's component in span(Q_k), head k's
-    coordinates of ``x̂U_kQ_kQ_kᵀU_kᵀ``), ``π = softmax_k(max(‖col_k‖², tiny)^½ / τ)`` and
+    Per token and head: ``c_k = a_kQ_k``, ``col_k = c_kQ_kᵀ`` (a_k through the ridge projector Q_kQ_kᵀ,
+    head k's coordinates of ``x̂U_kQ_kQ_kᵀU_kᵀ``), ``π = softmax_k(max(‖col_k‖², tiny)^½ / τ)`` and
     ``z_k = π_k(a_k − col_k)``, so that Compress's update is ``−β zUᵀ``: no (B, d, K·r) basis ``V_k = U_kQ_k``
     and no product with it. The Triton kernel (CUDA, or the interpreter when forced; float32 Q_c) reads a once,
     forms c and col in registers (3xTF32 products, fp32-accurate) and rounds z once; the fallback is

@@ -7,8 +7,8 @@ Shared work of the two operators (ridge projectors; both Compress forms):
 * the small ridge factors ``F = chol(ŶᵀŶ + εI)⁻ᵀ``, kept as ``F_s = D⁻¹F`` so that ``Q = Ŷ F = Y F_s`` and ``Ŷ``
   is never written (:func:`pace.layers.basis.scaled_ridge_factors`), in float32 (float64 for float64 input);
 * GEMM 1: ``a = x̂U`` and ``P = x̂Q_e``; GEMM 2: ``update = αx̂ − αPQ_eᵀ − βzUᵀ``, where z carries Compress:
-* full form: per token and head ``c_k = a_kQ_k`` (the coordinates of ``col_k = c_kQ_kᵀ``, a_k's component in
-  span(Q_k)), ``‖col_k‖²``, π and ``z_k = π_k(a_k − col_k)``, all in registers of one kernel over a
+* full form: per token and head ``c_k = a_kQ_k`` (the coordinates of ``col_k = c_kQ_kᵀ``, a_k through the ridge
+  projector Q_kQ_kᵀ), ``‖col_k‖²``, π and ``z_k = π_k(a_k − col_k)``, all in registers of one kernel over a
   (:func:`pace.kernels.mixer_memberships`): −βzUᵀ is the paper's ``−β Σ_k π_k U_k(I − Q_kQ_kᵀ)U_kᵀx̂`` with no
   token-space basis ``U_kQ_k`` (B, d, K·r) and no product with one;
 * diag form: ``keep_k = diag(Q_kQ_kᵀ)``, ``‖col_k‖² = Σ keep_k² a_k²``, ``z = π ⊙ (1 − keep) ⊙ a``.

@@ -1,6 +1,6 @@
 """``pace::matmul_sum``: a sum of scaled matrix products accumulated in fp32, one Triton GEMM where it runs.
 
-The fused mixer's GEMM 2 (``αx + Ps Rᵀ − β z Uᵀ``) and its x̄ (``αg + P̄ Rᵀ + ā Uᵀ + Ω S̄ᵀ``) take bf16 operands whose
+The fused mixer's GEMM 2 (``αx̂ − αPQ_eᵀ − βzUᵀ``) and its x̄ (``αg − α gQ_eQ_eᵀ + āUᵀ + ΩS̄ᵀ``) take bf16 operands whose
 products are exact in fp32 and must not be rounded to bf16 (the small difference ``αx − αx̂Π_e − …`` would lose it).
 In plain PyTorch that is a conversion of every operand to fp32, a scaling of x and U and one product per pair
 (8 kernels over (B, N, ·) tensors); on the CPU ``torch.bmm(..., out_dtype=torch.float32)`` does not exist. The Triton
@@ -76,7 +76,8 @@ def _sum_of_products(C, lhs, rhs, scalars, codes, batch, dtype):
 
 
 # flexible_layout: the kernel reads its matrices through their strides, so Inductor hands them over as they are laid
-# out; without it, it copied an input that two of these ops read, once for each (V̄'s head-major copy, 15.7 MB).
+# out; without it, it copied an input that two of these ops read, once for each (15.7 MB at S sizes, when the full
+# form still had a head-major copy of V̄ read by two of them).
 @torch.library.custom_op("pace::matmul_sum", mutates_args=(), tags=(torch.Tag.flexible_layout,))
 def _matmul_sum_op(
     C: Tensor | None, lhs: list[Tensor], rhs: list[Tensor], scalars: Tensor | None, codes: list[int], batch: int,

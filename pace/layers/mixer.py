@@ -17,15 +17,16 @@ The tokens are cast once to the matrix-product dtype (bf16 under autocast) and t
 forward and the backward, and the αx term and ``<g, x>`` too: the projection's complement ``x − xΠ`` is then taken
 of one vector (and x's float32 copy is neither read again nor kept for the backward). The backward reuses ``P``,
 ``a``, ``z`` and the factors, and goes through the ridge step with ``∂L/∂G = −½ F sym(Fᵀ F̄) Fᵀ``
-(:func:`pace.layers.basis.ridge_factors_backward`). The full form's Q̄_k comes from one product over the tokens,
-``V̄ = x̂ᵀW₁ + gᵀW₂`` (B, d, K·r) with per-token factors from the memberships' backward, then ``Q̄_k = U_kᵀV̄_k``.
+(:func:`pace.layers.basis.ridge_factors_backward`). The full form's backward takes ∂L/∂‖col‖² per token (the
+softmax over heads needs every head of a token), then sums ``Q̄_k = Σ_n a_kᵀW₁ + col̄_kᵀc_k`` per (image, head) over
+the tokens in registers, writing ā on the way (:func:`pace.kernels.mixer_heads_backward`).
 
 The work between the products runs in ``pace.kernels`` custom ops (Triton where it runs, their PyTorch fallbacks
 elsewhere): the ridge Gram and factor, GEMM 1's right factor Q_e (:func:`pace.kernels.expand_basis`), the
 memberships and their backward (:func:`pace.kernels.mixer_memberships`, :func:`pace.kernels.diag_memberships`),
 the sums of products in fp32 (:func:`pace.kernels.matmul_sum`) and the backward's prologue
-(:func:`pace.kernels.cast_dot`). On the (FLOP-bound) CPU :func:`pace.layers.pace_attention` keeps the separate
-operators by default.
+(:func:`pace.kernels.cast_dot`). On the CPU, where those ops run as their PyTorch fallbacks,
+:func:`pace.layers.pace_attention` keeps the separate operators by default.
 """
 
 import torch

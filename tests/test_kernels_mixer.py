@@ -257,15 +257,21 @@ def test_cast_dot_fallback_and_bad_shapes():
         cast_dot(g, x, torch.float64, torch.ones(5))
 
 
-def test_reference_backward_equals_autograd_through_the_reference_forward():
-    """The backward's formulas (both ops) against autograd in float64: ā, Q̄_c and the scalars."""
-    gen = torch.Generator().manual_seed(0)
-    B, N, K, r, p = 2, 7, 3, 4, 5
+def _token_inputs(B, N, K, r, p, seed):
+    """float64 tokens x (B, N, K·p), orthonormal subspaces U, bases Q_c and scalars, for the references' tests."""
+    gen = torch.Generator().manual_seed(seed)
     d = K * p
     x = torch.randn(B, N, d, generator=gen, dtype=torch.float64)
     U = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64)).Q
-    _, Q_c, scalars = (t.requires_grad_() for t in _forward_inputs(B, N, K, r, p, gen))
-    a = (x @ U).requires_grad_()
+    return (x, U, *_forward_inputs(B, N, K, r, p, gen)[1:])
+
+
+def test_reference_backward_equals_autograd_through_the_reference_forward():
+    """The backward's formulas (both ops) against autograd in float64: ā, Q̄_c and the scalars."""
+    B, N, K, r, p = 2, 7, 3, 4, 5
+    x, U, Q_c, scalars = _token_inputs(B, N, K, r, p, seed=0)
+    Q_c, scalars, a = Q_c.requires_grad_(), scalars.requires_grad_(), (x @ U).requires_grad_()
+    d = K * p
     g, g_pi = torch.randn(B, N, d, dtype=torch.float64), torch.randn(B, N, K, dtype=torch.float64)
     g_Qe, P = torch.randn(B, N, K * r, dtype=torch.float64), torch.randn(B, N, K * r, dtype=torch.float64)
     z, pi, sq = mixer_memberships_reference(a, Q_c, scalars)
@@ -283,12 +289,9 @@ def test_reference_backward_equals_autograd_through_the_reference_forward():
 
 def test_reference_forward_is_the_paper_compress_term():
     """−β zUᵀ is −β Σ_k π_k U_k(I − Q_kQ_kᵀ)U_kᵀx̂ per token, with ‖col_k‖ = ‖Q_kQ_kᵀU_kᵀx̂‖, head by head."""
-    gen = torch.Generator().manual_seed(1)
     B, N, K, r, p = 2, 5, 3, 2, 4
     d = K * p
-    x = torch.randn(B, N, d, generator=gen, dtype=torch.float64)
-    U = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64)).Q
-    _, Q_c, scalars = _forward_inputs(B, N, K, r, p, gen)
+    x, U, Q_c, scalars = _token_inputs(B, N, K, r, p, seed=1)
     z, pi, sq = mixer_memberships_reference(x @ U, Q_c, scalars)
     want = torch.zeros(B, N, d, dtype=torch.float64)
     for b in range(B):

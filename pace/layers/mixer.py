@@ -44,37 +44,19 @@ def _expand_backward(xb, gb, gQe, P, scalars):
     )
 
 
-def _full_backward(g_x, xb, gb, gQe, gU, a, P, pi, sq, g_pi, Q_c, scalars, K):
-    """The full form's part of the mixer backward, from GEMM 1's cotangent products to Q̄_e, Q̄_c and ā."""
-    B, N, d = xb.shape
-    p, r = d // K, Q_c.shape[-1]
-    Qc4 = Q_c.view(B, K, p, r)
-    # ∂L/∂‖col‖² through π (every head of a token at once), then per (image, head) over the tokens: ā and Q̄_k summed
-    # in registers (pace.kernels).
+def _memberships_backward(gQe, P, gU, a, pi, sq, g_pi, Q_c, keep, scalars):
+    """The memberships' backward, from GEMM 1's cotangent products: ``(ā, Q̄_c, [α, β, τ partial sums])``, Q̄_c as
+    Q_c (B·K, p, r); the full form without ``keep``."""
+    BK, p, r = Q_c.shape
+    if keep is not None:  # diag form: keep = diag(Q_kQ_kᵀ)
+        a_bar, keep_bar, sums = kernels.diag_memberships_backward(gQe, P, gU, a, pi, sq, g_pi, keep, scalars)
+        return a_bar, 2 * Q_c * keep_bar.view(BK, p, 1), sums
+    # Full form: ∂L/∂‖col‖² through π (every head of a token at once), then per (image, head) over the tokens: ā and
+    # Q̄_k summed in registers (pace.kernels).
+    Qc4 = Q_c.view(a.shape[0], -1, p, r)
     sq_bar, sums = kernels.mixer_memberships_backward(gQe, P, gU, a, pi, sq, g_pi, Qc4, scalars)
     a_bar, Qc_bar = kernels.mixer_heads_backward(a, gU, pi, sq_bar, Qc4, scalars)
-    # α: <g, x − x̂Π_e> = <g, x> − <gQ_e, x̂Q_e>.
-    grad_alpha = g_x.to(scalars.dtype) + sums[0]
-    Qe_bar = _expand_backward(xb, gb, gQe, P, scalars)
-    return grad_alpha, sums[1], sums[2], Qe_bar, Qc_bar.view(B * K, p, r), a_bar
-
-
-def _diag_backward(g_x, xb, gb, gR, gU, a, P, pi, sq, g_pi, Q_c, keep, scalars, K):
-    """The diag form's part of the mixer backward, from GEMM 1's cotangent products to Q̄_e and Q̄_c.
-
-    ``P̄ = ∂L/∂(x̂Q_e) = −α gQ_e`` is not written: its products take −α as a coefficient.
-    """
-    B, N, d = xb.shape
-    p = d // K
-    wd = scalars.dtype
-    gQe, Pe = gR, P
-    a_bar, keep_bar, sums = kernels.diag_memberships_backward(gQe, Pe, gU, a, pi, sq, g_pi, keep, scalars)
-    # α: <g, x − x̂Π_e> = <g, x> − <gQ_e, x̂Q_e>
-    grad_alpha = g_x.to(wd) + sums[0]
-    grad_beta, grad_tau = sums[1], sums[2]
-    Qc_bar = 2 * Q_c * keep_bar.view(B * K, p, 1)  # keep = diag(Q_kQ_kᵀ)
-    Qe_bar = _expand_backward(xb, gb, gQe, P, scalars)
-    return grad_alpha, grad_beta, grad_tau, Qe_bar, Qc_bar, a_bar
+    return a_bar, Qc_bar.view(BK, p, r), sums
 
 
 def _subspace_grad(xb, gb, a_bar, z, beta_w):
@@ -149,13 +131,12 @@ class _PACEMixer(torch.autograd.Function):
                 keep = Qc4.square().sum(-1)  # diag(Q_kQ_kᵀ), (B, K, p)
                 # a in the product dtype, z = π ⊙ null, π and ‖col‖² = Σ_p keep² a²: one pass over a_w.
                 a, z, pi, sq = kernels.diag_memberships(a_w, keep, scalars, md)
-                extra = keep
             else:
                 # c_k = a_kQ_k, col_k = c_kQ_kᵀ, ‖col_k‖², π and z_k = π_k(a_k − col_k): one pass over a, the
                 # products in registers. Compress's update, −β Σ_k π_k U_k(I − Q_kQ_kᵀ)U_kᵀx̂ per token, is then
                 # −β zUᵀ (pace.kernels.mixer_memberships).
                 z, pi, sq = kernels.mixer_memberships(a, Qc4, scalars)
-                extra = None
+                keep = None
             # GEMM 2 accumulates onto αx̂ in the working precision: its bf16 operands are exact there (and in TF32),
             # and the update is not rounded to bf16, whose error (2⁻⁹ of |αx̂Π_e|) would otherwise dominate the
             # small difference αx̂ − αx̂Π_e − … (on the tests' inputs 2.4e-2 of the update's largest entry, 1.5e-2
@@ -173,10 +154,10 @@ class _PACEMixer(torch.autograd.Function):
             # its cotangent, and the compiled block's parameters got zero gradients (2.14 is not affected).
             out = out if out.dtype == out_dtype else out.to(out_dtype)
         ctx.save_for_backward(
-            xb, omega, subspaces, Ub, S, n_e, G_e, F_e, Y_c, n_c, G_c, F_c, Q_c, a, R, P, pi, sq, scalars, extra, z,
+            xb, omega, subspaces, Ub, S, n_e, G_e, F_e, Y_c, n_c, G_c, F_c, Q_c, a, R, P, pi, sq, scalars, keep, z,
             branch_scale, *((x, *norm_stats, norm_weight) if norm else ()),
         )  # fmt: skip
-        ctx.dims, ctx.norm, ctx.fold_residual = (K, ce, r, diag, eps), norm, residual_is_x
+        ctx.dims, ctx.norm, ctx.fold_residual = (K, ce, r, eps), norm, residual_is_x
         # An unused π gets no zero cotangent written (see backward); without `with_pi` it is not an output at all,
         # so that a compiled graph does not write one either.
         ctx.set_materialize_grads(False)
@@ -186,9 +167,9 @@ class _PACEMixer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, g_pi=None):
-        (xb, omega, subspaces, Ub, S, n_e, G_e, F_e, Y_c, n_c, G_c, F_c, Q_c, a, R, P, pi, sq, scalars, extra, z,
+        (xb, omega, subspaces, Ub, S, n_e, G_e, F_e, Y_c, n_c, G_c, F_c, Q_c, a, R, P, pi, sq, scalars, keep, z,
          branch_scale, *norm_saved) = ctx.saved_tensors  # fmt: skip
-        K, ce, r, diag, eps = ctx.dims
+        K, ce, r, eps = ctx.dims
         tau_dtype, alpha_dtype, beta_dtype = ctx.coefficient_dtypes
         S_c = S[..., ce:]
         B, N, d = xb.shape
@@ -208,14 +189,10 @@ class _PACEMixer(torch.autograd.Function):
                 gb, g_x = kernels.cast_dot(g, xb, md, branch_scale)
             gR = gb @ R  # gQ_e, (B, N, c_e)
             gU = (gb.reshape(B * N, d) @ Ub).view(B, N, d)
-            if diag:
-                grad_alpha, grad_beta, grad_tau, Qe_bar, Qc_bar, a_bar = _diag_backward(
-                    g_x, xb, gb, gR, gU, a, P, pi, sq, g_pi, Q_c, extra, scalars, K
-                )
-            else:
-                grad_alpha, grad_beta, grad_tau, Qe_bar, Qc_bar, a_bar = _full_backward(
-                    g_x, xb, gb, gR, gU, a, P, pi, sq, g_pi, Q_c, scalars, K
-                )
+            a_bar, Qc_bar, sums = _memberships_backward(gR, P, gU, a, pi, sq, g_pi, Q_c, keep, scalars)
+            # α: <g, x − x̂Π_e> = <g, x> − <gQ_e, x̂Q_e>.
+            grad_alpha, grad_beta, grad_tau = g_x.to(wd) + sums[0], sums[1], sums[2]
+            Qe_bar = _expand_backward(xb, gb, gR, P, scalars)
             U_bar = _subspace_grad(xb, gb, a_bar, z, beta_w)
             # Ȳ_e only feeds x̄'s Ω_e Ȳ_eᵀ, whose Ω_e is bf16: written in the product dtype (x̄'s error over seeds
             # 0–5: 1.16e-2 in float32, 1.18e-2 this way).

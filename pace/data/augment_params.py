@@ -8,6 +8,7 @@ every choice of one sample into a `SampleParams`; the decode paths of `pace.data
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import math
 import random
@@ -212,20 +213,19 @@ def _recording(randaug: RandAugment | None) -> RandAugment | None:
         if name not in SUPPORTED_OPS:
             raise ValueError(f"RandAugment op {op.name} ({name}) has no device implementation")
         clone = copy.copy(op)
-        clone.aug_fn = _recorder(name.lstrip("_"))
+        # A partial of a module function, not a closure: the worker processes receive the transform pickled.
+        clone.aug_fn = functools.partial(_record, name.lstrip("_"))
         recording.ops.append(clone)
     return recording
 
 
-def _recorder(name: str) -> Callable:
-    def record(sink: list, *args, **kwargs) -> list:
-        interpolation = None
-        if name in GEOMETRIC_OPS:  # timm picks the resample filter inside the op, after the magnitude
-            resample = kwargs.get("resample", Image.Resampling.BILINEAR)
-            if isinstance(resample, (list, tuple)):
-                resample = random.choice(resample)
-            interpolation = INTERPOLATION.get(resample, "bilinear")
-        sink.append((name, tuple(args), interpolation))
-        return sink
-
-    return record
+def _record(name: str, sink: list, *args, **kwargs) -> list:
+    """What a recording op does in place of timm's `name` op: append `(name, args, interpolation)` to `sink`."""
+    interpolation = None
+    if name in GEOMETRIC_OPS:  # timm picks the resample filter inside the op, after the magnitude
+        resample = kwargs.get("resample", Image.Resampling.BILINEAR)
+        if isinstance(resample, (list, tuple)):
+            resample = random.choice(resample)
+        interpolation = INTERPOLATION.get(resample, "bilinear")
+    sink.append((name, tuple(args), interpolation))
+    return sink

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from pace.data.info import ShardSet, check_local_shards, resolve_shards
 from pace.data.lost import lost_samples
 from pace.data.pipeline import BatchReport, ShardDataset, ShardReading, TrainSampling, train_quotas
 from pace.data.shards import BadData
+from pace.data.workers import init_worker, start_worker_server, worker_context
 from pace.distributed import DistEnv
 from pace.errors import RunError
 
@@ -124,7 +124,9 @@ class ShardLoader:
             persistent_workers=False,  # each epoch's workers must see the epoch and start batch set here
             # The DataLoader draws a base seed per iteration (unused here) from this generator, not the global one.
             generator=torch.Generator().manual_seed(0),
-            worker_init_fn=_own_process_group,
+            # Workers come from a fork server, never from forking this threaded process (see pace.data.workers).
+            multiprocessing_context=worker_context() if io.num_workers > 0 else None,
+            worker_init_fn=init_worker if io.num_workers > 0 else None,
         )
 
     @property
@@ -168,6 +170,8 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[tuple]:
         stats = self.stats = EpochStats(epoch=self.epoch, rank=self.dataset.rank)
+        if self._loader.num_workers > 0:
+            start_worker_server()  # restarts a server that died, as `worker_context` starts one
         batches = iter(self._loader)
         if self.stage is not None:  # decode failures on the device join the batch's report
             batches = self.stage.run(batches, epoch=self.epoch, start_batch=self.start_batch)
@@ -356,13 +360,6 @@ def create_eval_loader(
 def _make_loader(shards: ShardSet, *, io: LoaderIO, stage: DeviceStage | None = None, **dataset_options) -> ShardLoader:
     dataset = ShardDataset(shards, num_workers=io.num_workers, reading=io.reading, **dataset_options)
     return ShardLoader(dataset, io=io, stage=stage)
-
-
-def _own_process_group(worker_id: int) -> None:
-    # torchrun signals each training process's whole group on pre-emption. In a group of their own the workers
-    # outlive that signal while the training process finishes its step and checkpoints; it still stops them
-    # itself, and they exit on their own when it dies.
-    os.setpgrp()
 
 
 def _open_shards(source: str | Sequence[str], env: DistEnv, split: str, num_samples: int | None) -> ShardSet:

@@ -20,6 +20,7 @@ from pace.data.image_folders import (
     scan_flat_folder,
     scan_image_folder,
 )
+from pace.data.workers import init_worker, worker_context
 from pace.distributed import DistEnv
 from pace.eval.predictions import UNLABELLED
 
@@ -160,4 +161,7 @@ def folder_loader(
         num_workers=num_workers,
         pin_memory=pin_memory,
         drop_last=False,
+        # Workers come from a fork server, never from forking this threaded process (see pace.data.workers).
+        multiprocessing_context=worker_context() if num_workers > 0 else None,
+        worker_init_fn=init_worker if num_workers > 0 else None,
     )

@@ -1,10 +1,10 @@
 """How the loaders start their worker processes: from a fork server, never by forking the training process.
 
 A training process has threads (the process group's, the launcher's, CUDA's). Forking it while one of them holds a
-lock leaves that lock held forever in the child. CPython 3.8 to 3.11.7 has such a lock itself (gh-112275: the
-interpreter's thread-state list, taken by any C++ thread that enters Python), and a worker forked at the wrong moment
-hangs inside `os.fork()` before running a line of Python; the loader then waits on it for ever. A 2-rank CPU run with
-one worker hung this way in about 1 of 45 runs on a loaded 2-core machine.
+lock leaves that lock held forever in the child. CPython has had such a lock itself, 3.11.7 among the releases
+(gh-112275: the interpreter's thread-state list, taken by any C++ thread that enters Python), and a worker forked at
+the wrong moment hangs inside `os.fork()` before running a line of Python; the loader then waits on it for ever. A
+2-rank CPU run with one worker, four such runs at a time on 2 cores, hung this way 2 times in 62.
 
 multiprocessing's fork server is a fresh single-threaded interpreter that imports the data pipeline once and forks
 each worker from itself (the default start method from Python 3.14). A worker then costs what a fork costs; the

@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -95,3 +96,15 @@ def test_shard_loader_reads_the_same_through_workers_as_in_process(tmp_path: Pat
         read[workers] = (sorted(keys), images[order])
     assert read[0][0] == read[2][0] and len(read[0][0]) == 20
     torch.testing.assert_close(read[0][1], read[2][1], rtol=0, atol=0)
+
+
+def test_a_transform_that_cannot_reach_the_workers_fails_when_the_loader_is_made(tmp_path: Path):
+    root = tmp_path / "shards"
+    make_quickstart_dataset(root, image_size=32, train_per_class=1, val_per_class=2, shard_size=10, workers=1)
+    transform = create_eval_transform(input_size=32)
+    unpicklable = lambda image: transform(image)  # noqa: E731 - the closure a user might write
+    with pytest.raises(ValueError, match="num_workers > 0 sends the dataset .* lambda"):
+        create_eval_loader(str(root), batch_size=5, transform=unpicklable, num_workers=1)
+    # In the main process nothing is pickled: the same transform reads every sample.
+    loader = create_eval_loader(str(root), batch_size=5, transform=unpicklable, num_workers=0)
+    assert sum(len(keys) for _, _, keys in loader) == 20

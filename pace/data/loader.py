@@ -16,7 +16,7 @@ from pace.data.info import ShardSet, check_local_shards, resolve_shards
 from pace.data.lost import lost_samples
 from pace.data.pipeline import BatchReport, ShardDataset, ShardReading, TrainSampling, train_quotas
 from pace.data.shards import BadData
-from pace.data.workers import init_worker, start_worker_server, worker_context
+from pace.data.workers import check_sendable, init_worker, start_worker_server, worker_context
 from pace.distributed import DistEnv
 from pace.errors import RunError
 
@@ -115,6 +115,8 @@ class ShardLoader:
         self.expected_samples = io.expected_samples
         self.stage = stage
         self.stats = EpochStats(rank=dataset.rank)
+        if io.num_workers > 0:
+            check_sendable(dataset)
         self._loader = DataLoader(
             dataset,
             batch_size=None,  # workers yield whole batches

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
 import signal
 from multiprocessing import forkserver, resource_tracker
 from multiprocessing.context import BaseContext
+from multiprocessing.reduction import ForkingPickler
 
 # Signals a launcher sends to the training process's group, which the fork server must not die of. SIGINT is
 # here for the window before the server ignores it itself.
@@ -76,3 +78,22 @@ def init_worker(worker_id: int) -> None:
     """
     os.setpgrp()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, GROUP_SIGNALS)
+
+
+def check_sendable(dataset: object) -> None:
+    """Fail before any work starts when `dataset` cannot travel to a worker (it is pickled there each pass).
+
+    Without this a lambda or closure in a transform fails at the loader's first pass, which for an evaluation
+    loader comes after a whole training epoch.
+
+    Raises:
+        ValueError: naming what could not be pickled.
+    """
+    try:
+        ForkingPickler.dumps(dataset)
+    except (pickle.PicklingError, AttributeError, TypeError) as e:
+        raise ValueError(
+            f"num_workers > 0 sends the dataset and its transforms to the worker processes pickled, and this one "
+            f"cannot be ({e}): use module-level functions or functools.partial instead of lambdas and closures, or "
+            "num_workers=0"
+        ) from e

@@ -20,7 +20,7 @@ from pace.data.image_folders import (
     scan_flat_folder,
     scan_image_folder,
 )
-from pace.data.workers import init_worker, worker_context
+from pace.data.workers import check_sendable, init_worker, worker_context
 from pace.distributed import DistEnv
 from pace.eval.predictions import UNLABELLED
 
@@ -154,8 +154,11 @@ def folder_loader(
     """
     env = env or DistEnv()
     share = data.samples[env.rank :: env.world_size]
+    dataset = KeyedImages(share, transform)
+    if num_workers > 0:
+        check_sendable(dataset)
     return DataLoader(
-        KeyedImages(share, transform),
+        dataset,
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
